@@ -1,0 +1,280 @@
+"""The one schema every channel is normalized into.
+
+Every model here is frozen and forbids unknown fields, so a producer cannot
+smuggle data past the contract and a consumer can trust what it reads. Every
+top-level model carries ``schema_version``; the JSON Schema files under
+``schemas/`` are generated from these models (``switchboard schema export``) and
+a test fails when the two drift apart.
+
+Canonical forms are checked here, not only produced in :mod:`normalize.identity`:
+an ``Identity`` whose value is not canonical cannot be constructed, so two
+spellings of one address can never become two contacts downstream.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION: Literal[1] = 1
+
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+# Canonical email: lower-case local part, ASCII (IDNA) domain, no whitespace.
+_EMAIL = re.compile(r"^[^\s@A-Z]{1,64}@[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
+# External identities are namespaced by the system that owns them: "crm:12345".
+_EXTERNAL = re.compile(r"^[a-z][a-z0-9_.-]{0,31}:\S.{0,254}$")
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# Channels are open-ended (adapters from other packages add their own), but shaped.
+ChannelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+ShortText = Annotated[str, StringConstraints(max_length=998)]
+
+
+def _check_canonical(kind: IdentityKind, value: str) -> None:
+    pattern = {
+        IdentityKind.EMAIL: _EMAIL,
+        IdentityKind.PHONE: _E164,
+        IdentityKind.EXTERNAL: _EXTERNAL,
+    }[kind]
+    if not pattern.match(value):
+        raise ValueError(
+            f"{kind.value} identity value {value!r} is not in canonical form; "
+            "build identities with normalize.identity"
+        )
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+
+class Channel(StrEnum):
+    """The built-in channels. Third-party adapters may use other names."""
+
+    EMAIL = "email"
+    SMS = "sms"
+    MMS = "mms"
+    WHATSAPP = "whatsapp"
+    WEBHOOK = "webhook"
+
+
+class IdentityKind(StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+    EXTERNAL = "external"
+
+
+class Identity(_Frozen):
+    """One way to reach a person: an email address, a phone number, or an id in
+    another system. ``value`` is canonical; :attr:`key` is what the router and
+    the Kafka partitioner use."""
+
+    kind: IdentityKind = Field(description="What kind of identity this is.")
+    value: str = Field(
+        min_length=1,
+        max_length=320,
+        description=(
+            "Canonical value: lower-cased email with IDNA (ASCII) domain; "
+            "E.164 phone number; 'namespace:id' for external identities."
+        ),
+    )
+    display_name: str | None = Field(
+        default=None, max_length=256, description="Name as the sender presented it, if any."
+    )
+
+    @model_validator(mode="after")
+    def _value_is_canonical(self) -> Identity:
+        _check_canonical(self.kind, self.value)
+        return self
+
+    @property
+    def key(self) -> str:
+        """``kind:value``, e.g. ``email:alice@example.com`` or ``phone:+14155550100``."""
+        return f"{self.kind.value}:{self.value}"
+
+
+class RecipientRole(StrEnum):
+    TO = "to"
+    CC = "cc"
+    ENVELOPE = "envelope"  # SMTP RCPT TO; a Bcc'd support address appears only here
+    DELIVERED_TO = "delivered-to"  # the mailbox an IMAP poller read it from
+
+
+class Recipient(_Frozen):
+    """An address the message was sent to: a support inbox or a company number.
+    Never a customer identity; an input to routing rules."""
+
+    kind: IdentityKind
+    value: str = Field(min_length=1, max_length=320)
+    display_name: str | None = Field(default=None, max_length=256)
+    role: RecipientRole
+
+    @model_validator(mode="after")
+    def _value_is_canonical(self) -> Recipient:
+        _check_canonical(self.kind, self.value)
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind.value}:{self.value}"
+
+
+class BlobRef(_Frozen):
+    """A claim check: raw bytes stored in the content-addressed blob store."""
+
+    sha256: Sha256Hex = Field(description="Hex SHA-256 of the stored bytes; also the address.")
+    size: int = Field(ge=0, description="Size in bytes.")
+    content_type: str = Field(max_length=255, description="MIME type of the stored bytes.")
+
+
+class Attachment(_Frozen):
+    """A non-body part of a message. Stored bytes are referenced, never inlined."""
+
+    filename: str | None = Field(
+        default=None, max_length=255, description="Sanitized file name: no path, no controls."
+    )
+    content_type: str = Field(max_length=255, description="Declared MIME type, lower-cased.")
+    size: int | None = Field(default=None, ge=0, description="Bytes, when known.")
+    sha256: Sha256Hex | None = Field(default=None, description="Digest of the bytes, when stored.")
+    blob: BlobRef | None = Field(
+        default=None, description="Where the bytes are stored, if they are."
+    )
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Provider URL of media not (yet) downloaded, e.g. Twilio MMS media.",
+    )
+    inline: bool = Field(default=False, description="Shown inside the body (e.g. an inline image).")
+    content_id: str | None = Field(
+        default=None, max_length=998, description="MIME Content-ID without angle brackets."
+    )
+
+    @model_validator(mode="after")
+    def _stored_or_linked(self) -> Attachment:
+        if self.blob is None and self.url is None:
+            raise ValueError("an attachment needs a blob reference or a provider url")
+        if self.blob is not None and self.sha256 not in (None, self.blob.sha256):
+            raise ValueError("attachment sha256 differs from its blob reference")
+        return self
+
+
+class Thread(_Frozen):
+    """Email threading headers, as bare ids without angle brackets."""
+
+    message_id: str | None = Field(default=None, max_length=998)
+    in_reply_to: tuple[str, ...] = Field(default=(), max_length=100)
+    references: tuple[str, ...] = Field(default=(), max_length=500)
+
+
+class Flags(_Frozen):
+    """Machine-mail markers. Set from headers and structure, never guessed from
+    wording, so the router can avoid mail loops and not alert on robots."""
+
+    auto_reply: bool = Field(default=False, description="RFC 3834 auto-reply or equivalent.")
+    bounce: bool = Field(default=False, description="Delivery status notification / bounce.")
+    bounced_message_id: str | None = Field(
+        default=None, max_length=998, description="Message-ID of the message that bounced."
+    )
+
+
+class InboundMessage(_Frozen):
+    """One message from a customer, whatever channel it came in on.
+
+    Published to ``switchboard.inbound.v1`` keyed by ``sender.key``. ``dedupe_key``
+    is stable across redeliveries and across channels that carry the same
+    message (an email seen over SMTP and IMAP has one Message-ID).
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: UUID = Field(description="UUIDv7 assigned at ingest; unique per arrival.")
+    channel: ChannelName = Field(description="email, sms, mms, whatsapp, webhook, or an adapter's.")
+    adapter: str = Field(
+        min_length=1, max_length=64, description="Name of the adapter instance that received it."
+    )
+    received_at: AwareDatetime = Field(description="When Switchboard received it.")
+    sent_at: AwareDatetime | None = Field(default=None, description="When the sender says it sent.")
+    sender: Identity = Field(description="Who sent it.")
+    identities: tuple[Identity, ...] = Field(
+        default=(),
+        max_length=50,
+        description="Further identities of the same person the payload revealed.",
+    )
+    recipients: tuple[Recipient, ...] = Field(default=(), max_length=1000)
+    subject: ShortText | None = None
+    text: str | None = Field(default=None, description="Best plain-text body, NFC.")
+    text_new: str | None = Field(
+        default=None, description="Only the new part of a reply: quotes and signature removed."
+    )
+    html: str | None = Field(default=None, description="Sanitized HTML body, safe to display.")
+    attachments: tuple[Attachment, ...] = Field(default=(), max_length=1000)
+    thread: Thread = Field(default_factory=Thread)
+    provider_message_id: str | None = Field(
+        default=None, max_length=998, description="The provider's id: Twilio MessageSid, etc."
+    )
+    dedupe_key: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Stable key of this message, e.g. 'email-mid:<id>', 'twilio:SM...'.",
+    )
+    flags: Flags = Field(default_factory=Flags)
+    raw: BlobRef | None = Field(default=None, description="The raw payload as received.")
+    metadata: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Channel-specific extras, kept verbatim."
+    )
+
+    @field_validator("received_at", "sent_at")
+    @classmethod
+    def _to_utc(cls, value: datetime | None) -> datetime | None:
+        # One representation on the wire: equal instants serialize equally.
+        return None if value is None else value.astimezone(UTC)
+
+    @property
+    def partition_key(self) -> str:
+        """Kafka key: all of one sender's messages stay in order on one partition."""
+        return self.sender.key
+
+    def all_identities(self) -> tuple[Identity, ...]:
+        """Sender first, then the extra identities, without repeats."""
+        seen: dict[str, Identity] = {self.sender.key: self.sender}
+        for identity in self.identities:
+            seen.setdefault(identity.key, identity)
+        return tuple(seen.values())
+
+
+class DeadLetter(_Frozen):
+    """What could not be normalized or routed, with why, and where the raw bytes are.
+
+    Published to ``switchboard.deadletter.v1``; nothing is dropped silently.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: UUID
+    stage: Literal["ingest", "normalize", "router", "sink"]
+    adapter: str | None = Field(default=None, max_length=64)
+    reason: str = Field(
+        min_length=1, max_length=64, description="Machine-readable cause, e.g. 'signature'."
+    )
+    detail: str = Field(max_length=4000, description="Human-readable explanation.")
+    occurred_at: AwareDatetime
+    raw: BlobRef | None = Field(default=None, description="The payload as received, if stored.")
+    source_event_id: str | None = Field(
+        default=None, max_length=256, description="ce_id of the event that failed, if any."
+    )
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+#: Every model whose JSON Schema is checked in under ``schemas/``.
+PUBLISHED_MODELS: tuple[type[BaseModel], ...] = (InboundMessage, DeadLetter)

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+
+from normalize.identity import (
+    GMAIL_POLICY,
+    IdentityError,
+    canonical_email,
+    canonical_external,
+    canonical_phone,
+    email_identity,
+    parse_identity_key,
+    phone_identity,
+)
+from normalize.schema import IdentityKind
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("alice@example.com", "alice@example.com"),
+        ("Alice@Example.COM", "alice@example.com"),
+        ("  alice@example.com\n", "alice@example.com"),
+        ("alice+billing@example.com", "alice+billing@example.com"),
+        ("a.lice@example.com", "a.lice@example.com"),
+        ("alice@bücher.de", "alice@xn--bcher-kva.de"),
+        ("alice@BÜCHER.de", "alice@xn--bcher-kva.de"),
+        ("alice@xn--bcher-kva.de", "alice@xn--bcher-kva.de"),
+        ("Ünïcode@example.com", "ünïcode@example.com"),
+        ("o'brien@example.ie", "o'brien@example.ie"),
+    ],
+)
+def test_canonical_email(raw: str, canonical: str) -> None:
+    assert canonical_email(raw) == canonical
+
+
+def test_email_unicode_is_nfc_normalized() -> None:
+    decomposed = "Jose\u0301@example.com"  # e + combining acute
+    assert canonical_email(decomposed) == "jos\u00e9@example.com"
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("Al.Ice+news@gmail.com", "alice@gmail.com"),
+        ("alice@googlemail.com", "alice@googlemail.com"),
+        ("al.ice+x@example.com", "al.ice+x@example.com"),
+    ],
+)
+def test_per_domain_plus_and_dot_rules(raw: str, canonical: str) -> None:
+    assert canonical_email(raw, GMAIL_POLICY) == canonical
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("alice", "invalid email"),
+        ("alice@", "invalid email"),
+        ("@example.com", "invalid email"),
+        ("a..b@example.com", "two periods"),
+        ("bad@@example.com", "invalid email"),
+        ("alice@localhost", "invalid email"),
+        ('"quoted local"@example.com', "invalid email"),
+        ("alice\x00@example.com", "control characters"),
+        ("alice@exa mple.com", "invalid email"),
+        ("x" * 65 + "@example.com", "invalid email"),
+    ],
+)
+def test_invalid_email_raises_a_clear_error(raw: str, reason: str) -> None:
+    with pytest.raises(IdentityError, match=reason):
+        canonical_email(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "canonical"),
+    [
+        ("+14155550100", None, "+14155550100"),
+        ("+1 (415) 555-0100", None, "+14155550100"),
+        ("(415) 555-0100", "US", "+14155550100"),
+        ("415.555.0100", "us", "+14155550100"),
+        ("020 7946 0958", "GB", "+442079460958"),
+        ("+44 20 7946 0958", "US", "+442079460958"),
+        ("whatsapp:+14155550100", None, "+14155550100"),
+        ("tel:+33 1 42 68 53 00", None, "+33142685300"),
+        ("+1 800 FLOWERS", None, "+18003569377"),
+    ],
+)
+def test_canonical_phone(raw: str, region: str | None, canonical: str) -> None:
+    assert canonical_phone(raw, region) == canonical
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "reason"),
+    [
+        ("", "US", "empty"),
+        ("not a number", "US", "did not seem to be a phone number"),
+        ("4155550100", None, "no country code and no default region"),
+        ("12345", "US", "not a valid number"),
+        ("+999123", None, "invalid phone number"),
+        ("+1 415 555 01", None, "not a valid number"),
+    ],
+)
+def test_invalid_phone_raises_a_clear_error(raw: str, region: str | None, reason: str) -> None:
+    with pytest.raises(IdentityError, match=reason):
+        canonical_phone(raw, region)
+
+
+def test_external_identities_are_namespaced() -> None:
+    assert canonical_external("CRM", " 42 ") == "crm:42"
+    with pytest.raises(IdentityError, match="namespace"):
+        canonical_external("has space", "1")
+    with pytest.raises(IdentityError, match="external id"):
+        canonical_external("crm", "  ")
+
+
+def test_identity_builders_clean_display_names() -> None:
+    identity = email_identity("alice@example.com", "  Alice\r\nInjected  ")
+    assert identity.display_name == "Alice  Injected"
+    assert email_identity("alice@example.com", "   ").display_name is None
+
+
+def test_identity_keys_round_trip() -> None:
+    for identity in (
+        email_identity("Alice@Example.com"),
+        phone_identity("+14155550100"),
+        parse_identity_key("external:crm:42"),
+    ):
+        assert parse_identity_key(identity.key) == identity
+    assert parse_identity_key("phone:(415) 555-0100", "US").value == "+14155550100"
+    assert parse_identity_key("external:crm:42").kind is IdentityKind.EXTERNAL
+
+
+@pytest.mark.parametrize("key", ["alice@example.com", "fax:+1", "email:", "external:nocolon"])
+def test_bad_identity_keys_are_refused(key: str) -> None:
+    with pytest.raises(IdentityError):
+        parse_identity_key(key)
