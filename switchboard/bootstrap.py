@@ -1,0 +1,116 @@
+"""Builds the object graph, in one place, for the CLI.
+
+Nothing in the packages connects to anything at import time; this module wires
+settings into the broker, the publisher, the database and the components.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
+from switchboard.db import make_engine, ping
+from switchboard.http import Readiness, create_app
+from switchboard.kafka import Publisher, probe_broker
+from switchboard.runtime import Component, HttpServer, install_signal_handlers, run_components
+from switchboard.settings import Settings
+from switchboard.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def kafka_available(settings: Settings) -> Iterator[EmbeddedBroker | None]:
+    """Yield with ``settings.kafka.bootstrap`` set: configured, or an embedded broker."""
+    if settings.kafka.bootstrap:
+        yield None
+        return
+    broker = EmbeddedBroker(log_path=settings.data_dir / "tansu.log")
+    broker.start()
+    settings.kafka.bootstrap = broker.bootstrap
+    log.warning(MEMORY_WARNING, extra={"bootstrap": broker.bootstrap})
+    print(f"WARNING: {MEMORY_WARNING}", file=sys.stderr, flush=True)  # noqa: T201 - for humans
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        settings.kafka.bootstrap = None
+
+
+@dataclass
+class Pipeline:
+    """Everything `switchboard run` holds: shared clients and the components."""
+
+    settings: Settings
+    publisher: Publisher
+    engine: Engine
+    readiness: Readiness
+    components: list[Component] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.publisher.close(timeout_s=2.0)
+        self.engine.dispose()
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    """Wire the shared clients and every component of `switchboard run`."""
+    kafka = settings.kafka
+
+    def recreate_topics() -> None:
+        # An in-memory broker that restarted has lost its topics; a real cluster
+        # has them already, and then this is a cheap no-op.
+        try:
+            ensure_topics(kafka, wait_s=2.0)
+        except Exception as exc:  # noqa: BLE001 - best effort; the publish reports the failure
+            log.warning("could not re-check topics", extra={"error": repr(exc)})
+
+    publisher = Publisher(kafka, on_new_producer=recreate_topics)
+    engine = make_engine(settings.resolved_database_url())
+    readiness = Readiness()
+    readiness.add("kafka", lambda: probe_broker(kafka))
+    readiness.add("database", lambda: ping(engine))
+    app = create_app(readiness)
+    components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
+    return Pipeline(settings, publisher, engine, readiness, components)
+
+
+def run(settings: Settings) -> int:
+    """`switchboard run`: everything in one process until SIGTERM or Ctrl-C."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with kafka_available(settings) as broker:
+        report = ensure_topics(settings.kafka)
+        log.info(
+            "topics ready",
+            extra={
+                "topics_created": list(report.created),
+                "topics_existing": list(report.existing),
+            },
+        )
+        pipeline = build_pipeline(settings)
+
+        def force_exit() -> None:
+            if broker is not None:
+                broker.stop()
+            os._exit(130)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            install_signal_handlers(stop, force_exit)
+            await run_components(
+                pipeline.components, stop=stop, shutdown_timeout_s=settings.shutdown_timeout_s
+            )
+
+        try:
+            asyncio.run(main())
+        finally:
+            pipeline.close()
+    log.info("stopped")
+    return 0

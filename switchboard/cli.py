@@ -1,0 +1,159 @@
+"""The `switchboard` command: a thin translation of arguments into calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from switchboard.settings import Settings, load_settings, masked_dump
+
+log = logging.getLogger("switchboard")
+
+
+def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
+    from switchboard.bootstrap import run
+
+    return run(settings)
+
+
+def _cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
+
+    with EmbeddedBroker(port=args.port, log_path=settings.data_dir / "tansu.log") as broker:
+        print(broker.bootstrap, flush=True)
+        print(f"WARNING: {MEMORY_WARNING}", file=sys.stderr, flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    return 0
+
+
+def _cmd_topics_create(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.topics import ensure_topics
+
+    if not settings.kafka.bootstrap:
+        print("SWITCHBOARD_KAFKA_BOOTSTRAP is not set: which broker?", file=sys.stderr)
+        return 2
+    if args.partitions:
+        settings.kafka.partitions = args.partitions
+    report = ensure_topics(settings.kafka)
+    for topic in report.created:
+        print(f"created {topic} ({settings.kafka.partitions} partitions)")
+    for topic in report.existing:
+        print(f"exists  {topic}")
+    return 0
+
+
+def _cmd_schema_export(_settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.schemas import drift, export
+
+    directory = Path(args.dir)
+    if args.check:
+        stale = drift(directory)
+        for name in stale:
+            print(f"out of date: {directory / name}", file=sys.stderr)
+        return 1 if stale else 0
+    for name in export(directory):
+        print(f"wrote {directory / name}")
+    return 0
+
+
+def _cmd_config_show(settings: Settings, _args: argparse.Namespace) -> int:
+    print(json.dumps(masked_dump(settings), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard",
+        description="Inbound messages from every channel: one schema, one contact, one owner.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline in one process")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.set_defaults(func=_cmd_broker)
+
+    topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
+        dest="topics_command", required=True, metavar="ACTION"
+    )
+    p = topics.add_parser("create", help="create the missing switchboard topics")
+    p.add_argument("--partitions", type=int, default=None, help="override partition count")
+    p.set_defaults(func=_cmd_topics_create)
+
+    schema = sub.add_parser("schema", help="event schemas").add_subparsers(
+        dest="schema_command", required=True, metavar="ACTION"
+    )
+    p = schema.add_parser("export", help="write JSON Schema files generated from the models")
+    p.add_argument("--dir", default="schemas", help="target directory (default: schemas)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the files are out of date")
+    p.set_defaults(func=_cmd_schema_export)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    p = config.add_parser("show", help="print the effective settings, secrets masked")
+    p.set_defaults(func=_cmd_config_show)
+    return parser
+
+
+#: Every runnable command path, for checks that docker-compose commands are real.
+def command_paths(parser: argparse.ArgumentParser | None = None) -> set[tuple[str, ...]]:
+    parser = parser or build_parser()
+    paths: set[tuple[str, ...]] = set()
+
+    def walk(p: argparse.ArgumentParser, prefix: tuple[str, ...]) -> None:
+        subparsers = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers:
+            paths.add(prefix)
+            return
+        for action in subparsers:
+            for name, child in action.choices.items():
+                walk(child, (*prefix, name))
+
+    walk(parser, ())
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from switchboard.broker import BrokerError
+    from switchboard.logs import configure_logging
+    from switchboard.runtime import StartupError
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        code: int = args.func(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except (StartupError, BrokerError) as exc:
+        log.error("switchboard %s could not start: %s", args.command, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        log.exception("switchboard %s failed", args.command)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

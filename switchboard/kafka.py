@@ -1,0 +1,309 @@
+"""Kafka client factory: the publisher every stage uses, and consumer groups.
+
+The publisher returns only once the broker acknowledged the record with
+``acks=all``: that acknowledgement is what lets ingest answer a sender.
+
+kafka-python's idempotent producer goes into a fatal state after a broker
+restart (measured on Tansu: one ``UnknownProducerIdError``, then every send
+fails with a generic ``KafkaError``). A producer that reports a non-retriable
+error is therefore thrown away and a fresh one is built for the next send, and
+a publish that hit such an error is retried once on the fresh producer while
+its deadline allows. Redelivery is safe: every event has a stable id and
+consumers are idempotent on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from switchboard.events import Event
+from switchboard.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Where the broker stored an acknowledged event."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def _ack(metadata: object) -> Ack:
+    return Ack(
+        topic=str(getattr(metadata, "topic", "")),
+        partition=int(getattr(metadata, "partition", -1)),
+        offset=int(getattr(metadata, "offset", -1)),
+    )
+
+
+class PublishError(Exception):
+    """The broker did not acknowledge in time, or refused. Retry later (or spool)."""
+
+
+def _retriable(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaTimeoutError) or bool(getattr(exc, "retriable", False))
+
+
+class Publisher:
+    """Thread-safe producer wrapper: ``publish`` blocks, ``apublish`` awaits.
+
+    ``on_new_producer`` runs before each producer after the first is built; the
+    runtime uses it to recreate topics an in-memory broker lost in a restart.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        client_id: str | None = None,
+        on_new_producer: Callable[[], object] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._client_id = client_id or f"{settings.client_id}-producer"
+        self._on_new_producer = on_new_producer
+        self._lock = threading.Lock()
+        self._producer: KafkaProducer | None = None
+        self._built = 0
+        self._closed = False
+        # send() can block up to max_block_ms (no metadata, full buffer); keep that
+        # off the event loop. One thread keeps sends in call order.
+        self._send_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-send")
+
+    @property
+    def producers_built(self) -> int:
+        """How many producers were built so far (1 + recoveries)."""
+        return self._built
+
+    def _new_producer(self) -> KafkaProducer:
+        s = self._settings
+        return KafkaProducer(
+            client_id=self._client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=s.linger_ms,
+            batch_size=s.batch_size,
+            max_block_ms=s.max_block_ms,
+            bootstrap_timeout_ms=s.max_block_ms,
+            delivery_timeout_ms=max(s.delivery_timeout_ms, s.request_timeout_ms + s.linger_ms),
+            max_request_size=s.max_request_size,
+            **s.client_config(),
+        )
+
+    def _current(self) -> KafkaProducer:
+        with self._lock:
+            if self._closed:
+                raise PublishError("publisher is closed")
+            if self._producer is None:
+                if self._built and self._on_new_producer is not None:
+                    self._on_new_producer()
+                try:
+                    self._producer = self._new_producer()
+                except KafkaError as exc:
+                    raise PublishError(f"cannot connect to Kafka: {exc}") from exc
+                self._built += 1
+            return self._producer
+
+    def _discard(self, producer: KafkaProducer, cause: BaseException) -> None:
+        close = producer.close
+        with self._lock:
+            if self._producer is not producer:
+                return  # someone else already replaced it
+            self._producer = None
+        log.warning(
+            "kafka producer failed fatally; building a new one",
+            extra={"error": repr(cause)},
+        )
+        threading.Thread(
+            target=close, kwargs={"timeout": 0}, daemon=True, name="kafka-close"
+        ).start()
+
+    def _send(self, topic: str, event: Event) -> tuple[KafkaProducer, Any]:
+        producer = self._current()
+        try:
+            future = producer.send(
+                topic, key=event.key.encode(), value=event.value(), headers=event.headers()
+            )
+        except KafkaError as exc:
+            if not _retriable(exc):
+                self._discard(producer, exc)
+            raise PublishError(f"send to {topic} failed: {exc}") from exc
+        return producer, future
+
+    def publish(self, topic: str, event: Event, timeout_s: float | None = None) -> Ack:
+        """Publish one event; return where it was stored once acknowledged."""
+        return self.publish_many([(topic, event)], timeout_s)[0]
+
+    def publish_many(
+        self, items: Sequence[tuple[str, Event]], timeout_s: float | None = None
+    ) -> list[Ack]:
+        """Publish several events as one batch and wait for every acknowledgement.
+
+        Raises :class:`PublishError` if any of them is not acknowledged; some may
+        have been written anyway, which is why every event id is stable.
+        """
+        deadline = time.monotonic() + (timeout_s or self._settings.publish_timeout_s)
+        for attempt in (1, 2):
+            try:
+                return self._publish_once(items, deadline)
+            except _FatalProducerError as exc:
+                if attempt == 2 or time.monotonic() >= deadline:
+                    raise PublishError(str(exc.__cause__ or exc)) from exc.__cause__
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _publish_once(self, items: Sequence[tuple[str, Event]], deadline: float) -> list[Ack]:
+        sent = [self._send(topic, event) for topic, event in items]
+        results = []
+        for producer, future in sent:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                results.append(_ack(future.get(timeout=remaining)))
+            except KafkaError as exc:
+                if not _retriable(exc):
+                    self._discard(producer, exc)
+                    raise _FatalProducerError() from exc
+                raise PublishError(f"not acknowledged: {exc}") from exc
+        return results
+
+    async def apublish(self, topic: str, event: Event, timeout_s: float | None = None) -> Ack:
+        """Async publish: resolves when the broker acknowledged the event."""
+        deadline = time.monotonic() + (timeout_s or self._settings.publish_timeout_s)
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            producer, future = await loop.run_in_executor(
+                self._send_thread, self._send, topic, event
+            )
+            waiter: asyncio.Future[Ack] = loop.create_future()
+
+            def _ok(metadata: object, w: asyncio.Future[Ack] = waiter) -> None:
+                loop.call_soon_threadsafe(_resolve, w, _ack(metadata), None)
+
+            def _err(exc: BaseException, w: asyncio.Future[Ack] = waiter) -> None:
+                loop.call_soon_threadsafe(_resolve, w, None, exc)
+
+            future.add_callback(_ok)
+            future.add_errback(_err)
+            try:
+                return await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+            except TimeoutError as exc:
+                raise PublishError(f"no acknowledgement from Kafka for {topic} in time") from exc
+            except KafkaError as exc:
+                if _retriable(exc):
+                    raise PublishError(f"not acknowledged: {exc}") from exc
+                self._discard(producer, exc)
+                if attempt == 2 or time.monotonic() >= deadline:
+                    raise PublishError(f"not acknowledged: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            producer = self._producer
+        if producer is not None:
+            try:
+                producer.flush(timeout=timeout_s)
+            except KafkaError as exc:
+                log.warning("flush did not complete", extra={"error": repr(exc)})
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush what is buffered (bounded) and close. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            producer, self._producer = self._producer, None
+        self._send_thread.shutdown(wait=False, cancel_futures=True)
+        if producer is not None:
+            producer.close(timeout=timeout_s)
+
+
+class _FatalProducerError(Exception):
+    """Internal: the producer was discarded; the caller may retry on a new one."""
+
+
+def _resolve(waiter: asyncio.Future[Ack], result: Ack | None, exc: BaseException | None) -> None:
+    if waiter.done():
+        return
+    if exc is not None:
+        waiter.set_exception(exc)
+    elif result is not None:
+        waiter.set_result(result)
+
+
+def make_consumer(
+    settings: KafkaSettings,
+    *,
+    group_id: str,
+    topics: Sequence[str],
+    client_id: str | None = None,
+    **overrides: object,
+) -> KafkaConsumer:
+    """A consumer-group member with manual commits and embedded-broker-safe timing.
+
+    Offsets are never auto-committed: each consumer commits only after its
+    effects are durable. Poll with ``settings.poll_timeout_ms`` (>= 1500 ms).
+    """
+    config: dict[str, Any] = {
+        "group_id": group_id,
+        "client_id": client_id or f"{settings.client_id}-{group_id}",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        **settings.client_config(),
+    }
+    config.update(overrides)
+    consumer = KafkaConsumer(**config)
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+def probe_broker(settings: KafkaSettings, timeout_s: float = 1.0) -> None:
+    """Raise unless a bootstrap broker answers a Kafka ApiVersions request.
+
+    A protocol round trip, not just a TCP connect: a stalled broker still
+    accepts connections. TLS/SASL listeners are only checked for a connect.
+    """
+    errors: list[str] = []
+    for server in settings.bootstrap_servers():
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+                if settings.security_protocol != "PLAINTEXT":
+                    return
+                sock.settimeout(timeout_s)
+                client = b"switchboard-probe"
+                # ApiVersions v0: api_key=18, api_version=0, correlation_id, client_id
+                body = struct.pack(">hhih", 18, 0, 7, len(client)) + client
+                sock.sendall(struct.pack(">i", len(body)) + body)
+                header = _recv_exact(sock, 10)  # size, correlation id, error code
+                _size, correlation, error = struct.unpack(">iih", header)
+                if correlation == 7 and error == 0:
+                    return
+                errors.append(f"{server}: ApiVersions error {error}")
+        except (OSError, ValueError, struct.error) as exc:
+            errors.append(f"{server}: {exc}")
+    raise ConnectionError("no Kafka broker answered: " + "; ".join(errors))
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("broker closed the connection")
+        data += chunk
+    return data

@@ -1,0 +1,138 @@
+"""Running components together: start in order, stop in reverse, bounded.
+
+A component is anything with a ``name`` and async ``start``/``stop``: the HTTP
+server today; the SMTP server, IMAP pollers, router and sinks as they land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import Protocol
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A component could not start (port in use, bad certificate...): say so and exit 1."""
+
+
+class Component(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Return once the component is serving; raise if it cannot."""
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight work, release resources."""
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # The runtime owns SIGTERM/SIGINT for every component; uvicorn must not
+        # install its own handlers or re-raise the signal after shutdown.
+        yield
+
+
+class HttpServer:
+    """FastAPI on uvicorn inside the runtime's event loop."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, name: str = "http") -> None:
+        self.name = name
+        self.app = app
+        self.host = host
+        self.port = port
+        self._server = _Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=3,
+            )
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Bind here rather than in uvicorn: uvicorn answers a bind failure with
+        # sys.exit() from inside its task, which would tear down the whole loop.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            sock = socket.create_server((self.host, self.port), family=family, backlog=2048)
+        except OSError as exc:
+            raise StartupError(
+                f"HTTP server could not listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")
+        while not self._server.started:
+            if self._task.done():
+                with contextlib.suppress(SystemExit, Exception):
+                    self._task.result()
+                raise StartupError(f"HTTP server failed to start on {self.host}:{self.port}")
+            await asyncio.sleep(0.01)
+        log.info("http listening", extra={"url": f"http://{self.host}:{self.port}"})
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 5)
+        except TimeoutError:
+            self._server.force_exit = True
+            await self._task
+
+
+async def run_components(
+    components: Sequence[Component],
+    *,
+    stop: asyncio.Event,
+    shutdown_timeout_s: float,
+) -> None:
+    """Start every component, wait for ``stop``, then stop them in reverse order."""
+    started: list[Component] = []
+    try:
+        for component in components:
+            await component.start()
+            started.append(component)
+        log.info("switchboard running", extra={"components": [c.name for c in started]})
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        deadline = time.monotonic() + shutdown_timeout_s
+        for component in reversed(started):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(component.stop(), remaining)
+            except TimeoutError:
+                log.error("component did not stop in time", extra={"component": component.name})
+            except Exception:
+                log.exception("component failed to stop", extra={"component": component.name})
+
+
+def install_signal_handlers(stop: asyncio.Event, on_force: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: graceful stop. A second one: ``on_force`` (exit now)."""
+    loop = asyncio.get_running_loop()
+
+    def handle(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting without waiting", extra={"signal": sig.name})
+            on_force()
+            return
+        log.info("signal received, shutting down", extra={"signal": sig.name})
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)

@@ -1,0 +1,96 @@
+"""The other CLI commands, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from switchboard.broker import EmbeddedBroker
+from switchboard.kafka import make_consumer
+from switchboard.settings import KafkaSettings
+from switchboard.topics import ALL_TOPICS
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_broker_prints_its_address_and_stops_on_sigterm(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "switchboard.cli", "broker"],
+        env={**os.environ, "SWITCHBOARD_DATA_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = process.stdout.readline().strip()  # type: ignore[union-attr]
+        assert address.startswith("127.0.0.1:")
+        settings = KafkaSettings(bootstrap=address)
+        assert (
+            _cli("topics", "create", env={"SWITCHBOARD_KAFKA_BOOTSTRAP": address}).returncode == 0
+        )
+        consumer = make_consumer(settings, group_id="cli", topics=[ALL_TOPICS[0]])
+        try:
+            assert set(ALL_TOPICS) <= consumer.topics()
+        finally:
+            consumer.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+        assert process.returncode == 0
+        assert "memory only" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_topics_create_is_idempotent_and_reports(kafka_broker: EmbeddedBroker) -> None:
+    env = {"SWITCHBOARD_KAFKA_BOOTSTRAP": kafka_broker.bootstrap}
+    _cli("topics", "create", env=env)
+    again = _cli("topics", "create", env=env)
+    assert again.returncode == 0, again.stderr
+    assert all(f"exists  {t}" in again.stdout for t in ALL_TOPICS)
+
+
+def test_topics_create_without_a_broker_says_which_setting() -> None:
+    result = _cli("topics", "create")
+    assert result.returncode == 2
+    assert "SWITCHBOARD_KAFKA_BOOTSTRAP" in result.stderr
+
+
+def test_schema_export_check_passes_on_the_repository() -> None:
+    result = _cli("schema", "export", "--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_show_masks_secrets_and_names_bad_settings() -> None:
+    shown = _cli(
+        "config",
+        "show",
+        env={"SWITCHBOARD_DATABASE_URL": "postgresql://u:hunter2@db/x"},
+    )
+    assert shown.returncode == 0
+    assert "hunter2" not in shown.stdout
+    assert json.loads(shown.stdout)["database_url"] == "**********"
+    bad = _cli("config", "show", env={"SWITCHBOARD_HTTP_PORT": "eighty"})
+    assert bad.returncode == 2
+    assert "http_port" in bad.stderr

@@ -1,0 +1,147 @@
+"""`switchboard run` as a user runs it: a subprocess, real ports, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from switchboard.broker import EmbeddedBroker, free_port
+from tests.conftest import POSTGRES_URL
+
+pytestmark = pytest.mark.e2e
+
+SWITCHBOARD = [sys.executable, "-m", "switchboard.cli"]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(
+        SWITCHBOARD_HTTP_PORT=str(free_port()),
+        SWITCHBOARD_SMTP_PORT=str(free_port()),
+        SWITCHBOARD_DATA_DIR=str(tmp_path / "var"),
+        SWITCHBOARD_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def running(env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [*SWITCHBOARD, "run"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 15.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within_s:
+        assert process.poll() is None, f"switchboard run exited early:\n{process.stderr.read()}"  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"/healthz did not answer 200 within {within_s}s")
+
+
+def _stop(process: subprocess.Popen[str]) -> tuple[int, float, str]:
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=15)
+    return process.returncode, time.monotonic() - started, stderr
+
+
+def test_run_on_the_embedded_broker_serves_health_and_stops_cleanly(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process)
+        ready = httpx.get(f"{base}/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"kafka": "ok", "database": "ok"}
+        broker_pids = _children(process.pid)
+        assert broker_pids, "the embedded broker should run as a child process"
+
+        code, took, stderr = _stop(process)
+    assert code == 0, stderr
+    assert took < 10, f"SIGTERM took {took:.1f}s"
+    assert "keeps data in memory only" in stderr
+    assert not any(_alive(pid) for pid in broker_pids), "embedded broker outlived switchboard"
+    assert (tmp_path / "var" / "switchboard.db").is_file()
+
+
+def test_run_on_a_configured_broker_and_postgres_reports_readiness(tmp_path: Path) -> None:
+    broker = EmbeddedBroker().start()
+    env = _env(
+        tmp_path,
+        SWITCHBOARD_KAFKA_BOOTSTRAP=broker.bootstrap,
+        SWITCHBOARD_DATABASE_URL=POSTGRES_URL,
+    )
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    try:
+        with running(env, tmp_path) as process:
+            _wait_healthy(base, process)
+            assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            assert _children(process.pid) == [], "no embedded broker when one is configured"
+
+            broker.stop()
+            time.sleep(1.2)  # readiness results are cached for 1 s
+            unready = httpx.get(f"{base}/readyz", timeout=10)
+            assert unready.status_code == 503
+            assert unready.json()["checks"]["kafka"] != "ok"
+            assert unready.json()["checks"]["database"] == "ok"
+            assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+
+            code, took, stderr = _stop(process)
+        assert code == 0, stderr
+        assert took < 10
+        assert "keeps data in memory only" not in stderr
+    finally:
+        broker.stop()
+
+
+def test_a_port_in_use_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    with (
+        socket.create_server(("127.0.0.1", int(env["SWITCHBOARD_HTTP_PORT"]))),
+        running(env, tmp_path) as process,
+    ):
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert "could not listen on 127.0.0.1" in stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,144 @@
+"""The Kafka backbone against the real embedded broker (Tansu)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from normalize.schema import InboundMessage
+from switchboard.broker import EmbeddedBroker, free_port
+from switchboard.events import TYPE_INBOUND, Event, read_data, read_meta
+from switchboard.kafka import Publisher, PublishError, make_consumer, probe_broker
+from switchboard.settings import KafkaSettings
+from switchboard.topics import ALL_TOPICS, INBOUND, ensure_topics
+from tests.factories import inbound_message
+from tests.kafka_helpers import consume_until
+
+pytestmark = pytest.mark.integration
+
+
+def _event(message: InboundMessage) -> Event:
+    return Event(type=TYPE_INBOUND, source="/test", key=message.partition_key, data=message)
+
+
+def test_round_trip_through_a_consumer_group(kafka_settings: KafkaSettings, unique: str) -> None:
+    message = inbound_message()
+    event = _event(message)
+    publisher = Publisher(kafka_settings)
+    try:
+        ack = publisher.publish(INBOUND, event)
+    finally:
+        publisher.close()
+    assert ack.topic == INBOUND
+    assert ack.offset >= 0
+
+    consumer = make_consumer(kafka_settings, group_id=f"rt-{unique}", topics=[INBOUND])
+    try:
+        records = consume_until(
+            consumer, lambda rs: any(read_meta(r.headers).id == event.id for r in rs)
+        )
+    finally:
+        consumer.close()
+    [record] = [r for r in records if read_meta(r.headers).id == event.id]
+    assert record.key == b"email:alice@example.com"
+    headers = dict(record.headers)
+    for name in ("ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"):
+        assert name in headers
+    meta = read_meta(record.headers)
+    assert meta.type == TYPE_INBOUND
+    assert read_data(record.value, InboundMessage) == message
+
+
+def test_async_publish_is_acknowledged(kafka_settings: KafkaSettings) -> None:
+    publisher = Publisher(kafka_settings)
+
+    async def publish_many() -> list[int]:
+        acks = await asyncio.gather(
+            *(publisher.apublish(INBOUND, _event(inbound_message())) for _ in range(50))
+        )
+        return [a.offset for a in acks]
+
+    try:
+        offsets = asyncio.run(publish_many())
+    finally:
+        publisher.close()
+    assert len(offsets) == 50
+    assert all(o >= 0 for o in offsets)
+
+
+def test_consumer_group_joins_in_under_three_seconds(
+    kafka_settings: KafkaSettings, unique: str
+) -> None:
+    started = time.monotonic()
+    consumer = make_consumer(kafka_settings, group_id=f"join-{unique}", topics=[INBOUND])
+    try:
+        while not consumer.assignment() and time.monotonic() - started < 10:
+            consumer.poll(timeout_ms=kafka_settings.poll_timeout_ms)
+        joined_after = time.monotonic() - started
+        assert consumer.assignment(), "consumer never joined its group"
+    finally:
+        consumer.close()
+    assert joined_after < 3.0, f"group join took {joined_after:.2f}s"
+
+
+def test_topics_are_created_once_with_the_configured_partitions(
+    kafka_broker: EmbeddedBroker, unique: str
+) -> None:
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap, partitions=5)
+    topics = (f"a-{unique}", f"b-{unique}")
+    first = ensure_topics(settings, topics)
+    again = ensure_topics(settings, topics)
+    assert first.created == topics
+    assert again.created == ()
+    assert again.existing == topics
+    consumer = make_consumer(settings, group_id=f"p-{unique}", topics=list(topics))
+    try:
+        assert consumer.partitions_for_topic(topics[0]) == set(range(5))
+    finally:
+        consumer.close()
+
+
+def test_producer_is_recreated_after_a_broker_restart() -> None:
+    port = free_port()
+    settings = KafkaSettings(
+        bootstrap=f"127.0.0.1:{port}", max_block_ms=1500, request_timeout_ms=1500
+    )
+    broker = EmbeddedBroker(port=port).start()
+    publisher = Publisher(settings, on_new_producer=lambda: ensure_topics(settings, wait_s=5))
+    try:
+        ensure_topics(settings)
+        publisher.publish(INBOUND, _event(inbound_message()))
+        assert publisher.producers_built == 1
+
+        broker.stop()
+        started = time.monotonic()
+        with pytest.raises(PublishError):
+            publisher.publish(INBOUND, _event(inbound_message()), timeout_s=3)
+        assert time.monotonic() - started < 8, "a publish with the broker away must be bounded"
+
+        broker = EmbeddedBroker(port=port).start()  # memory storage: topics are gone too
+        ack = publisher.publish(INBOUND, _event(inbound_message()), timeout_s=15)
+        assert ack.offset >= 0
+        assert publisher.producers_built >= 2
+        # ...and it keeps working afterwards.
+        publisher.publish(INBOUND, _event(inbound_message()))
+    finally:
+        publisher.close(timeout_s=1)
+        broker.stop()
+
+
+def test_readiness_probe_speaks_kafka(kafka_settings: KafkaSettings) -> None:
+    probe_broker(kafka_settings)
+    closed = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}")
+    with pytest.raises(ConnectionError, match="no Kafka broker answered"):
+        probe_broker(closed, timeout_s=0.5)
+
+
+def test_all_topics_exist_after_ensure(kafka_settings: KafkaSettings, unique: str) -> None:
+    consumer = make_consumer(kafka_settings, group_id=f"t-{unique}", topics=[INBOUND])
+    try:
+        assert set(ALL_TOPICS) <= consumer.topics()
+    finally:
+        consumer.close()
