@@ -1,0 +1,50 @@
+# Two commands do all the set-up: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test check lint types schemas format clean bench-kafka
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+## Start the pipeline: embedded in-memory broker and SQLite unless configured otherwise.
+run: $(VENV)/.installed
+	$(BIN)/switchboard run
+
+## Lint, types, schema drift, then the whole test suite.
+test: check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: lint types schemas
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+schemas: $(VENV)/.installed-dev
+	$(BIN)/switchboard schema export --check
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## Kafka ceilings on this machine (raw kafka-python vs our publisher).
+bench-kafka: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/kafka_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var
