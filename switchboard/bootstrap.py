@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from ingest.handoff import HandOff
+from ingest.smtp import SmtpAdapter
+from switchboard.blobs import FileBlobStore
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 from switchboard.db import make_engine, ping
 from switchboard.http import Readiness, create_app
@@ -78,7 +81,11 @@ def build_pipeline(settings: Settings) -> Pipeline:
     readiness.add("kafka", lambda: probe_broker(kafka))
     readiness.add("database", lambda: ping(engine))
     app = create_app(readiness)
+    blobs = FileBlobStore(settings.data_dir / "blobs")
+    handoff = HandOff(publisher, blobs)
     components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
+    if settings.smtp.enabled:
+        components.append(SmtpAdapter(settings.smtp, handoff, host=settings.bind_host))
     return Pipeline(settings, publisher, engine, readiness, components)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from switchboard.settings import Settings, load_settings, masked_dump
+from switchboard.settings import ConfigError, Settings, load_settings, masked_dump
 
 log = logging.getLogger("switchboard")
 
@@ -67,6 +67,13 @@ def _cmd_schema_export(_settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
+    # Loading already validated everything; reaching here means it is valid.
+    source = settings.config or "no config file (environment only)"
+    print(f"ok: {source}")
+    return 0
+
+
 def _cmd_config_show(settings: Settings, _args: argparse.Namespace) -> int:
     print(json.dumps(masked_dump(settings), indent=2))
     return 0
@@ -106,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = config.add_parser("show", help="print the effective settings, secrets masked")
     p.set_defaults(func=_cmd_config_show)
+    p = config.add_parser("check", help="validate the environment and a config file")
+    p.add_argument("file", nargs="?", type=Path, help="TOML file (default: SWITCHBOARD_CONFIG)")
+    p.set_defaults(func=_cmd_config_check)
     return parser
 
 
@@ -131,9 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(getattr(args, "file", None))
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
     from switchboard.broker import BrokerError
     from switchboard.logs import configure_logging

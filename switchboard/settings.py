@@ -8,12 +8,14 @@ show``) never prints a secret. Nothing is read at import time: call
 
 from __future__ import annotations
 
+import os
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # kafka-python 3 discards a group join that completes outside poll(); polls shorter
 # than this never join on the embedded broker (measured), so it is a floor.
@@ -100,6 +102,59 @@ class KafkaSettings(BaseSettings):
         return config
 
 
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class SmtpSettings(BaseSettings):
+    """The SMTP server: who may receive mail here, and how much."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_SMTP_", extra="ignore")
+
+    enabled: bool = Field(default=True, description="Run the SMTP server in `switchboard run`.")
+    port: int = Field(default=2525, ge=0, le=65535, description="SMTP server port.")
+    hostname: str | None = Field(
+        default=None, description="Name in the greeting and EHLO reply (default: the FQDN)."
+    )
+    domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Recipient domains accepted, comma-separated (example.com,example.org). "
+            "Mail to any other domain is refused at RCPT: never an open relay."
+        ),
+    )
+    addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Individual recipient addresses accepted besides the domains.",
+    )
+    max_message_size: int = Field(
+        default=25 * 1024 * 1024, ge=1024, description="Largest message in bytes (SIZE)."
+    )
+    max_recipients: int = Field(default=100, ge=1, description="Recipients per message.")
+    max_sessions: int = Field(default=200, ge=1, description="Concurrent SMTP connections.")
+    timeout_s: int = Field(default=300, ge=5, description="Idle timeout of a session.")
+    tls_cert: Path | None = Field(default=None, description="PEM certificate for STARTTLS.")
+    tls_key: Path | None = Field(default=None, description="PEM private key for STARTTLS.")
+    require_tls: bool = Field(
+        default=False, description="Refuse mail until the client has used STARTTLS."
+    )
+
+    _split = field_validator("domains", "addresses", mode="before")(_comma_list)
+
+    @field_validator("domains")
+    @classmethod
+    def _idna_domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().rstrip(".").encode("idna").decode("ascii") for d in value]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SmtpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+
 class Settings(BaseSettings):
     """Process-wide settings for `switchboard run` and the role commands."""
 
@@ -108,7 +163,6 @@ class Settings(BaseSettings):
     bind_host: str = Field(
         default="127.0.0.1", description="Address the SMTP and HTTP servers listen on."
     )
-    smtp_port: int = Field(default=2525, ge=0, le=65535, description="SMTP server port.")
     http_port: int = Field(default=8080, ge=0, le=65535, description="HTTP server port.")
     data_dir: Path = Field(
         default=Path("var"), description="Local state: SQLite database, blobs, spool, broker log."
@@ -136,6 +190,7 @@ class Settings(BaseSettings):
         default=8.0, gt=0, le=60, description="Longest a graceful stop may take before forcing."
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings, description="SMTP server.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -148,13 +203,75 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'switchboard.db').resolve()}"
 
 
-def load_settings() -> Settings:
-    return Settings()
+class ConfigError(ValueError):
+    """The configuration file is unreadable or names an unknown or invalid key."""
+
+
+#: Config-file sections and the settings class each one fills.
+SECTIONS: dict[str, type[BaseSettings]] = {"kafka": KafkaSettings, "smtp": SmtpSettings}
+
+
+def config_path(explicit: Path | None = None) -> Path | None:
+    """The TOML file in use: explicit, ``SWITCHBOARD_CONFIG``, or ./switchboard.toml."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("SWITCHBOARD_CONFIG")
+    if env:
+        return Path(env)
+    default = Path("switchboard.toml")
+    return default if default.is_file() else None
+
+
+def read_config(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and shape-check the file; errors name the file and the exact key."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    sections: dict[str, dict[str, Any]] = {}
+    for name, section in data.items():
+        if name not in SECTIONS:
+            known = ", ".join(sorted(SECTIONS))
+            raise ConfigError(f"{path}: unknown section [{name}] (known: {known})")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {name} must be a table, like [{name}]")
+        fields = SECTIONS[name].model_fields
+        for key in section:
+            if key not in fields:
+                raise ConfigError(f"{path}: unknown key {name}.{key}")
+        sections[name] = section
+    return sections
+
+
+def _section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any:  # noqa: ANN401
+    # Environment variables win over the file: drop the keys the environment sets.
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    from_file = {k: v for k, v in section.items() if f"{prefix}{k}".upper() not in os.environ}
+    try:
+        return cls(**from_file)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(problems) from exc
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Environment variables, then the optional TOML file for what they leave unset."""
+    file = config_path(path)
+    sections = read_config(file) if file is not None else {}
+    return Settings(
+        config=file,
+        kafka=_section_settings(KafkaSettings, sections.get("kafka", {}), "kafka"),
+        smtp=_section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
+    )
 
 
 def _settings_classes() -> Iterator[type[BaseSettings]]:
     yield Settings
-    yield KafkaSettings
+    yield from SECTIONS.values()
 
 
 def known_env_vars() -> set[str]:

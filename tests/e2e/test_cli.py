@@ -94,3 +94,16 @@ def test_config_show_masks_secrets_and_names_bad_settings() -> None:
     bad = _cli("config", "show", env={"SWITCHBOARD_HTTP_PORT": "eighty"})
     assert bad.returncode == 2
     assert "http_port" in bad.stderr
+
+
+def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[smtp]\ndomains = ["example.com"]\n')
+    result = _cli("config", "check", str(good))
+    assert result.returncode == 0, result.stderr
+    assert str(good) in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[smtp]\ndomains = ["example.com"]\nmax_recipents = 5\n')
+    result = _cli("config", "check", str(bad))
+    assert result.returncode == 2
+    assert "unknown key smtp.max_recipents" in result.stderr

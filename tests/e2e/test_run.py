@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -16,7 +17,9 @@ import httpx
 import pytest
 
 from switchboard.broker import EmbeddedBroker, free_port
+from switchboard.settings import KafkaSettings
 from tests.conftest import POSTGRES_URL
+from tests.smtp_helpers import collect, queued_id
 
 pytestmark = pytest.mark.e2e
 
@@ -145,3 +148,42 @@ def test_a_port_in_use_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     assert process.returncode == 1
     assert "could not listen on 127.0.0.1" in stderr
     assert "Traceback" not in stderr
+
+
+def test_run_accepts_email_over_smtp_and_publishes_it(
+    tmp_path: Path, kafka_broker: EmbeddedBroker, unique: str
+) -> None:
+    config = tmp_path / "switchboard.toml"
+    config.write_text('[smtp]\ndomains = ["example.com"]\nhostname = "mx.example.com"\n')
+    env = _env(
+        tmp_path,
+        SWITCHBOARD_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+        SWITCHBOARD_CONFIG=str(config),
+    )
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    raw = (
+        f"From: Alice <alice@example.org>\r\nTo: support@example.com\r\n"
+        f"Subject: e2e {unique}\r\nMessage-ID: <{unique}@example.org>\r\n\r\nHello!\r\n"
+    ).encode()
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process)
+        with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as client:
+            code, banner = client.ehlo("client.example.org")
+            assert code == 250
+            assert banner.startswith(b"mx.example.com")
+            client.mail("alice@example.org")
+            assert client.rcpt("elsewhere@example.net")[0] == 550
+            assert client.rcpt("support@example.com")[0] == 250
+            code, reply = client.data(raw)
+        assert code == 250, reply
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    inbound, dead = collect(settings, f"e2e-{unique}", {queued_id(reply.decode())})
+    assert dead == {}
+    [message] = inbound.values()
+    assert message.subject == f"e2e {unique}"
+    assert message.text == "Hello!"
+    assert message.raw is not None
+    blob = tmp_path / "var" / "blobs" / message.raw.sha256[:2] / message.raw.sha256[2:4]
+    assert (blob / message.raw.sha256).read_bytes() == raw

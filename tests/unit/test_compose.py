@@ -32,7 +32,11 @@ def _rendered() -> dict[str, Any]:
         pytest.skip("docker-compose not installed (apt-get install docker-compose)")
     result = subprocess.run(
         [docker_compose, "-f", str(COMPOSE), "config"],
-        env={**os.environ, "POSTGRES_PASSWORD": "compose-test"},
+        env={
+            **os.environ,
+            "POSTGRES_PASSWORD": "compose-test",
+            "SWITCHBOARD_SMTP_DOMAINS": "example.com",
+        },
         capture_output=True,
         text=True,
         check=False,
@@ -63,6 +67,7 @@ def test_compose_refuses_to_start_without_a_database_password() -> None:
     if docker_compose is None:
         pytest.skip("docker-compose not installed")
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
+    env["SWITCHBOARD_SMTP_DOMAINS"] = "example.com"
     result = subprocess.run(
         [docker_compose, "-f", str(COMPOSE), "config", "-q"],
         env=env,

@@ -1,0 +1,121 @@
+"""The durable hand-off every adapter calls: store the blobs, then publish.
+
+It returns only once the message is durable (blobs fsynced, event acknowledged
+by Kafka with acks=all) and raises :class:`RetryLater` otherwise, so an adapter
+answers its sender after this returns, and with a retry-later answer when it
+raises. Re-delivering the same message is harmless: blobs are content-addressed
+and the dedupe key is stable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from uuid import UUID
+
+from pydantic import JsonValue
+
+from ingest.errors import RetryLater
+from normalize.content import Blob
+from normalize.email import Normalized
+from normalize.schema import DeadLetter
+from switchboard.blobs import BlobStore
+from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
+from switchboard.kafka import Ack, Publisher, PublishError
+from switchboard.topics import DEADLETTER, INBOUND
+
+log = logging.getLogger(__name__)
+
+
+class HandOff:
+    def __init__(
+        self, publisher: Publisher, blobs: BlobStore, source: str = "/switchboard"
+    ) -> None:
+        self._publisher = publisher
+        self._blobs = blobs
+        self._source = source
+
+    async def _store(self, blobs: tuple[Blob, ...]) -> None:
+        try:
+            await asyncio.to_thread(lambda: [self._blobs.put(b) for b in blobs])
+        except OSError as exc:
+            log.error("blob store write failed", extra={"error": repr(exc)})
+            raise RetryLater(f"cannot store the message: {exc.strerror or exc}") from exc
+
+    async def _publish(self, topic: str, event: Event) -> Ack:
+        try:
+            return await self._publisher.apublish(topic, event)
+        except PublishError as exc:
+            log.warning(
+                "hand-off not acknowledged",
+                extra={"topic": topic, "event_id": event.id, "error": str(exc)},
+            )
+            raise RetryLater(f"message broker unavailable: {exc}") from exc
+
+    async def deliver(self, normalized: Normalized) -> Ack:
+        """Make one normalized message durable; raise RetryLater if it is not."""
+        message = normalized.message
+        await self._store(normalized.blobs)
+        ack = await self._publish(
+            INBOUND,
+            Event(
+                type=TYPE_INBOUND,
+                source=f"{self._source}/ingest/{message.adapter}",
+                key=message.partition_key,
+                data=message,
+                subject=str(message.id),
+            ),
+        )
+        log.info(
+            "message accepted",
+            extra={
+                "message_id": str(message.id),
+                "dedupe_key": message.dedupe_key,
+                "channel": message.channel,
+                "adapter": message.adapter,
+                "partition": ack.partition,
+                "offset": ack.offset,
+            },
+        )
+        return ack
+
+    async def dead_letter(
+        self,
+        *,
+        id: UUID,
+        adapter: str,
+        reason: str,
+        detail: str,
+        raw: Blob | None = None,
+        stage: str = "ingest",
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> Ack:
+        """Record what could not become a message, with the raw bytes kept."""
+        if raw is not None:
+            await self._store((raw,))
+        record = DeadLetter(
+            id=id,
+            stage=stage,  # type: ignore[arg-type]
+            adapter=adapter,
+            reason=reason[:64],
+            detail=detail[:4000],
+            occurred_at=datetime.now(UTC),
+            raw=raw.ref if raw is not None else None,
+            metadata=metadata or {},
+        )
+        ack = await self._publish(
+            DEADLETTER,
+            Event(
+                type=TYPE_DEADLETTER,
+                source=f"{self._source}/ingest/{adapter}",
+                key=f"deadletter:{adapter}",
+                data=record,
+                subject=str(id),
+            ),
+        )
+        log.warning(
+            "dead-lettered",
+            extra={"record_id": str(id), "adapter": adapter, "reason": reason},
+        )
+        return ack

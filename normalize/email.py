@@ -1,0 +1,545 @@
+"""MIME bytes -> InboundMessage. Pure: no I/O; the caller stores the blobs.
+
+Real mail is full of defects (missing boundaries, unknown charsets, 8-bit
+headers, broken encoded words). Every access to a header or a part goes
+through a helper that falls back instead of raising, so the only exception
+that leaves :func:`normalize_email` is :class:`NormalizeError`, for a message
+that has no usable sender at all. The adapter dead-letters those with the raw
+bytes kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email import policy
+from email.header import decode_header, make_header
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import getaddresses, parsedate_to_datetime
+from uuid import UUID
+
+import nh3
+from inscriptis import get_text
+from mailparser_reply import EmailReplyParser
+from pydantic import JsonValue
+
+from normalize.content import Blob
+from normalize.identity import EmailPolicy, IdentityError, canonical_email, email_identity
+from normalize.schema import (
+    Attachment,
+    Channel,
+    Flags,
+    Identity,
+    IdentityKind,
+    InboundMessage,
+    Recipient,
+    RecipientRole,
+    Thread,
+)
+
+MAX_RECIPIENTS = 1000
+MAX_ATTACHMENTS = 1000
+_MSGID = re.compile(r"<([^<>\s]{1,996})>")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_FILENAME_BAD = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
+_REPLY_PARSER = EmailReplyParser(languages=["en", "de", "fr", "es", "nl", "it", "pt", "sv"])
+_MACHINE_SENDERS = {"mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon"}
+_BULK_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
+
+# Tags and attributes a queue UI may render. No style (CSS can load remote
+# content), no forms, no media; images only from the message itself (cid:).
+_ALLOWED_TAGS = set(nh3.ALLOWED_TAGS) | {"font", "center"}
+_ALLOWED_ATTRIBUTES = {
+    **{tag: set(attrs) for tag, attrs in nh3.ALLOWED_ATTRIBUTES.items()},
+    "img": {"src", "alt", "width", "height", "title"},
+    "font": {"color", "face", "size"},
+    "td": {"colspan", "rowspan", "align", "valign"},
+    "th": {"colspan", "rowspan", "align", "valign"},
+}
+
+
+class NormalizeError(ValueError):
+    """The message cannot become an InboundMessage; ``reason`` is machine-readable."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class EmailContext:
+    """What the receiving adapter knows besides the bytes."""
+
+    adapter: str
+    message_id: UUID
+    received_at: datetime
+    mail_from: str | None = None  # SMTP MAIL FROM; "" or "<>" is the null reverse path
+    rcpt_tos: Sequence[str] = ()  # SMTP RCPT TO
+    delivered_to: Sequence[str] = ()  # the mailbox an IMAP poller read it from
+    email_policy: EmailPolicy | None = None
+    metadata: Mapping[str, JsonValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Normalized:
+    """The message and every blob it references (raw first), to store before publishing."""
+
+    message: InboundMessage
+    blobs: tuple[Blob, ...]
+
+
+def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
+    raw_blob = Blob.of(raw, "message/rfc822")
+    msg = BytesParser(policy=policy.default).parsebytes(raw)
+
+    sender, sender_notes = _sender(msg, ctx)
+    plain_part, html_part = _body_parts(msg)
+    plain = _text_of(plain_part) if plain_part is not None else None
+    html_raw = _text_of(html_part) if html_part is not None else None
+    text = _clean_text(plain) if plain else None
+    if not text and html_raw:
+        text = _clean_text(_html_to_text(html_raw))
+    html = _sanitize_html(html_raw) if html_raw else None
+
+    attachments, blobs, bounced_id = _attachments(msg, skip=(plain_part, html_part))
+    thread = Thread(
+        message_id=_first_msgid(_header(msg, "Message-ID")),
+        in_reply_to=_msgids(_header(msg, "In-Reply-To"))[:100],
+        references=_msgids(_header(msg, "References"))[-500:],
+    )
+    flags = _flags(msg, sender, ctx, bounced_id)
+    subject = _clean_line(_header(msg, "Subject"))
+    sent_at = _date(msg)
+    dedupe_key = (
+        f"email-mid:{thread.message_id}"
+        if thread.message_id
+        else _fingerprint(sender, _header(msg, "Date"), subject, text)
+    )
+    metadata: dict[str, JsonValue] = {**ctx.metadata, **sender_notes}
+    defects = _defects(msg)
+    if defects:
+        metadata["defects"] = list[JsonValue](defects)
+    if ctx.mail_from is not None:
+        metadata["mail_from"] = ctx.mail_from
+
+    message = InboundMessage(
+        id=ctx.message_id,
+        channel=Channel.EMAIL,
+        adapter=ctx.adapter,
+        received_at=ctx.received_at,
+        sent_at=sent_at,
+        sender=sender,
+        recipients=_recipients(msg, ctx),
+        subject=subject[:998] if subject else None,
+        text=text,
+        text_new=_text_new(text) if text else None,
+        html=html,
+        attachments=tuple(attachments),
+        thread=thread,
+        dedupe_key=dedupe_key,
+        flags=flags,
+        raw=raw_blob.ref,
+        metadata=metadata,
+    )
+    return Normalized(message=message, blobs=(raw_blob, *blobs))
+
+
+# -- headers ---------------------------------------------------------------
+
+
+def _header(msg: Message, name: str) -> str | None:
+    """A header's decoded text, or None. Never raises, whatever the bytes."""
+    try:
+        value = msg.get(name)
+    except Exception:  # noqa: BLE001 - the header parser raises many things on bad input
+        value = None
+        for key, raw in msg.raw_items():
+            if key.lower() == name.lower():
+                value = raw
+                break
+        if value is None:
+            return None
+        try:
+            value = str(make_header(decode_header(str(value))))
+        except Exception:  # noqa: BLE001
+            value = str(value)
+    if value is None:
+        return None
+    return _unescape(str(value))
+
+
+def _unescape(text: str) -> str:
+    """Undo the parser's surrogate escapes of raw 8-bit header bytes.
+
+    Such bytes are UTF-8 (SMTPUTF8 mail) or, from older clients, almost always cp1252.
+    """
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+def _clean_line(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = unicodedata.normalize("NFC", _CONTROL.sub("", value))
+    text = " ".join(text.replace("\r", " ").replace("\n", " ").split())
+    return text or None
+
+
+def _addresses(msg: Message, name: str) -> list[tuple[str, str]]:
+    """(display name, addr-spec) pairs of an address header, tolerant of junk."""
+    try:
+        header = msg.get(name)
+        if header is not None and hasattr(header, "addresses"):
+            return [(_unescape(a.display_name), _unescape(a.addr_spec)) for a in header.addresses]
+    except Exception:  # noqa: BLE001, S110 - fall back to the lenient parser below
+        pass
+    raw = _header(msg, name)
+    return list(getaddresses([raw])) if raw else []
+
+
+def _identity(pairs: list[tuple[str, str]], ctx: EmailContext) -> Identity | None:
+    for display, address in pairs:
+        try:
+            return email_identity(address, display or None, ctx.email_policy)
+        except IdentityError:
+            continue
+    return None
+
+
+def _sender(msg: Message, ctx: EmailContext) -> tuple[Identity, dict[str, JsonValue]]:
+    notes: dict[str, JsonValue] = {}
+    sender = _identity(_addresses(msg, "From"), ctx)
+    for name, key in (("Reply-To", "reply_to"), ("Sender", "sender_header")):
+        other = _identity(_addresses(msg, name), ctx)
+        if other is not None and (sender is None or other.value != sender.value):
+            notes[key] = other.value
+    if sender is None:
+        # No usable From: fall back to Sender, Reply-To, then the envelope.
+        sender = _identity(_addresses(msg, "Sender"), ctx) or _identity(
+            _addresses(msg, "Reply-To"), ctx
+        )
+        if sender is None and ctx.mail_from and ctx.mail_from.strip("<>"):
+            sender = _identity([("", ctx.mail_from.strip("<>"))], ctx)
+        if sender is None:
+            raise NormalizeError(
+                "no-sender",
+                f"no valid sender address in From {_header(msg, 'From')!r}, Sender, "
+                f"Reply-To or the envelope ({ctx.mail_from!r})",
+            )
+        notes["sender_from_fallback"] = True
+    return sender, notes
+
+
+def _recipients(msg: Message, ctx: EmailContext) -> tuple[Recipient, ...]:
+    found: dict[tuple[str, RecipientRole], Recipient] = {}
+    sources: list[tuple[RecipientRole, list[tuple[str, str]]]] = [
+        (RecipientRole.TO, _addresses(msg, "To")),
+        (RecipientRole.CC, _addresses(msg, "Cc")),
+        (RecipientRole.ENVELOPE, [("", a) for a in ctx.rcpt_tos]),
+        (RecipientRole.DELIVERED_TO, [("", a) for a in ctx.delivered_to]),
+    ]
+    for role, pairs in sources:
+        for display, address in pairs:
+            if len(found) >= MAX_RECIPIENTS:
+                break
+            try:
+                value = canonical_email(address.strip("<>"), ctx.email_policy)
+            except IdentityError:
+                continue
+            name = _clean_line(display)
+            found.setdefault(
+                (value, role),
+                Recipient(
+                    kind=IdentityKind.EMAIL,
+                    value=value,
+                    display_name=name[:256] if name else None,
+                    role=role,
+                ),
+            )
+    return tuple(found.values())
+
+
+def _date(msg: Message) -> datetime | None:
+    raw = _header(msg, "Date")
+    if not raw:
+        return None
+    try:
+        parsed = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:  # "-0000": zone unknown; RFC 5322 says treat as UTC
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _first_msgid(value: str | None) -> str | None:
+    if not value:
+        return None
+    ids = _msgids(value)
+    if ids:
+        return ids[0]
+    bare = value.strip()
+    return bare[:998] if bare and " " not in bare else None
+
+
+def _msgids(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    seen: dict[str, None] = {}
+    for found in _MSGID.findall(value):
+        seen.setdefault(found, None)
+    return tuple(seen)
+
+
+def _defects(msg: Message) -> list[str]:
+    names: dict[str, None] = {}
+    for part in _walk(msg):
+        for defect in getattr(part, "defects", []):
+            names.setdefault(type(defect).__name__, None)
+    return list(names)[:20]
+
+
+# -- flags -----------------------------------------------------------------
+
+
+def _flags(msg: Message, sender: Identity, ctx: EmailContext, bounced_id: str | None) -> Flags:
+    auto_submitted = (_header(msg, "Auto-Submitted") or "").strip().lower()
+    precedence = (_header(msg, "Precedence") or "").strip().lower()
+    suppress = (_header(msg, "X-Auto-Response-Suppress") or "").strip().lower()
+    auto_reply = (
+        (auto_submitted not in ("", "no"))
+        or _header(msg, "X-Autoreply") is not None
+        or _header(msg, "X-Autorespond") is not None
+        or precedence in _BULK_PRECEDENCE
+        or suppress not in ("", "none")
+    )
+    report = msg.get_content_type() == "multipart/report" and (
+        (msg.get_param("report-type") or "") == "delivery-status"
+    )
+    null_sender = ctx.mail_from is not None and ctx.mail_from.strip() in ("", "<>")
+    return_path = (_header(msg, "Return-Path") or "").strip()
+    null_return = return_path == "<>"
+    machine = sender.value.split("@", 1)[0] in _MACHINE_SENDERS
+    bounce = bool(report or machine or ((null_sender or null_return) and not auto_reply))
+    return Flags(
+        auto_reply=auto_reply and not bounce,
+        bounce=bounce,
+        bounced_message_id=bounced_id if bounce else None,
+    )
+
+
+# -- bodies ------------------------------------------------------------------
+
+
+def _walk(part: Message) -> Iterator[Message]:
+    """Every part, treating message/* parts as leaves (attached messages stay whole)."""
+    yield part
+    if part.get_content_maintype() == "message":
+        return
+    if part.is_multipart():
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            for child in payload:
+                if isinstance(child, Message):
+                    yield from _walk(child)
+
+
+def _is_attachment(part: Message) -> bool:
+    try:
+        disposition = part.get_content_disposition()
+    except Exception:  # noqa: BLE001
+        disposition = None
+    return disposition == "attachment"
+
+
+def _body_parts(msg: EmailMessage) -> tuple[Message | None, Message | None]:
+    """The text/plain and text/html parts that are the body, not attachments."""
+    plain: Message | None = None
+    html: Message | None = None
+    for part in _walk(msg):
+        if part.is_multipart() or part.get_content_maintype() == "message":
+            continue
+        if _is_attachment(part):
+            continue
+        ctype = part.get_content_type()
+        if ctype == "text/plain" and plain is None:
+            plain = part
+        elif ctype == "text/html" and html is None:
+            html = part
+        if plain is not None and html is not None:
+            break
+    return plain, html
+
+
+def _text_of(part: Message) -> str:
+    """A text part's content as str, whatever its charset claims."""
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # noqa: BLE001
+        data = None
+    if not isinstance(data, bytes):
+        payload = part.get_payload()
+        return payload if isinstance(payload, str) else ""
+    charset = (part.get_content_charset() or "utf-8").strip().lower()
+    for candidate in (charset, "utf-8"):
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    # cp1252 is what mislabelled 8-bit mail almost always is; latin-1 never fails.
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _clean_text(text: str) -> str | None:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", _CONTROL.sub("", text)).strip()
+    return text or None
+
+
+def _html_to_text(html: str) -> str:
+    try:
+        return str(get_text(html))
+    except Exception:  # noqa: BLE001 - lxml on hostile markup; fall back to tag stripping
+        return re.sub(r"<[^>]*>", " ", html)
+
+
+def _img_only_from_message(tag: str, attribute: str, value: str) -> str | None:
+    if tag == "img" and attribute == "src" and not value.lower().startswith("cid:"):
+        return None  # remote images are trackers; data: URIs can hide payloads
+    return value
+
+
+def _sanitize_html(html: str) -> str | None:
+    cleaned = nh3.clean(
+        html,
+        tags=_ALLOWED_TAGS,
+        attributes=_ALLOWED_ATTRIBUTES,
+        attribute_filter=_img_only_from_message,
+        url_schemes={"http", "https", "mailto", "tel", "cid"},
+        link_rel="noopener noreferrer nofollow",
+        strip_comments=True,
+    ).strip()
+    return cleaned or None
+
+
+def _text_new(text: str) -> str | None:
+    try:
+        parsed = _REPLY_PARSER.read(text)
+        latest = parsed.replies[0].body if parsed.replies else text
+    except Exception:  # noqa: BLE001 - a heuristic; never worth losing the message over
+        latest = text
+    lines = [line for line in (latest or "").splitlines() if not line.lstrip().startswith(">")]
+    result = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return result or text
+
+
+# -- attachments -------------------------------------------------------------
+
+
+def _filename(part: Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:  # noqa: BLE001
+        name = part.get_param("name")  # type: ignore[assignment]
+        name = name if isinstance(name, str) else None
+    if not name:
+        return None
+    name = unicodedata.normalize("NFC", str(name))
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _FILENAME_BAD.sub("_", name).strip().lstrip(".").strip()
+    while len(name.encode("utf-8")) > 255:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[:-1] + dot + ext) if dot and stem else name[:-1]
+    return name or None
+
+
+def _part_bytes(part: Message) -> bytes:
+    if part.get_content_maintype() == "message":
+        payload = part.get_payload()
+        chunks: list[bytes] = []
+        for item in payload if isinstance(payload, list) else [payload]:
+            if isinstance(item, Message):
+                try:
+                    chunks.append(item.as_bytes(policy=policy.compat32))
+                except Exception:  # noqa: BLE001
+                    chunks.append(str(item).encode("utf-8", "replace"))
+            elif isinstance(item, str):
+                chunks.append(item.encode("utf-8", "surrogateescape"))
+        return b"\n".join(chunks)
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # noqa: BLE001
+        data = None
+    if isinstance(data, bytes):
+        return data
+    payload = part.get_payload()
+    return payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+
+
+def _bounced_message_id(part: Message) -> str | None:
+    ctype = part.get_content_type()
+    if ctype in ("message/rfc822", "message/global"):
+        payload = part.get_payload()
+        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+            return _first_msgid(_header(payload[0], "Message-ID"))
+    if ctype == "text/rfc822-headers":
+        match = re.search(r"(?im)^message-id:\s*(<[^>]+>)", _text_of(part))
+        return _first_msgid(match.group(1)) if match else None
+    return None
+
+
+def _attachments(
+    msg: Message, skip: tuple[Message | None, ...]
+) -> tuple[list[Attachment], list[Blob], str | None]:
+    attachments: list[Attachment] = []
+    blobs: list[Blob] = []
+    bounced_id: str | None = None
+    for part in _walk(msg):
+        if part.is_multipart() and part.get_content_maintype() != "message":
+            continue  # containers; their leaves come next
+        if any(part is s for s in skip if s is not None):
+            continue  # the body parts
+        bounced_id = bounced_id or _bounced_message_id(part)
+        if len(attachments) >= MAX_ATTACHMENTS:
+            continue
+        ctype = part.get_content_type()
+        blob = Blob.of(_part_bytes(part), ctype)
+        content_id = _first_msgid(_header(part, "Content-ID"))
+        try:
+            inline = part.get_content_disposition() == "inline" or (
+                content_id is not None and not _is_attachment(part)
+            )
+        except Exception:  # noqa: BLE001
+            inline = False
+        attachments.append(
+            Attachment(
+                filename=_filename(part),
+                content_type=ctype,
+                size=blob.ref.size,
+                sha256=blob.ref.sha256,
+                blob=blob.ref,
+                inline=inline,
+                content_id=content_id,
+            )
+        )
+        blobs.append(blob)
+    return attachments, blobs, bounced_id
+
+
+def _fingerprint(sender: Identity, date: str | None, subject: str | None, text: str | None) -> str:
+    material = "\x1f".join([sender.key, date or "", subject or "", text or ""])
+    return "email-fp:" + hashlib.sha256(material.encode("utf-8", "replace")).hexdigest()[:40]

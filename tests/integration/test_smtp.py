@@ -1,0 +1,282 @@
+"""The SMTP adapter over real sockets, against the real broker and blob store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import ssl
+import subprocess
+from email.message import EmailMessage
+from email.policy import SMTPUTF8
+from pathlib import Path
+from sysconfig import get_paths
+
+import pytest
+
+from normalize.schema import RecipientRole
+from switchboard.broker import free_port
+from switchboard.settings import KafkaSettings
+from tests.smtp_helpers import collect, queued_id, smtp_server
+
+pytestmark = pytest.mark.integration
+
+CORPUS = sorted((Path(get_paths()["stdlib"]) / "test" / "test_email" / "data").glob("msg_*.txt"))
+
+
+def email(
+    subject: str = "Invoice 1234", body: str = "My invoice is wrong.", **headers: str
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Alice Example <alice@example.org>"
+    msg["To"] = "ACME Support <support@example.com>"
+    msg["Subject"] = subject
+    msg["Message-ID"] = headers.pop("Message_ID", "<smtp-test@example.org>")
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(body)
+    msg.add_attachment(b"%PDF-1.4 test", maintype="application", subtype="pdf", filename="a.pdf")
+    return msg.as_bytes()
+
+
+def test_mail_for_a_local_domain_is_acknowledged_after_kafka(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    raw = email(Message_ID=f"<{unique}@example.org>")
+    with smtp_server(kafka_settings, tmp_path) as server:
+        code, reply = server.send(raw, rcpts=("support@example.com", "billing@EXAMPLE.com"))
+        assert code == 250
+        assert reply.startswith("2.0.0 Ok: queued as ")
+        message_id = queued_id(reply)
+        inbound, dead = collect(kafka_settings, f"smtp-{unique}", {message_id})
+        assert dead == {}
+        message = inbound[message_id]
+        assert message.sender.value == "alice@example.org"
+        assert message.dedupe_key == f"email-mid:{unique}@example.org"
+        envelope = {r.value for r in message.recipients if r.role is RecipientRole.ENVELOPE}
+        assert envelope == {"support@example.com", "billing@example.com"}
+        assert message.metadata["helo"] == "client.example.org"
+        # The claim checks point at stored bytes: the raw message and the attachment.
+        assert message.raw is not None
+        # smtplib sends bytes as they are, plus a final CRLF: stored exactly as received.
+        assert server.blobs.get(message.raw.sha256) == raw + b"\r\n"
+        [pdf] = message.attachments
+        assert pdf.blob is not None
+        assert server.blobs.get(pdf.blob.sha256) == b"%PDF-1.4 test"
+
+
+def test_the_same_email_twice_has_one_dedupe_key(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    raw = email(Message_ID=f"<twice-{unique}@example.org>")
+    with smtp_server(kafka_settings, tmp_path) as server:
+        first = queued_id(server.send(raw)[1])
+        second = queued_id(server.send(raw, rcpts=("sales@example.com",))[1])
+    inbound, _ = collect(kafka_settings, f"twice-{unique}", {first, second})
+    assert inbound[first].dedupe_key == inbound[second].dedupe_key
+
+
+def test_never_an_open_relay(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    with (
+        smtp_server(kafka_settings, tmp_path, addresses=["help@partner.example.net"]) as server,
+        server.client() as client,
+    ):
+        client.ehlo("client.example.org")
+        client.mail("spammer@example.org")
+        code, text = client.rcpt("victim@elsewhere.example.net")
+        assert code == 550
+        assert text.decode().startswith("5.1.1")
+        assert b"does not relay" in text
+        code, _ = client.rcpt("help@partner.example.net")
+        assert code == 250
+        code, text = client.rcpt("not an address")
+        assert code == 553
+
+
+def test_size_is_advertised_and_enforced(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    with smtp_server(kafka_settings, tmp_path, max_message_size=4096) as server:
+        with server.client() as client:
+            client.ehlo("client.example.org")
+            assert client.has_extn("size")
+            assert client.esmtp_features["size"] == "4096"
+            assert client.has_extn("8bitmime")
+            assert client.has_extn("smtputf8")
+            code, text = client.mail("alice@example.org", ["SIZE=5000"])
+            assert (code, text.decode()[:5]) == (552, "5.3.4")
+        with server.client() as client:
+            client.ehlo("client.example.org")
+            client.mail("alice@example.org")
+            client.rcpt("support@example.com")
+            code, text = client.data(email(body="x" * 10_000))
+            assert (code, text.decode()[:5]) == (552, "5.3.4")
+
+
+def test_recipient_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    with (
+        smtp_server(kafka_settings, tmp_path, max_recipients=2) as server,
+        server.client() as client,
+    ):
+        client.ehlo("client.example.org")
+        client.mail("alice@example.org")
+        assert client.rcpt("a@example.com")[0] == 250
+        assert client.rcpt("b@example.com")[0] == 250
+        code, text = client.rcpt("c@example.com")
+        assert (code, text.decode()[:5]) == (452, "4.5.3")
+
+
+def test_a_failed_hand_off_answers_451_never_250(tmp_path: Path) -> None:
+    nowhere = KafkaSettings(
+        bootstrap=f"127.0.0.1:{free_port()}",
+        max_block_ms=300,
+        request_timeout_ms=500,
+        publish_timeout_s=1.0,
+    )
+    with smtp_server(nowhere, tmp_path) as server:
+        code, reply = server.send(email())
+    assert code == 451
+    assert reply.startswith("4.3.0")
+
+
+def test_an_unparseable_message_is_kept_and_dead_lettered(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    raw = f"From: nobody\r\nX-Test: {unique}\r\n\r\nthere is no sender here\r\n".encode()
+    with smtp_server(kafka_settings, tmp_path) as server:
+        code, reply = server.send(raw, mail_from="")
+        assert code == 250
+        assert "kept for review: no-sender" in reply
+        record_id = queued_id(reply)
+        inbound, dead = collect(kafka_settings, f"dl-{unique}", {record_id})
+        assert inbound == {}
+        letter = dead[record_id]
+        assert letter.reason == "no-sender"
+        assert letter.raw is not None
+        assert unique.encode() in server.blobs.get(letter.raw.sha256)
+
+
+def test_the_stdlib_defect_corpus_through_the_real_server(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """Every message becomes a valid InboundMessage or a dead letter with a reason."""
+    ids = set()
+    with smtp_server(kafka_settings, tmp_path) as server:
+        for path in CORPUS:
+            code, reply = server.send(path.read_bytes())
+            assert code == 250, (path.name, code, reply)
+            ids.add(queued_id(reply))
+    inbound, dead = collect(kafka_settings, f"corpus-{unique}", ids, timeout_s=60)
+    assert set(inbound) | set(dead) == ids
+    assert all(letter.reason for letter in dead.values())
+    assert len(inbound) >= 40  # the envelope sender rescues most From-less messages
+
+
+def test_smtputf8_addresses(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> None:
+    msg = EmailMessage()
+    msg["From"] = "José <josé@example.org>"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = "Réclamation"
+    msg["Message-ID"] = f"<utf8-{unique}@example.org>"
+    msg.set_content("Ça ne marche pas.")
+    raw = msg.as_bytes(policy=SMTPUTF8)
+    with smtp_server(kafka_settings, tmp_path) as server:
+        code, reply = server.send(raw, mail_from="josé@example.org", mail_options=["SMTPUTF8"])
+    assert code == 250, reply
+    inbound, _ = collect(kafka_settings, f"utf8-{unique}", {queued_id(reply)})
+    [message] = inbound.values()
+    assert message.sender.value == "josé@example.org"
+    assert message.subject == "Réclamation"
+
+
+def test_session_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    with smtp_server(kafka_settings, tmp_path, max_sessions=1) as server, server.client() as first:
+        first.ehlo("one.example.org")
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            server.client()
+        assert refused.value.smtp_code == 421
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mx.test.local",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_starttls(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> None:
+    cert, key = _self_signed(tmp_path)
+    with smtp_server(
+        kafka_settings, tmp_path, tls_cert=cert, tls_key=key, require_tls=True
+    ) as server:
+        with server.client() as client:
+            client.ehlo("client.example.org")
+            assert client.has_extn("starttls")
+            code, _ = client.mail("alice@example.org")
+            assert code == 530  # TLS required first
+        with server.client() as client:
+            client.ehlo("client.example.org")
+            context = ssl.create_default_context(cafile=str(cert))
+            context.check_hostname = False
+            client.starttls(context=context)
+            client.ehlo("client.example.org")
+            client.mail("alice@example.org")
+            client.rcpt("support@example.com")
+            code, reply = client.data(email(Message_ID=f"<tls-{unique}@example.org>"))
+            assert code == 250
+    inbound, _ = collect(kafka_settings, f"tls-{unique}", {queued_id(reply.decode())})
+    assert next(iter(inbound.values())).metadata["tls"] is True
+
+
+def test_swaks_as_a_third_party_client(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    if shutil.which("swaks") is None:
+        if os.environ.get("CI"):
+            pytest.fail("swaks is required in CI (.ci/run installs it)")
+        pytest.skip("swaks not installed (apt-get install swaks)")
+    with smtp_server(kafka_settings, tmp_path) as server:
+        result = subprocess.run(
+            [
+                "swaks",
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--helo",
+                "swaks.example.org",
+                "--from",
+                "bob@example.org",
+                "--to",
+                "support@example.com",
+                "--header",
+                f"Subject: swaks {unique}",
+                "--body",
+                "Sent by swaks.",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [reply] = [line for line in result.stdout.splitlines() if "queued as" in line]
+    inbound, _ = collect(kafka_settings, f"swaks-{unique}", {queued_id(reply)})
+    [message] = inbound.values()
+    assert message.sender.value == "bob@example.org"
+    assert message.subject == f"swaks {unique}"
+    assert message.text == "Sent by swaks."

@@ -1,0 +1,114 @@
+"""Run the SMTP adapter on a real socket in a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import smtplib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from uuid import UUID
+
+from ingest.handoff import HandOff
+from ingest.smtp import SmtpAdapter
+from normalize.schema import DeadLetter, InboundMessage
+from switchboard.blobs import FileBlobStore
+from switchboard.events import read_data, read_meta
+from switchboard.kafka import Publisher, make_consumer
+from switchboard.settings import MIN_POLL_TIMEOUT_MS, KafkaSettings, SmtpSettings
+from switchboard.topics import DEADLETTER, INBOUND
+
+QUEUED = re.compile(r"queued as ([0-9a-f-]{36})")
+
+
+class RunningSmtp:
+    def __init__(self, adapter: SmtpAdapter, blobs: FileBlobStore, publisher: Publisher) -> None:
+        self.adapter = adapter
+        self.blobs = blobs
+        self.publisher = publisher
+
+    @property
+    def port(self) -> int:
+        return self.adapter.port
+
+    def client(self, timeout: float = 30) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=timeout)
+
+    def send(
+        self,
+        raw: bytes,
+        rcpts: Sequence[str] = ("support@example.com",),
+        mail_from: str = "alice@example.org",
+        mail_options: Sequence[str] = (),
+    ) -> tuple[int, str]:
+        """One SMTP transaction; returns the DATA reply (code, text)."""
+        with self.client() as client:
+            client.ehlo("client.example.org")
+            code, text = client.mail(mail_from, list(mail_options))
+            assert code == 250, text
+            for rcpt in rcpts:
+                code, text = client.rcpt(rcpt)
+                assert code == 250, (rcpt, code, text)
+            code, reply = client.data(raw)
+            return code, reply.decode()
+
+
+@contextmanager
+def smtp_server(kafka: KafkaSettings, data_dir: Path, **overrides: object) -> Iterator[RunningSmtp]:
+    settings = SmtpSettings(
+        **{"port": 0, "domains": ["example.com"], "hostname": "mx.test.local", **overrides}  # type: ignore[arg-type]
+    )
+    publisher = Publisher(kafka)
+    blobs = FileBlobStore(data_dir / "blobs")
+    adapter = SmtpAdapter(settings, HandOff(publisher, blobs))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="smtp-test-loop")
+    thread.start()
+    asyncio.run_coroutine_threadsafe(adapter.start(), loop).result(10)
+    try:
+        yield RunningSmtp(adapter, blobs, publisher)
+    finally:
+        asyncio.run_coroutine_threadsafe(adapter.stop(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        publisher.close(timeout_s=2)
+
+
+def queued_id(reply: str) -> UUID:
+    match = QUEUED.search(reply)
+    assert match, f"no queue id in {reply!r}"
+    return UUID(match.group(1))
+
+
+def collect(
+    kafka: KafkaSettings, group: str, ids: set[UUID], timeout_s: float = 30
+) -> tuple[dict[UUID, InboundMessage], dict[UUID, DeadLetter]]:
+    """Read inbound and dead-letter events until every id in ``ids`` was seen.
+
+    Fails if one id is published twice as a message: that would be a duplicate.
+    """
+    inbound: dict[UUID, InboundMessage] = {}
+    dead: dict[UUID, DeadLetter] = {}
+    wanted = {str(i) for i in ids}
+    consumer = make_consumer(kafka, group_id=group, topics=[INBOUND, DEADLETTER])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(inbound) + len(dead) < len(ids) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=MIN_POLL_TIMEOUT_MS).values():
+                for record in batch:
+                    if read_meta(record.headers).subject not in wanted:
+                        continue
+                    if record.topic == INBOUND:
+                        message = read_data(record.value, InboundMessage)
+                        assert message.id not in inbound, f"{message.id} published twice"
+                        inbound[message.id] = message
+                    else:
+                        letter = read_data(record.value, DeadLetter)
+                        dead[letter.id] = letter
+    finally:
+        consumer.close()
+    return inbound, dead
