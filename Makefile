@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint types schemas format clean bench-kafka
+.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ format: $(VENV)/.installed-dev
 ## Kafka ceilings on this machine (raw kafka-python vs our publisher).
 bench-kafka: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/kafka_throughput.py
+
+## SMTP ingest vs a bare aiosmtpd handler (starts its own servers).
+bench-smtp: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

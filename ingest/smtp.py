@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ingest.errors import RetryLater
 from ingest.handoff import HandOff
+from ingest.workers import ParserPool
 from normalize.content import Blob
 from normalize.email import EmailContext, NormalizeError, normalize_email
 from normalize.identity import EmailPolicy, IdentityError, canonical_email
@@ -147,6 +148,7 @@ class SmtpAdapter:
                 self._addresses.add(canonical_email(address, email_policy))
             except IdentityError as exc:
                 raise StartupError(f"smtp.addresses: {exc}") from exc
+        self._parsers = ParserPool(settings.parse_workers)
         self._server: asyncio.Server | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -172,6 +174,7 @@ class SmtpAdapter:
                 "(set SWITCHBOARD_SMTP_DOMAINS)"
             )
         tls = self._tls_context()
+        await asyncio.to_thread(self._parsers.start)
         hostname = self.settings.hostname or await asyncio.to_thread(socket.getfqdn)
         loop = asyncio.get_running_loop()
 
@@ -215,6 +218,7 @@ class SmtpAdapter:
             if session.transport is not None:
                 session.transport.close()
         self._server = None
+        await asyncio.to_thread(self._parsers.stop)
 
     async def receive(self, session: Session, envelope: Envelope) -> str:
         """Normalize, make durable, and return the reply line for DATA."""
@@ -247,7 +251,7 @@ class SmtpAdapter:
         )
         try:
             # Parsing is CPU work (about 1 ms for a 2 KB message): off the event loop.
-            normalized = await asyncio.to_thread(normalize_email, raw, ctx)
+            normalized = await self._parsers.run(normalize_email, raw, ctx)
         except NormalizeError as exc:
             return await self._dead_letter(message_id, raw, exc.reason, exc.detail, ctx)
         except Exception as exc:  # a normalizer bug must not lose the mail

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
 from email.header import decode_header, make_header
-from email.message import EmailMessage, Message
+from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
 from uuid import UUID
@@ -47,7 +47,9 @@ MAX_ATTACHMENTS = 1000
 _MSGID = re.compile(r"<([^<>\s]{1,996})>")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FILENAME_BAD = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
-_REPLY_PARSER = EmailReplyParser(languages=["en", "de", "fr", "es", "nl", "it", "pt", "sv"])
+# Each language costs about 0.15 ms per 2 KB of text (measured); these four cover
+# most inbound support mail. Markers of other languages stay in text_new.
+_REPLY_PARSER = EmailReplyParser(languages=["en", "de", "fr", "es"])
 _MACHINE_SENDERS = {"mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon"}
 _BULK_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
 
@@ -96,7 +98,9 @@ class Normalized:
 
 def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
     raw_blob = Blob.of(raw, "message/rfc822")
-    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    # compat32 parses structure about 10x faster than policy.default (which re-parses
+    # a header on every access); the few headers we use are decoded explicitly below.
+    msg = BytesParser(policy=policy.compat32).parsebytes(raw)
 
     sender, sender_notes = _sender(msg, ctx)
     plain_part, html_part = _body_parts(msg)
@@ -153,25 +157,31 @@ def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
 # -- headers ---------------------------------------------------------------
 
 
+def _decode_words(value: str) -> str:
+    """RFC 2047 encoded words to text; undecodable input is kept as it is."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:  # noqa: BLE001 - bad charsets, bad base64, ...: keep the raw text
+        return value
+
+
+def _unfold(value: str) -> str:
+    return re.sub(r"\r?\n[ \t]+", " ", value).replace("\r", "").replace("\n", "")
+
+
+def _raw_values(msg: Message, name: str) -> list[str]:
+    """A header's values as received. ``raw_items`` keeps 8-bit bytes as surrogate
+    escapes, where ``get`` would wrap them in a Header that renders them as U+FFFD."""
+    wanted = name.lower()
+    return [_unescape(_unfold(str(v))) for k, v in msg.raw_items() if k.lower() == wanted]
+
+
 def _header(msg: Message, name: str) -> str | None:
     """A header's decoded text, or None. Never raises, whatever the bytes."""
-    try:
-        value = msg.get(name)
-    except Exception:  # noqa: BLE001 - the header parser raises many things on bad input
-        value = None
-        for key, raw in msg.raw_items():
-            if key.lower() == name.lower():
-                value = raw
-                break
-        if value is None:
-            return None
-        try:
-            value = str(make_header(decode_header(str(value))))
-        except Exception:  # noqa: BLE001
-            value = str(value)
-    if value is None:
-        return None
-    return _unescape(str(value))
+    values = _raw_values(msg, name)
+    return _decode_words(values[0]) if values else None
 
 
 def _unescape(text: str) -> str:
@@ -198,14 +208,14 @@ def _clean_line(value: str | None) -> str | None:
 
 def _addresses(msg: Message, name: str) -> list[tuple[str, str]]:
     """(display name, addr-spec) pairs of an address header, tolerant of junk."""
+    values = _raw_values(msg, name)
+    if not values:
+        return []
     try:
-        header = msg.get(name)
-        if header is not None and hasattr(header, "addresses"):
-            return [(_unescape(a.display_name), _unescape(a.addr_spec)) for a in header.addresses]
-    except Exception:  # noqa: BLE001, S110 - fall back to the lenient parser below
-        pass
-    raw = _header(msg, name)
-    return list(getaddresses([raw])) if raw else []
+        pairs = getaddresses(values)
+    except Exception:  # noqa: BLE001 - malformed beyond the lenient parser
+        return []
+    return [(_decode_words(display), addr) for display, addr in pairs]
 
 
 def _identity(pairs: list[tuple[str, str]], ctx: EmailContext) -> Identity | None:
@@ -363,7 +373,7 @@ def _is_attachment(part: Message) -> bool:
     return disposition == "attachment"
 
 
-def _body_parts(msg: EmailMessage) -> tuple[Message | None, Message | None]:
+def _body_parts(msg: Message) -> tuple[Message | None, Message | None]:
     """The text/plain and text/html parts that are the body, not attachments."""
     plain: Message | None = None
     html: Message | None = None
@@ -436,7 +446,19 @@ def _sanitize_html(html: str) -> str | None:
     return cleaned or None
 
 
+# Cues that a text may hold quoted history or a signature. The reply parser costs
+# about 30% of SMTP ingest CPU when run on every message (measured with py-spy);
+# a message with none of these has nothing for it to cut.
+_REPLY_CUES = re.compile(
+    r"(?im)^\s*>|wrote:|schrieb|a écrit|escribió|original message|"
+    r"^\s*(from|von|de|sent|gesendet|envoyé|enviado)\s*:|^_{10,}|^-{2,}\s*$|^—\s*$|"
+    r"^(sent|envoyé|gesendet|enviado) (from|de|von|desde)|^get outlook|^von meinem"
+)
+
+
 def _text_new(text: str) -> str | None:
+    if not _REPLY_CUES.search(text):
+        return text
     try:
         parsed = _REPLY_PARSER.read(text)
         latest = parsed.replies[0].body if parsed.replies else text

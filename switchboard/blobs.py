@@ -39,6 +39,7 @@ class FileBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._dirs: set[Path] = set()  # fan-out directories known to exist
 
     def _path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -52,7 +53,9 @@ class FileBlobStore:
         path = self._path(blob.ref.sha256)
         if path.is_file() and path.stat().st_size == blob.ref.size:
             return blob.ref
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:

@@ -140,6 +140,15 @@ class SmtpSettings(BaseSettings):
     require_tls: bool = Field(
         default=False, description="Refuse mail until the client has used STARTTLS."
     )
+    parse_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description=(
+            "Processes that parse MIME beside the server (0: a thread in the server "
+            "process). More than the spare CPU cores gains nothing."
+        ),
+    )
 
     _split = field_validator("domains", "addresses", mode="before")(_comma_list)
 

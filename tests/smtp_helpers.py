@@ -59,7 +59,13 @@ class RunningSmtp:
 @contextmanager
 def smtp_server(kafka: KafkaSettings, data_dir: Path, **overrides: object) -> Iterator[RunningSmtp]:
     settings = SmtpSettings(
-        **{"port": 0, "domains": ["example.com"], "hostname": "mx.test.local", **overrides}  # type: ignore[arg-type]
+        **{  # type: ignore[arg-type]
+            "port": 0,
+            "domains": ["example.com"],
+            "hostname": "mx.test.local",
+            "parse_workers": 0,  # in-process; one test covers the worker process path
+            **overrides,
+        }
     )
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")

@@ -65,6 +65,18 @@ def test_mail_for_a_local_domain_is_acknowledged_after_kafka(
         assert server.blobs.get(pdf.blob.sha256) == b"%PDF-1.4 test"
 
 
+def test_parsing_in_a_worker_process(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    with smtp_server(kafka_settings, tmp_path, parse_workers=1) as server:
+        code, reply = server.send(email(Message_ID=f"<worker-{unique}@example.org>"))
+    assert code == 250
+    inbound, _ = collect(kafka_settings, f"worker-{unique}", {queued_id(reply)})
+    [message] = inbound.values()
+    assert message.dedupe_key == f"email-mid:worker-{unique}@example.org"
+    assert len(message.attachments) == 1
+
+
 def test_the_same_email_twice_has_one_dedupe_key(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:

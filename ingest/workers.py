@@ -1,0 +1,63 @@
+"""Normalization off the server's event loop and, optionally, off its process.
+
+Parsing MIME is CPU work under the GIL. In-process (``workers=0``) it runs on a
+thread; with ``workers >= 1`` it runs in worker processes, started with
+``spawn`` (forking a process that runs Kafka client threads is unsafe). Process
+isolation also contains a message that crashes the parser: the pool is
+rebuilt, the message retried once on a fresh worker, and only then reported
+as a crash so the adapter can keep the raw bytes and dead-letter it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class WorkerCrashed(RuntimeError):
+    """The input crashed a worker process twice."""
+
+
+class ParserPool:
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+        )
+
+    def start(self) -> None:
+        if self.workers > 0 and self._pool is None:
+            self._pool = self._new_pool()
+
+    def stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._pool is None:
+            return await asyncio.to_thread(fn, *args)
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return await loop.run_in_executor(pool, fn, *args)
+            except BrokenProcessPool:
+                log.error("parser worker died; restarting the pool", extra={"attempt": attempt})
+                if self._pool is pool:
+                    self._pool = self._new_pool()
+                    if pool is not None:
+                        pool.shutdown(wait=False, cancel_futures=True)
+        raise WorkerCrashed("the message crashed the parser twice")
