@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from uuid import UUID
 
 from pydantic import JsonValue
 
 from ingest.errors import RetryLater
-from normalize.content import Blob
-from normalize.email import Normalized
+from normalize.content import Blob, Normalized
 from normalize.schema import DeadLetter
 from switchboard.blobs import BlobStore
 from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
@@ -30,15 +30,26 @@ log = logging.getLogger(__name__)
 
 class HandOff:
     def __init__(
-        self, publisher: Publisher, blobs: BlobStore, source: str = "/switchboard"
+        self,
+        publisher: Publisher,
+        blobs: BlobStore,
+        source: str = "/switchboard",
+        io_threads: int = 16,
     ) -> None:
         self._publisher = publisher
         self._blobs = blobs
         self._source = source
+        # Blob writes wait on fsync, which releases the GIL: many can overlap. A pool of
+        # their own keeps them from queueing behind CPU work on the default executor.
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="blob-io")
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
 
     async def _store(self, blobs: tuple[Blob, ...]) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.to_thread(lambda: [self._blobs.put(b) for b in blobs])
+            await loop.run_in_executor(self._io, lambda: [self._blobs.put(b) for b in blobs])
         except OSError as exc:
             log.error("blob store write failed", extra={"error": repr(exc)})
             raise RetryLater(f"cannot store the message: {exc.strerror or exc}") from exc

@@ -24,7 +24,8 @@ from ingest.errors import RetryLater
 from ingest.handoff import HandOff
 from ingest.workers import ParserPool
 from normalize.content import Blob
-from normalize.email import EmailContext, NormalizeError, normalize_email
+from normalize.email import EmailContext, normalize_email
+from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy, IdentityError, canonical_email
 from switchboard.runtime import StartupError
 from switchboard.settings import SmtpSettings

@@ -28,7 +28,8 @@ from inscriptis import get_text
 from mailparser_reply import EmailReplyParser
 from pydantic import JsonValue
 
-from normalize.content import Blob
+from normalize.content import Blob, Normalized
+from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy, IdentityError, canonical_email, email_identity
 from normalize.schema import (
     Attachment,
@@ -65,15 +66,6 @@ _ALLOWED_ATTRIBUTES = {
 }
 
 
-class NormalizeError(ValueError):
-    """The message cannot become an InboundMessage; ``reason`` is machine-readable."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass(frozen=True)
 class EmailContext:
     """What the receiving adapter knows besides the bytes."""
@@ -86,14 +78,6 @@ class EmailContext:
     delivered_to: Sequence[str] = ()  # the mailbox an IMAP poller read it from
     email_policy: EmailPolicy | None = None
     metadata: Mapping[str, JsonValue] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Normalized:
-    """The message and every blob it references (raw first), to store before publishing."""
-
-    message: InboundMessage
-    blobs: tuple[Blob, ...]
 
 
 def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:

@@ -18,6 +18,8 @@ from sqlalchemy import Engine
 
 from ingest.handoff import HandOff
 from ingest.smtp import SmtpAdapter
+from ingest.twilio import TwilioAdapter
+from ingest.webhook import WebhookAdapter
 from switchboard.blobs import FileBlobStore
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 from switchboard.db import make_engine, ping
@@ -57,14 +59,20 @@ class Pipeline:
     engine: Engine
     readiness: Readiness
     components: list[Component] = field(default_factory=list)
+    handoff: HandOff | None = None
 
     def close(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
         self.publisher.close(timeout_s=2.0)
         self.engine.dispose()
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    """Wire the shared clients and every component of `switchboard run`."""
+ROLES = frozenset({"http", "smtp"})
+
+
+def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipeline:
+    """Wire the shared clients and the components of the given roles."""
     kafka = settings.kafka
 
     def recreate_topics() -> None:
@@ -83,14 +91,20 @@ def build_pipeline(settings: Settings) -> Pipeline:
     app = create_app(readiness)
     blobs = FileBlobStore(settings.data_dir / "blobs")
     handoff = HandOff(publisher, blobs)
+    if "http" in roles:
+        if settings.twilio.enabled:
+            twilio = TwilioAdapter(settings.twilio, handoff, public_url=settings.public_url)
+            app.include_router(twilio.router())
+        app.include_router(WebhookAdapter(settings.webhooks, handoff).router())
+    # The HTTP server always runs: it serves /healthz and /readyz for every role.
     components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
-    if settings.smtp.enabled:
+    if "smtp" in roles and settings.smtp.enabled:
         components.append(SmtpAdapter(settings.smtp, handoff, host=settings.bind_host))
-    return Pipeline(settings, publisher, engine, readiness, components)
+    return Pipeline(settings, publisher, engine, readiness, components, handoff)
 
 
-def run(settings: Settings) -> int:
-    """`switchboard run`: everything in one process until SIGTERM or Ctrl-C."""
+def run(settings: Settings, roles: frozenset[str] = ROLES) -> int:
+    """`switchboard run` (every role) or one role, until SIGTERM or Ctrl-C."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with kafka_available(settings) as broker:
         report = ensure_topics(settings.kafka)
@@ -101,7 +115,7 @@ def run(settings: Settings) -> int:
                 "topics_existing": list(report.existing),
             },
         )
-        pipeline = build_pipeline(settings)
+        pipeline = build_pipeline(settings, roles)
 
         def force_exit() -> None:
             if broker is not None:

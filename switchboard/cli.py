@@ -24,6 +24,12 @@ def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
     return run(settings)
 
 
+def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.bootstrap import run
+
+    return run(settings, frozenset({args.role}))
+
+
 def _cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
     from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 
@@ -88,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline in one process")
     p.set_defaults(func=_cmd_run)
+
+    ingest = sub.add_parser("ingest", help="run one ingest role").add_subparsers(
+        dest="role", required=True, metavar="ROLE"
+    )
+    p = ingest.add_parser("http", help="Twilio and web hook endpoints (with /healthz, /readyz)")
+    p.set_defaults(func=_cmd_ingest)
+    p = ingest.add_parser("smtp", help="the SMTP server (with /healthz, /readyz on HTTP)")
+    p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # A readiness check raises (any exception) when its dependency is unavailable.
 Check = Callable[[], None]
@@ -48,12 +51,69 @@ class Readiness:
         return status
 
 
+PROBLEM = "application/problem+json"
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> JSONResponse:
+    """An RFC 9457 problem response."""
+    body: dict[str, object] = {"type": "about:blank", "title": title, "status": status}
+    body["detail"] = detail
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (without buffering it) anything over ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(readiness: Readiness) -> FastAPI:
     app = FastAPI(
         title="Switchboard",
         description="Inbound messages from every channel, one contact, one owner.",
         version="0.1.0",
     )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not Found", 405: "Method Not Allowed"}
+        return problem(
+            exc.status_code,
+            titles.get(exc.status_code, "Error"),
+            str(exc.detail),
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem(422, "Invalid request", "see errors", errors=jsonable(exc.errors()))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return problem(413, "Payload too large", f"the body is over {exc.limit} bytes")
 
     @app.get("/healthz", tags=["operations"], summary="The process is running")
     async def healthz() -> dict[str, str]:
@@ -69,3 +129,8 @@ def create_app(readiness: Readiness) -> FastAPI:
         )
 
     return app
+
+
+def jsonable(value: object) -> object:
+    """Round-trip through JSON so exception details (bytes, objects) serialize."""
+    return json.loads(json.dumps(value, default=str))

@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # kafka-python 3 discards a group join that completes outside poll(); polls shorter
@@ -164,6 +172,128 @@ class SmtpSettings(BaseSettings):
         return self
 
 
+class TwilioSettings(BaseSettings):
+    """The Twilio SMS/MMS/WhatsApp webhook."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_TWILIO_", extra="ignore")
+
+    enabled: bool = Field(default=True, description="Serve POST /webhooks/twilio/sms.")
+    auth_token: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Auth token(s) that sign Twilio's requests, comma-separated (several accounts, "
+            "or old and new during a rotation)."
+        ),
+    )
+    enforce_signature: bool = Field(
+        default=True,
+        description="Refuse unsigned or badly signed requests (403). Off only for debugging.",
+    )
+    default_region: str = Field(
+        default="US", description="Region for numbers Twilio sends without a country code."
+    )
+    download_media: bool = Field(
+        default=False, description="Fetch MMS media into the blob store (else keep the URLs)."
+    )
+    media_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["api.twilio.com", "media.twiliocdn.com"],
+        description="Hosts media may be fetched from, redirects included; nothing else.",
+    )
+    media_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1, description="Per media item.")
+    media_timeout_s: float = Field(default=10.0, gt=0, description="Per media item.")
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _tokens(cls, value: object) -> object:
+        return _comma_list(value)
+
+    _hosts = field_validator("media_hosts", mode="before")(_comma_list)
+
+
+class HmacAuth(BaseModel):
+    """HMAC-SHA256 of the raw body (or of ``timestamp.body``) in a header, hex."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["hmac-sha256"]
+    secret_env: str = Field(description="Environment variable holding the shared secret.")
+    header: str = Field(default="X-Signature", description="Header carrying the hex digest.")
+    prefix: str = Field(default="", description="Digest prefix, e.g. 'sha256='.")
+    timestamp_header: str | None = Field(
+        default=None, description="If set, signed content is '<timestamp>.<body>'."
+    )
+    tolerance_s: int = Field(default=300, ge=1, description="Accepted timestamp skew.")
+    secret: SecretStr | None = Field(default=None, exclude=True)
+
+
+class BearerAuth(BaseModel):
+    """``Authorization: Bearer <token>``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["bearer"]
+    token_env: str = Field(description="Environment variable holding the token.")
+    token: SecretStr | None = Field(default=None, exclude=True)
+
+
+class NoAuth(BaseModel):
+    """Explicitly unauthenticated (a public form behind other protection)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["none"]
+
+
+class WebhookMap(BaseModel):
+    """Dotted paths from the payload to the schema (``contact.email``, ``items.0.id``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    email: str | None = None
+    phone: str | None = None
+    external: str | None = None
+    name: str | None = None
+    subject: str | None = None
+    text: str | None = None
+    id: str | None = None
+    emails: list[str] = Field(default_factory=list, description="Further email paths.")
+    phones: list[str] = Field(default_factory=list, description="Further phone paths.")
+
+
+ContentKind = Literal["json", "form"]
+
+
+def _both_content_kinds() -> list[ContentKind]:
+    return ["json", "form"]
+
+
+class WebhookSettings(BaseModel):
+    """One generic web hook, served at ``POST /webhooks/{name}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    auth: Annotated[HmacAuth | BearerAuth | NoAuth, Field(discriminator="kind")]
+    map: WebhookMap
+    content_types: list[ContentKind] = Field(default_factory=_both_content_kinds)
+    channel: str = Field(default="webhook", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    external_namespace: str = Field(default="ext", pattern=r"^[a-z][a-z0-9_.-]{0,31}$")
+    default_region: str | None = Field(default=None, description="For national phone numbers.")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=64)
+    rate_per_s: float = Field(default=50.0, gt=0, description="Sustained requests per second.")
+    burst: int = Field(default=100, ge=1, description="Requests allowed at once.")
+
+    @model_validator(mode="after")
+    def _resolve_secret(self) -> WebhookSettings:
+        auth = self.auth
+        env = getattr(auth, "secret_env", None) or getattr(auth, "token_env", None)
+        if env is None:
+            return self
+        value = os.environ.get(env)
+        if not value:
+            raise ValueError(f"environment variable {env} (auth of hook {self.name!r}) is not set")
+        if isinstance(auth, HmacAuth):
+            auth.secret = SecretStr(value)
+        elif isinstance(auth, BearerAuth):
+            auth.token = SecretStr(value)
+        return self
+
+
 class Settings(BaseSettings):
     """Process-wide settings for `switchboard run` and the role commands."""
 
@@ -198,8 +328,28 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=8.0, gt=0, le=60, description="Longest a graceful stop may take before forcing."
     )
+    public_url: str | None = Field(
+        default=None,
+        description=(
+            "Public base URL the HTTP app is reached at (https://hooks.example.com), "
+            "for signature checks behind a TLS-terminating proxy."
+        ),
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
     smtp: SmtpSettings = Field(default_factory=SmtpSettings, description="SMTP server.")
+    twilio: TwilioSettings = Field(default_factory=TwilioSettings, description="Twilio hook.")
+    webhooks: list[WebhookSettings] = Field(
+        default_factory=list, description="Generic web hooks ([[webhooks]] in the file)."
+    )
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_names(cls, hooks: list[WebhookSettings]) -> list[WebhookSettings]:
+        names = [h.name for h in hooks]
+        duplicates = sorted({n for n in names if names.count(n) > 1} | ({"twilio"} & set(names)))
+        if duplicates:
+            raise ValueError(f"web hook names must be unique and not 'twilio': {duplicates}")
+        return hooks
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -217,7 +367,13 @@ class ConfigError(ValueError):
 
 
 #: Config-file sections and the settings class each one fills.
-SECTIONS: dict[str, type[BaseSettings]] = {"kafka": KafkaSettings, "smtp": SmtpSettings}
+SECTIONS: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings,
+    "smtp": SmtpSettings,
+    "twilio": TwilioSettings,
+}
+#: Config-file sections that are arrays of tables ([[webhooks]]).
+LIST_SECTIONS: dict[str, type[BaseModel]] = {"webhooks": WebhookSettings}
 
 
 def config_path(explicit: Path | None = None) -> Path | None:
@@ -231,7 +387,7 @@ def config_path(explicit: Path | None = None) -> Path | None:
     return default if default.is_file() else None
 
 
-def read_config(path: Path) -> dict[str, dict[str, Any]]:
+def read_config(path: Path) -> dict[str, Any]:
     """Parse and shape-check the file; errors name the file and the exact key."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -239,10 +395,15 @@ def read_config(path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    sections: dict[str, dict[str, Any]] = {}
+    sections: dict[str, Any] = {}
     for name, section in data.items():
+        if name in LIST_SECTIONS:
+            if not isinstance(section, list):
+                raise ConfigError(f"{path}: {name} must be an array of tables, like [[{name}]]")
+            sections[name] = section
+            continue
         if name not in SECTIONS:
-            known = ", ".join(sorted(SECTIONS))
+            known = ", ".join(sorted([*SECTIONS, *LIST_SECTIONS]))
             raise ConfigError(f"{path}: unknown section [{name}] (known: {known})")
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name} must be a table, like [{name}]")
@@ -254,6 +415,12 @@ def read_config(path: Path) -> dict[str, dict[str, Any]]:
     return sections
 
 
+def _errors(exc: ValidationError, prefix: str) -> str:
+    return "; ".join(
+        f"{prefix}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+    )
+
+
 def _section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any:  # noqa: ANN401
     # Environment variables win over the file: drop the keys the environment sets.
     prefix = str(cls.model_config.get("env_prefix", ""))
@@ -261,21 +428,34 @@ def _section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any
     try:
         return cls(**from_file)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(problems) from exc
+        raise ConfigError(_errors(exc, name)) from exc
+
+
+def _webhooks(items: list[Any]) -> list[WebhookSettings]:
+    hooks = []
+    for index, item in enumerate(items):
+        label = item.get("name", index) if isinstance(item, dict) else index
+        try:
+            hooks.append(WebhookSettings.model_validate(item))
+        except ValidationError as exc:
+            raise ConfigError(_errors(exc, f"webhooks[{label}]")) from exc
+    return hooks
 
 
 def load_settings(path: Path | None = None) -> Settings:
     """Environment variables, then the optional TOML file for what they leave unset."""
     file = config_path(path)
     sections = read_config(file) if file is not None else {}
-    return Settings(
-        config=file,
-        kafka=_section_settings(KafkaSettings, sections.get("kafka", {}), "kafka"),
-        smtp=_section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
-    )
+    try:
+        return Settings(
+            config=file,
+            kafka=_section_settings(KafkaSettings, sections.get("kafka", {}), "kafka"),
+            smtp=_section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
+            twilio=_section_settings(TwilioSettings, sections.get("twilio", {}), "twilio"),
+            webhooks=_webhooks(sections.get("webhooks", [])),
+        )
+    except ValidationError as exc:
+        raise ConfigError(_errors(exc, "settings")) from exc
 
 
 def _settings_classes() -> Iterator[type[BaseSettings]]:
@@ -292,6 +472,8 @@ def known_env_vars() -> set[str]:
             if isinstance(info.default_factory, type) and issubclass(
                 info.default_factory, BaseSettings
             ):
+                continue
+            if name == "webhooks":  # file only
                 continue
             names.add(f"{prefix}{name}".upper())
     return names

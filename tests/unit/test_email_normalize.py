@@ -10,7 +10,9 @@ from sysconfig import get_paths
 
 import pytest
 
-from normalize.email import EmailContext, Normalized, NormalizeError, normalize_email
+from normalize.content import Normalized
+from normalize.email import EmailContext, normalize_email
+from normalize.errors import NormalizeError
 from normalize.schema import RecipientRole
 
 CORPUS = sorted((Path(get_paths()["stdlib"]) / "test" / "test_email" / "data").glob("msg_*.txt"))

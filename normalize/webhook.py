@@ -1,0 +1,157 @@
+"""A configured web hook's payload -> InboundMessage, by dotted paths. Pure.
+
+The mapping is data, not code: ``contact.email`` walks objects, ``items.0.id``
+indexes lists, and a key that itself contains dots (form fields) matches first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+from pydantic import JsonValue
+
+from normalize.content import Blob, Normalized
+from normalize.errors import NormalizeError
+from normalize.identity import IdentityError, email_identity, external_identity, phone_identity
+from normalize.schema import Identity, InboundMessage
+
+MAX_TEXT = 100_000
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    email: str | None = None
+    phone: str | None = None
+    external: str | None = None
+    name: str | None = None
+    subject: str | None = None
+    text: str | None = None
+    id: str | None = None
+    emails: Sequence[str] = ()
+    phones: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class WebhookContext:
+    hook: str
+    message_id: UUID
+    received_at: datetime
+    raw: Blob
+    fields: FieldMap
+    channel: str = "webhook"
+    external_namespace: str = "ext"
+    default_region: str | None = None
+    idempotency_key: str | None = None
+    metadata: Mapping[str, JsonValue] = field(default_factory=dict)
+
+
+def lookup(payload: object, path: str) -> object:
+    """The value at a dotted path, or None."""
+    if isinstance(payload, dict) and path in payload:
+        return payload[path]
+    current = payload
+    for part in path.split("."):
+        if isinstance(current, dict):
+            current = current.get(part)
+        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            return None
+    return current
+
+
+def _texts(value: object) -> list[str]:
+    """Scalars as text; lists flattened one level; objects and booleans ignored."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str) and item.strip():
+            out.append(item.strip())
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            out.append(str(item))
+    return out
+
+
+def _first(payload: object, path: str | None) -> str | None:
+    if path is None:
+        return None
+    found = _texts(lookup(payload, path))
+    return found[0] if found else None
+
+
+def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
+    fm = ctx.fields
+    name = _first(payload, fm.name)
+    name = name[:256] if name else None
+    identities: list[Identity] = []
+    problems: list[str] = []
+
+    def add(kind: str, path: str | None) -> None:
+        if path is None:
+            return
+        for value in _texts(lookup(payload, path))[:10]:
+            try:
+                if kind == "email":
+                    identities.append(email_identity(value, name))
+                elif kind == "phone":
+                    identities.append(phone_identity(value, ctx.default_region, name))
+                else:
+                    identities.append(external_identity(ctx.external_namespace, value, name))
+            except IdentityError as exc:
+                problems.append(f"{path}: {exc}")
+
+    add("email", fm.email)
+    add("phone", fm.phone)
+    add("external", fm.external)
+    for path in fm.emails:
+        add("email", path)
+    for path in fm.phones:
+        add("phone", path)
+    if not identities:
+        detail = "; ".join(problems) or (
+            "none of the mapped identity fields "
+            f"({', '.join(p for p in (fm.email, fm.phone, fm.external) if p)}) has a value"
+        )
+        raise NormalizeError("no-identity", f"the payload identifies no sender: {detail}")
+
+    unique: dict[str, Identity] = {}
+    for identity in identities:
+        unique.setdefault(identity.key, identity)
+    sender, *others = unique.values()
+
+    text = _first(payload, fm.text)
+    subject = _first(payload, fm.subject)
+    id_value = _first(payload, fm.id)
+    if ctx.idempotency_key:
+        dedupe_key = f"webhook:{ctx.hook}:key:{ctx.idempotency_key[:255]}"
+    elif id_value:
+        dedupe_key = f"webhook:{ctx.hook}:id:{id_value[:255]}"
+    else:
+        canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+        digest = hashlib.sha256(canonical.encode("utf-8", "replace")).hexdigest()[:40]
+        dedupe_key = f"webhook:{ctx.hook}:fp:{digest}"
+
+    metadata: dict[str, JsonValue] = {"hook": ctx.hook, **ctx.metadata}
+    if problems:
+        metadata["invalid_identities"] = list[JsonValue](problems[:10])
+    message = InboundMessage(
+        id=ctx.message_id,
+        channel=ctx.channel,
+        adapter=f"webhook:{ctx.hook}",
+        received_at=ctx.received_at,
+        sender=sender,
+        identities=tuple(others),
+        subject=" ".join(subject.split())[:998] if subject else None,
+        text=text[:MAX_TEXT] if text else None,
+        text_new=text[:MAX_TEXT] if text else None,
+        provider_message_id=id_value[:998] if id_value else None,
+        dedupe_key=dedupe_key,
+        raw=ctx.raw.ref,
+        metadata=metadata,
+    )
+    return Normalized(message=message, blobs=(ctx.raw,))

@@ -1,0 +1,95 @@
+"""Serve the HTTP ingest app with uvicorn on a real socket, in a background loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from ingest.handoff import HandOff
+from ingest.twilio import TwilioAdapter
+from ingest.webhook import WebhookAdapter
+from switchboard.blobs import FileBlobStore
+from switchboard.events import read_data
+from switchboard.http import Readiness, create_app
+from switchboard.kafka import Publisher, make_consumer
+from switchboard.runtime import HttpServer
+from switchboard.settings import (
+    MIN_POLL_TIMEOUT_MS,
+    KafkaSettings,
+    TwilioSettings,
+    WebhookSettings,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+@dataclass
+class RunningHttp:
+    base: str
+    blobs: FileBlobStore
+
+
+@contextmanager
+def http_ingest(
+    kafka: KafkaSettings,
+    data_dir: Path,
+    *,
+    twilio: TwilioSettings | None = None,
+    hooks: list[WebhookSettings] | None = None,
+    public_url: str | None = None,
+) -> Iterator[RunningHttp]:
+    publisher = Publisher(kafka)
+    blobs = FileBlobStore(data_dir / "blobs")
+    handoff = HandOff(publisher, blobs)
+    app = create_app(Readiness())
+    if twilio is not None:
+        app.include_router(TwilioAdapter(twilio, handoff, public_url=public_url).router())
+    app.include_router(WebhookAdapter(hooks or [], handoff).router())
+    server = HttpServer(app, "127.0.0.1", 0)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="http-test-loop")
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    try:
+        yield RunningHttp(f"http://127.0.0.1:{server.port}", blobs)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        handoff.close()
+        publisher.close(timeout_s=2)
+
+
+def find(
+    kafka: KafkaSettings,
+    group: str,
+    topic: str,
+    model: type[ModelT],
+    match: Callable[[ModelT], bool],
+    *,
+    count: int = 1,
+    timeout_s: float = 20,
+) -> list[ModelT]:
+    """Events of ``model`` on ``topic`` for which ``match`` holds (waits for ``count``)."""
+    found: list[ModelT] = []
+    consumer = make_consumer(kafka, group_id=group, topics=[topic])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(found) < count and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=MIN_POLL_TIMEOUT_MS).values():
+                for record in batch:
+                    item = read_data(record.value, model)
+                    if match(item):
+                        found.append(item)
+    finally:
+        consumer.close()
+    return found
