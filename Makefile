@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp
+.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp bench-http
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-kafka: $(VENV)/.installed-dev
 ## SMTP ingest vs a bare aiosmtpd handler (starts its own servers).
 bench-smtp: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py
+
+## HTTP ingest (Twilio, JSON hook) vs a bare FastAPI hook; needs wrk.
+bench-http: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/http_ingest.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

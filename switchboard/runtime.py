@@ -43,6 +43,25 @@ class _Server(uvicorn.Server):
         yield
 
 
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket whose accepted connections get TCP_NODELAY.
+
+    asyncio turns Nagle off only for sockets whose ``proto`` is IPPROTO_TCP;
+    ``socket.create_server`` leaves it 0, and every kept-alive HTTP response
+    then waited for the client's delayed ACK: 44 ms a request (measured).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpServer:
     """FastAPI on uvicorn inside the runtime's event loop."""
 
@@ -67,9 +86,8 @@ class HttpServer:
     async def start(self) -> None:
         # Bind here rather than in uvicorn: uvicorn answers a bind failure with
         # sys.exit() from inside its task, which would tear down the whole loop.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            sock = socket.create_server((self.host, self.port), family=family, backlog=2048)
+            sock = listening_socket(self.host, self.port)
         except OSError as exc:
             raise StartupError(
                 f"HTTP server could not listen on {self.host}:{self.port}: {exc.strerror or exc}"

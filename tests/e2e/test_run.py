@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import signal
 import smtplib
@@ -15,10 +18,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from twilio.request_validator import RequestValidator
 
+from normalize.schema import InboundMessage
 from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.settings import KafkaSettings
+from switchboard.topics import INBOUND
 from tests.conftest import POSTGRES_URL
+from tests.http_helpers import find
 from tests.smtp_helpers import collect, queued_id
 
 pytestmark = pytest.mark.e2e
@@ -187,3 +194,70 @@ def test_run_accepts_email_over_smtp_and_publishes_it(
     assert message.raw is not None
     blob = tmp_path / "var" / "blobs" / message.raw.sha256[:2] / message.raw.sha256[2:4]
     assert (blob / message.raw.sha256).read_bytes() == raw
+
+
+def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
+    tmp_path: Path, kafka_broker: EmbeddedBroker, unique: str
+) -> None:
+    config = tmp_path / "switchboard.toml"
+    config.write_text(
+        '[[webhooks]]\nname = "contact"\n'
+        'auth = { kind = "hmac-sha256", secret_env = "E2E_SECRET" }\n'
+        'map = { email = "email", phone = "phone", text = "message" }\n'
+    )
+    env = _env(
+        tmp_path,
+        SWITCHBOARD_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+        SWITCHBOARD_CONFIG=str(config),
+        SWITCHBOARD_TWILIO_AUTH_TOKEN="old-token,e2e-token",
+        E2E_SECRET="e2e-secret",
+    )
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    process = subprocess.Popen(
+        [*SWITCHBOARD, "ingest", "http"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_healthy(base, process)
+        with pytest.raises(ConnectionRefusedError):  # SMTP is not part of `ingest http`
+            socket.create_connection(("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"])), 1).close()
+        url = f"{base}/webhooks/twilio/sms"
+        form = {
+            "MessageSid": f"SM{unique}",
+            "From": "+14155550100",
+            "To": "+14155550199",
+            "Body": "hello by SMS",
+        }
+        signature = RequestValidator("e2e-token").compute_signature(url, form)
+        sms = httpx.post(url, data=form, headers={"x-twilio-signature": signature})
+        assert sms.status_code == 200, sms.text
+        body = json.dumps(
+            {"email": "ann@example.com", "phone": "+14155550100", "message": f"form {unique}"}
+        ).encode()
+        digest = hmac.new(b"e2e-secret", body, hashlib.sha256).hexdigest()
+        posted = httpx.post(
+            f"{base}/webhooks/contact",
+            content=body,
+            headers={"content-type": "application/json", "x-signature": digest},
+        )
+        assert posted.status_code == 202, posted.text
+        code, _, stderr = _stop(process)
+        assert code == 0, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    found = find(
+        settings,
+        f"e2e-http-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.provider_message_id == f"SM{unique}" or m.text == f"form {unique}",
+        count=2,
+    )
+    assert {m.channel for m in found} == {"sms", "webhook"}
+    assert {m.sender.key for m in found} == {"phone:+14155550100", "email:ann@example.com"}

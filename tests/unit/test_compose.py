@@ -36,6 +36,7 @@ def _rendered() -> dict[str, Any]:
             **os.environ,
             "POSTGRES_PASSWORD": "compose-test",
             "SWITCHBOARD_SMTP_DOMAINS": "example.com",
+            "SWITCHBOARD_PUBLIC_URL": "https://hooks.example.com",
         },
         capture_output=True,
         text=True,
@@ -68,6 +69,7 @@ def test_compose_refuses_to_start_without_a_database_password() -> None:
         pytest.skip("docker-compose not installed")
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
     env["SWITCHBOARD_SMTP_DOMAINS"] = "example.com"
+    env["SWITCHBOARD_PUBLIC_URL"] = "https://hooks.example.com"
     result = subprocess.run(
         [docker_compose, "-f", str(COMPOSE), "config", "-q"],
         env=env,
@@ -99,6 +101,11 @@ def test_every_switchboard_env_var_is_a_real_setting() -> None:
         for variable in service.get("environment", {}):
             if variable.startswith("SWITCHBOARD_"):
                 assert variable in known, f"{name}: {variable} is not a setting"
+
+
+def test_each_ingest_role_has_its_service() -> None:
+    commands = {tuple(s["command"]) for s in _switchboard_services(_rendered()).values()}
+    assert {("ingest", "smtp"), ("ingest", "http"), ("topics", "create")} <= commands
 
 
 def test_the_image_runs_the_switchboard_cli() -> None:

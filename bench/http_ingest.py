@@ -1,0 +1,202 @@
+"""HTTP ingest throughput: signed Twilio SMS and JSON web hooks vs a bare FastAPI hook.
+
+Usage: .venv/bin/python bench/http_ingest.py [--seconds S] [--concurrency 1,16,64]
+Needs `wrk` (apt-get install wrk) as the load generator.
+
+Each target runs in its own process on loopback and is driven by wrk with a
+fixed request at each concurrency (one wrk thread; the machine has 2 cores):
+  bare        FastAPI + uvicorn, POST returns 200 (the design's ceiling)
+  twilio      switchboard run, POST /webhooks/twilio/sms, form signed with the
+              real RequestValidator (the same MessageSid each time: a Twilio
+              retry, which ingest accepts and the router will deduplicate)
+  json-hook   switchboard run, POST /webhooks/bench, HMAC-SHA256 signed JSON
+Both switchboard targets answer only after the Kafka acknowledgement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+from twilio.request_validator import RequestValidator
+
+BARE = """
+import sys, uvicorn
+from fastapi import FastAPI, Response
+app = FastAPI()
+@app.post("/hook")
+async def hook() -> Response:
+    return Response(status_code=200)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+LUA = """
+wrk.method = "POST"
+wrk.body = {body}
+{headers}
+"""
+TOKEN = "bench-twilio-token"
+SECRET = "bench-hook-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def wrk(
+    url: str, body: bytes, headers: dict[str, str], seconds: int, conns: int
+) -> tuple[float, float, float, int]:
+    lua = LUA.format(
+        body=json.dumps(body.decode()),
+        headers="\n".join(
+            f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()
+        ),
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(lua)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return rate, ms("50%"), ms("99%"), int(bad.group(1)) if bad else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--concurrency", default="1,16,64")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict[tuple[str, int], float] = {}
+
+    def measure(name: str, url: str, body: bytes, headers: dict[str, str]) -> None:
+        for conns in levels:
+            wrk(url, body, headers, 2, conns)  # warm up
+            rate, p50, p99, bad = wrk(url, body, headers, args.seconds, conns)
+            results[(name, conns)] = rate
+            note = f"  ({bad} non-2xx)" if bad else ""
+            latency = f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
+            print(f"{name:<10} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
+
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])
+    try:
+        wait_http(port)
+        measure(
+            "bare",
+            f"http://127.0.0.1:{port}/hook",
+            b"a=b",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    finally:
+        bare.terminate()
+        bare.wait(10)
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        config = Path(data) / "switchboard.toml"
+        config.write_text(
+            '[[webhooks]]\nname = "bench"\n'
+            'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature" }\n'
+            'map = { email = "contact.email", phone = "contact.phone", '
+            'text = "message", id = "id" }\n'
+            "rate_per_s = 1000000\nburst = 1000000\n"
+        )
+        env = {
+            **os.environ,
+            "SWITCHBOARD_HTTP_PORT": str(port),
+            "SWITCHBOARD_SMTP_ENABLED": "false",
+            "SWITCHBOARD_DATA_DIR": data,
+            "SWITCHBOARD_CONFIG": str(config),
+            "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
+            "BENCH_SECRET": SECRET,
+        }
+        env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
+        sb = subprocess.Popen(
+            [str(Path(sys.executable).with_name("switchboard")), "run"],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_http(port)
+            time.sleep(1)
+            url = f"http://127.0.0.1:{port}/webhooks/twilio/sms"
+            form = {
+                "MessageSid": "SMbench",
+                "AccountSid": "AC1",
+                "From": "+14155550100",
+                "To": "+14155550199",
+                "Body": "Where is my order? " * 5,
+                "NumMedia": "0",
+            }
+            signature = RequestValidator(TOKEN).compute_signature(url, form)
+            measure(
+                "twilio",
+                url,
+                urlencode(form).encode(),
+                {
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "X-Twilio-Signature": signature,
+                },
+            )
+            body = json.dumps(
+                {
+                    "id": "bench-1",
+                    "contact": {"email": "ann@example.com", "phone": "+14155550100"},
+                    "message": "Call me back " * 10,
+                }
+            ).encode()
+            digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            measure(
+                "json-hook",
+                f"http://127.0.0.1:{port}/webhooks/bench",
+                body,
+                {"Content-Type": "application/json", "X-Signature": digest},
+            )
+        finally:
+            sb.terminate()
+            sb.wait(15)
+    for conns in levels:
+        base = results[("bare", conns)]
+        print(
+            f"c={conns:<3} twilio/bare {results[('twilio', conns)] / base:.0%}   "
+            f"json-hook/bare {results[('json-hook', conns)] / base:.0%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
