@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 
 from ingest.handoff import HandOff
+from ingest.imap import ImapAdapter
+from ingest.imap_state import ImapStateStore
 from ingest.smtp import SmtpAdapter
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
@@ -68,7 +70,7 @@ class Pipeline:
         self.engine.dispose()
 
 
-ROLES = frozenset({"http", "smtp"})
+ROLES = frozenset({"http", "smtp", "imap"})
 
 
 def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipeline:
@@ -96,10 +98,18 @@ def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipelin
             twilio = TwilioAdapter(settings.twilio, handoff, public_url=settings.public_url)
             app.include_router(twilio.router())
         app.include_router(WebhookAdapter(settings.webhooks, handoff).router())
+    imap_store = ImapStateStore(engine)
+
+    @app.get("/status/imap", tags=["operations"], summary="Per-mailbox IMAP state")
+    def imap_status() -> list[dict[str, object]]:
+        return imap_store.status() if settings.imap.mailboxes else []
+
     # The HTTP server always runs: it serves /healthz and /readyz for every role.
     components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
     if "smtp" in roles and settings.smtp.enabled:
         components.append(SmtpAdapter(settings.smtp, handoff, host=settings.bind_host))
+    if "imap" in roles and settings.imap.enabled and settings.imap.mailboxes:
+        components.append(ImapAdapter(settings.imap, handoff, imap_store))
     return Pipeline(settings, publisher, engine, readiness, components, handoff)
 
 

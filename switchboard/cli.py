@@ -30,6 +30,44 @@ def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     return run(settings, frozenset({args.role}))
 
 
+def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.imap_state import ImapStateStore
+    from switchboard.db import make_engine
+
+    store = ImapStateStore(make_engine(settings.resolved_database_url()))
+    store.create()
+    rows = store.status()
+    configured = {m.name for m in settings.imap.mailboxes}
+    for name in sorted(configured - {str(r["mailbox"]) for r in rows}):
+        rows.append(
+            {
+                "mailbox": name,
+                "connected": False,
+                "last_success": None,
+                "last_error": "never polled",
+                "ingested": 0,
+                "folders": {},
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no IMAP mailboxes configured ([[imap.mailboxes]] in the config file)")
+    for row in rows:
+        state = "connected" if row["connected"] else "disconnected"
+        print(
+            f"{row['mailbox']}: {state}, {row['ingested']} ingested, "
+            f"last success {row['last_success'] or 'never'}"
+        )
+        folders = row["folders"]
+        for folder, cp in folders.items() if isinstance(folders, dict) else []:
+            print(f"  {folder}: UIDVALIDITY {cp['uidvalidity']}, last UID {cp['last_uid']}")
+        if row.get("last_error"):
+            print(f"  last error: {row['last_error']}")
+    return 0
+
+
 def _cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
     from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 
@@ -102,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("smtp", help="the SMTP server (with /healthz, /readyz on HTTP)")
     p.set_defaults(func=_cmd_ingest)
+    p = ingest.add_parser("imap", help="the IMAP pollers (with /healthz, /readyz on HTTP)")
+    p.set_defaults(func=_cmd_ingest)
+
+    imap = sub.add_parser("imap", help="IMAP mailboxes").add_subparsers(
+        dest="imap_command", required=True, metavar="ACTION"
+    )
+    p = imap.add_parser("status", help="per-mailbox state: connected, last UID, errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_imap_status)
 
     p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")

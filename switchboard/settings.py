@@ -9,8 +9,10 @@ show``) never prints a secret. Nothing is read at import time: call
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -296,6 +298,88 @@ class WebhookSettings(BaseModel):
         return self
 
 
+class MailboxSettings(BaseModel):
+    """One IMAP mailbox to poll ([[imap.mailboxes]] in the config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    host: str
+    port: int | None = Field(default=None, ge=1, le=65535, description="Default: 993 or 143.")
+    security: Literal["tls", "starttls", "none"] = Field(
+        default="tls", description="Implicit TLS (993), STARTTLS, or none (loopback only)."
+    )
+    username: str
+    password_env: str = Field(description="Environment variable holding the password.")
+    password: SecretStr | None = Field(default=None, exclude=True)
+    address: str | None = Field(
+        default=None, description="The mailbox's email address (default: the user name)."
+    )
+    folders: list[str] = Field(default_factory=lambda: ["INBOX"], min_length=1)
+    backfill: str = Field(
+        default="7d",
+        description="On first contact: 'none', 'all', 'YYYY-MM-DD' (since), or '<N>d'.",
+    )
+    ca_file: Path | None = Field(default=None, description="Trust this CA (self-signed).")
+    mark_keyword: str | None = Field(
+        default=None, description="Add this IMAP keyword to ingested messages (off by default)."
+    )
+    move_to: str | None = Field(
+        default=None, description="Move ingested messages to this folder (off by default)."
+    )
+
+    @field_validator("backfill")
+    @classmethod
+    def _backfill(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("none", "all") or re.fullmatch(r"\d{1,5}d", value):
+            return value
+        try:
+            date.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError("backfill must be 'none', 'all', 'YYYY-MM-DD' or '<N>d'") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_password(self) -> MailboxSettings:
+        value = os.environ.get(self.password_env)
+        if not value:
+            raise ValueError(
+                f"environment variable {self.password_env} (password of mailbox "
+                f"{self.name!r}) is not set"
+            )
+        self.password = SecretStr(value)
+        return self
+
+    def resolved_port(self) -> int:
+        return self.port or (993 if self.security == "tls" else 143)
+
+
+class ImapSettings(BaseSettings):
+    """The IMAP poller: shared timing; the mailboxes come from the config file."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_IMAP_", extra="ignore")
+
+    enabled: bool = Field(default=True, description="Poll the configured mailboxes in `run`.")
+    mailboxes: list[MailboxSettings] = Field(default_factory=list)
+    poll_interval_s: float = Field(
+        default=60.0, gt=0, description="Between polls when the server has no IDLE."
+    )
+    idle_renew_s: float = Field(
+        default=25 * 60, gt=0, le=29 * 60, description="Re-issue IDLE before the 29-minute limit."
+    )
+    batch_size: int = Field(default=50, ge=1, le=1000, description="Messages fetched at once.")
+    backoff_max_s: float = Field(default=300.0, ge=1, description="Cap of the reconnect backoff.")
+    timeout_s: float = Field(default=60.0, gt=0, description="Network timeout of one command.")
+
+    @field_validator("mailboxes")
+    @classmethod
+    def _unique(cls, boxes: list[MailboxSettings]) -> list[MailboxSettings]:
+        names = [b.name for b in boxes]
+        if len(names) != len(set(names)):
+            raise ValueError(f"mailbox names must be unique: {names}")
+        return boxes
+
+
 class Settings(BaseSettings):
     """Process-wide settings for `switchboard run` and the role commands."""
 
@@ -340,6 +424,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
     smtp: SmtpSettings = Field(default_factory=SmtpSettings, description="SMTP server.")
     twilio: TwilioSettings = Field(default_factory=TwilioSettings, description="Twilio hook.")
+    imap: ImapSettings = Field(default_factory=ImapSettings, description="IMAP poller.")
     webhooks: list[WebhookSettings] = Field(
         default_factory=list, description="Generic web hooks ([[webhooks]] in the file)."
     )
@@ -373,6 +458,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings,
     "smtp": SmtpSettings,
     "twilio": TwilioSettings,
+    "imap": ImapSettings,
 }
 #: Config-file sections that are arrays of tables ([[webhooks]]).
 LIST_SECTIONS: dict[str, type[BaseModel]] = {"webhooks": WebhookSettings}
@@ -454,6 +540,7 @@ def load_settings(path: Path | None = None) -> Settings:
             kafka=_section_settings(KafkaSettings, sections.get("kafka", {}), "kafka"),
             smtp=_section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
             twilio=_section_settings(TwilioSettings, sections.get("twilio", {}), "twilio"),
+            imap=_section_settings(ImapSettings, sections.get("imap", {}), "imap"),
             webhooks=_webhooks(sections.get("webhooks", [])),
         )
     except ValidationError as exc:
@@ -475,7 +562,7 @@ def known_env_vars() -> set[str]:
                 info.default_factory, BaseSettings
             ):
                 continue
-            if name == "webhooks":  # file only
+            if name in ("webhooks", "mailboxes"):  # file only
                 continue
             names.add(f"{prefix}{name}".upper())
     return names

@@ -105,7 +105,8 @@ def test_every_switchboard_env_var_is_a_real_setting() -> None:
 
 def test_each_ingest_role_has_its_service() -> None:
     commands = {tuple(s["command"]) for s in _switchboard_services(_rendered()).values()}
-    assert {("ingest", "smtp"), ("ingest", "http"), ("topics", "create")} <= commands
+    expected = {("ingest", "smtp"), ("ingest", "http"), ("ingest", "imap"), ("topics", "create")}
+    assert expected <= commands
 
 
 def test_the_image_runs_the_switchboard_cli() -> None:

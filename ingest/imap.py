@@ -1,0 +1,332 @@
+"""The IMAP adapter: polls mailboxes that cannot point an MX at Switchboard.
+
+It never relies on ``\\Seen`` (someone reading the mail elsewhere must not hide
+it) and never fetches by sequence number: progress is ``UIDVALIDITY`` + the last
+ingested UID per folder, stored in the database and advanced only after Kafka
+acknowledged the message. Messages are fetched with ``BODY.PEEK[]`` so flags do
+not change. One poller thread per mailbox; a broken mailbox never stops the
+others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import imaplib
+import ipaddress
+import logging
+import random
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TypeVar
+
+import uuid6
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from ingest.errors import RetryLater
+from ingest.handoff import HandOff
+from ingest.imap_state import ImapStateStore
+from normalize.content import Blob
+from normalize.email import EmailContext, normalize_email
+from normalize.errors import NormalizeError
+from normalize.identity import EmailPolicy
+from switchboard.settings import ImapSettings, MailboxSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_NETWORK_ERRORS = (IMAPClientError, imaplib.IMAP4.abort, imaplib.IMAP4.error, OSError, ssl.SSLError)
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def first_search(backfill: str, today: date) -> list[object] | None:
+    """IMAP SEARCH criteria for a folder seen for the first time (None: skip old mail)."""
+    if backfill == "none":
+        return None
+    if backfill == "all":
+        return ["ALL"]
+    match = re.fullmatch(r"(\d+)d", backfill)
+    since = today - timedelta(days=int(match.group(1))) if match else date.fromisoformat(backfill)
+    return ["SINCE", since]
+
+
+class MailboxPoller(threading.Thread):
+    """Keeps one mailbox ingested: connect, catch up every folder, wait, repeat."""
+
+    def __init__(
+        self,
+        mailbox: MailboxSettings,
+        settings: ImapSettings,
+        handoff: HandOff,
+        store: ImapStateStore,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        email_policy: EmailPolicy | None = None,
+    ) -> None:
+        super().__init__(name=f"imap-{mailbox.name}", daemon=True)
+        self.mailbox = mailbox
+        self.settings = settings
+        self.handoff = handoff
+        self.store = store
+        self.loop = loop
+        self.email_policy = email_policy
+        self.stopping = threading.Event()
+        self.address = mailbox.address or (mailbox.username if "@" in mailbox.username else None)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            try:
+                client = self._connect()
+            except LoginError as exc:
+                self._failed(f"login failed for user {self.mailbox.username!r}: {exc}", backoff)
+            except _NETWORK_ERRORS as exc:
+                self._failed(f"cannot connect to {self._where()}: {_describe(exc)}", backoff)
+            else:
+                backoff = 1.0
+                try:
+                    self.store.set_status(self.mailbox.name, connected=True)
+                    self._serve(client)
+                except RetryLater as exc:
+                    self._failed(f"hand-off not durable: {exc.detail}", backoff)
+                except _NETWORK_ERRORS as exc:
+                    self._failed(f"connection to {self._where()} lost: {_describe(exc)}", backoff)
+                except Exception as exc:
+                    log.exception("imap poller failed", extra={"mailbox": self.mailbox.name})
+                    self._failed(f"unexpected error: {_describe(exc)}", backoff)
+                finally:
+                    _close(client)
+            if not self.stopping.is_set():
+                self.stopping.wait(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                backoff = min(backoff * 2, self.settings.backoff_max_s)
+        self.store.set_status(self.mailbox.name, connected=False)
+
+    def _failed(self, message: str, backoff: float) -> None:
+        # Once per backoff step, with the mailbox name, never the password.
+        log.error(
+            "imap mailbox %s: %s; retrying in about %.0fs",
+            self.mailbox.name,
+            message,
+            backoff,
+            extra={"mailbox": self.mailbox.name},
+        )
+        self.store.set_status(self.mailbox.name, connected=False, error=message)
+
+    def _where(self) -> str:
+        return f"{self.mailbox.host}:{self.mailbox.resolved_port()}"
+
+    def _connect(self) -> IMAPClient:
+        box = self.mailbox
+        context = ssl.create_default_context(cafile=str(box.ca_file) if box.ca_file else None)
+        client = IMAPClient(
+            box.host,
+            port=box.resolved_port(),
+            ssl=box.security == "tls",
+            ssl_context=context,
+            timeout=self.settings.timeout_s,
+        )
+        try:
+            if box.security == "starttls":
+                client.starttls(context)
+            elif box.security == "none" and not _is_loopback(box.host):
+                log.warning("imap mailbox %s: logging in without TLS", box.name)
+            # Resolved from password_env when the settings were loaded.
+            password = box.password.get_secret_value() if box.password else ""
+            client.login(box.username, password)
+        except BaseException:
+            _close(client)
+            raise
+        return client
+
+    def _serve(self, client: IMAPClient) -> None:
+        idle = len(self.mailbox.folders) == 1 and b"IDLE" in client.capabilities()
+        while not self.stopping.is_set():
+            for folder in self.mailbox.folders:
+                self._sync(client, folder)
+            self.store.set_status(self.mailbox.name, connected=True, success=True)
+            if idle:
+                self._idle(client)
+            else:
+                client.noop()
+                self.stopping.wait(self.settings.poll_interval_s)
+
+    def _idle(self, client: IMAPClient) -> None:
+        """Wait for new mail with IDLE, renewed before the server's 29-minute limit."""
+        client.idle()
+        started = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                if time.monotonic() - started > self.settings.idle_renew_s:
+                    return
+                if client.idle_check(timeout=1):  # 1 s steps, to notice a stop
+                    return
+        finally:
+            client.idle_done()
+
+    # -- one folder ----------------------------------------------------------------
+
+    def _sync(self, client: IMAPClient, folder: str) -> None:
+        box = self.mailbox
+        writable = bool(box.mark_keyword or box.move_to)
+        info = client.select_folder(folder, readonly=not writable)
+        uidvalidity = int(info[b"UIDVALIDITY"])
+        uidnext = int(info.get(b"UIDNEXT", 0))
+        checkpoint = self.store.checkpoint(box.name, folder)
+        if checkpoint is None:
+            criteria = first_search(box.backfill, datetime.now(UTC).date())
+            floor = 0
+            if criteria is None:
+                self.store.advance(box.name, folder, uidvalidity, max(uidnext - 1, 0))
+                log.info("imap %s/%s: no backfill; new mail from UID %d", box.name, folder, uidnext)
+                return
+        elif checkpoint.uidvalidity != uidvalidity:
+            since = (checkpoint.updated_at - timedelta(days=1)).date()
+            log.warning(
+                "imap %s/%s: UIDVALIDITY changed from %d to %d; re-scanning mail since %s "
+                "(the router drops what was already ingested by Message-ID)",
+                box.name,
+                folder,
+                checkpoint.uidvalidity,
+                uidvalidity,
+                since,
+                extra={"mailbox": box.name, "folder": folder},
+            )
+            criteria, floor = ["SINCE", since], 0
+        else:
+            criteria, floor = ["UID", f"{checkpoint.last_uid + 1}:*"], checkpoint.last_uid
+        uids = sorted(uid for uid in client.search(criteria) if uid > floor)
+        for batch in _chunks(uids, self.settings.batch_size):
+            fetched = client.fetch(batch, ["BODY.PEEK[]"])
+            for uid in batch:
+                if self.stopping.is_set():
+                    return
+                data = fetched.get(uid)
+                raw = data.get(b"BODY[]") if data else None
+                if isinstance(raw, bytes):
+                    self._ingest(raw, folder, uid, uidvalidity)
+                    self._after(client, uid)
+                self.store.advance(box.name, folder, uidvalidity, uid)
+                self.store.set_status(box.name, connected=True, ingested=1)
+        # Everything below UIDNEXT at SELECT was considered: older mail outside the
+        # window is skipped on purpose, newer mail comes next round.
+        self.store.advance(box.name, folder, uidvalidity, max(uidnext - 1, 0))
+
+    def _after(self, client: IMAPClient, uid: int) -> None:
+        if self.mailbox.mark_keyword:
+            client.add_flags([uid], [self.mailbox.mark_keyword.encode()])
+        if self.mailbox.move_to:
+            client.move([uid], self.mailbox.move_to)
+
+    def _ingest(self, raw: bytes, folder: str, uid: int, uidvalidity: int) -> None:
+        message_id = uuid6.uuid7()
+        ctx = EmailContext(
+            adapter=f"imap:{self.mailbox.name}",
+            message_id=message_id,
+            received_at=datetime.now(UTC),
+            delivered_to=(self.address,) if self.address else (),
+            email_policy=self.email_policy,
+            metadata={
+                "mailbox": self.mailbox.name,
+                "folder": folder,
+                "uid": uid,
+                "uidvalidity": uidvalidity,
+            },
+        )
+        try:
+            normalized = normalize_email(raw, ctx)
+        except Exception as exc:  # noqa: BLE001 - NormalizeError or a parser bug: keep raw, move on
+            reason = exc.reason if isinstance(exc, NormalizeError) else "normalizer-error"
+            detail = exc.detail if isinstance(exc, NormalizeError) else _describe(exc)
+            self._wait(
+                self.handoff.dead_letter(
+                    id=message_id,
+                    adapter=ctx.adapter,
+                    reason=reason,
+                    detail=detail,
+                    raw=Blob.of(raw, "message/rfc822"),
+                    metadata=dict(ctx.metadata),
+                )
+            )
+            return
+        self._wait(self.handoff.deliver(normalized))
+
+    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout=self.settings.timeout_s + 30)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _close(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # noqa: BLE001 - the connection may already be gone
+        with contextlib.suppress(Exception):
+            client.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+class ImapAdapter:
+    """All configured mailboxes, each polled by its own thread."""
+
+    name = "imap"
+
+    def __init__(
+        self,
+        settings: ImapSettings,
+        handoff: HandOff,
+        store: ImapStateStore,
+        email_policy: EmailPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.handoff = handoff
+        self.store = store
+        self.email_policy = email_policy
+        self.pollers: list[MailboxPoller] = []
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.create)
+        loop = asyncio.get_running_loop()
+        for mailbox in self.settings.mailboxes:
+            poller = MailboxPoller(
+                mailbox,
+                self.settings,
+                self.handoff,
+                self.store,
+                loop=loop,
+                email_policy=self.email_policy,
+            )
+            poller.start()
+            self.pollers.append(poller)
+        log.info("imap polling", extra={"mailboxes": [m.name for m in self.settings.mailboxes]})
+
+    async def stop(self) -> None:
+        for poller in self.pollers:
+            poller.stopping.set()
+        deadline = time.monotonic() + 5
+        for poller in self.pollers:
+            await asyncio.to_thread(poller.join, max(0.0, deadline - time.monotonic()))
+            if poller.is_alive():
+                log.warning(
+                    "imap poller still busy at shutdown", extra={"mailbox": poller.mailbox.name}
+                )

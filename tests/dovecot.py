@@ -1,0 +1,167 @@
+"""A real Dovecot IMAP server for tests, as a plain process on loopback.
+
+Debian's dovecot-imapd (`.ci/run` installs it). One user from a passwd file,
+a temporary Maildir, a plain IMAP listener and an IMAPS listener with a
+self-signed certificate. `doveadm save` delivers mail without IMAP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from switchboard.broker import free_port
+
+USER = "support@example.com"
+PASSWORD = "dovecot-test-password"
+
+
+def _config(root: Path, imap_port: int, imaps_port: int) -> str:
+    return f"""
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = yes
+ssl_cert = <{root}/cert.pem
+ssl_key = <{root}/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+first_valid_uid = 1
+mail_location = maildir:~/Maildir
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={root}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {imaps_port}
+    ssl = yes
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0666
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+class Dovecot:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.imap_port = free_port()
+        self.imaps_port = free_port()
+        self.config = root / "dovecot.conf"
+        self.cert = root / "cert.pem"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def setup(self) -> Dovecot:
+        for sub in ("run", "state", "home"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # Dovecot's processes run as unprivileged users and must reach these paths.
+        for path in (self.root, self.root / "run", self.root / "home"):
+            path.chmod(0o777 if path.name == "home" else 0o755)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout",
+                str(self.root / "key.pem"),
+                "-out",
+                str(self.cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        (self.root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
+        self.config.write_text(_config(self.root, self.imap_port, self.imaps_port))
+        return self
+
+    def start(self) -> Dovecot:
+        self._process = subprocess.Popen(
+            ["dovecot", "-F", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                log = (
+                    (self.root / "dovecot.log").read_text()
+                    if (self.root / "dovecot.log").exists()
+                    else ""
+                )
+                raise RuntimeError(f"dovecot exited: {self._process.stderr.read()!r} {log}")  # type: ignore[union-attr]
+            try:
+                socket.create_connection(("127.0.0.1", self.imap_port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("dovecot did not start")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        # Children (imap, auth) go with the master; make sure the port is free.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.imap_port), 0.2).close()
+                time.sleep(0.1)
+            except OSError:
+                return
+
+    def doveadm(self, *args: str, stdin: bytes | None = None) -> str:
+        result = subprocess.run(
+            ["doveadm", "-c", str(self.config), *args],
+            input=stdin,
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"doveadm {' '.join(args)} failed: {result.stderr.decode()}")
+        return result.stdout.decode()
+
+    def deliver(self, raw: bytes, folder: str = "INBOX") -> None:
+        self.doveadm("save", "-u", USER, "-m", folder, stdin=raw)
+
+    def set_uidvalidity(self, value: int, folder: str = "INBOX") -> None:
+        self.doveadm("mailbox", "update", "-u", USER, "--uid-validity", str(value), folder)
+
+
+def available() -> bool:
+    return shutil.which("dovecot") is not None and os.geteuid() == 0

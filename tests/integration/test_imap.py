@@ -1,0 +1,345 @@
+"""The IMAP poller against a real Dovecot, the real broker and a real database."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imapclient import IMAPClient
+
+from ingest.imap_state import ImapStateStore
+from normalize.schema import DeadLetter, InboundMessage, RecipientRole
+from switchboard.broker import EmbeddedBroker, free_port
+from switchboard.db import make_engine
+from switchboard.settings import KafkaSettings
+from switchboard.topics import DEADLETTER, INBOUND
+from tests.conftest import POSTGRES_URL
+from tests.dovecot import PASSWORD, USER, Dovecot, available
+from tests.http_helpers import find
+from tests.imap_helpers import imap_adapter, mail, mailbox, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
+    if not available():
+        if os.environ.get("CI"):
+            pytest.fail("dovecot is required in CI (.ci/run installs dovecot-imapd)")
+        pytest.skip("dovecot-imapd not installed")
+    # Not under tmp_path: pytest's directories are 0700, and Dovecot's unprivileged
+    # processes must reach the Maildir.
+    root = Path(tempfile.mkdtemp(prefix="switchboard-dovecot-"))
+    server = Dovecot(root).setup().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def position(store: ImapStateStore, name: str) -> tuple[int, int]:
+    """(UIDVALIDITY, last UID) of a mailbox's INBOX, (0, 0) before the first checkpoint."""
+    cp = store.checkpoint(name, "INBOX")
+    return (cp.uidvalidity, cp.last_uid) if cp else (0, 0)
+
+
+def client(dovecot: Dovecot) -> IMAPClient:
+    imap = IMAPClient("127.0.0.1", port=dovecot.imap_port, ssl=False)
+    imap.login(USER, PASSWORD)
+    return imap
+
+
+def test_backfill_ingests_everything_including_seen_mail_and_changes_no_flags(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for i in range(3):
+        dovecot.deliver(mail(f"{unique}-{i}"))
+    reader = client(dovecot)  # a human reads one message in another client first
+    reader.select_folder("INBOX")
+    reader.add_flags([2], [b"\\Seen"])
+    reader.logout()
+    box = mailbox(dovecot, f"bf{unique}", monkeypatch.setenv)
+    with imap_adapter(kafka_settings, tmp_path, [box]) as store:
+        wait_for(lambda: position(store, box.name)[1] >= 3, 20)
+    messages = find(
+        kafka_settings,
+        f"imap-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+        count=3,
+    )
+    assert sorted(m.dedupe_key for m in messages) == [
+        f"email-mid:{unique}-{i}@example.org" for i in range(3)
+    ]
+    message = messages[0]
+    assert message.adapter == f"imap:{box.name}"
+    assert message.metadata["folder"] == "INBOX"
+    assert ("support@example.com", RecipientRole.DELIVERED_TO) in {
+        (r.value, r.role) for r in message.recipients
+    }
+    check = client(dovecot)
+    check.select_folder("INBOX", readonly=True)
+    flags = check.get_flags([1, 2, 3])
+    check.logout()
+    assert b"\\Seen" not in flags[1]  # BODY.PEEK[]: unread mail stays unread
+    assert b"\\Seen" in flags[2]
+
+
+def test_new_mail_arrives_through_idle_within_three_seconds(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    box = mailbox(dovecot, f"idle{unique}", monkeypatch.setenv, backfill="none")
+    with imap_adapter(kafka_settings, tmp_path, [box], poll_interval_s=60) as store:
+        wait_for(lambda: store.checkpoint(box.name, "INBOX") is not None, 10)
+        wait_for(lambda: any(s["connected"] for s in store.status()), 5)
+        dovecot.deliver(mail(f"{unique}-new"))
+        took = wait_for(lambda: position(store, box.name)[1] >= 1, 10)
+    # Acknowledged by Kafka and checkpointed; polling every 60 s could not do that.
+    assert took < 3, f"IDLE pick-up took {took:.2f}s"
+    [message] = find(
+        kafka_settings,
+        f"idle-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+    )
+    assert message.dedupe_key == f"email-mid:{unique}-new@example.org"
+
+
+def test_uidvalidity_change_rescans_and_keeps_dedupe_keys(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    box = mailbox(dovecot, f"uv{unique}", monkeypatch.setenv)
+    dovecot.deliver(mail(f"{unique}-a"))
+    with imap_adapter(kafka_settings, tmp_path, [box]) as store:
+        wait_for(lambda: position(store, box.name)[1] >= 1, 20)
+    dovecot.set_uidvalidity(424242)
+    dovecot.deliver(mail(f"{unique}-b"))
+    with caplog.at_level(logging.WARNING), imap_adapter(kafka_settings, tmp_path, [box]) as store:
+        wait_for(
+            lambda: position(store, box.name)[0] == 424242 and position(store, box.name)[1] >= 2,
+            20,
+        )
+    assert "UIDVALIDITY changed" in caplog.text
+    messages = find(
+        kafka_settings,
+        f"uv-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+        count=3,
+    )
+    keys = [m.dedupe_key for m in messages]
+    assert sorted(set(keys)) == [
+        f"email-mid:{unique}-a@example.org",
+        f"email-mid:{unique}-b@example.org",
+    ]
+    # The re-scan re-published the old message with the same key: the router drops it.
+    assert keys.count(f"email-mid:{unique}-a@example.org") == 2
+
+
+def test_server_restart_and_unparseable_mail(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    box = mailbox(dovecot, f"rs{unique}", monkeypatch.setenv)
+    with imap_adapter(kafka_settings, tmp_path, [box]) as store:
+        wait_for(lambda: store.checkpoint(box.name, "INBOX") is not None, 20)
+        dovecot.stop()
+        wait_for(lambda: any(s["last_error"] and not s["connected"] for s in store.status()), 20)
+        dovecot.start()  # doveadm needs the running server to deliver
+        dovecot.deliver(f"From: nobody\r\nSubject: {unique}\r\n\r\nno sender\r\n".encode())
+        dovecot.deliver(mail(f"{unique}-after"))
+        wait_for(lambda: position(store, box.name)[1] >= 2, 30)
+        status = next(s for s in store.status() if s["mailbox"] == box.name)
+    assert status["ingested"] == 2
+    [letter] = find(
+        kafka_settings,
+        f"rs-dl-{unique}",
+        DEADLETTER,
+        DeadLetter,
+        lambda d: d.adapter == f"imap:{box.name}",
+    )
+    assert letter.reason == "no-sender"
+    assert letter.raw is not None
+    [message] = find(
+        kafka_settings,
+        f"rs-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+    )
+    assert message.dedupe_key == f"email-mid:{unique}-after@example.org"
+
+
+def test_wrong_password_is_reported_without_the_password(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("WRONG_PASSWORD", "hunter2-wrong")
+    box = mailbox(dovecot, f"pw{unique}", monkeypatch.setenv, password_env="WRONG_PASSWORD")
+    good = mailbox(dovecot, f"ok{unique}", monkeypatch.setenv)
+    dovecot.deliver(mail(f"{unique}-1"))
+    with (
+        caplog.at_level(logging.ERROR),
+        imap_adapter(kafka_settings, tmp_path, [box, good]) as store,
+    ):
+        wait_for(
+            lambda: any(s["mailbox"] == box.name and s["last_error"] for s in store.status()), 20
+        )
+        # One broken mailbox never stops the others.
+        wait_for(
+            lambda: position(store, good.name)[1] >= 1,
+            20,
+        )
+        status = {s["mailbox"]: s for s in store.status()}
+    assert "login failed" in str(status[box.name]["last_error"])
+    assert status[box.name]["connected"] is False
+    assert f"imap mailbox {box.name}: login failed" in caplog.text
+    assert "hunter2-wrong" not in caplog.text
+    assert "hunter2-wrong" not in repr(box)
+
+
+def test_imaps_with_a_trusted_self_signed_certificate(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dovecot.deliver(mail(f"{unique}-tls"))
+    untrusted = mailbox(
+        dovecot, f"untrusted{unique}", monkeypatch.setenv, port=dovecot.imaps_port, security="tls"
+    )
+    trusted = mailbox(
+        dovecot,
+        f"tls{unique}",
+        monkeypatch.setenv,
+        port=dovecot.imaps_port,
+        security="tls",
+        ca_file=str(dovecot.cert),
+    )
+    with imap_adapter(kafka_settings, tmp_path, [untrusted, trusted]) as store:
+        wait_for(
+            lambda: position(store, trusted.name)[1] >= 1,
+            20,
+        )
+        wait_for(
+            lambda: any(s["mailbox"] == untrusted.name and s["last_error"] for s in store.status()),
+            20,
+        )
+        errors = {s["mailbox"]: s["last_error"] for s in store.status()}
+    assert "CERTIFICATE_VERIFY_FAILED" in str(errors[untrusted.name])
+    assert store.checkpoint(untrusted.name, "INBOX") is None
+
+
+def test_poller_killed_mid_batch_loses_nothing(
+    kafka_broker: EmbeddedBroker,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+) -> None:
+    """SIGKILL `switchboard ingest imap` mid-batch, restart it: every message is on Kafka,
+    any repeat carries the same dedupe key, and the checkpoint (PostgreSQL) is exact."""
+    total = 40
+    for i in range(total):
+        dovecot.deliver(mail(f"{unique}-{i:02d}"))
+    name = f"kill{unique}"
+    config = tmp_path / "switchboard.toml"
+    config.write_text(
+        f'[imap]\nbatch_size = 5\nbackoff_max_s = 1\n[[imap.mailboxes]]\nname = "{name}"\n'
+        f'host = "127.0.0.1"\nport = {dovecot.imap_port}\nsecurity = "none"\n'
+        f'username = "{USER}"\npassword_env = "KILL_TEST_PASSWORD"\nbackfill = "all"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(
+        SWITCHBOARD_CONFIG=str(config),
+        SWITCHBOARD_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+        SWITCHBOARD_DATABASE_URL=POSTGRES_URL,
+        SWITCHBOARD_DATA_DIR=str(tmp_path / "var"),
+        SWITCHBOARD_HTTP_PORT=str(free_port()),
+        KILL_TEST_PASSWORD=PASSWORD,
+    )
+    store = ImapStateStore(make_engine(POSTGRES_URL))
+    store.create()
+
+    def last_uid() -> int:
+        cp = store.checkpoint(name, "INBOX")
+        return cp.last_uid if cp else 0
+
+    argv = [sys.executable, "-m", "switchboard.cli", "ingest", "imap"]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: last_uid() >= 7, 30, step=0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    killed_at = last_uid()
+    assert killed_at < total, "the poller finished before it could be killed"
+    second = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: last_uid() >= total, 60)
+        second.send_signal(signal.SIGTERM)
+        _, stderr = second.communicate(timeout=15)
+        assert second.returncode == 0, stderr
+    finally:
+        if second.poll() is None:
+            second.kill()
+    kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    messages = find(
+        kafka,
+        f"kill-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == name,
+        count=total,
+        timeout_s=30,
+    )
+    keys = {m.dedupe_key for m in messages}
+    assert keys == {f"email-mid:{unique}-{i:02d}@example.org" for i in range(total)}
+    # At most the message in flight when killed is published twice.
+    assert len(messages) - total <= 1, (len(messages), killed_at)
+    shown = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "imap", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    [row] = [r for r in json.loads(shown.stdout) if r["mailbox"] == name]
+    assert row["folders"]["INBOX"]["last_uid"] == total
+    assert row["connected"] is False  # stopped cleanly
