@@ -21,7 +21,6 @@ import hmac
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator
+
+from switchboard.broker import free_port, wait_for_port
 
 BARE = """
 import sys, uvicorn
@@ -49,21 +50,9 @@ TOKEN = "bench-twilio-token"
 SECRET = "bench-hook-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listening on {port}")
+def wait_http(port: int) -> None:
+    if not wait_for_port("127.0.0.1", port, 30):
+        raise SystemExit(f"nothing listening on {port}")
 
 
 def wrk(

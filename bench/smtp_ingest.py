@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 from email.message import EmailMessage
 from pathlib import Path
+
+from switchboard.broker import free_port, wait_for_port
 
 BARE = """
 import asyncio, sys
@@ -46,12 +47,6 @@ PARSE = (
     "import email, email.policy; "
     "email.message_from_bytes(envelope.original_content, policy=email.policy.default)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def corpus(n: int) -> list[bytes]:
@@ -128,15 +123,9 @@ async def drive(
     return sum(accepted), time.perf_counter() - started, latencies
 
 
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listening on {port}")
+def wait_port(port: int) -> None:
+    if not wait_for_port("127.0.0.1", port, 30):
+        raise SystemExit(f"nothing listening on {port}")
 
 
 def run(

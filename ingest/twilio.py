@@ -26,7 +26,7 @@ from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.schema import Attachment
 from normalize.sms import SmsContext, normalize_twilio
-from switchboard.http import problem, read_body
+from switchboard.http import problem, read_body, unavailable
 from switchboard.settings import TwilioSettings
 
 log = logging.getLogger(__name__)
@@ -135,19 +135,10 @@ class TwilioAdapter:
                     metadata={"message_sid": form.get("MessageSid")},
                 )
             except RetryLater as retry:
-                return self._unavailable(retry)
+                return unavailable(retry.retry_after_s)
         except RetryLater as exc:
-            return self._unavailable(exc)
+            return unavailable(exc.retry_after_s)
         return Response(EMPTY_TWIML, media_type="text/xml")
-
-    @staticmethod
-    def _unavailable(exc: RetryLater) -> Response:
-        return problem(
-            503,
-            "Temporarily unavailable",
-            "the message could not be stored; retry later",
-            headers={"Retry-After": str(exc.retry_after_s)},
-        )
 
     async def _refuse(
         self, request: Request, message_id: UUID, raw: Blob, url: str, form: dict[str, str]

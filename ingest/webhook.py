@@ -24,8 +24,8 @@ from ingest.errors import RetryLater
 from ingest.handoff import HandOff
 from normalize.content import Blob
 from normalize.errors import NormalizeError
-from normalize.webhook import FieldMap, WebhookContext, normalize_webhook
-from switchboard.http import problem, read_body
+from normalize.webhook import WebhookContext, normalize_webhook
+from switchboard.http import problem, read_body, unavailable
 from switchboard.settings import BearerAuth, HmacAuth, WebhookSettings
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class WebhookAdapter:
                     message_id=message_id,
                     received_at=datetime.now(UTC),
                     raw=Blob.of(body, JSON if kind == "json" else FORM),
-                    fields=FieldMap(**hook.map.model_dump()),
+                    fields=hook.map,
                     channel=hook.channel,
                     external_namespace=hook.external_namespace,
                     default_region=hook.default_region,
@@ -222,12 +222,7 @@ class WebhookAdapter:
         try:
             await self.handoff.deliver(normalized)
         except RetryLater as exc:
-            return problem(
-                503,
-                "Temporarily unavailable",
-                "the message could not be stored; retry later",
-                headers={"Retry-After": str(exc.retry_after_s)},
-            )
+            return unavailable(exc.retry_after_s)
         return JSONResponse(
             {"id": str(message_id), "dedupe_key": normalized.message.dedupe_key}, status_code=202
         )

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
-from pydantic import JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
@@ -23,8 +23,10 @@ from normalize.schema import Identity, InboundMessage
 MAX_TEXT = 100_000
 
 
-@dataclass(frozen=True)
-class FieldMap:
+class FieldMap(BaseModel):
+    """Dotted paths from a payload to the schema (``contact.email``, ``items.0.id``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
     email: str | None = None
     phone: str | None = None
     external: str | None = None
@@ -32,8 +34,8 @@ class FieldMap:
     subject: str | None = None
     text: str | None = None
     id: str | None = None
-    emails: Sequence[str] = ()
-    phones: Sequence[str] = ()
+    emails: tuple[str, ...] = Field(default=(), description="Further email paths.")
+    phones: tuple[str, ...] = Field(default=(), description="Further phone paths.")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
+    """True once something accepts TCP connections on host:port, False at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     # If switchboard itself is SIGKILLed, the broker must not linger on the port.
     libc_name = ctypes.util.find_library("c")

@@ -69,6 +69,16 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def unavailable(retry_after_s: int) -> JSONResponse:
+    """503: nothing was made durable; the sender should retry after ``retry_after_s``."""
+    return problem(
+        503,
+        "Temporarily unavailable",
+        "the message could not be stored; retry later",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(limit)

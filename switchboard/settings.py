@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from normalize.webhook import FieldMap
+
 # kafka-python 3 discards a group join that completes outside poll(); polls shorter
 # than this never join on the embedded broker (measured), so it is a floor.
 MIN_POLL_TIMEOUT_MS = 1500
@@ -245,21 +247,6 @@ class NoAuth(BaseModel):
     kind: Literal["none"]
 
 
-class WebhookMap(BaseModel):
-    """Dotted paths from the payload to the schema (``contact.email``, ``items.0.id``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    email: str | None = None
-    phone: str | None = None
-    external: str | None = None
-    name: str | None = None
-    subject: str | None = None
-    text: str | None = None
-    id: str | None = None
-    emails: list[str] = Field(default_factory=list, description="Further email paths.")
-    phones: list[str] = Field(default_factory=list, description="Further phone paths.")
-
-
 ContentKind = Literal["json", "form"]
 
 
@@ -273,7 +260,7 @@ class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     auth: Annotated[HmacAuth | BearerAuth | NoAuth, Field(discriminator="kind")]
-    map: WebhookMap
+    map: FieldMap
     content_types: list[ContentKind] = Field(default_factory=_both_content_kinds)
     channel: str = Field(default="webhook", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     external_namespace: str = Field(default="ext", pattern=r"^[a-z][a-z0-9_.-]{0,31}$")

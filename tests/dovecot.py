@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from switchboard.broker import free_port
+from tests.certs import self_signed
 
 USER = "support@example.com"
 PASSWORD = "dovecot-test-password"
@@ -79,28 +80,7 @@ class Dovecot:
         # Dovecot's processes run as unprivileged users and must reach these paths.
         for path in (self.root, self.root / "run", self.root / "home"):
             path.chmod(0o777 if path.name == "home" else 0o755)
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                "-keyout",
-                str(self.root / "key.pem"),
-                "-out",
-                str(self.cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        self.cert, _ = self_signed(self.root)
         (self.root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
         self.config.write_text(_config(self.root, self.imap_port, self.imaps_port))
         return self

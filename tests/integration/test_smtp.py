@@ -17,6 +17,7 @@ import pytest
 from normalize.schema import RecipientRole
 from switchboard.broker import free_port
 from switchboard.settings import KafkaSettings
+from tests.certs import self_signed
 from tests.smtp_helpers import collect, queued_id, smtp_server
 
 pytestmark = pytest.mark.integration
@@ -207,33 +208,8 @@ def test_session_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
         assert refused.value.smtp_code == 421
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=mx.test.local",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 def test_starttls(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "mx.test.local")
     with smtp_server(
         kafka_settings, tmp_path, tls_cert=cert, tls_key=key, require_tls=True
     ) as server:
