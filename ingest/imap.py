@@ -305,7 +305,6 @@ class ImapAdapter:
         self.pollers: list[MailboxPoller] = []
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.store.create)
         loop = asyncio.get_running_loop()
         for mailbox in self.settings.mailboxes:
             poller = MailboxPoller(

@@ -70,9 +70,6 @@ class ImapStateStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def create(self) -> None:
-        metadata.create_all(self.engine)
-
     def checkpoint(self, mailbox: str, folder: str) -> Checkpoint | None:
         with self.engine.connect() as connection:
             row = connection.execute(

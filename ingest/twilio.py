@@ -62,7 +62,7 @@ class TwilioAdapter:
                 PATH,
             )
         elif not self._validators:
-            log.error(
+            log.warning(
                 "no Twilio auth token configured (SWITCHBOARD_TWILIO_AUTH_TOKEN): every "
                 "request to %s will be refused with 403 and dead-lettered",
                 PATH,

@@ -24,7 +24,7 @@ from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
 from switchboard.blobs import FileBlobStore
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
-from switchboard.db import make_engine, ping
+from switchboard.db import make_engine, ping, upgrade
 from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher, probe_broker
 from switchboard.runtime import Component, HttpServer, install_signal_handlers, run_components
@@ -126,6 +126,8 @@ def run(settings: Settings, roles: frozenset[str] = ROLES) -> int:
             },
         )
         pipeline = build_pipeline(settings, roles)
+        revision = upgrade(pipeline.engine)
+        log.info("database ready", extra={"revision": revision})
 
         def force_exit() -> None:
             if broker is not None:

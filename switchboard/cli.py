@@ -32,10 +32,11 @@ def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.imap_state import ImapStateStore
-    from switchboard.db import make_engine
+    from switchboard.db import make_engine, upgrade
 
-    store = ImapStateStore(make_engine(settings.resolved_database_url()))
-    store.create()
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    store = ImapStateStore(engine)
     rows = store.status()
     configured = {m.name for m in settings.imap.mailboxes}
     for name in sorted(configured - {str(r["mailbox"]) for r in rows}):
@@ -65,6 +66,14 @@ def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {folder}: UIDVALIDITY {cp['uidvalidity']}, last UID {cp['last_uid']}")
         if row.get("last_error"):
             print(f"  last error: {row['last_error']}")
+    return 0
+
+
+def _cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
+    from switchboard.db import make_engine, upgrade
+
+    revision = upgrade(make_engine(settings.resolved_database_url()))
+    print(f"database at revision {revision}")
     return 0
 
 
@@ -142,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("imap", help="the IMAP pollers (with /healthz, /readyz on HTTP)")
     p.set_defaults(func=_cmd_ingest)
+
+    db = sub.add_parser("db", help="the database").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    p = db.add_parser("upgrade", help="apply pending migrations (run does it at start)")
+    p.set_defaults(func=_cmd_db_upgrade)
 
     imap = sub.add_parser("imap", help="IMAP mailboxes").add_subparsers(
         dest="imap_command", required=True, metavar="ACTION"

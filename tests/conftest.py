@@ -44,6 +44,22 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
+@pytest.fixture
+def postgres_schema_url(postgres_engine: Engine, unique: str) -> Iterator[str]:
+    """A database URL whose tables live in a fresh schema, dropped afterwards.
+
+    Every test starts from an empty database, whatever earlier runs left behind.
+    """
+    schema = f"t_{unique}"
+    with postgres_engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with postgres_engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
 @pytest.fixture(scope="session")
 def postgres_engine() -> Iterator[Engine]:
     engine = make_engine(POSTGRES_URL)

@@ -13,7 +13,7 @@ from ingest.handoff import HandOff
 from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
 from switchboard.blobs import FileBlobStore
-from switchboard.db import make_engine
+from switchboard.db import make_engine, upgrade
 from switchboard.kafka import Publisher
 from switchboard.settings import ImapSettings, KafkaSettings, MailboxSettings
 from tests.dovecot import PASSWORD, USER, Dovecot
@@ -52,7 +52,9 @@ def imap_adapter(
     settings = ImapSettings(mailboxes=boxes, **fields)  # type: ignore[arg-type]
     publisher = Publisher(kafka)
     handoff = HandOff(publisher, FileBlobStore(data_dir / "blobs"))
-    store = ImapStateStore(make_engine(f"sqlite:///{data_dir / 'imap.db'}"))
+    engine = make_engine(f"sqlite:///{data_dir / 'imap.db'}")
+    upgrade(engine)
+    store = ImapStateStore(engine)
     adapter = ImapAdapter(settings, handoff, store)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

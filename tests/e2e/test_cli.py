@@ -107,3 +107,12 @@ def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     result = _cli("config", "check", str(bad))
     assert result.returncode == 2
     assert "unknown key smtp.max_recipents" in result.stderr
+
+
+def test_db_upgrade_reports_the_revision(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    first = _cli("db", "upgrade", env={"SWITCHBOARD_DATABASE_URL": url})
+    again = _cli("db", "upgrade", env={"SWITCHBOARD_DATABASE_URL": url})
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "database at revision 0001"
+    assert again.stdout == first.stdout

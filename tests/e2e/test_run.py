@@ -22,9 +22,9 @@ from twilio.request_validator import RequestValidator
 
 from normalize.schema import InboundMessage
 from switchboard.broker import EmbeddedBroker, free_port
+from switchboard.db import current_revision, head_revision, make_engine
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
-from tests.conftest import POSTGRES_URL
 from tests.http_helpers import find
 from tests.smtp_helpers import collect, queued_id
 
@@ -113,14 +113,21 @@ def test_run_on_the_embedded_broker_serves_health_and_stops_cleanly(tmp_path: Pa
     assert "keeps data in memory only" in stderr
     assert not any(_alive(pid) for pid in broker_pids), "embedded broker outlived switchboard"
     assert (tmp_path / "var" / "switchboard.db").is_file()
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'switchboard.db'}")
+    try:  # run applied the migrations
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
 
 
-def test_run_on_a_configured_broker_and_postgres_reports_readiness(tmp_path: Path) -> None:
+def test_run_on_a_configured_broker_and_postgres_reports_readiness(
+    tmp_path: Path, postgres_schema_url: str
+) -> None:
     broker = EmbeddedBroker().start()
     env = _env(
         tmp_path,
         SWITCHBOARD_KAFKA_BOOTSTRAP=broker.bootstrap,
-        SWITCHBOARD_DATABASE_URL=POSTGRES_URL,
+        SWITCHBOARD_DATABASE_URL=postgres_schema_url,
     )
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     try:

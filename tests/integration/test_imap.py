@@ -19,10 +19,9 @@ from imapclient import IMAPClient
 from ingest.imap_state import ImapStateStore
 from normalize.schema import DeadLetter, InboundMessage, RecipientRole
 from switchboard.broker import EmbeddedBroker, free_port
-from switchboard.db import make_engine
+from switchboard.db import make_engine, upgrade
 from switchboard.settings import KafkaSettings
 from switchboard.topics import DEADLETTER, INBOUND
-from tests.conftest import POSTGRES_URL
 from tests.dovecot import PASSWORD, USER, Dovecot, available
 from tests.http_helpers import find
 from tests.imap_helpers import imap_adapter, mail, mailbox, wait_for
@@ -269,6 +268,7 @@ def test_poller_killed_mid_batch_loses_nothing(
     tmp_path: Path,
     dovecot: Dovecot,
     unique: str,
+    postgres_schema_url: str,
 ) -> None:
     """SIGKILL `switchboard ingest imap` mid-batch, restart it: every message is on Kafka,
     any repeat carries the same dedupe key, and the checkpoint (PostgreSQL) is exact."""
@@ -286,13 +286,14 @@ def test_poller_killed_mid_batch_loses_nothing(
     env.update(
         SWITCHBOARD_CONFIG=str(config),
         SWITCHBOARD_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
-        SWITCHBOARD_DATABASE_URL=POSTGRES_URL,
+        SWITCHBOARD_DATABASE_URL=postgres_schema_url,
         SWITCHBOARD_DATA_DIR=str(tmp_path / "var"),
         SWITCHBOARD_HTTP_PORT=str(free_port()),
         KILL_TEST_PASSWORD=PASSWORD,
     )
-    store = ImapStateStore(make_engine(POSTGRES_URL))
-    store.create()
+    engine = make_engine(postgres_schema_url)
+    upgrade(engine)  # the role would too; the test reads the checkpoints meanwhile
+    store = ImapStateStore(engine)
 
     def last_uid() -> int:
         cp = store.checkpoint(name, "INBOX")
