@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from imapclient import IMAPClient
 
@@ -313,6 +314,11 @@ def test_poller_killed_mid_batch_loses_nothing(
     second = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: last_uid() >= total, 60)
+        # The role's HTTP server shows the same state as the CLI.
+        status = httpx.get(f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}/status/imap")
+        [live] = [r for r in status.json() if r["mailbox"] == name]
+        assert live["connected"] is True
+        assert live["folders"]["INBOX"]["last_uid"] == total
         second.send_signal(signal.SIGTERM)
         _, stderr = second.communicate(timeout=15)
         assert second.returncode == 0, stderr
@@ -344,3 +350,31 @@ def test_poller_killed_mid_batch_loses_nothing(
     [row] = [r for r in json.loads(shown.stdout) if r["mailbox"] == name]
     assert row["folders"]["INBOX"]["last_uid"] == total
     assert row["connected"] is False  # stopped cleanly
+
+
+def test_optional_keyword_and_move_after_ingest(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    setup = client(dovecot)
+    setup.create_folder("Ingested")
+    setup.logout()
+    dovecot.deliver(mail(f"{unique}-kw"))
+    marked = mailbox(dovecot, f"kw{unique}", monkeypatch.setenv, mark_keyword="$Switchboard")
+    with imap_adapter(kafka_settings, tmp_path, [marked]) as store:
+        wait_for(lambda: position(store, marked.name)[1] >= 1, 20)
+    check = client(dovecot)
+    check.select_folder("INBOX", readonly=True)
+    assert b"$Switchboard" in check.get_flags([1])[1]
+    check.logout()
+
+    moved = mailbox(dovecot, f"mv{unique}", monkeypatch.setenv, move_to="Ingested")
+    with imap_adapter(kafka_settings, tmp_path / "mv", [moved]) as store:
+        wait_for(lambda: position(store, moved.name)[1] >= 1, 20)
+    check = client(dovecot)
+    assert check.select_folder("INBOX", readonly=True)[b"EXISTS"] == 0
+    assert check.select_folder("Ingested", readonly=True)[b"EXISTS"] == 1
+    check.logout()

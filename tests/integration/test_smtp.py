@@ -124,6 +124,31 @@ def test_size_is_advertised_and_enforced(kafka_settings: KafkaSettings, tmp_path
             assert (code, text.decode()[:5]) == (552, "5.3.4")
 
 
+def test_a_large_message_is_accepted_whole(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    video = bytes(range(256)) * (6 * 1024 * 1024 // 256)  # 6 MB, base64 about 8 MB
+    msg = EmailMessage()
+    msg["From"] = "alice@example.org"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = "the recording"
+    msg["Message-ID"] = f"<big-{unique}@example.org>"
+    msg.set_content("Here is the video of the problem.")
+    msg.add_attachment(video, maintype="video", subtype="mp4", filename="bug.mp4")
+    with smtp_server(kafka_settings, tmp_path) as server:  # default SIZE 25 MB
+        # CRLF line endings, as every real client sends them.
+        code, reply = server.send(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+        assert code == 250, reply
+        inbound, _ = collect(kafka_settings, f"big-{unique}", {queued_id(reply)})
+        [message] = inbound.values()
+        [attachment] = message.attachments
+        assert attachment.size == len(video)
+        assert attachment.blob is not None
+        assert server.blobs.get(attachment.blob.sha256) == video
+        # The event carries references, not the bytes.
+        assert len(message.model_dump_json()) < 10_000
+
+
 def test_recipient_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
     with (
         smtp_server(kafka_settings, tmp_path, max_recipients=2) as server,
