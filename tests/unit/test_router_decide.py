@@ -1,0 +1,301 @@
+"""router/decide.py: every routing rule on the pure code, with an in-memory directory."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import pytest
+import uuid6
+
+from normalize.identity import email_identity, phone_identity
+from normalize.schema import Flags, IdentityKind, InboundMessage, Recipient, RecipientRole, Thread
+from router.decide import (
+    ContactView,
+    ConversationView,
+    Duplicate,
+    Routed,
+    RoutingConfig,
+    Rule,
+    SeenMessage,
+    Team,
+    Unroutable,
+    derived_id,
+    route,
+)
+from tests.factories import inbound_message
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+CONFIG = RoutingConfig(
+    teams={
+        "support": Team("support", ("alice", "bob")),
+        "sales": Team("sales", ("sam", "sue"), assignment="least-loaded", capacity=2),
+    },
+    default_team="support",
+    rules=(
+        Rule("sales-inbox", team="sales", inbox="email:sales@acme.example.com"),
+        Rule("pricing", team="sales", keywords=("quote", "pricing")),
+    ),
+    blocked_identities=frozenset({"email:support@acme.example.com"}),
+    max_identities_per_kind=3,
+)
+
+
+@dataclass
+class FakeDirectory:
+    messages: dict[str, SeenMessage] = field(default_factory=dict)
+    email_ids: dict[str, SeenMessage] = field(default_factory=dict)
+    contacts: dict[str, ContactView] = field(default_factory=dict)
+    conversations: list[tuple[ConversationView, tuple[str, ...]]] = field(default_factory=list)
+    load: dict[str, int] = field(default_factory=dict)
+    cursor: dict[str, int] = field(default_factory=dict)
+
+    def seen(self, dedupe_key: str) -> SeenMessage | None:
+        return self.messages.get(dedupe_key)
+
+    def contacts_for(self, keys: Sequence[str]) -> Mapping[str, ContactView]:
+        return {k: self.contacts[k] for k in keys if k in self.contacts}
+
+    def message_by_email_id(self, email_message_id: str) -> SeenMessage | None:
+        return self.email_ids.get(email_message_id)
+
+    def contact(self, contact_id: UUID) -> ContactView | None:
+        return next((c for c in self.contacts.values() if c.id == contact_id), None)
+
+    def conversation_for_thread(
+        self, contact_id: UUID, email_ids: Sequence[str]
+    ) -> ConversationView | None:
+        return next(
+            (
+                c
+                for c, ids in self.conversations
+                if c.contact_id == contact_id and set(ids) & set(email_ids)
+            ),
+            None,
+        )
+
+    def latest_conversation(self, contact_id: UUID) -> ConversationView | None:
+        mine = [c for c, _ in self.conversations if c.contact_id == contact_id]
+        return max(mine, key=lambda c: c.last_message_at) if mine else None
+
+    def open_load(self, agents: Sequence[str]) -> Mapping[str, int]:
+        return {a: self.load.get(a, 0) for a in agents}
+
+    def round_robin_next(self, team: str) -> int:
+        return self.cursor.get(team, 0)
+
+    def add_contact(self, *keys: str, owner: str = "alice", age_days: int = 1) -> ContactView:
+        contact = ContactView(uuid.uuid4(), NOW - timedelta(days=age_days), owner, frozenset(keys))
+        for key in keys:
+            self.contacts[key] = contact
+        return contact
+
+
+def email(sender: str = "ann@example.com", **overrides: object) -> InboundMessage:
+    fields: dict[str, object] = {
+        "id": uuid6.uuid7(),
+        "sender": email_identity(sender),
+        "identities": (),
+        "received_at": NOW,
+        "dedupe_key": f"email-mid:{uuid.uuid4()}@example.com",
+        "thread": Thread(),
+        "recipients": (
+            Recipient(
+                kind=IdentityKind.EMAIL, value="support@acme.example.com", role=RecipientRole.TO
+            ),
+        ),
+    }
+    fields.update(overrides)
+    return inbound_message(**fields)
+
+
+def routed(decision: object) -> Routed:
+    assert isinstance(decision, Routed), decision
+    return decision
+
+
+def test_a_new_person_gets_a_new_contact_and_an_owner_by_round_robin() -> None:
+    view = FakeDirectory(cursor={"support": 1})
+    message = email()
+    d = routed(route(message, view, CONFIG))
+    assert d.new_contact
+    assert d.contact_id == derived_id(message.id, "contact")
+    assert d.link == ("email:ann@example.com",)
+    assert (d.owner, d.reason, d.assign_cursor) == ("bob", "default", "support")
+    assert d.new_conversation
+    assert d.event_id == derived_id(message.id, "routed")
+
+
+def test_decisions_are_deterministic_for_a_redelivered_message() -> None:
+    message = email()
+    assert route(message, FakeDirectory(), CONFIG) == route(message, FakeDirectory(), CONFIG)
+
+
+def test_duplicates_and_redeliveries() -> None:
+    first = email()
+    view = FakeDirectory()
+    view.messages[first.dedupe_key] = SeenMessage(first.id, uuid.uuid4(), uuid.uuid4())
+    again = route(first, view, CONFIG)
+    assert isinstance(again, Duplicate)
+    assert again.redelivery is True
+    via_imap = first.model_copy(update={"id": uuid6.uuid7(), "adapter": "imap:support"})
+    second = route(via_imap, view, CONFIG)
+    assert isinstance(second, Duplicate)
+    assert second.redelivery is False
+    assert second.original.message_id == first.id
+
+
+def test_rules_pick_the_team_first_match_wins() -> None:
+    to_sales = email(
+        recipients=(
+            Recipient(
+                kind=IdentityKind.EMAIL, value="sales@acme.example.com", role=RecipientRole.ENVELOPE
+            ),
+        )
+    )
+    d = routed(route(to_sales, FakeDirectory(load={"sam": 1, "sue": 0}), CONFIG))
+    assert (d.owner, d.reason) == ("sue", "rule:sales-inbox")  # least-loaded
+    pricing = email(subject="Need a QUOTE")
+    assert routed(route(pricing, FakeDirectory(), CONFIG)).reason == "rule:pricing"
+
+
+def test_capacity_full_falls_back_to_the_team() -> None:
+    full = FakeDirectory(load={"sam": 2, "sue": 5})
+    d = routed(route(email(subject="pricing please"), full, CONFIG))
+    assert d.owner == "sales"
+
+
+def test_owner_is_sticky_across_channels() -> None:
+    view = FakeDirectory()
+    contact = view.add_contact("email:ann@example.com", "phone:+14155550100", owner="bob")
+    sms = inbound_message(
+        id=uuid6.uuid7(),
+        channel="sms",
+        sender=phone_identity("+14155550100"),
+        identities=(),
+        recipients=(),
+        received_at=NOW,
+        dedupe_key="twilio:SM1",
+    )
+    d = routed(route(sms, view, CONFIG))
+    assert (d.contact_id, d.owner, d.reason, d.owner_changed) == (
+        contact.id,
+        "bob",
+        "sticky",
+        False,
+    )
+
+
+def test_a_removed_owner_is_replaced_within_the_team() -> None:
+    view = FakeDirectory()
+    view.add_contact("email:ann@example.com", owner="carol-left")
+    d = routed(route(email(), view, CONFIG))
+    assert (d.reason, d.owner_changed) == ("owner-removed", True)
+    assert d.owner in ("alice", "bob")
+
+
+def test_a_form_linking_two_contacts_merges_into_the_older() -> None:
+    view = FakeDirectory()
+    old = view.add_contact("email:ann@example.com", owner="alice", age_days=30)
+    young = view.add_contact("phone:+14155550100", owner="bob", age_days=1)
+    form = email(identities=(phone_identity("+14155550100"),), channel="webhook")
+    d = routed(route(form, view, CONFIG))
+    assert (d.contact_id, d.merged, d.owner, d.reason) == (old.id, (young.id,), "alice", "merged")
+    assert d.link == ()
+
+
+def test_over_merging_is_refused_beyond_the_identity_limit() -> None:
+    view = FakeDirectory()
+    mine = view.add_contact("email:ann@example.com", owner="alice")
+    view.add_contact(
+        "email:a@x.example.com",
+        "email:b@x.example.com",
+        "email:c@x.example.com",
+        owner="bob",
+        age_days=40,
+    )
+    form = email(identities=(email_identity("a@x.example.com"),))
+    d = routed(route(form, view, CONFIG))
+    assert d.merged == ()
+    assert d.contact_id == mine.id
+    assert d.refused == ("email:a@x.example.com",)
+
+
+def test_linking_beyond_the_limit_is_refused() -> None:
+    view = FakeDirectory()
+    view.add_contact("email:ann@example.com", "email:b@example.com", "email:c@example.com")
+    form = email(identities=(email_identity("d@example.com"), phone_identity("+14155550100")))
+    d = routed(route(form, view, CONFIG))
+    assert d.refused == ("email:d@example.com",)
+    assert d.link == ("phone:+14155550100",)
+
+
+def test_blocked_and_machine_identities_are_never_used() -> None:
+    view = FakeDirectory()
+    ours = email(sender="support@acme.example.com")
+    assert isinstance(route(ours, view, CONFIG), Unroutable)
+    noreply = email(
+        sender="no-reply@shop.example.com", identities=(email_identity("ann@example.com"),)
+    )
+    assert routed(route(noreply, view, CONFIG)).link == ("email:ann@example.com",)
+
+
+def test_a_bounce_attaches_to_the_bounced_messages_contact() -> None:
+    view = FakeDirectory()
+    contact = view.add_contact("email:ann@example.com", owner="bob")
+    view.email_ids["reply-1@acme.example.com"] = SeenMessage(uuid.uuid4(), contact.id, uuid.uuid4())
+    bounce = email(
+        sender="mailer-daemon@mx.example.net",
+        flags=Flags(bounce=True, bounced_message_id="reply-1@acme.example.com"),
+    )
+    d = routed(route(bounce, view, CONFIG))
+    assert (d.contact_id, d.owner, d.reason, d.link) == (contact.id, "bob", "bounce", ())
+    unknown = email(
+        sender="mailer-daemon@mx.example.net",
+        flags=Flags(bounce=True, bounced_message_id="nobody@x"),
+    )
+    decision = route(unknown, view, CONFIG)
+    assert isinstance(decision, Unroutable)
+    assert decision.reason == "bounce-unmatched"
+
+
+def test_an_auto_reply_from_a_stranger_assigns_no_agent() -> None:
+    d = routed(route(email(flags=Flags(auto_reply=True)), FakeDirectory(), CONFIG))
+    assert (d.owner, d.reason, d.assign_cursor) == ("support", "auto-reply", None)
+
+
+def test_replies_join_their_thread_only_within_the_contact() -> None:
+    view = FakeDirectory()
+    ann = view.add_contact("email:ann@example.com")
+    other = view.add_contact("email:eve@example.com")
+    ann_thread = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(days=30), open=False)
+    eve_thread = ConversationView(uuid.uuid4(), other.id, NOW - timedelta(hours=1), open=True)
+    view.conversations += [(ann_thread, ("t1@acme",)), (eve_thread, ("t2@acme",))]
+    reply = email(thread=Thread(in_reply_to=("t1@acme",)))
+    assert routed(route(reply, view, CONFIG)).conversation_id == ann_thread.id
+    # Eve quotes Ann's thread: it does not land in Ann's conversation.
+    quoting = email(sender="eve@example.com", thread=Thread(references=("t1@acme",)))
+    assert routed(route(quoting, view, CONFIG)).conversation_id == eve_thread.id
+
+
+@pytest.mark.parametrize(("hours", "joins"), [(1, True), (71, True), (73, False)])
+def test_idle_window_across_channels(hours: int, joins: bool) -> None:
+    view = FakeDirectory()
+    ann = view.add_contact("email:ann@example.com", "phone:+14155550100")
+    open_conv = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(hours=hours), open=True)
+    view.conversations.append((open_conv, ()))
+    sms = inbound_message(
+        id=uuid6.uuid7(),
+        channel="sms",
+        sender=phone_identity("+14155550100"),
+        identities=(),
+        recipients=(),
+        received_at=NOW,
+        dedupe_key="twilio:SM9",
+    )
+    d = routed(route(sms, view, CONFIG))
+    assert (d.conversation_id == open_conv.id) is joins
+    assert d.new_conversation is not joins
