@@ -367,6 +367,66 @@ class ImapSettings(BaseSettings):
         return boxes
 
 
+class TeamSettings(BaseModel):
+    """A team that owns contacts ([[teams]]); its agents are the possible owners."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+    agents: list[str] = Field(default_factory=list)
+    assignment: Literal["round-robin", "least-loaded"] = "round-robin"
+    capacity: int | None = Field(default=None, ge=1, description="Open conversations per agent.")
+
+
+def _one_team() -> list[TeamSettings]:
+    return [TeamSettings(name="support")]
+
+
+class RuleMatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inbox: str | None = Field(default=None, description="A support address or company number.")
+    channel: str | None = None
+    keywords: list[str] = Field(default_factory=list)
+
+
+class RuleSettings(BaseModel):
+    """First matching rule picks a new contact's team ([[rules]])."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    match: RuleMatch
+    team: str
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> RuleSettings:
+        m = self.match
+        if m.inbox is None and m.channel is None and not m.keywords:
+            raise ValueError(
+                "a rule needs at least one of match.inbox, match.channel, match.keywords"
+            )
+        return self
+
+
+class RouterSettings(BaseSettings):
+    """Routing: default team, guards, windows ([router]; teams and rules are their own)."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_ROUTER_", extra="ignore")
+
+    default_team: str = Field(default="support", description="Team when no rule matches.")
+    blocked_identities: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Identities never used to find a contact: your own addresses and numbers.",
+    )
+    max_identities_per_kind: int = Field(
+        default=10, ge=1, description="Links beyond this per kind are refused, not merged."
+    )
+    idle_window_h: float = Field(
+        default=72, gt=0, description="A message joins the open conversation within this."
+    )
+    dedupe_retention_days: int = Field(default=30, ge=1, description="How long keys are kept.")
+
+    _split = field_validator("blocked_identities", mode="before")(_comma_list)
+
+
 class Settings(BaseSettings):
     """Process-wide settings for `switchboard run` and the role commands."""
 
@@ -412,6 +472,27 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings, description="SMTP server.")
     twilio: TwilioSettings = Field(default_factory=TwilioSettings, description="Twilio hook.")
     imap: ImapSettings = Field(default_factory=ImapSettings, description="IMAP poller.")
+    router: RouterSettings = Field(default_factory=RouterSettings, description="Routing.")
+    teams: list[TeamSettings] = Field(
+        default_factory=_one_team,
+        description="Teams ([[teams]]); without any, one team 'support' owns everything.",
+    )
+    rules: list[RuleSettings] = Field(default_factory=list, description="Rules ([[rules]]).")
+
+    @model_validator(mode="after")
+    def _routing_is_consistent(self) -> Settings:
+        teams = [t.name for t in self.teams]
+        agents = [a for t in self.teams for a in t.agents]
+        clashes = sorted({n for n in teams + agents if (teams + agents).count(n) > 1})
+        if clashes:
+            raise ValueError(f"team and agent names must be unique across teams: {clashes}")
+        if self.router.default_team not in teams:
+            raise ValueError(f"router.default_team {self.router.default_team!r} is not a team")
+        for index, rule in enumerate(self.rules):
+            if rule.team not in teams:
+                raise ValueError(f"rules[{rule.name or index}].team {rule.team!r} is not a team")
+        return self
+
     webhooks: list[WebhookSettings] = Field(
         default_factory=list, description="Generic web hooks ([[webhooks]] in the file)."
     )
@@ -446,9 +527,14 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "smtp": SmtpSettings,
     "twilio": TwilioSettings,
     "imap": ImapSettings,
+    "router": RouterSettings,
 }
 #: Config-file sections that are arrays of tables ([[webhooks]]).
-LIST_SECTIONS: dict[str, type[BaseModel]] = {"webhooks": WebhookSettings}
+LIST_SECTIONS: dict[str, type[BaseModel]] = {
+    "webhooks": WebhookSettings,
+    "teams": TeamSettings,
+    "rules": RuleSettings,
+}
 
 
 def config_path(explicit: Path | None = None) -> Path | None:
@@ -506,15 +592,17 @@ def _section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any
         raise ConfigError(_errors(exc, name)) from exc
 
 
-def _webhooks(items: list[Any]) -> list[WebhookSettings]:
-    hooks = []
+def _tables(section: str, items: list[Any]) -> list[Any]:
+    """Validate an array of tables; errors name the entry by its name or index."""
+    model = LIST_SECTIONS[section]
+    parsed = []
     for index, item in enumerate(items):
         label = item.get("name", index) if isinstance(item, dict) else index
         try:
-            hooks.append(WebhookSettings.model_validate(item))
+            parsed.append(model.model_validate(item))
         except ValidationError as exc:
-            raise ConfigError(_errors(exc, f"webhooks[{label}]")) from exc
-    return hooks
+            raise ConfigError(_errors(exc, f"{section}[{label}]")) from exc
+    return parsed
 
 
 def load_settings(path: Path | None = None) -> Settings:
@@ -528,7 +616,10 @@ def load_settings(path: Path | None = None) -> Settings:
             smtp=_section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
             twilio=_section_settings(TwilioSettings, sections.get("twilio", {}), "twilio"),
             imap=_section_settings(ImapSettings, sections.get("imap", {}), "imap"),
-            webhooks=_webhooks(sections.get("webhooks", [])),
+            router=_section_settings(RouterSettings, sections.get("router", {}), "router"),
+            webhooks=_tables("webhooks", sections.get("webhooks", [])),
+            teams=_tables("teams", sections["teams"]) if "teams" in sections else _one_team(),
+            rules=_tables("rules", sections.get("rules", [])),
         )
     except ValidationError as exc:
         raise ConfigError(_errors(exc, "settings")) from exc
@@ -549,7 +640,7 @@ def known_env_vars() -> set[str]:
                 info.default_factory, BaseSettings
             ):
                 continue
-            if name in ("webhooks", "mailboxes"):  # file only
+            if name in ("webhooks", "mailboxes", "teams", "rules"):  # file only
                 continue
             names.add(f"{prefix}{name}".upper())
     return names
