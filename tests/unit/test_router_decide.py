@@ -112,6 +112,18 @@ def email(sender: str = "ann@example.com", **overrides: object) -> InboundMessag
     return inbound_message(**fields)
 
 
+def text_message(sid: str, number: str = "+14155550100") -> InboundMessage:
+    return inbound_message(
+        id=uuid6.uuid7(),
+        channel="sms",
+        sender=phone_identity(number),
+        identities=(),
+        recipients=(),
+        received_at=NOW,
+        dedupe_key=f"twilio:{sid}",
+    )
+
+
 def routed(decision: object) -> Routed:
     assert isinstance(decision, Routed), decision
     return decision
@@ -171,15 +183,7 @@ def test_capacity_full_falls_back_to_the_team() -> None:
 def test_owner_is_sticky_across_channels() -> None:
     view = FakeDirectory()
     contact = view.add_contact("email:ann@example.com", "phone:+14155550100", owner="bob")
-    sms = inbound_message(
-        id=uuid6.uuid7(),
-        channel="sms",
-        sender=phone_identity("+14155550100"),
-        identities=(),
-        recipients=(),
-        received_at=NOW,
-        dedupe_key="twilio:SM1",
-    )
+    sms = text_message("SM1")
     d = routed(route(sms, view, CONFIG))
     assert (d.contact_id, d.owner, d.reason, d.owner_changed) == (
         contact.id,
@@ -287,15 +291,7 @@ def test_idle_window_across_channels(hours: int, joins: bool) -> None:
     ann = view.add_contact("email:ann@example.com", "phone:+14155550100")
     open_conv = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(hours=hours), open=True)
     view.conversations.append((open_conv, ()))
-    sms = inbound_message(
-        id=uuid6.uuid7(),
-        channel="sms",
-        sender=phone_identity("+14155550100"),
-        identities=(),
-        recipients=(),
-        received_at=NOW,
-        dedupe_key="twilio:SM9",
-    )
+    sms = text_message("SM9")
     d = routed(route(sms, view, CONFIG))
     assert (d.conversation_id == open_conv.id) is joins
     assert d.new_conversation is not joins
