@@ -13,6 +13,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Literal
 from uuid import UUID
 
 from pydantic import JsonValue
@@ -99,7 +100,7 @@ class HandOff:
         reason: str,
         detail: str,
         raw: Blob | None = None,
-        stage: str = "ingest",
+        stage: Literal["ingest", "normalize", "router", "sink"] = "ingest",
         metadata: dict[str, JsonValue] | None = None,
     ) -> Ack:
         """Record what could not become a message, with the raw bytes kept."""
@@ -107,7 +108,7 @@ class HandOff:
             await self._store((raw,))
         record = DeadLetter(
             id=id,
-            stage=stage,  # type: ignore[arg-type]
+            stage=stage,
             adapter=adapter,
             reason=reason[:64],
             detail=detail[:4000],

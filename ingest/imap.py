@@ -209,16 +209,23 @@ class MailboxPoller(threading.Thread):
         uids = sorted(uid for uid in client.search(criteria) if uid > floor)
         for batch in _chunks(uids, self.settings.batch_size):
             fetched = client.fetch(batch, ["BODY.PEEK[]"])
-            for uid in batch:
-                if self.stopping.is_set():
-                    return
-                data = fetched.get(uid)
-                raw = data.get(b"BODY[]") if data else None
-                if isinstance(raw, bytes):
-                    self._ingest(raw, folder, uid, uidvalidity)
-                    self._after(client, uid)
-                self.store.advance(box.name, folder, uidvalidity, uid)
-                self.store.set_status(box.name, connected=True, ingested=1)
+            done = 0
+            try:
+                for uid in batch:
+                    if self.stopping.is_set():
+                        return
+                    data = fetched.get(uid)
+                    raw = data.get(b"BODY[]") if data else None
+                    if isinstance(raw, bytes):
+                        self._ingest(raw, folder, uid, uidvalidity)
+                        self._after(client, uid)
+                    # The checkpoint is what durability rests on: one per message.
+                    self.store.advance(box.name, folder, uidvalidity, uid)
+                    done += 1
+            finally:
+                # The counter is for people: once per batch, also when it broke off.
+                if done:
+                    self.store.set_status(box.name, connected=True, ingested=done)
         # Everything below UIDNEXT at SELECT was considered: older mail outside the
         # window is skipped on purpose, newer mail comes next round.
         self.store.advance(box.name, folder, uidvalidity, max(uidnext - 1, 0))

@@ -46,9 +46,10 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def running(env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+def running(env: dict[str, str], cwd: Path, *command: str) -> Iterator[subprocess.Popen[str]]:
+    """`switchboard <command>` (default: run) as a subprocess, killed if still alive."""
     process = subprocess.Popen(
-        [*SWITCHBOARD, "run"],
+        [*SWITCHBOARD, *(command or ("run",))],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -220,15 +221,7 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
         E2E_SECRET="e2e-secret",
     )
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
-    process = subprocess.Popen(
-        [*SWITCHBOARD, "ingest", "http"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with running(env, tmp_path, "ingest", "http") as process:
         _wait_healthy(base, process)
         with pytest.raises(ConnectionRefusedError):  # SMTP is not part of `ingest http`
             socket.create_connection(("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"])), 1).close()
@@ -254,9 +247,6 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
         assert posted.status_code == 202, posted.text
         code, _, stderr = _stop(process)
         assert code == 0, stderr
-    finally:
-        if process.poll() is None:
-            process.kill()
     settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
     found = find(
         settings,
