@@ -276,5 +276,90 @@ class DeadLetter(_Frozen):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+class MessageRouted(_Frozen):
+    """``message.routed`` on ``switchboard.routed.v1`` (key: contact id): one message,
+    the one contact it belongs to, its conversation and the contact's one owner.
+
+    ``event_id`` is derived from the message id: a redelivered message re-emits
+    this event with the same id, so consumers stay idempotent on it.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: UUID
+    message: InboundMessage
+    contact_id: UUID
+    conversation_id: UUID
+    owner: str = Field(min_length=1, max_length=128, description="An agent or a team.")
+    reason: str = Field(
+        min_length=1,
+        max_length=160,
+        description=(
+            "Why this owner: 'rule:<name>', 'default', 'sticky', 'merged', "
+            "'owner-removed', 'bounce' or 'auto-reply'."
+        ),
+    )
+    new_contact: bool
+    new_conversation: bool
+    merged_contact_ids: tuple[UUID, ...] = Field(
+        default=(), description="Contacts this message merged into contact_id."
+    )
+    routed_at: AwareDatetime
+
+
+class MessageDuplicate(_Frozen):
+    """``message.duplicate`` on ``switchboard.routed.v1``: a second arrival of a message
+    already routed (the same email over SMTP and IMAP, or to two inboxes). For
+    analytics and for recording the inbox; it never creates a queue item."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: UUID
+    message_id: UUID = Field(description="The id of this (duplicate) arrival.")
+    original_message_id: UUID
+    contact_id: UUID
+    conversation_id: UUID
+    dedupe_key: str = Field(min_length=1, max_length=1024)
+    channel: ChannelName
+    adapter: str = Field(min_length=1, max_length=64)
+    recipients: tuple[Recipient, ...] = Field(default=(), max_length=1000)
+    received_at: AwareDatetime
+
+
+class ContactEventKind(StrEnum):
+    CREATED = "contact.created"
+    IDENTITY_LINKED = "identity.linked"
+    MERGED = "contact.merged"
+    OWNER_ASSIGNED = "owner.assigned"
+
+
+class ContactEvent(_Frozen):
+    """Contact lifecycle on ``switchboard.contacts.v1`` (key: contact id).
+
+    - ``contact.created``: ``identities`` and ``owner`` of the new contact;
+    - ``identity.linked``: ``identities`` newly attached to an existing contact;
+    - ``contact.merged``: ``merged_contact_ids`` now live on as ``contact_id`` (the
+      older contact, which keeps its owner); ``identities`` moved with them;
+    - ``owner.assigned``: ``owner`` replaces ``previous_owner`` for ``reason``
+      ('owner-removed' or 'manual').
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: UUID
+    kind: ContactEventKind
+    contact_id: UUID
+    occurred_at: AwareDatetime
+    identities: tuple[str, ...] = Field(default=(), description="Identity keys, kind:value.")
+    merged_contact_ids: tuple[UUID, ...] = ()
+    owner: str | None = Field(default=None, max_length=128)
+    previous_owner: str | None = Field(default=None, max_length=128)
+    reason: str | None = Field(default=None, max_length=160)
+    message_id: UUID | None = Field(default=None, description="The message that caused it.")
+
+
 #: Every model whose JSON Schema is checked in under ``schemas/``.
-PUBLISHED_MODELS: tuple[type[BaseModel], ...] = (InboundMessage, DeadLetter)
+PUBLISHED_MODELS: tuple[type[BaseModel], ...] = (
+    InboundMessage,
+    DeadLetter,
+    MessageRouted,
+    MessageDuplicate,
+    ContactEvent,
+)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import Engine
 
@@ -22,6 +23,9 @@ from ingest.imap_state import ImapStateStore
 from ingest.smtp import SmtpAdapter
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
+from router.config import routing_config
+from router.service import Router
+from router.store import RouterStore
 from switchboard.blobs import FileBlobStore
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 from switchboard.db import make_engine, ping, upgrade
@@ -62,15 +66,27 @@ class Pipeline:
     readiness: Readiness
     components: list[Component] = field(default_factory=list)
     handoff: HandOff | None = None
+    router_engine: Engine | None = None
 
     def close(self) -> None:
         if self.handoff is not None:
             self.handoff.close()
         self.publisher.close(timeout_s=2.0)
         self.engine.dispose()
+        if self.router_engine is not None:
+            self.router_engine.dispose()
 
 
-ROLES = frozenset({"http", "smtp", "imap"})
+ROLES = frozenset({"http", "smtp", "imap", "router"})
+
+
+def router_store(settings: Settings, engine: Engine | None = None) -> RouterStore:
+    """The router's directory over its own engine (SQLite: writers BEGIN IMMEDIATE)."""
+    return RouterStore(
+        engine or make_engine(settings.resolved_database_url(), sqlite_immediate=True),
+        routing_config(settings),
+        retention=timedelta(days=settings.router.dedupe_retention_days),
+    )
 
 
 def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipeline:
@@ -110,7 +126,12 @@ def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipelin
         components.append(SmtpAdapter(settings.smtp, handoff, host=settings.bind_host))
     if "imap" in roles and settings.imap.enabled and settings.imap.mailboxes:
         components.append(ImapAdapter(settings.imap, handoff, imap_store))
-    return Pipeline(settings, publisher, engine, readiness, components, handoff)
+    router_engine = None
+    if "router" in roles:
+        store = router_store(settings)
+        router_engine = store.engine
+        components.append(Router(kafka, store, publisher))
+    return Pipeline(settings, publisher, engine, readiness, components, handoff, router_engine)
 
 
 def run(settings: Settings, roles: frozenset[str] = ROLES) -> int:

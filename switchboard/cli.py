@@ -30,6 +30,53 @@ def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     return run(settings, frozenset({args.role}))
 
 
+def _cmd_router(settings: Settings, _args: argparse.Namespace) -> int:
+    from switchboard.bootstrap import run
+
+    return run(settings, frozenset({"router"}))
+
+
+def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
+    import uuid
+
+    from router.store import UnknownContact, UnknownOwner, topic_of
+    from switchboard.bootstrap import router_store
+    from switchboard.db import upgrade
+    from switchboard.kafka import Publisher, PublishError
+
+    try:
+        contact_id = uuid.UUID(args.contact)
+    except ValueError:
+        print(f"error: {args.contact!r} is not a contact id (a UUID)", file=sys.stderr)
+        return 2
+    store = router_store(settings)
+    upgrade(store.engine)
+    try:
+        event = store.assign(contact_id, args.owner)
+    except UnknownContact:
+        print(f"error: no contact {contact_id}", file=sys.stderr)
+        return 1
+    except UnknownOwner:
+        print(
+            f"error: {args.owner!r} is not an agent or team of the configuration", file=sys.stderr
+        )
+        return 2
+    print(f"contact {event.key} now owned by {args.owner} (event {event.id})")
+    if not settings.kafka.bootstrap:
+        print("owner.assigned is recorded; the running router publishes it")
+        return 0
+    publisher = Publisher(settings.kafka)
+    try:
+        publisher.publish(topic_of(event), event)
+        store.mark_published([event.id])
+        print("owner.assigned published")
+    except PublishError as exc:
+        print(f"owner.assigned recorded, not yet published ({exc}); the router will retry")
+    finally:
+        publisher.close()
+    return 0
+
+
 def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.imap_state import ImapStateStore
     from switchboard.db import make_engine, upgrade
@@ -151,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("imap", help="the IMAP pollers (with /healthz, /readyz on HTTP)")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("router", help="run the router: dedupe, contact, owner")
+    p.set_defaults(func=_cmd_router)
+
+    contacts = sub.add_parser("contacts", help="the contact directory").add_subparsers(
+        dest="contacts_command", required=True, metavar="ACTION"
+    )
+    p = contacts.add_parser("assign", help="give a contact a new owner (emits owner.assigned)")
+    p.add_argument("contact", help="contact id")
+    p.add_argument("owner", help="an agent or team of the configuration")
+    p.set_defaults(func=_cmd_contacts_assign)
 
     db = sub.add_parser("db", help="the database").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"

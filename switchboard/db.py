@@ -21,8 +21,19 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:  # noqa: ANN401 - create_engine's options
-    """Build an engine with durable, concurrent-friendly defaults for its backend."""
+def make_engine(
+    url: str,
+    *,
+    sqlite_immediate: bool = False,
+    **kwargs: Any,  # noqa: ANN401 - create_engine's options
+) -> Engine:
+    """Build an engine with durable, concurrent-friendly defaults for its backend.
+
+    SQLite: transactions are begun explicitly (the documented pysqlite recipe),
+    which SAVEPOINT needs; ``sqlite_immediate`` begins them with ``BEGIN
+    IMMEDIATE`` so a writer takes the write lock up front instead of failing to
+    upgrade a read lock later (SQLITE_BUSY without waiting).
+    """
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -40,6 +51,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:  # noqa: ANN401 - create_eng
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=5000")
             cursor.close()
+            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
+
+        begin = "BEGIN IMMEDIATE" if sqlite_immediate else "BEGIN"
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:  # noqa: ANN401 - a SQLAlchemy Connection
+            connection.exec_driver_sql(begin)
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)

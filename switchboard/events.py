@@ -22,6 +22,14 @@ CONTENT_TYPE = "application/json"
 # Event types: reverse-DNS style, versioned with the schema.
 TYPE_INBOUND = "io.switchboard.message.inbound.v1"
 TYPE_DEADLETTER = "io.switchboard.deadletter.v1"
+TYPE_ROUTED = "io.switchboard.message.routed.v1"
+TYPE_DUPLICATE = "io.switchboard.message.duplicate.v1"
+
+
+def contact_event_type(kind: str) -> str:
+    """``contact.merged`` -> ``io.switchboard.contact.merged.v1``."""
+    return f"io.switchboard.{kind}.v1"
+
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -44,12 +52,16 @@ def new_event_id() -> str:
 
 @dataclass(frozen=True)
 class Event:
-    """One CloudEvent ready to publish. ``key`` becomes the Kafka record key."""
+    """One CloudEvent ready to publish. ``key`` becomes the Kafka record key.
+
+    ``data`` is a model, or its JSON already serialized (an event re-emitted
+    from a store, byte for byte as it was first published).
+    """
 
     type: str
     source: str
     key: str
-    data: BaseModel
+    data: BaseModel | bytes
     id: str = field(default_factory=new_event_id)
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
     subject: str | None = None
@@ -68,6 +80,8 @@ class Event:
         return headers
 
     def value(self) -> bytes:
+        if isinstance(self.data, bytes):
+            return self.data
         return self.data.model_dump_json().encode()
 
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,28 +20,11 @@ from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.db import make_engine, upgrade
 from switchboard.settings import KafkaSettings
 from switchboard.topics import DEADLETTER, INBOUND
-from tests.dovecot import PASSWORD, USER, Dovecot, available
+from tests.dovecot import PASSWORD, USER, Dovecot
 from tests.http_helpers import find
 from tests.imap_helpers import imap_adapter, mail, mailbox, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("dovecot is required in CI (.ci/run installs dovecot-imapd)")
-        pytest.skip("dovecot-imapd not installed")
-    # Not under tmp_path: pytest's directories are 0700, and Dovecot's unprivileged
-    # processes must reach the Maildir.
-    root = Path(tempfile.mkdtemp(prefix="switchboard-dovecot-"))
-    server = Dovecot(root).setup().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def position(store: ImapStateStore, name: str) -> tuple[int, int]:

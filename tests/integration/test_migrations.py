@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, MetaData, inspect
 
 from ingest.imap_state import metadata as imap_metadata
+from router.store import metadata as router_metadata
 from switchboard.db import current_revision, head_revision, make_engine, upgrade
 
 pytestmark = pytest.mark.integration
@@ -20,10 +21,14 @@ def _check(engine: Engine) -> None:
     assert upgrade(engine) == head_revision()
     assert upgrade(engine) == head_revision()  # idempotent
     tables = set(inspect(engine).get_table_names())
-    assert {"imap_checkpoints", "imap_status", "alembic_version"} <= tables
+    assert {"imap_checkpoints", "imap_status", "alembic_version", "contacts"} <= tables
     # The models the code uses and the migrations agree, column for column.
+    models = MetaData()
+    for part in (imap_metadata, router_metadata):
+        for table in part.tables.values():
+            table.to_metadata(models)
     with engine.connect() as connection:
-        diff = compare_metadata(MigrationContext.configure(connection), imap_metadata)
+        diff = compare_metadata(MigrationContext.configure(connection), models)
     assert diff == [], diff
 
 
