@@ -65,6 +65,7 @@ def make_engine(
 
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_MIGRATION_LOCK = 0x5357424D49475254  # "SWBMIGRT": one migrator at a time on PostgreSQL
 
 
 def _alembic_config(connection: Any) -> Config:  # noqa: ANN401 - a SQLAlchemy Connection
@@ -77,6 +78,11 @@ def _alembic_config(connection: Any) -> Config:  # noqa: ANN401 - a SQLAlchemy C
 def upgrade(engine: Engine) -> str | None:
     """Apply every pending migration; return the revision the database is at."""
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several processes starting at once (replicas, `switchboard router` x4)
+            # would race to create the same tables: one migrates, the others wait
+            # and find nothing left to do. Released at commit.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK})
         command.upgrade(_alembic_config(connection), "head")
     return current_revision(engine)
 

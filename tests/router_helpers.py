@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
 
+import uuid6
 from pydantic import BaseModel
 from sqlalchemy import Engine, func, select
 
-from normalize.schema import InboundMessage
+from normalize.identity import email_identity, phone_identity
+from normalize.schema import Identity, InboundMessage
 from router.decide import RoutingConfig, Team
 from router.service import Router
 from router.store import RouterStore, contacts, conversations, identities, messages, outbox
@@ -154,13 +157,20 @@ def events_of(
     count: int,
     group: str = "check",
     timeout_s: float = 20,
+    distinct: Callable[[M], object] | None = None,
 ) -> list[M]:
-    """The data of events of one CloudEvents type on a topic (waits for ``count``)."""
+    """The data of events of one CloudEvents type on a topic: waits for ``count``
+    of them (or ``count`` distinct values of ``distinct``)."""
     found: list[M] = []
     consumer = make_consumer(kafka, group_id=f"{group}-{type_}", topics=[topic])
     deadline = time.monotonic() + timeout_s
+
+    def enough() -> bool:
+        seen = len({distinct(f) for f in found}) if distinct else len(found)
+        return seen >= count
+
     try:
-        while len(found) < count and time.monotonic() < deadline:
+        while not enough() and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=MIN_POLL_TIMEOUT_MS).values():
                 for record in batch:
                     if read_meta(record.headers).type == type_:
@@ -168,3 +178,104 @@ def events_of(
     finally:
         consumer.close()
     return found
+
+
+@dataclass(frozen=True)
+class Population:
+    """Messages from people who each write from 2 or 3 identities."""
+
+    messages: list[InboundMessage]  # in publishing order, repeats included
+    people: list[frozenset[str]]  # each person's identity keys
+
+    @property
+    def dedupe_keys(self) -> set[str]:
+        return {m.dedupe_key for m in self.messages}
+
+    @property
+    def ids(self) -> set[UUID]:
+        return {m.id for m in self.messages}
+
+
+def population(
+    people: int, per_person: int = 8, *, seed: int = 1, repeat: float = 0.1
+) -> Population:
+    """Each person sends ``per_person`` messages from random identities of theirs,
+    one of them a form carrying all of them (which links them, merging contacts
+    created meanwhile), in a random global order. A ``repeat`` share arrives a
+    second time under a new message id (same dedupe key, as SMTP + IMAP would),
+    and 2% are published twice as the very same event (a producer retry)."""
+    rng = random.Random(seed)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    messages: list[InboundMessage] = []
+    everyone: list[frozenset[str]] = []
+    for p in range(people):
+        ids = [email_identity(f"person{p}@example.org"), phone_identity(f"+1415{2000000 + p:07d}")]
+        if rng.random() < 0.5:
+            ids.append(email_identity(f"p{p}@work.example.com"))
+        everyone.append(frozenset(i.key for i in ids))
+        form_at = rng.randrange(per_person)
+        for n in range(per_person):
+            received = start + timedelta(seconds=rng.uniform(0, 3000))
+            if n == form_at:
+                messages.append(
+                    _message("webhook", ids[0], f"webhook:form:{p}-{n}", received, tuple(ids[1:]))
+                )
+                continue
+            sender = rng.choice(ids)
+            if sender.kind == "phone":
+                messages.append(_message("sms", sender, f"twilio:SM{p:06d}{n:04d}", received))
+            else:
+                messages.append(
+                    _message("email", sender, f"email-mid:{p}.{n}@example.org", received)
+                )
+    rng.shuffle(messages)
+    repeats = [
+        m.model_copy(update={"id": uuid6.uuid7()})
+        for m in rng.sample(messages, int(len(messages) * repeat))
+    ]
+    same_event = rng.sample(messages, int(len(messages) * 0.02))
+    for extra in repeats + same_event:
+        messages.insert(rng.randrange(len(messages) + 1), extra)
+    return Population(messages, everyone)
+
+
+def _message(
+    channel: str,
+    sender: Identity,
+    dedupe_key: str,
+    received: datetime,
+    extra: tuple[Identity, ...] = (),
+) -> InboundMessage:
+    return InboundMessage(
+        id=uuid6.uuid7(),
+        channel=channel,
+        adapter={"sms": "twilio", "email": "smtp"}.get(channel, "contact-form"),
+        received_at=received,
+        sender=sender,
+        identities=extra,
+        subject="Order" if channel == "email" else None,
+        text="Where is my order?",
+        dedupe_key=dedupe_key,
+    )
+
+
+def check_population(snap: Snapshot, pop: Population, agents: Iterable[str]) -> None:
+    """Exactly one contact per person with all their identities, one configured
+    owner each, every message once, nothing lost."""
+    by_key = {key: c for c, (_, keys) in snap.contacts.items() for key in keys}
+    contact_of_person = []
+    for keys in pop.people:
+        found = {by_key.get(k) for k in keys}
+        assert len(found) == 1, f"person {sorted(keys)} is spread over {found}"
+        (contact,) = found
+        assert contact is not None
+        assert snap.contacts[contact][1] == keys
+        contact_of_person.append(contact)
+    assert len(set(contact_of_person)) == len(pop.people), "two people share a contact"
+    assert len(snap.contacts) == len(pop.people), "contacts that belong to no person"
+    assert {owner for owner, _ in snap.contacts.values()} <= set(agents)
+    dedupe = sorted(key for _, _, key in snap.messages.values())
+    assert len(dedupe) == len(set(dedupe)), "a message stored twice"
+    assert set(dedupe) == pop.dedupe_keys, "a message lost"
+    for message_id, (contact, conversation, _) in snap.messages.items():
+        assert snap.conversations[conversation] == contact, message_id

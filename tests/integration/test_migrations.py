@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,15 @@ def test_postgres(postgres_schema_url: str) -> None:
         _check(engine)
     finally:
         engine.dispose()
+
+
+def test_processes_starting_together_migrate_once(postgres_schema_url: str) -> None:
+    """Four routers starting at once: one migrates, the others wait and find it done."""
+    engines = [make_engine(postgres_schema_url) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            revisions = list(pool.map(upgrade, engines))
+        assert revisions == [head_revision()] * 4
+    finally:
+        for engine in engines:
+            engine.dispose()
