@@ -26,6 +26,7 @@ from switchboard.db import current_revision, head_revision, make_engine
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
 from tests.http_helpers import find
+from tests.router_helpers import snapshot
 from tests.smtp_helpers import collect, queued_id
 
 pytestmark = pytest.mark.e2e
@@ -258,3 +259,39 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
     )
     assert {m.channel for m in found} == {"sms", "webhook"}
     assert {m.sender.key for m in found} == {"phone:+14155550100", "email:ann@example.com"}
+
+
+def test_run_routes_what_it_accepts_to_one_contact_and_owner(tmp_path: Path) -> None:
+    """`make run` as a user starts it: embedded broker, SQLite, the router inside."""
+    config = tmp_path / "switchboard.toml"
+    config.write_text(
+        '[smtp]\ndomains = ["example.com"]\n\n'
+        '[[teams]]\nname = "support"\nagents = ["alice", "bob"]\n'
+    )
+    env = _env(tmp_path, SWITCHBOARD_CONFIG=str(config))
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process)
+        for n in (1, 2):
+            raw = (
+                f"From: Carla <carla@example.org>\r\nTo: support@example.com\r\n"
+                f"Subject: order {n}\r\nMessage-ID: <run-{n}@example.org>\r\n\r\nHi\r\n"
+            ).encode()
+            with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as c:
+                c.sendmail("carla@example.org", ["support@example.com"], raw)
+        engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'switchboard.db'}")
+        try:
+            deadline = time.monotonic() + 30
+            snap = snapshot(engine)
+            while len(snap.messages) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                snap = snapshot(engine)
+        finally:
+            engine.dispose()
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr
+    assert len(snap.messages) == 2
+    [(owner, keys)] = snap.contacts.values()
+    assert keys == {"email:carla@example.org"}
+    assert owner in {"alice", "bob"}
+    assert len(set(snap.conversations)) == 1

@@ -103,9 +103,15 @@ def test_every_switchboard_env_var_is_a_real_setting() -> None:
                 assert variable in known, f"{name}: {variable} is not a setting"
 
 
-def test_each_ingest_role_has_its_service() -> None:
+def test_each_role_has_its_service() -> None:
     commands = {tuple(s["command"]) for s in _switchboard_services(_rendered()).values()}
-    expected = {("ingest", "smtp"), ("ingest", "http"), ("ingest", "imap"), ("topics", "create")}
+    expected = {
+        ("ingest", "smtp"),
+        ("ingest", "http"),
+        ("ingest", "imap"),
+        ("topics", "create"),
+        ("router",),
+    }
     assert expected <= commands
 
 
