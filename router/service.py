@@ -166,7 +166,12 @@ class Router:
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self.purge_every_s
                     self._purge()
-                polled = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
+                try:
+                    polled = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
+                except KafkaError as exc:
+                    log.warning("poll failed; retrying", extra={"error": repr(exc)[:500]})
+                    self._stop.wait(1.0)
+                    continue
                 records = [r for batch in polled.values() for r in batch]
                 if not records:
                     self._relay_pending()
@@ -205,9 +210,12 @@ class Router:
         try:
             outcomes = self.store.route_batch(messages) if messages else []
         except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("routing batch will be retried", extra={"error": repr(exc)[:500]})
+            if is_transient(exc):
+                log.warning("routing batch will be retried", extra={"error": repr(exc)[:500]})
+            else:
+                # Not one message's fault (those are dead-lettered inside): keep the
+                # records, keep the thread alive, and say so loudly.
+                log.exception("routing batch failed; it will be retried")
             self._rewind(consumer, firsts)
             return False
         events = [e for o in outcomes for e in o.events] + bad

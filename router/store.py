@@ -935,20 +935,14 @@ class RouterStore:
                 "message_id": str(message.id),
             },
         )
-        event_id = derived_id(message.id, "contact-merged")
-        return _event(
-            contact_event_type(ContactEventKind.MERGED),
-            str(d.contact_id),
-            ContactEvent(
-                event_id=event_id,
-                kind=ContactEventKind.MERGED,
-                contact_id=d.contact_id,
-                occurred_at=now,
-                identities=tuple(moved),
-                merged_contact_ids=d.merged,
-                message_id=message.id,
-            ),
-            event_id,
+        return _contact_event(
+            ContactEventKind.MERGED,
+            d.contact_id,
+            derived_id(message.id, "contact-merged"),
+            now,
+            identities=tuple(moved),
+            merged_contact_ids=d.merged,
+            message_id=message.id,
         )
 
     # -- operations --------------------------------------------------------------
@@ -975,20 +969,14 @@ class RouterStore:
             c.execute(
                 update(contacts).where(contacts.c.id == target).values(owner=owner, updated_at=now)
             )
-            event_id = _new_event_uuid()
-            event = _event(
-                contact_event_type(ContactEventKind.OWNER_ASSIGNED),
-                str(target),
-                ContactEvent(
-                    event_id=event_id,
-                    kind=ContactEventKind.OWNER_ASSIGNED,
-                    contact_id=target,
-                    occurred_at=now,
-                    owner=owner,
-                    previous_owner=previous,
-                    reason="manual",
-                ),
-                event_id,
+            event = _contact_event(
+                ContactEventKind.OWNER_ASSIGNED,
+                target,
+                _new_event_uuid(),
+                now,
+                owner=owner,
+                previous_owner=previous,
+                reason="manual",
             )
             self._record(c, None, [event], pending=True)
         return event
@@ -1033,65 +1021,48 @@ class RouterStore:
         return None if row is None else (row.merged_into or row.id)
 
 
+def _contact_event(
+    kind: ContactEventKind,
+    contact_id: UUID,
+    event_id: UUID,
+    occurred_at: datetime,
+    **fields: Any,  # noqa: ANN401 - ContactEvent's optional fields
+) -> Event:
+    data = ContactEvent(
+        event_id=event_id, kind=kind, contact_id=contact_id, occurred_at=occurred_at, **fields
+    )
+    return _event(contact_event_type(kind), str(contact_id), data, event_id)
+
+
 def _contact_events(
     message: InboundMessage, d: Routed, now: datetime, previous_owner: str | None
 ) -> list[Event]:
     """contact.created for a new contact; else identity.linked and owner.assigned."""
-    events: list[Event] = []
-    contact_key = str(d.contact_id)
+
+    def event(kind: ContactEventKind, **fields: Any) -> Event:  # noqa: ANN401
+        return _contact_event(
+            kind,
+            d.contact_id,
+            derived_id(message.id, kind.value.replace(".", "-")),
+            now,
+            message_id=message.id,
+            **fields,
+        )
+
     if d.new_contact:
+        return [event(ContactEventKind.CREATED, identities=d.link, owner=d.owner, reason=d.reason)]
+    events = []
+    if d.link:
+        events.append(event(ContactEventKind.IDENTITY_LINKED, identities=d.link))
+    if d.owner_changed:
         events.append(
-            _event(
-                contact_event_type(ContactEventKind.CREATED),
-                contact_key,
-                ContactEvent(
-                    event_id=derived_id(message.id, "contact-created"),
-                    kind=ContactEventKind.CREATED,
-                    contact_id=d.contact_id,
-                    occurred_at=now,
-                    identities=d.link,
-                    owner=d.owner,
-                    reason=d.reason,
-                    message_id=message.id,
-                ),
-                derived_id(message.id, "contact-created"),
+            event(
+                ContactEventKind.OWNER_ASSIGNED,
+                owner=d.owner,
+                previous_owner=previous_owner,
+                reason=d.reason,
             )
         )
-    else:
-        if d.link:
-            events.append(
-                _event(
-                    contact_event_type(ContactEventKind.IDENTITY_LINKED),
-                    contact_key,
-                    ContactEvent(
-                        event_id=derived_id(message.id, "identity-linked"),
-                        kind=ContactEventKind.IDENTITY_LINKED,
-                        contact_id=d.contact_id,
-                        occurred_at=now,
-                        identities=d.link,
-                        message_id=message.id,
-                    ),
-                    derived_id(message.id, "identity-linked"),
-                )
-            )
-        if d.owner_changed:
-            events.append(
-                _event(
-                    contact_event_type(ContactEventKind.OWNER_ASSIGNED),
-                    contact_key,
-                    ContactEvent(
-                        event_id=derived_id(message.id, "owner-assigned"),
-                        kind=ContactEventKind.OWNER_ASSIGNED,
-                        contact_id=d.contact_id,
-                        occurred_at=now,
-                        owner=d.owner,
-                        previous_owner=previous_owner,
-                        reason=d.reason,
-                        message_id=message.id,
-                    ),
-                    derived_id(message.id, "owner-assigned"),
-                )
-            )
     return events
 
 

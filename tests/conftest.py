@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from switchboard.broker import EmbeddedBroker
-from switchboard.db import make_engine
+from switchboard.db import make_engine, upgrade
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ensure_topics
 from tests.dovecot import Dovecot, available
@@ -62,6 +62,15 @@ def postgres_schema_url(postgres_engine: Engine, unique: str) -> Iterator[str]:
     finally:
         with postgres_engine.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture
+def migrated_postgres(postgres_schema_url: str) -> Iterator[Engine]:
+    """An engine on a fresh schema with every migration applied."""
+    engine = make_engine(postgres_schema_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

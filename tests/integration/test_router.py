@@ -17,7 +17,6 @@ from twilio.request_validator import RequestValidator
 
 from normalize.schema import ContactEvent, DeadLetter, MessageDuplicate, MessageRouted
 from router.store import inboxes, outbox
-from switchboard.db import make_engine, upgrade
 from switchboard.events import TYPE_DUPLICATE, TYPE_ROUTED, contact_event_type
 from switchboard.kafka import Publisher
 from switchboard.settings import KafkaSettings, TwilioSettings, WebhookSettings
@@ -42,6 +41,7 @@ from tests.smtp_helpers import smtp_server
 pytestmark = pytest.mark.integration
 
 TOKEN = "twilio-test-token-0123456789abcdef"
+SWITCHBOARD = [sys.executable, "-m", "switchboard.cli"]
 CREATED = contact_event_type("contact.created")
 
 
@@ -49,14 +49,6 @@ CREATED = contact_event_type("contact.created")
 def kafka() -> Iterator[KafkaSettings]:
     with fresh_kafka() as settings:
         yield settings
-
-
-@pytest.fixture
-def pg(postgres_schema_url: str) -> Iterator[Engine]:
-    engine = make_engine(postgres_schema_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def routed_count(engine: Engine) -> int:
@@ -87,7 +79,7 @@ def twilio_post(base: str, sid: str, sender: str) -> httpx.Response:
 
 def test_every_channel_one_contact_one_owner_one_conversation(
     kafka: KafkaSettings,
-    pg: Engine,
+    migrated_postgres: Engine,
     dovecot: Dovecot,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -121,11 +113,11 @@ def test_every_channel_one_contact_one_owner_one_conversation(
         bob_mail = email("bob@example.org", "bob-1@example.org")
         assert smtp.send(bob_mail, mail_from="bob@example.org")[0] == 250
 
-    store = store_for(pg)
+    store = store_for(migrated_postgres)
     with running_router(kafka, store):
-        wait_for(lambda: routed_count(pg) == 6, 60)
+        wait_for(lambda: routed_count(migrated_postgres) == 6, 60)
 
-    snap = snapshot(pg)
+    snap = snapshot(migrated_postgres)
     assert len(snap.contacts) == 2, snap.contacts
     ann_id = snap.contact_of("email:ann@example.org")
     bob_id = snap.contact_of("phone:+14155550123")
@@ -137,7 +129,7 @@ def test_every_channel_one_contact_one_owner_one_conversation(
     assert len(ann_messages) == 1
     assert len(bob_messages) == 3  # form, SMS (once), email
     assert len({snap.messages[m][1] for m in bob_messages}) == 1  # one conversation
-    with pg.connect() as c:
+    with migrated_postgres.connect() as c:
         ann_inboxes = set(
             c.execute(
                 select(inboxes.c.inbox).where(inboxes.c.message_id == ann_messages[0])
@@ -157,22 +149,22 @@ def test_every_channel_one_contact_one_owner_one_conversation(
 
 
 def test_redelivery_after_a_lost_commit_reemits_the_same_events(
-    kafka: KafkaSettings, pg: Engine
+    kafka: KafkaSettings, migrated_postgres: Engine
 ) -> None:
     messages = [
         inbound_message(sender=inbound_message().sender, dedupe_key=f"email-mid:{i}@example.org")
         for i in range(3)
     ]
     publish(kafka, messages)
-    store = store_for(pg)
+    store = store_for(migrated_postgres)
     with running_router(kafka, store, group="first"):
-        wait_for(lambda: processed(pg) >= {m.id for m in messages}, 30)
+        wait_for(lambda: processed(migrated_postgres) >= {m.id for m in messages}, 30)
     # A second group re-reads the whole topic, as a router that crashed before
     # committing would: nothing new in the directory, the same event ids again.
-    before = snapshot(pg)
+    before = snapshot(migrated_postgres)
     with running_router(kafka, store, group="second") as router:
         wait_for(lambda: router.stats.results["replayed"] == 3, 30)
-    assert snapshot(pg) == before
+    assert snapshot(migrated_postgres) == before
     routed = events_of(kafka, ROUTED, TYPE_ROUTED, MessageRouted, count=6)
     assert len(routed) == 6
     assert len({r.event_id for r in routed}) == 3
@@ -181,7 +173,7 @@ def test_redelivery_after_a_lost_commit_reemits_the_same_events(
 
 
 def test_a_record_that_is_not_an_inbound_event_is_dead_lettered(
-    kafka: KafkaSettings, pg: Engine
+    kafka: KafkaSettings, migrated_postgres: Engine
 ) -> None:
     publisher = Publisher(kafka)
     try:
@@ -193,23 +185,23 @@ def test_a_record_that_is_not_an_inbound_event_is_dead_lettered(
         publisher.close()
     good = inbound_message()
     publish(kafka, [good])
-    store = store_for(pg)
+    store = store_for(migrated_postgres)
     with running_router(kafka, store) as router:
-        wait_for(lambda: good.id in processed(pg), 30)
+        wait_for(lambda: good.id in processed(migrated_postgres), 30)
         wait_for(lambda: router.stats.results["bad-record"] == 2, 10)
     letters = find(kafka, "check", DEADLETTER, DeadLetter, lambda _: True, count=2)
     assert sorted(letter.reason for letter in letters) == ["envelope-headers", "envelope-schema"]
 
 
 def test_contacts_assign_command_reassigns_and_publishes(
-    kafka: KafkaSettings, pg: Engine, postgres_schema_url: str, tmp_path: Path
+    kafka: KafkaSettings, migrated_postgres: Engine, postgres_schema_url: str, tmp_path: Path
 ) -> None:
     first = inbound_message()
     publish(kafka, [first])
-    store = store_for(pg)
+    store = store_for(migrated_postgres)
     with running_router(kafka, store):
-        wait_for(lambda: first.id in processed(pg), 30)
-    contact_id = next(iter(snapshot(pg).contacts))
+        wait_for(lambda: first.id in processed(migrated_postgres), 30)
+    contact_id = next(iter(snapshot(migrated_postgres).contacts))
     env = {
         **os.environ,
         "SWITCHBOARD_DATABASE_URL": postgres_schema_url,
@@ -219,25 +211,21 @@ def test_contacts_assign_command_reassigns_and_publishes(
     config = tmp_path / "switchboard.toml"
     config.write_text('[[teams]]\nname = "support"\nagents = ["alice", "bob", "carol"]\n')
     env["SWITCHBOARD_CONFIG"] = str(config)
-    cli = [sys.executable, "-m", "switchboard.cli", "contacts", "assign"]
-    done = subprocess.run(
-        [*cli, str(contact_id), "carol"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def assign(owner: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SWITCHBOARD, "contacts", "assign", str(contact_id), owner],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = assign("carol")
     assert done.returncode == 0, done.stderr
     assert "owner.assigned published" in done.stdout
-    bad = subprocess.run(
-        [*cli, str(contact_id), "mallory"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    bad = assign("mallory")
     assert bad.returncode == 2
     assert "'mallory' is not an agent or team" in bad.stderr
     (event,) = find(
@@ -249,6 +237,6 @@ def test_contacts_assign_command_reassigns_and_publishes(
     publish(kafka, [later])
     started = time.monotonic()
     with running_router(kafka, store):
-        wait_for(lambda: later.id in processed(pg), 30)
+        wait_for(lambda: later.id in processed(migrated_postgres), 30)
     assert time.monotonic() - started < 60
-    assert snapshot(pg).contacts[contact_id][0] == "carol"
+    assert snapshot(migrated_postgres).contacts[contact_id][0] == "carol"

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,14 +42,6 @@ blocked_identities = ["support@example.com", "+14155550199"]
 name = "support"
 agents = ["alice", "bob", "carol"]
 """
-
-
-@pytest.fixture
-def pg(postgres_schema_url: str) -> Iterator[Engine]:
-    engine = make_engine(postgres_schema_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 class Routers:
@@ -123,7 +114,7 @@ def wait_all(engine: Engine, pop: Population, routers: Routers, timeout_s: float
 
 
 def test_four_routers_racing_on_shared_people_give_one_contact_each(
-    pg: Engine, postgres_schema_url: str, tmp_path: Path
+    migrated_postgres: Engine, postgres_schema_url: str, tmp_path: Path
 ) -> None:
     pop = population(300, seed=11)
     with fresh_kafka(partitions=8) as kafka:
@@ -132,13 +123,13 @@ def test_four_routers_racing_on_shared_people_give_one_contact_each(
             for _ in range(4):
                 routers.start()
             publish(kafka, pop.messages)
-            took = wait_all(pg, pop, routers, timeout_s=240)
+            took = wait_all(migrated_postgres, pop, routers, timeout_s=240)
         finally:
             routers.stop()
     logs = routers.logs()
     assert "deadlock detected" not in logs
     assert routers.errors() == []
-    check_population(snapshot(pg), pop, AGENTS)
+    check_population(snapshot(migrated_postgres), pop, AGENTS)
     merges = logs.count('"msg": "contacts merged"')
     assert merges > 0  # the race this test is about did happen
     print(  # noqa: T201 - the figures are useful in the test log
@@ -148,7 +139,7 @@ def test_four_routers_racing_on_shared_people_give_one_contact_each(
 
 
 def test_routers_killed_with_sigkill_mid_batch_end_in_the_same_state(
-    pg: Engine, postgres_schema_url: str, tmp_path: Path
+    migrated_postgres: Engine, postgres_schema_url: str, tmp_path: Path
 ) -> None:
     pop = population(150, seed=5)
     with fresh_kafka(partitions=4) as kafka:
@@ -161,7 +152,7 @@ def test_routers_killed_with_sigkill_mid_batch_end_in_the_same_state(
             publish(kafka, pop.messages[:half])
             # Kill one router every second while messages flow, start a new one.
             deadline = time.monotonic() + 60
-            while not pop.ids <= processed(pg) and time.monotonic() < deadline:
+            while not pop.ids <= processed(migrated_postgres) and time.monotonic() < deadline:
                 time.sleep(1.0)
                 victim = next(p for p in reversed(routers.procs) if p.poll() is None)
                 victim.send_signal(signal.SIGKILL)
@@ -172,7 +163,7 @@ def test_routers_killed_with_sigkill_mid_batch_end_in_the_same_state(
                     publish(kafka, pop.messages[half:])
                 if kills >= 6:
                     break
-            wait_all(pg, pop, routers, timeout_s=180)
+            wait_all(migrated_postgres, pop, routers, timeout_s=180)
         finally:
             routers.stop()
         # Every message's routed event reached Kafka (replays repeat ids, never lose one).
@@ -187,7 +178,7 @@ def test_routers_killed_with_sigkill_mid_batch_end_in_the_same_state(
         )
         assert {r.message.dedupe_key for r in routed} == pop.dedupe_keys
     assert kills >= 3
-    crashed = snapshot(pg)
+    crashed = snapshot(migrated_postgres)
     check_population(crashed, pop, AGENTS)
     # The same messages through one router that never crashes: the same messages,
     # grouped into the same contacts with the same identities. (Ids depend on which
