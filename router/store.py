@@ -60,6 +60,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from normalize.schema import (
@@ -519,33 +520,31 @@ class RouterStore:
             wanted[team.name] = ("team", team.name)
             for agent in team.agents:
                 wanted.setdefault(agent, ("agent", team.name))
+        dialect = postgresql if self.postgres else sqlite
+        rows = [
+            {"name": n, "kind": k, "team": t, "active": True, "rr_next": 0, "updated_at": now}
+            for n, (k, t) in sorted(wanted.items())
+        ]
+        # Upserts in name order: routers starting together converge instead of
+        # failing on each other's inserts (a round-robin cursor is never reset).
+        upsert = dialect.insert(owners)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[owners.c.name],
+            set_={
+                "kind": upsert.excluded.kind,
+                "team": upsert.excluded.team,
+                "active": True,
+                "updated_at": upsert.excluded.updated_at,
+            },
+        )
         with self.engine.begin() as c:
-            existing = {row.name: row for row in c.execute(select(owners))}
-            for name, (kind, team_name) in sorted(wanted.items()):
-                if name in existing:
-                    c.execute(
-                        update(owners)
-                        .where(owners.c.name == name)
-                        .values(kind=kind, team=team_name, active=True, updated_at=now)
-                    )
-                else:
-                    c.execute(
-                        insert(owners).values(
-                            name=name,
-                            kind=kind,
-                            team=team_name,
-                            active=True,
-                            rr_next=0,
-                            updated_at=now,
-                        )
-                    )
-            gone = [name for name in existing if name not in wanted]
-            if gone:
-                c.execute(
-                    update(owners)
-                    .where(owners.c.name.in_(gone))
-                    .values(active=False, updated_at=now)
-                )
+            for row in rows:
+                c.execute(upsert, row)
+            c.execute(
+                update(owners)
+                .where(owners.c.name.not_in(sorted(wanted)), owners.c.active.is_(True))
+                .values(active=False, updated_at=now)
+            )
 
     # -- routing ---------------------------------------------------------------
 

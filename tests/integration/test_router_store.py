@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -30,7 +32,7 @@ from normalize.schema import (
     Thread,
 )
 from router.decide import RoutingConfig, Team
-from router.store import RouterStore, UnknownContact, UnknownOwner, inboxes, topic_of
+from router.store import RouterStore, UnknownContact, UnknownOwner, inboxes, owners, topic_of
 from switchboard.db import make_engine, upgrade
 from switchboard.events import TYPE_DEADLETTER, TYPE_DUPLICATE, TYPE_ROUTED, Event
 from switchboard.topics import CONTACTS, DEADLETTER, ROUTED
@@ -359,3 +361,29 @@ def test_dedupe_keys_expire_after_the_retention(engine: Engine) -> None:
     assert store.purge()[0] == 1
     later = email("ann@example.org", "kept@mail.example.org")
     assert store.route_batch([later])[0].result == "routed"
+
+
+def test_routers_starting_together_sync_the_owners_without_a_conflict(
+    postgres_schema_url: str,
+) -> None:
+    engines = [make_engine(postgres_schema_url) for _ in range(6)]
+    try:
+        upgrade(engines[0])
+        barrier = threading.Barrier(len(engines))
+
+        def start(engine: Engine) -> None:
+            store = store_for(engine)
+            with engine.connect() as c:  # connected before the race, as running routers are
+                c.execute(select(1))
+            barrier.wait()
+            store.sync_owners()
+
+        with ThreadPoolExecutor(len(engines)) as pool:
+            for future in [pool.submit(start, e) for e in engines]:
+                future.result()
+        with engines[0].connect() as c:
+            names = sorted(c.execute(select(owners.c.name)).scalars())
+        assert names == ["alice", "bob", "carol", "support"]
+    finally:
+        for engine in engines:
+            engine.dispose()
