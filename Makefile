@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp bench-http
+.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp bench-http bench-router
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +56,7 @@ bench-http: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var
+
+## Router throughput vs raw consume, on SQLite and PostgreSQL (needs PostgreSQL at 127.0.0.1).
+bench-router: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/routing.py
