@@ -355,6 +355,20 @@ class ContactEvent(_Frozen):
     message_id: UUID | None = Field(default=None, description="The message that caused it.")
 
 
+class ConversationStatus(_Frozen):
+    """``conversation.status`` on ``switchboard.routed.v1`` (key: contact id): an agent
+    marked a conversation waiting on the customer or closed. A new customer message
+    reopens it. On the topic, so a read model rebuilt from the topics keeps it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: UUID
+    conversation_id: UUID
+    contact_id: UUID
+    status: Literal["open", "waiting", "closed"]
+    changed_by: str | None = Field(default=None, max_length=128)
+    occurred_at: AwareDatetime
+
+
 #: Every model whose JSON Schema is checked in under ``schemas/``.
 PUBLISHED_MODELS: tuple[type[BaseModel], ...] = (
     InboundMessage,
@@ -362,4 +376,5 @@ PUBLISHED_MODELS: tuple[type[BaseModel], ...] = (
     MessageRouted,
     MessageDuplicate,
     ContactEvent,
+    ConversationStatus,
 )

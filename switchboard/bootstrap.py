@@ -26,6 +26,8 @@ from ingest.webhook import WebhookAdapter
 from router.config import routing_config
 from router.service import Router
 from router.store import RouterStore
+from sinks.api import install_denied_handler, queue_router
+from sinks.queue import QueueSink, QueueStore
 from switchboard.blobs import FileBlobStore
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 from switchboard.db import make_engine, ping, upgrade
@@ -67,6 +69,7 @@ class Pipeline:
     components: list[Component] = field(default_factory=list)
     handoff: HandOff | None = None
     router_engine: Engine | None = None
+    queue_engine: Engine | None = None
 
     def close(self) -> None:
         if self.handoff is not None:
@@ -75,9 +78,11 @@ class Pipeline:
         self.engine.dispose()
         if self.router_engine is not None:
             self.router_engine.dispose()
+        if self.queue_engine is not None:
+            self.queue_engine.dispose()
 
 
-ROLES = frozenset({"http", "smtp", "imap", "router"})
+ROLES = frozenset({"http", "smtp", "imap", "router", "queue"})
 
 
 def router_store(settings: Settings, engine: Engine | None = None) -> RouterStore:
@@ -89,7 +94,9 @@ def router_store(settings: Settings, engine: Engine | None = None) -> RouterStor
     )
 
 
-def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipeline:
+def build_pipeline(
+    settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: bool = False
+) -> Pipeline:
     """Wire the shared clients and the components of the given roles."""
     kafka = settings.kafka
 
@@ -131,10 +138,21 @@ def build_pipeline(settings: Settings, roles: frozenset[str] = ROLES) -> Pipelin
         store = router_store(settings)
         router_engine = store.engine
         components.append(Router(kafka, store, publisher))
-    return Pipeline(settings, publisher, engine, readiness, components, handoff, router_engine)
+    queue_engine = None
+    if "queue" in roles:
+        queue_engine = make_engine(settings.resolved_queue_database_url())
+        queue = QueueStore(queue_engine, {t.name: t.agents for t in settings.teams})
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        app.include_router(queue_router(queue, blobs, publisher, token))
+        install_denied_handler(app)
+        components.append(QueueSink(kafka, queue, rebuild=rebuild_queue))
+    pipeline = Pipeline(settings, publisher, engine, readiness, components, handoff)
+    pipeline.router_engine = router_engine
+    pipeline.queue_engine = queue_engine
+    return pipeline
 
 
-def run(settings: Settings, roles: frozenset[str] = ROLES) -> int:
+def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: bool = False) -> int:
     """`switchboard run` (every role) or one role, until SIGTERM or Ctrl-C."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with kafka_available(settings) as broker:
@@ -146,8 +164,10 @@ def run(settings: Settings, roles: frozenset[str] = ROLES) -> int:
                 "topics_existing": list(report.existing),
             },
         )
-        pipeline = build_pipeline(settings, roles)
+        pipeline = build_pipeline(settings, roles, rebuild_queue=rebuild_queue)
         revision = upgrade(pipeline.engine)
+        if pipeline.queue_engine is not None and settings.queue_database_url is not None:
+            upgrade(pipeline.queue_engine)
         log.info("database ready", extra={"revision": revision})
 
         def force_exit() -> None:

@@ -36,6 +36,12 @@ def _cmd_router(settings: Settings, _args: argparse.Namespace) -> int:
     return run(settings, frozenset({"router"}))
 
 
+def _cmd_sink_queue(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.bootstrap import run
+
+    return run(settings, frozenset({"queue"}), rebuild_queue=args.rebuild)
+
+
 def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
     import uuid
 
@@ -201,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("router", help="run the router: dedupe, contact, owner")
     p.set_defaults(func=_cmd_router)
+
+    sinks = sub.add_parser("sink", help="run a sink").add_subparsers(
+        dest="sink", required=True, metavar="SINK"
+    )
+    p = sinks.add_parser("queue", help="the unified queue: read model, /api and the /queue page")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="empty the read model and rebuild it from the earliest offsets",
+    )
+    p.set_defaults(func=_cmd_sink_queue)
 
     contacts = sub.add_parser("contacts", help="the contact directory").add_subparsers(
         dest="contacts_command", required=True, metavar="ACTION"

@@ -24,6 +24,7 @@ TYPE_INBOUND = "io.switchboard.message.inbound.v1"
 TYPE_DEADLETTER = "io.switchboard.deadletter.v1"
 TYPE_ROUTED = "io.switchboard.message.routed.v1"
 TYPE_DUPLICATE = "io.switchboard.message.duplicate.v1"
+TYPE_CONVERSATION_STATUS = "io.switchboard.conversation.status.v1"
 
 
 def contact_event_type(kind: str) -> str:

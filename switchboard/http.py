@@ -119,7 +119,12 @@ def create_app(readiness: Readiness) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(422, "Invalid request", "see errors", errors=jsonable(exc.errors()))
+        errors = exc.errors()
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+            for e in errors
+        )
+        return problem(422, "Invalid request", detail or "invalid request", errors=jsonable(errors))
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from switchboard.events import Event
@@ -249,6 +249,7 @@ def make_consumer(
     group_id: str,
     topics: Sequence[str],
     client_id: str | None = None,
+    listener: ConsumerRebalanceListener | None = None,
     **overrides: object,
 ) -> KafkaConsumer:
     """A consumer-group member with manual commits and embedded-broker-safe timing.
@@ -267,7 +268,10 @@ def make_consumer(
     }
     config.update(overrides)
     consumer = KafkaConsumer(**config)
-    consumer.subscribe(list(topics))
+    if listener is not None:
+        consumer.subscribe(list(topics), listener=listener)
+    else:
+        consumer.subscribe(list(topics))
     return consumer
 
 

@@ -446,6 +446,16 @@ class Settings(BaseSettings):
             "postgresql://user@host/db uses psycopg 3."
         ),
     )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Bearer token of the queue API and page. Unset: they answer loopback clients only."
+        ),
+    )
+    queue_database_url: SecretStr | None = Field(
+        default=None,
+        description="Database of the queue read model (default: the database URL).",
+    )
     config: Path | None = Field(
         default=None,
         description=(
@@ -510,6 +520,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    def resolved_queue_database_url(self) -> str:
+        if self.queue_database_url is not None:
+            return self.queue_database_url.get_secret_value()
+        return self.resolved_database_url()
 
     def resolved_database_url(self) -> str:
         if self.database_url is not None:

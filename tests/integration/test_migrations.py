@@ -12,6 +12,7 @@ from sqlalchemy import Engine, MetaData, inspect
 
 from ingest.imap_state import metadata as imap_metadata
 from router.store import metadata as router_metadata
+from sinks.queue import metadata as queue_metadata
 from switchboard.db import current_revision, head_revision, make_engine, upgrade
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,7 @@ def _check(engine: Engine) -> None:
     assert {"imap_checkpoints", "imap_status", "alembic_version", "contacts"} <= tables
     # The models the code uses and the migrations agree, column for column.
     models = MetaData()
-    for part in (imap_metadata, router_metadata):
+    for part in (imap_metadata, router_metadata, queue_metadata):
         for table in part.tables.values():
             table.to_metadata(models)
     with engine.connect() as connection:
