@@ -147,10 +147,15 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def _upsert_ignore(c: Connection, table: Table, row: dict[str, Any]) -> bool:
-    """Insert unless the primary key exists; True if inserted."""
+    """Insert unless the primary key exists; True if inserted.
+
+    Asks with RETURNING: ``rowcount`` of ``ON CONFLICT DO NOTHING`` is -1 (truthy)
+    through SQLAlchemy 2.1 + psycopg 3, which made every replayed event look new.
+    """
     dialect = postgresql if c.dialect.name == "postgresql" else sqlite
-    result = c.execute(dialect.insert(table).values(**row).on_conflict_do_nothing())
-    return bool(result.rowcount)
+    statement = dialect.insert(table).values(**row).on_conflict_do_nothing()
+    result = c.execute(statement.returning(*table.primary_key.columns))
+    return result.first() is not None
 
 
 class NotFound(LookupError):
