@@ -37,6 +37,7 @@ def _rendered() -> dict[str, Any]:
             "POSTGRES_PASSWORD": "compose-test",
             "SWITCHBOARD_SMTP_DOMAINS": "example.com",
             "SWITCHBOARD_PUBLIC_URL": "https://hooks.example.com",
+            "SWITCHBOARD_API_TOKEN": "compose-test-token",
         },
         capture_output=True,
         text=True,
@@ -70,6 +71,7 @@ def test_compose_refuses_to_start_without_a_database_password() -> None:
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
     env["SWITCHBOARD_SMTP_DOMAINS"] = "example.com"
     env["SWITCHBOARD_PUBLIC_URL"] = "https://hooks.example.com"
+    env["SWITCHBOARD_API_TOKEN"] = "compose-test-token"
     result = subprocess.run(
         [docker_compose, "-f", str(COMPOSE), "config", "-q"],
         env=env,
@@ -111,6 +113,7 @@ def test_each_role_has_its_service() -> None:
         ("ingest", "imap"),
         ("topics", "create"),
         ("router",),
+        ("sink", "queue"),
     }
     assert expected <= commands
 
