@@ -13,14 +13,11 @@ keeps its group membership.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -29,7 +26,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from normalize.schema import DeadLetter, InboundMessage
-from router.store import Outcome, RouterStore, is_transient, topic_of
+from router.store import RouterStore, is_transient, topic_of
 from switchboard.events import (
     TYPE_DEADLETTER,
     TYPE_INBOUND,
@@ -39,6 +36,7 @@ from switchboard.events import (
     read_meta,
 )
 from switchboard.kafka import Publisher, PublishError, make_consumer
+from switchboard.runtime import ThreadedComponent
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
 
@@ -90,7 +88,7 @@ def parse(record: object) -> InboundMessage:
     return read_data(getattr(record, "value", None), InboundMessage)
 
 
-class Router:
+class Router(ThreadedComponent):
     """The routing loop in a thread (kafka-python is blocking), as a runtime component."""
 
     name = "router"
@@ -104,7 +102,6 @@ class Router:
         group_id: str = GROUP,
         max_batch: int = 500,
         purge_every_s: float = 3600.0,
-        on_batch: Callable[[Sequence[Outcome]], None] | None = None,
     ) -> None:
         self.kafka = kafka
         self.store = store
@@ -112,37 +109,11 @@ class Router:
         self.group_id = group_id
         self.max_batch = max_batch
         self.purge_every_s = purge_every_s
-        self.on_batch = on_batch
+        super().__init__()
         self.stats = RouterStats()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
 
-    # -- component -------------------------------------------------------------
-
-    async def start(self) -> None:
+    def prepare(self) -> None:
         self.store.sync_owners()
-        self._thread = threading.Thread(target=self._run, name="router", daemon=True)
-        self._thread.start()
-        while not self._ready.is_set():
-            if not self._thread.is_alive():
-                raise RuntimeError(f"router failed to start: {self._error!r}")
-            await asyncio.sleep(0.02)
-        log.info("router started", extra={"group": self.group_id})
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 15.0)
-
-    def run_forever(self) -> None:
-        """Run in the calling thread until :meth:`request_stop` (tests, CLI)."""
-        self.store.sync_owners()
-        self._run()
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     # -- loop ---------------------------------------------------------------------
 
@@ -155,7 +126,7 @@ class Router:
                 max_poll_records=self.max_batch,
             )
         except BaseException as exc:
-            self._error = exc
+            self.start_error = exc
             log.exception("router could not connect to Kafka")
             return
         self._ready.set()
@@ -239,8 +210,6 @@ class Router:
         for outcome in outcomes:
             self.stats.results[outcome.result] += 1
         self.stats.results["bad-record"] += len(bad)
-        if self.on_batch is not None:
-            self.on_batch(outcomes)
         return True
 
     def _rewind(self, consumer: KafkaConsumer, firsts: dict[TopicPartition, int]) -> None:

@@ -13,12 +13,10 @@ if it is newer itself (``owner_at``).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +64,7 @@ from switchboard.events import (
     read_meta,
 )
 from switchboard.kafka import make_consumer
+from switchboard.runtime import ThreadedComponent
 from switchboard.settings import KafkaSettings
 from switchboard.topics import CONTACTS, ROUTED
 
@@ -586,7 +585,7 @@ class _FromStart(ConsumerRebalanceListener):  # type: ignore[misc]
             self.done.update(fresh)
 
 
-class QueueSink:
+class QueueSink(ThreadedComponent):
     """The consumer: apply every event, then commit. Runs in a thread."""
 
     name = "queue-sink"
@@ -605,30 +604,14 @@ class QueueSink:
         self.rebuild = rebuild
         self.applied = 0
         self.skipped = 0
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    async def start(self) -> None:
+    def prepare(self) -> None:
         if self.rebuild:
             self.store.reset()
             log.warning("queue read model emptied; rebuilding from the earliest offsets")
-        self._thread = threading.Thread(target=self.run_forever, name="queue-sink", daemon=True)
-        self._thread.start()
-        while not self._ready.is_set():
-            if not self._thread.is_alive():
-                raise RuntimeError("queue sink failed to start")
-            await asyncio.sleep(0.02)
 
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 15.0)
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def run_forever(self) -> None:
+    def _run(self) -> None:
         listener = _FromStart() if self.rebuild else None
         try:
             consumer = make_consumer(
@@ -638,7 +621,8 @@ class QueueSink:
                 listener=listener,
                 max_poll_records=500,
             )
-        except Exception:
+        except Exception as exc:
+            self.start_error = exc
             log.exception("queue sink could not connect to Kafka")
             return
         if listener is not None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -70,6 +71,7 @@ class Pipeline:
     handoff: HandOff | None = None
     router_engine: Engine | None = None
     queue_engine: Engine | None = None
+    started: threading.Event = field(default_factory=threading.Event)
 
     def close(self) -> None:
         if self.handoff is not None:
@@ -113,6 +115,15 @@ def build_pipeline(
     readiness = Readiness()
     readiness.add("kafka", lambda: probe_broker(kafka))
     readiness.add("database", lambda: ping(engine))
+    started = threading.Event()
+
+    def all_started() -> None:
+        # The HTTP server starts first (it serves /healthz meanwhile); ready means
+        # every component (SMTP, pollers, router, sinks) is serving.
+        if not started.is_set():
+            raise RuntimeError("components are still starting")
+
+    readiness.add("components", all_started)
     app = create_app(readiness)
     blobs = FileBlobStore(settings.data_dir / "blobs")
     handoff = HandOff(publisher, blobs)
@@ -147,6 +158,7 @@ def build_pipeline(
         install_denied_handler(app)
         components.append(QueueSink(kafka, queue, rebuild=rebuild_queue))
     pipeline = Pipeline(settings, publisher, engine, readiness, components, handoff)
+    pipeline.started = started
     pipeline.router_engine = router_engine
     pipeline.queue_engine = queue_engine
     return pipeline
@@ -179,7 +191,10 @@ def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: boo
             stop = asyncio.Event()
             install_signal_handlers(stop, force_exit)
             await run_components(
-                pipeline.components, stop=stop, shutdown_timeout_s=settings.shutdown_timeout_s
+                pipeline.components,
+                stop=stop,
+                shutdown_timeout_s=settings.shutdown_timeout_s,
+                on_started=pipeline.started.set,
             )
 
         try:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Protocol
@@ -113,19 +114,70 @@ class HttpServer:
             await self._task
 
 
+class ThreadedComponent:
+    """A blocking loop (kafka-python consumers) in a thread of its own, as a component.
+
+    Subclasses implement :meth:`_run`, set ``self._ready`` once serving and return
+    when ``self._stop`` is set; :meth:`prepare` runs first, in the caller.
+    """
+
+    name = "threaded"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start_error: BaseException | None = None
+
+    def prepare(self) -> None:
+        """Work before the loop starts (migrating state, emptying a read model)."""
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self.prepare()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        while not self._ready.is_set():
+            if not self._thread.is_alive():
+                raise StartupError(f"{self.name} failed to start: {self.start_error!r}")
+            await asyncio.sleep(0.02)
+        log.info("component started", extra={"component": self.name})
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 15.0)
+
+    def run_forever(self) -> None:
+        """Run in the calling thread until :meth:`request_stop` (tests)."""
+        self.prepare()
+        self._run()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
 async def run_components(
     components: Sequence[Component],
     *,
     stop: asyncio.Event,
     shutdown_timeout_s: float,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
-    """Start every component, wait for ``stop``, then stop them in reverse order."""
+    """Start every component, wait for ``stop``, then stop them in reverse order.
+
+    ``on_started`` runs once every component is serving (readiness uses it).
+    """
     started: list[Component] = []
     try:
         for component in components:
             await component.start()
             started.append(component)
         log.info("switchboard running", extra={"components": [c.name for c in started]})
+        if on_started is not None:
+            on_started()
         await stop.wait()
         log.info("stopping")
     finally:

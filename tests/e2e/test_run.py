@@ -83,12 +83,13 @@ def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 1
     while time.monotonic() - started < within_s:
         assert process.poll() is None, f"switchboard run exited early:\n{process.stderr.read()}"  # type: ignore[union-attr]
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+            # Ready: every component (SMTP, router, sinks...) serves, not only HTTP.
+            if httpx.get(f"{base}/readyz", timeout=3).status_code == 200:
                 return time.monotonic() - started
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    pytest.fail(f"/healthz did not answer 200 within {within_s}s")
+    pytest.fail(f"/readyz did not answer 200 within {within_s}s")
 
 
 def _stop(process: subprocess.Popen[str]) -> tuple[int, float, str]:
@@ -105,7 +106,7 @@ def test_run_on_the_embedded_broker_serves_health_and_stops_cleanly(tmp_path: Pa
         _wait_healthy(base, process)
         ready = httpx.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"] == {"kafka": "ok", "database": "ok"}
+        assert ready.json()["checks"] == {"kafka": "ok", "database": "ok", "components": "ok"}
         broker_pids = _children(process.pid)
         assert broker_pids, "the embedded broker should run as a child process"
 
