@@ -249,7 +249,10 @@ class QueueStore:
         m = e.message
         contact_id = self._survivor(c, e.contact_id)
         self._ensure_contact(c, contact_id, e.owner, e.routed_at)
-        self._set_owner(c, contact_id, e.owner, e.routed_at)
+        if contact_id == e.contact_id:
+            # An event of a contact merged since carries that contact's old owner;
+            # the survivor keeps its own.
+            self._set_owner(c, contact_id, e.owner, e.routed_at)
         owner = self._owner_of(c, contact_id)
         machine = m.flags.auto_reply or m.flags.bounce
         preview = (m.text_new or m.text or m.subject or "")[:PREVIEW]

@@ -1,0 +1,207 @@
+"""The queue read model on PostgreSQL and SQLite: events in awkward orders."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import uuid6
+from pydantic import BaseModel
+from sqlalchemy import Engine
+
+from normalize.identity import email_identity
+from normalize.schema import (
+    ContactEvent,
+    ContactEventKind,
+    ConversationStatus,
+    IdentityKind,
+    MessageDuplicate,
+    MessageRouted,
+    Recipient,
+    RecipientRole,
+)
+from sinks.queue import QueueStore
+from switchboard.db import make_engine, upgrade
+from switchboard.events import (
+    TYPE_CONVERSATION_STATUS,
+    TYPE_DUPLICATE,
+    TYPE_ROUTED,
+    contact_event_type,
+)
+from tests.factories import inbound_message
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueStore]:
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_schema_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'queue.db'}"
+    engine: Engine = make_engine(url)
+    upgrade(engine)
+    yield QueueStore(engine, {"support": ("alice", "bob")})
+    engine.dispose()
+
+
+def apply(store: QueueStore, event: BaseModel) -> bool:
+    event_id = str(getattr(event, "event_id"))  # noqa: B009
+    if isinstance(event, MessageRouted):
+        type_ = TYPE_ROUTED
+    elif isinstance(event, MessageDuplicate):
+        type_ = TYPE_DUPLICATE
+    elif isinstance(event, ConversationStatus):
+        type_ = TYPE_CONVERSATION_STATUS
+    else:
+        assert isinstance(event, ContactEvent)
+        type_ = contact_event_type(event.kind)
+    return store.apply(type_, event_id, event.model_dump_json().encode())
+
+
+def routed(
+    contact: uuid.UUID, conversation: uuid.UUID, minutes: int, owner: str = "alice", **m: object
+) -> MessageRouted:
+    message = inbound_message(
+        id=uuid6.uuid7(),
+        received_at=T0 + timedelta(minutes=minutes),
+        dedupe_key=f"test:{uuid.uuid4()}",
+        **m,
+    )
+    return MessageRouted(
+        event_id=uuid.uuid4(),
+        message=message,
+        contact_id=contact,
+        conversation_id=conversation,
+        owner=owner,
+        reason="sticky",
+        new_contact=False,
+        new_conversation=False,
+        routed_at=T0 + timedelta(minutes=minutes, seconds=1),
+    )
+
+
+def contact_event(
+    kind: ContactEventKind, contact: uuid.UUID, minutes: int, **f: object
+) -> ContactEvent:
+    return ContactEvent(
+        event_id=uuid.uuid4(),
+        kind=kind,
+        contact_id=contact,
+        occurred_at=T0 + timedelta(minutes=minutes),
+        **f,  # type: ignore[arg-type]
+    )
+
+
+def test_the_same_event_twice_changes_nothing(store: QueueStore) -> None:
+    contact, conversation = uuid.uuid4(), uuid.uuid4()
+    event = routed(contact, conversation, 0)
+    assert apply(store, event) is True
+    before = store.rows()
+    assert apply(store, event) is False
+    assert store.rows() == before
+    assert store.conversation(conversation)["message_count"] == 1
+
+
+def test_an_older_owner_fact_never_overwrites_a_newer_one(store: QueueStore) -> None:
+    contact, conversation = uuid.uuid4(), uuid.uuid4()
+    apply(store, routed(contact, conversation, 0, owner="alice"))
+    apply(store, contact_event(ContactEventKind.OWNER_ASSIGNED, contact, 10, owner="bob"))
+    # A message routed (to alice) before the reassignment is delivered late.
+    apply(store, routed(contact, conversation, 5, owner="alice"))
+    assert store.contact(contact)["owner"] == "bob"
+    assert store.conversation(conversation)["owner"] == "bob"
+    assert [i["id"] for i in store.queue("bob").items] == [str(conversation)]
+    assert store.queue("alice").items == []
+    assert [i["id"] for i in store.queue("support").items] == [str(conversation)]
+
+
+def test_a_late_message_of_a_merged_contact_lands_on_the_survivor(store: QueueStore) -> None:
+    older, newer = uuid.uuid4(), uuid.uuid4()
+    apply(store, routed(older, uuid.uuid4(), 0, owner="alice"))
+    apply(store, routed(newer, uuid.uuid4(), 1, owner="bob"))
+    apply(
+        store,
+        contact_event(
+            ContactEventKind.MERGED,
+            older,
+            2,
+            merged_contact_ids=(newer,),
+            identities=("phone:+14155550100",),
+        ),
+    )
+    late_conversation = uuid.uuid4()
+    apply(store, routed(newer, late_conversation, 3, owner="bob"))
+    survivor = store.contact(newer)
+    assert survivor["id"] == str(older)
+    assert survivor["merged"] is True
+    assert survivor["owner"] == "alice"
+    assert {c["owner"] for c in survivor["conversations"]} == {"alice"}
+    assert str(late_conversation) in {c["id"] for c in survivor["conversations"]}
+    assert store.contact_by_identity("phone:+14155550100")["id"] == str(older)
+
+
+def test_a_duplicate_before_its_original_is_harmless(store: QueueStore) -> None:
+    contact, conversation = uuid.uuid4(), uuid.uuid4()
+    original = routed(contact, conversation, 0)
+    duplicate = MessageDuplicate(
+        event_id=uuid.uuid4(),
+        message_id=uuid6.uuid7(),
+        original_message_id=original.message.id,
+        contact_id=contact,
+        conversation_id=conversation,
+        dedupe_key=original.message.dedupe_key,
+        channel="email",
+        adapter="imap:sales",
+        recipients=(
+            Recipient(
+                kind=IdentityKind.EMAIL, value="sales@example.com", role=RecipientRole.DELIVERED_TO
+            ),
+        ),
+        received_at=T0,
+    )
+    apply(store, duplicate)
+    apply(store, original)
+    assert store.conversation(conversation)["message_count"] == 1
+    # Afterwards a second arrival does record its inbox.
+    again = duplicate.model_copy(update={"event_id": uuid.uuid4()})
+    apply(store, again)
+    (message,) = store.conversation(conversation)["messages"]
+    assert "email:sales@example.com" in message["inboxes"]
+
+
+def test_status_waiting_then_a_customer_message_reopens_and_a_robot_does_not(
+    store: QueueStore,
+) -> None:
+    contact, conversation = uuid.uuid4(), uuid.uuid4()
+    apply(store, routed(contact, conversation, 0))
+    apply(
+        store,
+        ConversationStatus(
+            event_id=uuid.uuid4(),
+            conversation_id=conversation,
+            contact_id=contact,
+            status="waiting",
+            occurred_at=T0 + timedelta(minutes=1),
+        ),
+    )
+    assert store.conversation(conversation)["status"] == "waiting"
+    assert store.queue("alice").items == []
+    robot = routed(
+        contact,
+        conversation,
+        2,
+        sender=email_identity("noreply@example.org"),
+        flags={"auto_reply": True},
+    )
+    apply(store, robot)
+    assert store.conversation(conversation)["status"] == "waiting"
+    apply(store, routed(contact, conversation, 3))
+    reopened = store.conversation(conversation)
+    assert reopened["status"] == "open"
+    assert reopened["oldest_unanswered_at"] == (T0 + timedelta(minutes=3)).isoformat()
