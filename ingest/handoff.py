@@ -1,17 +1,23 @@
 """The durable hand-off every adapter calls: store the blobs, then publish.
 
-It returns only once the message is durable (blobs fsynced, event acknowledged
-by Kafka with acks=all) and raises :class:`RetryLater` otherwise, so an adapter
-answers its sender after this returns, and with a retry-later answer when it
-raises. Re-delivering the same message is harmless: blobs are content-addressed
-and the dedupe key is stable.
+It returns only once the message is durable (blobs fsynced, and the event
+acknowledged by Kafka with acks=all or fsynced into the local spool) and raises
+:class:`RetryLater` otherwise, so an adapter answers its sender after this
+returns, and with a retry-later answer when it raises. Re-delivering the same
+message is harmless: blobs are content-addressed and the dedupe key is stable.
+
+With a spool, Kafka gets a short bound (``spool_after_s``) to acknowledge; past
+it the event is spooled. While the spool holds anything, new events queue
+behind it instead of overtaking it, so they reach Kafka in arrival order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
@@ -19,14 +25,27 @@ from uuid import UUID
 from pydantic import JsonValue
 
 from ingest.errors import RetryLater
+from ingest.spool import Spool, SpoolFull
 from normalize.content import Blob, Normalized
 from normalize.schema import DeadLetter
 from switchboard.blobs import BlobStore
 from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
 from switchboard.kafka import Ack, Publisher, PublishError
+from switchboard.metrics import ACCEPTED, DEAD_LETTERED, HANDOFF_SECONDS, SPOOLED
 from switchboard.topics import DEADLETTER, INBOUND
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """How a hand-off became durable: Kafka's acknowledgement, or the spool."""
+
+    ack: Ack | None
+
+    @property
+    def spooled(self) -> bool:
+        return self.ack is None
 
 
 class HandOff:
@@ -36,10 +55,15 @@ class HandOff:
         blobs: BlobStore,
         source: str = "/switchboard",
         io_threads: int = 16,
+        *,
+        spool: Spool | None = None,
+        spool_after_s: float = 2.0,
     ) -> None:
         self._publisher = publisher
         self._blobs = blobs
         self._source = source
+        self.spool = spool
+        self._spool_after_s = spool_after_s
         # Blob writes wait on fsync, which releases the GIL: many can overlap. A pool of
         # their own keeps them from queueing behind CPU work on the default executor.
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="blob-io")
@@ -55,21 +79,41 @@ class HandOff:
             log.error("blob store write failed", extra={"error": repr(exc)})
             raise RetryLater(f"cannot store the message: {exc.strerror or exc}") from exc
 
-    async def _publish(self, topic: str, event: Event) -> Ack:
+    async def _publish(self, topic: str, event: Event) -> Receipt:
+        spool = self.spool
+        if spool is not None and spool.messages:
+            return await self._to_spool(spool, topic, event, "spool not yet drained")
+        timeout = self._spool_after_s if spool is not None else None
         try:
-            return await self._publisher.apublish(topic, event)
+            return Receipt(await self._publisher.apublish(topic, event, timeout_s=timeout))
         except PublishError as exc:
+            if spool is not None:
+                return await self._to_spool(spool, topic, event, str(exc))
             log.warning(
                 "hand-off not acknowledged",
                 extra={"topic": topic, "event_id": event.id, "error": str(exc)},
             )
             raise RetryLater(f"message broker unavailable: {exc}") from exc
 
-    async def deliver(self, normalized: Normalized) -> Ack:
+    async def _to_spool(self, spool: Spool, topic: str, event: Event, why: str) -> Receipt:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._io, spool.append, topic, event)
+        except SpoolFull as exc:
+            log.error("spool full: refusing", extra={"event_id": event.id, "error": str(exc)})
+            raise RetryLater(f"message broker unavailable and {exc}") from exc
+        except OSError as exc:
+            raise RetryLater(f"message broker unavailable and {exc}") from exc
+        SPOOLED.inc()
+        log.info("spooled", extra={"event_id": event.id, "topic": topic, "why": why})
+        return Receipt(None)
+
+    async def deliver(self, normalized: Normalized) -> Receipt:
         """Make one normalized message durable; raise RetryLater if it is not."""
+        started = time.perf_counter()
         message = normalized.message
         await self._store(normalized.blobs)
-        ack = await self._publish(
+        receipt = await self._publish(
             INBOUND,
             Event(
                 type=TYPE_INBOUND,
@@ -86,11 +130,14 @@ class HandOff:
                 "dedupe_key": message.dedupe_key,
                 "channel": message.channel,
                 "adapter": message.adapter,
-                "partition": ack.partition,
-                "offset": ack.offset,
+                "spooled": receipt.spooled,
+                "partition": receipt.ack.partition if receipt.ack else None,
+                "offset": receipt.ack.offset if receipt.ack else None,
             },
         )
-        return ack
+        HANDOFF_SECONDS.labels(message.adapter).observe(time.perf_counter() - started)
+        ACCEPTED.labels(message.adapter, "spool" if receipt.spooled else "kafka").inc()
+        return receipt
 
     async def dead_letter(
         self,
@@ -102,7 +149,7 @@ class HandOff:
         raw: Blob | None = None,
         stage: Literal["ingest", "normalize", "router", "sink"] = "ingest",
         metadata: dict[str, JsonValue] | None = None,
-    ) -> Ack:
+    ) -> Receipt:
         """Record what could not become a message, with the raw bytes kept."""
         if raw is not None:
             await self._store((raw,))
@@ -116,7 +163,7 @@ class HandOff:
             raw=raw.ref if raw is not None else None,
             metadata=metadata or {},
         )
-        ack = await self._publish(
+        receipt = await self._publish(
             DEADLETTER,
             Event(
                 type=TYPE_DEADLETTER,
@@ -126,8 +173,9 @@ class HandOff:
                 subject=str(id),
             ),
         )
+        DEAD_LETTERED.labels(stage, record.reason).inc()
         log.warning(
             "dead-lettered",
             extra={"record_id": str(id), "adapter": adapter, "reason": reason},
         )
-        return ack
+        return receipt

@@ -36,6 +36,7 @@ from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
+from switchboard.metrics import IMAP_CONNECTED, IMAP_LAST_SUCCESS, IMAP_LAST_UID, RECEIVED
 from switchboard.settings import ImapSettings, MailboxSettings
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class MailboxPoller(threading.Thread):
             else:
                 backoff = 1.0
                 try:
-                    self.store.set_status(self.mailbox.name, connected=True)
+                    self._status(connected=True)
                     self._serve(client)
                 except RetryLater as exc:
                     self._failed(f"hand-off not durable: {exc.detail}", backoff)
@@ -111,7 +112,7 @@ class MailboxPoller(threading.Thread):
             if not self.stopping.is_set():
                 self.stopping.wait(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
-        self.store.set_status(self.mailbox.name, connected=False)
+        self._status(connected=False)
 
     def _failed(self, message: str, backoff: float) -> None:
         # Once per backoff step, with the mailbox name, never the password.
@@ -122,7 +123,18 @@ class MailboxPoller(threading.Thread):
             backoff,
             extra={"mailbox": self.mailbox.name},
         )
-        self.store.set_status(self.mailbox.name, connected=False, error=message)
+        self._status(connected=False, error=message)
+
+    def _status(
+        self, *, connected: bool, error: str | None = None, success: bool = False, ingested: int = 0
+    ) -> None:
+        name = self.mailbox.name
+        IMAP_CONNECTED.labels(name).set(int(connected))
+        if success:
+            IMAP_LAST_SUCCESS.labels(name).set_to_current_time()
+        self.store.set_status(
+            name, connected=connected, error=error, success=success, ingested=ingested
+        )
 
     def _where(self) -> str:
         return f"{self.mailbox.host}:{self.mailbox.resolved_port()}"
@@ -155,7 +167,7 @@ class MailboxPoller(threading.Thread):
         while not self.stopping.is_set():
             for folder in self.mailbox.folders:
                 self._sync(client, folder)
-            self.store.set_status(self.mailbox.name, connected=True, success=True)
+            self._status(connected=True, success=True)
             if idle:
                 self._idle(client)
             else:
@@ -221,11 +233,12 @@ class MailboxPoller(threading.Thread):
                         self._after(client, uid)
                     # The checkpoint is what durability rests on: one per message.
                     self.store.advance(box.name, folder, uidvalidity, uid)
+                    IMAP_LAST_UID.labels(box.name).set(uid)
                     done += 1
             finally:
                 # The counter is for people: once per batch, also when it broke off.
                 if done:
-                    self.store.set_status(box.name, connected=True, ingested=done)
+                    self._status(connected=True, ingested=done)
         # Everything below UIDNEXT at SELECT was considered: older mail outside the
         # window is skipped on purpose, newer mail comes next round.
         self.store.advance(box.name, folder, uidvalidity, max(uidnext - 1, 0))
@@ -237,6 +250,7 @@ class MailboxPoller(threading.Thread):
             client.move([uid], self.mailbox.move_to)
 
     def _ingest(self, raw: bytes, folder: str, uid: int, uidvalidity: int) -> None:
+        RECEIVED.labels(f"imap:{self.mailbox.name}").inc()
         message_id = uuid6.uuid7()
         ctx = EmailContext(
             adapter=f"imap:{self.mailbox.name}",
@@ -297,6 +311,7 @@ class ImapAdapter:
     """All configured mailboxes, each polled by its own thread."""
 
     name = "imap"
+    edge = True
 
     def __init__(
         self,

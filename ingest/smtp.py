@@ -27,6 +27,7 @@ from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy, IdentityError, canonical_email
+from switchboard.metrics import RECEIVED, REJECTED
 from switchboard.runtime import StartupError
 from switchboard.settings import SmtpSettings
 
@@ -42,6 +43,7 @@ _REWRITES = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long",
 }
 TOO_MANY_SESSIONS = b"421 4.3.2 Too many connections, try again later\r\n"
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
 class _Protocol(SMTP):
@@ -59,6 +61,7 @@ class _Protocol(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self._adapter.sessions) >= self._adapter.settings.max_sessions:
             self._refused = True
+            REJECTED.labels("smtp", "too-many-sessions").inc()
             transport.write(TOO_MANY_SESSIONS)  # type: ignore[attr-defined]
             transport.close()
             log.warning("smtp session refused: too many connections")
@@ -72,9 +75,24 @@ class _Protocol(SMTP):
         self._adapter.sessions.discard(self)
         super().connection_lost(error)
 
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # A transaction that starts after shutdown began would have nowhere to go.
+        if self._adapter.closing:
+            self.goodbye()
+            return
+        await super().smtp_MAIL(arg)
+
+    def goodbye(self) -> None:
+        """421 and close: the client retries later, as RFC 5321 section 3.8 asks."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(SHUTTING_DOWN)  # type: ignore[attr-defined]
+            self.transport.close()
+
     async def push(self, status: Any) -> None:  # noqa: ANN401 - aiosmtpd's AnyStr
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
+            if status.startswith("552 5.3.4"):
+                REJECTED.labels("smtp", "size").inc()
         await super().push(status)
 
 
@@ -94,12 +112,15 @@ class SmtpHandler:
     ) -> str:
         settings = self._adapter.settings
         if len(envelope.rcpt_tos) >= settings.max_recipients:
+            REJECTED.labels("smtp", "too-many-recipients").inc()
             return "452 4.5.3 Too many recipients"
         try:
             canonical = canonical_email(address, self._adapter.email_policy)
         except IdentityError:
+            REJECTED.labels("smtp", "bad-address").inc()
             return f"553 5.1.3 <{address}>: bad recipient address syntax"
         if not self._adapter.accepts(canonical):
+            REJECTED.labels("smtp", "relay").inc()
             return (
                 f"550 5.1.1 <{address}>: recipient not accepted here "
                 "(not a local domain; this server does not relay)"
@@ -109,12 +130,15 @@ class SmtpHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        RECEIVED.labels("smtp").inc()
         try:
             return await self._adapter.receive(session, envelope)
         except RetryLater:
+            REJECTED.labels("smtp", "retry-later").inc()
             return "451 4.3.0 Temporarily unable to accept the message; please try again later"
         except Exception:
             log.exception("smtp hand-off failed unexpectedly")
+            REJECTED.labels("smtp", "retry-later").inc()
             return "451 4.3.0 Temporary local error; please try again later"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -126,6 +150,7 @@ class SmtpAdapter:
     """The SMTP channel: ``start`` listens, ``stop`` stops accepting and drains."""
 
     name = "smtp"
+    edge = True
 
     def __init__(
         self,
@@ -152,6 +177,7 @@ class SmtpAdapter:
         self._parsers = ParserPool(settings.parse_workers)
         self._server: asyncio.Server | None = None
         self._in_flight = 0
+        self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -208,6 +234,7 @@ class SmtpAdapter:
     async def stop(self) -> None:
         if self._server is None:
             return
+        self.closing = True
         self._server.close()  # stop accepting new connections
         try:
             await asyncio.wait_for(self._idle.wait(), 5)  # let hand-offs in flight finish
@@ -216,8 +243,7 @@ class SmtpAdapter:
                 "smtp hand-offs still in flight at shutdown", extra={"count": self._in_flight}
             )
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.goodbye()
         self._server = None
         await asyncio.to_thread(self._parsers.stop)
 

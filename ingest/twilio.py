@@ -26,7 +26,8 @@ from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.schema import Attachment
 from normalize.sms import SmsContext, normalize_twilio
-from switchboard.http import problem, read_body, unavailable
+from switchboard.http import BodyTooLarge, problem, read_body, unavailable
+from switchboard.metrics import RECEIVED, http_rejected
 from switchboard.settings import TwilioSettings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,17 @@ class TwilioAdapter:
         return any(v.validate(url, form, signature) for v in self._validators)
 
     async def receive(self, request: Request) -> Response:
+        RECEIVED.labels(self.name).inc()
+        try:
+            response = await self._receive(request)
+        except BodyTooLarge:
+            http_rejected(self.name, 413)
+            raise
+        if response.status_code >= 400:
+            http_rejected(self.name, response.status_code)
+        return response
+
+    async def _receive(self, request: Request) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != FORM:
             return problem(415, "Unsupported media type", f"expected {FORM}")

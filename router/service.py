@@ -36,6 +36,7 @@ from switchboard.events import (
     read_meta,
 )
 from switchboard.kafka import Publisher, PublishError, make_consumer
+from switchboard.metrics import DEAD_LETTERED, ROUTER_DECISIONS, report_lag
 from switchboard.runtime import ThreadedComponent
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
@@ -143,6 +144,7 @@ class Router(ThreadedComponent):
                     log.warning("poll failed; retrying", extra={"error": repr(exc)[:500]})
                     self._stop.wait(1.0)
                     continue
+                report_lag(self.group_id, consumer)
                 records = [r for batch in polled.values() for r in batch]
                 if not records:
                     self._relay_pending()
@@ -209,6 +211,12 @@ class Router(ThreadedComponent):
         self.stats.batches += 1
         for outcome in outcomes:
             self.stats.results[outcome.result] += 1
+            ROUTER_DECISIONS.labels(outcome.result, outcome.reason or outcome.result).inc()
+            if outcome.result == "failed":
+                DEAD_LETTERED.labels("router", "routing-failed").inc()
+        if bad:
+            ROUTER_DECISIONS.labels("bad-record", "envelope").inc(len(bad))
+            DEAD_LETTERED.labels("router", "envelope").inc(len(bad))
         self.stats.results["bad-record"] += len(bad)
         return True
 

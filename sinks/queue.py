@@ -64,6 +64,7 @@ from switchboard.events import (
     read_meta,
 )
 from switchboard.kafka import make_consumer
+from switchboard.metrics import QUEUE_APPLIED, report_lag
 from switchboard.runtime import ThreadedComponent
 from switchboard.settings import KafkaSettings
 from switchboard.topics import CONTACTS, ROUTED
@@ -639,6 +640,7 @@ class QueueSink(ThreadedComponent):
                     log.warning("poll failed; retrying", extra={"error": repr(exc)[:500]})
                     self._stop.wait(1.0)
                     continue
+                report_lag(self.group_id, consumer)
                 if polled and not self._handle(consumer, polled):
                     self._stop.wait(1.0)
         finally:
@@ -670,6 +672,8 @@ class QueueSink(ThreadedComponent):
                         consumer.seek(later, later_records[0].offset)
                     self._commit(consumer, commits)
                     return False
+                if done:
+                    QUEUE_APPLIED.labels(meta.type).inc()
                 self.applied += int(done)
                 self.skipped += int(not done)
                 commits[tp] = OffsetAndMetadata(record.offset + 1, "", -1)

@@ -22,6 +22,7 @@ from ingest.handoff import HandOff
 from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
 from ingest.smtp import SmtpAdapter
+from ingest.spool import Drainer, Spool
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
 from router.config import routing_config
@@ -36,6 +37,7 @@ from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher, probe_broker
 from switchboard.runtime import Component, HttpServer, install_signal_handlers, run_components
 from switchboard.settings import Settings
+from switchboard.status import BROKER_FILE
 from switchboard.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,15 @@ def kafka_available(settings: Settings) -> Iterator[EmbeddedBroker | None]:
     broker = EmbeddedBroker(log_path=settings.data_dir / "tansu.log")
     broker.start()
     settings.kafka.bootstrap = broker.bootstrap
+    # `switchboard status` in another shell finds the embedded broker here.
+    address_file = settings.data_dir / BROKER_FILE
+    address_file.write_text(broker.bootstrap + "\n")
     log.warning(MEMORY_WARNING, extra={"bootstrap": broker.bootstrap})
     print(f"WARNING: {MEMORY_WARNING}", file=sys.stderr, flush=True)  # noqa: T201 - for humans
     try:
         yield broker
     finally:
+        address_file.unlink(missing_ok=True)
         broker.stop()
         settings.kafka.bootstrap = None
 
@@ -76,6 +82,8 @@ class Pipeline:
     def close(self) -> None:
         if self.handoff is not None:
             self.handoff.close()
+            if self.handoff.spool is not None:
+                self.handoff.spool.close()
         self.publisher.close(timeout_s=2.0)
         self.engine.dispose()
         if self.router_engine is not None:
@@ -85,6 +93,7 @@ class Pipeline:
 
 
 ROLES = frozenset({"http", "smtp", "imap", "router", "queue"})
+INGEST_ROLES = frozenset({"http", "smtp", "imap"})
 
 
 def router_store(settings: Settings, engine: Engine | None = None) -> RouterStore:
@@ -93,6 +102,34 @@ def router_store(settings: Settings, engine: Engine | None = None) -> RouterStor
         engine or make_engine(settings.resolved_database_url(), sqlite_immediate=True),
         routing_config(settings),
         retention=timedelta(days=settings.router.dedupe_retention_days),
+    )
+
+
+def _readiness(settings: Settings, engine: Engine, started: threading.Event) -> Readiness:
+    readiness = Readiness()
+    readiness.add("kafka", lambda: probe_broker(settings.kafka))
+    readiness.add("database", lambda: ping(engine))
+
+    def all_started() -> None:
+        # The HTTP server starts first (it serves /healthz meanwhile); ready means
+        # every component (SMTP, pollers, router, sinks) is serving.
+        if not started.is_set():
+            raise RuntimeError("components are still starting")
+
+    readiness.add("components", all_started)
+    return readiness
+
+
+def make_spool(settings: Settings, roles: frozenset[str]) -> Spool | None:
+    """The spool of a process running ingest roles (none if disabled or not ingest)."""
+    ingest_roles = sorted(roles & INGEST_ROLES)
+    if not ingest_roles or not settings.spool.enabled:
+        return None
+    # One spool file per process kind: its drainer owns (deletes) what it holds.
+    return Spool(
+        settings.spool_dir() / f"{'-'.join(ingest_roles)}.sqlite3",
+        max_bytes=settings.spool.max_bytes,
+        max_messages=settings.spool.max_messages,
     )
 
 
@@ -112,21 +149,12 @@ def build_pipeline(
 
     publisher = Publisher(kafka, on_new_producer=recreate_topics)
     engine = make_engine(settings.resolved_database_url())
-    readiness = Readiness()
-    readiness.add("kafka", lambda: probe_broker(kafka))
-    readiness.add("database", lambda: ping(engine))
     started = threading.Event()
-
-    def all_started() -> None:
-        # The HTTP server starts first (it serves /healthz meanwhile); ready means
-        # every component (SMTP, pollers, router, sinks) is serving.
-        if not started.is_set():
-            raise RuntimeError("components are still starting")
-
-    readiness.add("components", all_started)
+    readiness = _readiness(settings, engine, started)
     app = create_app(readiness)
     blobs = FileBlobStore(settings.data_dir / "blobs")
-    handoff = HandOff(publisher, blobs)
+    spool = make_spool(settings, roles)
+    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=settings.spool.after_s)
     if "http" in roles:
         if settings.twilio.enabled:
             twilio = TwilioAdapter(settings.twilio, handoff, public_url=settings.public_url)
@@ -140,6 +168,8 @@ def build_pipeline(
 
     # The HTTP server always runs: it serves /healthz and /readyz for every role.
     components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
+    if spool is not None:
+        components.append(Drainer(spool, publisher.publish_many))
     if "smtp" in roles and settings.smtp.enabled:
         components.append(SmtpAdapter(settings.smtp, handoff, host=settings.bind_host))
     if "imap" in roles and settings.imap.enabled and settings.imap.mailboxes:

@@ -122,6 +122,14 @@ def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.status import collect, render
+
+    report = collect(settings)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
 def _cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
     from switchboard.db import make_engine, upgrade
 
@@ -239,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = imap.add_parser("status", help="per-mailbox state: connected, last UID, errors")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_imap_status)
+
+    p = sub.add_parser("status", help="consumer lag, spool depth, counts, mailboxes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # A readiness check raises (any exception) when its dependency is unavailable.
@@ -142,6 +143,10 @@ def create_app(readiness: Readiness) -> FastAPI:
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,
         )
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of this process")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

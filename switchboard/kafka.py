@@ -8,13 +8,17 @@ restart (measured on Tansu: one ``UnknownProducerIdError``, then every send
 fails with a generic ``KafkaError``). A producer that reports a non-retriable
 error is therefore thrown away and a fresh one is built for the next send, and
 a publish that hit such an error is retried once on the fresh producer while
-its deadline allows. Redelivery is safe: every event has a stable id and
+its deadline allows. A producer whose publish timed out is thrown away too:
+measured on Tansu, after a restart it can also loop on "UnknownProducerIdError
+... resetting sequence and retrying" (retriable) until the delivery timeout,
+and the next record would do the same. Redelivery is safe: every event has a stable id and
 consumers are idempotent on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -29,6 +33,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from switchboard.events import Event
+from switchboard.metrics import PUBLISHED
 from switchboard.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -119,17 +124,16 @@ class Publisher:
             return self._producer
 
     def _discard(self, producer: KafkaProducer, cause: BaseException) -> None:
-        close = producer.close
         with self._lock:
             if self._producer is not producer:
                 return  # someone else already replaced it
             self._producer = None
         log.warning(
-            "kafka producer failed fatally; building a new one",
+            "kafka producer failed or timed out; building a new one",
             extra={"error": repr(cause)},
         )
         threading.Thread(
-            target=close, kwargs={"timeout": 0}, daemon=True, name="kafka-close"
+            target=_close_quietly, args=(producer,), daemon=True, name="kafka-close"
         ).start()
 
     def _send(self, topic: str, event: Event) -> tuple[KafkaProducer, Any]:
@@ -172,9 +176,13 @@ class Publisher:
             remaining = max(0.0, deadline - time.monotonic())
             try:
                 results.append(_ack(future.get(timeout=remaining)))
+                PUBLISHED.labels(results[-1].topic).inc()
             except KafkaError as exc:
+                # Retriable errors surface only once kafka-python gave up retrying;
+                # after a broker restart that is an UnknownProducerIdError loop it
+                # never leaves. Either way this producer is done.
+                self._discard(producer, exc)
                 if not _retriable(exc):
-                    self._discard(producer, exc)
                     raise _FatalProducerError() from exc
                 raise PublishError(f"not acknowledged: {exc}") from exc
         return results
@@ -184,9 +192,16 @@ class Publisher:
         deadline = time.monotonic() + (timeout_s or self._settings.publish_timeout_s)
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
-            producer, future = await loop.run_in_executor(
-                self._send_thread, self._send, topic, event
-            )
+            # send() blocks while there is no metadata (broker away); the caller's
+            # bound covers that wait too. A send that completes after the bound may
+            # still write the record: harmless, its id is stable.
+            try:
+                producer, future = await asyncio.wait_for(
+                    loop.run_in_executor(self._send_thread, self._send, topic, event),
+                    max(0.0, deadline - time.monotonic()),
+                )
+            except TimeoutError as exc:
+                raise PublishError(f"Kafka did not take the record for {topic} in time") from exc
             waiter: asyncio.Future[Ack] = loop.create_future()
 
             def _ok(metadata: object, w: asyncio.Future[Ack] = waiter) -> None:
@@ -198,8 +213,11 @@ class Publisher:
             future.add_callback(_ok)
             future.add_errback(_err)
             try:
-                return await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+                ack = await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
             except TimeoutError as exc:
+                # Possibly stuck in the restart loop described in publish_many: the
+                # next send gets a fresh producer.
+                self._discard(producer, exc)
                 raise PublishError(f"no acknowledgement from Kafka for {topic} in time") from exc
             except KafkaError as exc:
                 if _retriable(exc):
@@ -207,6 +225,9 @@ class Publisher:
                 self._discard(producer, exc)
                 if attempt == 2 or time.monotonic() >= deadline:
                     raise PublishError(f"not acknowledged: {exc}") from exc
+            else:
+                PUBLISHED.labels(topic).inc()
+                return ack
         raise AssertionError("unreachable")  # pragma: no cover
 
     def flush(self, timeout_s: float = 5.0) -> None:
@@ -228,6 +249,22 @@ class Publisher:
         self._send_thread.shutdown(wait=False, cancel_futures=True)
         if producer is not None:
             producer.close(timeout=timeout_s)
+
+
+def _close_quietly(producer: KafkaProducer) -> None:
+    """Close a discarded producer, dropping what it still holds (callers were told)."""
+    try:
+        producer.close(timeout=0)
+    except KafkaError:
+        # kafka-python 3.0's close() raises from its flush() while records are
+        # pending, before it force-closes its sender thread; without this the
+        # thread lives on and __del__ raises the same error later.
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+            sender.join(5)
+        with contextlib.suppress(KafkaError):
+            producer.close(timeout=1)
 
 
 class _FatalProducerError(Exception):

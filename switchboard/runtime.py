@@ -27,6 +27,10 @@ class StartupError(RuntimeError):
 
 
 class Component(Protocol):
+    """``edge = True`` on a component that accepts input from outside (a listener,
+    a poller): those stop first at shutdown, so nothing new arrives while the
+    rest (drainer, router, sinks) finish and commit."""
+
     name: str
 
     async def start(self) -> None:
@@ -65,6 +69,8 @@ def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
 
 class HttpServer:
     """FastAPI on uvicorn inside the runtime's event loop."""
+
+    edge = True
 
     def __init__(self, app: FastAPI, host: str, port: int, name: str = "http") -> None:
         self.name = name
@@ -166,7 +172,8 @@ async def run_components(
     shutdown_timeout_s: float,
     on_started: Callable[[], None] | None = None,
 ) -> None:
-    """Start every component, wait for ``stop``, then stop them in reverse order.
+    """Start every component, wait for ``stop``, then stop them: edges first, then
+    the rest, each group in reverse start order, within ``shutdown_timeout_s``.
 
     ``on_started`` runs once every component is serving (readiness uses it).
     """
@@ -182,7 +189,8 @@ async def run_components(
         log.info("stopping")
     finally:
         deadline = time.monotonic() + shutdown_timeout_s
-        for component in reversed(started):
+        edges = [c for c in reversed(started) if getattr(c, "edge", False)]
+        for component in edges + [c for c in reversed(started) if c not in edges]:
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 await asyncio.wait_for(component.stop(), remaining)

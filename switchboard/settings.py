@@ -427,6 +427,29 @@ class RouterSettings(BaseSettings):
     _split = field_validator("blocked_identities", mode="before")(_comma_list)
 
 
+class SpoolSettings(BaseSettings):
+    """Ingest's local spool, used while Kafka does not acknowledge ([spool])."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_SPOOL_", extra="ignore")
+
+    enabled: bool = Field(
+        default=True,
+        description="Spool when Kafka is away; off: senders get retry-later answers instead.",
+    )
+    after_s: float = Field(
+        default=2.0, gt=0, le=60, description="How long Kafka may take to acknowledge first."
+    )
+    max_bytes: int = Field(
+        default=1024**3, ge=1024, description="Size bound; past it SMTP answers 451, HTTP 503."
+    )
+    max_messages: int = Field(
+        default=1_000_000, ge=1, description="Message bound; past it SMTP answers 451, HTTP 503."
+    )
+    dir: Path | None = Field(
+        default=None, description="Where spool files live (default: <data dir>/spool)."
+    )
+
+
 class Settings(BaseSettings):
     """Process-wide settings for `switchboard run` and the role commands."""
 
@@ -483,6 +506,7 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = Field(default_factory=TwilioSettings, description="Twilio hook.")
     imap: ImapSettings = Field(default_factory=ImapSettings, description="IMAP poller.")
     router: RouterSettings = Field(default_factory=RouterSettings, description="Routing.")
+    spool: SpoolSettings = Field(default_factory=SpoolSettings, description="Ingest spool.")
     teams: list[TeamSettings] = Field(
         default_factory=_one_team,
         description="Teams ([[teams]]); without any, one team 'support' owns everything.",
@@ -526,6 +550,9 @@ class Settings(BaseSettings):
             return self.queue_database_url.get_secret_value()
         return self.resolved_database_url()
 
+    def spool_dir(self) -> Path:
+        return self.spool.dir or self.data_dir / "spool"
+
     def resolved_database_url(self) -> str:
         if self.database_url is not None:
             return self.database_url.get_secret_value()
@@ -543,6 +570,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "twilio": TwilioSettings,
     "imap": ImapSettings,
     "router": RouterSettings,
+    "spool": SpoolSettings,
 }
 #: Config-file sections that are arrays of tables ([[webhooks]]).
 LIST_SECTIONS: dict[str, type[BaseModel]] = {
@@ -632,6 +660,7 @@ def load_settings(path: Path | None = None) -> Settings:
             twilio=_section_settings(TwilioSettings, sections.get("twilio", {}), "twilio"),
             imap=_section_settings(ImapSettings, sections.get("imap", {}), "imap"),
             router=_section_settings(RouterSettings, sections.get("router", {}), "router"),
+            spool=_section_settings(SpoolSettings, sections.get("spool", {}), "spool"),
             webhooks=_tables("webhooks", sections.get("webhooks", [])),
             teams=_tables("teams", sections["teams"]) if "teams" in sections else _one_team(),
             rules=_tables("rules", sections.get("rules", [])),

@@ -14,6 +14,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from ingest.handoff import HandOff
+from ingest.spool import Spool
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
 from switchboard.blobs import FileBlobStore
@@ -45,10 +46,11 @@ def http_ingest(
     twilio: TwilioSettings | None = None,
     hooks: list[WebhookSettings] | None = None,
     public_url: str | None = None,
+    spool: Spool | None = None,
 ) -> Iterator[RunningHttp]:
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
-    handoff = HandOff(publisher, blobs)
+    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0)
     app = create_app(Readiness())
     if twilio is not None:
         app.include_router(TwilioAdapter(twilio, handoff, public_url=public_url).router())

@@ -14,6 +14,7 @@ from uuid import UUID
 
 from ingest.handoff import HandOff
 from ingest.smtp import SmtpAdapter
+from ingest.spool import Drainer, Spool
 from normalize.schema import DeadLetter, InboundMessage
 from switchboard.blobs import FileBlobStore
 from switchboard.events import read_data, read_meta
@@ -57,7 +58,14 @@ class RunningSmtp:
 
 
 @contextmanager
-def smtp_server(kafka: KafkaSettings, data_dir: Path, **overrides: object) -> Iterator[RunningSmtp]:
+def smtp_server(
+    kafka: KafkaSettings,
+    data_dir: Path,
+    *,
+    spool: Spool | None = None,
+    spool_after_s: float = 1.0,
+    **overrides: object,
+) -> Iterator[RunningSmtp]:
     settings = SmtpSettings(
         **{  # type: ignore[arg-type]
             "port": 0,
@@ -69,7 +77,11 @@ def smtp_server(kafka: KafkaSettings, data_dir: Path, **overrides: object) -> It
     )
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
-    adapter = SmtpAdapter(settings, HandOff(publisher, blobs))
+    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=spool_after_s)
+    adapter = SmtpAdapter(settings, handoff)
+    drainer = Drainer(spool, publisher.publish_many) if spool is not None else None
+    if drainer is not None:
+        drainer.begin()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="smtp-test-loop")
     thread.start()
@@ -78,6 +90,8 @@ def smtp_server(kafka: KafkaSettings, data_dir: Path, **overrides: object) -> It
         yield RunningSmtp(adapter, blobs, publisher)
     finally:
         asyncio.run_coroutine_threadsafe(adapter.stop(), loop).result(15)
+        if drainer is not None:
+            drainer.end()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()

@@ -1,0 +1,349 @@
+"""The durable local spool: where ingest keeps messages while Kafka is away.
+
+When the broker does not acknowledge within a short bound, the hand-off appends
+the event to this spool and answers the sender as durable; a drainer thread
+publishes the spooled events, oldest first, once the broker is back, and deletes
+each only after the broker acknowledged it.
+
+Why SQLite in WAL mode rather than an append-only segment log of our own: a
+commit with ``synchronous=FULL`` is fsynced (measured 0.5 ms here, one row, and
+2.9 ms for 100 rows), a torn write at a crash is rolled back by SQLite instead of
+by a recovery scanner we would have to write and test, deleting acknowledged rows
+needs no compaction, and ``switchboard status`` can read the depth from another
+process while ingest writes. Appends from many threads are group-committed: one
+thread writes everything that queued up meanwhile in one transaction.
+
+Re-publishing after a crash between the acknowledgement and the delete is
+harmless: the event id and the dedupe key are stable, and the router dedupes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from switchboard.events import Event
+from switchboard.metrics import SPOOL_BYTES, SPOOL_DRAINED, SPOOL_MESSAGES
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    time TEXT NOT NULL,
+    subject TEXT,
+    value BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    spooled_at REAL NOT NULL
+)
+"""
+
+
+class SpoolFull(Exception):
+    """The spool reached its size bound: the sender must retry later."""
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """One spooled event; re-published with the same id, time and bytes."""
+
+    seq: int
+    topic: str
+    event: Event
+
+    @property
+    def size(self) -> int:
+        return len(self.event.value()) + len(self.event.key)
+
+
+@dataclass(frozen=True)
+class SpoolDepth:
+    messages: int
+    bytes: int
+    oldest_age_s: float | None
+
+
+class Spool:
+    """A bounded, fsynced FIFO of events on local disk.
+
+    One spool file belongs to one process (its drainer deletes what it published);
+    other processes may read its depth.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int, max_messages: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()  # one statement on the connection at a time
+        count, size = self._db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM spool"
+        ).fetchone()
+        self._messages: int = count
+        self._bytes: int = size
+        # Group commit: appends queue here; one of the waiting threads writes them all.
+        self._commit = threading.Condition()
+        self._queue: list[tuple[int, Spooled]] = []
+        self._writing = False
+        self._ticket = 0
+        self._done: dict[int, BaseException | None] = {}
+        self.on_change: Callable[[], None] | None = None
+        if count:
+            log.warning(
+                "spool holds messages from an earlier run; they will be published",
+                extra={"path": str(path), "messages": count, "bytes": size},
+            )
+
+    # -- writing -------------------------------------------------------------
+
+    def append(self, topic: str, event: Event) -> None:
+        """Append one event and return once it is fsynced; raise SpoolFull past the bound."""
+        # Serialize once: the stored bytes are the ones published later.
+        record = Spooled(0, topic, replace(event, data=event.value()))
+        with self._commit:
+            if self._messages + 1 > self.max_messages or self._bytes + record.size > self.max_bytes:
+                raise SpoolFull(f"spool full ({self._messages} messages, {self._bytes} bytes)")
+            # Reserve the room now, so concurrent appends cannot overshoot the bound.
+            self._messages += 1
+            self._bytes += record.size
+            self._ticket += 1
+            ticket = self._ticket
+            self._queue.append((ticket, record))
+            while ticket not in self._done:
+                if self._writing:
+                    self._commit.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                self._writing = True
+                self._commit.release()
+                try:
+                    error = self._write(batch)
+                finally:
+                    self._commit.acquire()
+                    self._writing = False
+                for t, rec in batch:
+                    self._done[t] = error
+                    if error is not None:
+                        self._messages -= 1
+                        self._bytes -= rec.size
+                self._commit.notify_all()
+            error = self._done.pop(ticket)
+        if error is not None:
+            raise error
+        if self.on_change is not None:
+            self.on_change()
+
+    def _write(self, batch: list[tuple[int, Spooled]]) -> BaseException | None:
+        now = time.time()
+        rows = [
+            (
+                r.topic,
+                r.event.id,
+                r.event.type,
+                r.event.source,
+                r.event.key,
+                r.event.time.isoformat(),
+                r.event.subject,
+                r.event.value(),
+                r.size,
+                now,
+            )
+            for _, r in batch
+        ]
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO spool (topic, event_id, type, source, key, time, subject,"
+                        " value, size, spooled_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        rows,
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            log.error("spool write failed", extra={"path": str(self.path), "error": repr(exc)})
+            return OSError(f"spool write failed: {exc}")
+        return None
+
+    # -- draining ------------------------------------------------------------
+
+    def peek(self, limit: int) -> list[Spooled]:
+        """The oldest ``limit`` events, in arrival order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, event_id, type, source, key, time, subject, value"
+                " FROM spool ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            Spooled(
+                seq,
+                topic,
+                Event(
+                    type=type_,
+                    source=source,
+                    key=key,
+                    data=value,
+                    id=event_id,
+                    time=datetime.fromisoformat(at),
+                    subject=subject,
+                ),
+            )
+            for seq, topic, event_id, type_, source, key, at, subject, value in rows
+        ]
+
+    def remove(self, records: Sequence[Spooled]) -> None:
+        """Delete events the broker acknowledged."""
+        if not records:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM spool WHERE seq = ?", [(r.seq,) for r in records])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        with self._commit:
+            self._messages -= len(records)
+            self._bytes -= sum(r.size for r in records)
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- reading -------------------------------------------------------------
+
+    @property
+    def messages(self) -> int:
+        return self._messages
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def depth(self) -> SpoolDepth:
+        return read_depth(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def read_depth(path: Path) -> SpoolDepth:
+    """Depth of a spool file, from any process (``switchboard status``)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        count, size, oldest = db.execute(
+            "SELECT count(*), coalesce(sum(size), 0), min(spooled_at) FROM spool"
+        ).fetchone()
+    finally:
+        db.close()
+    age = None if oldest is None else max(0.0, time.time() - oldest)
+    return SpoolDepth(count, size, age)
+
+
+class Drainer:
+    """Publishes spooled events, oldest first, and deletes each once acknowledged.
+
+    Runs in a thread of its own. While the broker is away it retries with a
+    capped backoff; a crash loses nothing (rows are deleted only after the
+    acknowledgement) and at worst re-publishes one batch.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        publish: Callable[[Sequence[tuple[str, Event]]], object],
+        *,
+        batch: int = 500,
+        max_backoff_s: float = 5.0,
+        on_published: Callable[[Sequence[Spooled]], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self._publish = publish
+        self._batch = batch
+        self._max_backoff_s = max_backoff_s
+        self._on_published = on_published
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        spool.on_change = self._wake.set
+        SPOOL_MESSAGES.set_function(lambda: spool.messages)
+        SPOOL_BYTES.set_function(lambda: spool.bytes)
+
+    name = "spool"
+
+    def begin(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spool-drainer", daemon=True)
+        self._thread.start()
+
+    def end(self, timeout_s: float = 5.0) -> None:
+        """Stop after the batch in hand; what is left stays spooled for the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    async def start(self) -> None:
+        self.begin()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.end)
+
+    def drain_once(self) -> int:
+        """Publish one batch; return how many were published (raises if not acknowledged)."""
+        records = self.spool.peek(self._batch)
+        if not records:
+            return 0
+        self._publish([(r.topic, r.event) for r in records])
+        self.spool.remove(records)
+        SPOOL_DRAINED.inc(len(records))
+        if self._on_published is not None:
+            self._on_published(records)
+        return len(records)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            if self.spool.messages == 0:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                published = self.drain_once()
+            except Exception as exc:  # noqa: BLE001 - the broker is still away; keep the rows
+                backoff = min(self._max_backoff_s, max(0.2, backoff * 2))
+                log.warning(
+                    "spool drain failed; will retry",
+                    extra={
+                        "error": str(exc),
+                        "spooled": self.spool.messages,
+                        "retry_in_s": backoff,
+                    },
+                )
+                self._stop.wait(backoff)
+                continue
+            if backoff:
+                log.info("spool draining again", extra={"spooled": self.spool.messages})
+            backoff = 0.0
+            if published and self.spool.messages == 0:
+                log.info("spool drained")

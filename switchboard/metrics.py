@@ -1,0 +1,116 @@
+"""Prometheus metrics of every stage, served at ``GET /metrics`` by each process.
+
+prometheus-client is the reference client: its text exposition is what every
+scraper reads, and its default registry also exports process metrics (memory,
+CPU, open files) for free. The metric objects are module-level, as the client
+intends; defining them connects to nothing. Label values are bounded sets
+(adapter names, reasons, topics, partitions), never message data.
+"""
+
+from __future__ import annotations
+
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+from prometheus_client import Counter, Gauge, Histogram
+
+RECEIVED = Counter(
+    "switchboard_messages_received",
+    "Inputs an adapter received (SMTP DATA, HTTP requests to a hook, fetched IMAP mail).",
+    ["adapter"],
+)
+ACCEPTED = Counter(
+    "switchboard_messages_accepted",
+    "Messages made durable and acknowledged to the sender, by where they went.",
+    ["adapter", "via"],
+)
+REJECTED = Counter(
+    "switchboard_messages_rejected",
+    "Inputs refused with an error answer to the sender, by reason.",
+    ["adapter", "reason"],
+)
+DEAD_LETTERED = Counter(
+    "switchboard_dead_letters",
+    "Records written to the dead letter topic (or spooled for it), by stage and reason.",
+    ["stage", "reason"],
+)
+SPOOLED = Counter(
+    "switchboard_spooled",
+    "Events written to the local spool because Kafka did not acknowledge in time.",
+)
+SPOOL_DRAINED = Counter(
+    "switchboard_spool_drained",
+    "Spooled events Kafka acknowledged and the spool then deleted.",
+)
+SPOOL_MESSAGES = Gauge("switchboard_spool_messages", "Events waiting in the local spool.")
+SPOOL_BYTES = Gauge("switchboard_spool_bytes", "Bytes of events waiting in the local spool.")
+PUBLISHED = Counter(
+    "switchboard_events_published",
+    "Events Kafka acknowledged, by topic.",
+    ["topic"],
+)
+HANDOFF_SECONDS = Histogram(
+    "switchboard_handoff_seconds",
+    "Time to make a received message durable (blobs fsynced, Kafka ack or spool fsync).",
+    ["adapter"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ROUTER_DECISIONS = Counter(
+    "switchboard_router_decisions",
+    "Routing outcomes (routed, duplicate, unroutable, failed, replayed) and their reason.",
+    ["result", "reason"],
+)
+CONSUMER_LAG = Gauge(
+    "switchboard_consumer_lag",
+    "Records not yet consumed, per consumer group and partition (high-water minus position).",
+    ["group", "topic", "partition"],
+)
+QUEUE_APPLIED = Counter(
+    "switchboard_queue_events_applied",
+    "Events the queue read model applied (replays not counted).",
+    ["type"],
+)
+IMAP_CONNECTED = Gauge(
+    "switchboard_imap_connected",
+    "1 while the poller holds a working session to the mailbox, else 0.",
+    ["mailbox"],
+)
+IMAP_LAST_UID = Gauge(
+    "switchboard_imap_last_uid", "Highest UID made durable, per mailbox.", ["mailbox"]
+)
+IMAP_LAST_SUCCESS = Gauge(
+    "switchboard_imap_last_success_timestamp_seconds",
+    "When the mailbox was last polled successfully (Unix time).",
+    ["mailbox"],
+)
+
+_HTTP_REASONS = {
+    400: "bad-request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "unknown-hook",
+    413: "too-large",
+    415: "content-type",
+    429: "rate-limited",
+    503: "retry-later",
+}
+
+
+def http_rejected(adapter: str, status: int) -> None:
+    """Count an HTTP adapter's error answer under a readable reason."""
+    REJECTED.labels(adapter, _HTTP_REASONS.get(status, str(status))).inc()
+
+
+def report_lag(group: str, consumer: KafkaConsumer) -> None:
+    """Set the lag gauges from the consumer's own view; call it from the polling thread."""
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        try:
+            position = consumer.position(tp, timeout_ms=0)
+        except KafkaError:
+            continue
+        if position is not None:
+            CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(
+                max(0, highwater - position)
+            )
