@@ -351,7 +351,7 @@ class QueueStore:
         if e.kind in (ContactEventKind.CREATED, ContactEventKind.OWNER_ASSIGNED) and e.owner:
             self._set_owner(c, contact_id, e.owner, e.occurred_at)
         if e.kind == ContactEventKind.MERGED:
-            self._merge(c, contact_id, e.merged_contact_ids)
+            self._merge(c, contact_id, e.merged_contact_ids, e.occurred_at)
         for key in e.identities:
             dialect = postgresql if c.dialect.name == "postgresql" else sqlite
             statement = dialect.insert(q_identities).values(key=key, contact_id=contact_id)
@@ -361,9 +361,13 @@ class QueueStore:
                 )
             )
 
-    def _merge(self, c: Connection, survivor: UUID, merged: Sequence[UUID]) -> None:
+    def _merge(self, c: Connection, survivor: UUID, merged: Sequence[UUID], at: datetime) -> None:
         owner = self._owner_of(c, survivor)
         ids = list(merged)
+        # The merged contacts' own events travel on their partitions and may come
+        # after this one: record them now, so those events resolve to the survivor.
+        for contact_id in ids:
+            self._ensure_contact(c, contact_id, owner, at)
         c.execute(
             update(q_contacts)
             .where(or_(q_contacts.c.id.in_(ids), q_contacts.c.merged_into.in_(ids)))

@@ -146,6 +146,32 @@ def test_a_late_message_of_a_merged_contact_lands_on_the_survivor(store: QueueSt
     assert store.contact_by_identity("phone:+14155550100")["id"] == str(older)
 
 
+def test_a_merge_applied_before_the_merged_contact_was_seen_still_holds(
+    store: QueueStore,
+) -> None:
+    """Events are keyed by contact id: the merge (on the survivor's partition) can
+    be applied before the merged contact's own creation (on its partition). The
+    fault suite found the identity then pointing at the merged contact for good."""
+    older, newer = uuid.uuid4(), uuid.uuid4()
+    apply(store, contact_event(ContactEventKind.CREATED, older, 0, identities=("email:a@x.org",)))
+    apply(
+        store,
+        contact_event(
+            ContactEventKind.MERGED,
+            older,
+            2,
+            merged_contact_ids=(newer,),
+            identities=("phone:+14155550100",),
+        ),
+    )
+    late = contact_event(ContactEventKind.CREATED, newer, 1, identities=("phone:+14155550100",))
+    apply(store, late)
+    apply(store, routed(newer, uuid.uuid4(), 1, owner="bob"))
+    assert store.contact_by_identity("phone:+14155550100")["id"] == str(older)
+    assert store.contact(newer)["id"] == str(older)
+    assert len(store.contact(older)["conversations"]) == 1
+
+
 def test_a_duplicate_before_its_original_is_harmless(store: QueueStore) -> None:
     contact, conversation = uuid.uuid4(), uuid.uuid4()
     original = routed(contact, conversation, 0)

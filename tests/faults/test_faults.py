@@ -1,0 +1,170 @@
+"""The fault suite: real role processes, a realistic mix of senders, one fault each.
+
+Each scenario prints `scenario: sent, acknowledged, in queue, duplicates, lost`
+and then requires: every acknowledged message in the queue exactly once, every
+person one contact, every contact one agent as owner.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ingest.spool import read_depth
+from tests.faults.harness import SWITCHBOARD, Cluster, Senders, Summary, settle
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
+
+ALL = ("smtp", "http", "router", "queue")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres_schema_url: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, postgres_schema_url)
+    c.start_broker()
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def _start(cluster: Cluster, roles: tuple[str, ...] = ALL) -> None:
+    for role in roles:
+        cluster.start(role)
+
+
+def _load_while(cluster: Cluster, senders: Senders, count: int, fault: object) -> None:
+    """Send ``count`` messages on background threads while ``fault()`` runs here."""
+    load = threading.Thread(target=senders.run, args=(count,), kwargs={"deadline_s": 150})
+    load.start()
+    try:
+        fault()  # type: ignore[operator]
+    finally:
+        load.join()
+
+
+def _assert_exactly_once(scenario: str, summary: Summary) -> None:
+    print(summary.line(scenario))  # noqa: T201 - the suite's report line
+    assert summary.acknowledged > 0
+    assert summary.lost == 0, summary
+    assert summary.duplicates == 0, summary
+    assert summary.contacts_split == 0, summary
+    assert summary.bad_owners == 0, summary
+
+
+def test_router_killed_mid_batch_repeatedly_with_a_second_router(cluster: Cluster) -> None:
+    _start(cluster, (*ALL, "router2"))
+    senders = Senders(cluster)
+
+    def fault() -> None:
+        for _ in range(3):
+            time.sleep(2.5)
+            cluster.kill("router")  # SIGKILL, whatever it was doing
+            time.sleep(1.0)
+            cluster.start("router")
+
+    _load_while(cluster, senders, 240, fault)
+    _assert_exactly_once("router-killed", settle(cluster, senders))
+
+
+def test_queue_sink_killed_then_rebuilt(cluster: Cluster) -> None:
+    _start(cluster)
+    senders = Senders(cluster)
+
+    def fault() -> None:
+        for _ in range(2):
+            time.sleep(2.5)
+            cluster.kill("queue")
+            time.sleep(1.0)
+            cluster.start("queue")
+
+    _load_while(cluster, senders, 200, fault)
+    live = settle(cluster, senders)
+    _assert_exactly_once("queue-killed", live)
+    before = cluster.markers_in_queue()
+    cluster.kill("queue")
+    log = (cluster.root / "queue-rebuild.log").open("ab")
+    cluster.procs["queue"] = subprocess.Popen(
+        [*SWITCHBOARD, "sink", "queue", "--rebuild"],
+        env=cluster.env("queue"),
+        cwd=cluster.root,
+        stdout=log,
+        stderr=log,
+    )
+    cluster.wait_ready("queue")
+    rebuilt = settle(cluster, senders)
+    _assert_exactly_once("queue-rebuilt", rebuilt)
+    assert cluster.markers_in_queue() == before
+
+
+def test_ingest_killed_while_the_spool_holds_messages(cluster: Cluster) -> None:
+    _start(cluster)
+    senders = Senders(cluster)
+    senders.run(30)
+    settle(cluster, senders)  # the pipeline works; these 30 are in the queue's database
+    # Consumers stop with the broker: a memory broker restarts with empty logs, and
+    # a consumer that lived through that would resume at its old, now too high,
+    # position and skip records (an artefact of Tansu's memory storage; Kafka keeps
+    # its logs). The scenario is about ingest and its spool.
+    cluster.kill("router")
+    cluster.kill("queue")
+    cluster.kill_broker()
+    senders.run(60, deadline_s=60)  # accepted into the spools of both ingest processes
+    spooled = _spool_depth(cluster)
+    assert spooled > 0, "nothing was spooled while the broker was away"
+    cluster.kill("smtp")
+    cluster.kill("http")  # SIGKILL with messages in the spool
+    cluster.start_broker()
+    _start(cluster)
+    senders.run(30)
+    summary = settle(cluster, senders)
+    _assert_exactly_once("ingest-killed-with-spool", summary)
+    assert _spool_depth(cluster) == 0
+
+
+def test_broker_killed_and_restarted_mid_load(cluster: Cluster) -> None:
+    """Tansu keeps data in memory only: a killed broker forgets every record and
+    every committed offset it held. What this scenario can prove here is the
+    ingest side: nothing a sender was told is accepted while the broker is down
+    or restarting is lost (it was spooled), and nothing is doubled. Messages the
+    broker acknowledged and then forgot are counted apart; on Kafka with
+    replicated storage they survive. Router and sink live through the restarts."""
+    _start(cluster)
+    senders = Senders(cluster)
+    forgotten: set[str] = set()
+
+    def fault() -> None:
+        for _ in range(2):
+            time.sleep(3.0)
+            in_queue = set(cluster.markers_in_queue())
+            acked_before = set(senders.acked)
+            cluster.kill_broker()
+            # Acknowledged by the broker, not yet in the queue: gone with its memory.
+            forgotten.update(acked_before - in_queue)
+            time.sleep(3.0)
+            cluster.start_broker()
+
+    _load_while(cluster, senders, 240, fault)
+    in_flight = forgotten - set(cluster.markers_in_queue())
+    senders.acked -= in_flight
+    summary = settle(cluster, senders)
+    print(f"broker-killed: {len(in_flight)} acknowledged by the memory broker and forgotten")  # noqa: T201
+    _assert_exactly_once("broker-killed", summary)
+
+
+def test_senders_retrying_every_request(cluster: Cluster) -> None:
+    _start(cluster)
+    senders = Senders(cluster)
+    senders.repeat_after_ack = True  # every SMTP and HTTP request sent a second time
+    senders.run(150)
+    _assert_exactly_once("senders-retrying", settle(cluster, senders))
+
+
+def _spool_depth(cluster: Cluster) -> int:
+    spool_dir = cluster.root / "var" / "spool"
+    return sum(read_depth(p).messages for p in spool_dir.glob("*.sqlite3"))
