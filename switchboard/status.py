@@ -47,13 +47,20 @@ def _part(fn: Callable[[], Any]) -> Any:  # noqa: ANN401 - JSON-ready data
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+def _committed(committed: dict[TopicPartition, Any], tp: TopicPartition) -> int:
+    found = committed.get(tp)
+    offset = getattr(found, "offset", -1) if found is not None else -1
+    return max(0, int(offset))  # -1: nothing committed yet
+
+
 def _kafka(settings: Settings) -> Report:
     bootstrap = bootstrap_of(settings)
     if bootstrap is None:
         return {"error": "no broker configured and no embedded broker running"}
-    config = {**settings.kafka.client_config(), "bootstrap_servers": bootstrap}
-    consumer = KafkaConsumer(**config, request_timeout_ms=5000, api_version_auto_timeout_ms=3000)
-    admin = KafkaAdminClient(**config, request_timeout_ms=5000)
+    config = settings.kafka.model_copy(update={"bootstrap": bootstrap}).client_config()
+    # Bounded: a broker that is away must not hold the whole report for 30 s.
+    consumer = KafkaConsumer(**config, bootstrap_timeout_ms=3000)
+    admin = KafkaAdminClient(**config, bootstrap_timeout_ms=3000)
     try:
         groups: Report = {}
         for group, topics in ((ROUTER_GROUP, [INBOUND]), (QUEUE_GROUP, [ROUTED, CONTACTS])):
@@ -63,12 +70,8 @@ def _kafka(settings: Settings) -> Report:
                 for p in sorted(consumer.partitions_for_topic(t) or ())
             ]
             ends = consumer.end_offsets(tps)
-            committed = admin.list_consumer_group_offsets(group)
-            lag = {
-                f"{tp.topic}/{tp.partition}": ends[tp]
-                - (committed[tp].offset if tp in committed else 0)
-                for tp in tps
-            }
+            committed = admin.list_group_offsets({group: tps}).get(group, {})
+            lag = {f"{tp.topic}/{tp.partition}": ends[tp] - _committed(committed, tp) for tp in tps}
             groups[group] = {"lag": sum(lag.values()), "partitions": lag}
         return {"bootstrap": bootstrap, "groups": groups}
     finally:
