@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl
@@ -105,6 +106,19 @@ def _content_kind(request: Request) -> str | None:
     return None
 
 
+def _finite_float(text: str) -> float:
+    # Python reads 1e999999 as inf; no sender means that, and "inf" in a
+    # customer's message would be a silent corruption.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_payload(kind: str, body: bytes) -> dict[str, object]:
     """The payload as an object; NormalizeError('malformed') for anything else."""
     if kind == "form":
@@ -113,7 +127,7 @@ def parse_payload(kind: str, body: bytes) -> dict[str, object]:
         except UnicodeDecodeError as exc:
             raise NormalizeError("malformed", "the form is not UTF-8") from exc
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError as exc:
         raise NormalizeError("malformed", "the JSON is nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
