@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,11 +35,36 @@ class BrokerError(RuntimeError):
     """The embedded broker could not be started."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now and that no outgoing connection will take later.
+
+    A port from ``bind(host, 0)`` comes from the ephemeral range, the same range
+    the kernel hands to outgoing connections: between choosing it and a child
+    process binding it, a client socket can take it (seen in the fault suite as
+    "Address already in use"). So choose below that range, at random, and check
+    that it binds.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(100):
+        port = random.randrange(10_000, max(low, 10_001))  # noqa: S311 - not a secret
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
