@@ -81,7 +81,8 @@ class Publisher:
         self._settings = settings
         self._client_id = client_id or f"{settings.client_id}-producer"
         self._on_new_producer = on_new_producer
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields below; held only briefly
+        self._build_lock = threading.Lock()
         self._producer: KafkaProducer | None = None
         self._built = 0
         self._closed = False
@@ -110,17 +111,38 @@ class Publisher:
         )
 
     def _current(self) -> KafkaProducer:
+        # Building a producer bootstraps over the network (seconds while the broker
+        # is away). `_lock` is also taken on the event loop (`_discard` from
+        # apublish), so it is never held across that: the build is serialized by
+        # `_build_lock`, which only sending threads take. Holding `_lock` there
+        # once froze an SMTP server's event loop for 9 s during a broker outage.
+        existing = self._installed()
+        if existing is not None:
+            return existing
+        with self._build_lock:
+            existing = self._installed()  # built by another thread meanwhile
+            if existing is not None:
+                return existing
+            if self._built and self._on_new_producer is not None:
+                self._on_new_producer()
+            try:
+                producer = self._new_producer()
+            except KafkaError as exc:
+                raise PublishError(f"cannot connect to Kafka: {exc}") from exc
+            with self._lock:
+                installed = not self._closed
+                if installed:
+                    self._producer = producer
+                    self._built += 1
+            if not installed:
+                _close_quietly(producer)
+                raise PublishError("publisher is closed")
+            return producer
+
+    def _installed(self) -> KafkaProducer | None:
         with self._lock:
             if self._closed:
                 raise PublishError("publisher is closed")
-            if self._producer is None:
-                if self._built and self._on_new_producer is not None:
-                    self._on_new_producer()
-                try:
-                    self._producer = self._new_producer()
-                except KafkaError as exc:
-                    raise PublishError(f"cannot connect to Kafka: {exc}") from exc
-                self._built += 1
             return self._producer
 
     def _discard(self, producer: KafkaProducer, cause: BaseException) -> None:

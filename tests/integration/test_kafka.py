@@ -129,6 +129,54 @@ def test_producer_is_recreated_after_a_broker_restart() -> None:
         broker.stop()
 
 
+def test_the_event_loop_keeps_running_while_a_producer_is_rebuilt() -> None:
+    """While the broker is away, rebuilding the producer blocks its thread for
+    max_block_ms; hand-offs timing out meanwhile must not block the event loop
+    (they did: an SMTP server froze for 9 s, every session with it)."""
+    port = free_port()
+    settings = KafkaSettings(bootstrap=f"127.0.0.1:{port}", max_block_ms=4000)
+    broker = EmbeddedBroker(port=port).start()
+    publisher = Publisher(settings, on_new_producer=lambda: ensure_topics(settings, wait_s=2))
+    try:
+        ensure_topics(settings)
+        publisher.publish(INBOUND, _event(inbound_message()))
+        broker.stop()
+
+        async def scenario() -> tuple[float, list[BaseException | object]]:
+            loop = asyncio.get_running_loop()
+            worst, last, stop = 0.0, loop.time(), False
+
+            async def ticker() -> None:
+                nonlocal worst, last
+                while not stop:
+                    await asyncio.sleep(0.02)
+                    worst, last = max(worst, loop.time() - last), loop.time()
+
+            tick = asyncio.create_task(ticker())
+            outcomes: list[BaseException | object] = []
+            # Hand-offs arriving every 100 ms, as from SMTP sessions: early ones wait
+            # for acknowledgements from the dead producer while later ones make the
+            # send thread build a new one.
+            wave = []
+            for _ in range(20):
+                wave.append(
+                    asyncio.ensure_future(
+                        publisher.apublish(INBOUND, _event(inbound_message()), timeout_s=0.5)
+                    )
+                )
+                await asyncio.sleep(0.1)
+            outcomes += await asyncio.gather(*wave, return_exceptions=True)
+            stop = True
+            await tick
+            return worst, outcomes
+
+        worst, outcomes = asyncio.run(scenario())
+        assert all(isinstance(o, PublishError) for o in outcomes), outcomes
+        assert worst < 1.0, f"the event loop stalled for {worst:.1f} s"
+    finally:
+        publisher.close(timeout_s=0)
+
+
 def test_readiness_probe_speaks_kafka(kafka_settings: KafkaSettings) -> None:
     probe_broker(kafka_settings)
     closed = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}")
