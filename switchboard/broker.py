@@ -86,7 +86,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 class EmbeddedBroker:
-    """A Tansu process on a loopback port. Use as a context manager or start/stop."""
+    """A Tansu process on a loopback port. Use as a context manager or start/stop.
+
+    The broker is SIGKILLed when the *thread* that started it ends (Linux's parent
+    death signal follows the thread, not the process): start it from a thread that
+    outlives its use, such as the main thread.
+    """
 
     def __init__(
         self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None
