@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp bench-http bench-router
+.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp bench-http bench-router bench-e2e
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +60,7 @@ clean:
 ## Router throughput vs raw consume, on SQLite and PostgreSQL (needs PostgreSQL at 127.0.0.1).
 bench-router: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/routing.py
+
+## End to end, accepted to visible in the queue, on SQLite and PostgreSQL; a 10 s broker outage.
+bench-e2e: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/e2e.py

@@ -318,7 +318,8 @@ def saturate(load: Load, args: argparse.Namespace) -> str:
     return (
         f"accepted {accepted / window:.0f}/s, visible {visible / window:.0f}/s over "
         f"{window:.0f} s; last message visible {last - start - window:.1f} s after the "
-        f"senders stopped; p50 {percentile(lat, 0.5):.0f} ms, p99 "
+        f"senders stopped: {len(load.acked)} end to end in {last - start:.1f} s = "
+        f"{len(load.acked) / (last - start):.0f}/s; p50 {percentile(lat, 0.5):.0f} ms, p99 "
         f"{percentile(lat, 0.99):.0f} ms; {_verify(load)}"
     )
 
@@ -341,9 +342,7 @@ def broker_outage(cluster: Cluster, load: Load, args: argparse.Namespace) -> str
 
     def fault() -> None:
         time.sleep(args.seconds / 2)
-        with load.lock:
-            unseen = set(load.acked) - set(load.visible)
-            marks["killed"] = time.monotonic()
+        marks["killed"] = time.monotonic()
         cluster.kill_broker()
         # The memory broker comes back empty, and a consumer that lived through it
         # would fetch from its old positions and skip the new log's first records
@@ -351,8 +350,10 @@ def broker_outage(cluster: Cluster, load: Load, args: argparse.Namespace) -> str
         # positions stay valid; here router and sink restart with the broker.
         cluster.kill("router")
         cluster.kill("queue")
-        # Acknowledged by the memory broker and not yet delivered: forgotten.
-        forgotten.update(unseen)
+        # Acknowledged (by the memory broker: nothing is spooled yet) and not in the
+        # queue now that router and sink are gone: forgotten with the broker.
+        with load.lock:
+            forgotten.update(set(load.acked) - set(load.visible))
         while time.monotonic() - marks["killed"] < 10:
             peak["spooled"] = max(peak["spooled"], spool_depth(cluster))
             time.sleep(0.1)

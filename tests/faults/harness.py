@@ -53,6 +53,7 @@ name = "support"
 agents = ["alice", "bob", "carol"]
 """
 MARKER = re.compile(r"\bmk-\d+\b")
+BODY_TEXT = "Hello, this is"  # in every email body; must never reach a log
 ROLES: dict[str, tuple[str, ...]] = {
     "smtp": ("ingest", "smtp"),
     "http": ("ingest", "http"),
@@ -126,7 +127,7 @@ class Cluster:
             SWITCHBOARD_TWILIO_AUTH_TOKEN=TWILIO_TOKEN,
             SWITCHBOARD_API_TOKEN=TOKEN,
             SWITCHBOARD_SPOOL_AFTER_S="1.0",
-            SWITCHBOARD_LOG_LEVEL="WARNING",
+            SWITCHBOARD_LOG_LEVEL="INFO",  # every hand-off logged: checked for leaks
             FAULTS_FORM_SECRET=FORM_SECRET,
         )
         return env
@@ -183,6 +184,16 @@ class Cluster:
                 proc.wait(5)
         if self.broker is not None:
             self.kill_broker()
+
+    def leaks(self) -> list[str]:
+        """Secrets or message bodies found in any role's log (logs carry ids only)."""
+        found = []
+        for log in sorted(self.root.glob("*.log")):
+            text = log.read_text(errors="replace")
+            for secret in (TOKEN, TWILIO_TOKEN, FORM_SECRET, BODY_TEXT):
+                if secret in text:
+                    found.append(f"{log.name}: {secret!r}")
+        return found
 
     def tail(self, role: str) -> str:
         path = self.root / f"{role}.log"
@@ -325,7 +336,7 @@ class Senders:
         raw = (
             f"From: <{person.email}>\r\nTo: support@example.com\r\n"
             f"Subject: question {marker}\r\nMessage-ID: <{marker}@faults.example.org>\r\n"
-            f"\r\nHello, this is {marker}.\r\n"
+            f"\r\n{BODY_TEXT} {marker}.\r\n"
         ).encode()
         try:
             with smtplib.SMTP("127.0.0.1", self.cluster.smtp_port, timeout=15) as smtp:
