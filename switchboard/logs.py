@@ -12,6 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+CONTENT_LOGGERS = ("mail.log", "imapclient")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
@@ -65,3 +66,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Libraries that write message content at DEBUG: aiosmtpd every DATA line
+    # ("mail.log"), imapclient every FETCH response. Whatever the level, they stay
+    # at INFO or above, so that even a debug log never holds a customer's message.
+    for name in CONTENT_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
