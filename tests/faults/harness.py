@@ -283,10 +283,15 @@ class Senders:
         self.sent: set[str] = set()
         self.acked: set[str] = set()
         self.kinds: dict[str, str] = {}
-        self.linked: set[Person] = set()  # sent a form (email + phone) that was accepted
+        self.forms: dict[str, Person] = {}  # accepted form (email + phone) -> its sender
         self._n = 0
         self._lock = threading.Lock()
         self.repeat_after_ack = False  # scenario 6: every request sent twice
+
+    @property
+    def linked(self) -> set[Person]:
+        """People whose identities a form linked, counting only acknowledged forms."""
+        return {person for marker, person in self.forms.items() if marker in self.acked}
 
     def _next(self) -> str:
         with self._lock:
@@ -310,7 +315,7 @@ class Senders:
                 self._ack(marker)
                 if kind == "form":
                     with self._lock:
-                        self.linked.add(person)
+                        self.forms[marker] = person
                 if self.repeat_after_ack:
                     send(person, marker)  # the sender timed out and retries once
                 return
