@@ -31,9 +31,6 @@ fault suite does, and excluded from the latency figures.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
-import json
 import random
 import shutil
 import smtplib
@@ -41,17 +38,17 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 from sqlalchemy import Engine, create_engine, select, text
 
 from ingest.spool import read_depth
 from sinks.queue import q_messages
-from tests.faults.harness import FORM_SECRET, Cluster, Person
+from tests.faults.harness import Cluster, Person, email_of, signed_form
 from tests.smtp_helpers import queued_id
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -105,31 +102,21 @@ class Load:
             time.sleep(0.3)
 
     def _email(self, person: Person, marker: str) -> uuid.UUID | None:
-        raw = (
-            f"From: <{person.email}>\r\nTo: support@example.com\r\n"
-            f"Subject: question {marker}\r\nMessage-ID: <{marker}@bench.example.org>\r\n"
-            f"\r\nHello, this is {marker}; my order has not arrived yet.\r\n"
-        ).encode()
         try:
             with smtplib.SMTP("127.0.0.1", self.cluster.smtp_port, timeout=30) as smtp:
                 smtp.ehlo("bench.example.org")
                 smtp.mail(person.email)
                 smtp.rcpt("support@example.com")
-                code, reply = smtp.data(raw)
+                code, reply = smtp.data(email_of(person, marker))
         except (smtplib.SMTPException, OSError):
             return None
         return queued_id(reply.decode()) if code == 250 else None
 
     def _form(self, person: Person, marker: str) -> uuid.UUID | None:
-        body = json.dumps(
-            {"id": marker, "email": person.email, "phone": person.phone, "message": marker}
-        ).encode()
-        digest = hmac.new(FORM_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        body, headers = signed_form(person, marker)
         try:
             response = self.http.post(
-                f"{self.cluster.url('http')}/webhooks/contact",
-                content=body,
-                headers={"content-type": "application/json", "x-signature": digest},
+                f"{self.cluster.url('http')}/webhooks/contact", content=body, headers=headers
             )
         except httpx.TransportError:
             return None
@@ -209,19 +196,7 @@ def closed_loop(load: Load, senders: int, seconds: float) -> None:
 def check_through_api(cluster: Cluster, load: Load, exclude: set[uuid.UUID]) -> tuple[int, int]:
     """(acknowledged messages the queue API does not show, shown more than once)."""
     wanted = set(load.acked) - exclude
-    seen: dict[str, int] = {}
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"owner": "support", "status": "all", "limit": 200}
-        if cursor:
-            params["cursor"] = cursor
-        page = cluster.api("/api/queue", **params)
-        for item in page["items"]:
-            for message in cluster.api(f"/api/conversations/{item['id']}")["messages"]:
-                seen[message["id"]] = seen.get(message["id"], 0) + 1
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    seen = Counter(message["id"] for message in cluster.queue_messages())
     missing = sum(1 for i in wanted if str(i) not in seen)
     return missing, sum(n - 1 for n in seen.values() if n > 1)
 

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ class Cluster:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
     smtp_port: int = field(default_factory=free_port)
+    # Tansu forgets what it acknowledged when killed, router events included: a
+    # contact.merged event can vanish after the router's directory applied it.
+    forgetful_broker: bool = False
 
     def __post_init__(self) -> None:
         (self.root / "switchboard.toml").write_text(CONFIG)
@@ -214,8 +218,8 @@ class Cluster:
         response.raise_for_status()
         return response.json()
 
-    def markers_in_queue(self) -> Counter[str]:
-        found: Counter[str] = Counter()
+    def queue_messages(self) -> Iterator[dict[str, Any]]:
+        """Every message of every conversation in the team's queue, through the API."""
         cursor = None
         while True:
             params: dict[str, Any] = {"owner": "support", "status": "all", "limit": 200}
@@ -223,26 +227,53 @@ class Cluster:
                 params["cursor"] = cursor
             page = self.api("/api/queue", **params)
             for item in page["items"]:
-                conversation = self.api(f"/api/conversations/{item['id']}")
-                for message in conversation["messages"]:
-                    text = f"{message.get('subject') or ''} {message.get('text') or ''}"
-                    found.update(set(MARKER.findall(text)))
+                yield from self.api(f"/api/conversations/{item['id']}")["messages"]
             cursor = page["next_cursor"]
             if not cursor:
-                return found
+                return
 
-    def _router_view(self, person: Person) -> object:
+    def markers_in_queue(self) -> Counter[str]:
+        found: Counter[str] = Counter()
+        for message in self.queue_messages():
+            text = f"{message.get('subject') or ''} {message.get('text') or ''}"
+            found.update(set(MARKER.findall(text)))
+        return found
+
+    def _resolved(self, rows: list[Any]) -> set[str]:
+        """The live contacts the router's directory resolves these identity rows to."""
+        url = self.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        engine = create_engine(url)
+        live = set()
+        try:
+            with engine.connect() as c:
+                for _key, contact_id, merged_into in rows:
+                    current = merged_into or contact_id
+                    while True:  # follow merges to the survivor
+                        nxt = c.execute(
+                            text("SELECT merged_into FROM contacts WHERE id = :id"),
+                            {"id": current},
+                        ).scalar()
+                        if nxt is None:
+                            break
+                        current = nxt
+                    live.add(str(current))
+        finally:
+            engine.dispose()
+        return live
+
+    def _router_view(self, person: Person) -> list[Any]:
         url = self.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
         engine = create_engine(url)
         try:
             with engine.connect() as c:
-                return c.execute(
+                rows = c.execute(
                     text(
                         "SELECT i.key, i.contact_id, c.merged_into FROM contact_identities i "
                         "JOIN contacts c ON c.id = i.contact_id WHERE i.key IN (:e, :p)"
                     ),
                     {"e": f"email:{person.email}", "p": f"phone:{person.phone}"},
                 ).all()
+                return [tuple(row) for row in rows]
         finally:
             engine.dispose()
 
@@ -262,8 +293,14 @@ class Cluster:
                 ids.add(contact["id"])
                 owners.add(contact["owner"])
             if person in linked and len(ids) > 1:
+                view = self._router_view(person)
+                if self.forgetful_broker and len(self._resolved(view)) == 1:
+                    # The directory merged them; the contact.merged event was then
+                    # forgotten by the memory broker before the sink read it.
+                    print(f"merge forgotten by the broker: {person} -> {sorted(ids)}")  # noqa: T201
+                    continue
                 split += 1
-                print(f"split: {person} -> {sorted(ids)}: {self._router_view(person)}")  # noqa: T201
+                print(f"split: {person} -> {sorted(ids)}: {view}")  # noqa: T201
             bad += any(o not in AGENTS for o in owners)
         return split, bad
 
@@ -338,14 +375,9 @@ class Senders:
     # -- one send each; True when acknowledged ----------------------------------
 
     def _email(self, person: Person, marker: str) -> bool:
-        raw = (
-            f"From: <{person.email}>\r\nTo: support@example.com\r\n"
-            f"Subject: question {marker}\r\nMessage-ID: <{marker}@faults.example.org>\r\n"
-            f"\r\n{BODY_TEXT} {marker}.\r\n"
-        ).encode()
         try:
             with smtplib.SMTP("127.0.0.1", self.cluster.smtp_port, timeout=15) as smtp:
-                smtp.sendmail(person.email, ["support@example.com"], raw)
+                smtp.sendmail(person.email, ["support@example.com"], email_of(person, marker))
             return True
         except (smtplib.SMTPException, OSError):
             return False
@@ -364,20 +396,35 @@ class Senders:
         return response.status_code == 200
 
     def _form(self, person: Person, marker: str) -> bool:
-        body = json.dumps(
-            {"id": marker, "email": person.email, "phone": person.phone, "message": marker}
-        ).encode()
-        digest = hmac.new(FORM_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        body, headers = signed_form(person, marker)
         try:
             response = httpx.post(
                 f"{self.cluster.url('http')}/webhooks/contact",
                 content=body,
-                headers={"content-type": "application/json", "x-signature": digest},
+                headers=headers,
                 timeout=15,
             )
         except httpx.TransportError:
             return False
         return response.status_code == 202
+
+
+def email_of(person: Person, marker: str) -> bytes:
+    """An email from ``person`` whose subject and body carry ``marker``."""
+    return (
+        f"From: <{person.email}>\r\nTo: support@example.com\r\n"
+        f"Subject: question {marker}\r\nMessage-ID: <{marker}@faults.example.org>\r\n"
+        f"\r\n{BODY_TEXT} {marker}.\r\n"
+    ).encode()
+
+
+def signed_form(person: Person, marker: str) -> tuple[bytes, dict[str, str]]:
+    """The contact form's JSON body (address and number: it links them) and headers."""
+    body = json.dumps(
+        {"id": marker, "email": person.email, "phone": person.phone, "message": marker}
+    ).encode()
+    digest = hmac.new(FORM_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return body, {"content-type": "application/json", "x-signature": digest}
 
 
 def settle(cluster: Cluster, senders: Senders, timeout_s: float = 90) -> Summary:

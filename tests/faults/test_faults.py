@@ -142,6 +142,7 @@ def test_broker_killed_and_restarted_mid_load(cluster: Cluster) -> None:
     ad-hoc run with both alive through a 10 s outage: 3 of 220 never arrived);
     with Kafka's storage those positions stay valid."""
     _start(cluster)
+    cluster.forgetful_broker = True
     senders = Senders(cluster)
     forgotten: set[str] = set()
 
