@@ -37,7 +37,7 @@ from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
 from switchboard.metrics import IMAP_CONNECTED, IMAP_LAST_SUCCESS, IMAP_LAST_UID, RECEIVED
-from switchboard.settings import ImapSettings, MailboxSettings
+from switchboard.settings import ImapSettings, MailboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,13 @@ class ImapAdapter:
     """All configured mailboxes, each polled by its own thread."""
 
     name = "imap"
+    summary = "IMAP poller: mailboxes read with IDLE or polling, checkpointed per folder"
+    settings_class = ImapSettings
     edge = True
+
+    @staticmethod
+    def enabled_in(settings: Settings) -> bool:
+        return settings.imap.enabled and bool(settings.imap.mailboxes)
 
     def __init__(
         self,

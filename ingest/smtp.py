@@ -29,7 +29,7 @@ from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy, IdentityError, canonical_email
 from switchboard.metrics import RECEIVED, REJECTED
 from switchboard.runtime import StartupError
-from switchboard.settings import SmtpSettings
+from switchboard.settings import Settings, SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,13 @@ class SmtpAdapter:
     """The SMTP channel: ``start`` listens, ``stop`` stops accepting and drains."""
 
     name = "smtp"
+    summary = "SMTP server: email delivered by MTAs, answered after the hand-off"
+    settings_class = SmtpSettings
     edge = True
+
+    @staticmethod
+    def enabled_in(settings: Settings) -> bool:
+        return settings.smtp.enabled
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ from normalize.schema import Attachment
 from normalize.sms import SmsContext, normalize_twilio
 from switchboard.http import BodyTooLarge, problem, read_body, unavailable
 from switchboard.metrics import RECEIVED, http_rejected
-from switchboard.settings import TwilioSettings
+from switchboard.settings import Settings, TwilioSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,15 @@ def signed_url(request: Request, public_url: str | None) -> str:
 
 
 class TwilioAdapter:
+    """Twilio's SMS, MMS and WhatsApp web hook, signature checked."""
+
     name = "twilio"
+    summary = "Twilio hook: SMS, MMS and WhatsApp at POST /webhooks/twilio/sms"
+    settings_class = TwilioSettings
+
+    @staticmethod
+    def enabled_in(settings: Settings) -> bool:
+        return settings.twilio.enabled
 
     def __init__(
         self, settings: TwilioSettings, handoff: HandOff, public_url: str | None = None

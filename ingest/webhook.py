@@ -28,7 +28,7 @@ from normalize.errors import NormalizeError
 from normalize.webhook import WebhookContext, normalize_webhook
 from switchboard.http import BodyTooLarge, problem, read_body, unavailable
 from switchboard.metrics import RECEIVED, http_rejected
-from switchboard.settings import BearerAuth, HmacAuth, WebhookSettings
+from switchboard.settings import BearerAuth, HmacAuth, Settings, WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,12 @@ class WebhookAdapter:
     """All configured generic hooks."""
 
     name = "webhook"
+    summary = "Generic web hooks: [[webhooks]] in the config, each at POST /webhooks/<name>"
+    settings_class = WebhookSettings
+
+    @staticmethod
+    def enabled_in(settings: Settings) -> bool:
+        return bool(settings.webhooks)
 
     def __init__(self, hooks: list[WebhookSettings], handoff: HandOff) -> None:
         self.hooks = {hook.name: hook for hook in hooks}

@@ -83,6 +83,33 @@ def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapters_list(settings: Settings, args: argparse.Namespace) -> int:
+    """Installed channel adapters, whether the configuration enables them, and errors."""
+    from ingest.registry import discover
+
+    rows = []
+    for info in discover().values():
+        enabled = None if info.adapter is None else bool(info.adapter.enabled_in(settings))
+        rows.append(
+            {
+                "name": info.name,
+                "enabled": enabled,
+                "package": info.package,
+                "target": info.target,
+                "summary": None if info.adapter is None else info.adapter.summary,
+                "error": info.error,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            state = "broken" if row["error"] else ("enabled" if row["enabled"] else "disabled")
+            print(f"{row['name']:<10} {state:<9} {row['package'] or '?'}  {row['target']}")
+            print(f"           {row['error'] or row['summary']}")
+    return 1 if any(row["error"] for row in rows) else 0
+
+
 def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.imap_state import ImapStateStore
     from switchboard.db import make_engine, upgrade
@@ -193,6 +220,55 @@ def _cmd_config_show(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_operations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The inspection and maintenance commands."""
+    adapters = sub.add_parser("adapters", help="channel adapters").add_subparsers(
+        dest="adapters_command", required=True, metavar="ACTION"
+    )
+    p = adapters.add_parser("list", help="installed adapters, enabled or not; exit 1 if broken")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_adapters_list)
+
+    imap = sub.add_parser("imap", help="IMAP mailboxes").add_subparsers(
+        dest="imap_command", required=True, metavar="ACTION"
+    )
+    p = imap.add_parser("status", help="per-mailbox state: connected, last UID, errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_imap_status)
+
+    p = sub.add_parser("status", help="consumer lag, spool depth, counts, mailboxes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.set_defaults(func=_cmd_broker)
+
+    topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
+        dest="topics_command", required=True, metavar="ACTION"
+    )
+    p = topics.add_parser("create", help="create the missing switchboard topics")
+    p.add_argument("--partitions", type=int, default=None, help="override partition count")
+    p.set_defaults(func=_cmd_topics_create)
+
+    schema = sub.add_parser("schema", help="event schemas").add_subparsers(
+        dest="schema_command", required=True, metavar="ACTION"
+    )
+    p = schema.add_parser("export", help="write JSON Schema files generated from the models")
+    p.add_argument("--dir", default="schemas", help="target directory (default: schemas)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the files are out of date")
+    p.set_defaults(func=_cmd_schema_export)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    p = config.add_parser("show", help="print the effective settings, secrets masked")
+    p.set_defaults(func=_cmd_config_show)
+    p = config.add_parser("check", help="validate the environment and a config file")
+    p.add_argument("file", nargs="?", type=Path, help="TOML file (default: SWITCHBOARD_CONFIG)")
+    p.set_defaults(func=_cmd_config_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchboard",
@@ -241,44 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = db.add_parser("upgrade", help="apply pending migrations (run does it at start)")
     p.set_defaults(func=_cmd_db_upgrade)
 
-    imap = sub.add_parser("imap", help="IMAP mailboxes").add_subparsers(
-        dest="imap_command", required=True, metavar="ACTION"
-    )
-    p = imap.add_parser("status", help="per-mailbox state: connected, last UID, errors")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_cmd_imap_status)
-
-    p = sub.add_parser("status", help="consumer lag, spool depth, counts, mailboxes")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-    p.set_defaults(func=_cmd_status)
-
-    p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
-    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    p.set_defaults(func=_cmd_broker)
-
-    topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
-        dest="topics_command", required=True, metavar="ACTION"
-    )
-    p = topics.add_parser("create", help="create the missing switchboard topics")
-    p.add_argument("--partitions", type=int, default=None, help="override partition count")
-    p.set_defaults(func=_cmd_topics_create)
-
-    schema = sub.add_parser("schema", help="event schemas").add_subparsers(
-        dest="schema_command", required=True, metavar="ACTION"
-    )
-    p = schema.add_parser("export", help="write JSON Schema files generated from the models")
-    p.add_argument("--dir", default="schemas", help="target directory (default: schemas)")
-    p.add_argument("--check", action="store_true", help="exit 1 if the files are out of date")
-    p.set_defaults(func=_cmd_schema_export)
-
-    config = sub.add_parser("config", help="configuration").add_subparsers(
-        dest="config_command", required=True, metavar="ACTION"
-    )
-    p = config.add_parser("show", help="print the effective settings, secrets masked")
-    p.set_defaults(func=_cmd_config_show)
-    p = config.add_parser("check", help="validate the environment and a config file")
-    p.add_argument("file", nargs="?", type=Path, help="TOML file (default: SWITCHBOARD_CONFIG)")
-    p.set_defaults(func=_cmd_config_check)
+    _add_operations(sub)
     return parser
 
 
