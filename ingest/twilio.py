@@ -26,8 +26,7 @@ from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.schema import Attachment
 from normalize.sms import SmsContext, normalize_twilio
-from switchboard.http import BodyTooLarge, problem, read_body, unavailable
-from switchboard.metrics import RECEIVED, http_rejected
+from switchboard.http import counted, problem, read_body, unavailable
 from switchboard.settings import Settings, TwilioSettings
 
 log = logging.getLogger(__name__)
@@ -107,15 +106,7 @@ class TwilioAdapter:
         return any(v.validate(url, form, signature) for v in self._validators)
 
     async def receive(self, request: Request) -> Response:
-        RECEIVED.labels(self.name).inc()
-        try:
-            response = await self._receive(request)
-        except BodyTooLarge:
-            http_rejected(self.name, 413)
-            raise
-        if response.status_code >= 400:
-            http_rejected(self.name, response.status_code)
-        return response
+        return await counted(self.name, self._receive(request))
 
     async def _receive(self, request: Request) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -26,8 +26,7 @@ from ingest.handoff import HandOff
 from normalize.content import Blob
 from normalize.errors import NormalizeError
 from normalize.webhook import WebhookContext, normalize_webhook
-from switchboard.http import BodyTooLarge, problem, read_body, unavailable
-from switchboard.metrics import RECEIVED, http_rejected
+from switchboard.http import counted, problem, read_body, unavailable
 from switchboard.settings import BearerAuth, HmacAuth, Settings, WebhookSettings
 
 log = logging.getLogger(__name__)
@@ -201,16 +200,7 @@ class WebhookAdapter:
         return endpoint
 
     async def receive(self, hook: WebhookSettings, request: Request) -> Response:
-        adapter = f"webhook:{hook.name}"
-        RECEIVED.labels(adapter).inc()
-        try:
-            response = await self._receive(hook, request)
-        except BodyTooLarge:
-            http_rejected(adapter, 413)
-            raise
-        if response.status_code >= 400:
-            http_rejected(adapter, response.status_code)
-        return response
+        return await counted(f"webhook:{hook.name}", self._receive(hook, request))
 
     async def _receive(self, hook: WebhookSettings, request: Request) -> Response:
         wait = self._buckets[hook.name].take()

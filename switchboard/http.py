@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from switchboard.metrics import RECEIVED, http_rejected
 
 # A readiness check raises (any exception) when its dependency is unavailable.
 Check = Callable[[], None]
@@ -84,6 +86,19 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self.limit = limit
+
+
+async def counted(adapter: str, answer: Awaitable[Response]) -> Response:
+    """An HTTP adapter's answer, counted as received and, if refused, by reason."""
+    RECEIVED.labels(adapter).inc()
+    try:
+        response = await answer
+    except BodyTooLarge:
+        http_rejected(adapter, 413)
+        raise
+    if response.status_code >= 400:
+        http_rejected(adapter, response.status_code)
+    return response
 
 
 async def read_body(request: Request, limit: int) -> bytes:
