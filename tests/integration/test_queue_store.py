@@ -121,20 +121,22 @@ def test_an_older_owner_fact_never_overwrites_a_newer_one(store: QueueStore) -> 
     assert [i["id"] for i in store.queue("support").items] == [str(conversation)]
 
 
+def _merge(survivor: uuid.UUID, merged: uuid.UUID, minutes: int) -> ContactEvent:
+    """The router's contact.merged: ``merged``'s phone now belongs to ``survivor``."""
+    return contact_event(
+        ContactEventKind.MERGED,
+        survivor,
+        minutes,
+        merged_contact_ids=(merged,),
+        identities=("phone:+14155550100",),
+    )
+
+
 def test_a_late_message_of_a_merged_contact_lands_on_the_survivor(store: QueueStore) -> None:
     older, newer = uuid.uuid4(), uuid.uuid4()
     apply(store, routed(older, uuid.uuid4(), 0, owner="alice"))
     apply(store, routed(newer, uuid.uuid4(), 1, owner="bob"))
-    apply(
-        store,
-        contact_event(
-            ContactEventKind.MERGED,
-            older,
-            2,
-            merged_contact_ids=(newer,),
-            identities=("phone:+14155550100",),
-        ),
-    )
+    apply(store, _merge(older, newer, 2))
     late_conversation = uuid.uuid4()
     apply(store, routed(newer, late_conversation, 3, owner="bob"))
     survivor = store.contact(newer)
@@ -154,16 +156,7 @@ def test_a_merge_applied_before_the_merged_contact_was_seen_still_holds(
     fault suite found the identity then pointing at the merged contact for good."""
     older, newer = uuid.uuid4(), uuid.uuid4()
     apply(store, contact_event(ContactEventKind.CREATED, older, 0, identities=("email:a@x.org",)))
-    apply(
-        store,
-        contact_event(
-            ContactEventKind.MERGED,
-            older,
-            2,
-            merged_contact_ids=(newer,),
-            identities=("phone:+14155550100",),
-        ),
-    )
+    apply(store, _merge(older, newer, 2))
     late = contact_event(ContactEventKind.CREATED, newer, 1, identities=("phone:+14155550100",))
     apply(store, late)
     apply(store, routed(newer, uuid.uuid4(), 1, owner="bob"))

@@ -19,27 +19,21 @@ from prometheus_client import REGISTRY
 from ingest.spool import Drainer, Spool, SpoolFull, read_depth
 from normalize.schema import InboundMessage
 from switchboard.broker import EmbeddedBroker, free_port
-from switchboard.events import TYPE_INBOUND, Event, read_data, read_meta
+from switchboard.events import Event, read_data, read_meta
 from switchboard.kafka import Publisher, make_consumer
 from switchboard.settings import KafkaSettings, WebhookSettings
 from switchboard.topics import INBOUND, ensure_topics
 from tests.factories import inbound_message
 from tests.http_helpers import http_ingest
 from tests.kafka_helpers import consume_until
+from tests.router_helpers import inbound_event
 from tests.smtp_helpers import queued_id, smtp_server
 
 pytestmark = pytest.mark.integration
 
 
 def _event(n: int) -> Event:
-    message = inbound_message(text=f"message {n}")
-    return Event(
-        type=TYPE_INBOUND,
-        source="/test",
-        key=message.partition_key,
-        data=message,
-        subject=str(message.id),
-    )
+    return inbound_event(inbound_message(text=f"message {n}"))
 
 
 def _spool(path: Path, **bounds: int) -> Spool:
