@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from ingest.imap_state import ImapStateStore
 from ingest.spool import read_depth
@@ -98,23 +98,17 @@ def _spools(settings: Settings) -> list[Report]:
     return out
 
 
-def _router(settings: Settings) -> Report:
-    engine = make_engine(settings.resolved_database_url())
-    try:
-        with engine.connect() as c:
-            return {
-                "contacts": c.scalar(
-                    select(func.count())
-                    .select_from(contacts)
-                    .where(contacts.c.merged_into.is_(None))
-                ),
-                "messages": c.scalar(select(func.count()).select_from(messages)),
-                "events_not_yet_published": c.scalar(
-                    select(func.count()).select_from(outbox).where(outbox.c.pending.is_(True))
-                ),
-            }
-    finally:
-        engine.dispose()
+def _router(engine: Engine) -> Report:
+    with engine.connect() as c:
+        return {
+            "contacts": c.scalar(
+                select(func.count()).select_from(contacts).where(contacts.c.merged_into.is_(None))
+            ),
+            "messages": c.scalar(select(func.count()).select_from(messages)),
+            "events_not_yet_published": c.scalar(
+                select(func.count()).select_from(outbox).where(outbox.c.pending.is_(True))
+            ),
+        }
 
 
 def _queue(settings: Settings) -> Report:
@@ -134,23 +128,22 @@ def _queue(settings: Settings) -> Report:
     return {"owners": owners}
 
 
-def _imap(settings: Settings) -> list[dict[str, object]]:
-    engine = make_engine(settings.resolved_database_url())
-    try:
-        return ImapStateStore(engine).status()
-    finally:
-        engine.dispose()
-
-
 def collect(settings: Settings) -> Report:
     """Everything `switchboard status` prints, as JSON-ready data."""
-    return {
-        "kafka": _part(lambda: _kafka(settings)),
-        "spool": _part(lambda: _spools(settings)),
-        "router": _part(lambda: _router(settings)),
-        "queue": _part(lambda: _queue(settings)),
-        "imap": _part(lambda: _imap(settings)) if settings.imap.mailboxes else [],
-    }
+    # One engine for the router's tables and the mailbox state (the same database).
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        return {
+            "kafka": _part(lambda: _kafka(settings)),
+            "spool": _part(lambda: _spools(settings)),
+            "router": _part(lambda: _router(engine)),
+            "queue": _part(lambda: _queue(settings)),
+            "imap": _part(lambda: ImapStateStore(engine).status())
+            if settings.imap.mailboxes
+            else [],
+        }
+    finally:
+        engine.dispose()
 
 
 def _render_spool(spool: list[Report] | Report) -> list[str]:
