@@ -1,10 +1,25 @@
 """Error families that decide what an adapter answers its sender.
 
 Raised, never returned as flags. An adapter maps each to its protocol:
-SMTP 451/5xx, HTTP 503/4xx, IMAP "do not advance the checkpoint".
+
+==============  =====================  ==========================  ======================
+family          meaning                SMTP                        HTTP
+==============  =====================  ==========================  ======================
+RetryLater      nothing is durable     451 4.3.0                   503 + Retry-After
+Rejected        refused, with reason   5xx with the reason         its status (4xx)
+Stop            adapter cannot go on   421, then the process stops 503, the process stops
+==============  =====================  ==========================  ======================
+
+An IMAP poller maps RetryLater to "do not advance the checkpoint".
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import JsonValue
+
+from switchboard.runtime import StartupError
 
 
 class RetryLater(Exception):
@@ -17,9 +32,36 @@ class RetryLater(Exception):
 
 
 class Rejected(Exception):
-    """This input is refused for a reason the sender can act on."""
+    """This input is refused for a reason the sender can act on.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    ``status`` is the HTTP answer (400 malformed, 401 no credentials, 403 wrong
+    ones, 429 over a limit); ``record=True`` also keeps the raw input as a dead
+    letter with ``reason`` and ``metadata`` (a refused provider request someone
+    should look at).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        *,
+        status: int = 400,
+        headers: Mapping[str, str] | None = None,
+        record: bool = False,
+        metadata: Mapping[str, JsonValue] | None = None,
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.status = status
+        self.headers = dict(headers or {})
+        self.record = record
+        self.metadata = dict(metadata or {})
+
+
+class Stop(StartupError):
+    """This adapter cannot go on (revoked credentials, impossible configuration).
+
+    Raised from ``start()`` the process exits 1 with this message; raised while
+    handling input the sender is told to retry and the process stops gracefully.
+    """

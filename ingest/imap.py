@@ -29,9 +29,10 @@ import uuid6
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from ingest.errors import RetryLater
+from ingest.errors import RetryLater, Stop
 from ingest.handoff import HandOff
 from ingest.imap_state import ImapStateStore
+from ingest.sdk import Adapter, AdapterContext
 from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
@@ -307,29 +308,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class ImapAdapter:
-    """All configured mailboxes, each polled by its own thread."""
+class ImapAdapter(Adapter[ImapSettings]):
+    """All configured mailboxes, each polled by its own thread; the checkpoints
+    live in the process database (``context.engine``)."""
 
     name = "imap"
     summary = "IMAP poller: mailboxes read with IDLE or polling, checkpointed per folder"
     settings_class = ImapSettings
-    edge = True
+    config_section = "imap"
+    role = "imap"
 
-    @staticmethod
-    def enabled_in(settings: Settings) -> bool:
+    @classmethod
+    def settings_from(cls, settings: Settings) -> ImapSettings:
+        return settings.imap
+
+    @classmethod
+    def configured_in(cls, settings: Settings) -> bool:
         return settings.imap.enabled and bool(settings.imap.mailboxes)
 
-    def __init__(
-        self,
-        settings: ImapSettings,
-        handoff: HandOff,
-        store: ImapStateStore,
-        email_policy: EmailPolicy | None = None,
-    ) -> None:
-        self.settings = settings
-        self.handoff = handoff
-        self.store = store
-        self.email_policy = email_policy
+    def __init__(self, settings: ImapSettings, context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        if context.engine is None:
+            raise Stop("imap: the adapter keeps its checkpoints in a database; none was given")
+        self.store = ImapStateStore(context.engine)
+        self.email_policy = context.email_policy
         self.pollers: list[MailboxPoller] = []
 
     async def start(self) -> None:

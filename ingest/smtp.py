@@ -20,13 +20,13 @@ from uuid import UUID
 import uuid6
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ingest.errors import RetryLater
-from ingest.handoff import HandOff
+from ingest.errors import Rejected, RetryLater, Stop
+from ingest.sdk import Adapter, AdapterContext
 from ingest.workers import ParserPool
 from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
-from normalize.identity import EmailPolicy, IdentityError, canonical_email
+from normalize.identity import IdentityError, canonical_email
 from switchboard.metrics import RECEIVED, REJECTED
 from switchboard.runtime import StartupError
 from switchboard.settings import Settings, SmtpSettings
@@ -136,6 +136,13 @@ class SmtpHandler:
         except RetryLater:
             REJECTED.labels("smtp", "retry-later").inc()
             return "451 4.3.0 Temporarily unable to accept the message; please try again later"
+        except Rejected as exc:
+            REJECTED.labels("smtp", exc.reason).inc()
+            return f"554 5.6.0 Message refused: {exc.detail}"[:500]
+        except Stop as exc:
+            REJECTED.labels("smtp", "stopping").inc()
+            self._adapter.context.on_stop(f"smtp: {exc}")
+            return "421 4.3.2 Service shutting down, try again later"
         except Exception:
             log.exception("smtp hand-off failed unexpectedly")
             REJECTED.labels("smtp", "retry-later").inc()
@@ -146,31 +153,28 @@ class SmtpHandler:
         return "451 4.3.0 Temporary local error; please try again later"
 
 
-class SmtpAdapter:
+class SmtpAdapter(Adapter[SmtpSettings]):
     """The SMTP channel: ``start`` listens, ``stop`` stops accepting and drains."""
 
     name = "smtp"
     summary = "SMTP server: email delivered by MTAs, answered after the hand-off"
     settings_class = SmtpSettings
-    edge = True
+    config_section = "smtp"
+    role = "smtp"
 
-    @staticmethod
-    def enabled_in(settings: Settings) -> bool:
+    @classmethod
+    def settings_from(cls, settings: Settings) -> SmtpSettings:
+        return settings.smtp
+
+    @classmethod
+    def configured_in(cls, settings: Settings) -> bool:
         return settings.smtp.enabled
 
-    def __init__(
-        self,
-        settings: SmtpSettings,
-        handoff: HandOff,
-        *,
-        host: str = "127.0.0.1",
-        email_policy: EmailPolicy | None = None,
-    ) -> None:
-        self.settings = settings
-        self.host = host
+    def __init__(self, settings: SmtpSettings, context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        self.host = context.bind_host
         self.port = settings.port
-        self.handoff = handoff
-        self.email_policy = email_policy
+        email_policy = self.email_policy = context.email_policy
         self.handler = SmtpHandler(self)
         self.sessions: set[_Protocol] = set()
         self._domains = set(settings.domains)

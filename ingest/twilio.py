@@ -10,58 +10,49 @@ Twilio is answered with empty TwiML only after the Kafka acknowledgement.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
-from uuid import UUID
 
 import httpx
-import uuid6
-from fastapi import APIRouter, Request, Response
+from fastapi import Response
+from pydantic import JsonValue
 from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
-from ingest.errors import RetryLater
-from ingest.handoff import HandOff
+from ingest.errors import Rejected
+from ingest.sdk import FORM, AdapterContext, HttpAdapter, HttpRoute, InboundRequest
 from normalize.content import Blob, Normalized
-from normalize.errors import NormalizeError
 from normalize.schema import Attachment
 from normalize.sms import SmsContext, normalize_twilio
-from switchboard.http import counted, problem, read_body, unavailable
 from switchboard.settings import Settings, TwilioSettings
 
 log = logging.getLogger(__name__)
 
 PATH = "/webhooks/twilio/sms"
-FORM = "application/x-www-form-urlencoded"
 MAX_BODY = 256 * 1024  # Twilio's requests are a few KB
 EMPTY_TWIML = str(MessagingResponse())
 
 
-def signed_url(request: Request, public_url: str | None) -> str:
-    """The URL Twilio signed: the public base when configured, else what we saw."""
-    if not public_url:
-        return str(request.url)
-    query = f"?{request.url.query}" if request.url.query else ""
-    return f"{public_url.rstrip('/')}{request.url.path}{query}"
-
-
-class TwilioAdapter:
+class TwilioAdapter(HttpAdapter[TwilioSettings]):
     """Twilio's SMS, MMS and WhatsApp web hook, signature checked."""
 
     name = "twilio"
     summary = "Twilio hook: SMS, MMS and WhatsApp at POST /webhooks/twilio/sms"
     settings_class = TwilioSettings
+    config_section = "twilio"
+    # A message Twilio signed but we cannot read is kept, and Twilio is told it
+    # arrived: its retries would fail the same way.
+    malformed = "dead-letter"
 
-    @staticmethod
-    def enabled_in(settings: Settings) -> bool:
+    @classmethod
+    def settings_from(cls, settings: Settings) -> TwilioSettings:
+        return settings.twilio
+
+    @classmethod
+    def configured_in(cls, settings: Settings) -> bool:
         return settings.twilio.enabled
 
-    def __init__(
-        self, settings: TwilioSettings, handoff: HandOff, public_url: str | None = None
-    ) -> None:
-        self.settings = settings
-        self.handoff = handoff
-        self.public_url = public_url
+    def __init__(self, settings: TwilioSettings, context: AdapterContext) -> None:
+        super().__init__(settings, context)
         self._validators = [RequestValidator(t.get_secret_value()) for t in settings.auth_token]
         if not settings.enforce_signature:
             log.warning(
@@ -76,105 +67,69 @@ class TwilioAdapter:
                 PATH,
             )
 
-    def router(self) -> APIRouter:
-        router = APIRouter(tags=["webhooks"])
-        router.add_api_route(
-            PATH,
-            self.receive,
-            methods=["POST"],
-            summary="Twilio inbound SMS, MMS and WhatsApp",
-            description=(
-                "Form-encoded as Twilio sends it, signed with X-Twilio-Signature. Answers "
-                "200 with empty TwiML once the message is durable; 403 for a bad or "
-                "missing signature (recorded as a dead letter); 503 with Retry-After when "
-                "it cannot be made durable."
-            ),
-            response_class=Response,
-            responses={
-                200: {"content": {"text/xml": {}}, "description": "Accepted (empty TwiML)"},
-                403: {"description": "Signature missing or invalid"},
-                413: {"description": "Body too large"},
-                415: {"description": "Not form-encoded"},
-                503: {"description": "Not durable; Twilio retries"},
-            },
-        )
-        return router
-
-    def _signature_ok(self, url: str, form: dict[str, str], signature: str | None) -> bool:
-        if not signature:
-            return False
-        return any(v.validate(url, form, signature) for v in self._validators)
-
-    async def receive(self, request: Request) -> Response:
-        return await counted(self.name, self._receive(request))
-
-    async def _receive(self, request: Request) -> Response:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != FORM:
-            return problem(415, "Unsupported media type", f"expected {FORM}")
-        body = await read_body(request, MAX_BODY)
-        form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        message_id = uuid6.uuid7()
-        raw = Blob.of(body, FORM)
-        url = signed_url(request, self.public_url)
-        if self.settings.enforce_signature and not self._signature_ok(
-            url, form, request.headers.get("x-twilio-signature")
-        ):
-            return await self._refuse(request, message_id, raw, url, form)
-        try:
-            normalized = normalize_twilio(
-                form,
-                SmsContext(
-                    adapter=self.name,
-                    message_id=message_id,
-                    received_at=datetime.now(UTC),
-                    raw=raw,
-                    default_region=self.settings.default_region,
+    def routes(self) -> list[HttpRoute]:
+        return [
+            HttpRoute(
+                PATH,
+                summary="Twilio inbound SMS, MMS and WhatsApp",
+                description=(
+                    "Form-encoded as Twilio sends it, signed with X-Twilio-Signature. Answers "
+                    "200 with empty TwiML once the message is durable; 403 for a bad or "
+                    "missing signature (recorded as a dead letter); 503 with Retry-After "
+                    "when it cannot be made durable."
                 ),
-            )
-            if self.settings.download_media and normalized.message.attachments:
-                normalized = await self._download_media(normalized)
-            await self.handoff.deliver(normalized)
-        except NormalizeError as exc:
-            try:
-                await self.handoff.dead_letter(
-                    id=message_id,
-                    adapter=self.name,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                    raw=raw,
-                    metadata={"message_sid": form.get("MessageSid")},
-                )
-            except RetryLater as retry:
-                return unavailable(retry.retry_after_s)
-        except RetryLater as exc:
-            return unavailable(exc.retry_after_s)
-        return Response(EMPTY_TWIML, media_type="text/xml")
-
-    async def _refuse(
-        self, request: Request, message_id: UUID, raw: Blob, url: str, form: dict[str, str]
-    ) -> Response:
-        log.warning(
-            "twilio request refused: bad or missing signature",
-            extra={"url": url, "message_sid": form.get("MessageSid")},
-        )
-        try:
-            await self.handoff.dead_letter(
-                id=message_id,
-                adapter=self.name,
-                reason="signature",
-                detail=f"X-Twilio-Signature missing or not valid for {url}",
-                raw=raw,
-                metadata={
-                    "url": url,
-                    "peer": request.client.host if request.client else None,
-                    "message_sid": form.get("MessageSid"),
-                    "signature_present": "x-twilio-signature" in request.headers,
+                content_types=(FORM,),
+                max_body_bytes=MAX_BODY,
+                responses={
+                    200: "Accepted (empty TwiML)",
+                    403: "Signature missing or invalid",
+                    413: "Body too large",
+                    415: "Not form-encoded",
+                    503: "Not durable; Twilio retries",
                 },
             )
-        except RetryLater:
-            log.error("could not record the refused twilio request", extra={"url": url})
-        return problem(403, "Forbidden", "X-Twilio-Signature is missing or not valid")
+        ]
+
+    @staticmethod
+    def _form(request: InboundRequest) -> dict[str, str]:
+        # Twilio signs what it sent; decode leniently so the check sees the same.
+        return dict(parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True))
+
+    def authenticate(self, request: InboundRequest) -> None:
+        if not self.settings.enforce_signature:
+            return
+        signature = request.headers.get("x-twilio-signature")
+        form = self._form(request)
+        if signature and any(v.validate(request.url, form, signature) for v in self._validators):
+            return
+        raise Rejected(
+            "signature",
+            f"X-Twilio-Signature is missing or not valid for {request.url}",
+            status=403,
+            record=True,
+            metadata={"url": request.url, "signature_present": signature is not None},
+        )
+
+    def dead_letter_metadata(self, request: InboundRequest) -> dict[str, JsonValue]:
+        return {"message_sid": self._form(request).get("MessageSid")}
+
+    async def normalize(self, request: InboundRequest) -> Normalized:
+        normalized = normalize_twilio(
+            self._form(request),
+            SmsContext(
+                adapter=self.name,
+                message_id=request.message_id,
+                received_at=request.received_at,
+                raw=Blob.of(request.body, FORM),
+                default_region=self.settings.default_region,
+            ),
+        )
+        if self.settings.download_media and normalized.message.attachments:
+            normalized = await self._download_media(normalized)
+        return normalized
+
+    def accepted(self, request: InboundRequest, normalized: Normalized | None) -> Response:
+        return Response(EMPTY_TWIML, media_type="text/xml")
 
     async def _download_media(self, normalized: Normalized) -> Normalized:
         """Fetch media from allowlisted hosts only, bounded in size and time.

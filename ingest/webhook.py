@@ -14,25 +14,18 @@ import json
 import logging
 import math
 import time
-from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
-import uuid6
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
-
-from ingest.errors import RetryLater
-from ingest.handoff import HandOff
-from normalize.content import Blob
+from ingest.errors import Rejected
+from ingest.sdk import FORM, JSON, AdapterContext, HttpAdapter, HttpRoute, InboundRequest
+from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.webhook import WebhookContext, normalize_webhook
-from switchboard.http import counted, problem, read_body, unavailable
 from switchboard.settings import BearerAuth, HmacAuth, Settings, WebhookSettings
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
-FORM = "application/x-www-form-urlencoded"
+KINDS = {"json": JSON, "form": FORM}
 
 
 class TokenBucket:
@@ -55,54 +48,51 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-class AuthError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-def check_auth(hook: WebhookSettings, request: Request, body: bytes) -> None:
-    """Raise AuthError(401) for missing credentials, AuthError(403) for wrong ones."""
+def check_auth(hook: WebhookSettings, request: InboundRequest) -> None:
+    """Raise Rejected(401) for missing credentials, Rejected(403) for wrong ones."""
     auth = hook.auth
     if isinstance(auth, BearerAuth):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
+        challenge = {"WWW-Authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not token:
-            raise AuthError(401, "missing 'Authorization: Bearer <token>'")
+            raise Rejected(
+                "auth", "missing 'Authorization: Bearer <token>'", status=401, headers=challenge
+            )
         # Resolved from token_env at load; an unresolved one can never match.
         expected_token = auth.token.get_secret_value() if auth.token else ""
         if not expected_token or not hmac.compare_digest(token.encode(), expected_token.encode()):
-            raise AuthError(403, "the bearer token is not valid for this hook")
+            raise Rejected(
+                "auth", "the bearer token is not valid for this hook", status=403, headers=challenge
+            )
     elif isinstance(auth, HmacAuth):
-        signature = request.headers.get(auth.header)
-        if not signature:
-            raise AuthError(401, f"missing signature header {auth.header}")
-        signed = body
-        if auth.timestamp_header:
-            stamp = request.headers.get(auth.timestamp_header, "")
-            if not stamp.isdigit():
-                raise AuthError(401, f"missing or non-numeric {auth.timestamp_header}")
-            if abs(time.time() - int(stamp)) > auth.tolerance_s:
-                raise AuthError(401, f"{auth.timestamp_header} is outside the accepted window")
-            signed = stamp.encode() + b"." + body
-        if auth.secret is None:  # resolved from secret_env at load
-            raise AuthError(403, "this hook has no secret configured")
-        expected = (
-            auth.prefix
-            + hmac.new(auth.secret.get_secret_value().encode(), signed, hashlib.sha256).hexdigest()
-        )
-        if not hmac.compare_digest(signature.strip().encode(), expected.encode()):
-            raise AuthError(403, f"{auth.header} does not match the body")
+        _check_hmac(auth, request)
 
 
-def _content_kind(request: Request) -> str | None:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media == JSON or (media.startswith("application/") and media.endswith("+json")):
-        return "json"
-    if media == FORM:
-        return "form"
-    return None
+def _check_hmac(auth: HmacAuth, request: InboundRequest) -> None:
+    signature = request.headers.get(auth.header)
+    if not signature:
+        raise Rejected("signature", f"missing signature header {auth.header}", status=401)
+    signed = request.body
+    if auth.timestamp_header:
+        stamp = request.headers.get(auth.timestamp_header, "")
+        if not stamp.isdigit():
+            raise Rejected(
+                "signature", f"missing or non-numeric {auth.timestamp_header}", status=401
+            )
+        if abs(time.time() - int(stamp)) > auth.tolerance_s:
+            raise Rejected(
+                "stale", f"{auth.timestamp_header} is outside the accepted window", status=401
+            )
+        signed = stamp.encode() + b"." + request.body
+    if auth.secret is None:  # resolved from secret_env at load
+        raise Rejected("signature", "this hook has no secret configured", status=403)
+    expected = (
+        auth.prefix
+        + hmac.new(auth.secret.get_secret_value().encode(), signed, hashlib.sha256).hexdigest()
+    )
+    if not hmac.compare_digest(signature.strip().encode(), expected.encode()):
+        raise Rejected("signature", f"{auth.header} does not match the body", status=403)
 
 
 def _finite_float(text: str) -> float:
@@ -136,116 +126,92 @@ def parse_payload(kind: str, body: bytes) -> dict[str, object]:
     return payload
 
 
-class WebhookAdapter:
-    """All configured generic hooks."""
+class WebhookAdapter(HttpAdapter[list[WebhookSettings]]):
+    """All configured generic hooks, one route each."""
 
     name = "webhook"
     summary = "Generic web hooks: [[webhooks]] in the config, each at POST /webhooks/<name>"
-    settings_class = WebhookSettings
+    settings_class = WebhookSettings  # of one [[webhooks]] table
+    config_section = "webhooks"
 
-    @staticmethod
-    def enabled_in(settings: Settings) -> bool:
+    @classmethod
+    def settings_from(cls, settings: Settings) -> list[WebhookSettings]:
+        return settings.webhooks
+
+    @classmethod
+    def configured_in(cls, settings: Settings) -> bool:
         return bool(settings.webhooks)
 
-    def __init__(self, hooks: list[WebhookSettings], handoff: HandOff) -> None:
-        self.hooks = {hook.name: hook for hook in hooks}
-        self.handoff = handoff
-        self._buckets = {hook.name: TokenBucket(hook.rate_per_s, hook.burst) for hook in hooks}
+    def __init__(self, settings: list[WebhookSettings], context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        self.hooks = {hook.name: hook for hook in settings}
+        self._buckets = {hook.name: TokenBucket(hook.rate_per_s, hook.burst) for hook in settings}
 
-    def router(self) -> APIRouter:
-        router = APIRouter(tags=["webhooks"])
-        for hook in self.hooks.values():
-            router.add_api_route(
+    def routes(self) -> list[HttpRoute]:
+        return [
+            HttpRoute(
                 f"/webhooks/{hook.name}",
-                self._endpoint(hook),
-                methods=["POST"],
-                name=f"webhook_{hook.name}",
                 summary=f"Web hook '{hook.name}'",
                 description=self._describe(hook),
+                content_types=tuple(KINDS[c] for c in hook.content_types),
+                max_body_bytes=hook.max_body_bytes,
                 status_code=202,
                 responses={
-                    202: {"description": "Durable: `{id, dedupe_key}`"},
-                    400: {"description": "Malformed body or no identity"},
-                    401: {"description": "Missing credentials"},
-                    403: {"description": "Wrong credentials"},
-                    413: {"description": f"Body over {hook.max_body_bytes} bytes"},
-                    415: {"description": "Unsupported content type"},
-                    429: {"description": "Rate limit; see Retry-After"},
-                    503: {"description": "Not durable; retry after Retry-After"},
+                    202: "Durable: `{id, dedupe_key}`",
+                    400: "Malformed body or no identity",
+                    401: "Missing credentials",
+                    403: "Wrong credentials",
+                    413: f"Body over {hook.max_body_bytes} bytes",
+                    415: "Unsupported content type",
+                    429: "Rate limit; see Retry-After",
+                    503: "Not durable; retry after Retry-After",
                 },
+                metric=f"webhook:{hook.name}",
+                options=hook,
             )
-
-        async def unknown(name: str) -> Response:
-            return problem(404, "Not Found", f"no web hook named {name!r} is configured")
-
-        router.add_api_route("/webhooks/{name}", unknown, methods=["POST"], include_in_schema=False)
-        return router
+            for hook in self.hooks.values()
+        ]
 
     @staticmethod
     def _describe(hook: WebhookSettings) -> str:
         mapping = ", ".join(
             f"{k} <- `{v}`" for k, v in hook.map.model_dump(exclude_defaults=True).items()
         )
-        types = " or ".join({"json": JSON, "form": FORM}[c] for c in hook.content_types)
+        types = " or ".join(KINDS[c] for c in hook.content_types)
         return (
             f"Accepts {types}; authentication: {hook.auth.kind}; mapping: {mapping}. "
             "Dedupe key: the Idempotency-Key header, else the mapped id, else a "
             "fingerprint of the payload."
         )
 
-    def _endpoint(self, hook: WebhookSettings):  # type: ignore[no-untyped-def]  # noqa: ANN202
-        async def endpoint(request: Request) -> Response:
-            return await self.receive(hook, request)
-
-        return endpoint
-
-    async def receive(self, hook: WebhookSettings, request: Request) -> Response:
-        return await counted(f"webhook:{hook.name}", self._receive(hook, request))
-
-    async def _receive(self, hook: WebhookSettings, request: Request) -> Response:
+    async def admit(self, route: HttpRoute) -> None:
+        hook: WebhookSettings = route.options
         wait = self._buckets[hook.name].take()
         if wait:
-            retry = str(max(1, round(wait)))
-            return problem(
-                429,
-                "Too many requests",
+            raise Rejected(
+                "rate-limit",
                 f"hook {hook.name!r} is over its rate limit",
-                headers={"Retry-After": retry},
+                status=429,
+                headers={"Retry-After": str(max(1, round(wait)))},
             )
-        kind = _content_kind(request)
-        if kind is None or kind not in hook.content_types:
-            accepted = ", ".join({"json": JSON, "form": FORM}[c] for c in hook.content_types)
-            return problem(415, "Unsupported media type", f"this hook accepts {accepted}")
-        body = await read_body(request, hook.max_body_bytes)
-        try:
-            check_auth(hook, request, body)
-        except AuthError as exc:
-            headers = {"WWW-Authenticate": "Bearer"} if isinstance(hook.auth, BearerAuth) else None
-            title = "Unauthorized" if exc.status == 401 else "Forbidden"
-            return problem(exc.status, title, exc.detail, headers=headers)
-        message_id = uuid6.uuid7()
-        try:
-            payload = parse_payload(kind, body)
-            normalized = normalize_webhook(
-                payload,
-                WebhookContext(
-                    hook=hook.name,
-                    message_id=message_id,
-                    received_at=datetime.now(UTC),
-                    raw=Blob.of(body, JSON if kind == "json" else FORM),
-                    fields=hook.map,
-                    channel=hook.channel,
-                    external_namespace=hook.external_namespace,
-                    default_region=hook.default_region,
-                    idempotency_key=request.headers.get("idempotency-key"),
-                ),
-            )
-        except NormalizeError as exc:
-            return problem(400, "Bad request", exc.detail, reason=exc.reason)
-        try:
-            await self.handoff.deliver(normalized)
-        except RetryLater as exc:
-            return unavailable(exc.retry_after_s)
-        return JSONResponse(
-            {"id": str(message_id), "dedupe_key": normalized.message.dedupe_key}, status_code=202
+
+    def authenticate(self, request: InboundRequest) -> None:
+        check_auth(request.route.options, request)
+
+    async def normalize(self, request: InboundRequest) -> Normalized:
+        hook: WebhookSettings = request.route.options
+        kind = "form" if request.media_type == FORM else "json"
+        return normalize_webhook(
+            parse_payload(kind, request.body),
+            WebhookContext(
+                hook=hook.name,
+                message_id=request.message_id,
+                received_at=request.received_at,
+                raw=Blob.of(request.body, JSON if kind == "json" else FORM),
+                fields=hook.map,
+                channel=hook.channel,
+                external_namespace=hook.external_namespace,
+                default_region=hook.default_region,
+                idempotency_key=request.headers.get("idempotency-key"),
+            ),
         )

@@ -15,16 +15,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
 from ingest.handoff import HandOff
-from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
-from ingest.smtp import SmtpAdapter
+from ingest.registry import discover
+from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
 from ingest.spool import Drainer, Spool
-from ingest.twilio import TwilioAdapter
-from ingest.webhook import WebhookAdapter
 from router.config import routing_config
 from router.service import Router
 from router.store import RouterStore
@@ -35,7 +34,13 @@ from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 from switchboard.db import make_engine, ping, upgrade
 from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher, probe_broker
-from switchboard.runtime import Component, HttpServer, install_signal_handlers, run_components
+from switchboard.runtime import (
+    Component,
+    HttpServer,
+    StartupError,
+    install_signal_handlers,
+    run_components,
+)
 from switchboard.settings import Settings
 from switchboard.status import BROKER_FILE
 from switchboard.topics import ensure_topics
@@ -133,6 +138,33 @@ def make_spool(settings: Settings, roles: frozenset[str]) -> Spool | None:
     )
 
 
+def build_adapters(
+    settings: Settings, roles: frozenset[str], context: AdapterContext
+) -> list[Adapter[Any]]:
+    """Every installed adapter the configuration enables, for the roles this
+    process runs. A broken adapter the configuration enables stops the start;
+    one it does not enable is only logged."""
+    adapters: list[Adapter[Any]] = []
+    for name, info in discover().items():
+        if info.error is not None:
+            if name in settings.adapters:
+                raise StartupError(f"adapter {name!r} is enabled but broken: {info.error}")
+            log.warning("adapter %s is installed but broken: %s", name, info.error)
+            continue
+        cls = info.adapter
+        if cls.role not in roles or not cls.enabled_in(settings):
+            continue
+        try:
+            adapter = cls.build(settings, context)
+        except StartupError:
+            raise
+        except Exception as exc:
+            raise StartupError(f"adapter {name!r} could not be built: {exc}") from exc
+        adapters.append(adapter)
+        log.info("adapter enabled", extra={"adapter": name, "role": cls.role})
+    return adapters
+
+
 def build_pipeline(
     settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: bool = False
 ) -> Pipeline:
@@ -155,11 +187,12 @@ def build_pipeline(
     blobs = FileBlobStore(settings.data_dir / "blobs")
     spool = make_spool(settings, roles)
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=settings.spool.after_s)
+    context = AdapterContext(
+        handoff, bind_host=settings.bind_host, public_url=settings.public_url, engine=engine
+    )
+    adapters = build_adapters(settings, roles, context)
     if "http" in roles:
-        if settings.twilio.enabled:
-            twilio = TwilioAdapter(settings.twilio, handoff, public_url=settings.public_url)
-            app.include_router(twilio.router())
-        app.include_router(WebhookAdapter(settings.webhooks, handoff).router())
+        mount_adapters(app, [a for a in adapters if isinstance(a, HttpAdapter)])
     imap_store = ImapStateStore(engine)
 
     @app.get("/status/imap", tags=["operations"], summary="Per-mailbox IMAP state")
@@ -170,10 +203,7 @@ def build_pipeline(
     components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
     if spool is not None:
         components.append(Drainer(spool, publisher.publish_many))
-    if "smtp" in roles and settings.smtp.enabled:
-        components.append(SmtpAdapter(settings.smtp, handoff, host=settings.bind_host))
-    if "imap" in roles and settings.imap.enabled and settings.imap.mailboxes:
-        components.append(ImapAdapter(settings.imap, handoff, imap_store))
+    components.extend(a for a in adapters if not isinstance(a, HttpAdapter))
     router_engine = None
     if "router" in roles:
         store = router_store(settings)

@@ -31,7 +31,9 @@ class Component(Protocol):
     a poller): those stop first at shutdown, so nothing new arrives while the
     rest (drainer, router, sinks) finish and commit."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Shown in logs and in shutdown warnings."""
 
     async def start(self) -> None:
         """Return once the component is serving; raise if it cannot."""

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ingest.registry import AdapterError, discover, get
 from normalize.webhook import FieldMap
 
 # kafka-python 3 discards a group join that completes outside poll(); polls shorter
@@ -512,6 +513,13 @@ class Settings(BaseSettings):
         description="Teams ([[teams]]); without any, one team 'support' owns everything.",
     )
     rules: list[RuleSettings] = Field(default_factory=list, description="Rules ([[rules]]).")
+    adapters: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "[adapters.<name>] tables: enable and configure an installed adapter "
+            "(`enabled = false` switches any adapter off)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _routing_is_consistent(self) -> Settings:
@@ -601,13 +609,16 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     sections: dict[str, Any] = {}
     for name, section in data.items():
+        if name == "adapters":
+            sections[name] = _adapter_tables(path, section)
+            continue
         if name in LIST_SECTIONS:
             if not isinstance(section, list):
                 raise ConfigError(f"{path}: {name} must be an array of tables, like [[{name}]]")
             sections[name] = section
             continue
         if name not in SECTIONS:
-            known = ", ".join(sorted([*SECTIONS, *LIST_SECTIONS]))
+            known = ", ".join(sorted([*SECTIONS, *LIST_SECTIONS, "adapters"]))
             raise ConfigError(f"{path}: unknown section [{name}] (known: {known})")
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name} must be a table, like [{name}]")
@@ -619,16 +630,49 @@ def read_config(path: Path) -> dict[str, Any]:
     return sections
 
 
+def _adapter_tables(path: Path, section: object) -> dict[str, dict[str, Any]]:
+    """[adapters.<name>] tables, each checked against the installed adapter's settings."""
+    if not isinstance(section, dict) or not all(isinstance(t, dict) for t in section.values()):
+        raise ConfigError(f"{path}: adapters must hold tables, like [adapters.mailgun]")
+    for name, table in section.items():
+        where = f"{path}: [adapters.{name}]"
+        try:
+            adapter = get(name)
+        except AdapterError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        if not isinstance(table.get("enabled", True), bool):
+            raise ConfigError(f"{where}: enabled must be true or false")
+        keys = set(table) - {"enabled"}
+        own = getattr(adapter, "config_section", None)
+        if own is not None and keys:
+            raise ConfigError(f"{where}: only `enabled` goes here; configure {name} in [{own}]")
+        if own is None:
+            unknown = sorted(keys - set(adapter.settings_class.model_fields))
+            if unknown:
+                raise ConfigError(f"{where}: unknown key {', '.join(unknown)}")
+            section_settings(adapter.settings_class, table, f"adapters.{name}")
+    return section
+
+
 def _errors(exc: ValidationError, prefix: str) -> str:
     return "; ".join(
         f"{prefix}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
     )
 
 
-def _section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any:  # noqa: ANN401
-    # Environment variables win over the file: drop the keys the environment sets.
+def section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any:  # noqa: ANN401
+    """One settings class from its config-file table; environment variables (with the
+    class's prefix) win over the file. ConfigError names the key that is wrong.
+    ``enabled`` in an [adapters.<name>] table belongs to the registry, not the class."""
     prefix = str(cls.model_config.get("env_prefix", ""))
-    from_file = {k: v for k, v in section.items() if f"{prefix}{k}".upper() not in os.environ}
+    from_file = {
+        k: v
+        for k, v in section.items()
+        if f"{prefix}{k}".upper() not in os.environ
+        and not (
+            k == "enabled" and name.startswith("adapters.") and "enabled" not in cls.model_fields
+        )
+    }
     try:
         return cls(**from_file)
     except ValidationError as exc:
@@ -655,15 +699,16 @@ def load_settings(path: Path | None = None) -> Settings:
     try:
         return Settings(
             config=file,
-            kafka=_section_settings(KafkaSettings, sections.get("kafka", {}), "kafka"),
-            smtp=_section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
-            twilio=_section_settings(TwilioSettings, sections.get("twilio", {}), "twilio"),
-            imap=_section_settings(ImapSettings, sections.get("imap", {}), "imap"),
-            router=_section_settings(RouterSettings, sections.get("router", {}), "router"),
-            spool=_section_settings(SpoolSettings, sections.get("spool", {}), "spool"),
+            kafka=section_settings(KafkaSettings, sections.get("kafka", {}), "kafka"),
+            smtp=section_settings(SmtpSettings, sections.get("smtp", {}), "smtp"),
+            twilio=section_settings(TwilioSettings, sections.get("twilio", {}), "twilio"),
+            imap=section_settings(ImapSettings, sections.get("imap", {}), "imap"),
+            router=section_settings(RouterSettings, sections.get("router", {}), "router"),
+            spool=section_settings(SpoolSettings, sections.get("spool", {}), "spool"),
             webhooks=_tables("webhooks", sections.get("webhooks", [])),
             teams=_tables("teams", sections["teams"]) if "teams" in sections else _one_team(),
             rules=_tables("rules", sections.get("rules", [])),
+            adapters=sections.get("adapters", {}),
         )
     except ValidationError as exc:
         raise ConfigError(_errors(exc, "settings")) from exc
@@ -672,6 +717,10 @@ def load_settings(path: Path | None = None) -> Settings:
 def _settings_classes() -> Iterator[type[BaseSettings]]:
     yield Settings
     yield from SECTIONS.values()
+    for info in discover().values():  # installed adapters read SWITCHBOARD_<NAME>_*
+        cls = getattr(info.adapter, "settings_class", None)
+        if isinstance(cls, type) and issubclass(cls, BaseSettings) and cls not in SECTIONS.values():
+            yield cls
 
 
 def known_env_vars() -> set[str]:
@@ -684,7 +733,7 @@ def known_env_vars() -> set[str]:
                 info.default_factory, BaseSettings
             ):
                 continue
-            if name in ("webhooks", "mailboxes", "teams", "rules"):  # file only
+            if name in ("webhooks", "mailboxes", "teams", "rules", "adapters"):  # file only
                 continue
             names.add(f"{prefix}{name}".upper())
     return names

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from ingest.handoff import HandOff
+from ingest.sdk import AdapterContext, HttpAdapter, mount_adapters
 from ingest.spool import Spool
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
@@ -52,9 +53,11 @@ def http_ingest(
     blobs = FileBlobStore(data_dir / "blobs")
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0)
     app = create_app(Readiness())
+    context = AdapterContext(handoff, public_url=public_url)
+    adapters: list[HttpAdapter[Any]] = [WebhookAdapter(hooks or [], context)]
     if twilio is not None:
-        app.include_router(TwilioAdapter(twilio, handoff, public_url=public_url).router())
-    app.include_router(WebhookAdapter(hooks or [], handoff).router())
+        adapters.insert(0, TwilioAdapter(twilio, context))
+    mount_adapters(app, adapters)
     server = HttpServer(app, "127.0.0.1", 0)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="http-test-loop")

@@ -12,6 +12,7 @@ from pathlib import Path
 from ingest.handoff import HandOff
 from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
+from ingest.sdk import AdapterContext
 from switchboard.blobs import FileBlobStore
 from switchboard.db import make_engine, upgrade
 from switchboard.kafka import Publisher
@@ -55,7 +56,7 @@ def imap_adapter(
     engine = make_engine(f"sqlite:///{data_dir / 'imap.db'}")
     upgrade(engine)
     store = ImapStateStore(engine)
-    adapter = ImapAdapter(settings, handoff, store)
+    adapter = ImapAdapter(settings, AdapterContext(handoff, engine=engine))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

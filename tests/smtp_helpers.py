@@ -13,6 +13,7 @@ from pathlib import Path
 from uuid import UUID
 
 from ingest.handoff import HandOff
+from ingest.sdk import AdapterContext
 from ingest.smtp import SmtpAdapter
 from ingest.spool import Drainer, Spool
 from normalize.schema import DeadLetter, InboundMessage
@@ -78,7 +79,7 @@ def smtp_server(
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=spool_after_s)
-    adapter = SmtpAdapter(settings, handoff)
+    adapter = SmtpAdapter(settings, AdapterContext(handoff))
     drainer = Drainer(spool, publisher.publish_many) if spool is not None else None
     if drainer is not None:
         drainer.begin()

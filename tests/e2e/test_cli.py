@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -143,32 +141,3 @@ def test_adapters_list_shows_what_is_installed_and_what_the_config_enables(
     assert all(row["package"] == "switchboard" and row["error"] is None for row in rows.values())
     text = _cli("adapters", "list", env=env).stdout
     assert "twilio     disabled  switchboard  ingest.twilio:TwilioAdapter" in text
-
-
-def test_an_adapter_from_another_installed_package_is_discovered(tmp_path: Path) -> None:
-    # "Install" tests/example_adapter as pip would: the package and a dist-info
-    # directory with its entry points, on the path of a fresh process.
-    example = ROOT / "tests" / "example_adapter"
-    shutil.copytree(example / "switchboard_example", tmp_path / "switchboard_example")
-    info = tmp_path / "switchboard_example-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: switchboard-example\nVersion: 0.1.0\n"
-    )
-    project = tomllib.loads((example / "pyproject.toml").read_text())["project"]
-    points = project["entry-points"]["switchboard.adapters"]
-    (info / "entry_points.txt").write_text(
-        "[switchboard.adapters]\n" + "".join(f"{k} = {v}\n" for k, v in points.items())
-    )
-    result = _cli("adapters", "list", "--json", env={"PYTHONPATH": str(tmp_path)})
-    assert result.returncode == 0, result.stderr
-    rows = {row["name"]: row for row in json.loads(result.stdout)}
-    assert rows["echo"] == {
-        "name": "echo",
-        "enabled": True,
-        "package": "switchboard-example",
-        "target": "switchboard_example:EchoAdapter",
-        "summary": "Example adapter from a separate package",
-        "error": None,
-    }
-    assert {"smtp", "imap", "twilio", "webhook"} <= set(rows)

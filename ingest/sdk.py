@@ -1,0 +1,460 @@
+"""The adapter interface: what every channel is, so a new one reads like the others.
+
+An adapter is a class with
+
+- ``name`` (its entry point name), ``summary`` (one line for ``switchboard
+  adapters list``) and ``settings_class`` (the pydantic model of its
+  configuration, secrets as ``SecretStr``);
+- ``__init__(settings, context)``: the settings, and an :class:`AdapterContext`
+  holding the durable :class:`~ingest.handoff.HandOff` it must call with every
+  message;
+- async ``start()`` and ``stop()``: return once serving; stop accepting, finish
+  what is in flight.
+
+It answers its sender only after ``handoff.deliver`` returned, and maps the
+error families of :mod:`ingest.errors` onto its protocol: :class:`RetryLater`
+(nothing is durable: the sender must retry), :class:`Rejected` (refused for a
+reason the sender can act on), :class:`Stop` (this adapter cannot go on).
+
+An adapter that receives over HTTP subclasses :class:`HttpAdapter` and only
+declares its routes, its authentication and its normalizer; the app mounts it
+and runs the request cycle (limits, metrics, hand-off, answers) the same way
+for every such adapter.
+
+Configuration: an adapter outside the four historic ones is configured, and
+enabled, by its own table in the config file::
+
+    [adapters.mailgun]
+    enabled = true
+    max_age_s = 300
+
+and by ``SWITCHBOARD_<NAME>_*`` environment variables if its settings class is a
+pydantic-settings class with that prefix (secrets belong there, not in the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email import policy
+from email.message import Message
+from email.parser import BytesParser
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from urllib.parse import parse_qsl
+from uuid import UUID
+
+import uuid6
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import JsonValue
+
+from ingest.errors import Rejected, RetryLater, Stop
+from ingest.handoff import HandOff
+from normalize.content import Blob, Normalized
+from normalize.errors import NormalizeError
+from normalize.identity import EmailPolicy
+from switchboard.http import counted, problem, read_body, unavailable
+from switchboard.settings import Settings, section_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+MULTIPART = "multipart/form-data"
+
+
+def _stop_process(reason: str) -> None:
+    # The runtime's graceful path: SIGTERM stops edges first, drains, exits.
+    log.critical("adapter asked the process to stop: %s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What the process gives every adapter: the hand-off and shared facts."""
+
+    handoff: HandOff
+    bind_host: str = "127.0.0.1"
+    public_url: str | None = None  # the base URL senders call, for signatures
+    engine: Engine | None = None  # the process database (checkpoints, state)
+    email_policy: EmailPolicy | None = None
+    on_stop: Callable[[str], None] = field(default=_stop_process, repr=False)
+
+
+class Adapter(Generic[S]):
+    """Base of every channel adapter. See the module docstring for the contract."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    settings_class: ClassVar[type[Any]]
+    #: The process role that runs it: ``http`` (the ingest process with the HTTP
+    #: server, the default), ``smtp`` or ``imap``.
+    role: ClassVar[str] = "http"
+    #: True for a component that accepts input from outside by itself (a
+    #: listener, a poller): edges stop first at shutdown.
+    edge: ClassVar[bool] = True
+    #: The historic config section of a built-in adapter ([smtp], [[webhooks]]);
+    #: None for the rest, configured in [adapters.<name>].
+    config_section: ClassVar[str | None] = None
+
+    def __init__(self, settings: S, context: AdapterContext) -> None:
+        self.settings = settings
+        self.context = context
+        self.handoff = context.handoff
+
+    @classmethod
+    def section(cls, settings: Settings) -> dict[str, Any] | None:
+        """This adapter's ``[adapters.<name>]`` table, or None when absent."""
+        return settings.adapters.get(cls.name)
+
+    @classmethod
+    def settings_from(cls, settings: Settings) -> S:
+        """This adapter's settings out of the process settings (file and environment)."""
+        section = cls.section(settings) or {}
+        built: S = section_settings(cls.settings_class, section, f"adapters.{cls.name}")
+        return built
+
+    @classmethod
+    def enabled_in(cls, settings: Settings) -> bool:
+        """Whether ``switchboard run`` starts it. ``[adapters.<name>] enabled = false``
+        switches any adapter off; otherwise :meth:`configured_in` decides."""
+        section = cls.section(settings)
+        if section is not None and section.get("enabled", True) is False:
+            return False
+        return cls.configured_in(settings)
+
+    @classmethod
+    def configured_in(cls, settings: Settings) -> bool:
+        """An installed adapter never runs unasked: only with its table present."""
+        return cls.section(settings) is not None
+
+    @classmethod
+    def build(cls, settings: Settings, context: AdapterContext) -> Adapter[S]:
+        return cls(cls.settings_from(settings), context)
+
+    async def start(self) -> None:
+        """Return once serving; raise :class:`Stop` (or StartupError) if it cannot."""
+
+    async def stop(self) -> None:
+        """Stop accepting, finish the hand-offs in flight, release resources."""
+
+    def __repr__(self) -> str:
+        # Never the settings: they hold credentials.
+        return f"<{type(self).__name__} adapter {self.name!r}>"
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    """One endpoint of an HTTP adapter, as the app mounts it."""
+
+    path: str
+    summary: str
+    description: str = ""
+    content_types: tuple[str, ...] = (FORM,)
+    max_body_bytes: int = 1024 * 1024
+    status_code: int = 200  # the success answer, for the API documentation
+    responses: Mapping[int, str] = field(default_factory=dict)
+    metric: str | None = None  # label of the received/rejected metrics (default: name)
+    options: Any = None  # whatever the adapter needs per route (a hook's settings)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart/form-data body, bytes as sent."""
+
+    name: str
+    data: bytes
+    filename: str | None = None
+    content_type: str = "text/plain"
+    charset: str | None = None
+
+    def text(self, charset: str | None = None) -> str:
+        return self.data.decode(charset or self.charset or "utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    """One HTTP request as an adapter sees it: read and bounded, not yet trusted."""
+
+    route: HttpRoute
+    body: bytes
+    headers: Mapping[str, str]  # case-insensitive
+    query: Mapping[str, str]
+    url: str  # the URL the sender called (public URL applied): what signatures cover
+    media_type: str  # lower case, without parameters
+    content_type: str  # the whole header, parameters (boundary, charset) included
+    peer: str | None
+    message_id: UUID  # the UUIDv7 this arrival gets
+    received_at: datetime
+
+    def form(self) -> dict[str, str]:
+        """An urlencoded body as a dict (blank values kept); NormalizeError if not UTF-8."""
+        try:
+            return dict(parse_qsl(self.body.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError as exc:
+            raise NormalizeError("malformed", "the form is not UTF-8") from exc
+
+    def parts(self, max_parts: int = 1000) -> list[Part]:
+        """A multipart/form-data body, parsed by the standard library's MIME parser
+        (it keeps every part's bytes, so a field in another charset can be decoded
+        with the charset the sender names)."""
+        head = f"Content-Type: {self.content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+        message = BytesParser(policy=policy.compat32).parsebytes(head + self.body)
+        if not message.is_multipart() or not message.get_param("boundary"):
+            raise NormalizeError("malformed", "the body is not multipart/form-data")
+        payload = message.get_payload()
+        if not isinstance(payload, list) or not payload:
+            raise NormalizeError("malformed", "the multipart body has no parts")
+        if len(payload) > max_parts:
+            raise NormalizeError("malformed", f"more than {max_parts} parts")
+        return [_part(p) for p in payload if isinstance(p, Message)]
+
+
+def _part(message: Message) -> Part:
+    name = message.get_param("name", header="content-disposition")
+    filename = message.get_filename()
+    data = message.get_payload(decode=True)
+    return Part(
+        name=str(name) if isinstance(name, str) else "",
+        data=data if isinstance(data, bytes) else b"",
+        filename=filename,
+        content_type=message.get_content_type(),
+        charset=message.get_content_charset(),
+    )
+
+
+def fields(parts: Sequence[Part]) -> dict[str, Part]:
+    """Named non-file parts (the first of a repeated name wins)."""
+    named: dict[str, Part] = {}
+    for part in parts:
+        if part.filename is None:
+            named.setdefault(part.name, part)
+    return named
+
+
+def _media_matches(media: str, accepted: str) -> bool:
+    if media == accepted:
+        return True
+    # application/vnd.example+json is JSON too.
+    return accepted == JSON and media.startswith("application/") and media.endswith("+json")
+
+
+class HttpAdapter(Adapter[S]):
+    """An adapter that receives over HTTP: it declares, the app runs the cycle.
+
+    Subclasses implement :meth:`routes`, :meth:`authenticate` and :meth:`normalize`
+    and may override the answers. The cycle, for every request:
+
+    1. :meth:`admit` (rate limits: raise ``Rejected(status=429)``);
+    2. the media type against the route's ``content_types`` (415);
+    3. the body, refused past ``max_body_bytes`` without buffering it (413);
+    4. :meth:`authenticate` (raise ``Rejected(status=401 or 403)``; with
+       ``record=True`` the refusal is also kept as a dead letter);
+    5. :meth:`normalize` (raise ``NormalizeError`` or ``Rejected``): with
+       ``malformed = "reject"`` a NormalizeError answers ``malformed_status``;
+       with ``"dead-letter"`` the raw body is kept as a dead letter and the sender
+       gets its success answer, for providers whose retries would never succeed;
+    6. ``handoff.deliver``: :class:`RetryLater` answers ``retry_status`` (503)
+       with Retry-After; only after it returns does :meth:`accepted` answer.
+    """
+
+    role = "http"
+    edge = False  # the HTTP server is the edge; its stop comes first
+    malformed: ClassVar[Literal["reject", "dead-letter"]] = "reject"
+    malformed_status: ClassVar[int] = 400
+    retry_status: ClassVar[int] = 503
+
+    def routes(self) -> Sequence[HttpRoute]:
+        raise NotImplementedError
+
+    def authenticate(self, request: InboundRequest) -> None:
+        """Raise :class:`Rejected` (401 missing, 403 wrong) unless the request is
+        the sender's. An adapter without authentication must say so by overriding
+        this with a body that explains why."""
+        raise NotImplementedError
+
+    async def normalize(self, request: InboundRequest) -> Normalized:
+        raise NotImplementedError
+
+    async def admit(self, route: HttpRoute) -> None:
+        """Raise ``Rejected(status=429, headers={"Retry-After": ...})`` to shed load."""
+
+    def accepted(self, request: InboundRequest, normalized: Normalized | None) -> Response:
+        """The success answer; ``normalized`` is None when the input was dead-lettered."""
+        if normalized is None:
+            return JSONResponse(
+                {"id": str(request.message_id)}, status_code=request.route.status_code
+            )
+        return JSONResponse(
+            {"id": str(request.message_id), "dedupe_key": normalized.message.dedupe_key},
+            status_code=request.route.status_code,
+        )
+
+    def refused(self, request: InboundRequest | None, error: Rejected) -> Response:
+        titles = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden"}
+        titles |= {406: "Not acceptable", 415: "Unsupported media type", 429: "Too many requests"}
+        return problem(
+            error.status,
+            titles.get(error.status, "Refused"),
+            error.detail,
+            headers=dict(error.headers) or None,
+            reason=error.reason,
+        )
+
+    def unavailable(self, error: RetryLater) -> Response:
+        response = unavailable(error.retry_after_s)
+        response.status_code = self.retry_status
+        return response
+
+    def dead_letter_metadata(self, request: InboundRequest) -> dict[str, JsonValue]:
+        """Extra facts to keep with a dead-lettered request (provider ids)."""
+        return {}
+
+    # -- the cycle --------------------------------------------------------------
+
+    def router(self) -> APIRouter:
+        """The routes, for ``app.include_router``."""
+        router = APIRouter(tags=["webhooks"])
+        for route in self.routes():
+            router.add_api_route(
+                route.path,
+                self._endpoint(route),
+                methods=["POST"],
+                name=f"{self.name}:{route.path}",
+                summary=route.summary,
+                description=route.description,
+                status_code=route.status_code,
+                response_class=Response,
+                responses={
+                    status: {"description": text} for status, text in route.responses.items()
+                },
+            )
+        return router
+
+    def mount(self, app: FastAPI) -> None:
+        app.include_router(self.router())
+
+    def _endpoint(self, route: HttpRoute) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await counted(route.metric or self.name, self.handle(route, request))
+
+        return endpoint
+
+    def _signed_url(self, request: Request) -> str:
+        public = self.context.public_url
+        if not public:
+            return str(request.url)
+        query = f"?{request.url.query}" if request.url.query else ""
+        return f"{public.rstrip('/')}{request.url.path}{query}"
+
+    async def handle(self, route: HttpRoute, request: Request) -> Response:
+        try:
+            await self.admit(route)
+        except Rejected as exc:
+            return self.refused(None, exc)
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if not any(_media_matches(media, accepted) for accepted in route.content_types):
+            accepted = " or ".join(route.content_types)
+            return self.refused(
+                None, Rejected("media-type", f"this endpoint accepts {accepted}", status=415)
+            )
+        inbound = InboundRequest(
+            route=route,
+            body=await read_body(request, route.max_body_bytes),
+            headers=request.headers,
+            query=request.query_params,
+            url=self._signed_url(request),
+            media_type=media,
+            content_type=content_type,
+            peer=request.client.host if request.client else None,
+            message_id=uuid6.uuid7(),
+            received_at=datetime.now(UTC),
+        )
+        try:
+            self.authenticate(inbound)
+        except Rejected as exc:
+            return await self._refuse(inbound, exc)
+        return await self._take(inbound)
+
+    async def _refuse(self, request: InboundRequest, error: Rejected) -> Response:
+        log.warning(
+            "%s request refused: %s",
+            self.name,
+            error.reason,
+            extra={"adapter": self.name, "path": request.route.path, "peer": request.peer},
+        )
+        if error.record:
+            try:
+                await self._dead_letter(request, error.reason, error.detail, error.metadata)
+            except RetryLater:
+                log.error("could not record the refused request", extra={"adapter": self.name})
+        return self.refused(request, error)
+
+    async def _dead_letter(
+        self,
+        request: InboundRequest,
+        reason: str,
+        detail: str,
+        metadata: Mapping[str, JsonValue] | None = None,
+    ) -> None:
+        await self.handoff.dead_letter(
+            id=request.message_id,
+            adapter=self.name,
+            reason=reason,
+            detail=detail,
+            raw=Blob.of(request.body, request.media_type),
+            metadata={
+                "path": request.route.path,
+                "peer": request.peer,
+                **self.dead_letter_metadata(request),
+                **(metadata or {}),
+            },
+        )
+
+    async def _take(self, request: InboundRequest) -> Response:
+        started = time.perf_counter()
+        try:
+            try:
+                normalized = await self.normalize(request)
+            except NormalizeError as exc:
+                if self.malformed == "reject":
+                    status = self.malformed_status
+                    return self.refused(request, Rejected(exc.reason, exc.detail, status=status))
+                await self._dead_letter(request, exc.reason, exc.detail)
+                return self.accepted(request, None)
+            except Rejected as exc:
+                return await self._refuse(request, exc)
+            await self.handoff.deliver(normalized)
+        except RetryLater as exc:
+            return self.unavailable(exc)
+        except Stop as exc:
+            self.context.on_stop(f"{self.name}: {exc}")
+            return self.unavailable(RetryLater(str(exc)))
+        log.debug(
+            "request taken",
+            extra={"adapter": self.name, "ms": round((time.perf_counter() - started) * 1000, 1)},
+        )
+        return self.accepted(request, normalized)
+
+
+def mount_adapters(app: FastAPI, adapters: Sequence[HttpAdapter[Any]]) -> None:
+    """Mount HTTP adapters, then a clear 404 for any other ``/webhooks/...`` path
+    (last, so it never shadows an adapter's route)."""
+    for adapter in adapters:
+        adapter.mount(app)
+
+    async def unknown(name: str) -> Response:
+        return problem(404, "Not Found", f"no web hook named {name!r} is configured")
+
+    app.add_api_route("/webhooks/{name:path}", unknown, methods=["POST"], include_in_schema=False)

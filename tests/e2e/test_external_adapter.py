@@ -1,0 +1,125 @@
+"""An adapter from a separate installed package is discovered and runs.
+
+``tests/example_adapter`` is a package as a third party ships it. It is
+"installed" the way pip would leave it, its code and a ``.dist-info`` with its
+entry points, on the path of a fresh ``switchboard`` process; nothing in this
+repository names it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from normalize.schema import InboundMessage
+from switchboard.broker import EmbeddedBroker
+from switchboard.settings import KafkaSettings
+from switchboard.topics import INBOUND
+from tests.e2e.test_cli import ROOT, _cli
+from tests.e2e.test_run import _env, _stop, _wait_healthy, running
+from tests.http_helpers import find
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = ROOT / "tests" / "example_adapter"
+
+
+def install_example(target: Path) -> Path:
+    """The example package and its dist-info under ``target``; returns ``target``."""
+    shutil.copytree(EXAMPLE / "switchboard_example", target / "switchboard_example")
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    info = target / f"switchboard_example-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
+    points = project["entry-points"]["switchboard.adapters"]
+    (info / "entry_points.txt").write_text(
+        "[switchboard.adapters]\n" + "".join(f"{k} = {v}\n" for k, v in points.items())
+    )
+    return target
+
+
+def test_adapters_list_finds_it_and_only_the_config_enables_it(tmp_path: Path) -> None:
+    site = install_example(tmp_path / "site")
+    listed = _cli("adapters", "list", "--json", env={"PYTHONPATH": str(site)})
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["widget"] == {
+        "name": "widget",
+        "enabled": False,  # installed is not enabled: it never runs unasked
+        "package": "switchboard-example",
+        "target": "switchboard_example:WidgetAdapter",
+        "summary": "Website chat widget: JSON at POST /webhooks/widget (example package)",
+        "error": None,
+    }
+    assert {"smtp", "imap", "twilio", "webhook"} <= set(rows)
+    config = tmp_path / "switchboard.toml"
+    config.write_text("[adapters.widget]\nmax_body_bytes = 4096\n")
+    env = {"PYTHONPATH": str(site), "SWITCHBOARD_CONFIG": str(config)}
+    enabled = json.loads(_cli("adapters", "list", "--json", env=env).stdout)
+    assert {r["name"]: r["enabled"] for r in enabled}["widget"] is True
+    config.write_text("[adapters.widget]\nenabled = false\n")
+    disabled = json.loads(_cli("adapters", "list", "--json", env=env).stdout)
+    assert {r["name"]: r["enabled"] for r in disabled}["widget"] is False
+
+
+def test_config_errors_name_the_adapter_and_the_key(tmp_path: Path) -> None:
+    site = install_example(tmp_path / "site")
+    config = tmp_path / "switchboard.toml"
+    env = {"PYTHONPATH": str(site), "SWITCHBOARD_CONFIG": str(config)}
+    cases = {
+        "[adapters.telegram]\n": "unknown adapter 'telegram' (installed: ",
+        "[adapters.widget]\nmax_body_byte = 1\n": "[adapters.widget]: unknown key max_body_byte",
+        "[adapters.widget]\nmax_body_bytes = 1\n": "adapters.widget.max_body_bytes",
+        "[adapters.widget]\nenabled = 1\n": "enabled must be true or false",
+        "[adapters.smtp]\nport = 25\n": "only `enabled` goes here; configure smtp in [smtp]",
+    }
+    for text, expected in cases.items():
+        config.write_text(text)
+        result = _cli("config", "check", env=env)
+        assert result.returncode == 2, (text, result.stdout, result.stderr)
+        assert expected in result.stderr, (text, result.stderr)
+
+
+def test_the_installed_adapter_runs_in_the_pipeline(
+    tmp_path: Path, kafka_broker: EmbeddedBroker, unique: str
+) -> None:
+    site = install_example(tmp_path / "site")
+    config = tmp_path / "switchboard.toml"
+    config.write_text("[adapters.widget]\n")
+    env = _env(
+        tmp_path,
+        PYTHONPATH=str(site),
+        SWITCHBOARD_CONFIG=str(config),
+        SWITCHBOARD_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+        SWITCHBOARD_WIDGET_TOKEN="widget-token",
+    )
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    body = {"id": f"w-{unique}", "visitor": {"email": "Ann@Example.org"}, "text": "hi"}
+    with running(env, tmp_path, "ingest", "http") as process:
+        _wait_healthy(base, process)
+        url = f"{base}/webhooks/widget"
+        refused = httpx.post(url, json=body, headers={"authorization": "Bearer nope"})
+        assert refused.status_code == 403, refused.text
+        accepted = httpx.post(url, json=body, headers={"authorization": "Bearer widget-token"})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["dedupe_key"] == f"widget:w-{unique}"
+        code, _, stderr = _stop(process)
+        assert code == 0, stderr
+    assert "widget-token" not in stderr
+    found = find(
+        KafkaSettings(bootstrap=kafka_broker.bootstrap),
+        f"e2e-widget-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.dedupe_key == f"widget:w-{unique}",
+    )
+    assert [(m.adapter, m.channel, m.sender.key) for m in found] == [
+        ("widget", "chat", "email:ann@example.org")
+    ]
