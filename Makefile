@@ -34,6 +34,8 @@ lint: $(VENV)/.installed-dev
 
 types: $(VENV)/.installed-dev
 	$(BIN)/mypy
+	# The example adapter's own tests, as that package's CI would check them.
+	cd tests/example_adapter && MYPYPATH=. ../../$(BIN)/mypy --strict tests
 
 schemas: $(VENV)/.installed-dev
 	$(BIN)/switchboard schema export --check

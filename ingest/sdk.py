@@ -34,6 +34,8 @@ pydantic-settings class with that prefix (secrets belong there, not in the file)
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import os
 import signal
@@ -51,7 +53,7 @@ from uuid import UUID
 import uuid6
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import JsonValue
+from pydantic import JsonValue, SecretStr
 
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
@@ -242,6 +244,37 @@ def fields(parts: Sequence[Part]) -> dict[str, Part]:
     return named
 
 
+def require_basic_auth(
+    request: InboundRequest,
+    username: str,
+    password: SecretStr | None,
+    *,
+    realm: str,
+    wrong_status: int = 403,
+) -> None:
+    """HTTP Basic, for providers that cannot sign their requests (SendGrid Inbound
+    Parse, Postmark inbound): the credentials go into the URL configured at the
+    provider, ``https://user:password@host/webhooks/...``. Compared in constant time;
+    with no password configured nothing is let in."""
+    challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        raise Rejected("auth", "HTTP Basic credentials are required", status=401, headers=challenge)
+    try:
+        given_user, _, given_password = (
+            base64.b64decode(encoded, validate=True).decode().partition(":")
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Rejected(
+            "auth", "malformed Basic credentials", status=401, headers=challenge
+        ) from exc
+    expected = password.get_secret_value() if password is not None else ""
+    user_ok = hmac.compare_digest(given_user.encode(), username.encode())
+    password_ok = hmac.compare_digest(given_password.encode(), expected.encode())
+    if not expected or not (user_ok and password_ok):
+        raise Rejected("auth", "wrong credentials", status=wrong_status, headers=challenge)
+
+
 def _media_matches(media: str, accepted: str) -> bool:
     if media == accepted:
         return True
@@ -303,12 +336,15 @@ class HttpAdapter(Adapter[S]):
     def refused(self, request: InboundRequest | None, error: Rejected) -> Response:
         titles = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden"}
         titles |= {406: "Not acceptable", 415: "Unsupported media type", 429: "Too many requests"}
+        # A refusal kept as a dead letter names its record, for whoever investigates.
+        kept = {"id": str(request.message_id)} if request is not None and error.record else {}
         return problem(
             error.status,
             titles.get(error.status, "Refused"),
             error.detail,
             headers=dict(error.headers) or None,
             reason=error.reason,
+            **kept,
         )
 
     def unavailable(self, error: RetryLater) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,10 @@ def http_ingest(
     hooks: list[WebhookSettings] | None = None,
     public_url: str | None = None,
     spool: Spool | None = None,
+    providers: Sequence[tuple[type[HttpAdapter[Any]], Any]] = (),
 ) -> Iterator[RunningHttp]:
+    """The HTTP ingest app on a real socket: Twilio (if given), the web hooks, and
+    ``providers``: (adapter class, its settings) pairs built on the same hand-off."""
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0)
@@ -57,6 +60,7 @@ def http_ingest(
     adapters: list[HttpAdapter[Any]] = [WebhookAdapter(hooks or [], context)]
     if twilio is not None:
         adapters.insert(0, TwilioAdapter(twilio, context))
+    adapters += [cls(settings, context) for cls, settings in providers]
     mount_adapters(app, adapters)
     server = HttpServer(app, "127.0.0.1", 0)
     loop = asyncio.new_event_loop()

@@ -58,7 +58,7 @@ def test_adapters_list_finds_it_and_only_the_config_enables_it(tmp_path: Path) -
         "summary": "Website chat widget: JSON at POST /webhooks/widget (example package)",
         "error": None,
     }
-    assert {"smtp", "imap", "twilio", "webhook"} <= set(rows)
+    assert {"smtp", "imap", "twilio", "webhook", "mailgun", "sendgrid", "postmark"} <= set(rows)
     config = tmp_path / "switchboard.toml"
     config.write_text("[adapters.widget]\nmax_body_bytes = 4096\n")
     env = {"PYTHONPATH": str(site), "SWITCHBOARD_CONFIG": str(config)}

@@ -1,0 +1,190 @@
+"""SendGrid Inbound Parse: ``POST /webhooks/sendgrid``, multipart/form-data.
+
+With "POST the raw, full MIME message" ticked, SendGrid sends the mail as the
+``email`` field and it goes through the email normalizer unchanged; otherwise the
+parsed fields (``headers``, ``text``, ``html``, ``attachmentN`` with
+``attachment-info``) are put back together first, each field decoded with the
+charset SendGrid names for it in ``charsets``. ``envelope`` gives the SMTP
+sender and recipients in both modes.
+
+Inbound Parse does not sign its requests: give the URL HTTP Basic credentials
+(``https://sendgrid:<password>@host/webhooks/sendgrid``, password in
+``SWITCHBOARD_SENDGRID_PASSWORD``). SendGrid retries only on 5xx and drops the
+mail on any 4xx, so: 503 when not durable (retried for up to 3 days); 401 for
+missing or wrong credentials (forged requests; a wrong password in the URL loses
+mail, and each refusal is logged at WARNING); everything SendGrid sent that
+cannot be read is kept as a dead letter and answered 200.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+from email.parser import HeaderParser
+from email.policy import compat32
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ingest.sdk import (
+    MULTIPART,
+    AdapterContext,
+    HttpAdapter,
+    HttpRoute,
+    InboundRequest,
+    Part,
+    require_basic_auth,
+)
+from normalize.content import Blob, Normalized
+from normalize.email import EmailContext, normalize_email
+from normalize.errors import NormalizeError
+from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
+
+log = logging.getLogger(__name__)
+
+PATH = "/webhooks/sendgrid"
+
+
+class SendgridSettings(BaseSettings):
+    """[adapters.sendgrid]; the password from SWITCHBOARD_SENDGRID_PASSWORD."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_SENDGRID_", extra="forbid")
+
+    username: str = Field(default="sendgrid", description="HTTP Basic user in the Parse URL.")
+    password: SecretStr | None = Field(
+        default=None, description="HTTP Basic password in the Parse URL. Keep it in the env."
+    )
+    max_body_bytes: int = Field(
+        default=40 * 1024 * 1024, ge=1024, description="Largest request (SendGrid: 30 MB mail)."
+    )
+
+
+def _charset(name: str | None) -> str:
+    try:
+        return codecs.lookup(name or "utf-8").name
+    except LookupError:
+        return "utf-8"
+
+
+class SendgridForm:
+    def __init__(self, request: InboundRequest) -> None:
+        parts = request.parts()
+        self.fields: dict[str, Part] = {}
+        self.files: dict[str, Part] = {}
+        for part in parts:
+            target = self.files if part.filename is not None else self.fields
+            target.setdefault(part.name, part)
+        self.charsets: dict[str, object] = self.json_field("charsets") or {}
+
+    def json_field(self, name: str) -> dict[str, object] | None:
+        part = self.fields.get(name)
+        if part is None:
+            return None
+        try:
+            value = json.loads(part.data)
+        except ValueError as exc:
+            raise NormalizeError("malformed", f"{name} is not JSON") from exc
+        if not isinstance(value, dict):
+            raise NormalizeError("malformed", f"{name} is not a JSON object")
+        return value
+
+    def text(self, name: str) -> str | None:
+        part = self.fields.get(name)
+        if part is None:
+            return None
+        return part.data.decode(_charset(str(self.charsets.get(name, "utf-8"))), "replace")
+
+    def envelope(self) -> tuple[str | None, tuple[str, ...]]:
+        envelope = self.json_field("envelope") or {}
+        sender = envelope.get("from")
+        to = envelope.get("to")
+        recipients = tuple(str(r) for r in to) if isinstance(to, list) else ()
+        return (str(sender) if sender is not None else None), recipients
+
+
+class SendgridAdapter(HttpAdapter[SendgridSettings]):
+    """SendGrid Inbound Parse, raw or parsed, behind HTTP Basic."""
+
+    name = "sendgrid"
+    summary = "SendGrid Inbound Parse at POST /webhooks/sendgrid, raw MIME or parsed fields"
+    settings_class = SendgridSettings
+    malformed = "dead-letter"  # any 4xx would drop the mail at SendGrid
+
+    def __init__(self, settings: SendgridSettings, context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        if settings.password is None:
+            log.warning(
+                "no SendGrid password configured (SWITCHBOARD_SENDGRID_PASSWORD): every "
+                "request to %s will be refused",
+                PATH,
+            )
+
+    def routes(self) -> list[HttpRoute]:
+        return [
+            HttpRoute(
+                PATH,
+                summary="SendGrid Inbound Parse",
+                content_types=(MULTIPART,),
+                max_body_bytes=self.settings.max_body_bytes,
+                responses={
+                    200: "Durable, or kept as a dead letter",
+                    401: "HTTP Basic credentials missing or wrong (SendGrid does not retry)",
+                    413: "Body too large",
+                    503: "Not durable; SendGrid retries",
+                },
+            )
+        ]
+
+    def authenticate(self, request: InboundRequest) -> None:
+        require_basic_auth(
+            request,
+            self.settings.username,
+            self.settings.password,
+            realm="switchboard-sendgrid",
+            wrong_status=401,
+        )
+
+    async def normalize(self, request: InboundRequest) -> Normalized:
+        form = SendgridForm(request)
+        mail_from, rcpt_tos = form.envelope()
+        ctx = EmailContext(
+            adapter=self.name,
+            message_id=request.message_id,
+            received_at=request.received_at,
+            mail_from=mail_from,
+            rcpt_tos=rcpt_tos,
+            metadata={"sendgrid": {"spam_score": form.text("spam_score"), "spf": form.text("SPF")}},
+        )
+        raw = form.fields.get("email")
+        if raw is not None:
+            return normalize_email(raw.data, ctx)
+        return normalize_parsed_email(
+            _parsed(form), Blob.of(request.body, request.content_type), ctx
+        )
+
+
+def _parsed(form: SendgridForm) -> ParsedEmail:
+    header_text = form.text("headers")
+    if header_text:
+        pairs = list(HeaderParser(policy=compat32).parsestr(header_text).items())
+    else:  # "headers" is always sent; without it, the few fields SendGrid repeats
+        pairs = [(n.title(), v) for n in ("from", "to", "cc", "subject") if (v := form.text(n))]
+    if not any(name.lower() == "from" for name, _ in pairs):
+        raise NormalizeError("no-sender", "neither headers nor from name a sender")
+    info = form.json_field("attachment-info") or {}
+    attachments = []
+    for field_name, part in sorted(form.files.items()):
+        meta = info.get(field_name)
+        meta = meta if isinstance(meta, dict) else {}
+        attachments.append(
+            ParsedAttachment(
+                filename=str(meta.get("filename") or part.filename or field_name),
+                content_type=str(meta.get("type") or part.content_type),
+                data=part.data,
+                content_id=str(meta["content-id"]) if meta.get("content-id") else None,
+            )
+        )
+    return ParsedEmail(
+        headers=pairs, text=form.text("text"), html=form.text("html"), attachments=attachments
+    )
