@@ -9,7 +9,10 @@ repository names it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -123,3 +126,24 @@ def test_the_installed_adapter_runs_in_the_pipeline(
     assert [(m.adapter, m.channel, m.sender.key) for m in found] == [
         ("widget", "chat", "email:ann@example.org")
     ]
+
+
+def test_the_kit_runs_as_a_pytest_plugin_in_the_adapters_own_package(tmp_path: Path) -> None:
+    # The example package's own test suite, run from its own directory with the
+    # package installed (on the path): the kit's fixtures come from the plugin entry
+    # point, not from Switchboard's conftest.
+    site = install_example(tmp_path / "site")
+    shutil.copytree(EXAMPLE / "tests", tmp_path / "project" / "tests")
+    shutil.copy(EXAMPLE / "pyproject.toml", tmp_path / "project" / "pyproject.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWITCHBOARD_", "PYTEST_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path / "project",
+        env={**env, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "9 passed" in result.stdout, result.stdout[-2000:]
