@@ -20,42 +20,29 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 from email.utils import formataddr
 from typing import Any
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from ingest.sdk import (
-    JSON,
-    AdapterContext,
-    HttpAdapter,
-    HttpRoute,
-    InboundRequest,
-    require_basic_auth,
-)
+from ingest.sdk import JSON, BasicAuthAdapter, BasicAuthSettings, InboundRequest
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
-
-log = logging.getLogger(__name__)
 
 PATH = "/webhooks/postmark"
 # Headers Postmark gives as top-level fields; its Headers list holds the others.
 _TOP_LEVEL = frozenset({"from", "to", "cc", "subject", "date", "reply-to"})
 
 
-class PostmarkSettings(BaseSettings):
+class PostmarkSettings(BasicAuthSettings):
     """[adapters.postmark]; the password from SWITCHBOARD_POSTMARK_PASSWORD."""
 
     model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_POSTMARK_", extra="forbid")
 
     username: str = Field(default="postmark", description="HTTP Basic user in the webhook URL.")
-    password: SecretStr | None = Field(
-        default=None, description="HTTP Basic password in the webhook URL. Keep it in the env."
-    )
     max_body_bytes: int = Field(
         default=50 * 1024 * 1024,
         ge=1024,
@@ -129,48 +116,17 @@ def parsed_email(document: dict[str, Any]) -> ParsedEmail:
     )
 
 
-class PostmarkAdapter(HttpAdapter[PostmarkSettings]):
+class PostmarkAdapter(BasicAuthAdapter[PostmarkSettings]):
     """Postmark inbound webhook, behind HTTP Basic."""
 
     name = "postmark"
     summary = "Postmark inbound at POST /webhooks/postmark (JSON), deduplicated by Message-ID"
     settings_class = PostmarkSettings
-    malformed = "dead-letter"  # authenticated, so from Postmark: keep it, stop its retries
-
-    def __init__(self, settings: PostmarkSettings, context: AdapterContext) -> None:
-        super().__init__(settings, context)
-        if settings.password is None:
-            log.warning(
-                "no Postmark password configured (SWITCHBOARD_POSTMARK_PASSWORD): every "
-                "request to %s will be refused",
-                PATH,
-            )
-
-    def routes(self) -> list[HttpRoute]:
-        return [
-            HttpRoute(
-                PATH,
-                summary="Postmark inbound",
-                content_types=(JSON,),
-                max_body_bytes=self.settings.max_body_bytes,
-                responses={
-                    200: "Durable, or kept as a dead letter",
-                    401: "HTTP Basic credentials missing or wrong (Postmark retries)",
-                    413: "Body too large",
-                    503: "Not durable; Postmark retries",
-                },
-            )
-        ]
-
-    def authenticate(self, request: InboundRequest) -> None:
-        # 401, never 403, for wrong credentials: 403 would stop Postmark's retries.
-        require_basic_auth(
-            request,
-            self.settings.username,
-            self.settings.password,
-            realm="switchboard-postmark",
-            wrong_status=401,
-        )
+    path = PATH
+    media_type = JSON
+    provider = "Postmark"
+    # 401, never 403, for wrong credentials: 403 would stop Postmark's retries.
+    on_unauthorized = "Postmark retries"
 
     async def normalize(self, request: InboundRequest) -> Normalized:
         try:

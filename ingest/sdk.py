@@ -53,7 +53,8 @@ from uuid import UUID
 import uuid6
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import JsonValue, SecretStr
+from pydantic import Field, JsonValue, SecretStr
+from pydantic_settings import BaseSettings
 
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
@@ -482,6 +483,70 @@ class HttpAdapter(Adapter[S]):
             extra={"adapter": self.name, "ms": round((time.perf_counter() - started) * 1000, 1)},
         )
         return self.accepted(request, normalized)
+
+
+class BasicAuthSettings(BaseSettings):
+    """What a :class:`BasicAuthAdapter`'s settings class has (it subclasses this)."""
+
+    username: str = Field(description="HTTP Basic user in the URL given to the provider.")
+    password: SecretStr | None = Field(
+        default=None, description="HTTP Basic password in that URL. Keep it in the env."
+    )
+    max_body_bytes: int = Field(default=30 * 1024 * 1024, ge=1024, description="Largest body.")
+
+
+B = TypeVar("B", bound=BasicAuthSettings)
+
+
+class BasicAuthAdapter(HttpAdapter[B]):
+    """One route behind HTTP Basic, for a provider that cannot sign its requests.
+
+    Wrong credentials answer 401, which providers retry (so a mistyped password
+    loses nothing once fixed, where the provider retries 4xx at all); malformed
+    input is kept as a dead letter, since the provider's retries would never succeed.
+    """
+
+    malformed = "dead-letter"
+    path: ClassVar[str]
+    media_type: ClassVar[str]
+    provider: ClassVar[str]  # the provider's name, for messages
+    on_unauthorized: ClassVar[str]  # what the provider does with a 401
+
+    def __init__(self, settings: B, context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        if settings.password is None:
+            log.warning(
+                "no %s password configured (SWITCHBOARD_%s_PASSWORD): every request to %s "
+                "will be refused",
+                self.provider,
+                self.name.upper(),
+                self.path,
+            )
+
+    def routes(self) -> list[HttpRoute]:
+        return [
+            HttpRoute(
+                self.path,
+                summary=f"{self.provider} inbound",
+                content_types=(self.media_type,),
+                max_body_bytes=self.settings.max_body_bytes,
+                responses={
+                    200: "Durable, or kept as a dead letter",
+                    401: f"HTTP Basic credentials missing or wrong ({self.on_unauthorized})",
+                    413: "Body too large",
+                    503: f"Not durable; {self.provider} retries",
+                },
+            )
+        ]
+
+    def authenticate(self, request: InboundRequest) -> None:
+        require_basic_auth(
+            request,
+            self.settings.username,
+            self.settings.password,
+            realm=f"switchboard-{self.name}",
+            wrong_status=401,
+        )
 
 
 def mount_adapters(app: FastAPI, adapters: Sequence[HttpAdapter[Any]]) -> None:

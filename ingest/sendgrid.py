@@ -20,41 +20,27 @@ from __future__ import annotations
 
 import codecs
 import json
-import logging
 from email.parser import HeaderParser
 from email.policy import compat32
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from ingest.sdk import (
-    MULTIPART,
-    AdapterContext,
-    HttpAdapter,
-    HttpRoute,
-    InboundRequest,
-    Part,
-    require_basic_auth,
-)
+from ingest.sdk import MULTIPART, BasicAuthAdapter, BasicAuthSettings, InboundRequest, Part
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
 
-log = logging.getLogger(__name__)
-
 PATH = "/webhooks/sendgrid"
 
 
-class SendgridSettings(BaseSettings):
+class SendgridSettings(BasicAuthSettings):
     """[adapters.sendgrid]; the password from SWITCHBOARD_SENDGRID_PASSWORD."""
 
     model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_SENDGRID_", extra="forbid")
 
     username: str = Field(default="sendgrid", description="HTTP Basic user in the Parse URL.")
-    password: SecretStr | None = Field(
-        default=None, description="HTTP Basic password in the Parse URL. Keep it in the env."
-    )
     max_body_bytes: int = Field(
         default=40 * 1024 * 1024, ge=1024, description="Largest request (SendGrid: 30 MB mail)."
     )
@@ -103,47 +89,16 @@ class SendgridForm:
         return (str(sender) if sender is not None else None), recipients
 
 
-class SendgridAdapter(HttpAdapter[SendgridSettings]):
+class SendgridAdapter(BasicAuthAdapter[SendgridSettings]):
     """SendGrid Inbound Parse, raw or parsed, behind HTTP Basic."""
 
     name = "sendgrid"
     summary = "SendGrid Inbound Parse at POST /webhooks/sendgrid, raw MIME or parsed fields"
     settings_class = SendgridSettings
-    malformed = "dead-letter"  # any 4xx would drop the mail at SendGrid
-
-    def __init__(self, settings: SendgridSettings, context: AdapterContext) -> None:
-        super().__init__(settings, context)
-        if settings.password is None:
-            log.warning(
-                "no SendGrid password configured (SWITCHBOARD_SENDGRID_PASSWORD): every "
-                "request to %s will be refused",
-                PATH,
-            )
-
-    def routes(self) -> list[HttpRoute]:
-        return [
-            HttpRoute(
-                PATH,
-                summary="SendGrid Inbound Parse",
-                content_types=(MULTIPART,),
-                max_body_bytes=self.settings.max_body_bytes,
-                responses={
-                    200: "Durable, or kept as a dead letter",
-                    401: "HTTP Basic credentials missing or wrong (SendGrid does not retry)",
-                    413: "Body too large",
-                    503: "Not durable; SendGrid retries",
-                },
-            )
-        ]
-
-    def authenticate(self, request: InboundRequest) -> None:
-        require_basic_auth(
-            request,
-            self.settings.username,
-            self.settings.password,
-            realm="switchboard-sendgrid",
-            wrong_status=401,
-        )
+    path = PATH
+    media_type = MULTIPART
+    provider = "SendGrid"
+    on_unauthorized = "SendGrid does not retry"  # any 4xx drops the mail there
 
     async def normalize(self, request: InboundRequest) -> Normalized:
         form = SendgridForm(request)

@@ -73,7 +73,7 @@ from switchboard.schemas import schema_documents
 from switchboard.settings import KafkaSettings
 from switchboard.topics import DEADLETTER, INBOUND, ensure_topics
 
-__all__ = ["Answer", "Malformed", "Running", "adapter_conformance", "post"]
+__all__ = ["Answer", "Deliver", "Malformed", "Running", "adapter_conformance", "post"]
 
 
 @dataclass(frozen=True)

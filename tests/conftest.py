@@ -8,11 +8,8 @@ a test that needs them fails loudly when they are missing.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
@@ -21,7 +18,7 @@ from switchboard.broker import EmbeddedBroker
 from switchboard.db import make_engine, upgrade
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ensure_topics
-from tests.dovecot import Dovecot, available
+from tests.dovecot import Dovecot, running_dovecot
 
 POSTGRES_URL = os.environ.get(
     "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -89,17 +86,6 @@ def postgres_engine() -> Iterator[Engine]:
 
 
 @pytest.fixture
-def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("dovecot is required in CI (.ci/run installs dovecot-imapd)")
-        pytest.skip("dovecot-imapd not installed")
-    # Not under tmp_path: pytest's directories are 0700, and Dovecot's unprivileged
-    # processes must reach the Maildir.
-    root = Path(tempfile.mkdtemp(prefix="switchboard-dovecot-"))
-    server = Dovecot(root).setup().start()
-    try:
+def dovecot() -> Iterator[Dovecot]:
+    with running_dovecot() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)

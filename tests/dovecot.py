@@ -11,8 +11,13 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from switchboard.broker import free_port
 from tests.certs import self_signed
@@ -145,3 +150,22 @@ class Dovecot:
 
 def available() -> bool:
     return shutil.which("dovecot") is not None and os.geteuid() == 0
+
+
+@contextmanager
+def running_dovecot() -> Iterator[Dovecot]:
+    """A started Dovecot; skips the test without dovecot-imapd, except in CI, where
+    its absence is a failure."""
+    if not available():
+        if os.environ.get("CI"):
+            pytest.fail("dovecot is required in CI (.ci/run installs dovecot-imapd)")
+        pytest.skip("dovecot-imapd not installed")
+    # Not under pytest's tmp_path: those directories are 0700, and Dovecot's
+    # unprivileged processes must reach the Maildir.
+    root = Path(tempfile.mkdtemp(prefix="switchboard-dovecot-"))
+    server = Dovecot(root).setup().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

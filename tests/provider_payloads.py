@@ -90,17 +90,24 @@ def mailgun_signature(key: str = MAILGUN_KEY, timestamp: int | None = None) -> d
     return {"timestamp": stamp, "token": token, "signature": digest}
 
 
-def mailgun_parsed(mail: Mail, **signature: Any) -> dict[str, Any]:  # noqa: ANN401
-    """httpx arguments for the parsed form (multipart when there are attachments)."""
-    fields = {
+def _mailgun_base(mail: Mail, signature: dict[str, Any]) -> dict[str, str]:
+    """The fields both of Mailgun's formats carry: the envelope, and the signature."""
+    return {
         "recipient": mail.to,
         "sender": mail.sender,
         "from": f"{mail.name} <{mail.sender}>",
         "subject": mail.subject,
+        **mailgun_signature(**signature),
+    }
+
+
+def mailgun_parsed(mail: Mail, **signature: Any) -> dict[str, Any]:  # noqa: ANN401
+    """httpx arguments for the parsed form (multipart when there are attachments)."""
+    fields = {
+        **_mailgun_base(mail, signature),
         "body-plain": mail.text,
         "stripped-text": mail.text,
         "message-headers": json.dumps([[n, v] for n, v in mail.headers()]),
-        **mailgun_signature(**signature),
     }
     if mail.html is not None:
         fields["body-html"] = mail.html
@@ -116,13 +123,7 @@ def mailgun_parsed(mail: Mail, **signature: Any) -> dict[str, Any]:  # noqa: ANN
 
 def mailgun_mime(mail: Mail, **signature: Any) -> dict[str, Any]:  # noqa: ANN401
     """httpx arguments for the raw-MIME variant (multipart, body-mime)."""
-    fields = {
-        "recipient": mail.to,
-        "sender": mail.sender,
-        "from": f"{mail.name} <{mail.sender}>",
-        "subject": mail.subject,
-        **mailgun_signature(**signature),
-    }
+    fields = _mailgun_base(mail, signature)
     return {"data": fields, "files": {"body-mime": (None, mail.mime(), "text/plain")}}
 
 

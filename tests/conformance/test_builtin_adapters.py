@@ -7,12 +7,9 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
 import smtplib
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +24,7 @@ from ingest.twilio import PATH as TWILIO_PATH
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
 from switchboard.settings import ImapSettings, SmtpSettings, TwilioSettings, WebhookSettings
-from tests.dovecot import PASSWORD, USER, Dovecot, available
+from tests.dovecot import PASSWORD, USER, Dovecot, running_dovecot
 
 pytestmark = pytest.mark.integration
 
@@ -89,17 +86,8 @@ TestSmtpConformance = adapter_conformance(
 
 @pytest.fixture(scope="class")
 def kit_dovecot() -> Iterator[Dovecot]:
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("dovecot is required in CI (.ci/run installs dovecot-imapd)")
-        pytest.skip("dovecot-imapd not installed")
-    root = Path(tempfile.mkdtemp(prefix="switchboard-kit-dovecot-"))
-    server = Dovecot(root).setup().start()
-    try:
+    with running_dovecot() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def imap_settings(request: pytest.FixtureRequest) -> ImapSettings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from pydantic import SecretStr
 from ingest.mailgun import MailgunAdapter, MailgunSettings
 from ingest.postmark import PostmarkAdapter, PostmarkSettings
 from ingest.sendgrid import SendgridAdapter, SendgridSettings
-from ingest.testing import Answer, Malformed, Running, adapter_conformance, post
+from ingest.testing import Answer, Deliver, Malformed, Running, adapter_conformance, post
 from tests.provider_payloads import (
     MAILGUN_KEY,
     POSTMARK_PASSWORD,
@@ -33,14 +34,30 @@ PNG = base64.b64decode(
 )
 
 
-def mailgun_deliver(running: Running, sample: tuple[str, Any]) -> Answer:
-    kind, value = sample
-    if kind == "parsed":
-        return post(running, "/webhooks/mailgun", **mailgun_parsed(value))
-    if kind == "mime":
-        return post(running, "/webhooks/mailgun/mime", **mailgun_mime(value))
-    return post(running, "/webhooks/mailgun", **value)  # a hand-made request
+Build = Callable[[Mail], dict[str, Any]]
 
+
+def deliverer(path: str, variants: dict[str, tuple[str, Build]]) -> Deliver:
+    """Samples are (variant, Mail): the variant names the path and builds the request.
+    Any other kind is a hand-made request to ``path``, its httpx arguments as given."""
+
+    def deliver(running: Running, sample: tuple[str, Any]) -> Answer:
+        kind, value = sample
+        if kind in variants:
+            variant_path, build = variants[kind]
+            return post(running, variant_path, **build(value))
+        return post(running, path, **value)
+
+    return deliver
+
+
+mailgun_deliver = deliverer(
+    "/webhooks/mailgun",
+    {
+        "parsed": ("/webhooks/mailgun", mailgun_parsed),
+        "mime": ("/webhooks/mailgun/mime", mailgun_mime),
+    },
+)
 
 TestMailgunConformance = adapter_conformance(
     MailgunAdapter,
@@ -69,14 +86,13 @@ TestMailgunConformance = adapter_conformance(
 )
 
 
-def sendgrid_deliver(running: Running, sample: tuple[str, Any]) -> Answer:
-    kind, value = sample
-    if kind == "parsed":
-        return post(running, "/webhooks/sendgrid", **sendgrid(value))
-    if kind == "raw":
-        return post(running, "/webhooks/sendgrid", **sendgrid(value, raw=True))
-    return post(running, "/webhooks/sendgrid", **value)
-
+sendgrid_deliver = deliverer(
+    "/webhooks/sendgrid",
+    {
+        "parsed": ("/webhooks/sendgrid", sendgrid),
+        "raw": ("/webhooks/sendgrid", lambda mail: sendgrid(mail, raw=True)),
+    },
+)
 
 TestSendgridConformance = adapter_conformance(
     SendgridAdapter,
@@ -108,14 +124,13 @@ TestSendgridConformance = adapter_conformance(
 )
 
 
-def postmark_deliver(running: Running, sample: tuple[str, Any]) -> Answer:
-    kind, value = sample
-    if kind == "parsed":
-        return post(running, "/webhooks/postmark", **postmark(value))
-    if kind == "raw":
-        return post(running, "/webhooks/postmark", **postmark(value, raw=True))
-    return post(running, "/webhooks/postmark", **value)
-
+postmark_deliver = deliverer(
+    "/webhooks/postmark",
+    {
+        "parsed": ("/webhooks/postmark", postmark),
+        "raw": ("/webhooks/postmark", lambda mail: postmark(mail, raw=True)),
+    },
+)
 
 TestPostmarkConformance = adapter_conformance(
     PostmarkAdapter,
