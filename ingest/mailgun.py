@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from typing import Any
 from urllib.parse import parse_qsl
@@ -28,11 +29,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.errors import Rejected
-from ingest.sdk import FORM, MULTIPART, HttpAdapter, HttpRoute, InboundRequest, Part
+from ingest.sdk import FORM, MULTIPART, AdapterContext, HttpAdapter, HttpRoute, InboundRequest, Part
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
+
+log = logging.getLogger(__name__)
 
 PATH = "/webhooks/mailgun"
 
@@ -108,6 +111,15 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
     summary = "Mailgun inbound routes at POST /webhooks/mailgun[/mime], signature checked"
     settings_class = MailgunSettings
     malformed = "dead-letter"  # signed by Mailgun: keep it, and stop its retries
+
+    def __init__(self, settings: MailgunSettings, context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        if settings.signing_key is None:
+            log.warning(
+                "no Mailgun signing key configured (SWITCHBOARD_MAILGUN_SIGNING_KEY): every "
+                "request to %s will be refused with 403",
+                PATH,
+            )
 
     def routes(self) -> list[HttpRoute]:
         responses = {

@@ -216,7 +216,18 @@ def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(settings: Settings, _args: argparse.Namespace) -> int:
-    print(json.dumps(masked_dump(settings), indent=2))
+    from ingest.registry import discover
+
+    data = masked_dump(settings)
+    # What the enabled adapters of [adapters.*] will run with: file and environment.
+    data["adapter_settings"] = {
+        name: info.adapter.settings_from(settings).model_dump(mode="json")
+        for name, info in discover().items()
+        if info.adapter is not None
+        and getattr(info.adapter, "config_section", None) is None
+        and info.adapter.enabled_in(settings)
+    }
+    print(json.dumps(data, indent=2))
     return 0
 
 

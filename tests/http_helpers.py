@@ -49,6 +49,7 @@ def http_ingest(
     public_url: str | None = None,
     spool: Spool | None = None,
     providers: Sequence[tuple[type[HttpAdapter[Any]], Any]] = (),
+    on_stop: Callable[[str], None] | None = None,
 ) -> Iterator[RunningHttp]:
     """The HTTP ingest app on a real socket: Twilio (if given), the web hooks, and
     ``providers``: (adapter class, its settings) pairs built on the same hand-off."""
@@ -57,6 +58,8 @@ def http_ingest(
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0)
     app = create_app(Readiness())
     context = AdapterContext(handoff, public_url=public_url)
+    if on_stop is not None:  # the default stops this process, as it does in production
+        context = AdapterContext(handoff, public_url=public_url, on_stop=on_stop)
     adapters: list[HttpAdapter[Any]] = [WebhookAdapter(hooks or [], context)]
     if twilio is not None:
         adapters.insert(0, TwilioAdapter(twilio, context))

@@ -7,7 +7,7 @@ import re
 import smtplib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
@@ -65,6 +65,8 @@ def smtp_server(
     *,
     spool: Spool | None = None,
     spool_after_s: float = 1.0,
+    handoff_type: type[HandOff] = HandOff,
+    on_stop: Callable[[str], None] | None = None,
     **overrides: object,
 ) -> Iterator[RunningSmtp]:
     settings = SmtpSettings(
@@ -78,8 +80,11 @@ def smtp_server(
     )
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
-    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=spool_after_s)
-    adapter = SmtpAdapter(settings, AdapterContext(handoff))
+    handoff = handoff_type(publisher, blobs, spool=spool, spool_after_s=spool_after_s)
+    context = (
+        AdapterContext(handoff) if on_stop is None else AdapterContext(handoff, on_stop=on_stop)
+    )
+    adapter = SmtpAdapter(settings, context)
     drainer = Drainer(spool, publisher.publish_many) if spool is not None else None
     if drainer is not None:
         drainer.begin()

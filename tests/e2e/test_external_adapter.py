@@ -67,6 +67,12 @@ def test_adapters_list_finds_it_and_only_the_config_enables_it(tmp_path: Path) -
     env = {"PYTHONPATH": str(site), "SWITCHBOARD_CONFIG": str(config)}
     enabled = json.loads(_cli("adapters", "list", "--json", env=env).stdout)
     assert {r["name"]: r["enabled"] for r in enabled}["widget"] is True
+    shown = _cli("config", "show", env={**env, "SWITCHBOARD_WIDGET_TOKEN": "widget-secret"})
+    assert json.loads(shown.stdout)["adapter_settings"]["widget"] == {
+        "token": "**********",  # from the environment, masked
+        "max_body_bytes": 4096,  # from the file
+    }
+    assert "widget-secret" not in shown.stdout
     config.write_text("[adapters.widget]\nenabled = false\n")
     disabled = json.loads(_cli("adapters", "list", "--json", env=env).stdout)
     assert {r["name"]: r["enabled"] for r in disabled}["widget"] is False
