@@ -165,7 +165,7 @@ class HttpRoute:
     description: str = ""
     content_types: tuple[str, ...] = (FORM,)
     max_body_bytes: int = 1024 * 1024
-    status_code: int = 200  # the success answer, for the API documentation
+    status_code: int = 200  # of the success answer (and in the API documentation)
     responses: Mapping[int, str] = field(default_factory=dict)
     metric: str | None = None  # label of the received/rejected metrics (default: name)
     options: Any = None  # whatever the adapter needs per route (a hook's settings)

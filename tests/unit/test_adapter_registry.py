@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 
+from ingest.mailgun import MailgunAdapter
 from ingest.registry import GROUP, AdapterError, discover, get, load
 from ingest.smtp import SmtpAdapter
+from switchboard.settings import load_settings
 
-BUILT_IN = {"smtp", "imap", "twilio", "webhook"}
+BUILT_IN = {"smtp", "imap", "twilio", "webhook", "mailgun", "sendgrid", "postmark"}
 
 
 def test_the_built_in_adapters_are_registered_like_any_other() -> None:
@@ -45,3 +49,28 @@ def test_a_broken_adapter_is_listed_with_its_error_and_refused_by_name(
     assert message in info.error
     with pytest.raises(AdapterError, match=r"adapter 'mail' from \? is broken"):
         get("mail", {"mail": info})
+
+
+def test_the_config_file_enables_disables_and_configures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("SWITCHBOARD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SWITCHBOARD_MAILGUN_SIGNING_KEY", "from-the-env")
+    config = tmp_path / "switchboard.toml"
+    config.write_text("[adapters.mailgun]\nmax_age_s = 120\n\n[adapters.twilio]\nenabled = false\n")
+    settings = load_settings(config)
+    enabled = {name: info.adapter.enabled_in(settings) for name, info in discover().items()}
+    assert {k: v for k, v in enabled.items() if k in BUILT_IN} == {
+        "smtp": True,  # built-ins run by their own sections' rules, as before
+        "imap": False,  # no mailboxes
+        "webhook": False,  # no [[webhooks]]
+        "twilio": False,  # switched off here
+        "mailgun": True,  # its table exists
+        "sendgrid": False,  # installed, never run unasked
+        "postmark": False,
+    }
+    mailgun = MailgunAdapter.settings_from(settings)
+    assert mailgun.max_age_s == 120
+    assert mailgun.signing_key is not None
+    assert mailgun.signing_key.get_secret_value() == "from-the-env"
