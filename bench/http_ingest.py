@@ -1,4 +1,4 @@
-"""HTTP ingest throughput: signed Twilio SMS and JSON web hooks vs a bare FastAPI hook.
+"""HTTP ingest throughput: Twilio SMS, JSON web hooks, Mailgun vs a bare FastAPI hook.
 
 Usage: .venv/bin/python bench/http_ingest.py [--seconds S] [--concurrency 1,16,64]
 Needs `wrk` (apt-get install wrk) as the load generator.
@@ -10,7 +10,9 @@ fixed request at each concurrency (one wrk thread; the machine has 2 cores):
               real RequestValidator (the same MessageSid each time: a Twilio
               retry, which ingest accepts and the router will deduplicate)
   json-hook   switchboard run, POST /webhooks/bench, HMAC-SHA256 signed JSON
-Both switchboard targets answer only after the Kafka acknowledgement.
+  mailgun     switchboard run, POST /webhooks/mailgun, a signed parsed route
+              (rebuilt into MIME and normalized like SMTP mail)
+The switchboard targets answer only after the Kafka acknowledgement.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def main() -> None:
             'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature" }\n'
             'map = { email = "contact.email", phone = "contact.phone", '
             'text = "message", id = "id" }\n'
-            "rate_per_s = 1000000\nburst = 1000000\n"
+            "rate_per_s = 1000000\nburst = 1000000\n\n[adapters.mailgun]\nmax_age_s = 3600\n"
         )
         env = {
             **os.environ,
@@ -133,6 +135,7 @@ def main() -> None:
             "SWITCHBOARD_LOG_LEVEL": "WARNING",
             "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
             "BENCH_SECRET": SECRET,
+            "SWITCHBOARD_MAILGUN_SIGNING_KEY": SECRET,
         }
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
         sb = subprocess.Popen(
@@ -176,6 +179,35 @@ def main() -> None:
                 body,
                 {"Content-Type": "application/json", "X-Signature": digest},
             )
+            # A parsed Mailgun route (a 1 KB email, rebuilt into MIME and normalized
+            # like SMTP mail), signed once: the same token replays within max_age_s.
+            stamp, token = str(int(time.time())), "b" * 50
+            mail_headers = [
+                ["From", "Ann <ann@example.com>"],
+                ["To", "support@example.com"],
+                ["Subject", "Where is my order?"],
+                ["Message-ID", "<bench-1@mail.example.com>"],
+                ["Date", "Sun, 22 Nov 2026 10:00:00 +0000"],
+            ]
+            form = {
+                "recipient": "support@example.com",
+                "sender": "ann@example.com",
+                "from": "Ann <ann@example.com>",
+                "subject": "Where is my order?",
+                "body-plain": "Hello, my order has not arrived yet. " * 25,
+                "message-headers": json.dumps(mail_headers),
+                "timestamp": stamp,
+                "token": token,
+                "signature": hmac.new(
+                    SECRET.encode(), (stamp + token).encode(), hashlib.sha256
+                ).hexdigest(),
+            }
+            measure(
+                "mailgun",
+                f"http://127.0.0.1:{port}/webhooks/mailgun",
+                urlencode(form).encode(),
+                {"Content-Type": "application/x-www-form-urlencoded"},
+            )
         finally:
             sb.terminate()
             sb.wait(15)
@@ -183,7 +215,8 @@ def main() -> None:
         base = results[("bare", conns)]
         print(
             f"c={conns:<3} twilio/bare {results[('twilio', conns)] / base:.0%}   "
-            f"json-hook/bare {results[('json-hook', conns)] / base:.0%}"
+            f"json-hook/bare {results[('json-hook', conns)] / base:.0%}   "
+            f"mailgun/bare {results[('mailgun', conns)] / base:.0%}"
         )
 
 
