@@ -120,7 +120,7 @@ def imap_deliver(running: Running, raw: bytes) -> Answer:
         client.login(USER, PASSWORD)
         response = client.append("INBOX", raw)
     uid = int(response.split(b"]")[0].split()[-1])  # [APPENDUID <validity> <uid>]
-    deadline = time.monotonic() + 12
+    deadline = time.monotonic() + 8
     while time.monotonic() < deadline:
         checkpoint = running.adapter.store.checkpoint(box.name, "INBOX")
         if checkpoint is not None and checkpoint.last_uid >= uid:
