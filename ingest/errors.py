@@ -10,7 +10,8 @@ Rejected        refused, with reason   5xx with the reason         its status (4
 Stop            adapter cannot go on   421, then the process stops 503, the process stops
 ==============  =====================  ==========================  ======================
 
-An IMAP poller maps RetryLater to "do not advance the checkpoint".
+An IMAP poller maps RetryLater to "do not advance the checkpoint, retry with
+backoff", and Stop to "stop polling and ask the process to stop".
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -74,8 +74,10 @@ class MailboxPoller(threading.Thread):
         *,
         loop: asyncio.AbstractEventLoop,
         email_policy: EmailPolicy | None = None,
+        on_stop: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name=f"imap-{mailbox.name}", daemon=True)
+        self.on_stop = on_stop
         self.mailbox = mailbox
         self.settings = settings
         self.handoff = handoff
@@ -103,6 +105,11 @@ class MailboxPoller(threading.Thread):
                     self._serve(client)
                 except RetryLater as exc:
                     self._failed(f"hand-off not durable: {exc.detail}", backoff)
+                except Stop as exc:  # nothing more can be ingested: the process stops
+                    self._failed(f"cannot go on: {exc}", backoff)
+                    self.stopping.set()
+                    if self.on_stop is not None:
+                        self.on_stop(f"imap {self.mailbox.name}: {exc}")
                 except _NETWORK_ERRORS as exc:
                     self._failed(f"connection to {self._where()} lost: {_describe(exc)}", backoff)
                 except Exception as exc:
@@ -344,6 +351,7 @@ class ImapAdapter(Adapter[ImapSettings]):
                 self.store,
                 loop=loop,
                 email_policy=self.email_policy,
+                on_stop=self.context.on_stop,
             )
             poller.start()
             self.pollers.append(poller)

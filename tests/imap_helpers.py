@@ -47,16 +47,25 @@ def mail(tag: str, subject: str = "Help", sender: str = "alice@example.org") -> 
 
 @contextmanager
 def imap_adapter(
-    kafka: KafkaSettings, data_dir: Path, boxes: list[MailboxSettings], **overrides: object
+    kafka: KafkaSettings,
+    data_dir: Path,
+    boxes: list[MailboxSettings],
+    *,
+    handoff_type: type[HandOff] = HandOff,
+    on_stop: Callable[[str], None] | None = None,
+    **overrides: object,
 ) -> Iterator[ImapStateStore]:
     fields: dict[str, object] = {"backoff_max_s": 1, "poll_interval_s": 1, **overrides}
     settings = ImapSettings(mailboxes=boxes, **fields)  # type: ignore[arg-type]
     publisher = Publisher(kafka)
-    handoff = HandOff(publisher, FileBlobStore(data_dir / "blobs"))
+    handoff = handoff_type(publisher, FileBlobStore(data_dir / "blobs"))
     engine = make_engine(f"sqlite:///{data_dir / 'imap.db'}")
     upgrade(engine)
     store = ImapStateStore(engine)
-    adapter = ImapAdapter(settings, AdapterContext(handoff, engine=engine))
+    context = AdapterContext(handoff, engine=engine)
+    if on_stop is not None:  # the default stops this process, as it does in production
+        context = AdapterContext(handoff, engine=engine, on_stop=on_stop)
+    adapter = ImapAdapter(settings, context)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

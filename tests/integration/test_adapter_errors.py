@@ -24,7 +24,9 @@ from ingest.sdk import JSON, HttpAdapter, HttpRoute, InboundRequest
 from normalize.content import Normalized
 from normalize.errors import NormalizeError
 from switchboard.settings import KafkaSettings
+from tests.dovecot import Dovecot
 from tests.http_helpers import http_ingest
+from tests.imap_helpers import imap_adapter, mailbox, wait_for
 from tests.smtp_helpers import collect, smtp_server
 
 pytestmark = pytest.mark.integration
@@ -133,3 +135,21 @@ def test_smtp_answers_for_each_family(kafka_settings: KafkaSettings, tmp_path: P
     assert answers["stop"][0] == 421
     assert answers["fine"] == 250
     assert stops == ["smtp: disk is read-only"]
+
+
+def test_imap_stops_polling_and_asks_the_process_to_stop(
+    kafka_settings: KafkaSettings, tmp_path: Path, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stops: list[str] = []
+    dovecot.deliver(_mail("fine"))
+    dovecot.deliver(_mail("stop"))
+    box = mailbox(dovecot, "support", monkeypatch.setenv)
+    with imap_adapter(
+        kafka_settings, tmp_path, [box], handoff_type=RaisingHandOff, on_stop=stops.append
+    ) as store:
+        wait_for(lambda: bool(stops), 15)
+        checkpoint = store.checkpoint("support", "INBOX")
+    assert stops == ["imap support: disk is read-only"]
+    # The first mail was made durable and checkpointed; the one that stopped was not.
+    assert checkpoint is not None
+    assert checkpoint.last_uid == 1
