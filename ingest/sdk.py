@@ -556,6 +556,11 @@ def mount_adapters(app: FastAPI, adapters: Sequence[HttpAdapter[Any]]) -> None:
         adapter.mount(app)
 
     async def unknown(name: str) -> Response:
-        return problem(404, "Not Found", f"no web hook named {name!r} is configured")
+        return problem(
+            404,
+            "Not Found",
+            f"nothing is served at /webhooks/{name}: no web hook of that name is configured "
+            "and no enabled adapter has that route (see `switchboard adapters list`)",
+        )
 
     app.add_api_route("/webhooks/{name:path}", unknown, methods=["POST"], include_in_schema=False)

@@ -203,6 +203,7 @@ def test_every_error_is_a_problem(
             assert problem["title"]
             assert problem["detail"], name
         assert "identifies no sender" in cases["no identity"].json()["detail"]
+        assert "switchboard adapters list" in cases["unknown hook"].json()["detail"]
         limited = [submit(app, good).status_code for _ in range(40)]
         assert 429 in limited
         over = submit(app, good)
