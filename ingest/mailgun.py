@@ -141,14 +141,14 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
 
     def authenticate(self, request: InboundRequest) -> None:
         try:
-            form = MailgunForm(request)
+            form = request.once(MailgunForm)
         except NormalizeError as exc:
             detail = f"cannot read the signature: {exc.detail}"
             raise Rejected("signature", detail, status=403) from exc
         _verify(self.settings, form)
 
     async def normalize(self, request: InboundRequest) -> Normalized:
-        form = MailgunForm(request)
+        form = request.once(MailgunForm)
         ctx = EmailContext(
             adapter=self.name,
             message_id=request.message_id,

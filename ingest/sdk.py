@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+T = TypeVar("T")
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -179,10 +180,6 @@ class Part:
     data: bytes
     filename: str | None = None
     content_type: str = "text/plain"
-    charset: str | None = None
-
-    def text(self, charset: str | None = None) -> str:
-        return self.data.decode(charset or self.charset or "utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -199,6 +196,15 @@ class InboundRequest:
     peer: str | None
     message_id: UUID  # the UUIDv7 this arrival gets
     received_at: datetime
+    _parsed: dict[object, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def once(self, parse: Callable[[InboundRequest], T]) -> T:
+        """``parse(self)``, computed once per request: authentication and the
+        normalizer often both need the parsed body (a signature inside a form)."""
+        if parse not in self._parsed:
+            self._parsed[parse] = parse(self)
+        result: T = self._parsed[parse]
+        return result
 
     def form(self) -> dict[str, str]:
         """An urlencoded body as a dict (blank values kept); NormalizeError if not UTF-8."""
@@ -232,17 +238,7 @@ def _part(message: Message) -> Part:
         data=data if isinstance(data, bytes) else b"",
         filename=filename,
         content_type=message.get_content_type(),
-        charset=message.get_content_charset(),
     )
-
-
-def fields(parts: Sequence[Part]) -> dict[str, Part]:
-    """Named non-file parts (the first of a repeated name wins)."""
-    named: dict[str, Part] = {}
-    for part in parts:
-        if part.filename is None:
-            named.setdefault(part.name, part)
-    return named
 
 
 def require_basic_auth(
