@@ -62,7 +62,7 @@ from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
 from switchboard.http import counted, problem, read_body, unavailable
-from switchboard.settings import Settings, section_settings
+from switchboard.settings import Settings, adapter_settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -125,7 +125,7 @@ class Adapter(Generic[S]):
     def settings_from(cls, settings: Settings) -> S:
         """This adapter's settings out of the process settings (file and environment)."""
         section = cls.section(settings) or {}
-        built: S = section_settings(cls.settings_class, section, f"adapters.{cls.name}")
+        built: S = adapter_settings(cls.settings_class, section, cls.name)
         return built
 
     @classmethod

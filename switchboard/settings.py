@@ -650,8 +650,16 @@ def _adapter_tables(path: Path, section: object) -> dict[str, dict[str, Any]]:
             unknown = sorted(keys - set(adapter.settings_class.model_fields))
             if unknown:
                 raise ConfigError(f"{where}: unknown key {', '.join(unknown)}")
-            section_settings(adapter.settings_class, table, f"adapters.{name}")
+            adapter_settings(adapter.settings_class, table, name)
     return section
+
+
+def adapter_settings(cls: type[Any], table: dict[str, Any], name: str) -> Any:  # noqa: ANN401
+    """An adapter's settings from its [adapters.<name>] table. ``enabled`` there
+    belongs to the registry, unless the adapter's settings class has it too."""
+    if "enabled" not in cls.model_fields:
+        table = {k: v for k, v in table.items() if k != "enabled"}
+    return section_settings(cls, table, f"adapters.{name}")
 
 
 def _errors(exc: ValidationError, prefix: str) -> str:
@@ -662,17 +670,9 @@ def _errors(exc: ValidationError, prefix: str) -> str:
 
 def section_settings(cls: type[Any], section: dict[str, Any], name: str) -> Any:  # noqa: ANN401
     """One settings class from its config-file table; environment variables (with the
-    class's prefix) win over the file. ConfigError names the key that is wrong.
-    ``enabled`` in an [adapters.<name>] table belongs to the registry, not the class."""
+    class's prefix) win over the file. ConfigError names the key that is wrong."""
     prefix = str(cls.model_config.get("env_prefix", ""))
-    from_file = {
-        k: v
-        for k, v in section.items()
-        if f"{prefix}{k}".upper() not in os.environ
-        and not (
-            k == "enabled" and name.startswith("adapters.") and "enabled" not in cls.model_fields
-        )
-    }
+    from_file = {k: v for k, v in section.items() if f"{prefix}{k}".upper() not in os.environ}
     try:
         return cls(**from_file)
     except ValidationError as exc:
