@@ -106,7 +106,13 @@ class MailboxPoller(threading.Thread):
                 except RetryLater as exc:
                     self._failed(f"hand-off not durable: {exc.detail}", backoff)
                 except Stop as exc:  # nothing more can be ingested: the process stops
-                    self._failed(f"cannot go on: {exc}", backoff)
+                    log.error(
+                        "imap mailbox %s cannot go on: %s; stopping",
+                        self.mailbox.name,
+                        exc,
+                        extra={"mailbox": self.mailbox.name},
+                    )
+                    self._status(connected=False, error=f"stopped: {exc}")
                     self.stopping.set()
                     if self.on_stop is not None:
                         self.on_stop(f"imap {self.mailbox.name}: {exc}")
