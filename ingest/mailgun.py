@@ -17,6 +17,7 @@ correctly signed request older than ``max_age_s``, which Mailgun must not retry
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -111,6 +112,7 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
     summary = "Mailgun inbound routes at POST /webhooks/mailgun[/mime], signature checked"
     settings_class = MailgunSettings
     malformed = "dead-letter"  # signed by Mailgun: keep it, and stop its retries
+    offload = True  # up to 25 MB of mail to parse
 
     def __init__(self, settings: MailgunSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
@@ -148,6 +150,9 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         _verify(self.settings, form)
 
     async def normalize(self, request: InboundRequest) -> Normalized:
+        return await asyncio.to_thread(self._normalize, request)
+
+    def _normalize(self, request: InboundRequest) -> Normalized:
         form = request.once(MailgunForm)
         ctx = EmailContext(
             adapter=self.name,

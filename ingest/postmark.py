@@ -17,6 +17,7 @@ that cannot be read is kept as a dead letter and answered 200.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -129,6 +130,9 @@ class PostmarkAdapter(BasicAuthAdapter[PostmarkSettings]):
     on_unauthorized = "Postmark retries"
 
     async def normalize(self, request: InboundRequest) -> Normalized:
+        return await asyncio.to_thread(self._normalize, request)
+
+    def _normalize(self, request: InboundRequest) -> Normalized:
         try:
             document = json.loads(request.body)
         except ValueError as exc:

@@ -34,6 +34,7 @@ pydantic-settings class with that prefix (secrets belong there, not in the file)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -302,6 +303,11 @@ class HttpAdapter(Adapter[S]):
     edge = False  # the HTTP server is the edge; its stop comes first
     malformed: ClassVar[Literal["reject", "dead-letter"]] = "reject"
     malformed_status: ClassVar[int] = 400
+    #: True when :meth:`authenticate` must read a large body (a signature inside a
+    #: multipart email): it then runs on a worker thread, so one big request does
+    #: not stall the event loop for every other. A ``normalize`` that parses mail
+    #: hands that work to ``asyncio.to_thread`` itself (the providers do).
+    offload: ClassVar[bool] = False
     retry_status: ClassVar[int] = 503
 
     def routes(self) -> Sequence[HttpRoute]:
@@ -415,7 +421,10 @@ class HttpAdapter(Adapter[S]):
             received_at=datetime.now(UTC),
         )
         try:
-            self.authenticate(inbound)
+            if self.offload:
+                await asyncio.to_thread(self.authenticate, inbound)
+            else:
+                self.authenticate(inbound)
         except Rejected as exc:
             return await self._refuse(inbound, exc)
         return await self._take(inbound)

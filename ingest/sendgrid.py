@@ -18,6 +18,7 @@ cannot be read is kept as a dead letter and answered 200.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 from email.parser import HeaderParser
@@ -101,6 +102,9 @@ class SendgridAdapter(BasicAuthAdapter[SendgridSettings]):
     on_unauthorized = "SendGrid does not retry"  # any 4xx drops the mail there
 
     async def normalize(self, request: InboundRequest) -> Normalized:
+        return await asyncio.to_thread(self._normalize, request)
+
+    def _normalize(self, request: InboundRequest) -> Normalized:
         form = SendgridForm(request)
         mail_from, rcpt_tos = form.envelope()
         ctx = EmailContext(
