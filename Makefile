@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint types schemas format clean bench-kafka bench-smtp bench-http bench-router bench-e2e
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,18 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/switchboard run
 
-## Lint, types, schema drift, then the whole test suite.
+## Lint, types, schema drift, then the whole test suite: two workers for everything
+## but the fault suite (the tests mostly wait on brokers, servers and group joins),
+## then the fault suite alone (it restarts the shared PostgreSQL and times outages).
 test: check
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 -m "not faults" $(PYTEST_ARGS)
+	$(BIN)/pytest -m faults $(PYTEST_ARGS)
+
+## The edit-test loop: the same checks, then everything but the fault suite and the
+## scenarios marked `slow` (the longest end-to-end and concurrency runs), two workers.
+## `make test` stays the whole suite; CI runs that.
+test-quick: check
+	$(BIN)/pytest -n 2 -m "not faults and not slow" $(PYTEST_ARGS)
 
 check: lint types schemas
 
@@ -52,12 +61,20 @@ bench-kafka: $(VENV)/.installed-dev
 bench-smtp: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py
 
+## Sender authentication (SPF, DKIM, DMARC) per SMTP message, DNS cache warm, vs verify off.
+bench-smtp-auth: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/smtp_auth.py
+
+## Legitimate mail latency while one client floods NOOPs and another holds its session limit.
+bench-hostile-smtp: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/hostile_smtp.py
+
 ## HTTP ingest (Twilio, JSON hook) vs a bare FastAPI hook; needs wrk.
 bench-http: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ingest.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var *.egg-info
 
 ## Router throughput vs raw consume, on SQLite and PostgreSQL (needs PostgreSQL at 127.0.0.1).
 bench-router: $(VENV)/.installed-dev
@@ -66,3 +83,19 @@ bench-router: $(VENV)/.installed-dev
 ## End to end, accepted to visible in the queue, on SQLite and PostgreSQL; a 10 s broker outage.
 bench-e2e: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/e2e.py
+
+## Server RSS under 8 parallel 100 MB unauthenticated posts (API, page login, form hook).
+bench-hostile-http: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/hostile_http.py
+
+## The journal's cost on SMTP and HTTP ingest (with and without), and recovery after a SIGKILL.
+bench-journal: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/journal.py
+
+## The archive sink vs raw consume on the same 100,000 events, and the archive's size.
+bench-archive: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/archive.py
+
+## Queue listing (10,000 open customers) and search (100,000 messages) latency on PostgreSQL.
+bench-queue: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/queue_latency.py

@@ -121,9 +121,10 @@ def main() -> None:
         config = Path(data) / "switchboard.toml"
         config.write_text(
             '[[webhooks]]\nname = "bench"\n'
-            'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature" }\n'
+            'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature", '
+            "allow_replay = true }\n"
             'map = { email = "contact.email", phone = "contact.phone", '
-            'text = "message", id = "id" }\n'
+            'text = "message", id = "id" }\nverified = ["email", "phone"]\n'
             "rate_per_s = 1000000\nburst = 1000000\n\n[adapters.mailgun]\nmax_age_s = 3600\n"
         )
         env = {
@@ -148,8 +149,8 @@ def main() -> None:
             time.sleep(1)
             url = f"http://127.0.0.1:{port}/webhooks/twilio/sms"
             form = {
-                "MessageSid": "SMbench",
-                "AccountSid": "AC1",
+                "MessageSid": "SM" + "b" * 32,
+                "AccountSid": "AC" + "1" * 32,
                 "From": "+14155550100",
                 "To": "+14155550199",
                 "Body": "Where is my order? " * 5,

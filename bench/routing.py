@@ -1,20 +1,29 @@
 """Router throughput against its ceiling, the raw kafka-python consume rate.
 
 Usage: PYTHONPATH=. .venv/bin/python bench/routing.py [--people N] [--per-person K]
-       [--only sqlite-1,postgres-1,postgres-2]
+       [--only sqlite-1,postgres-1,postgres-2,postgres-4] [--partitions 8]
 
 Publishes one population of messages (people writing from 2-3 identities, one
 linking form each, 10% second arrivals, 2% re-published events: the mix of the
-concurrency test) to a fresh embedded broker with 4 inbound partitions, then:
+concurrency test) to a fresh embedded broker with 8 inbound partitions, then:
 
   raw-consume   a kafka-python consumer group reading the same records, no work
   sqlite-1      one `switchboard router` process on a SQLite file
-  postgres-1    one router on PostgreSQL (127.0.0.1:5432, database `test`, own schema)
-  postgres-2    two routers on PostgreSQL in one consumer group
+  postgres-N    N routers on PostgreSQL (127.0.0.1:5432, database `test`, own
+                schema) in one consumer group
 
 A router's rate is arrivals routed divided by the time between the first and
 the last event it recorded (process start-up and the group join excluded);
-the wall time including both is printed beside it.
+the wall time including both is printed beside it. Each router's /metrics gives,
+summed over the routers: SQL statements per record, the time to take a batch's
+locks (mean per batch: with several routers, most of it is waiting for another
+router's transaction) and the batches restarted after a conflict.
+
+With --statements, each backend is also measured in-process without Kafka: the
+same records through ``RouterStore.route_batch`` in batches of 500 (the router's
+poll size), with the SQL statements the store sends (its own counter,
+``switchboard_router_sql_statements``, COPY included) and the time spent in the
+store.
 """
 
 from __future__ import annotations
@@ -29,14 +38,19 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 from kafka import KafkaConsumer
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, select, text
 
-from router.store import outbox
-from switchboard.db import make_engine, upgrade
+from router.store import RouterStore
+from router.tables import outbox
+from switchboard.broker import free_port
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
-from tests.router_helpers import Population, fresh_kafka, population, publish
+from tests.router_helpers import CONFIG, Population, fresh_kafka, population, publish
 
 POSTGRES = os.environ.get(
     "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -77,9 +91,27 @@ def _span(engine: Engine) -> float:
     return float((last - first).total_seconds())
 
 
+def _metrics(port: int) -> dict[str, float]:
+    """The router figures of one process's /metrics."""
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    wanted = (
+        "switchboard_router_sql_statements_total",
+        "switchboard_router_lock_seconds_sum",
+        "switchboard_router_lock_seconds_count",
+        "switchboard_router_batch_restarts_total",
+        "switchboard_router_decisions_total",
+    )
+    found = dict.fromkeys(wanted, 0.0)
+    for line in body.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in found:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def run_routers(
     kafka: KafkaSettings, url: str, routers: int, pop: Population, root: Path
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     engine = make_engine(url)
     upgrade(engine)
     (root / "switchboard.toml").write_text(TOML)
@@ -93,9 +125,13 @@ def run_routers(
         "SWITCHBOARD_DATA_DIR": str(root),
     }
     started = time.perf_counter()
+    ports = [free_port() for _ in range(routers)]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "switchboard.cli", "router"], env=env)
-        for _ in range(routers)
+        subprocess.Popen(
+            [sys.executable, "-m", "switchboard.cli", "router"],
+            env={**env, "SWITCHBOARD_HTTP_PORT": str(port)},
+        )
+        for port in ports
     ]
     try:
         target = len(pop.ids)
@@ -104,7 +140,11 @@ def run_routers(
                 raise RuntimeError("a router exited")
             time.sleep(0.2)
         wall = time.perf_counter() - started
-        return _span(engine), wall
+        figures: dict[str, float] = {}
+        for port in ports:
+            for name, value in _metrics(port).items():
+                figures[name] = figures.get(name, 0.0) + value
+        return _span(engine), wall, figures
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -113,13 +153,59 @@ def run_routers(
         engine.dispose()
 
 
+def store_pass(url: str, pop: Population) -> tuple[float, float]:
+    """(statements per record, records/s) of RouterStore.route_batch alone."""
+    engine = make_engine(url, sqlite_immediate=url.startswith("sqlite"))
+    upgrade(engine)
+    store = RouterStore(engine, CONFIG)
+    store.sync_owners()
+    before = REGISTRY.get_sample_value("switchboard_router_sql_statements_total") or 0.0
+    started = time.perf_counter()
+    for start in range(0, len(pop.messages), 500):
+        store.route_batch(pop.messages[start : start + 500])
+    took = time.perf_counter() - started
+    statements = (
+        REGISTRY.get_sample_value("switchboard_router_sql_statements_total") or 0
+    ) - before
+    engine.dispose()
+    n = len(pop.messages)
+    return statements / n, n / took
+
+
+def statement_figures(pop: Population) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("sqlite", "postgres"):
+            schema = f"bench_{uuid.uuid4().hex[:8]}"
+            admin = make_engine(POSTGRES)
+            url = f"sqlite:///{tmp}/store.db"
+            if backend == "postgres":
+                with admin.begin() as c:
+                    c.execute(text(f'CREATE SCHEMA "{schema}"'))
+                url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
+            try:
+                per_record, rate = store_pass(url, pop)
+            finally:
+                if backend == "postgres":
+                    with admin.begin() as c:
+                        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+                admin.dispose()
+            print(
+                f"store-{backend:8} {rate:>8,.0f} records/s in-process, "
+                f"{per_record:.2f} SQL statements per record"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--people", type=int, default=2500)
     parser.add_argument("--per-person", type=int, default=8)
-    parser.add_argument("--only", default="sqlite-1,postgres-1,postgres-2")
+    parser.add_argument("--only", default="sqlite-1,postgres-1,postgres-2,postgres-4")
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument(
+        "--statements", action="store_true", help="also count SQL statements per record"
+    )
     args = parser.parse_args()
     pop = population(args.people, args.per_person, seed=3)
     n = len(pop.messages)
@@ -127,9 +213,14 @@ def main() -> None:
         f"{n} records ({len(pop.ids)} arrivals, {len(pop.dedupe_keys)} messages) "
         f"from {args.people} people"
     )
+    if args.statements:
+        statement_figures(pop)
     ceiling = 0.0
     for case in ["raw-consume", *args.only.split(",")]:
-        with fresh_kafka(partitions=4) as kafka, tempfile.TemporaryDirectory() as tmp:
+        with (
+            fresh_kafka(partitions=args.partitions) as kafka,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
             publish(kafka, pop.messages)
             if case == "raw-consume":
                 took = raw_consume(kafka, n)
@@ -147,16 +238,21 @@ def main() -> None:
                     c.execute(text(f'CREATE SCHEMA "{schema}"'))
                 url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
             try:
-                span, wall = run_routers(kafka, url, int(routers), pop, Path(tmp))
+                span, wall, figures = run_routers(kafka, url, int(routers), pop, Path(tmp))
             finally:
                 if schema:
                     with admin.begin() as c:
                         c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
                     admin.dispose()
             rate = n / span
+            batches = figures["switchboard_router_lock_seconds_count"] or 1
             print(
                 f"{case:12} {rate:>9,.0f} msg/s  = {rate / ceiling:.1%} of raw consume"
-                f"  ({n} in {span:.1f}s; {wall:.1f}s with start-up and join)"
+                f"  ({n} in {span:.1f}s; {wall:.1f}s with start-up and join)\n"
+                f"{'':12} {figures['switchboard_router_sql_statements_total'] / n:.3f} "
+                f"statements/record, {int(batches)} batches, locks "
+                f"{figures['switchboard_router_lock_seconds_sum'] / batches * 1000:.1f} ms/batch, "
+                f"{int(figures['switchboard_router_batch_restarts_total'])} restarts"
             )
 
 

@@ -38,7 +38,8 @@ class Rejected(Exception):
     ``status`` is the HTTP answer (400 malformed, 401 no credentials, 403 wrong
     ones, 429 over a limit); ``record=True`` also keeps the raw input as a dead
     letter with ``reason`` and ``metadata`` (a refused provider request someone
-    should look at).
+    should look at): bounded evidence, the first bytes of the body and a few
+    records a minute per route (:mod:`ingest.evidence`), since anyone can send one.
     """
 
     def __init__(

@@ -14,20 +14,23 @@ behind it instead of overtaking it, so they reach Kafka in arrival order.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, cast
 from uuid import UUID
 
 from pydantic import JsonValue
 
 from ingest.errors import RetryLater
+from ingest.evidence import EvidenceBudget
+from ingest.journal import Journal
 from ingest.spool import Spool, SpoolFull
 from normalize.content import Blob, Normalized
-from normalize.schema import DeadLetter
+from normalize.schema import DeadLetter, strip_controls, strip_controls_deep
 from switchboard.blobs import BlobStore
 from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
 from switchboard.kafka import Ack, Publisher, PublishError
@@ -58,12 +61,17 @@ class HandOff:
         *,
         spool: Spool | None = None,
         spool_after_s: float = 2.0,
+        evidence: EvidenceBudget | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._publisher = publisher
+        # Only on the embedded broker (see ingest.journal): kept until the queue has it.
+        self.journal = journal
         self._blobs = blobs
         self._source = source
         self.spool = spool
         self._spool_after_s = spool_after_s
+        self.evidence = evidence or EvidenceBudget()
         # Blob writes wait on fsync, which releases the GIL: many can overlap. A pool of
         # their own keeps them from queueing behind CPU work on the default executor.
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="blob-io")
@@ -108,21 +116,34 @@ class HandOff:
         log.info("spooled", extra={"event_id": event.id, "topic": topic, "why": why})
         return Receipt(None)
 
+    @staticmethod
+    async def _journaled(done: concurrent.futures.Future[None]) -> None:
+        try:
+            await asyncio.wrap_future(done)
+        except OSError as exc:
+            # Kafka may have it, but the memory broker may forget it: not durable yet.
+            raise RetryLater(f"cannot journal the message: {exc}") from exc
+
     async def deliver(self, normalized: Normalized) -> Receipt:
         """Make one normalized message durable; raise RetryLater if it is not."""
         started = time.perf_counter()
         message = normalized.message
         await self._store(normalized.blobs)
-        receipt = await self._publish(
-            INBOUND,
-            Event(
-                type=TYPE_INBOUND,
-                source=f"{self._source}/ingest/{message.adapter}",
-                key=message.partition_key,
-                data=message,
-                subject=str(message.id),
-            ),
+        event = Event(
+            type=TYPE_INBOUND,
+            source=f"{self._source}/ingest/{message.adapter}",
+            key=message.partition_key,
+            data=message,
+            subject=str(message.id),
         )
+        journaled = None
+        if self.journal is not None:
+            # Serialized once, then fsynced while the broker acknowledges: in parallel.
+            event = replace(event, data=event.value())
+            journaled = self.journal.submit(INBOUND, event, str(message.id))
+        receipt = await self._publish(INBOUND, event)
+        if journaled is not None:
+            await self._journaled(journaled)
         log.info(
             "message accepted",
             extra={
@@ -138,6 +159,41 @@ class HandOff:
         HANDOFF_SECONDS.labels(message.adapter).observe(time.perf_counter() - started)
         ACCEPTED.labels(message.adapter, "spool" if receipt.spooled else "kafka").inc()
         return receipt
+
+    async def refused(
+        self,
+        *,
+        id: UUID,
+        adapter: str,
+        route: str,
+        reason: str,
+        detail: str,
+        body: bytes,
+        media_type: str,
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> Receipt | None:
+        """Keep bounded evidence of a refused request: the first bytes of its body,
+        and only within the route's budget (None when over it: counted, not stored).
+        The sender was refused; nothing here is the sender's message."""
+        if not self.evidence.admit(route):
+            return None
+        clipped = self.evidence.clip(body)
+        truncated = len(clipped) < len(body)
+        facts: dict[str, JsonValue] = {
+            **(metadata or {}),
+            "size": len(body),
+            "truncated": truncated,
+        }
+        if truncated:
+            detail = f"{detail} (body truncated to its first {len(clipped)} of {len(body)} bytes)"
+        return await self.dead_letter(
+            id=id,
+            adapter=adapter,
+            reason=reason,
+            detail=detail,
+            raw=Blob.of(clipped, media_type),
+            metadata=facts,
+        )
 
     async def dead_letter(
         self,
@@ -157,11 +213,13 @@ class HandOff:
             id=id,
             stage=stage,
             adapter=adapter,
-            reason=reason[:64],
-            detail=detail[:4000],
+            # What a sender sent may be quoted here: no control characters (the
+            # schema refuses them, and a dead letter must never fail to be written).
+            reason=strip_controls(reason)[:64] or "unknown",
+            detail=strip_controls(detail, body=True)[:4000],
             occurred_at=datetime.now(UTC),
             raw=raw.ref if raw is not None else None,
-            metadata=metadata or {},
+            metadata=cast("dict[str, JsonValue]", strip_controls_deep(metadata or {})),
         )
         receipt = await self._publish(
             DEADLETTER,

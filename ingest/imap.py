@@ -32,13 +32,14 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from ingest.errors import RetryLater, Stop
 from ingest.handoff import HandOff
 from ingest.imap_state import ImapStateStore
-from ingest.sdk import Adapter, AdapterContext
+from ingest.mailauth import judge_authserv
+from ingest.sdk import Adapter, AdapterContext, AdapterTables
+from ingest.settings import ImapSettings, MailboxSettings
 from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
 from switchboard.metrics import IMAP_CONNECTED, IMAP_LAST_SUCCESS, IMAP_LAST_UID, RECEIVED
-from switchboard.settings import ImapSettings, MailboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,9 @@ class MailboxPoller(threading.Thread):
                 "uid": uid,
                 "uidvalidity": uidvalidity,
             },
+            # The mailbox provider checked DMARC when the mail arrived; only its own
+            # (listed, topmost) Authentication-Results header says what it found.
+            verdict=judge_authserv(raw, self.mailbox.trusted_authserv_ids),
         )
         try:
             normalized = normalize_email(raw, ctx)
@@ -328,16 +332,12 @@ class ImapAdapter(Adapter[ImapSettings]):
     name = "imap"
     summary = "IMAP poller: mailboxes read with IDLE or polling, checkpointed per folder"
     settings_class = ImapSettings
-    config_section = "imap"
     role = "imap"
 
     @classmethod
-    def settings_from(cls, settings: Settings) -> ImapSettings:
-        return settings.imap
-
-    @classmethod
-    def configured_in(cls, settings: Settings) -> bool:
-        return settings.imap.enabled and bool(settings.imap.mailboxes)
+    def configured_in(cls, settings: AdapterTables) -> bool:
+        imap = cls.settings_from(settings)
+        return imap.enabled and bool(imap.mailboxes)
 
     def __init__(self, settings: ImapSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)

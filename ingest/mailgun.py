@@ -30,6 +30,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.errors import Rejected
+from ingest.mailauth import mailgun_verdict
 from ingest.sdk import FORM, MULTIPART, AdapterContext, HttpAdapter, HttpRoute, InboundRequest, Part
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
@@ -161,6 +162,11 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
             mail_from=form.get("sender"),
             rcpt_tos=tuple(r.strip() for r in (form.get("recipient") or "").split(",") if r),
             metadata={"mailgun": {"timestamp": form.get("timestamp")}},
+            verdict=mailgun_verdict(
+                form.get("X-Mailgun-Spf"),
+                form.get("X-Mailgun-Dkim-Check-Result"),
+                form.get("sender"),
+            ),
         )
         mime = form.raw("body-mime")
         if mime is not None:

@@ -27,11 +27,13 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from ingest.mailauth import postmark_verdict
 from ingest.sdk import JSON, BasicAuthAdapter, BasicAuthSettings, InboundRequest
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
+from normalize.schema import strip_controls, strip_controls_deep
 
 PATH = "/webhooks/postmark"
 # Headers Postmark gives as top-level fields; its Headers list holds the others.
@@ -75,6 +77,16 @@ def _attachment(item: object) -> ParsedAttachment:
         data=data,
         content_id=str(item["ContentID"]) if item.get("ContentID") else None,
     )
+
+
+def _header(document: dict[str, Any], name: str) -> str | None:
+    """The first (Postmark's own, topmost) value of a header in ``Headers``."""
+    headers = document.get("Headers")
+    for item in headers if isinstance(headers, list) else []:
+        if isinstance(item, dict) and str(item.get("Name", "")).lower() == name.lower():
+            value = item.get("Value")
+            return str(value) if value is not None else None
+    return None
 
 
 def parsed_email(document: dict[str, Any]) -> ParsedEmail:
@@ -145,16 +157,16 @@ class PostmarkAdapter(BasicAuthAdapter[PostmarkSettings]):
             message_id=request.message_id,
             received_at=request.received_at,
             rcpt_tos=(str(recipient),) if recipient else (),
+            verdict=postmark_verdict(_header(document, "Received-SPF")),
         )
         parsed = parsed_email(document)
         raw_email = document.get("RawEmail")
         if isinstance(raw_email, str) and raw_email:
             normalized = normalize_email(raw_email.encode("utf-8", "surrogateescape"), ctx)
-            message = normalized.message.model_copy(
-                update={
-                    "provider_message_id": parsed.provider_message_id,
-                    "metadata": {**normalized.message.metadata, **parsed.metadata},
-                }
+            provider_id = parsed.provider_message_id
+            message = normalized.message.revised(
+                provider_message_id=strip_controls(provider_id) or None if provider_id else None,
+                metadata=strip_controls_deep({**normalized.message.metadata, **parsed.metadata}),
             )
             return Normalized(message=message, blobs=normalized.blobs)
         return normalize_parsed_email(parsed, Blob.of(request.body, JSON), ctx)

@@ -21,8 +21,8 @@ declares its routes, its authentication and its normalizer; the app mounts it
 and runs the request cycle (limits, metrics, hand-off, answers) the same way
 for every such adapter.
 
-Configuration: an adapter outside the four historic ones is configured, and
-enabled, by its own table in the config file::
+Configuration: every adapter, the four built-in channels included, is configured,
+and enabled, by its own table in the config file::
 
     [adapters.mailgun]
     enabled = true
@@ -30,6 +30,9 @@ enabled, by its own table in the config file::
 
 and by ``SWITCHBOARD_<NAME>_*`` environment variables if its settings class is a
 pydantic-settings class with that prefix (secrets belong there, not in the file).
+The loader hands each adapter only these tables (:class:`AdapterTables`); the
+historic ``[smtp]``, ``[twilio]``, ``[imap]`` and ``[[webhooks]]`` sections reach
+the built-ins as their ``[adapters.<name>]`` tables, folded in by the loader.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 from urllib.parse import parse_qsl
 from uuid import UUID
 
@@ -59,11 +62,12 @@ from pydantic_settings import BaseSettings
 
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
+from ingest.ratelimit import ClientBuckets
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
+from switchboard.config import adapter_settings
 from switchboard.http import counted, problem, read_body, unavailable
-from switchboard.settings import Settings, adapter_settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -82,6 +86,14 @@ def _stop_process(reason: str) -> None:
     # The runtime's graceful path: SIGTERM stops edges first, drains, exits.
     log.critical("adapter asked the process to stop: %s", reason)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+class AdapterTables(Protocol):
+    """What an adapter reads of the process settings: the ``[adapters.<name>]``
+    tables of the config file (``switchboard.settings.Settings`` is one)."""
+
+    @property
+    def adapters(self) -> Mapping[str, Mapping[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -108,9 +120,6 @@ class Adapter(Generic[S]):
     #: True for a component that accepts input from outside by itself (a
     #: listener, a poller): edges stop first at shutdown.
     edge: ClassVar[bool] = True
-    #: The historic config section of a built-in adapter ([smtp], [[webhooks]]);
-    #: None for the rest, configured in [adapters.<name>].
-    config_section: ClassVar[str | None] = None
 
     def __init__(self, settings: S, context: AdapterContext) -> None:
         self.settings = settings
@@ -118,19 +127,18 @@ class Adapter(Generic[S]):
         self.handoff = context.handoff
 
     @classmethod
-    def section(cls, settings: Settings) -> dict[str, Any] | None:
+    def section(cls, settings: AdapterTables) -> Mapping[str, Any] | None:
         """This adapter's ``[adapters.<name>]`` table, or None when absent."""
         return settings.adapters.get(cls.name)
 
     @classmethod
-    def settings_from(cls, settings: Settings) -> S:
-        """This adapter's settings out of the process settings (file and environment)."""
-        section = cls.section(settings) or {}
-        built: S = adapter_settings(cls.settings_class, section, cls.name)
+    def settings_from(cls, settings: AdapterTables) -> S:
+        """This adapter's settings from its table (file) and the environment."""
+        built: S = adapter_settings(cls.settings_class, cls.section(settings) or {}, cls.name)
         return built
 
     @classmethod
-    def enabled_in(cls, settings: Settings) -> bool:
+    def enabled_in(cls, settings: AdapterTables) -> bool:
         """Whether ``switchboard run`` starts it. ``[adapters.<name>] enabled = false``
         switches any adapter off; otherwise :meth:`configured_in` decides."""
         section = cls.section(settings)
@@ -139,12 +147,14 @@ class Adapter(Generic[S]):
         return cls.configured_in(settings)
 
     @classmethod
-    def configured_in(cls, settings: Settings) -> bool:
-        """An installed adapter never runs unasked: only with its table present."""
+    def configured_in(cls, settings: AdapterTables) -> bool:
+        """An installed adapter never runs unasked: only with its table present. (The
+        built-in channels run by default as they always have: they decide by their
+        settings.)"""
         return cls.section(settings) is not None
 
     @classmethod
-    def build(cls, settings: Settings, context: AdapterContext) -> Adapter[S]:
+    def build(cls, settings: AdapterTables, context: AdapterContext) -> Adapter[S]:
         return cls(cls.settings_from(settings), context)
 
     async def start(self) -> None:
@@ -171,6 +181,11 @@ class HttpRoute:
     responses: Mapping[int, str] = field(default_factory=dict)
     metric: str | None = None  # label of the received/rejected metrics (default: name)
     options: Any = None  # whatever the adapter needs per route (a hook's settings)
+    #: Per-client rate limit (requests per second, burst) for a public route; None
+    #: for providers, whose requests all come from the provider's few addresses.
+    client_rate: tuple[float, int] | None = None
+    max_form_fields: int = 1000  # of a form-encoded body (413 past it)
+    max_field_bytes: int | None = None  # of one form value (default: the body limit)
 
 
 @dataclass(frozen=True)
@@ -208,11 +223,13 @@ class InboundRequest:
         return result
 
     def form(self) -> dict[str, str]:
-        """An urlencoded body as a dict (blank values kept); NormalizeError if not UTF-8."""
-        try:
-            return dict(parse_qsl(self.body.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError as exc:
-            raise NormalizeError("malformed", "the form is not UTF-8") from exc
+        """An urlencoded body as a dict (blank values kept); NormalizeError if not UTF-8,
+        Rejected (413) past the route's field count or field size."""
+        return parse_form(
+            self.body,
+            max_fields=self.route.max_form_fields,
+            max_field_bytes=self.route.max_field_bytes or self.route.max_body_bytes,
+        )
 
     def parts(self, max_parts: int = 1000) -> list[Part]:
         """A multipart/form-data body, parsed by the standard library's MIME parser
@@ -228,6 +245,26 @@ class InboundRequest:
         if len(payload) > max_parts:
             raise NormalizeError("malformed", f"more than {max_parts} parts")
         return [_part(p) for p in payload if isinstance(p, Message)]
+
+
+def parse_form(body: bytes, *, max_fields: int, max_field_bytes: int) -> dict[str, str]:
+    """An urlencoded body as a dict (blank values kept), bounded: the standard
+    library's ``max_num_fields`` refuses a form of a million empty fields before
+    building it; NormalizeError if not UTF-8."""
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=max_fields)
+    except UnicodeDecodeError as exc:
+        raise NormalizeError("malformed", "the form is not UTF-8") from exc
+    except ValueError as exc:  # "Max number of fields exceeded"
+        raise Rejected("form-too-large", f"more than {max_fields} form fields", status=413) from exc
+    for name, value in pairs:
+        if len(value) > max_field_bytes:
+            raise Rejected(
+                "form-too-large",
+                f"form field {name[:40]!r} is over {max_field_bytes} bytes",
+                status=413,
+            )
+    return dict(pairs)
 
 
 def _part(message: Message) -> Part:
@@ -273,6 +310,11 @@ def require_basic_auth(
         raise Rejected("auth", "wrong credentials", status=wrong_status, headers=challenge)
 
 
+def _unrecorded(error: Rejected) -> Rejected:
+    """The same refusal, without the promise that a record of it was kept."""
+    return Rejected(error.reason, error.detail, status=error.status, headers=error.headers)
+
+
 def _media_matches(media: str, accepted: str) -> bool:
     if media == accepted:
         return True
@@ -286,11 +328,14 @@ class HttpAdapter(Adapter[S]):
     Subclasses implement :meth:`routes`, :meth:`authenticate` and :meth:`normalize`
     and may override the answers. The cycle, for every request:
 
-    1. :meth:`admit` (rate limits: raise ``Rejected(status=429)``);
-    2. the media type against the route's ``content_types`` (415);
-    3. the body, refused past ``max_body_bytes`` without buffering it (413);
+    1. the media type against the route's ``content_types`` (415);
+    2. the body, refused past ``max_body_bytes`` without buffering it (413; the
+       server's :class:`~switchboard.limits.BodyLimitMiddleware` enforces the same
+       limit before the route runs);
+    3. rate limits: the route's per-client limit, then :meth:`admit` (429);
     4. :meth:`authenticate` (raise ``Rejected(status=401 or 403)``; with
-       ``record=True`` the refusal is also kept as a dead letter);
+       ``record=True`` the refusal is also kept as a dead letter, bounded by the
+       hand-off's evidence budget);
     5. :meth:`normalize` (raise ``NormalizeError`` or ``Rejected``): with
        ``malformed = "reject"`` a NormalizeError answers ``malformed_status``;
        with ``"dead-letter"`` the raw body is kept as a dead letter and the sender
@@ -310,6 +355,10 @@ class HttpAdapter(Adapter[S]):
     offload: ClassVar[bool] = False
     retry_status: ClassVar[int] = 503
 
+    def __init__(self, settings: S, context: AdapterContext) -> None:
+        super().__init__(settings, context)
+        self._client_buckets: dict[str, ClientBuckets] = {}
+
     def routes(self) -> Sequence[HttpRoute]:
         raise NotImplementedError
 
@@ -323,7 +372,24 @@ class HttpAdapter(Adapter[S]):
         raise NotImplementedError
 
     async def admit(self, route: HttpRoute) -> None:
-        """Raise ``Rejected(status=429, headers={"Retry-After": ...})`` to shed load."""
+        """Raise ``Rejected(status=429, headers={"Retry-After": ...})`` to shed load.
+        Runs after the content type and size checks and the route's per-client limit."""
+
+    def admit_client(self, route: HttpRoute, client: str | None) -> None:
+        """The route's per-client limit (``route.client_rate``): Rejected(429) past it."""
+        if route.client_rate is None:
+            return
+        buckets = self._client_buckets.get(route.path)
+        if buckets is None:
+            buckets = self._client_buckets[route.path] = ClientBuckets(*route.client_rate)
+        wait = buckets.take(client)
+        if wait:
+            raise Rejected(
+                "rate-limit",
+                "this client is over its rate limit",
+                status=429,
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
 
     def accepted(self, request: InboundRequest, normalized: Normalized | None) -> Response:
         """The success answer; ``normalized`` is None when the input was dead-lettered."""
@@ -338,7 +404,8 @@ class HttpAdapter(Adapter[S]):
 
     def refused(self, request: InboundRequest | None, error: Rejected) -> Response:
         titles = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden"}
-        titles |= {406: "Not acceptable", 415: "Unsupported media type", 429: "Too many requests"}
+        titles |= {406: "Not acceptable", 413: "Payload too large", 415: "Unsupported media type"}
+        titles |= {429: "Too many requests"}
         # A refusal kept as a dead letter names its record, for whoever investigates.
         kept = {"id": str(request.message_id)} if request is not None and error.record else {}
         return problem(
@@ -382,6 +449,12 @@ class HttpAdapter(Adapter[S]):
 
     def mount(self, app: FastAPI) -> None:
         app.include_router(self.router())
+        # The server's body limit for these paths is the route's own: one number,
+        # enforced while the body streams in, before any of this cycle runs.
+        body_limits = getattr(app.state, "body_limits", None)
+        if body_limits is not None:
+            for route in self.routes():
+                body_limits.set(route.path, route.max_body_bytes)
 
     def _endpoint(self, route: HttpRoute) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -397,10 +470,6 @@ class HttpAdapter(Adapter[S]):
         return f"{public.rstrip('/')}{request.url.path}{query}"
 
     async def handle(self, route: HttpRoute, request: Request) -> Response:
-        try:
-            await self.admit(route)
-        except Rejected as exc:
-            return self.refused(None, exc)
         content_type = request.headers.get("content-type", "")
         media = content_type.split(";")[0].strip().lower()
         if not any(_media_matches(media, accepted) for accepted in route.content_types):
@@ -416,10 +485,18 @@ class HttpAdapter(Adapter[S]):
             url=self._signed_url(request),
             media_type=media,
             content_type=content_type,
+            # The client: the socket peer, or what a trusted proxy's
+            # X-Forwarded-For names (uvicorn's proxy headers, see HttpServer).
             peer=request.client.host if request.client else None,
             message_id=uuid6.uuid7(),
             received_at=datetime.now(UTC),
         )
+        # Charged only now: junk refused above costs no real client its turn.
+        try:
+            self.admit_client(route, inbound.peer)
+            await self.admit(route)
+        except Rejected as exc:
+            return self.refused(None, exc)
         try:
             if self.offload:
                 await asyncio.to_thread(self.authenticate, inbound)
@@ -430,18 +507,40 @@ class HttpAdapter(Adapter[S]):
         return await self._take(inbound)
 
     async def _refuse(self, request: InboundRequest, error: Rejected) -> Response:
+        if error.record and not await self._record_refusal(request, error):
+            # Over the route's evidence budget (ingest.evidence): counted, and logged
+            # once in a while by the budget; neither stored nor logged each time.
+            return self.refused(request, _unrecorded(error))
         log.warning(
             "%s request refused: %s",
             self.name,
             error.reason,
             extra={"adapter": self.name, "path": request.route.path, "peer": request.peer},
         )
-        if error.record:
-            try:
-                await self._dead_letter(request, error.reason, error.detail, error.metadata)
-            except RetryLater:
-                log.error("could not record the refused request", extra={"adapter": self.name})
         return self.refused(request, error)
+
+    async def _record_refusal(self, request: InboundRequest, error: Rejected) -> bool:
+        """Keep bounded evidence of a refusal; False when over the budget."""
+        try:
+            kept = await self.handoff.refused(
+                id=request.message_id,
+                adapter=self.name,
+                route=request.route.metric or self.name,
+                reason=error.reason,
+                detail=error.detail,
+                body=request.body,
+                media_type=request.media_type,
+                metadata={
+                    "path": request.route.path,
+                    "peer": request.peer,
+                    **self.dead_letter_metadata(request),
+                    **error.metadata,
+                },
+            )
+        except RetryLater:
+            log.error("could not record the refused request", extra={"adapter": self.name})
+            return True
+        return kept is not None
 
     async def _dead_letter(
         self,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
 import json
 from email.parser import HeaderParser
 from email.policy import compat32
@@ -27,6 +28,7 @@ from email.policy import compat32
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from ingest.mailauth import from_domain_of, sendgrid_verdict
 from ingest.sdk import MULTIPART, BasicAuthAdapter, BasicAuthSettings, InboundRequest, Part
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
@@ -116,6 +118,11 @@ class SendgridAdapter(BasicAuthAdapter[SendgridSettings]):
             metadata={"sendgrid": {"spam_score": form.text("spam_score"), "spf": form.text("SPF")}},
         )
         raw = form.fields.get("email")
+        header_block = raw.data if raw is not None else (form.text("headers") or "").encode()
+        verdict = sendgrid_verdict(
+            form.text("SPF"), form.text("dkim"), mail_from, from_domain_of(header_block)
+        )
+        ctx = dataclasses.replace(ctx, verdict=verdict)
         if raw is not None:
             return normalize_email(raw.data, ctx)
         return normalize_parsed_email(

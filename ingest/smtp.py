@@ -13,6 +13,8 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -21,15 +23,18 @@ import uuid6
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ingest.errors import Rejected, RetryLater, Stop
-from ingest.sdk import Adapter, AdapterContext
+from ingest.mailauth import Envelope as AuthEnvelope
+from ingest.mailauth import Resolver, Verifier, in_networks, judge_authserv
+from ingest.sdk import Adapter, AdapterContext, AdapterTables
+from ingest.settings import SmtpSettings
 from ingest.workers import ParserPool
 from normalize.content import Blob
-from normalize.email import EmailContext, normalize_email
+from normalize.email import EmailContext, EmailVerdict, normalize_email
 from normalize.errors import NormalizeError
 from normalize.identity import IdentityError, canonical_email
-from switchboard.metrics import RECEIVED, REJECTED
+from normalize.schema import AuthCheck, Authentication
+from switchboard.metrics import RECEIVED, REJECTED, SENDER_CHECKS
 from switchboard.runtime import StartupError
-from switchboard.settings import Settings, SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,48 @@ _REWRITES = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long",
 }
 TOO_MANY_SESSIONS = b"421 4.3.2 Too many connections, try again later\r\n"
+TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try again later\r\n"
+TOO_MUCH_JUNK = b"421 4.7.0 Too many commands without a message, closing connection\r\n"
+DEADLINE_REACHED = b"421 4.4.2 Session time limit exceeded, closing connection\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+
+#: The commands of a mail transaction. Everything else (NOOP, RSET, VRFY, EXPN,
+#: HELP and unknown verbs) is a "junk" command as Postfix counts them: a client
+#: may send a few, but a session made of them only holds a slot and the loop.
+TRANSACTION_COMMANDS = frozenset(
+    {"HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "QUIT"}
+)
+
+#: After a 421 the client should close; one that does not read (so the reply
+#: cannot be flushed and the socket never closes) is cut off after this.
+_HANG_UP_GRACE_S = 5.0
+
+#: Threads for the sender checks: they mostly wait for DNS answers, so a few more
+#: than the cores keep one slow domain from holding up everyone else's mail.
+_AUTH_THREADS = 8
+
+
+class _Dispatch(dict[str, Any]):
+    """aiosmtpd's command table, counting junk commands as the session looks them up.
+
+    aiosmtpd has no hook between reading a command and running it, but it looks
+    every command (known or not) up in ``_smtp_methods`` exactly there; counting
+    at that point covers unknown verbs too, which no ``smtp_*`` override sees.
+    """
+
+    def __init__(self, methods: dict[str, Any], session: _Protocol) -> None:
+        super().__init__(methods)
+        self._session = session
+
+    def get(self, command: str, default: Any = None) -> Any:  # noqa: ANN401 - aiosmtpd's table
+        session = self._session
+        if session.hung_up:
+            return session.ignore_command
+        if command not in TRANSACTION_COMMANDS:
+            session.junk += 1
+            if session.junk > session.junk_limit:
+                return session.refuse_junk
+        return super().get(command, default)
 
 
 class _Protocol(SMTP):
@@ -57,23 +103,89 @@ class _Protocol(SMTP):
         super().__init__(adapter.handler, **kwargs)
         self._adapter = adapter
         self._refused = False
+        self._client: str | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.junk = 0
+        self.junk_limit = adapter.settings.junk_command_limit
+        self.hung_up = False
+        self.handing_off = False
+        self.deadline_passed = False
+        self._smtp_methods = _Dispatch(self._smtp_methods, self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._adapter.sessions) >= self._adapter.settings.max_sessions:
-            self._refused = True
-            REJECTED.labels("smtp", "too-many-sessions").inc()
-            transport.write(TOO_MANY_SESSIONS)  # type: ignore[attr-defined]
-            transport.close()
-            log.warning("smtp session refused: too many connections")
+        if self in self._adapter.sessions:
+            # STARTTLS calls this again with the TLS transport: already admitted.
+            super().connection_made(transport)
             return
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        refusal = self._adapter.admit(client)
+        if refusal is not None:
+            self._refused = True
+            transport.write(refusal)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self._client = client
         self._adapter.sessions.add(self)
         super().connection_made(transport)
+        # The idle timeout restarts with every command; this one does not, so a
+        # client trickling commands cannot hold a connection slot for ever.
+        self._deadline = self.loop.call_later(
+            self._adapter.settings.session_deadline_s, self._deadline_reached
+        )
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
-        self._adapter.sessions.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self in self._adapter.sessions:
+            self._adapter.sessions.discard(self)
+            self._adapter.release(self._client)
         super().connection_lost(error)
+
+    def _deadline_reached(self) -> None:
+        if self.handing_off:
+            # The mail may already be durable: let the sender see its 250 first,
+            # else it would send the message again.
+            self.deadline_passed = True
+            return
+        REJECTED.labels("smtp", "session-deadline").inc()
+        log.warning("smtp session deadline reached", extra={"peer": self._client})
+        self.hang_up(DEADLINE_REACHED)
+
+    def hang_up(self, reply: bytes) -> None:
+        """Send a 421 and close; abort if the client does not let it be delivered."""
+        self.hung_up = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]
+            return
+        transport.write(reply)  # type: ignore[attr-defined]
+        transport.close()
+        self.loop.call_later(_HANG_UP_GRACE_S, transport.abort)  # type: ignore[attr-defined]
+        # Commands the client pipelined are still in the read buffer, and reading
+        # them never waits: stop the session's task rather than let it spin
+        # through them all without giving the loop back.
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    async def refuse_junk(self, arg: str | None) -> None:
+        REJECTED.labels("smtp", "junk-commands").inc()
+        log.warning(
+            "smtp session closed: too many junk commands",
+            extra={"peer": self._client, "limit": self.junk_limit},
+        )
+        self.hang_up(TOO_MUCH_JUNK)
+
+    async def ignore_command(self, arg: str | None) -> None:
+        """What pipelined commands still in the buffer get after the 421: nothing.
+
+        It waits for the cancellation ``hang_up`` requested, which only lands at
+        a real suspension point.
+        """
+        await self.loop.create_future()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         # A transaction that starts after shutdown began would have nowhere to go.
@@ -82,18 +194,30 @@ class _Protocol(SMTP):
             return
         await super().smtp_MAIL(arg)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        await super().smtp_DATA(arg)
+        if self.deadline_passed and not self.hung_up:
+            self.deadline_passed = False
+            self._deadline_reached()
+
     def goodbye(self) -> None:
         """421 and close: the client retries later, as RFC 5321 section 3.8 asks."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(SHUTTING_DOWN)  # type: ignore[attr-defined]
-            self.transport.close()
+            self.hang_up(SHUTTING_DOWN)
 
     async def push(self, status: Any) -> None:  # noqa: ANN401 - aiosmtpd's AnyStr
+        if self.hung_up:
+            return
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
             if status.startswith("552 5.3.4"):
                 REJECTED.labels("smtp", "size").inc()
         await super().push(status)
+        # With pipelined commands in its buffer, aiosmtpd reads and answers without
+        # ever awaiting anything that blocks: one client would hold the event loop
+        # (and every other session and the HTTP server on it) until its buffer is
+        # empty. One loop turn per reply keeps the others served.
+        await asyncio.sleep(0)
 
 
 class SmtpHandler:
@@ -131,6 +255,8 @@ class SmtpHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         RECEIVED.labels("smtp").inc()
+        if isinstance(server, _Protocol):
+            server.handing_off = True
         try:
             return await self._adapter.receive(session, envelope)
         except RetryLater:
@@ -147,6 +273,9 @@ class SmtpHandler:
             log.exception("smtp hand-off failed unexpectedly")
             REJECTED.labels("smtp", "retry-later").inc()
             return "451 4.3.0 Temporary local error; please try again later"
+        finally:
+            if isinstance(server, _Protocol):
+                server.handing_off = False
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp session error", extra={"error": repr(error)})
@@ -159,16 +288,11 @@ class SmtpAdapter(Adapter[SmtpSettings]):
     name = "smtp"
     summary = "SMTP server: email delivered by MTAs, answered after the hand-off"
     settings_class = SmtpSettings
-    config_section = "smtp"
     role = "smtp"
 
     @classmethod
-    def settings_from(cls, settings: Settings) -> SmtpSettings:
-        return settings.smtp
-
-    @classmethod
-    def configured_in(cls, settings: Settings) -> bool:
-        return settings.smtp.enabled
+    def configured_in(cls, settings: AdapterTables) -> bool:
+        return cls.settings_from(settings).enabled  # on unless switched off
 
     def __init__(self, settings: SmtpSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
@@ -177,6 +301,7 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         email_policy = self.email_policy = context.email_policy
         self.handler = SmtpHandler(self)
         self.sessions: set[_Protocol] = set()
+        self._per_client: Counter[str] = Counter()
         self._domains = set(settings.domains)
         self._addresses: set[str] = set()
         for address in settings.addresses:
@@ -185,11 +310,48 @@ class SmtpAdapter(Adapter[SmtpSettings]):
             except IdentityError as exc:
                 raise StartupError(f"smtp.addresses: {exc}") from exc
         self._parsers = ParserPool(settings.parse_workers)
+        self._verifier: Verifier | None = None
+        if settings.verify:
+            try:
+                resolver = Resolver(
+                    settings.dns_servers, settings.dns_timeout_s, settings.dns_cache_size
+                )
+            except ValueError as exc:
+                raise StartupError(f"smtp.dns_servers: {exc} (an IP address, ip:port)") from exc
+            self._verifier = Verifier(
+                resolver, settings.verify_timeout_s, settings.trusted_arc_sealers
+            )
+        self._auth_pool: ThreadPoolExecutor | None = None
         self._server: asyncio.Server | None = None
         self._in_flight = 0
         self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def admit(self, client: str) -> bytes | None:
+        """None if a new session from ``client`` may start, else the 421 to send."""
+        if len(self.sessions) >= self.settings.max_sessions:
+            REJECTED.labels("smtp", "too-many-sessions").inc()
+            log.warning("smtp session refused: too many connections")
+            return TOO_MANY_SESSIONS
+        if self._per_client[client] >= self.settings.max_sessions_per_client:
+            # Like Postfix's smtpd_client_connection_count_limit: one address
+            # cannot take every slot and lock every other sender out.
+            REJECTED.labels("smtp", "too-many-sessions-from-client").inc()
+            log.warning(
+                "smtp session refused: too many connections from one client",
+                extra={"peer": client, "limit": self.settings.max_sessions_per_client},
+            )
+            return TOO_MANY_FROM_CLIENT
+        self._per_client[client] += 1
+        return None
+
+    def release(self, client: str | None) -> None:
+        if client is None:
+            return
+        self._per_client[client] -= 1
+        if self._per_client[client] <= 0:
+            del self._per_client[client]
 
     def accepts(self, canonical: str) -> bool:
         return canonical in self._addresses or canonical.rsplit("@", 1)[1] in self._domains
@@ -211,7 +373,10 @@ class SmtpAdapter(Adapter[SmtpSettings]):
                 "(set SWITCHBOARD_SMTP_DOMAINS)"
             )
         tls = self._tls_context()
+        if self._verifier is not None or self.settings.trusted_authserv_ids:
+            self._auth_pool = ThreadPoolExecutor(_AUTH_THREADS, thread_name_prefix="smtp-auth")
         await asyncio.to_thread(self._parsers.start)
+        await self._parsers.warm_up()
         hostname = self.settings.hostname or await asyncio.to_thread(socket.getfqdn)
         loop = asyncio.get_running_loop()
 
@@ -256,6 +421,9 @@ class SmtpAdapter(Adapter[SmtpSettings]):
             session.goodbye()
         self._server = None
         await asyncio.to_thread(self._parsers.stop)
+        if self._auth_pool is not None:
+            self._auth_pool.shutdown(wait=False, cancel_futures=True)
+            self._auth_pool = None
 
     async def receive(self, session: Session, envelope: Envelope) -> str:
         """Normalize, make durable, and return the reply line for DATA."""
@@ -272,6 +440,9 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         raw = envelope.original_content or b""
         message_id = uuid6.uuid7()
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        verdict = await self._authenticate(
+            raw, AuthEnvelope(peer, session.host_name, envelope.mail_from or "")
+        )
         ctx = EmailContext(
             adapter=self.name,
             message_id=message_id,
@@ -285,6 +456,7 @@ class SmtpAdapter(Adapter[SmtpSettings]):
                 "tls": session.ssl is not None,
                 "smtputf8": bool(envelope.smtp_utf8),
             },
+            verdict=verdict,
         )
         try:
             # Parsing is CPU work (about 1 ms for a 2 KB message): off the event loop.
@@ -298,6 +470,49 @@ class SmtpAdapter(Adapter[SmtpSettings]):
             )
         await self.handoff.deliver(normalized)
         return f"250 2.0.0 Ok: queued as {message_id}"
+
+    def _judge(self, raw: bytes, envelope: AuthEnvelope) -> EmailVerdict | None:
+        """A trusted relay's header when there is one, else the local checks.
+
+        The header counts only from a listed relay: any client can write an
+        Authentication-Results header naming any authserv-id.
+        """
+        trusted = self.settings.trusted_authserv_ids
+        if trusted and in_networks(envelope.peer, self.settings.trusted_relays):
+            verdict = judge_authserv(raw, trusted)
+            if verdict is not None:
+                return verdict
+        return self._verifier.verify(raw, envelope) if self._verifier is not None else None
+
+    async def _authenticate(self, raw: bytes, envelope: AuthEnvelope) -> EmailVerdict | None:
+        """The sender verdict, within verify_timeout_s; never an exception, never a refusal."""
+        verdict = await self._verdict(raw, envelope)
+        auth = verdict.authentication if verdict is not None else None
+        dmarc = (
+            next((c.result for c in auth.checks if c.method == "dmarc"), "absent")
+            if auth
+            else "absent"
+        )
+        source = auth.source.split(":", 1)[0] if auth is not None else "none"
+        SENDER_CHECKS.labels(source, dmarc).inc()
+        return verdict
+
+    async def _verdict(self, raw: bytes, envelope: AuthEnvelope) -> EmailVerdict | None:
+        if self._auth_pool is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._auth_pool, self._judge, raw, envelope),
+                self.settings.verify_timeout_s + 1.0,
+            )
+        except TimeoutError:
+            detail = "sender checks took longer than verify_timeout_s"
+        except Exception as exc:  # a check's bug must not cost the mail
+            log.exception("smtp sender checks failed")
+            detail = f"sender checks failed: {type(exc).__name__}"
+        check = AuthCheck(method="dmarc", result="temperror", detail=detail)
+        return EmailVerdict(Authentication(source="local", checks=(check,)))
 
     async def _dead_letter(
         self, message_id: UUID, raw: bytes, reason: str, detail: str, ctx: EmailContext

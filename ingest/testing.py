@@ -60,17 +60,18 @@ from kafka import KafkaConsumer, TopicPartition
 from pydantic import BaseModel, SecretStr
 
 from ingest.handoff import HandOff
+from ingest.migrations import CHAIN
 from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
 from normalize.schema import DeadLetter, InboundMessage
 from switchboard.blobs import FileBlobStore
 from switchboard.broker import EmbeddedBroker, free_port
-from switchboard.db import make_engine, upgrade
+from switchboard.config import KafkaSettings
+from switchboard.db import make_engine, migrate
 from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher
 from switchboard.logs import CONTENT_LOGGERS
 from switchboard.runtime import HttpServer
 from switchboard.schemas import schema_documents
-from switchboard.settings import KafkaSettings
 from switchboard.topics import DEADLETTER, INBOUND, ensure_topics
 
 __all__ = ["Answer", "Deliver", "Malformed", "Running", "adapter_conformance", "post"]
@@ -157,7 +158,7 @@ def _start(
     publisher = Publisher(kafka)
     handoff = HandOff(publisher, FileBlobStore(data_dir / "blobs"))
     engine = make_engine(f"sqlite:///{data_dir / 'switchboard.db'}")
-    upgrade(engine)
+    migrate(engine, [CHAIN])  # the IMAP checkpoints
     stops: list[str] = []
     context = AdapterContext(handoff, engine=engine, on_stop=stops.append)
     adapter = adapter_class(settings, context)

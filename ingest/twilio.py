@@ -19,11 +19,11 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
 from ingest.errors import Rejected
-from ingest.sdk import FORM, AdapterContext, HttpAdapter, HttpRoute, InboundRequest
+from ingest.sdk import FORM, AdapterContext, AdapterTables, HttpAdapter, HttpRoute, InboundRequest
+from ingest.settings import TwilioSettings
 from normalize.content import Blob, Normalized
-from normalize.schema import Attachment
-from normalize.sms import SmsContext, normalize_twilio
-from switchboard.settings import Settings, TwilioSettings
+from normalize.schema import Attachment, strip_controls
+from normalize.sms import SmsContext, bad_sids, normalize_twilio
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,13 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
     name = "twilio"
     summary = "Twilio hook: SMS, MMS and WhatsApp at POST /webhooks/twilio/sms"
     settings_class = TwilioSettings
-    config_section = "twilio"
     # A message Twilio signed but we cannot read is kept, and Twilio is told it
     # arrived: its retries would fail the same way.
     malformed = "dead-letter"
 
     @classmethod
-    def settings_from(cls, settings: Settings) -> TwilioSettings:
-        return settings.twilio
-
-    @classmethod
-    def configured_in(cls, settings: Settings) -> bool:
-        return settings.twilio.enabled
+    def configured_in(cls, settings: AdapterTables) -> bool:
+        return cls.settings_from(settings).enabled  # on unless switched off
 
     def __init__(self, settings: TwilioSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
@@ -70,6 +65,12 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
                 "no Twilio auth token configured (SWITCHBOARD_TWILIO_AUTH_TOKEN): every "
                 "request to %s will be refused with 403 and dead-lettered",
                 PATH,
+            )
+        self._accounts = frozenset(settings.account_sids)
+        if not self._accounts:
+            log.warning(
+                "no Twilio account configured (SWITCHBOARD_TWILIO_ACCOUNT_SIDS): messages "
+                "signed with the token are accepted whatever AccountSid they name"
             )
 
     def routes(self) -> list[HttpRoute]:
@@ -87,7 +88,7 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
                 max_body_bytes=MAX_BODY,
                 responses={
                     200: "Accepted (empty TwiML)",
-                    403: "Signature missing or invalid",
+                    403: "Signature missing or invalid, a malformed SID, or another account",
                     413: "Body too large",
                     415: "Not form-encoded",
                     503: "Not durable; Twilio retries",
@@ -100,22 +101,41 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
         return request.once(_twilio_form)
 
     def authenticate(self, request: InboundRequest) -> None:
-        if not self.settings.enforce_signature:
-            return
-        signature = request.headers.get("x-twilio-signature")
         form = self._form(request)
-        if signature and any(v.validate(request.url, form, signature) for v in self._validators):
-            return
-        raise Rejected(
-            "signature",
-            f"X-Twilio-Signature is missing or not valid for {request.url}",
-            status=403,
-            record=True,
-            metadata={"url": request.url, "signature_present": signature is not None},
-        )
+        if self.settings.enforce_signature:
+            signature = request.headers.get("x-twilio-signature")
+            if not signature or not any(
+                v.validate(request.url, form, signature) for v in self._validators
+            ):
+                raise Rejected(
+                    "signature",
+                    f"X-Twilio-Signature is missing or not valid for {request.url}",
+                    status=403,
+                    record=True,
+                    metadata={"url": request.url, "signature_present": signature is not None},
+                )
+        # A valid signature does not make the fields what they look like (see
+        # normalize.sms.MESSAGE_SID): a SID of the wrong shape is a replay with
+        # fields folded together, kept as evidence. A request without any SID is
+        # left to the normalizer (missing-field), as before.
+        if bad := bad_sids(form):
+            raise Rejected(
+                "invalid-sid",
+                f"{', '.join(bad)} is not a Twilio message SID (SM or MM + 32 hex digits)",
+                status=403,
+                record=True,
+            )
+        if self._accounts and form.get("AccountSid") not in self._accounts:
+            raise Rejected(
+                "account",
+                "AccountSid is not one of the accounts configured for this hook",
+                status=403,
+                record=True,
+                metadata={"account_sid": form.get("AccountSid", "")[:64]},
+            )
 
     def dead_letter_metadata(self, request: InboundRequest) -> dict[str, JsonValue]:
-        return {"message_sid": self._form(request).get("MessageSid")}
+        return {"message_sid": self._form(request).get("MessageSid", "")[:64]}
 
     async def normalize(self, request: InboundRequest) -> Normalized:
         normalized = normalize_twilio(
@@ -126,6 +146,7 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
                 received_at=request.received_at,
                 raw=Blob.of(request.body, FORM),
                 default_region=self.settings.default_region,
+                signed=self.settings.enforce_signature,
             ),
         )
         if self.settings.download_media and normalized.message.attachments:
@@ -150,22 +171,18 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
             try:
                 data = await self._fetch(attachment.url)
             except MediaRefused as exc:
-                errors.append(str(exc))
+                errors.append(strip_controls(str(exc), body=True))
                 attachments.append(attachment)
                 continue
             blob = Blob.of(data, attachment.content_type)
             blobs.append(blob)
             attachments.append(
-                attachment.model_copy(
-                    update={"blob": blob.ref, "sha256": blob.ref.sha256, "size": blob.ref.size}
-                )
+                attachment.revised(blob=blob.ref, sha256=blob.ref.sha256, size=blob.ref.size)
             )
         metadata = dict(normalized.message.metadata)
         if errors:
             metadata["media_errors"] = list[object](errors)  # type: ignore[assignment]
-        message = normalized.message.model_copy(
-            update={"attachments": tuple(attachments), "metadata": metadata}
-        )
+        message = normalized.message.revised(attachments=tuple(attachments), metadata=metadata)
         return Normalized(message=message, blobs=tuple(blobs))
 
     async def _fetch(self, url: str) -> bytes:

@@ -14,38 +14,27 @@ import json
 import logging
 import math
 import time
-from urllib.parse import parse_qsl
 
 from ingest.errors import Rejected
-from ingest.sdk import FORM, JSON, AdapterContext, HttpAdapter, HttpRoute, InboundRequest
+from ingest.ratelimit import TokenBucket
+from ingest.sdk import (
+    FORM,
+    JSON,
+    AdapterContext,
+    AdapterTables,
+    HttpAdapter,
+    HttpRoute,
+    InboundRequest,
+    parse_form,
+)
+from ingest.settings import BearerAuth, HmacAuth, WebhookSettings, WebhooksSettings
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.webhook import WebhookContext, normalize_webhook
-from switchboard.settings import BearerAuth, HmacAuth, Settings, WebhookSettings
 
 log = logging.getLogger(__name__)
 
 KINDS = {"json": JSON, "form": FORM}
-
-
-class TokenBucket:
-    """``rate`` requests per second sustained, ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.capacity = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0 if allowed, else the seconds until a request would be."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
 
 
 def check_auth(hook: WebhookSettings, request: InboundRequest) -> None:
@@ -73,7 +62,7 @@ def _check_hmac(auth: HmacAuth, request: InboundRequest) -> None:
     signature = request.headers.get(auth.header)
     if not signature:
         raise Rejected("signature", f"missing signature header {auth.header}", status=401)
-    signed = request.body
+    stamp = ""
     if auth.timestamp_header:
         stamp = request.headers.get(auth.timestamp_header, "")
         if not stamp.isdigit():
@@ -84,15 +73,32 @@ def _check_hmac(auth: HmacAuth, request: InboundRequest) -> None:
             raise Rejected(
                 "stale", f"{auth.timestamp_header} is outside the accepted window", status=401
             )
-        signed = stamp.encode() + b"." + request.body
     if auth.secret is None:  # resolved from secret_env at load
         raise Rejected("signature", "this hook has no secret configured", status=403)
-    expected = (
-        auth.prefix
-        + hmac.new(auth.secret.get_secret_value().encode(), signed, hashlib.sha256).hexdigest()
-    )
+    mac = hmac.new(auth.secret.get_secret_value().encode(), digestmod=hashlib.sha256)
+    if auth.timestamp_header:
+        mac.update(stamp.encode() + b".")
+    for name in auth.signed_headers:
+        mac.update(f"{name}:{request.headers.get(name, '')}\n".encode())
+    mac.update(request.body)  # fed in pieces: the body is not copied
+    expected = auth.prefix + mac.hexdigest()
     if not hmac.compare_digest(signature.strip().encode(), expected.encode()):
         raise Rejected("signature", f"{auth.header} does not match the body", status=403)
+
+
+def trusted_idempotency_key(hook: WebhookSettings, request: InboundRequest) -> str | None:
+    """The Idempotency-Key header, when the hook's authentication vouches for it.
+
+    An HMAC hook vouches for its body and for the headers it lists in
+    ``signed_headers`` only: a captured request re-sent with fresh keys must
+    dedupe as one (the mapped id or the body's fingerprint). A bearer token's
+    holder, and anyone at an ``auth = none`` hook, could send any body anyway, so
+    those keep the header as before.
+    """
+    auth = hook.auth
+    if isinstance(auth, HmacAuth) and not auth.signs("idempotency-key"):
+        return None
+    return request.headers.get("idempotency-key") or None
 
 
 def _finite_float(text: str) -> float:
@@ -108,13 +114,14 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_payload(kind: str, body: bytes) -> dict[str, object]:
-    """The payload as an object; NormalizeError('malformed') for anything else."""
+def parse_payload(
+    kind: str, body: bytes, *, max_fields: int = 1000, max_field_bytes: int | None = None
+) -> dict[str, object]:
+    """The payload as an object; NormalizeError('malformed') for anything else,
+    Rejected (413) for a form past its field count or field size."""
     if kind == "form":
-        try:
-            return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError as exc:
-            raise NormalizeError("malformed", "the form is not UTF-8") from exc
+        limit = max_field_bytes if max_field_bytes is not None else len(body)
+        return dict(parse_form(body, max_fields=max_fields, max_field_bytes=limit))
     try:
         payload = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError as exc:
@@ -126,26 +133,21 @@ def parse_payload(kind: str, body: bytes) -> dict[str, object]:
     return payload
 
 
-class WebhookAdapter(HttpAdapter[list[WebhookSettings]]):
+class WebhookAdapter(HttpAdapter[WebhooksSettings]):
     """All configured generic hooks, one route each."""
 
     name = "webhook"
-    summary = "Generic web hooks: [[webhooks]] in the config, each at POST /webhooks/<name>"
-    settings_class = WebhookSettings  # of one [[webhooks]] table
-    config_section = "webhooks"
+    summary = "Generic web hooks: [[adapters.webhook.hooks]], each at POST /webhooks/<name>"
+    settings_class = WebhooksSettings
 
     @classmethod
-    def settings_from(cls, settings: Settings) -> list[WebhookSettings]:
-        return settings.webhooks
+    def configured_in(cls, settings: AdapterTables) -> bool:
+        return bool(cls.settings_from(settings).hooks)
 
-    @classmethod
-    def configured_in(cls, settings: Settings) -> bool:
-        return bool(settings.webhooks)
-
-    def __init__(self, settings: list[WebhookSettings], context: AdapterContext) -> None:
+    def __init__(self, settings: WebhooksSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
-        self.hooks = {hook.name: hook for hook in settings}
-        self._buckets = {hook.name: TokenBucket(hook.rate_per_s, hook.burst) for hook in settings}
+        self.hooks = {hook.name: hook for hook in settings.hooks}
+        self._buckets = {h.name: TokenBucket(h.rate_per_s, h.burst) for h in settings.hooks}
 
     def routes(self) -> list[HttpRoute]:
         return [
@@ -168,6 +170,9 @@ class WebhookAdapter(HttpAdapter[list[WebhookSettings]]):
                 },
                 metric=f"webhook:{hook.name}",
                 options=hook,
+                client_rate=hook.client_limits(),
+                max_form_fields=hook.max_form_fields,
+                max_field_bytes=hook.max_field_bytes,
             )
             for hook in self.hooks.values()
         ]
@@ -180,8 +185,8 @@ class WebhookAdapter(HttpAdapter[list[WebhookSettings]]):
         types = " or ".join(KINDS[c] for c in hook.content_types)
         return (
             f"Accepts {types}; authentication: {hook.auth.kind}; mapping: {mapping}. "
-            "Dedupe key: the Idempotency-Key header, else the mapped id, else a "
-            "fingerprint of the payload."
+            "Dedupe key: the Idempotency-Key header (for an HMAC hook only when "
+            "`signed_headers` lists it), else the mapped id, else a fingerprint of the payload."
         )
 
     async def admit(self, route: HttpRoute) -> None:
@@ -202,7 +207,12 @@ class WebhookAdapter(HttpAdapter[list[WebhookSettings]]):
         hook: WebhookSettings = request.route.options
         kind = "form" if request.media_type == FORM else "json"
         return normalize_webhook(
-            parse_payload(kind, request.body),
+            parse_payload(
+                kind,
+                request.body,
+                max_fields=hook.max_form_fields,
+                max_field_bytes=hook.max_field_bytes,
+            ),
             WebhookContext(
                 hook=hook.name,
                 message_id=request.message_id,
@@ -212,6 +222,7 @@ class WebhookAdapter(HttpAdapter[list[WebhookSettings]]):
                 channel=hook.channel,
                 external_namespace=hook.external_namespace,
                 default_region=hook.default_region,
-                idempotency_key=request.headers.get("idempotency-key"),
+                idempotency_key=trusted_idempotency_key(hook, request),
+                verified=frozenset(hook.verified),
             ),
         )

@@ -30,9 +30,16 @@ from pydantic import JsonValue
 
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
-from normalize.identity import EmailPolicy, IdentityError, canonical_email, email_identity
+from normalize.identity import (
+    EmailPolicy,
+    IdentityError,
+    canonical_email,
+    email_identity,
+    verified,
+)
 from normalize.schema import (
     Attachment,
+    Authentication,
     Channel,
     Flags,
     Identity,
@@ -41,6 +48,7 @@ from normalize.schema import (
     Recipient,
     RecipientRole,
     Thread,
+    strip_controls,
 )
 
 MAX_RECIPIENTS = 1000
@@ -67,6 +75,21 @@ _ALLOWED_ATTRIBUTES = {
 
 
 @dataclass(frozen=True)
+class EmailVerdict:
+    """What sender authentication concluded, computed by the adapter (DNS, a trusted
+    upstream's header, a provider's payload) and recorded here without I/O.
+
+    ``dmarc_domain`` is the From domain that passed DMARC (or the upstream's or
+    provider's equivalent); the sender becomes verified only when it was read from
+    a single-address From header in exactly that domain.
+    """
+
+    authentication: Authentication
+    dmarc_domain: str | None = None
+    evidence: str | None = None
+
+
+@dataclass(frozen=True)
 class EmailContext:
     """What the receiving adapter knows besides the bytes."""
 
@@ -78,6 +101,7 @@ class EmailContext:
     delivered_to: Sequence[str] = ()  # the mailbox an IMAP poller read it from
     email_policy: EmailPolicy | None = None
     metadata: Mapping[str, JsonValue] = field(default_factory=dict)
+    verdict: EmailVerdict | None = None  # sender authentication, when the adapter has one
 
 
 def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
@@ -87,6 +111,10 @@ def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
     msg = BytesParser(policy=policy.compat32).parsebytes(raw)
 
     sender, sender_notes = _sender(msg, ctx)
+    if ctx.verdict is not None and _dmarc_vouches(msg, sender, sender_notes, ctx.verdict):
+        sender = verified(
+            sender, ctx.verdict.evidence or f"dmarc=pass header.from={_domain(sender)}"
+        )
     plain_part, html_part = _body_parts(msg)
     plain = _text_of(plain_part) if plain_part is not None else None
     html_raw = _text_of(html_part) if html_part is not None else None
@@ -114,7 +142,7 @@ def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
     if defects:
         metadata["defects"] = list[JsonValue](defects)
     if ctx.mail_from is not None:
-        metadata["mail_from"] = ctx.mail_from
+        metadata["mail_from"] = strip_controls(ctx.mail_from)
 
     message = InboundMessage(
         id=ctx.message_id,
@@ -134,8 +162,25 @@ def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
         flags=flags,
         raw=raw_blob.ref,
         metadata=metadata,
+        authentication=ctx.verdict.authentication if ctx.verdict is not None else None,
     )
     return Normalized(message=message, blobs=(raw_blob, *blobs))
+
+
+def _domain(identity: Identity) -> str:
+    return identity.value.rsplit("@", 1)[-1]
+
+
+def _dmarc_vouches(
+    msg: Message, sender: Identity, notes: Mapping[str, JsonValue], verdict: EmailVerdict
+) -> bool:
+    """DMARC speaks for the one From address only: not for a Sender or envelope
+    fallback, and not for a From with several addresses (RFC 7489 section 6.6.1)."""
+    if not verdict.dmarc_domain or notes.get("sender_from_fallback"):
+        return False
+    if len(_raw_values(msg, "From")) != 1 or len(_addresses(msg, "From")) != 1:
+        return False
+    return _domain(sender) == verdict.dmarc_domain
 
 
 # -- headers ---------------------------------------------------------------
@@ -163,9 +208,10 @@ def _raw_values(msg: Message, name: str) -> list[str]:
 
 
 def _header(msg: Message, name: str) -> str | None:
-    """A header's decoded text, or None. Never raises, whatever the bytes."""
+    """A header's decoded text, or None. Never raises, whatever the bytes. Control
+    characters (raw or hidden in an encoded word) are gone, tabs become spaces."""
     values = _raw_values(msg, name)
-    return _decode_words(values[0]) if values else None
+    return strip_controls(_decode_words(values[0]).replace("\t", " ")) if values else None
 
 
 def _unescape(text: str) -> str:
@@ -419,7 +465,7 @@ def _img_only_from_message(tag: str, attribute: str, value: str) -> str | None:
 
 def _sanitize_html(html: str) -> str | None:
     cleaned = nh3.clean(
-        html,
+        strip_controls(html, body=True),
         tags=_ALLOWED_TAGS,
         attributes=_ALLOWED_ATTRIBUTES,
         attribute_filter=_img_only_from_message,
@@ -522,7 +568,7 @@ def _attachments(
         bounced_id = bounced_id or _bounced_message_id(part)
         if len(attachments) >= MAX_ATTACHMENTS:
             continue
-        ctype = part.get_content_type()
+        ctype = strip_controls(part.get_content_type())
         blob = Blob.of(_part_bytes(part), ctype)
         content_id = _first_msgid(_header(part, "Content-ID"))
         try:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
-from normalize.schema import Identity, IdentityKind
+from normalize.schema import Assurance, Identity, IdentityKind
 
 _EXTERNAL_NAMESPACE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_EXTENSION = re.compile(r"^[0-9]{1,10}$")
 
 
 class IdentityError(ValueError):
@@ -88,12 +89,15 @@ def canonical_email(address: str, policy: EmailPolicy | None = None) -> str:
 
 
 def canonical_phone(number: str, default_region: str | None = None) -> str:
-    """Return the E.164 form of a phone number, e.g. ``+14155550100``.
+    """Return the E.164 form of a phone number, e.g. ``+14155550100``, with its
+    extension in RFC 3966 form when it has one: ``+14155550100;ext=12``.
 
     ``default_region`` (ISO 3166 alpha-2, e.g. ``US``) applies to numbers
     written without a country code. A ``whatsapp:`` or ``tel:`` prefix is
     accepted. Numbers that are not valid for their region are refused: a
-    wrong number linked to a contact would merge strangers.
+    wrong number linked to a contact would merge strangers. An extension is part
+    of the identity: two people behind one company switchboard number (ext. 12
+    and ext. 34) are two identities, and neither is the bare number.
     """
     if not isinstance(number, str):
         raise IdentityError(f"phone number must be text, got {type(number).__name__}")
@@ -111,7 +115,13 @@ def canonical_phone(number: str, default_region: str | None = None) -> str:
         raise IdentityError(f"invalid phone number {number!r}: {exc}{hint}") from exc
     if not phonenumbers.is_valid_number(parsed):
         raise IdentityError(f"invalid phone number {number!r}: not a valid number for its region")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    extension = parsed.extension
+    if extension:
+        if not _EXTENSION.match(extension):
+            raise IdentityError(f"invalid phone number {number!r}: extension {extension!r}")
+        return f"{e164};ext={extension}"
+    return e164
 
 
 def canonical_external(namespace: str, external_id: str) -> str:
@@ -164,6 +174,11 @@ def external_identity(
         value=canonical_external(namespace, external_id),
         display_name=_display_name(display_name),
     )
+
+
+def verified(identity: Identity, evidence: str) -> Identity:
+    """``identity`` as proven by the channel, with the evidence that proves it."""
+    return identity.revised(assurance=Assurance.VERIFIED, evidence=evidence[:200])
 
 
 def parse_identity_key(key: str, default_region: str | None = None) -> Identity:

@@ -22,6 +22,7 @@ from pydantic import JsonValue
 
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
+from normalize.schema import strip_controls, strip_controls_deep
 
 # Headers that describe the body the provider took apart; the rebuilt message has
 # its own.
@@ -99,12 +100,11 @@ def normalize_parsed_email(parsed: ParsedEmail, raw: Blob, ctx: EmailContext) ->
     }
     if dropped:
         metadata["dropped_headers"] = list[JsonValue](dropped)
-    message = normalized.message.model_copy(
-        update={
-            "raw": raw.ref,
-            "provider_message_id": parsed.provider_message_id,
-            "metadata": metadata,
-        }
+    provider_id = parsed.provider_message_id
+    message = normalized.message.revised(
+        raw=raw.ref,
+        provider_message_id=strip_controls(provider_id) or None if provider_id else None,
+        metadata=strip_controls_deep(metadata),
     )
     # The rebuilt MIME is not kept: the provider's payload is the raw record.
     return Normalized(message=message, blobs=(raw, *normalized.blobs[1:]))

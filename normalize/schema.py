@@ -6,6 +6,13 @@ top-level model carries ``schema_version``; the JSON Schema files under
 ``schemas/`` are generated from these models (``switchboard schema export``) and
 a test fails when the two drift apart.
 
+Compatibility: the major version is in the topic and event type names (``.v1``);
+within it, changes are additive only (new optional fields with defaults, new
+contact event kinds), and ``schema_version`` counts them. A reader accepts every
+revision up to its own (a revision 1 message reads as one whose identities are
+all claimed), so consumers are upgraded before producers: the rolling order of
+Kafka's BACKWARD compatibility mode. A breaking change gets new topics (``.v2``).
+
 Canonical forms are checked here, not only produced in :mod:`normalize.identity`:
 an ``Identity`` whose value is not canonical cannot be constructed, so two
 spellings of one address can never become two contacts downstream.
@@ -16,7 +23,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, Self
 from uuid import UUID
 
 from pydantic import (
@@ -26,13 +33,19 @@ from pydantic import (
     Field,
     JsonValue,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-SCHEMA_VERSION: Literal[1] = 1
+#: The major version, in the topic and event type names and the schema file names.
+SCHEMA_MAJOR: Literal[1] = 1
+#: The revision written now; readers accept every one in :data:`SchemaVersion`.
+SCHEMA_VERSION: Literal[2] = 2
+SchemaVersion = Literal[1, 2]
 
-_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+# E.164, with an RFC 3966 extension when the number has one: "+14155550100;ext=12".
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}(;ext=[0-9]{1,10})?$")
 # Canonical email: lower-case local part, ASCII (IDNA) domain, no whitespace.
 _EMAIL = re.compile(r"^[^\s@A-Z]{1,64}@[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 # External identities are namespaced by the system that owns them: "crm:12345".
@@ -42,6 +55,49 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 # Channels are open-ended (adapters from other packages add their own), but shaped.
 ChannelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 ShortText = Annotated[str, StringConstraints(max_length=998)]
+
+
+# C0 control characters. PostgreSQL text cannot hold NUL at all (one such Message-ID
+# stalled routing for good), and the others are terminal escapes and header
+# smuggling in a log or a page. Bodies keep tab, CR and LF; nothing else keeps any.
+CONTROLS = re.compile(r"[\x00-\x1f]")
+BODY_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def strip_controls(value: str, *, body: bool = False) -> str:
+    """``value`` without the control characters the schema refuses: what a
+    normalizer calls on every string it takes from outside (``body=True`` for
+    text bodies and metadata values, which keep tab, CR and LF)."""
+    return (BODY_CONTROLS if body else CONTROLS).sub("", value)
+
+
+def strip_controls_deep(value: object) -> object:
+    """A JSON-like value with control characters stripped from every string: all of
+    them from object keys, all but tab, CR and LF from values."""
+    if isinstance(value, str):
+        return strip_controls(value, body=True)
+    if isinstance(value, list | tuple):
+        return [strip_controls_deep(item) for item in value]
+    if isinstance(value, dict):
+        return {strip_controls(str(k)): strip_controls_deep(v) for k, v in value.items()}
+    return value
+
+
+def _refuse_controls(value: object, pattern: re.Pattern[str], field: str) -> None:
+    if isinstance(value, str):
+        found = pattern.search(value)
+        if found is not None:
+            raise ValueError(
+                f"{field} contains the control character U+{ord(found.group()):04X}; "
+                "normalizers strip control characters (normalize.schema.strip_controls)"
+            )
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _refuse_controls(item, pattern, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_controls(key, CONTROLS, field)
+            _refuse_controls(item, pattern, field)
 
 
 def _check_canonical(kind: IdentityKind, value: str) -> None:
@@ -58,7 +114,24 @@ def _check_canonical(kind: IdentityKind, value: str) -> None:
 
 
 class _Frozen(BaseModel):
+    """Frozen, closed to unknown fields, and no control characters in any string:
+    none at all, except tab, CR and LF in the fields named in ``_bodies``."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+    _bodies: ClassVar[frozenset[str]] = frozenset()
+
+    def revised(self, **changes: object) -> Self:
+        """A copy with ``changes``, validated like a new instance (``model_copy``
+        validates nothing, so it could carry what the schema refuses)."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return self.model_validate({**fields, **changes})
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_controls(cls, value: object, info: ValidationInfo) -> object:
+        field = info.field_name or "value"
+        _refuse_controls(value, BODY_CONTROLS if field in cls._bodies else CONTROLS, field)
+        return value
 
 
 class Channel(StrEnum):
@@ -77,10 +150,18 @@ class IdentityKind(StrEnum):
     EXTERNAL = "external"
 
 
+class Assurance(StrEnum):
+    """How much an identity can be trusted to be the sender's."""
+
+    VERIFIED = "verified"  # DMARC pass, a Twilio-signed carrier number, a vouching hook
+    CLAIMED = "claimed"  # everything a stranger can type
+
+
 class Identity(_Frozen):
     """One way to reach a person: an email address, a phone number, or an id in
     another system. ``value`` is canonical; :attr:`key` is what the router and
-    the Kafka partitioner use."""
+    the Kafka partitioner use. ``assurance`` says whether the channel proved the
+    sender holds it (only verified identities link and merge contacts)."""
 
     kind: IdentityKind = Field(description="What kind of identity this is.")
     value: str = Field(
@@ -94,6 +175,18 @@ class Identity(_Frozen):
     display_name: str | None = Field(
         default=None, max_length=256, description="Name as the sender presented it, if any."
     )
+    assurance: Assurance = Field(
+        default=Assurance.CLAIMED,
+        description="'verified' when the channel proved it; 'claimed' otherwise (the default).",
+    )
+    evidence: str | None = Field(
+        default=None,
+        max_length=200,
+        description=(
+            "Why it is verified: 'dmarc=pass header.from=example.com', 'twilio-signature', "
+            "'hook:<name>', 'authserv:<id> dmarc=pass', 'provider:mailgun dmarc=pass'."
+        ),
+    )
 
     @model_validator(mode="after")
     def _value_is_canonical(self) -> Identity:
@@ -104,6 +197,38 @@ class Identity(_Frozen):
     def key(self) -> str:
         """``kind:value``, e.g. ``email:alice@example.com`` or ``phone:+14155550100``."""
         return f"{self.kind.value}:{self.value}"
+
+
+AuthResult = Literal[
+    "pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy"
+]
+
+
+class AuthCheck(_Frozen):
+    """One sender-authentication result (RFC 8601 vocabulary)."""
+
+    method: Literal["spf", "dkim", "dmarc", "arc"]
+    result: AuthResult
+    domain: str | None = Field(
+        default=None,
+        max_length=255,
+        description="spf: the MAIL FROM domain; dkim: d=; dmarc: the From domain; arc: the sealer.",
+    )
+    detail: str | None = Field(default=None, max_length=500, description="Why, when known.")
+
+
+class Authentication(_Frozen):
+    """How the sender of a message was authenticated, and by whom."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=200,
+        description=(
+            "'local' (checked here), 'authserv:<id>' (a trusted upstream's "
+            "Authentication-Results), 'provider:<name>', 'twilio-signature', 'hook:<name>'."
+        ),
+    )
+    checks: tuple[AuthCheck, ...] = Field(default=(), max_length=50)
 
 
 class RecipientRole(StrEnum):
@@ -196,9 +321,14 @@ class InboundMessage(_Frozen):
     Published to ``switchboard.inbound.v1`` keyed by ``sender.key``. ``dedupe_key``
     is stable across redeliveries and across channels that carry the same
     message (an email seen over SMTP and IMAP has one Message-ID).
+
+    No string holds a C0 control character (U+0000 to U+001F), except tab, CR
+    and LF in ``text``, ``text_new``, ``html`` and ``metadata`` values.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    _bodies: ClassVar[frozenset[str]] = frozenset({"text", "text_new", "html", "metadata"})
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
     id: UUID = Field(description="UUIDv7 assigned at ingest; unique per arrival.")
     channel: ChannelName = Field(description="email, sms, mms, whatsapp, webhook, or an adapter's.")
     adapter: str = Field(
@@ -230,6 +360,9 @@ class InboundMessage(_Frozen):
         description="Stable key of this message, e.g. 'email-mid:<id>', 'twilio:SM...'.",
     )
     flags: Flags = Field(default_factory=Flags)
+    authentication: Authentication | None = Field(
+        default=None, description="Sender authentication results, when the channel has any."
+    )
     raw: BlobRef | None = Field(default=None, description="The raw payload as received.")
     metadata: dict[str, JsonValue] = Field(
         default_factory=dict, description="Channel-specific extras, kept verbatim."
@@ -257,12 +390,18 @@ class InboundMessage(_Frozen):
 class DeadLetter(_Frozen):
     """What could not be normalized or routed, with why, and where the raw bytes are.
 
-    Published to ``switchboard.deadletter.v1``; nothing is dropped silently.
+    Published to ``switchboard.deadletter.v1``; nothing is dropped silently. No
+    string holds a C0 control character, except tab, CR and LF in ``detail`` and
+    ``metadata`` values.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    _bodies: ClassVar[frozenset[str]] = frozenset({"detail", "metadata"})
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
     id: UUID
-    stage: Literal["ingest", "normalize", "router", "sink"]
+    stage: Literal["ingest", "normalize", "router", "sink"] = Field(
+        description="Where it failed; 'sink' for any consumer of the routed and contacts topics."
+    )
     adapter: str | None = Field(default=None, max_length=64)
     reason: str = Field(
         min_length=1, max_length=64, description="Machine-readable cause, e.g. 'signature'."
@@ -284,7 +423,7 @@ class MessageRouted(_Frozen):
     this event with the same id, so consumers stay idempotent on it.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: UUID
     message: InboundMessage
     contact_id: UUID
@@ -311,7 +450,7 @@ class MessageDuplicate(_Frozen):
     already routed (the same email over SMTP and IMAP, or to two inboxes). For
     analytics and for recording the inbox; it never creates a queue item."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: UUID
     message_id: UUID = Field(description="The id of this (duplicate) arrival.")
     original_message_id: UUID
@@ -329,6 +468,16 @@ class ContactEventKind(StrEnum):
     IDENTITY_LINKED = "identity.linked"
     MERGED = "contact.merged"
     OWNER_ASSIGNED = "owner.assigned"
+    MERGE_SUGGESTED = "merge.suggested"
+    MERGE_DISMISSED = "merge.dismissed"
+    UNMERGED = "contact.unmerged"
+
+
+class MessageMove(_Frozen):
+    """One message an unmerge moved to another conversation (its contact follows)."""
+
+    message_id: UUID
+    conversation_id: UUID
 
 
 class ContactEvent(_Frozen):
@@ -337,12 +486,31 @@ class ContactEvent(_Frozen):
     - ``contact.created``: ``identities`` and ``owner`` of the new contact;
     - ``identity.linked``: ``identities`` newly attached to an existing contact;
     - ``contact.merged``: ``merged_contact_ids`` now live on as ``contact_id`` (the
-      older contact, which keeps its owner); ``identities`` moved with them;
+      older contact, which keeps its owner, given in ``owner``); ``identities``
+      moved with them;
     - ``owner.assigned``: ``owner`` replaces ``previous_owner`` for ``reason``
-      ('owner-removed' or 'manual').
+      ('owner-removed' or 'manual');
+    - ``merge.suggested``: ``other_contact_id`` holds ``identities[0]``, which the
+      message ``message_id`` also carried for ``contact_id``; they would have
+      merged (or linked) had the identity been verified. Nothing moved: an agent
+      decides. (Revision 2.)
+    - ``merge.dismissed``: an agent (``by``) dismissed the suggestion
+      ``suggestion_id`` (the ``event_id`` of its ``merge.suggested``) of
+      ``contact_id``. (Revision 2.)
+    - ``contact.merged`` by an agent carries ``by`` and no ``message_id``.
+      (Revision 2.)
+    - ``contact.unmerged``: ``contact_id`` lives again, apart from
+      ``other_contact_id`` (the contact it had been merged into), with ``owner``,
+      its ``identities``, the contacts merged into it before
+      (``merged_contact_ids``), its conversations (``conversation_ids``, with
+      every message in them) and ``moved_messages``: messages that arrived during
+      the merge and changed conversation (to the one given). Keyed by
+      ``other_contact_id``, the key of the merge it undoes. (Revision 2.)
+    - ``display_name``: on the events a message causes, the name its sender
+      presented, if any. (Revision 2.)
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: UUID
     kind: ContactEventKind
     contact_id: UUID
@@ -353,6 +521,29 @@ class ContactEvent(_Frozen):
     previous_owner: str | None = Field(default=None, max_length=128)
     reason: str | None = Field(default=None, max_length=160)
     message_id: UUID | None = Field(default=None, description="The message that caused it.")
+    other_contact_id: UUID | None = Field(
+        default=None, description="merge.suggested: the contact that would have merged."
+    )
+    suggestion_id: UUID | None = Field(
+        default=None, description="merge.dismissed: the event_id of the merge.suggested."
+    )
+    by: str | None = Field(
+        default=None, max_length=128, description="The agent who did it, for agents' actions."
+    )
+    conversation_ids: tuple[UUID, ...] = Field(
+        default=(), description="contact.unmerged: the conversations that go back."
+    )
+    moved_messages: tuple[MessageMove, ...] = Field(
+        default=(), description="contact.unmerged: messages that changed conversation."
+    )
+    display_name: str | None = Field(
+        default=None,
+        max_length=256,
+        description=(
+            "contact.created, identity.linked, contact.merged: the name the sender of "
+            "``message_id`` presented, when there was one (as presented: not verified)."
+        ),
+    )
 
 
 class ConversationStatus(_Frozen):
@@ -360,7 +551,7 @@ class ConversationStatus(_Frozen):
     marked a conversation waiting on the customer or closed. A new customer message
     reopens it. On the topic, so a read model rebuilt from the topics keeps it."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: UUID
     conversation_id: UUID
     contact_id: UUID

@@ -7,6 +7,7 @@ in ``metadata["twilio"]``, never rejected.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,18 +15,30 @@ from uuid import UUID
 
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
-from normalize.identity import IdentityError, canonical_phone, phone_identity
+from normalize.identity import IdentityError, canonical_phone, phone_identity, verified
 from normalize.schema import (
     Attachment,
+    Authentication,
     Channel,
     IdentityKind,
     InboundMessage,
     Recipient,
     RecipientRole,
+    strip_controls,
 )
 
 _MAPPED = {"MessageSid", "SmsSid", "SmsMessageSid", "From", "To", "Body", "NumMedia"}
 MAX_MEDIA = 10  # Twilio's own limit per message
+SID_FIELDS = ("MessageSid", "SmsMessageSid", "SmsSid")
+# Twilio signs its form as keys and values concatenated without separators, so a
+# captured request re-sent with the next field folded into MessageSid
+# ("SM...NumMedia0") still validates; the exact shape of a SID is what refuses it.
+MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
+
+
+def bad_sids(form: Mapping[str, str]) -> list[str]:
+    """The SID fields present whose value is not a Twilio message SID."""
+    return [f for f in SID_FIELDS if f in form and not MESSAGE_SID.fullmatch(form[f])]
 
 
 @dataclass(frozen=True)
@@ -35,18 +48,31 @@ class SmsContext:
     received_at: datetime
     raw: Blob  # the request body as received
     default_region: str | None = None
+    # True when Twilio's signature was checked: the number then comes from the
+    # carrier through Twilio, not from whoever typed the request.
+    signed: bool = False
 
 
 def normalize_twilio(form: Mapping[str, str], ctx: SmsContext) -> Normalized:
+    # The signature was checked on the form as sent; from here on, no controls
+    # (the body and unknown fields keep tab, CR and LF).
+    form = {
+        strip_controls(k): strip_controls(v, body=k == "Body" or k not in _MAPPED)
+        for k, v in form.items()
+    }
     sid = form.get("MessageSid") or form.get("SmsMessageSid") or form.get("SmsSid")
     if not sid:
         raise NormalizeError("missing-field", "no MessageSid in the Twilio request")
+    if bad := bad_sids(form):
+        raise NormalizeError("invalid-sid", f"{', '.join(bad)} is not SM/MM + 32 hex digits")
     raw_from = form.get("From", "")
     whatsapp = raw_from.lower().startswith("whatsapp:")
     try:
         sender = phone_identity(raw_from, ctx.default_region)
     except IdentityError as exc:
         raise NormalizeError("invalid-sender", f"From {raw_from!r}: {exc}") from exc
+    if ctx.signed:
+        sender = verified(sender, "twilio-signature")
 
     recipients: list[Recipient] = []
     # The company's own number; an odd value there must not lose the message.
@@ -99,6 +125,7 @@ def normalize_twilio(form: Mapping[str, str], ctx: SmsContext) -> Normalized:
         attachments=tuple(attachments),
         provider_message_id=sid,
         dedupe_key=f"twilio:{sid}",
+        authentication=Authentication(source="twilio-signature") if ctx.signed else None,
         raw=ctx.raw.ref,
         metadata={"twilio": dict(extras)},
     )

@@ -17,8 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
-from normalize.identity import IdentityError, email_identity, external_identity, phone_identity
-from normalize.schema import Identity, InboundMessage
+from normalize.identity import (
+    IdentityError,
+    email_identity,
+    external_identity,
+    phone_identity,
+    verified,
+)
+from normalize.schema import (
+    Assurance,
+    Authentication,
+    Identity,
+    InboundMessage,
+    strip_controls,
+    strip_controls_deep,
+)
 
 MAX_TEXT = 100_000
 
@@ -50,6 +63,9 @@ class WebhookContext:
     default_region: str | None = None
     idempotency_key: str | None = None
     metadata: Mapping[str, JsonValue] = field(default_factory=dict)
+    # Identity kinds the hook vouches for (a signed backend of the company's own,
+    # after its user logged in); every other identity it carries is claimed.
+    verified: frozenset[str] = frozenset()
 
 
 def lookup(payload: object, path: str) -> object:
@@ -87,6 +103,11 @@ def _first(payload: object, path: str | None) -> str | None:
 
 
 def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
+    # Identities are read as sent: an address with a control character in it is not
+    # an address (refused below), not a different address once stripped. Every
+    # other string loses its controls, so the message still arrives.
+    as_sent = payload
+    payload = strip_controls_deep(payload)
     fm = ctx.fields
     name = _first(payload, fm.name)
     name = name[:256] if name else None
@@ -96,16 +117,20 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     def add(kind: str, path: str | None) -> None:
         if path is None:
             return
-        for value in _texts(lookup(payload, path))[:10]:
+        for value in _texts(lookup(as_sent, path))[:10]:
             try:
                 if kind == "email":
-                    identities.append(email_identity(value, name))
+                    identity = email_identity(value, name)
                 elif kind == "phone":
-                    identities.append(phone_identity(value, ctx.default_region, name))
+                    identity = phone_identity(value, ctx.default_region, name)
                 else:
-                    identities.append(external_identity(ctx.external_namespace, value, name))
+                    identity = external_identity(ctx.external_namespace, value, name)
             except IdentityError as exc:
                 problems.append(f"{path}: {exc}")
+                continue
+            if kind in ctx.verified:
+                identity = verified(identity, f"hook:{ctx.hook}")
+            identities.append(identity)
 
     add("email", fm.email)
     add("phone", fm.phone)
@@ -129,6 +154,7 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     text = _first(payload, fm.text)
     subject = _first(payload, fm.subject)
     id_value = _first(payload, fm.id)
+    id_value = strip_controls(id_value) if id_value else None
     if ctx.idempotency_key:
         dedupe_key = f"webhook:{ctx.hook}:key:{ctx.idempotency_key[:255]}"
     elif id_value:
@@ -153,6 +179,11 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
         text_new=text[:MAX_TEXT] if text else None,
         provider_message_id=id_value[:998] if id_value else None,
         dedupe_key=dedupe_key,
+        authentication=(
+            Authentication(source=f"hook:{ctx.hook}")
+            if any(i.assurance == Assurance.VERIFIED for i in unique.values())
+            else None
+        ),
         raw=ctx.raw.ref,
         metadata=metadata,
     )

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol
 from uuid import UUID
 
-from normalize.schema import IdentityKind, InboundMessage
+from normalize.schema import Assurance, IdentityKind, InboundMessage
 
 _NAMESPACE = uuid.UUID("6f0d4c2e-6a59-5c1c-9a51-7d1f5f1a2b3c")
 MACHINE_LOCAL_PARTS = frozenset(
@@ -30,6 +30,9 @@ def derived_id(message_id: UUID, purpose: str) -> UUID:
 
 
 # -- configuration -------------------------------------------------------------
+
+
+MergePolicy = Literal["verified", "manual", "any"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class RoutingConfig:
     blocked_identities: frozenset[str] = frozenset()  # the company's own addresses/numbers
     max_identities_per_kind: int = 10
     idle_window: timedelta = timedelta(hours=72)
+    # "verified": only verified identities link and merge; "manual": nothing merges
+    # by itself (agents confirm suggestions); "any": every identity links and merges
+    # (closed deployments only: a stranger's form can merge two customers).
+    merge_policy: MergePolicy = "verified"
 
     def owner_exists(self, owner: str) -> bool:
         return owner in self.teams or any(owner in t.agents for t in self.teams.values())
@@ -100,7 +107,6 @@ class ConversationView:
     id: UUID
     contact_id: UUID
     last_message_at: datetime
-    open: bool
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,9 @@ class Routed:
     link: tuple[str, ...]  # identity keys to attach to the contact
     refused: tuple[str, ...]  # identity keys refused (guards), logged
     merged: tuple[UUID, ...]  # contacts merged into contact_id
+    # (other contact, identity key): where a claimed identity (or, under "manual",
+    # any identity) would have linked or merged, an agent is asked instead.
+    suggestions: tuple[tuple[UUID, str], ...]
     conversation_id: UUID
     new_conversation: bool
     owner: str
@@ -186,7 +195,10 @@ def _pick_agent(team: Team, view: DirectoryView) -> tuple[str, bool]:
     """An agent of the team (or the team itself when all are full); True if RR advanced."""
     if not team.agents:
         return team.name, False
-    load = view.open_load(team.agents)
+    if team.capacity is None and team.assignment == "round-robin":
+        load: Mapping[str, int] = {}  # nobody is full and nobody is compared: no need to count
+    else:
+        load = view.open_load(team.agents)
     available = [a for a in team.agents if team.capacity is None or load.get(a, 0) < team.capacity]
     if not available:
         return team.name, False
@@ -224,52 +236,93 @@ class _Resolution:
     link: tuple[str, ...]
     refused: tuple[str, ...]
     merged: tuple[UUID, ...]
+    suggestions: tuple[tuple[UUID, str], ...] = ()
 
 
 def _count(keys: set[str], kind: str) -> int:
     return sum(1 for k in keys if k.startswith(f"{kind}:"))
 
 
+def _oldest(contacts: Sequence[ContactView]) -> list[ContactView]:
+    return sorted({c.id: c for c in contacts}.values(), key=lambda c: (c.created_at, str(c.id)))
+
+
+def _trusted(message: InboundMessage, keys: list[str], config: RoutingConfig) -> set[str]:
+    """The identity keys allowed to link and merge contacts under the policy."""
+    if config.merge_policy == "any":
+        return set(keys)
+    verified = {i.key for i in message.all_identities() if i.assurance == Assurance.VERIFIED}
+    return {k for k in keys if k in verified}
+
+
+def _target(
+    message: InboundMessage, keys: list[str], known: Mapping[str, ContactView], trusted: set[str]
+) -> tuple[ContactView | None, list[ContactView]]:
+    """The contact of the message's most trustworthy known identity, and the
+    contacts that merge into it.
+
+    Verified identities first: their contacts are one person, the oldest survives
+    (under "manual" nothing merges into it). Else the sender's own contact (the
+    first usable identity), or a new one: another claimed identity's contact is
+    only suggested, so typing a customer's number into a form never writes into
+    that customer's conversation.
+    """
+    group = _oldest([known[k] for k in keys if k in trusted and k in known])
+    if group:
+        return group[0], group[1:]
+    return known.get(keys[0]), []
+
+
 def _resolve(
     message: InboundMessage, keys: list[str], view: DirectoryView, config: RoutingConfig
 ) -> _Resolution:
-    """Which contact; which identities to link; which contacts merge into it."""
+    """Which contact; which identities to link; which contacts merge into it; which
+    merges to suggest to an agent instead (see the README, "Who is who")."""
     known = dict(view.contacts_for(keys)) if keys else {}
-    candidates = sorted(
-        {c.id: c for c in known.values()}.values(), key=lambda c: (c.created_at, str(c.id))
-    )
-    if not candidates:
-        survivor: ContactView | None = None
-        survivor_id = derived_id(message.id, "contact")
-    else:
-        survivor = candidates[0]  # the oldest survives, with its owner
-        survivor_id = survivor.id
+    trusted = _trusted(message, keys, config)
+    survivor, mergeable = _target(message, keys, known, trusted)
+    if config.merge_policy == "manual":
+        mergeable = []
+    survivor_id = survivor.id if survivor else derived_id(message.id, "contact")
     merged: tuple[UUID, ...] = ()
     refused: list[str] = []
     owned: set[str] = set(survivor.identities) if survivor else set()
-    if len(candidates) > 1:
-        union = owned.union(*(c.identities for c in candidates), keys)
+    if survivor is not None and mergeable:
+        union = owned.union(*(c.identities for c in mergeable), keys)
         if any(_count(union, k.value) > config.max_identities_per_kind for k in IdentityKind):
             # Merging would give one contact too many identities: refuse, keep the
             # message with the sender's own contact.
-            survivor = known.get(message.sender.key) or candidates[0]
+            survivor = known.get(message.sender.key) or survivor
             survivor_id = survivor.id
             owned = set(survivor.identities)
             refused = [k for k in keys if k in known and known[k].id != survivor_id]
         else:
-            merged = tuple(c.id for c in candidates[1:])
-            for c in candidates[1:]:
+            merged = tuple(c.id for c in mergeable)
+            for c in mergeable:
                 owned |= c.identities
+    merging = {survivor_id, *merged}
+    suggestions = {
+        (known[k].id, k): None
+        for k in keys
+        if k in known and known[k].id not in merging and k not in refused
+    }
     link: list[str] = []
     for key in keys:
-        if key in owned or key in refused:
+        if key in owned or key in refused or key in known:
+            continue
+        # A claimed identity links only as the first identity of a new contact: it
+        # never joins an existing contact, so a stranger's form cannot attach
+        # someone's address to a contact they can later write into.
+        if key not in trusted and (survivor is not None or key != keys[0]):
             continue
         if _count(owned, key.split(":", 1)[0]) >= config.max_identities_per_kind:
             refused.append(key)
             continue
         owned.add(key)
         link.append(key)
-    return _Resolution(survivor, survivor_id, tuple(link), tuple(refused), merged)
+    return _Resolution(
+        survivor, survivor_id, tuple(link), tuple(refused), merged, tuple(suggestions)
+    )
 
 
 def _owner(
@@ -305,11 +358,7 @@ def _conversation(
         if found is not None:
             return found
     latest = view.latest_conversation(contact.id)
-    if (
-        latest is not None
-        and latest.open
-        and message.received_at - latest.last_message_at <= config.idle_window
-    ):
+    if latest is not None and message.received_at - latest.last_message_at <= config.idle_window:
         return latest
     return None
 
@@ -332,7 +381,7 @@ def route(message: InboundMessage, view: DirectoryView, config: RoutingConfig) -
         contact = view.contact(original.contact_id) if original else None
         if contact is None:
             return Unroutable("bounce-unmatched", "a bounce whose original message is unknown")
-        resolution = _Resolution(contact, contact.id, (), (), ())
+        resolution = _Resolution(contact, contact.id, (), (), (), ())
         reason_override: str | None = "bounce"
     elif not keys:
         return Unroutable("no-usable-identity", "every identity of the sender is blocked")
@@ -350,6 +399,7 @@ def route(message: InboundMessage, view: DirectoryView, config: RoutingConfig) -
         link=resolution.link,
         refused=resolution.refused,
         merged=resolution.merged,
+        suggestions=resolution.suggestions,
         conversation_id=conversation.id if conversation else derived_id(message.id, "conversation"),
         new_conversation=conversation is None,
         owner=owner,

@@ -1,32 +1,32 @@
 """The router process: a consumer group on ``switchboard.inbound.v1``.
 
-Per poll: parse the batch, route it in one database transaction
-(:meth:`RouterStore.route_batch`), publish every event it produced and wait for
-the broker's acknowledgements, and only then commit the offsets. A crash at any
-point re-delivers the batch; the store replays recorded events with their ids,
-so the re-delivery changes nothing and re-emits the same events.
+Per poll: parse the batch and route it in one database transaction
+(:meth:`RouterStore.route_batch`); the consumer runtime (:mod:`switchboard.consumer`)
+publishes every event it produced, waits for the broker's acknowledgements, and
+only then commits the offsets. A crash at any point re-delivers the batch; the
+store replays recorded events with their ids, so the re-delivery changes nothing
+and re-emits the same events.
 
-If the database or the broker fails, the consumer seeks back to the first
-record of the batch and tries again after a back-off, polling meanwhile so it
-keeps its group membership.
+An outage (database or broker away) rewinds the batch and retries it with
+back-off; a record that keeps failing on its own is dead-lettered by the
+runtime's poison policy and the partition moves on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
-
-from normalize.schema import DeadLetter, InboundMessage
-from router.store import RouterStore, is_transient, topic_of
+from normalize.schema import DeadLetter, InboundMessage, strip_controls
+from router.store import Outcome, RouterStore, topic_of
+from switchboard.config import ConsumerSettings, KafkaSettings
+from switchboard.consumer import ConsumerRuntime, RecordHandler
 from switchboard.events import (
     TYPE_DEADLETTER,
     TYPE_INBOUND,
@@ -35,10 +35,8 @@ from switchboard.events import (
     read_data,
     read_meta,
 )
-from switchboard.kafka import Publisher, PublishError, make_consumer
-from switchboard.metrics import DEAD_LETTERED, ROUTER_DECISIONS, report_lag
-from switchboard.runtime import ThreadedComponent
-from switchboard.settings import KafkaSettings
+from switchboard.kafka import Publisher
+from switchboard.metrics import DEAD_LETTERED, ROUTER_DECISIONS
 from switchboard.topics import INBOUND
 
 log = logging.getLogger(__name__)
@@ -64,11 +62,20 @@ def _bad_record(record: object, error: EnvelopeError) -> Event:
     partition = getattr(record, "partition", -1)
     offset = getattr(record, "offset", -1)
     letter_id = uuid.uuid5(_RECORD_NAMESPACE, f"{topic}/{partition}/{offset}")
+    ce_id = next(
+        (
+            value.decode(errors="replace")
+            for name, value in getattr(record, "headers", None) or []
+            if name == "ce_id" and isinstance(value, bytes)
+        ),
+        None,
+    )
     letter = DeadLetter(
+        source_event_id=strip_controls(ce_id)[:256] or None if ce_id else None,
         id=letter_id,
         stage="router",
         reason=f"envelope-{error.reason}",
-        detail=error.detail[:4000],
+        detail=strip_controls(error.detail, body=True)[:4000],
         occurred_at=datetime.now(UTC),
         metadata={"topic": topic, "partition": partition, "offset": offset},
     )
@@ -76,7 +83,7 @@ def _bad_record(record: object, error: EnvelopeError) -> Event:
     return Event(
         type=TYPE_DEADLETTER,
         source="switchboard/router",
-        key=key.decode(errors="replace") if isinstance(key, bytes) else "unknown",
+        key=strip_controls(key.decode(errors="replace")) if isinstance(key, bytes) else "unknown",
         data=letter,
         id=str(letter_id),
     )
@@ -89,142 +96,71 @@ def parse(record: object) -> InboundMessage:
     return read_data(getattr(record, "value", None), InboundMessage)
 
 
-class Router(ThreadedComponent):
-    """The routing loop in a thread (kafka-python is blocking), as a runtime component."""
+class RoutingHandler(RecordHandler):
+    """Parse a batch, route it in one transaction (:meth:`RouterStore.route_batch`),
+    return the events it produced; the consumer runtime publishes and commits."""
 
-    name = "router"
+    stage = "router"
 
-    def __init__(
-        self,
-        kafka: KafkaSettings,
-        store: RouterStore,
-        publisher: Publisher,
-        *,
-        group_id: str = GROUP,
-        max_batch: int = 500,
-        purge_every_s: float = 3600.0,
-    ) -> None:
-        self.kafka = kafka
+    def __init__(self, store: RouterStore, publisher: Publisher, purge_every_s: float) -> None:
         self.store = store
         self.publisher = publisher
-        self.group_id = group_id
-        self.max_batch = max_batch
         self.purge_every_s = purge_every_s
-        super().__init__()
         self.stats = RouterStats()
+        self._next_purge = time.monotonic()
+        self._outcomes: list[Outcome] = []
+        self._bad = 0
 
     def prepare(self) -> None:
+        if self.store.config.merge_policy == "any":
+            log.warning(
+                "router merge_policy is 'any': a claimed identity (anyone's web form, a "
+                "forged From) links and merges contacts; use it only where every sender "
+                "is trusted"
+            )
         self.store.sync_owners()
 
-    # -- loop ---------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            consumer = make_consumer(
-                self.kafka,
-                group_id=self.group_id,
-                topics=[INBOUND],
-                max_poll_records=self.max_batch,
-            )
-        except BaseException as exc:
-            self.start_error = exc
-            log.exception("router could not connect to Kafka")
-            return
-        self._ready.set()
-        next_purge = time.monotonic()
-        backoff = 0.0
-        try:
-            while not self._stop.is_set():
-                if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + self.purge_every_s
-                    self._purge()
-                try:
-                    polled = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
-                except KafkaError as exc:
-                    log.warning("poll failed; retrying", extra={"error": repr(exc)[:500]})
-                    self._stop.wait(1.0)
-                    continue
-                report_lag(self.group_id, consumer)
-                records = [r for batch in polled.values() for r in batch]
-                if not records:
-                    self._relay_pending()
-                    continue
-                if self._handle(consumer, records):
-                    backoff = 0.0
-                else:
-                    self.stats.retries += 1
-                    backoff = min(5.0, max(0.2, backoff * 2))
-                    self._stop.wait(backoff)
-        finally:
-            try:
-                consumer.close(autocommit=False)
-            except Exception:
-                log.warning("router consumer did not close cleanly", exc_info=True)
-
-    def _handle(self, consumer: KafkaConsumer, records: list[object]) -> bool:
-        """Route, publish, commit one polled batch. False: rewound, try again."""
-        firsts: dict[TopicPartition, int] = {}
-        lasts: dict[TopicPartition, int] = {}
+    def handle(self, records: Sequence[Any]) -> list[tuple[str, Event]]:
+        self._outcomes, self._bad = [], 0
         messages: list[InboundMessage] = []
         bad: list[Event] = []
         for record in records:
-            tp = TopicPartition(getattr(record, "topic"), getattr(record, "partition"))  # noqa: B009
-            offset = int(getattr(record, "offset"))  # noqa: B009
-            firsts.setdefault(tp, offset)
-            lasts[tp] = offset
             try:
                 messages.append(parse(record))
             except EnvelopeError as exc:
                 log.warning(
                     "record is not a valid inbound event; dead-lettered",
-                    extra={"reason": exc.reason, "partition": tp.partition, "offset": offset},
+                    extra={
+                        "reason": exc.reason,
+                        "partition": record.partition,
+                        "offset": record.offset,
+                    },
                 )
                 bad.append(_bad_record(record, exc))
-        try:
-            outcomes = self.store.route_batch(messages) if messages else []
-        except Exception as exc:
-            if is_transient(exc):
-                log.warning("routing batch will be retried", extra={"error": repr(exc)[:500]})
-            else:
-                # Not one message's fault (those are dead-lettered inside): keep the
-                # records, keep the thread alive, and say so loudly.
-                log.exception("routing batch failed; it will be retried")
-            self._rewind(consumer, firsts)
-            return False
+        outcomes = self.store.route_batch(messages) if messages else []
+        self._outcomes, self._bad = outcomes, len(bad)
         events = [e for o in outcomes for e in o.events] + bad
-        try:
-            if events:
-                self.publisher.publish_many([(topic_of(e), e) for e in events])
-        except PublishError as exc:
-            log.warning("routed events not acknowledged; retrying", extra={"error": str(exc)})
-            self._rewind(consumer, firsts)
-            return False
-        try:
-            consumer.commit({tp: OffsetAndMetadata(last + 1, "", -1) for tp, last in lasts.items()})
-            self.stats.last_commit = time.time()
-        except (CommitFailedError, KafkaError) as exc:
-            # The group rebalanced: another member re-delivers these records, and
-            # replays the same events. Nothing is lost or doubled in the directory.
-            log.warning(
-                "offset commit failed; records will be redelivered", extra={"error": repr(exc)}
-            )
+        return [(topic_of(e), e) for e in events]
+
+    def acknowledged(self) -> None:
         self.stats.batches += 1
-        for outcome in outcomes:
+        self.stats.last_commit = time.time()
+        for outcome in self._outcomes:
             self.stats.results[outcome.result] += 1
             ROUTER_DECISIONS.labels(outcome.result, outcome.reason or outcome.result).inc()
             if outcome.result == "failed":
                 DEAD_LETTERED.labels("router", "routing-failed").inc()
-        if bad:
-            ROUTER_DECISIONS.labels("bad-record", "envelope").inc(len(bad))
-            DEAD_LETTERED.labels("router", "envelope").inc(len(bad))
-        self.stats.results["bad-record"] += len(bad)
-        return True
+        if self._bad:
+            ROUTER_DECISIONS.labels("bad-record", "envelope").inc(self._bad)
+            DEAD_LETTERED.labels("router", "envelope").inc(self._bad)
+        self.stats.results["bad-record"] += self._bad
+        self._outcomes, self._bad = [], 0
 
-    def _rewind(self, consumer: KafkaConsumer, firsts: dict[TopicPartition, int]) -> None:
-        for tp, offset in firsts.items():
-            # Not assigned any more: its new owner starts from the committed offset.
-            with contextlib.suppress(AssertionError, KafkaError, ValueError):
-                consumer.seek(tp, offset)
+    def idle(self) -> None:
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + self.purge_every_s
+            self._purge()
+        self._relay_pending()
 
     def _relay_pending(self) -> None:
         try:
@@ -245,3 +181,35 @@ class Router(ThreadedComponent):
                 )
         except Exception as exc:  # noqa: BLE001 - retried at the next purge
             log.warning("purge failed", extra={"error": repr(exc)[:500]})
+
+
+class Router(ConsumerRuntime):
+    """The router: :class:`RoutingHandler` on the consumer runtime, as a component."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        store: RouterStore,
+        publisher: Publisher,
+        *,
+        group_id: str = GROUP,
+        max_batch: int = 500,
+        purge_every_s: float = 3600.0,
+        policy: ConsumerSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.routing = RoutingHandler(store, publisher, purge_every_s)
+        super().__init__(
+            kafka,
+            self.routing,
+            name="router",
+            group_id=group_id,
+            topics=[INBOUND],
+            publisher=publisher,
+            policy=policy,
+            max_poll_records=max_batch,
+        )
+
+    @property
+    def stats(self) -> RouterStats:
+        return self.routing.stats

@@ -1,137 +1,162 @@
-"""The queue's HTTP face: ``/api/...`` for tools and ``/queue`` for agents.
+"""The queue's HTTP API, ``/api/...``, for tools and for the page's agents.
 
-Authentication: ``Authorization: Bearer <SWITCHBOARD_API_TOKEN>`` (or, for the
-page, the same token in an HttpOnly cookie set by ``/queue/login``). Without a
-configured token the API answers loopback clients only, and says so.
+Who asks (see :mod:`sinks.auth`): the admin token (``SWITCHBOARD_API_TOKEN``), an
+agent's personal token, or an agent's sign-in session. Every action is recorded
+as the agent who did it; only the admin token may name someone else (``by``,
+``changed_by``), for integrations that act for an agent.
 
-The page shows customer HTML only in its sanitized form, inside a sandboxed
-frame without scripts, under a Content-Security-Policy that allows no script at
-all: nothing a customer writes can run in the agent's browser.
+The page (``/queue``) lives in :mod:`sinks.pages`; what actions do, in
+:mod:`sinks.actions`.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import logging
 import re
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from normalize.schema import ConversationStatus
+from sinks.actions import ContactDirectory, QueueActions
+from sinks.agents import ADMIN
+from sinks.auth import Access, Denied, Principal, Who, denied_response
+from sinks.pages import page_routes
 from sinks.queue import BadCursor, NotFound, QueueStore
 from switchboard.blobs import BlobStore
-from switchboard.events import TYPE_CONVERSATION_STATUS, Event, new_event_id
-from switchboard.http import problem
-from switchboard.kafka import Publisher, PublishError
-from switchboard.topics import ROUTED
+from switchboard.kafka import Publisher
 
-log = logging.getLogger(__name__)
+__all__ = ["Access", "ContactDirectory", "install_denied_handler", "queue_router"]
 
-COOKIE = "switchboard_token"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# No script anywhere; frames only from this document (srcdoc); styles inline.
-CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
-    "frame-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
-)
-_templates = Environment(
-    loader=FileSystemLoader(Path(__file__).with_name("templates")),
-    autoescape=select_autoescape(["html"]),
-)
 
 
 class StatusChange(BaseModel):
     status: Literal["open", "waiting", "closed"]
-    changed_by: str | None = None
+    changed_by: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="Only the admin token may name someone; an agent's change is theirs.",
+    )
 
 
-class _Denied(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        self.status = status
-        self.detail = detail
+# Who did it, when the admin token acts for someone: never a control character (a
+# NUL would stop PostgreSQL, a newline would forge a log line).
+_AGENT = r"^[^\x00-\x1f\x7f]*$"
 
 
-def _loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+class Dismissal(BaseModel):
+    by: str | None = Field(
+        default=None, max_length=128, pattern=_AGENT, description="Who dismissed it (admin only)."
+    )
 
 
-class Access:
-    """The bearer token, or loopback-only without one."""
+class MergeRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+    contact_id: UUID = Field(
+        description="merge: the contact to merge in; unmerge: the one to restore."
+    )
+    by: str | None = Field(
+        default=None, max_length=128, pattern=_AGENT, description="The agent (admin only)."
+    )
 
-    def __init__(self, token: str | None) -> None:
-        self.token = token
-        if token is None:
-            log.warning(
-                "SWITCHBOARD_API_TOKEN is not set: the queue API answers loopback clients only"
-            )
 
-    def authorize(self, request: Request) -> None:
-        token = self.token
-        if token is None:
-            if not _loopback(request):
-                raise _Denied(
-                    403, "no API token is configured: set SWITCHBOARD_API_TOKEN to allow remote use"
-                )
-            return
-        given = request.headers.get("authorization", "")
-        bearer = given[7:] if given.lower().startswith("bearer ") else ""
-        supplied = bearer or request.cookies.get(COOKIE, "")
-        if not supplied or not hmac.compare_digest(supplied.encode(), token.encode()):
-            raise _Denied(401, "a valid bearer token is required")
+class OwnerChange(BaseModel):
+    model_config = {"extra": "forbid"}
+    owner: str = Field(min_length=1, max_length=128, description="An agent or a team.")
 
-    def valid(self, supplied: str) -> bool:
-        return self.token is not None and hmac.compare_digest(
-            supplied.encode(), self.token.encode()
-        )
+
+def acting(principal: Principal, named: str | None) -> str:
+    """Who an action is recorded as: the agent; the admin token may name someone."""
+    if principal.agent is not None:
+        return principal.agent
+    return named or ADMIN
+
+
+Canonical = Callable[[str], list[str]]
 
 
 def queue_router(
     store: QueueStore,
     blobs: BlobStore,
     publisher: Publisher | None,
-    token: str | None,
+    access: Access | str | None,
+    directory: ContactDirectory | None = None,
+    *,
+    canonical: Canonical | None = None,
 ) -> APIRouter:
-    """The /api and /queue routes over a queue store."""
-    access = Access(token)
+    """The /api and /queue routes over a queue store. ``access`` is an
+    :class:`Access`, or just the admin token (no agents). ``canonical`` turns what
+    an agent typed into identity keys as ingest would (the application package
+    knows the email policy and phone region)."""
+    if not isinstance(access, Access):
+        access = Access(access)
+    canonical = canonical or _keys_as_typed
+    actions = QueueActions(store, publisher, directory)
     router = APIRouter()
-    router.include_router(_api_routes(store, blobs, publisher, access))
-    router.include_router(_page_routes(store, publisher, access))
+    router.include_router(_api_routes(store, blobs, actions, access, canonical))
+    router.include_router(_merge_routes(actions, access))
+    router.include_router(page_routes(store, actions, access, canonical))
     return router
 
 
+def _keys_as_typed(query: str) -> list[str]:
+    query = query.strip()
+    return [query] if query.split(":", 1)[0] in ("email", "phone", "external") else []
+
+
 def _api_routes(
-    store: QueueStore, blobs: BlobStore, publisher: Publisher | None, access: Access
+    store: QueueStore,
+    blobs: BlobStore,
+    actions: QueueActions,
+    access: Access,
+    canonical: Canonical,
 ) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["queue"], dependencies=[Depends(access.authorize)])
 
-    @api.get("/queue", summary="Open conversations of an owner, oldest waiting first")
+    @api.get("/me", summary="Who this request acts as, and the owners it may look at")
+    def me(who: Who) -> dict[str, Any]:
+        return {
+            "agent": who.agent,
+            "admin": who.admin,
+            "via": who.via,
+            "teams": store.teams_of(who.agent) if who.agent else [],
+        }
+
+    @api.get(
+        "/queue",
+        summary="Customers with open work for an owner (default: the signed-in agent)",
+    )
     def get_queue(
-        owner: Annotated[str, Query(min_length=1, max_length=128)],
+        who: Who,
+        owner: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
         status: Annotated[Literal["open", "waiting", "closed", "all"], Query()] = "open",
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, Query(max_length=1000)] = None,
     ) -> dict[str, Any]:
+        owner = owner or who.agent
+        if owner is None:
+            raise StarletteHTTPException(422, "owner: the admin token has no queue of its own")
+        if not store.known_owner(owner):
+            raise StarletteHTTPException(
+                404, f"no owner {owner!r}: not an agent or team of the configuration"
+            )
         try:
-            page = store.queue(owner, status=status, limit=limit, cursor=cursor)
+            page = store.customers(owner, status=status, limit=limit, cursor=cursor)
         except BadCursor as exc:
             raise StarletteHTTPException(422, str(exc)) from exc
         return {"owner": owner, "items": page.items, "next_cursor": page.next_cursor}
 
+    @api.get("/search", summary="Customers by name, any identity, or words of their messages")
+    def search(_who: Who, q: Annotated[str, Query(min_length=1, max_length=200)]) -> dict[str, Any]:
+        return {"q": q, "items": store.search(q, canonical(q))}
+
     @api.get("/conversations/{conversation_id}", summary="A conversation with all its messages")
-    def get_conversation(conversation_id: UUID) -> dict[str, Any]:
+    def get_conversation(_who: Who, conversation_id: UUID) -> dict[str, Any]:
         try:
             return store.conversation(conversation_id)
         except NotFound as exc:
@@ -141,27 +166,51 @@ def _api_routes(
         "/conversations/{conversation_id}/status",
         summary="Mark a conversation open, waiting on the customer, or closed",
     )
-    async def set_status(conversation_id: UUID, change: StatusChange) -> dict[str, Any]:
-        return await _change_status(store, publisher, conversation_id, change)
+    async def set_status(who: Who, conversation_id: UUID, change: StatusChange) -> dict[str, Any]:
+        return await actions.status(conversation_id, change.status, acting(who, change.changed_by))
 
-    @api.get("/contacts", summary="Look a contact up by identity, e.g. email:ann@example.com")
+    @api.get(
+        "/contacts",
+        summary="Look a contact up by identity, e.g. email:ann@example.com (canonicalized)",
+    )
     def find_contact(
+        _who: Who,
         identity: Annotated[str, Query(pattern=r"^(email|phone|external):.+", max_length=400)],
     ) -> dict[str, Any]:
-        try:
-            return store.contact_by_identity(identity)
-        except NotFound as exc:
-            raise StarletteHTTPException(404, f"no contact with identity {identity}") from exc
+        for key in canonical(identity) or [identity]:
+            try:
+                return store.contact_by_identity(key)
+            except NotFound:
+                continue
+        raise StarletteHTTPException(404, f"no contact with identity {identity}")
 
     @api.get("/contacts/{contact_id}", summary="A contact (merged ids answer with the survivor)")
-    def get_contact(contact_id: UUID) -> dict[str, Any]:
+    def get_contact(_who: Who, contact_id: UUID) -> dict[str, Any]:
         try:
             return store.contact(contact_id)
         except NotFound as exc:
             raise StarletteHTTPException(404, f"no contact {contact_id}") from exc
 
+    @api.get(
+        "/contacts/{contact_id}/card",
+        summary="The customer card: the contact, every conversation with its messages",
+    )
+    def get_card(_who: Who, contact_id: UUID) -> dict[str, Any]:
+        try:
+            return store.card(contact_id)
+        except NotFound as exc:
+            raise StarletteHTTPException(404, f"no contact {contact_id}") from exc
+
+    @api.post(
+        "/merge-suggestions/{suggestion_id}/dismiss",
+        summary="Dismiss a merge suggestion: the two contacts are different people",
+        status_code=202,
+    )
+    async def dismiss(who: Who, suggestion_id: UUID, change: Dismissal) -> dict[str, Any]:
+        return await actions.dismiss(suggestion_id, acting(who, change.by))
+
     @api.get("/attachments/{sha256}", summary="An attachment, as a download")
-    def get_attachment(sha256: str) -> Response:
+    def get_attachment(_who: Who, sha256: str) -> Response:
         if not _SHA256.match(sha256):
             raise StarletteHTTPException(422, "sha256 must be 64 lower-case hex digits")
         recorded = store.attachment(sha256)
@@ -181,109 +230,44 @@ def _api_routes(
     return api
 
 
-def _page_routes(store: QueueStore, publisher: Publisher | None, access: Access) -> APIRouter:
-    router = APIRouter()
+def _merge_routes(actions: QueueActions, access: Access) -> APIRouter:
+    """An agent confirms a merge, or undoes one (issue 17), or reassigns (issue 18)."""
+    api = APIRouter(prefix="/api", tags=["contacts"], dependencies=[Depends(access.authorize)])
 
-    def page(name: str, **context: Any) -> HTMLResponse:  # noqa: ANN401 - template values
-        html = _templates.get_template(name).render(**context)
-        return HTMLResponse(
-            html,
-            headers={
-                "Content-Security-Policy": CSP,
-                "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer",
-            },
+    @api.post(
+        "/contacts/{contact_id}/merge",
+        summary="Merge another contact into this one (an agent confirms: one person)",
+    )
+    async def merge(who: Who, contact_id: UUID, request: MergeRequest) -> Any:  # noqa: ANN401
+        body, published = await actions.contact_change(
+            "merge", contact_id, request.contact_id, acting(who, request.by)
         )
+        return JSONResponse(body, status_code=200 if published else 202)
 
-    def page_auth(request: Request) -> HTMLResponse | None:
-        try:
-            access.authorize(request)
-        except _Denied as exc:
-            if exc.status == 401:
-                return page("login.html", error=None)
-            return page("denied.html", detail=exc.detail)
-        return None
-
-    @router.get("/queue", include_in_schema=False)
-    def queue_page(request: Request, owner: str | None = None, status: str = "open") -> Response:
-        if (denied := page_auth(request)) is not None:
-            return denied
-        status = status if status in ("open", "waiting", "closed", "all") else "open"
-        items = store.queue(owner, status=status, limit=200).items if owner else []
-        return page("queue.html", owners=store.owners(), owner=owner, status=status, items=items)
-
-    @router.get("/queue/conversations/{conversation_id}", include_in_schema=False)
-    def conversation_page(request: Request, conversation_id: UUID) -> Response:
-        if (denied := page_auth(request)) is not None:
-            return denied
-        try:
-            conversation = store.conversation(conversation_id)
-        except NotFound:
-            return page("denied.html", detail=f"no conversation {conversation_id}")
-        return page("conversation.html", c=conversation)
-
-    @router.post("/queue/conversations/{conversation_id}/status", include_in_schema=False)
-    async def conversation_status_form(
-        request: Request,
-        conversation_id: UUID,
-        status: Annotated[Literal["open", "waiting", "closed"], Form()],
-    ) -> Response:
-        if (denied := page_auth(request)) is not None:
-            return denied
-        await _change_status(store, publisher, conversation_id, StatusChange(status=status))
-        return RedirectResponse(f"/queue/conversations/{conversation_id}", status_code=303)
-
-    @router.post("/queue/login", include_in_schema=False)
-    def login(token_field: Annotated[str, Form(alias="token")]) -> Response:
-        if not access.valid(token_field):
-            return page("login.html", error="That token is not valid.")
-        response = RedirectResponse("/queue", status_code=303)
-        response.set_cookie(COOKIE, token_field, httponly=True, samesite="strict")
-        return response
-
-    return router
-
-
-async def _change_status(
-    store: QueueStore, publisher: Publisher | None, conversation_id: UUID, change: StatusChange
-) -> dict[str, Any]:
-    """Publish ``conversation.status`` (so a rebuild keeps it), then apply it here."""
-    try:
-        contact_id = store.conversation_contact(conversation_id)
-    except NotFound as exc:
-        raise StarletteHTTPException(404, f"no conversation {conversation_id}") from exc
-    event_id = new_event_id()
-    data = ConversationStatus(
-        event_id=UUID(event_id),
-        conversation_id=conversation_id,
-        contact_id=contact_id,
-        status=change.status,
-        changed_by=change.changed_by,
-        occurred_at=datetime.now(UTC),
+    @api.post(
+        "/contacts/{contact_id}/unmerge",
+        summary="Undo the merge of contact_id into this one: it lives again, with what is its",
     )
-    event = Event(
-        type=TYPE_CONVERSATION_STATUS,
-        source="switchboard/queue",
-        key=str(contact_id),
-        data=data,
-        id=event_id,
+    async def unmerge(who: Who, contact_id: UUID, request: MergeRequest) -> Any:  # noqa: ANN401
+        body, published = await actions.contact_change(
+            "unmerge", contact_id, request.contact_id, acting(who, request.by)
+        )
+        return JSONResponse(body, status_code=200 if published else 202)
+
+    @api.post(
+        "/contacts/{contact_id}/owner",
+        summary="Reassign a contact to an agent or team (as `switchboard contacts assign`)",
     )
-    if publisher is not None:
-        try:
-            await publisher.apublish(ROUTED, event)
-        except PublishError as exc:
-            raise StarletteHTTPException(
-                503, "the change could not be stored; retry", headers={"Retry-After": "5"}
-            ) from exc
-    store.apply(event.type, event.id, event.value())
-    return store.conversation(conversation_id)
+    async def reassign(who: Who, contact_id: UUID, change: OwnerChange) -> Any:  # noqa: ANN401
+        body, published = await actions.reassign(contact_id, change.owner, acting(who, None))
+        return JSONResponse(body, status_code=200 if published else 202)
+
+    return api
 
 
 def install_denied_handler(app: FastAPI) -> None:
-    """401/403 from the API's authorization as problem+json."""
+    """401/403/429 from authorization as problem+json."""
 
-    @app.exception_handler(_Denied)
-    async def denied(_request: Request, exc: _Denied) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        title = "Unauthorized" if exc.status == 401 else "Forbidden"
-        return problem(exc.status, title, exc.detail, headers=headers)
+    @app.exception_handler(Denied)
+    async def denied(_request: Request, exc: Denied) -> Response:
+        return denied_response(exc)

@@ -7,17 +7,28 @@ filesystem store is the default; the :class:`BlobStore` protocol is what an S3
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import re
 import tempfile
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 from normalize.content import Blob
 from normalize.schema import BlobRef
+from switchboard.metrics import BLOBS_COLLECTED
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A BlobRef inside serialized JSON (an event's data, a read model's column).
+BLOB_REF = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
+
+log = logging.getLogger(__name__)
 
 
 class BlobNotFound(KeyError):
@@ -52,7 +63,11 @@ class FileBlobStore:
     def put(self, blob: Blob) -> BlobRef:
         path = self._path(blob.ref.sha256)
         if path.is_file() and path.stat().st_size == blob.ref.size:
-            return blob.ref
+            # Its age is what `blobs gc` reads: a blob stored again for a new
+            # message is as young as that message, however old the file.
+            with contextlib.suppress(FileNotFoundError):  # collected meanwhile: write it
+                os.utime(path)
+                return blob.ref
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
@@ -80,3 +95,137 @@ class FileBlobStore:
             return self._path(sha256).read_bytes()
         except FileNotFoundError as exc:
             raise BlobNotFound(sha256) from exc
+
+    def scan(self) -> Iterator[tuple[str, float, int]]:
+        """Every stored blob as (sha256, modification time, size)."""
+        if not self.root.is_dir():
+            return
+        for first in os.scandir(self.root):
+            if not first.is_dir() or len(first.name) != 2:
+                continue
+            for second in os.scandir(first.path):
+                if not second.is_dir():
+                    continue
+                for entry in os.scandir(second.path):
+                    if _SHA256.match(entry.name):
+                        with contextlib.suppress(FileNotFoundError):
+                            stat = entry.stat()
+                            yield entry.name, stat.st_mtime, stat.st_size
+
+    def delete_if_older(self, sha256: str, cutoff: float) -> bool:
+        """Delete the blob unless it was (re)written at or after ``cutoff`` (Unix time)."""
+        path = self._path(sha256)
+        try:
+            # Checked again right before the unlink: a put() may have renewed it.
+            if path.stat().st_mtime >= cutoff:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+#: Which of these digests a store still references (router events, queue attachments).
+References = Callable[[Collection[str]], set[str]]
+
+
+@dataclass
+class GcReport:
+    """What one collection found and did (or, dry, would do)."""
+
+    scanned: int = 0
+    young: int = 0
+    referenced: int = 0
+    deleted: list[tuple[str, int]] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(size for _, size in self.deleted)
+
+
+def collect_garbage(
+    store: FileBlobStore,
+    references: Sequence[References],
+    retention: timedelta,
+    *,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> GcReport:
+    """Delete blobs older than ``retention`` that no store references.
+
+    A younger blob is never deleted, referenced or not: its message may still be
+    in the spool, on Kafka or in a router batch, not yet in any table.
+    """
+    cutoff = (time.time() if now is None else now) - retention.total_seconds()
+    report = GcReport(dry_run=dry_run)
+    old: dict[str, int] = {}
+    for sha256, mtime, size in store.scan():
+        report.scanned += 1
+        if mtime >= cutoff:
+            report.young += 1
+        else:
+            old[sha256] = size
+    if old:  # the tables are read only when something could go
+        referenced: set[str] = set()
+        for find in references:
+            referenced |= find(old.keys())
+        report.referenced = len(referenced & old.keys())
+        for sha256, size in old.items():
+            if sha256 in referenced:
+                continue
+            if dry_run or store.delete_if_older(sha256, cutoff):
+                report.deleted.append((sha256, size))
+    return report
+
+
+class BlobCollector:
+    """``blobs gc`` every ``interval_s`` inside ``switchboard run`` (a component)."""
+
+    name = "blob-gc"
+    edge = False
+
+    def __init__(
+        self,
+        store: FileBlobStore,
+        references: Sequence[References],
+        retention: timedelta,
+        interval_s: float,
+    ) -> None:
+        self.store = store
+        self.references = references
+        self.retention = retention
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            # First run one interval after start: a restart loop does not rescan.
+            await asyncio.sleep(self.interval_s)
+            try:
+                report = await asyncio.to_thread(
+                    collect_garbage, self.store, self.references, self.retention
+                )
+            except Exception as exc:  # noqa: BLE001 - retried at the next interval
+                log.warning("blob collection failed", extra={"error": repr(exc)})
+                continue
+            BLOBS_COLLECTED.inc(len(report.deleted))
+            log.info(
+                "blobs collected",
+                extra={
+                    "scanned": report.scanned,
+                    "deleted": len(report.deleted),
+                    "bytes_freed": report.bytes_freed,
+                    "referenced": report.referenced,
+                    "young": report.young,
+                },
+            )

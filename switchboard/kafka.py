@@ -32,9 +32,9 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
+from switchboard.config import KafkaSettings
 from switchboard.events import Event
 from switchboard.metrics import PUBLISHED
-from switchboard.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 
+class NoEnvelopeAddresses(logging.Filter):
+    """aiosmtpd logs, at INFO, every command line a client sends (``MAIL
+    FROM:<alice@example.org>``) and the sender and each recipient again: customers'
+    addresses in every log line of a session. Command lines keep their verb only;
+    the sender and recipient lines are dropped (the message's own log line has ids)."""
+
+    DROPPED = frozenset({"%r sender: %s", "%r recip: %s"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.DROPPED:
+            return False
+        if record.msg == "%r >> %r" and isinstance(record.args, tuple) and len(record.args) == 2:
+            line = record.args[1]
+            if isinstance(line, bytes | str):
+                verb = line.split(maxsplit=1)[0] if line.split() else line
+                record.args = (record.args[0], verb)
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -66,8 +85,13 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs every request at INFO (media downloads, `switchboard send`'s own post).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Libraries that write message content at DEBUG: aiosmtpd every DATA line
     # ("mail.log"), imapclient every FETCH response. Whatever the level, they stay
     # at INFO or above, so that even a debug log never holds a customer's message.
     for name in CONTENT_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
+    smtp_log = logging.getLogger("mail.log")
+    if not any(isinstance(f, NoEnvelopeAddresses) for f in smtp_log.filters):
+        smtp_log.addFilter(NoEnvelopeAddresses())

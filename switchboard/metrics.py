@@ -33,6 +33,21 @@ DEAD_LETTERED = Counter(
     "Records written to the dead letter topic (or spooled for it), by stage and reason.",
     ["stage", "reason"],
 )
+SENDER_CHECKS = Counter(
+    "switchboard_sender_checks",
+    "SMTP sender authentication: where the verdict came from (local, authserv, none) and "
+    "its DMARC result; a rise of temperror means the resolver is failing.",
+    ["source", "dmarc"],
+)
+EVIDENCE_DROPPED = Counter(
+    "switchboard_evidence_dropped",
+    "Refused requests over the per-route evidence budget: counted, body not stored.",
+    ["adapter"],
+)
+BLOBS_COLLECTED = Counter(
+    "switchboard_blobs_collected",
+    "Blobs `blobs gc` deleted (unreferenced and older than the retention).",
+)
 SPOOLED = Counter(
     "switchboard_spooled",
     "Events written to the local spool because Kafka did not acknowledge in time.",
@@ -43,6 +58,22 @@ SPOOL_DRAINED = Counter(
 )
 SPOOL_MESSAGES = Gauge("switchboard_spool_messages", "Events waiting in the local spool.")
 SPOOL_BYTES = Gauge("switchboard_spool_bytes", "Bytes of events waiting in the local spool.")
+JOURNAL_MESSAGES = Gauge(
+    "switchboard_journal_messages",
+    "Accepted messages the local journal keeps until the queue has them (embedded broker).",
+)
+JOURNAL_BYTES = Gauge(
+    "switchboard_journal_bytes", "Bytes the local journal keeps (embedded broker)."
+)
+JOURNAL_REPLAYED = Counter(
+    "switchboard_journal_replayed",
+    "Events published again at a recovery: inbound from the journal, routed from the outbox.",
+    ["source"],
+)
+BROKER_RESTARTS = Counter(
+    "switchboard_embedded_broker_restarts",
+    "Times the embedded broker died under `switchboard run` and was started again, empty.",
+)
 PUBLISHED = Counter(
     "switchboard_events_published",
     "Events Kafka acknowledged, by topic.",
@@ -59,10 +90,29 @@ ROUTER_DECISIONS = Counter(
     "Routing outcomes (routed, duplicate, unroutable, failed, replayed) and their reason.",
     ["result", "reason"],
 )
+ROUTER_STATEMENTS = Counter(
+    "switchboard_router_sql_statements",
+    "SQL statements the router sent to route its batches (reads, locks and writes).",
+)
+ROUTER_LOCK_SECONDS = Histogram(
+    "switchboard_router_lock_seconds",
+    "Per batch: time to take the batch's locks (advisory locks, contact rows, team "
+    "cursors), waits for other routers included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+ROUTER_RESTARTS = Counter(
+    "switchboard_router_batch_restarts",
+    "Batches routed again because another router merged one of their contacts meanwhile.",
+)
 CONSUMER_LAG = Gauge(
     "switchboard_consumer_lag",
     "Records not yet consumed, per consumer group and partition (high-water minus position).",
     ["group", "topic", "partition"],
+)
+CONSUMER_RETRIES = Counter(
+    "switchboard_consumer_retries",
+    "Batches a consumer rewound and retried after an outage (database or broker away).",
+    ["group"],
 )
 QUEUE_APPLIED = Counter(
     "switchboard_queue_events_applied",
@@ -81,6 +131,13 @@ IMAP_LAST_SUCCESS = Gauge(
     "switchboard_imap_last_success_timestamp_seconds",
     "When the mailbox was last polled successfully (Unix time).",
     ["mailbox"],
+)
+
+HTTP_REFUSED = Counter(
+    "switchboard_http_refused",
+    "HTTP requests or connections refused by the server's limits before any route ran "
+    "(body-too-large, body-timeout, connections, header-timeout).",
+    ["reason"],
 )
 
 _HTTP_REASONS = {

@@ -1,7 +1,8 @@
 """Running components together: start in order, stop in reverse, bounded.
 
 A component is anything with a ``name`` and async ``start``/``stop``: the HTTP
-server today; the SMTP server, IMAP pollers, router and sinks as they land.
+server, the channel adapters (SMTP server, IMAP pollers), the spool drainer, the
+consumers (router, queue sink, archive), the journal keeper and the blob collector.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Protocol
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from switchboard.limits import ConnectionGuard, HttpLimitSettings, guarded_protocol
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +78,24 @@ class HttpServer:
 
     edge = True
 
-    def __init__(self, app: FastAPI, host: str, port: int, name: str = "http") -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        name: str = "http",
+        limits: HttpLimitSettings | None = None,
+    ) -> None:
         self.name = name
         self.app = app
         self.host = host
         self.port = port
+        limits = limits or HttpLimitSettings()
+        self.guard = ConnectionGuard(
+            max_per_client=limits.max_connections_per_client,
+            header_timeout_s=limits.header_timeout_s,
+            trusted=limits.networks(),
+        )
         self._server = _Server(
             uvicorn.Config(
                 app,
@@ -88,6 +105,11 @@ class HttpServer:
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=3,
+                http=guarded_protocol(AutoHTTPProtocol, self.guard),
+                # uvicorn's own X-Forwarded-For handling (walks the list from the
+                # right past trusted proxies), with our list, not FORWARDED_ALLOW_IPS.
+                proxy_headers=bool(limits.trusted_proxies),
+                forwarded_allow_ips=",".join(limits.trusted_proxies),
             )
         )
         self._task: asyncio.Task[None] | None = None
@@ -131,11 +153,31 @@ class ThreadedComponent:
 
     name = "threaded"
 
+    #: /readyz reports a loop that has not called :meth:`beat` for this long.
+    stuck_after_s = 120.0
+
     def __init__(self) -> None:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.start_error: BaseException | None = None
+        self.last_beat = time.monotonic()
+        self.last_commit: float | None = None
+
+    def beat(self) -> None:
+        """The loop is making progress (call it each turn, and while waiting)."""
+        self.last_beat = time.monotonic()
+
+    def liveness(self) -> str | None:
+        """None while the loop runs and beats; else what is wrong, for /readyz."""
+        if self._thread is None or self._stop.is_set():
+            return None  # not started yet, or stopping on purpose
+        if not self._thread.is_alive():
+            return f"{self.name}: its thread has stopped"
+        silent = time.monotonic() - self.last_beat
+        if silent > self.stuck_after_s:
+            return f"{self.name}: no progress for {silent:.0f} s"
+        return None
 
     def prepare(self) -> None:
         """Work before the loop starts (migrating state, emptying a read model)."""

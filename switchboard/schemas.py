@@ -6,12 +6,13 @@ import json
 import re
 from pathlib import Path
 
-from normalize.schema import PUBLISHED_MODELS, SCHEMA_VERSION
+from normalize.schema import PUBLISHED_MODELS, SCHEMA_MAJOR
+from switchboard.asyncapi import yaml_text
 
 
 def _file_name(model_name: str) -> str:
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", model_name).lower()
-    return f"{snake}.v{SCHEMA_VERSION}.json"
+    return f"{snake}.v{SCHEMA_MAJOR}.json"
 
 
 def schema_documents() -> dict[str, str]:
@@ -24,6 +25,8 @@ def schema_documents() -> dict[str, str]:
         documents[_file_name(model.__name__)] = (
             json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         )
+    # The AsyncAPI document of the topics and every event type (switchboard/asyncapi.py).
+    documents["asyncapi.yaml"] = yaml_text()
     return documents
 
 
@@ -35,7 +38,11 @@ def drift(directory: Path) -> list[str]:
         for name, text in expected.items()
         if not (directory / name).is_file() or (directory / name).read_text() != text
     ]
-    problems += sorted(p.name for p in directory.glob("*.json") if p.name not in expected)
+    problems += sorted(
+        p.name
+        for p in [*directory.glob("*.json"), *directory.glob("*.yaml")]
+        if p.name not in expected
+    )
     return problems
 
 

@@ -9,6 +9,7 @@ cannot be read says why instead of failing the whole report.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,16 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from sqlalchemy import Engine, func, select
 
+from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
+from ingest.journal import read_journal_depth
 from ingest.spool import read_depth
 from router.service import GROUP as ROUTER_GROUP
-from router.store import contacts, messages, outbox
+from router.store import figures as router_figures
 from sinks.queue import GROUP as QUEUE_GROUP
 from sinks.queue import q_conversations
 from switchboard.db import make_engine
+from switchboard.recovery import read_recovery
 from switchboard.settings import Settings
 from switchboard.topics import CONTACTS, INBOUND, ROUTED
 
@@ -47,10 +51,57 @@ def _part(fn: Callable[[], Any]) -> Any:  # noqa: ANN401 - JSON-ready data
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+#: Why a lag is not a number: the group committed past the end of the log. Seen
+#: when the embedded (in-memory) broker restarted under a running group, or a
+#: topic was deleted and re-created; a negative "lag" would read as "ahead".
+LAG_UNKNOWN = "unknown (committed offset ahead of the log: the broker lost data?)"
+
+
 def _committed(committed: dict[TopicPartition, Any], tp: TopicPartition) -> int:
     found = committed.get(tp)
     offset = getattr(found, "offset", -1) if found is not None else -1
     return max(0, int(offset))  # -1: nothing committed yet
+
+
+def partition_lag(end: int, committed: int) -> int | None:
+    """Messages the group has yet to read; None when its offset is past the log's end."""
+    return None if committed > end else end - committed
+
+
+def group_lag(partitions: dict[str, int | None]) -> int | None:
+    """The group's total, unknown as soon as one partition's is."""
+    lags = list(partitions.values())
+    return None if any(lag is None for lag in lags) else sum(lag or 0 for lag in lags)
+
+
+def format_lag(lag: int | None) -> str:
+    return LAG_UNKNOWN if lag is None else str(lag)
+
+
+def log_ends(
+    consumer: KafkaConsumer, reported: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """The partitions' real end offsets. The embedded broker (Tansu 0.6, memory
+    storage) answers "latest" with the last record *batch*'s base offset + 1: after
+    one batch of 500 records it says 1, and a group that read all 500 looked 499
+    ahead (the negative lags). The last batch, fetched from there, says where the
+    log really ends; on Kafka that fetch returns nothing and the answer stands."""
+    ends = dict(reported)
+    wanted = {tp: end - 1 for tp, end in reported.items() if end > 0}
+    if not wanted:
+        return ends
+    consumer.assign(list(wanted))
+    for tp, offset in wanted.items():
+        consumer.seek(tp, offset)
+    deadline, seen = time.monotonic() + 3.0, False
+    while time.monotonic() < deadline:
+        polled = consumer.poll(timeout_ms=500)
+        if not polled and seen:
+            break  # a batch larger than one poll comes in several
+        for tp, records in polled.items():
+            seen = True
+            ends[tp] = max(ends[tp], max(r.offset for r in records) + 1)
+    return ends
 
 
 def _kafka(settings: Settings) -> Report:
@@ -70,9 +121,13 @@ def _kafka(settings: Settings) -> Report:
                 for p in sorted(consumer.partitions_for_topic(t) or ())
             ]
             ends = consumer.end_offsets(tps)
+            ends = log_ends(consumer, ends)
             committed = admin.list_group_offsets({group: tps}).get(group, {})
-            lag = {f"{tp.topic}/{tp.partition}": ends[tp] - _committed(committed, tp) for tp in tps}
-            groups[group] = {"lag": sum(lag.values()), "partitions": lag}
+            lag = {
+                f"{tp.topic}/{tp.partition}": partition_lag(ends[tp], _committed(committed, tp))
+                for tp in tps
+            }
+            groups[group] = {"lag": group_lag(lag), "partitions": lag}
         return {"bootstrap": bootstrap, "groups": groups}
     finally:
         consumer.close()
@@ -98,17 +153,51 @@ def _spools(settings: Settings) -> list[Report]:
     return out
 
 
+def _journal(settings: Settings) -> Report | None:
+    """The embedded broker's journal (none with an external Kafka) and the last recovery."""
+    directory = settings.spool_dir()
+    depths = [
+        (path, depth)
+        for path in (sorted(directory.glob("*.sqlite3")) if directory.is_dir() else [])
+        if (depth := read_journal_depth(path)) is not None
+    ]
+    recovery = read_recovery(settings.data_dir)
+    if not depths and recovery is None:
+        return None
+    return {
+        "messages": sum(d.messages for _, d in depths),
+        "bytes": sum(d.bytes for _, d in depths),
+        "last_recovery": recovery,
+    }
+
+
+def _render_journal(journal: Report | None) -> list[str]:
+    if journal is None:
+        return []
+    if "error" in journal:
+        return [f"journal: unreadable ({journal['error']})"]
+    lines = [
+        f"journal: {journal['messages']} messages, {journal['bytes']} bytes not yet in the queue"
+    ]
+    last = journal["last_recovery"]
+    if last:
+        lines.append(
+            f"  last recovery {last['at']}: the embedded broker lost its memory ({last['cause']}); "
+            f"{last['replayed_messages']} messages replayed from the journal, "
+            f"{last['replayed_events']} routed events from the outbox "
+            f"({last['recoveries']} recoveries, {last['replayed_messages_total']} messages in all)"
+        )
+    return lines
+
+
 def _router(engine: Engine) -> Report:
     with engine.connect() as c:
-        return {
-            "contacts": c.scalar(
-                select(func.count()).select_from(contacts).where(contacts.c.merged_into.is_(None))
-            ),
-            "messages": c.scalar(select(func.count()).select_from(messages)),
-            "events_not_yet_published": c.scalar(
-                select(func.count()).select_from(outbox).where(outbox.c.pending.is_(True))
-            ),
-        }
+        found = router_figures(c)
+    return {
+        "contacts": found["contacts"],
+        "messages": found["messages"],
+        "events_not_yet_published": found["pending_events"],
+    }
 
 
 def _queue(settings: Settings) -> Report:
@@ -136,10 +225,11 @@ def collect(settings: Settings) -> Report:
         return {
             "kafka": _part(lambda: _kafka(settings)),
             "spool": _part(lambda: _spools(settings)),
+            "journal": _part(lambda: _journal(settings)),
             "router": _part(lambda: _router(engine)),
             "queue": _part(lambda: _queue(settings)),
             "imap": _part(lambda: ImapStateStore(engine).status())
-            if settings.imap.mailboxes
+            if ImapAdapter.settings_from(settings).mailboxes
             else [],
         }
     finally:
@@ -169,8 +259,9 @@ def render(report: Report) -> str:
     else:
         lines.append(f"kafka: {kafka['bootstrap']}")
         for group, info in kafka["groups"].items():
-            lines.append(f"  {group}: lag {info['lag']}")
+            lines.append(f"  {group}: lag {format_lag(info['lag'])}")
     lines += _render_spool(report["spool"])
+    lines += _render_journal(report.get("journal"))
     router = report["router"]
     if "error" in router:
         lines.append(f"router: unavailable ({router['error']})")

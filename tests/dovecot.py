@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from switchboard.broker import free_port
 from tests.certs import self_signed
+from tests.needs import missing
 
 USER = "support@example.com"
 PASSWORD = "dovecot-test-password"
@@ -148,18 +147,14 @@ class Dovecot:
         self.doveadm("mailbox", "update", "-u", USER, "--uid-validity", str(value), folder)
 
 
-def available() -> bool:
-    return shutil.which("dovecot") is not None and os.geteuid() == 0
-
-
 @contextmanager
 def running_dovecot() -> Iterator[Dovecot]:
     """A started Dovecot; skips the test without dovecot-imapd, except in CI, where
     its absence is a failure."""
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("dovecot is required in CI (.ci/run installs dovecot-imapd)")
-        pytest.skip("dovecot-imapd not installed")
+    if shutil.which("dovecot") is None:
+        missing("dovecot")
+    if os.geteuid() != 0:
+        missing("dovecot", ", run as root (it drops to its own users)")
     # Not under pytest's tmp_path: those directories are 0700, and Dovecot's
     # unprivileged processes must reach the Maildir.
     root = Path(tempfile.mkdtemp(prefix="switchboard-dovecot-"))

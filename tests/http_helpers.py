@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kafka import KafkaConsumer, TopicPartition
 from pydantic import BaseModel
 
+from ingest.evidence import EvidenceBudget
 from ingest.handoff import HandOff
 from ingest.sdk import AdapterContext, HttpAdapter, mount_adapters
 from ingest.spool import Spool
@@ -22,12 +24,14 @@ from switchboard.blobs import FileBlobStore
 from switchboard.events import read_data
 from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher, make_consumer
+from switchboard.limits import HttpLimitSettings
 from switchboard.runtime import HttpServer
 from switchboard.settings import (
     MIN_POLL_TIMEOUT_MS,
     KafkaSettings,
     TwilioSettings,
     WebhookSettings,
+    WebhooksSettings,
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -37,6 +41,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 class RunningHttp:
     base: str
     blobs: FileBlobStore
+    server: HttpServer
 
 
 @contextmanager
@@ -50,28 +55,32 @@ def http_ingest(
     spool: Spool | None = None,
     providers: Sequence[tuple[type[HttpAdapter[Any]], Any]] = (),
     on_stop: Callable[[str], None] | None = None,
+    evidence: EvidenceBudget | None = None,
+    limits: HttpLimitSettings | None = None,
 ) -> Iterator[RunningHttp]:
     """The HTTP ingest app on a real socket: Twilio (if given), the web hooks, and
     ``providers``: (adapter class, its settings) pairs built on the same hand-off."""
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
-    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0)
-    app = create_app(Readiness())
+    handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0, evidence=evidence)
+    app = create_app(Readiness(), limits)
     context = AdapterContext(handoff, public_url=public_url)
     if on_stop is not None:  # the default stops this process, as it does in production
         context = AdapterContext(handoff, public_url=public_url, on_stop=on_stop)
-    adapters: list[HttpAdapter[Any]] = [WebhookAdapter(hooks or [], context)]
+    adapters: list[HttpAdapter[Any]] = [
+        WebhookAdapter(WebhooksSettings(hooks=hooks or []), context)
+    ]
     if twilio is not None:
         adapters.insert(0, TwilioAdapter(twilio, context))
     adapters += [cls(settings, context) for cls, settings in providers]
     mount_adapters(app, adapters)
-    server = HttpServer(app, "127.0.0.1", 0)
+    server = HttpServer(app, "127.0.0.1", 0, limits=limits)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="http-test-loop")
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
     try:
-        yield RunningHttp(f"http://127.0.0.1:{server.port}", blobs)
+        yield RunningHttp(f"http://127.0.0.1:{server.port}", blobs, server)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
@@ -102,6 +111,36 @@ def find(
                     item = read_data(record.value, model)
                     if match(item):
                         found.append(item)
+    finally:
+        consumer.close()
+    return found
+
+
+def find_until_end(
+    kafka: KafkaSettings, topic: str, model: type[ModelT], match: Callable[[ModelT], bool]
+) -> list[ModelT]:
+    """Events of ``model`` on ``topic`` for which ``match`` holds, read from the
+    beginning up to the end offsets as they are now: proof that something is
+    absent once whatever could have written it has answered, without waiting."""
+    consumer = KafkaConsumer(
+        enable_auto_commit=False, auto_offset_reset="earliest", **kafka.client_config()
+    )
+    found: list[ModelT] = []
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end offsets")
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    if record.offset < ends[TopicPartition(record.topic, record.partition)]:
+                        item = read_data(record.value, model)
+                        if match(item):
+                            found.append(item)
     finally:
         consumer.close()
     return found

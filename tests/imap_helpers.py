@@ -14,7 +14,8 @@ from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
 from ingest.sdk import AdapterContext
 from switchboard.blobs import FileBlobStore
-from switchboard.db import make_engine, upgrade
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.kafka import Publisher
 from switchboard.settings import ImapSettings, KafkaSettings, MailboxSettings
 from tests.dovecot import PASSWORD, USER, Dovecot

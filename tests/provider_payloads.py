@@ -97,6 +97,9 @@ def _mailgun_base(mail: Mail, signature: dict[str, Any]) -> dict[str, str]:
         "sender": mail.sender,
         "from": f"{mail.name} <{mail.sender}>",
         "subject": mail.subject,
+        # Mailgun's own verdicts (its docs: "X-Mailgun-Spf", "X-Mailgun-Dkim-Check-Result").
+        "X-Mailgun-Spf": "Pass",
+        "X-Mailgun-Dkim-Check-Result": "Pass",
         **mailgun_signature(**signature),
     }
 
@@ -135,8 +138,16 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"authorization": f"Basic {token}"}
 
 
-def sendgrid(mail: Mail, *, raw: bool = False, charset: str = "UTF-8") -> dict[str, Any]:
-    """httpx arguments for Inbound Parse (always multipart)."""
+def sendgrid(
+    mail: Mail,
+    *,
+    raw: bool = False,
+    charset: str = "UTF-8",
+    spf: str = "pass",
+    dkim: str = "none",
+) -> dict[str, Any]:
+    """httpx arguments for Inbound Parse (always multipart). ``dkim`` as SendGrid
+    writes it: ``{@example.org : pass}``, several comma-separated, or ``none``."""
     envelope = json.dumps({"to": [mail.to], "from": mail.sender})
     headers = "".join(f"{n}: {v}\n" for n, v in mail.headers())
     parts: dict[str, Any] = {
@@ -145,7 +156,8 @@ def sendgrid(mail: Mail, *, raw: bool = False, charset: str = "UTF-8") -> dict[s
         "to": (None, mail.to.encode()),
         "subject": (None, mail.subject.encode(charset)),
         "spam_score": (None, b"0.1"),
-        "SPF": (None, b"pass"),
+        "SPF": (None, spf.encode()),
+        "dkim": (None, dkim.encode()),
     }
     if raw:
         parts["email"] = (None, mail.mime())
@@ -192,6 +204,13 @@ def postmark(mail: Mail, *, raw: bool = False, postmark_id: str | None = None) -
         "Tag": "",
         "MessageStream": "inbound",
         "Headers": [
+            {
+                "Name": "Received-SPF",
+                "Value": (
+                    f"pass (mail.example.org: domain of {mail.sender} designates 192.0.2.9 "
+                    f"as permitted sender) client-ip=192.0.2.9; envelope-from={mail.sender};"
+                ),
+            },
             {"Name": "X-Spam-Status", "Value": "No"},
             {"Name": "Message-ID", "Value": mail.message_id},
             {"Name": "MIME-Version", "Value": "1.0"},

@@ -75,6 +75,9 @@ def smtp_server(
             "domains": ["example.com"],
             "hostname": "mx.test.local",
             "parse_workers": 0,  # in-process; one test covers the worker process path
+            # No sender checks against the real DNS unless a test asks (test_mailauth.py
+            # serves its own records): results would depend on the Internet.
+            "verify": False,
             **overrides,
         }
     )

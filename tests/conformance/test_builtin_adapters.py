@@ -23,7 +23,13 @@ from ingest.testing import Answer, Malformed, Running, adapter_conformance, post
 from ingest.twilio import PATH as TWILIO_PATH
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
-from switchboard.settings import ImapSettings, SmtpSettings, TwilioSettings, WebhookSettings
+from switchboard.settings import (
+    ImapSettings,
+    SmtpSettings,
+    TwilioSettings,
+    WebhookSettings,
+    WebhooksSettings,
+)
 from tests.dovecot import PASSWORD, USER, Dovecot, running_dovecot
 
 pytestmark = pytest.mark.integration
@@ -161,11 +167,11 @@ TestTwilioConformance = adapter_conformance(
     TwilioAdapter,
     settings=TwilioSettings(auth_token=[SecretStr(TWILIO_TOKEN)], enabled=True),
     deliver=twilio_deliver,
-    samples=[sms("SMkit1"), sms("SMkit2", "+14155550101", "second")],
+    samples=[sms("SM" + "1" * 32), sms("SM" + "2" * 32, "+14155550101", "second")],
     malformed=[
         # Documented: a bad signature is 403 (and kept as a dead letter); a signed
         # request that cannot be read is kept and answered 200 so Twilio stops.
-        Malformed({**sms("SMkit3"), "token": "not-the-token"}, status="403"),
+        Malformed({**sms("SM" + "3" * 32), "token": "not-the-token"}, status="403"),
         Malformed(
             {"form": {"From": "+14155550100", "Body": "no sid"}},
             status="200",
@@ -181,17 +187,20 @@ TestTwilioConformance = adapter_conformance(
 HOOK_SECRET = "kit-hook-secret-value"
 
 
-def hook_settings(_request: pytest.FixtureRequest) -> list[WebhookSettings]:
+def hook_settings(_request: pytest.FixtureRequest) -> WebhooksSettings:
     os.environ["KIT_HOOK_SECRET"] = HOOK_SECRET
-    return [
-        WebhookSettings.model_validate(
-            {
-                "name": "kit-form",
-                "auth": {"kind": "hmac-sha256", "secret_env": "KIT_HOOK_SECRET"},
-                "map": {"email": "email", "name": "name", "text": "message", "id": "id"},
-            }
-        )
-    ]
+    hook = WebhookSettings.model_validate(
+        {
+            "name": "kit-form",
+            "auth": {
+                "kind": "hmac-sha256",
+                "secret_env": "KIT_HOOK_SECRET",
+                "allow_replay": True,  # the kit signs the body alone
+            },
+            "map": {"email": "email", "name": "name", "text": "message", "id": "id"},
+        }
+    )
+    return WebhooksSettings(hooks=[hook])
 
 
 def hook_deliver(running: Running, sample: dict[str, Any]) -> Answer:

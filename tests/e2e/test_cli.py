@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
 from switchboard.broker import EmbeddedBroker
-from switchboard.db import head_revision
+from switchboard.databases import describe, head_revisions
+from switchboard.db import make_engine
 from switchboard.kafka import make_consumer
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ALL_TOPICS
@@ -91,7 +93,7 @@ def test_config_show_masks_secrets_and_names_bad_settings() -> None:
     )
     assert shown.returncode == 0
     assert "hunter2" not in shown.stdout
-    assert json.loads(shown.stdout)["database_url"] == "**********"
+    assert json.loads(shown.stdout)["database_url"] == "postgresql://u:***@db/x"
     bad = _cli("config", "show", env={"SWITCHBOARD_HTTP_PORT": "eighty"})
     assert bad.returncode == 2
     assert "http_port" in bad.stderr
@@ -115,8 +117,34 @@ def test_db_upgrade_reports_the_revision(tmp_path: Path) -> None:
     first = _cli("db", "upgrade", env={"SWITCHBOARD_DATABASE_URL": url})
     again = _cli("db", "upgrade", env={"SWITCHBOARD_DATABASE_URL": url})
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"database at revision {head_revision()}"
+    assert first.stdout.strip() == f"database at revision {describe(head_revisions())}"
+    assert "queue queue_0007" in first.stdout  # one database: every stage's tables
     assert again.stdout == first.stdout
+
+
+def test_db_upgrade_gives_a_queue_database_of_its_own_only_the_queue(tmp_path: Path) -> None:
+    env = {
+        "SWITCHBOARD_DATABASE_URL": f"sqlite:///{tmp_path / 'main.db'}",
+        "SWITCHBOARD_QUEUE_DATABASE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
+    }
+    result = _cli("db", "upgrade", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"database at revision {describe(head_revisions())}"
+    engine = make_engine(env["SWITCHBOARD_QUEUE_DATABASE_URL"])
+    main = make_engine(env["SWITCHBOARD_DATABASE_URL"])
+    try:
+        queue_tables = set(inspect(engine).get_table_names())
+        main_tables = set(inspect(main).get_table_names())
+    finally:
+        engine.dispose()
+        main.dispose()
+    assert "alembic_version_queue" in queue_tables
+    # The queue stage's tables: the read model and the agents who work it.
+    queue_stage = ("queue_", "alembic_version_queue", "agent")
+    assert all(t.startswith(queue_stage) for t in queue_tables)
+    assert {"agents", "agent_sessions", "agent_tokens"} <= queue_tables
+    assert {"contacts", "imap_checkpoints", "alembic_version_router"} <= main_tables
+    assert not any(t.startswith(queue_stage) for t in main_tables)
 
 
 def test_adapters_list_shows_what_is_installed_and_what_the_config_enables(

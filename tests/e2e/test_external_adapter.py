@@ -27,7 +27,8 @@ from tests.e2e.test_cli import ROOT, _cli
 from tests.e2e.test_run import _env, _stop, _wait_healthy, running
 from tests.http_helpers import find
 
-pytestmark = pytest.mark.e2e
+# slow: among the longest scenarios, left to `make test` (not `make test-quick`).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EXAMPLE = ROOT / "tests" / "example_adapter"
 
@@ -87,7 +88,7 @@ def test_config_errors_name_the_adapter_and_the_key(tmp_path: Path) -> None:
         "[adapters.widget]\nmax_body_byte = 1\n": "[adapters.widget]: unknown key max_body_byte",
         "[adapters.widget]\nmax_body_bytes = 1\n": "adapters.widget.max_body_bytes",
         "[adapters.widget]\nenabled = 1\n": "enabled must be true or false",
-        "[adapters.smtp]\nport = 25\n": "only `enabled` goes here; configure smtp in [smtp]",
+        "[smtp]\nport = 26\n[adapters.smtp]\nport = 25\n": "smtp is configured twice",
     }
     for text, expected in cases.items():
         config.write_text(text)

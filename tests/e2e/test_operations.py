@@ -12,7 +12,8 @@ import pytest
 
 from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
 
-pytestmark = pytest.mark.e2e
+# slow: among the longest scenarios, left to `make test` (not `make test-quick`).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EMAIL = (
     b"From: Olga <olga@example.org>\r\nTo: support@example.com\r\n"

@@ -70,6 +70,25 @@ def test_smtp_bodies_stay_out_of_debug_logs(
     assert SECRET_TEXT not in text
 
 
+def test_envelope_addresses_stay_out_of_the_smtp_servers_info_log(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, debug_logs: _Collect
+) -> None:
+    raw = (
+        f"From: <carol-{unique}@example.org>\r\nTo: support@example.com\r\n"
+        f"Subject: hi\r\nMessage-ID: <{unique}@example.org>\r\n\r\nhello\r\n"
+    ).encode()
+    with smtp_server(kafka_settings, tmp_path) as server:
+        code, _ = server.send(raw, mail_from=f"carol-{unique}@example.org")
+    assert code == 250
+    session = [r for r in debug_logs.records if r.name == "mail.log"]
+    lines = "\n".join(r.getMessage() for r in session)
+    # The session is still logged, verb by verb (smtplib sends them lower-case).
+    assert ">> b'mail'" in lines.lower(), lines
+    assert ">> b'rcpt'" in lines.lower(), lines
+    assert f"carol-{unique}" not in lines
+    assert "support@example.com" not in lines
+
+
 def test_imap_bodies_stay_out_of_debug_logs(
     kafka_settings: KafkaSettings,
     tmp_path: Path,

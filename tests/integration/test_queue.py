@@ -20,9 +20,11 @@ import uuid6
 from sqlalchemy import Engine, text
 
 from normalize.content import Blob
-from normalize.identity import email_identity, phone_identity
+from normalize.identity import email_identity, phone_identity, verified
 from normalize.schema import (
     Attachment,
+    AuthCheck,
+    Authentication,
     ConversationStatus,
     Flags,
     IdentityKind,
@@ -34,14 +36,15 @@ from normalize.schema import (
 from sinks.api import install_denied_handler, queue_router
 from sinks.queue import QueueSink, QueueStore
 from switchboard.blobs import FileBlobStore
-from switchboard.db import make_engine, upgrade
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.events import TYPE_CONVERSATION_STATUS
 from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher
 from switchboard.runtime import HttpServer
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ROUTED
-from tests.conftest import POSTGRES_URL
+from tests.postgres import with_search_path
 from tests.router_helpers import (
     CONFIG,
     events_of,
@@ -49,6 +52,7 @@ from tests.router_helpers import (
     publish,
     running_router,
     store_for,
+    wait_processed,
 )
 
 pytestmark = pytest.mark.integration
@@ -65,6 +69,7 @@ def _inbox(value: str) -> Recipient:
 
 def _message(sender: str, minutes: int, **fields: Any) -> InboundMessage:  # noqa: ANN401
     identity = phone_identity(sender) if sender.startswith("+") else email_identity(sender)
+    identity = fields.pop("identity", identity)
     values: dict[str, Any] = {
         "id": uuid6.uuid7(),
         "channel": "sms" if sender.startswith("+") else "email",
@@ -147,12 +152,12 @@ def running_sink(sink: QueueSink) -> Iterator[QueueSink]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[World]:
     schema = f"q_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(POSTGRES_URL)
+    admin = make_engine(postgres_url)
     with admin.begin() as c:
         c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = make_engine(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    engine = make_engine(with_search_path(postgres_url, schema))
     upgrade(engine)
     blobs = FileBlobStore(tmp_path_factory.mktemp("blobs"))
     attachment = Blob.of(b"%PDF-1.4 invoice", "application/pdf")
@@ -171,6 +176,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             subject="Invoice",
             html="<p>See <b>attached</b></p>",
             attachments=(pdf,),
+            # Checked and failed: the read model keeps the verdict (and a rebuild too).
+            authentication=Authentication(
+                source="local",
+                checks=(AuthCheck(method="dmarc", result="fail", domain="example.org"),),
+            ),
             text="New part\n\n> quoted history",
             text_new="New part",
             thread=Thread(message_id="ann-1@example.org"),
@@ -181,7 +191,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             10,
             channel="webhook",
             adapter="contact-form",
-            identities=(phone_identity("+14155550100"),),
+            # The company's signed backend vouches for both: they may merge.
+            identity=verified(email_identity("ann@example.org"), "hook:contact-form"),
+            identities=(verified(phone_identity("+14155550100"), "hook:contact-form"),),
             recipients=(),
         ),
     ]
@@ -202,7 +214,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         app = create_app(Readiness())
         app.include_router(queue_router(store, blobs, publisher, TOKEN))
         install_denied_handler(app)
-        router_engine = make_engine(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+        router_engine = make_engine(with_search_path(postgres_url, schema))
 
         def send(batch: list[InboundMessage]) -> None:
             publish(kafka, batch)
@@ -215,7 +227,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             ):
                 for m in ann[:2] + bob[:2]:
                     send([m])
-                    time.sleep(0.3)  # in order, as people write
+                    # In order, as people write: each one routed before the next.
+                    wait_processed(router_engine, [m.id], timeout_s=30)
                 send([ann[2], bob[2]])
                 w = World(base, kafka, engine, sink, store, ann, bob, attachment, send)
                 _until(
@@ -294,6 +307,17 @@ def test_conversation_messages_in_time_order_with_everything_an_agent_needs(
     assert email["html"] == "<p>See <b>attached</b></p>"
     assert email["inboxes"] == ["email:support@example.com"]
     assert email["attachments"][0]["filename"] == "invoice 12/2026.pdf"
+    assert email["sender_verified"] is False
+    assert email["authentication"]["checks"][0]["result"] == "fail"
+    every = [
+        m
+        for c in ann["conversations"]
+        for m in world.get(f"/api/conversations/{c['id']}").json()["messages"]
+    ]
+    (hook,) = (m for m in every if m["channel"] == "webhook")
+    # The form's signed backend vouched for Ann: verified, with the hook as evidence.
+    assert (hook["sender_verified"], hook["sender_evidence"]) == (True, "hook:contact-form")
+    assert hook["authentication"] is None
 
 
 def test_a_second_arrival_records_its_inbox_and_no_second_message(world: World) -> None:
@@ -312,9 +336,11 @@ def test_queue_lists_oldest_waiting_first_with_a_cursor_and_teams(world: World) 
     owners = {_ann(world)["owner"]}
     owners.add(world.get("/api/contacts", identity="email:bob@example.org").json()["owner"])
     team = world.get("/api/queue", owner="support", limit=200).json()
-    everything = [i["id"] for i in team["items"]]
+    # One item per customer with open work, not per conversation.
+    everything = [i["contact_id"] for i in team["items"]]
     assert len(everything) >= 2
-    waits = [i["oldest_unanswered_at"] or "9999" for i in team["items"]]
+    assert len(set(everything)) == len(everything)
+    waits = [i["waiting_since"] or "9999" for i in team["items"]]
     assert waits == sorted(waits)
     paged: list[str] = []
     cursor = None
@@ -323,7 +349,7 @@ def test_queue_lists_oldest_waiting_first_with_a_cursor_and_teams(world: World) 
         if cursor:
             params["cursor"] = cursor
         page = world.get("/api/queue", **params).json()
-        paged += [i["id"] for i in page["items"]]
+        paged += [i["contact_id"] for i in page["items"]]
         cursor = page["next_cursor"]
         if not cursor:
             break
@@ -350,8 +376,8 @@ def test_attachment_downloads_with_safe_headers(world: World) -> None:
         ("/api/queue", {"owner": "alice", "limit": 0}, 422),
         ("/api/queue", {"owner": "alice", "cursor": "not-a-cursor"}, 422),
         ("/api/conversations/not-a-uuid", {}, 422),
-        (f"/api/conversations/{uuid.uuid4()}", {}, 404),
-        (f"/api/contacts/{uuid.uuid4()}", {}, 404),
+        ("/api/conversations/7f0e4f4e-5d4c-4f8e-9a43-1b2c3d4e5f60", {}, 404),
+        ("/api/contacts/0c9a8b7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d", {}, 404),
         ("/api/contacts", {"identity": "email:nobody@example.org"}, 404),
         ("/api/contacts", {"identity": "nobody"}, 422),
         ("/api/attachments/XYZ", {}, 422),
@@ -395,8 +421,9 @@ def test_status_changes_are_published_and_a_customer_message_reopens(world: Worl
     assert closed.json()["status"] == "closed"
     assert closed.json()["oldest_unanswered_at"] is None
     owner = bob["owner"]
-    assert conversation_id not in [
-        i["id"] for i in world.get("/api/queue", owner=owner).json()["items"]
+    # Bob has no open work left: he leaves the owner's queue.
+    assert bob["id"] not in [
+        i["contact_id"] for i in world.get("/api/queue", owner=owner).json()["items"]
     ]
     published = events_of(
         world.kafka, ROUTED, TYPE_CONVERSATION_STATUS, ConversationStatus, count=1
@@ -414,7 +441,9 @@ def test_status_changes_are_published_and_a_customer_message_reopens(world: Worl
     assert reopened["oldest_unanswered_at"] is not None
 
 
-def test_replay_changes_nothing_and_a_rebuild_gives_the_same_rows(world: World) -> None:
+def test_replay_changes_nothing_and_a_rebuild_gives_the_same_rows(
+    world: World, postgres_url: str
+) -> None:
     live = world.store.rows()
     # Re-delivery of everything to the same read model: every event is skipped.
     replay = QueueSink(world.kafka, world.store, group_id=f"replay-{uuid.uuid4().hex[:6]}")
@@ -424,10 +453,10 @@ def test_replay_changes_nothing_and_a_rebuild_gives_the_same_rows(world: World) 
     assert world.store.rows() == live
     # A rebuild in a database of its own, from the earliest offsets.
     schema = f"r_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(POSTGRES_URL)
+    admin = make_engine(postgres_url)
     with admin.begin() as c:
         c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = make_engine(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    engine = make_engine(with_search_path(postgres_url, schema))
     try:
         upgrade(engine)
         rebuilt_store = QueueStore(engine, TEAMS)
@@ -435,7 +464,7 @@ def test_replay_changes_nothing_and_a_rebuild_gives_the_same_rows(world: World) 
         # must go back to the earliest offsets. (Stop the live sink first, as an
         # operator would; the rebuilt rows go to a database of their own.)
         world.sink.request_stop()
-        time.sleep(3)
+        assert world.sink.closed.wait(30), "the live sink did not leave its group"
         rebuild = QueueSink(world.kafka, rebuilt_store, group_id="queue-test", rebuild=True)
         with running_sink(rebuild):
             _until(lambda: rebuild.applied >= world.sink.applied, 30)

@@ -23,8 +23,9 @@ from normalize.schema import (
     Recipient,
     RecipientRole,
 )
-from sinks.queue import QueueStore
-from switchboard.db import make_engine, upgrade
+from sinks.queue import BadCursor, QueueStore
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.events import (
     TYPE_CONVERSATION_STATUS,
     TYPE_DUPLICATE,
@@ -224,3 +225,91 @@ def test_status_waiting_then_a_customer_message_reopens_and_a_robot_does_not(
     reopened = store.conversation(conversation)
     assert reopened["status"] == "open"
     assert reopened["oldest_unanswered_at"] == (T0 + timedelta(minutes=3)).isoformat()
+
+
+@pytest.mark.parametrize("merge_first", [True, False], ids=["merge-first", "own-events-first"])
+def test_a_merged_away_contact_is_the_same_whichever_event_comes_first(
+    store: QueueStore, merge_first: bool
+) -> None:
+    """The merge travels on the survivor's partition, the merged contact's own
+    events on its own: a rebuild interleaves them differently from the live run.
+    Both orders must give the same rows (a flaky rebuild test found they did not:
+    the merged-away row kept its own owner and time in one order only)."""
+    older, newer = uuid.uuid4(), uuid.uuid4()
+    apply(store, contact_event(ContactEventKind.CREATED, older, 0, owner="alice"))
+    apply(store, routed(older, uuid.uuid4(), 0, owner="alice"))
+    own = [
+        contact_event(
+            ContactEventKind.CREATED, newer, 1, owner="carol", identities=("phone:+14155550100",)
+        ),
+        routed(newer, uuid.uuid4(), 1, owner="carol"),
+    ]
+    merge = contact_event(
+        ContactEventKind.MERGED,
+        older,
+        5,
+        owner="alice",
+        merged_contact_ids=(newer,),
+        identities=("phone:+14155550100",),
+    )
+    for event in [merge, *own] if merge_first else [*own, merge]:
+        apply(store, event)
+    contacts = {row[0]: row for row in store.rows()["queue_contacts"]}
+
+    # (owner, owner_at, merged_into, created_at), times to the second (SQLite keeps
+    # no offset): for the merged-away contact, the merge's owner facts, and its own
+    # creation (a merge does not change when a contact was created; an unmerge
+    # shows it again).
+    def facts(row: tuple[str, ...]) -> tuple[str, ...]:
+        return (row[1], row[2][:19], row[3], row[4][:19])
+
+    at_merge = str(T0 + timedelta(minutes=5))[:19]
+    created = str(T0 + timedelta(minutes=1))[:19]
+    assert facts(contacts[str(newer)]) == ("alice", at_merge, str(older), created)
+    routed_at = str(T0 + timedelta(seconds=1))[:19]  # its last owner fact: its message
+    assert facts(contacts[str(older)]) == ("alice", routed_at, "None", str(T0)[:19])
+    assert store.contact(newer)["owner"] == "alice"
+    assert {c["owner"] for c in store.contact(older)["conversations"]} == {"alice"}
+    assert store.contact_by_identity("phone:+14155550100")["id"] == str(older)
+
+
+def test_the_queue_pages_in_sql_with_ties_and_closed_conversations(store: QueueStore) -> None:
+    """Keyset pagination in SQL: every conversation exactly once, waiting ones first
+    (oldest first), then those nobody waits for; ties broken by last activity and
+    id; a cursor that was not issued is refused."""
+    closed = []
+    for n in range(7):
+        contact, conversation = uuid.uuid4(), uuid.uuid4()
+        # Two conversations wait since the same minute: the tie goes to the id.
+        apply(store, routed(contact, conversation, minutes=min(n, 5)))
+        if n % 3 == 0:
+            status = ConversationStatus(
+                event_id=uuid.uuid4(),
+                conversation_id=conversation,
+                contact_id=contact,
+                status="waiting",
+                occurred_at=T0 + timedelta(hours=1),
+            )
+            apply(store, status)
+            closed.append(str(conversation))
+    seen: list[dict[str, object]] = []
+    cursor = None
+    while True:
+        page = store.queue("alice", status="all", limit=2, cursor=cursor)
+        seen.extend(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert len(seen) == 7
+    assert len({c["id"] for c in seen}) == 7
+    waiting = [c for c in seen if c["oldest_unanswered_at"] is not None]
+    assert [c["id"] for c in seen[len(waiting) :]] == sorted(
+        closed, key=lambda i: next((c["last_message_at"], i) for c in seen if c["id"] == i)
+    )
+    keys = [(c["oldest_unanswered_at"], c["last_message_at"], c["id"]) for c in waiting]
+    assert keys == sorted(keys)
+    assert store.queue("alice", status="open", limit=50).items == [
+        c for c in seen if c["status"] == "open"
+    ]
+    with pytest.raises(BadCursor):
+        store.queue("alice", cursor="WyJ4IiwgInkiLCAieiJd")  # ["x", "y", "z"]

@@ -7,15 +7,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
-from normalize.schema import MessageRouted
-from switchboard.db import make_engine, upgrade
-from switchboard.events import TYPE_ROUTED
+from normalize.schema import ContactEvent, MessageRouted
+from router.tables import merges
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
+from switchboard.events import TYPE_ROUTED, read_data
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ROUTED
 from tests.router_helpers import (
@@ -29,9 +33,11 @@ from tests.router_helpers import (
     processed,
     publish,
     snapshot,
+    store_for,
 )
 
-pytestmark = pytest.mark.integration
+# slow: among the longest scenarios, left to `make test` (not `make test-quick`).
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 AGENTS = CONFIG.teams["support"].agents
 TOML = """
@@ -215,3 +221,98 @@ def _grouping(snap: Snapshot) -> frozenset[frozenset[str]]:
     for contact, _, key in snap.messages.values():
         by_contact.setdefault(contact, set()).add(key)
     return frozenset(frozenset(v) for v in by_contact.values())
+
+
+def test_agents_merge_and_unmerge_while_four_routers_route(
+    migrated_postgres: Engine, postgres_schema_url: str, tmp_path: Path
+) -> None:
+    """Two agents merge and unmerge pairs of customers again and again while four
+    routers route those customers' messages: no deadlock, and in the end every
+    person has one contact with all their identities and every message."""
+    pop = population(120, seed=23)
+    # Every person's linking form first, so each person is one contact before the
+    # agents start; the rest arrives while they merge and unmerge.
+    forms = [m for m in pop.messages if m.channel == "webhook"]
+    rest = [m for m in pop.messages if m.channel != "webhook"]
+    first, second = forms + rest[: len(rest) // 3], rest[len(rest) // 3 :]
+    store = store_for(migrated_postgres)
+    cycles, moved = [0, 0], [0, 0]
+    failures: list[BaseException] = []
+    with fresh_kafka(partitions=8) as kafka:
+        routers = Routers(kafka, postgres_schema_url, tmp_path)
+        try:
+            for _ in range(4):
+                routers.start()
+            publish(kafka, first)
+            wait_for_ids(migrated_postgres, {m.id for m in first}, routers)
+            snap = snapshot(migrated_postgres)
+            contact_of = [snap.contact_of(sorted(keys)[0]) for keys in pop.people]
+            pairs = [(contact_of[i], contact_of[i + 1]) for i in range(0, 40, 2)]
+            done = threading.Event()
+
+            def agent(n: int) -> None:
+                try:
+                    while not done.is_set():
+                        for a, b in pairs[n::2]:
+                            assert a is not None
+                            assert b is not None
+                            store.merge(a, b, by=f"agent-{n}")
+                            undone = store.unmerge(a, b, by=f"agent-{n}")
+                            cycles[n] += 1
+                            data = read_data(undone.value(), ContactEvent)
+                            moved[n] += len(data.moved_messages)
+                except BaseException as exc:  # noqa: BLE001 - reported by the test
+                    failures.append(exc)
+
+            agents = [threading.Thread(target=agent, args=(n,)) for n in range(2)]
+            for thread in agents:
+                thread.start()
+            # In slices, so the agents have the time to race many messages.
+            began = time.monotonic()
+            for start in range(0, len(second), 100):
+                publish(kafka, second[start : start + 100])
+                time.sleep(0.3)
+            wait_all(migrated_postgres, pop, routers, timeout_s=240)
+            took = time.monotonic() - began
+            done.set()
+            for thread in agents:
+                thread.join(60)
+        finally:
+            routers.stop()
+    assert failures == []
+    logs = routers.logs()
+    assert "deadlock detected" not in logs
+    assert routers.errors() == []
+    final = snapshot(migrated_postgres)
+    check_population(final, pop, AGENTS)
+    # Every message with the contact of the person who sent it.
+    sender_of = {m.id: m.sender.key for m in pop.messages}
+    for message_id, (contact, _, _) in final.messages.items():
+        assert final.contact_of(sender_of[message_id]) == contact, message_id
+    with migrated_postgres.connect() as c:
+        undone = c.execute(
+            select(func.count()).select_from(merges).where(merges.c.by.is_not(None))
+        ).scalar_one()
+        open_merges = c.execute(
+            select(func.count())
+            .select_from(merges)
+            .where(merges.c.by.is_not(None), merges.c.undone_at.is_(None))
+        ).scalar_one()
+    assert open_merges == 0
+    assert undone == sum(cycles) > 0
+    # The race happened: messages routed into a merged contact went back.
+    assert sum(moved) > 0
+    print(  # noqa: T201 - the figures are useful in the test log
+        f"4 routers, 2 agents: {len(pop.messages)} messages in {took:.1f}s, "
+        f"{sum(cycles)} merge+unmerge cycles, {sum(moved)} messages moved back, "
+        f"{logs.count('batch will be retried')} batch retries"
+    )
+
+
+def wait_for_ids(engine: Engine, ids: set[UUID], routers: Routers) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if ids <= processed(engine):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not routed in time; logs:\n{routers.logs()[-4000:]}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +17,10 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, select
 
 import router.store as store_module
-from normalize.identity import email_identity, phone_identity
+from normalize.identity import email_identity, phone_identity, verified
 from normalize.schema import (
     ContactEvent,
+    ContactEventKind,
     DeadLetter,
     Flags,
     IdentityKind,
@@ -32,8 +32,10 @@ from normalize.schema import (
     Thread,
 )
 from router.decide import RoutingConfig, Team
-from router.store import RouterStore, UnknownContact, UnknownOwner, inboxes, owners, topic_of
-from switchboard.db import make_engine, upgrade
+from router.store import RouterStore, UnknownContact, UnknownOwner, topic_of
+from router.tables import inboxes, owners
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.events import TYPE_DEADLETTER, TYPE_DUPLICATE, TYPE_ROUTED, Event
 from switchboard.topics import CONTACTS, DEADLETTER, ROUTED
 from tests.factories import inbound_message
@@ -84,7 +86,7 @@ def sms(number: str, sid: str | None = None) -> InboundMessage:
         id=uuid6.uuid7(),
         channel="sms",
         adapter="twilio",
-        sender=phone_identity(number),
+        sender=verified(phone_identity(number), "twilio-signature"),
         identities=(),
         recipients=(inbox("+14155550199"),),
         received_at=NOW,
@@ -97,13 +99,18 @@ def sms(number: str, sid: str | None = None) -> InboundMessage:
     )
 
 
-def form(mail: str, number: str) -> InboundMessage:
+def form(mail: str, number: str, *, vouched: bool = True) -> InboundMessage:
+    """A form post; ``vouched``: from the company's signed backend, which vouches
+    for both identities; else a public form, whose identities are claimed."""
+    sender, phone = email_identity(mail), phone_identity(number)
+    if vouched:
+        sender, phone = verified(sender, "hook:contact-form"), verified(phone, "hook:contact-form")
     return inbound_message(
         id=uuid6.uuid7(),
         channel="webhook",
         adapter="contact-form",
-        sender=email_identity(mail),
-        identities=(phone_identity(number),),
+        sender=sender,
+        identities=(phone,),
         recipients=(),
         received_at=NOW,
         thread=Thread(),
@@ -227,7 +234,6 @@ def test_two_contacts_linked_by_a_form_merge_into_the_older(engine: Engine) -> N
     # A later SMS follows the survivor.
     later = models(store.route_batch([sms("+14155550100")])[0].events, MessageRouted)[0]
     assert (later.contact_id, later.reason) == (older_id, "sticky")
-    assert store.resolve_contact(newer_routed.contact_id) == older_id
 
 
 def test_over_merging_is_refused_beyond_the_identity_limit(engine: Engine) -> None:
@@ -301,14 +307,15 @@ def test_manual_assignment_is_sticky_and_recorded_as_pending(engine: Engine) -> 
     store.sync_owners()
     first = models(store.route_batch([email("ann@example.org")])[0].events, MessageRouted)[0]
     target = next(a for a in CONFIG.teams["support"].agents if a != first.owner)
-    event = store.assign(first.contact_id, target)
+    event = store.assign(first.contact_id, target, by="dana")
     assert topic_of(event) == CONTACTS
     assert [e.id for e in store.pending()] == [event.id]
     data = json.loads(event.value())
-    assert (data["owner"], data["previous_owner"], data["reason"]) == (
+    assert (data["owner"], data["previous_owner"], data["reason"], data["by"]) == (
         target,
         first.owner,
         "manual",
+        "dana",
     )
     store.mark_published([event.id])
     assert store.pending() == []
@@ -353,11 +360,13 @@ def test_a_message_that_keeps_failing_is_dead_lettered_and_the_batch_goes_on(
 
 
 def test_dedupe_keys_expire_after_the_retention(engine: Engine) -> None:
-    store = RouterStore(engine, CONFIG, retention=timedelta(seconds=1))
+    later_on = [datetime.now(UTC)]
+    store = RouterStore(engine, CONFIG, retention=timedelta(days=1), clock=lambda: later_on[0])
     store.sync_owners()
     first = email("ann@example.org", "kept@mail.example.org")
     store.route_batch([first])
-    time.sleep(1.2)
+    assert store.purge()[0] == 0  # within the retention
+    later_on[0] += timedelta(days=1, seconds=1)
     assert store.purge()[0] == 1
     later = email("ann@example.org", "kept@mail.example.org")
     assert store.route_batch([later])[0].result == "routed"
@@ -387,3 +396,58 @@ def test_routers_starting_together_sync_the_owners_without_a_conflict(
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_a_public_form_suggests_the_merge_instead_of_making_it(engine: Engine) -> None:
+    """The takeover by web form: Wendy's email and Vic's phone in one anonymous post.
+    Nothing moves; the router emits merge.suggested for an agent."""
+    store = store_for(engine)
+    store.sync_owners()
+    store.route_batch([email("wendy@example.org")])
+    store.route_batch([sms("+14155550100")])
+    before = snapshot(engine)
+    outcome = store.route_batch([form("wendy@example.org", "+14155550100", vouched=False)])[0]
+    after = snapshot(engine)
+    assert after.merged == {}
+    assert after.contacts == before.contacts
+    wendy = after.contact_of("email:wendy@example.org")
+    vic = after.contact_of("phone:+14155550100")
+    assert wendy != vic
+    (suggestion,) = [
+        e
+        for e in models(outcome.events, ContactEvent)
+        if e.kind == ContactEventKind.MERGE_SUGGESTED
+    ]
+    assert (suggestion.contact_id, suggestion.other_contact_id) == (wendy, vic)
+    assert suggestion.identities == ("phone:+14155550100",)
+    assert suggestion.message_id == outcome.message_id
+    # Vic's next SMS lands in Vic's own contact.
+    next_sms = store.route_batch([sms("+14155550100")])[0]
+    (routed,) = models(next_sms.events, MessageRouted)
+    assert routed.contact_id == vic
+
+
+def test_contact_events_carry_the_name_the_sender_presented(engine: Engine) -> None:
+    store = store_for(engine)
+    first = email("ann@example.org").model_copy(
+        update={"sender": email_identity("ann@example.org", "Ann Example")}
+    )
+    created = models(store.route_batch([first])[0].events, ContactEvent)
+    assert [(e.kind, e.display_name) for e in created] == [
+        (ContactEventKind.CREATED, "Ann Example")
+    ]
+    # A form vouched for by the company's backend links her phone, under her new name.
+    linked_by = email(
+        "ann@example.org", identities=(verified(phone_identity("+14155550177"), "hook:crm"),)
+    ).model_copy(
+        update={"sender": verified(email_identity("ann@example.org", "Ann B. Example"), "hook:crm")}
+    )
+    linked = models(store.route_batch([linked_by])[0].events, ContactEvent)
+    assert [(e.kind, e.display_name) for e in linked] == [
+        (ContactEventKind.IDENTITY_LINKED, "Ann B. Example")
+    ]
+    # An SMS presents no name: nothing is said about one.
+    assert (
+        models(store.route_batch([sms("+14155550123")])[0].events, ContactEvent)[0].display_name
+        is None
+    )

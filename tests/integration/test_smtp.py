@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -17,6 +15,7 @@ import pytest
 from normalize.schema import RecipientRole
 from switchboard.broker import free_port
 from switchboard.settings import KafkaSettings
+from tests import needs
 from tests.certs import self_signed
 from tests.smtp_helpers import collect, queued_id, smtp_server
 
@@ -260,10 +259,7 @@ def test_starttls(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) ->
 def test_swaks_as_a_third_party_client(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:
-    if shutil.which("swaks") is None:
-        if os.environ.get("CI"):
-            pytest.fail("swaks is required in CI (.ci/run installs it)")
-        pytest.skip("swaks not installed (apt-get install swaks)")
+    needs.program("swaks")
     with smtp_server(kafka_settings, tmp_path) as server:
         result = subprocess.run(
             [

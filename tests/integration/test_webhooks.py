@@ -125,13 +125,20 @@ def test_dedupe_key_sources(
 ) -> None:
     payload = {"contact": {"email": "ann@example.com"}, "message": unique}
     with http_ingest(kafka_settings, tmp_path, hooks=hooks(monkeypatch)) as app:
+        # The signature does not cover this hook's Idempotency-Key header: ignored.
         keyed = submit(app, payload, **{"idempotency-key": f"k-{unique}"}).json()
         first = submit(app, payload).json()
         second = submit(app, payload).json()
-    assert keyed["dedupe_key"] == f"webhook:contact-form:key:k-{unique}"
+        unsigned = httpx.post(
+            f"{app.base}/webhooks/open",
+            json={"email": "ann@example.com", "text": unique},
+            headers={"idempotency-key": f"k-{unique}"},
+        ).json()
     assert first["dedupe_key"].startswith("webhook:contact-form:fp:")
-    assert first["dedupe_key"] == second["dedupe_key"]
+    assert keyed["dedupe_key"] == first["dedupe_key"] == second["dedupe_key"]
     assert first["id"] != second["id"]
+    # auth = none keeps the header, as before (anyone can post any body there anyway).
+    assert unsigned["dedupe_key"] == f"webhook:open:key:k-{unique}"
 
 
 def test_form_encoded_hook_with_a_bearer_token(

@@ -8,7 +8,6 @@ command and sets only real settings.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 
 from switchboard.cli import build_parser
 from switchboard.settings import known_env_vars
+from tests import needs
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -25,11 +25,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 
 def _rendered() -> dict[str, Any]:
     """The file as docker-compose resolves it (anchors, merges, interpolation)."""
-    docker_compose = shutil.which("docker-compose")
-    if docker_compose is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is required in CI (.ci/run installs it)")
-        pytest.skip("docker-compose not installed (apt-get install docker-compose)")
+    docker_compose = needs.program("docker-compose")
     result = subprocess.run(
         [docker_compose, "-f", str(COMPOSE), "config"],
         env={
@@ -65,9 +61,7 @@ def test_compose_file_is_valid_and_has_the_production_pieces() -> None:
 
 
 def test_compose_refuses_to_start_without_a_database_password() -> None:
-    docker_compose = shutil.which("docker-compose")
-    if docker_compose is None:
-        pytest.skip("docker-compose not installed")
+    docker_compose = needs.program("docker-compose")
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
     env["SWITCHBOARD_SMTP_DOMAINS"] = "example.com"
     env["SWITCHBOARD_PUBLIC_URL"] = "https://hooks.example.com"

@@ -136,3 +136,33 @@ def test_identity_keys_round_trip() -> None:
 def test_bad_identity_keys_are_refused(key: str) -> None:
     with pytest.raises(IdentityError):
         parse_identity_key(key)
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("+1 415 555 0100 ext. 12", "+14155550100;ext=12"),
+        ("(415) 555-0100 x12", "+14155550100;ext=12"),
+        ("+1 415 555 0100 extension 34", "+14155550100;ext=34"),
+        ("tel:+1-415-555-0100;ext=12", "+14155550100;ext=12"),
+        ("+14155550100;ext=12", "+14155550100;ext=12"),
+    ],
+)
+def test_an_extension_is_part_of_the_phone_identity(raw: str, canonical: str) -> None:
+    assert canonical_phone(raw, "US") == canonical
+    identity = phone_identity(raw, "US")
+    assert identity.key == f"phone:{canonical}"
+    assert parse_identity_key(identity.key).key == identity.key
+
+
+def test_two_extensions_and_the_bare_number_are_three_identities() -> None:
+    keys = {
+        phone_identity(n, "US").key
+        for n in ("+1 415 555 0100 ext. 12", "+1 415 555 0100 ext. 34", "+1 415 555 0100")
+    }
+    assert len(keys) == 3
+
+
+def test_an_absurd_extension_is_refused() -> None:
+    with pytest.raises(IdentityError, match="extension"):
+        canonical_phone("+1 415 555 0100 ext. 12345678901234", "US")

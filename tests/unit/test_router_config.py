@@ -10,7 +10,8 @@ import pytest
 
 from router.config import routing_config
 from router.decide import Routed, route
-from switchboard.settings import ConfigError, load_settings
+from router.settings import RouterSettings, RuleSettings, TeamSettings
+from switchboard.settings import ConfigError, Settings, load_settings
 from tests.factories import inbound_message
 from tests.unit.test_router_decide import FakeDirectory
 
@@ -42,10 +43,16 @@ team = "sales"
 """
 
 
+def _sections(
+    settings: Settings,
+) -> tuple[RouterSettings, list[TeamSettings], list[RuleSettings]]:
+    return settings.router, list(settings.teams), list(settings.rules)
+
+
 def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SWITCHBOARD_CONFIG", raising=False)
-    config = routing_config(load_settings())
+    config = routing_config(*_sections(load_settings()))
     assert list(config.teams) == ["support"]
     assert config.default_team == "support"
     assert config.idle_window == timedelta(hours=72)
@@ -54,7 +61,7 @@ def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_a_full_routing_file(tmp_path: Path) -> None:
     path = tmp_path / "switchboard.toml"
     path.write_text(CONFIG)
-    config = routing_config(load_settings(path))
+    config = routing_config(*_sections(load_settings(path)))
     assert config.teams["sales"].assignment == "least-loaded"
     assert config.teams["sales"].capacity == 20
     assert config.rules[0].inbox == "email:sales@acme.example.com"

@@ -11,8 +11,16 @@ from uuid import UUID
 import pytest
 import uuid6
 
-from normalize.identity import email_identity, phone_identity
-from normalize.schema import Flags, IdentityKind, InboundMessage, Recipient, RecipientRole, Thread
+from normalize.identity import email_identity, external_identity, phone_identity, verified
+from normalize.schema import (
+    Flags,
+    Identity,
+    IdentityKind,
+    InboundMessage,
+    Recipient,
+    RecipientRole,
+    Thread,
+)
 from router.decide import (
     ContactView,
     ConversationView,
@@ -94,10 +102,10 @@ class FakeDirectory:
         return contact
 
 
-def email(sender: str = "ann@example.com", **overrides: object) -> InboundMessage:
+def email(sender: str | Identity = "ann@example.com", **overrides: object) -> InboundMessage:
     fields: dict[str, object] = {
         "id": uuid6.uuid7(),
-        "sender": email_identity(sender),
+        "sender": email_identity(sender) if isinstance(sender, str) else sender,
         "identities": (),
         "received_at": NOW,
         "dedupe_key": f"email-mid:{uuid.uuid4()}@example.com",
@@ -201,11 +209,19 @@ def test_a_removed_owner_is_replaced_within_the_team() -> None:
     assert d.owner in ("alice", "bob")
 
 
+def vouched(identity: Identity) -> Identity:
+    return verified(identity, "hook:backend")
+
+
 def test_a_form_linking_two_contacts_merges_into_the_older() -> None:
     view = FakeDirectory()
     old = view.add_contact("email:ann@example.com", owner="alice", age_days=30)
     young = view.add_contact("phone:+14155550100", owner="bob", age_days=1)
-    form = email(identities=(phone_identity("+14155550100"),), channel="webhook")
+    form = email(
+        sender=vouched(email_identity("ann@example.com")),
+        identities=(vouched(phone_identity("+14155550100")),),
+        channel="webhook",
+    )
     d = routed(route(form, view, CONFIG))
     assert (d.contact_id, d.merged, d.owner, d.reason) == (old.id, (young.id,), "alice", "merged")
     assert d.link == ()
@@ -221,7 +237,10 @@ def test_over_merging_is_refused_beyond_the_identity_limit() -> None:
         owner="bob",
         age_days=40,
     )
-    form = email(identities=(email_identity("a@x.example.com"),))
+    form = email(
+        sender=vouched(email_identity("ann@example.com")),
+        identities=(vouched(email_identity("a@x.example.com")),),
+    )
     d = routed(route(form, view, CONFIG))
     assert d.merged == ()
     assert d.contact_id == mine.id
@@ -231,7 +250,13 @@ def test_over_merging_is_refused_beyond_the_identity_limit() -> None:
 def test_linking_beyond_the_limit_is_refused() -> None:
     view = FakeDirectory()
     view.add_contact("email:ann@example.com", "email:b@example.com", "email:c@example.com")
-    form = email(identities=(email_identity("d@example.com"), phone_identity("+14155550100")))
+    form = email(
+        sender=vouched(email_identity("ann@example.com")),
+        identities=(
+            vouched(email_identity("d@example.com")),
+            vouched(phone_identity("+14155550100")),
+        ),
+    )
     d = routed(route(form, view, CONFIG))
     assert d.refused == ("email:d@example.com",)
     assert d.link == ("phone:+14155550100",)
@@ -275,8 +300,8 @@ def test_replies_join_their_thread_only_within_the_contact() -> None:
     view = FakeDirectory()
     ann = view.add_contact("email:ann@example.com")
     other = view.add_contact("email:eve@example.com")
-    ann_thread = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(days=30), open=False)
-    eve_thread = ConversationView(uuid.uuid4(), other.id, NOW - timedelta(hours=1), open=True)
+    ann_thread = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(days=30))
+    eve_thread = ConversationView(uuid.uuid4(), other.id, NOW - timedelta(hours=1))
     view.conversations += [(ann_thread, ("t1@acme",)), (eve_thread, ("t2@acme",))]
     reply = email(thread=Thread(in_reply_to=("t1@acme",)))
     assert routed(route(reply, view, CONFIG)).conversation_id == ann_thread.id
@@ -289,9 +314,130 @@ def test_replies_join_their_thread_only_within_the_contact() -> None:
 def test_idle_window_across_channels(hours: int, joins: bool) -> None:
     view = FakeDirectory()
     ann = view.add_contact("email:ann@example.com", "phone:+14155550100")
-    open_conv = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(hours=hours), open=True)
+    open_conv = ConversationView(uuid.uuid4(), ann.id, NOW - timedelta(hours=hours))
     view.conversations.append((open_conv, ()))
     sms = text_message("SM9")
     d = routed(route(sms, view, CONFIG))
     assert (d.conversation_id == open_conv.id) is joins
     assert d.new_conversation is not joins
+
+
+# -- who may link and merge (merge_policy) -----------------------------------------
+
+
+def test_a_strangers_form_never_merges_two_customers() -> None:
+    """The takeover: one anonymous post with Wendy's email and Vic's phone."""
+    view = FakeDirectory()
+    wendy = view.add_contact("email:wendy@example.com", owner="alice", age_days=30)
+    vic = view.add_contact("phone:+14155550100", owner="bob", age_days=10)
+    form = email(
+        sender="wendy@example.com", identities=(phone_identity("+14155550100"),), channel="webhook"
+    )
+    d = routed(route(form, view, CONFIG))
+    assert d.merged == ()
+    assert d.contact_id == wendy.id  # the sender's own contact
+    assert d.suggestions == ((vic.id, "phone:+14155550100"),)
+    assert d.link == ()
+
+
+def test_an_attackers_own_contact_never_absorbs_a_victim() -> None:
+    """Attacker first posts with their address (an older contact), then their
+    address plus the victim's phone: the victim's contact must stay whole."""
+    view = FakeDirectory()
+    attacker = view.add_contact("email:mallory@evil.example", owner="alice", age_days=30)
+    victim = view.add_contact("phone:+14155550100", owner="bob", age_days=1)
+    form = email(sender="mallory@evil.example", identities=(phone_identity("+14155550100"),))
+    d = routed(route(form, view, CONFIG))
+    assert (d.contact_id, d.merged, d.link) == (attacker.id, (), ())
+    assert d.suggestions == ((victim.id, "phone:+14155550100"),)
+
+
+def test_a_claimed_identity_never_writes_into_another_customers_contact() -> None:
+    """A stranger types a customer's number into a form: a new contact for the
+    stranger, the number is not attached to it, and an agent is asked."""
+    view = FakeDirectory()
+    victim = view.add_contact("phone:+14155550100", owner="bob")
+    form = email(sender="mallory@evil.example", identities=(phone_identity("+14155550100"),))
+    d = routed(route(form, view, CONFIG))
+    assert d.new_contact
+    assert d.contact_id != victim.id
+    assert d.link == ("email:mallory@evil.example",)
+    assert d.suggestions == ((victim.id, "phone:+14155550100"),)
+
+
+def test_a_new_contact_from_claims_gets_only_the_sender() -> None:
+    """Otherwise a stranger could pre-register a customer's address with their own
+    phone, and later text into the customer's conversation."""
+    form = email(sender="victim@example.com", identities=(phone_identity("+14155550100"),))
+    d = routed(route(form, FakeDirectory(), CONFIG))
+    assert d.new_contact
+    assert d.link == ("email:victim@example.com",)
+    assert d.suggestions == ()
+
+
+def test_one_request_with_ten_identities_merges_nothing() -> None:
+    view = FakeDirectory()
+    people = [view.add_contact(f"email:p{i}@example.com", owner="alice") for i in range(5)]
+    people += [view.add_contact(f"phone:+1415555010{i}", owner="bob") for i in range(5)]
+    extra = tuple(email_identity(f"p{i}@example.com") for i in range(1, 5)) + tuple(
+        phone_identity(f"+1415555010{i}") for i in range(5)
+    )
+    form = email(sender="p0@example.com", identities=extra)
+    d = routed(route(form, view, CONFIG))
+    assert d.merged == ()
+    assert d.contact_id == people[0].id
+    assert {other for other, _ in d.suggestions} == {p.id for p in people[1:]}
+
+
+def test_verified_identities_link_and_merge_and_claimed_ones_are_suggested() -> None:
+    view = FakeDirectory()
+    old = view.add_contact("phone:+14155550100", owner="alice", age_days=30)
+    young = view.add_contact("external:crm:42", owner="bob", age_days=2)
+    other = view.add_contact("email:someone@example.com", owner="bob", age_days=5)
+    form = email(
+        sender=vouched(phone_identity("+14155550100")),
+        identities=(
+            verified(external_identity("crm", "42"), "hook:backend"),
+            email_identity("someone@example.com"),  # claimed
+            email_identity("new@example.com"),  # claimed, unknown: not linked
+            vouched(email_identity("proven@example.com")),  # verified, unknown: linked
+        ),
+        channel="webhook",
+    )
+    d = routed(route(form, view, CONFIG))
+    assert (d.contact_id, d.merged) == (old.id, (young.id,))
+    assert d.link == ("email:proven@example.com",)
+    assert d.suggestions == ((other.id, "email:someone@example.com"),)
+
+
+def test_a_claimed_sender_reaches_its_own_contact() -> None:
+    view = FakeDirectory()
+    ann = view.add_contact("email:ann@example.com", owner="alice")
+    d = routed(route(email(), view, CONFIG))
+    assert (d.contact_id, d.new_contact, d.suggestions) == (ann.id, False, ())
+
+
+def test_manual_policy_merges_nothing_and_suggests_instead() -> None:
+    manual = RoutingConfig(**{**CONFIG.__dict__, "merge_policy": "manual"})
+    view = FakeDirectory()
+    old = view.add_contact("email:ann@example.com", owner="alice", age_days=30)
+    young = view.add_contact("phone:+14155550100", owner="bob", age_days=1)
+    form = email(
+        sender=vouched(email_identity("ann@example.com")),
+        identities=(vouched(phone_identity("+14155550100")), vouched(email_identity("x@y.org"))),
+    )
+    d = routed(route(form, view, manual))
+    assert (d.contact_id, d.merged) == (old.id, ())
+    assert d.suggestions == ((young.id, "phone:+14155550100"),)
+    assert d.link == ("email:x@y.org",)  # a verified identity still links
+
+
+def test_any_policy_merges_on_claims_as_before() -> None:
+    anything = RoutingConfig(**{**CONFIG.__dict__, "merge_policy": "any"})
+    view = FakeDirectory()
+    old = view.add_contact("email:ann@example.com", owner="alice", age_days=30)
+    young = view.add_contact("phone:+14155550100", owner="bob", age_days=1)
+    form = email(identities=(phone_identity("+14155550100"), email_identity("x@y.org")))
+    d = routed(route(form, view, anything))
+    assert (d.contact_id, d.merged, d.suggestions) == (old.id, (young.id,), ())
+    assert d.link == ("email:x@y.org",)

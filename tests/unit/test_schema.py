@@ -35,10 +35,19 @@ def test_unknown_fields_are_rejected() -> None:
         InboundMessage.model_validate(data)
 
 
-def test_schema_version_is_carried_and_fixed() -> None:
+def test_schema_version_is_carried_and_older_revisions_still_read() -> None:
     data = inbound_message().model_dump(mode="json")
-    assert data["schema_version"] == 1
-    data["schema_version"] = 2
+    assert data["schema_version"] == 2
+    # A revision 1 message (no assurance, no authentication) reads as all claimed.
+    old = {**data, "schema_version": 1}
+    del old["authentication"]
+    for identity in [old["sender"], *old["identities"]]:
+        del identity["assurance"]
+        del identity["evidence"]
+    message = InboundMessage.model_validate(old)
+    assert message.schema_version == 1
+    assert message.sender.assurance == "claimed"
+    data["schema_version"] = 3
     with pytest.raises(ValidationError, match="schema_version"):
         InboundMessage.model_validate(data)
 

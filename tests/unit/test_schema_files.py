@@ -43,4 +43,5 @@ def test_a_real_message_validates_against_the_checked_in_schema() -> None:
 
 
 def test_every_published_model_has_a_file() -> None:
-    assert sorted(schema_documents()) == sorted(p.name for p in SCHEMAS.glob("*.json"))
+    files = [*SCHEMAS.glob("*.json"), *SCHEMAS.glob("*.yaml")]
+    assert sorted(schema_documents()) == sorted(p.name for p in files)

@@ -27,7 +27,7 @@ def sms(form: dict[str, str]) -> InboundMessage:
 def test_sms_fields_and_unknown_fields_kept() -> None:
     m = sms(
         {
-            "MessageSid": "SM1",
+            "MessageSid": "SM" + "1" * 32,
             "From": "+14155550100",
             "To": "+14155550199",
             "Body": "Hi",
@@ -39,14 +39,14 @@ def test_sms_fields_and_unknown_fields_kept() -> None:
     assert m.channel == "sms"
     assert m.sender.key == "phone:+14155550100"
     assert m.recipients[0].value == "+14155550199"
-    assert m.dedupe_key == "twilio:SM1"
+    assert m.dedupe_key == "twilio:SM" + "1" * 32
     assert m.metadata["twilio"] == {"FromCountry": "US", "BrandNewTwilioField": "x"}
 
 
 def test_whatsapp_mms_and_empty_body() -> None:
     m = sms(
         {
-            "MessageSid": "SM2",
+            "MessageSid": "SM" + "2" * 32,
             "From": "whatsapp:+14155550100",
             "Body": "",
             "NumMedia": "2",
@@ -61,7 +61,12 @@ def test_whatsapp_mms_and_empty_body() -> None:
     assert [a.content_type for a in m.attachments] == ["image/jpeg", "application/octet-stream"]
     assert (
         sms(
-            {"MessageSid": "SM3", "From": "+14155550100", "NumMedia": "1", "MediaUrl0": "https://x"}
+            {
+                "MessageSid": "MM" + "3" * 32,
+                "From": "+14155550100",
+                "NumMedia": "1",
+                "MediaUrl0": "https://x",
+            }
         ).channel
         == "mms"
     )
@@ -71,7 +76,13 @@ def test_whatsapp_mms_and_empty_body() -> None:
     ("form", "reason"),
     [
         ({"From": "+14155550100"}, "missing-field"),
-        ({"MessageSid": "SM", "From": "ACME"}, "invalid-sender"),
+        ({"MessageSid": "SM" + "4" * 32, "From": "ACME"}, "invalid-sender"),
+        # The next signed field folded into the SID (a replay past dedupe).
+        ({"MessageSid": "SM" + "4" * 32 + "NumMedia0", "From": "+14155550100"}, "invalid-sid"),
+        (
+            {"MessageSid": "SM" + "4" * 32, "SmsSid": "SMnope", "From": "+14155550100"},
+            "invalid-sid",
+        ),
     ],
 )
 def test_sms_without_sid_or_sender(form: dict[str, str], reason: str) -> None:

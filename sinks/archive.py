@@ -1,0 +1,254 @@
+"""The archive sink: every topic, as Parquet files an analyst's tools read directly.
+
+Exactly once per offset range, as Kafka Connect's S3 sink does it:
+
+- rows are buffered per partition and written as one file when the buffer rolls
+  (size, age, or a new day); the file appears whole (temporary name, fsync,
+  rename) or not at all;
+- offsets are committed only up to the first record still buffered
+  (:meth:`ArchiveHandler.committable`), so a crash loses nothing: the records
+  after the last file are read again;
+- the file names say which offsets the archive holds: a record at or below the
+  last archived offset of its partition is skipped, so the records read again
+  never land in a second file; a file written again over a range (a zombie
+  member after a rebalance) replaces the files it covers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+from kafka import ConsumerRebalanceListener
+from kafka.structs import TopicPartition
+
+from sinks.archive_files import Archive, Part
+from sinks.archive_iceberg import IcebergTable
+from sinks.archive_rows import record_day, to_row, to_table
+from sinks.settings import ArchiveSettings
+from switchboard.config import ConsumerSettings, KafkaSettings
+from switchboard.consumer import ConsumerRuntime, Outage, RecordHandler
+from switchboard.events import Event
+from switchboard.kafka import Publisher
+from switchboard.topics import ALL_TOPICS
+
+log = logging.getLogger(__name__)
+
+GROUP = "switchboard-archive"
+#: Per-row overhead added to the value's size when estimating a buffer's bytes.
+_ROW_OVERHEAD = 256
+
+
+@dataclass
+class _Buffer:
+    day: str
+    first: int
+    started: float
+    last: int = -1
+    size: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def truncate(self, offset: int) -> None:
+        """Forget the rows from ``offset`` on: they are being delivered again."""
+        self.rows = [r for r in self.rows if r["offset"] < offset]
+        self.last = self.rows[-1]["offset"] if self.rows else -1
+        self.size = sum(_ROW_OVERHEAD + len(r.get("data") or r.get("raw") or "") for r in self.rows)
+
+
+class ArchiveHandler(RecordHandler):
+    """Buffers rows per partition and writes them as Parquet files; never rejects a
+    record (a bad one gets a row with ``archive_error``)."""
+
+    stage = "sink"
+
+    def __init__(
+        self, archive: Archive, settings: ArchiveSettings, iceberg: IcebergTable | None = None
+    ) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.iceberg = iceberg
+        self._synced_files = -1  # files written when the Iceberg table was last synced
+        self._buffers: dict[TopicPartition, _Buffer] = {}
+        self._next: dict[TopicPartition, int] = {}
+        self.files = 0
+        self.rows = 0
+        self.skipped = 0
+        self.consumer: Any = None  # a KafkaConsumer, set by the sink once connected
+
+    def _archived_next(self, tp: TopicPartition) -> int:
+        """The first offset of ``tp`` the archive does not hold yet (from its files)."""
+        if tp not in self._next:
+            parts = self.archive.parts(tp.topic, tp.partition)
+            archived = max((p.last + 1 for p in parts), default=0)
+            end = self.log_end(tp) if parts else None
+            if end is not None and end < archived:
+                # The log is shorter than the archive: a new broker (the embedded one
+                # keeps nothing across restarts) numbering from 0 again. The old files
+                # keep their rows under a name that no new range can collide with.
+                tag = f"before-{int(time.time())}"
+                for part in parts:
+                    self.archive.retire(part, tag)
+                log.warning(
+                    "partition log is new; earlier archive files kept as %s-part-*",
+                    tag,
+                    extra={"topic": tp.topic, "partition": tp.partition, "files": len(parts)},
+                )
+                archived = 0
+            self._next[tp] = archived
+        return self._next[tp]
+
+    def log_end(self, tp: TopicPartition) -> int | None:
+        """The partition log's end offset, when a consumer is there to ask."""
+        if self.consumer is None:
+            return None
+        ends = self.consumer.end_offsets([tp])
+        end = ends.get(tp)
+        return int(end) if end is not None else None
+
+    def handle(self, records: Sequence[Any]) -> list[tuple[str, Event]]:
+        try:
+            for record in records:
+                self._add(record)
+            self._flush_aged()
+        except OSError as exc:
+            raise Outage(f"archive not writable: {exc}") from exc
+        return []
+
+    def _add(self, record: Any) -> None:  # noqa: ANN401 - a ConsumerRecord
+        tp = TopicPartition(record.topic, record.partition)
+        offset = int(record.offset)
+        if offset < self._archived_next(tp):
+            self.skipped += 1
+            return
+        buffer = self._buffers.get(tp)
+        if buffer is not None and offset <= buffer.last:
+            buffer.truncate(offset)  # a rewind, a retry or a bisection replays it
+            if not buffer.rows:
+                del self._buffers[tp]
+                buffer = None
+        day = record_day(record)
+        if buffer is not None and buffer.day != day:
+            self._flush(tp)
+            buffer = None
+        if buffer is None:
+            buffer = self._buffers[tp] = _Buffer(day=day, first=offset, started=time.monotonic())
+        row = to_row(record)
+        buffer.rows.append(row)
+        buffer.last = offset
+        buffer.size += _ROW_OVERHEAD + len(record.value or b"")
+        if buffer.size >= self.settings.roll_bytes:
+            self._flush(tp)
+
+    def _flush_aged(self) -> None:
+        now = time.monotonic()
+        for tp in [
+            tp for tp, b in self._buffers.items() if now - b.started >= self.settings.roll_s
+        ]:
+            self._flush(tp)
+
+    def _flush(self, tp: TopicPartition) -> None:
+        buffer = self._buffers[tp]
+        part = Part(tp.topic, buffer.day, tp.partition, buffer.rows[0]["offset"], buffer.last)
+        sink = io.BytesIO()
+        pq.write_table(to_table(buffer.rows), sink, compression=self.settings.compression)
+        self.archive.write(part, sink.getvalue())
+        for old in self.archive.parts(tp.topic, tp.partition):
+            if (
+                old != part
+                and old.day == part.day
+                and part.first <= old.first <= old.last <= part.last
+            ):
+                # Only a second writer of the same range gets here: keep one copy.
+                self.archive.remove(old)
+                log.warning(
+                    "archive file replaced", extra={"old": old.relative, "new": part.relative}
+                )
+        del self._buffers[tp]
+        self._next[tp] = part.last + 1
+        self.files += 1
+        self.rows += len(buffer.rows)
+        log.info("archive file written", extra={"file": part.relative, "rows": len(buffer.rows)})
+
+    def committable(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        held: dict[TopicPartition, int] = {}
+        for tp, offset in offsets.items():
+            buffer = self._buffers.get(tp)
+            held[tp] = min(offset, buffer.first) if buffer is not None else offset
+        return held
+
+    def idle(self) -> None:
+        try:
+            self._flush_aged()
+        except OSError as exc:
+            raise Outage(f"archive not writable: {exc}") from exc
+        self.sync_iceberg()
+
+    def prepare(self) -> None:
+        self.sync_iceberg()  # what a crash left written but not registered
+
+    def sync_iceberg(self) -> None:
+        """Register new files in the Iceberg table (at start, then when idle after
+        writing some). The table is derived from the files: a failure is logged and
+        retried at the next idle poll, and never holds the archive back."""
+        if self.iceberg is None or self._synced_files == self.files:
+            return
+        try:
+            self.iceberg.sync()
+            self._synced_files = self.files
+        except Exception as exc:  # noqa: BLE001 - retried at the next idle poll
+            log.warning("iceberg table not synced yet", extra={"error": repr(exc)[:500]})
+
+    def revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        """Another member reads these now, from the committed offsets: drop what is
+        buffered and what we knew of their files (the other member writes more)."""
+        for tp in partitions:
+            self._buffers.pop(tp, None)
+            self._next.pop(tp, None)
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, handler: ArchiveHandler) -> None:
+        self.handler = handler
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.handler.revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        pass
+
+
+class ArchiveSink(ConsumerRuntime):
+    """The archive's consumer: :class:`ArchiveHandler` on the consumer runtime."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        archive: Archive,
+        settings: ArchiveSettings,
+        *,
+        group_id: str = GROUP,
+        publisher: Publisher | None = None,
+        policy: ConsumerSettings | None = None,
+        iceberg: IcebergTable | None = None,
+    ) -> None:
+        self.archive_handler = ArchiveHandler(archive, settings, iceberg)
+        super().__init__(
+            kafka,
+            self.archive_handler,
+            name="archive-sink",
+            group_id=group_id,
+            topics=ALL_TOPICS,
+            publisher=publisher,
+            policy=policy,
+            listener=_Revocations(self.archive_handler),
+            # Rows are cheap and a commit is a round trip: bigger batches, fewer commits.
+            max_poll_records=2000,
+        )
+
+    def connected(self, consumer: Any) -> None:  # noqa: ANN401 - a KafkaConsumer
+        self.archive_handler.consumer = consumer

@@ -1,0 +1,592 @@
+"""Applying events to the queue read model: one handler per event type,
+registered in :data:`QueueWriter.handlers`, each in the transaction that marks
+the event applied. Events may arrive in any order across partitions; each
+handler keeps the rows a function of the events, not of their order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from normalize.schema import (
+    Assurance,
+    ContactEvent,
+    ContactEventKind,
+    ConversationStatus,
+    MessageDuplicate,
+    MessageRouted,
+)
+from sinks import search, suggestions
+from sinks.queue_tables import (
+    _TS,
+    FAR,
+    PREVIEW,
+    TABLES,
+    _aware,
+    _now,
+    _upsert_ignore,
+    applied,
+    q_attachments,
+    q_contacts,
+    q_conversations,
+    q_identities,
+    q_messages,
+    q_unmerged_conversations,
+    q_unmerged_messages,
+    q_unmerges,
+    survivor,
+)
+from switchboard.events import (
+    TYPE_CONVERSATION_STATUS,
+    TYPE_DUPLICATE,
+    TYPE_ROUTED,
+    contact_event_type,
+    read_data,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["QueueWriter", Connection, Any], None]
+
+
+class QueueWriter:
+    """Applies events to the read model, each at most once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def apply(self, event_type: str, event_id: str, data: bytes | None) -> bool:
+        """Apply one event unless already applied; False if skipped or not ours."""
+        return self.apply_many([(event_type, event_id, data)])[0]
+
+    def apply_many(self, events: Sequence[tuple[str, str, bytes | None]]) -> list[bool]:
+        """Apply a poll's events in order in one transaction (one commit, one fsync,
+        instead of one per event); all or nothing: the consumer runtime splits a
+        failing poll to find the event that fails. For each: False if it was
+        skipped (applied before) or is not ours."""
+        parsed = []
+        for event_type, event_id, data in events:
+            handler = HANDLERS.get(event_type)
+            parsed.append(
+                None if handler is None else (handler[1], event_id, read_data(data, handler[0]))
+            )
+        if not any(parsed):
+            return [False] * len(events)
+        done: list[bool] = []
+        with self.engine.begin() as c:
+            touched: set[UUID] = set()  # contacts whose conversations the poll changed
+            for item in parsed:
+                if item is None:
+                    done.append(False)
+                    continue
+                handle, event_id, event = item
+                first = self._first(c, event_id)
+                if first:
+                    # The contacts the event touched before it and after it; their work
+                    # (a function of their conversations, read by no handler) is
+                    # recomputed once for the whole poll, in its transaction.
+                    touched |= _contacts_of(c, event)
+                    handle(self, c, event)
+                    touched |= _contacts_of(c, event)
+                done.append(first)
+            self._refresh_contacts(c, touched)
+        return done
+
+    @staticmethod
+    def _refresh_contacts(c: Connection, contact_ids: set[UUID]) -> None:
+        """Keep each contact's work (see q_contacts) a function of its conversations:
+        one UPDATE with correlated subqueries (ix_queue_conversations_contact)."""
+        if not contact_ids:
+            return
+        v = q_conversations.c
+
+        def of_contact(expr: Any, *where: Any) -> Any:  # noqa: ANN401 - SQL expressions
+            return select(expr).where(v.contact_id == q_contacts.c.id, *where).scalar_subquery()
+
+        opened = of_contact(func.count(), v.status == "open")
+        since = of_contact(func.min(v.oldest_unanswered_at), v.status == "open")
+        c.execute(
+            update(q_contacts)
+            .where(q_contacts.c.id.in_(sorted(contact_ids)))
+            .values(
+                open_count=opened,
+                waiting_since=since,
+                wait_key=func.coalesce(since, literal(FAR, _TS)),
+                last_activity=of_contact(func.max(v.last_message_at)),
+                work=case(
+                    (opened > 0, "open"),
+                    (of_contact(func.count(), v.status == "waiting") > 0, "waiting"),
+                    (of_contact(func.count()) > 0, "closed"),
+                    else_=None,
+                ),
+            )
+        )
+
+    @staticmethod
+    def _first(c: Connection, event_id: str) -> bool:
+        """Mark the event applied; False if it already was."""
+        return _upsert_ignore(c, applied, {"event_id": UUID(event_id), "applied_at": _now()})
+
+    @staticmethod
+    def _survivor(c: Connection, contact_id: UUID) -> UUID:
+        return survivor(c, contact_id)
+
+    def _ensure_contact(self, c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
+        _upsert_ignore(
+            c,
+            q_contacts,
+            {"id": contact_id, "owner": owner, "owner_at": at, "created_at": at},
+        )
+
+    def _set_owner(self, c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
+        """Record an owner fact unless a newer one is known; conversations follow."""
+        row = c.execute(
+            select(q_contacts.c.owner, q_contacts.c.owner_at).where(q_contacts.c.id == contact_id)
+        ).one()
+        if _aware(row.owner_at) > at:  # type: ignore[operator]
+            return
+        c.execute(
+            update(q_contacts).where(q_contacts.c.id == contact_id).values(owner=owner, owner_at=at)
+        )
+        c.execute(
+            update(q_conversations)
+            .where(q_conversations.c.contact_id == contact_id)
+            .values(owner=owner)
+        )
+
+    @staticmethod
+    def _owner_after_unmerge(c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
+        """An owner fact of a merged-away contact newer than its merge (whose time
+        its row holds) can only come from after an unmerge this read model has not
+        seen yet: the row keeps it, and the unmerge then keeps the newer fact."""
+        c.execute(
+            update(q_contacts)
+            .where(
+                q_contacts.c.id == contact_id,
+                q_contacts.c.merged_into.is_not(None),
+                q_contacts.c.owner_at < at,
+            )
+            .values(owner=owner, owner_at=at)
+        )
+
+    def _owner_of(self, c: Connection, contact_id: UUID) -> str:
+        return str(
+            c.execute(select(q_contacts.c.owner).where(q_contacts.c.id == contact_id)).scalar_one()
+        )
+
+    def _routed(self, c: Connection, e: MessageRouted) -> None:
+        m = e.message
+        # An unmerge applied before this event may have moved the message, or
+        # given its conversation back to another contact.
+        conversation_id = (
+            c.execute(
+                select(q_unmerged_messages.c.conversation_id).where(
+                    q_unmerged_messages.c.message_id == m.id
+                )
+            ).scalar()
+            or e.conversation_id
+        )
+        went_back = c.execute(
+            select(q_unmerged_conversations.c.contact_id).where(
+                q_unmerged_conversations.c.conversation_id == conversation_id
+            )
+        ).scalar()
+        contact_id = self._survivor(c, went_back or e.contact_id)
+        self._ensure_contact(c, contact_id, e.owner, e.routed_at)
+        # The event's owner is a fact about the contact it was routed to, wherever
+        # an unmerge has put the message since. An event of a contact merged since
+        # carries that contact's old owner: the survivor keeps its own.
+        if self._survivor(c, e.contact_id) == e.contact_id:
+            self._ensure_contact(c, e.contact_id, e.owner, e.routed_at)
+            self._set_owner(c, e.contact_id, e.owner, e.routed_at)
+        else:
+            self._owner_after_unmerge(c, e.contact_id, e.owner, e.routed_at)
+        owner = self._owner_of(c, contact_id)
+        machine = m.flags.auto_reply or m.flags.bounce
+        preview = (m.text_new or m.text or m.subject or "")[:PREVIEW]
+        conversation = c.execute(
+            select(q_conversations).where(q_conversations.c.id == conversation_id)
+        ).first()
+        if conversation is None:
+            c.execute(
+                insert(q_conversations).values(
+                    id=conversation_id,
+                    contact_id=contact_id,
+                    owner=owner,
+                    status="open",
+                    channels=[m.channel],
+                    oldest_unanswered_at=None if machine else m.received_at,
+                    started_at=m.received_at,
+                    last_message_at=m.received_at,
+                    last_preview=preview,
+                    message_count=1,
+                )
+            )
+        else:
+            values: dict[str, Any] = {
+                "contact_id": contact_id,
+                "owner": owner,
+                "channels": sorted({*conversation.channels, m.channel}),
+                "message_count": conversation.message_count + 1,
+            }
+            if m.received_at >= _aware(conversation.last_message_at):  # type: ignore[operator]
+                values["last_message_at"] = m.received_at
+                values["last_preview"] = preview
+            if m.received_at < _aware(conversation.started_at):  # type: ignore[operator]
+                # An older message applied later (a rebuild reads the partitions
+                # in another order; an unmerge moved it here).
+                values["started_at"] = m.received_at
+            if not machine:
+                # A customer message (re)opens the conversation and waits for an answer.
+                values["status"] = "open"
+                oldest = _aware(conversation.oldest_unanswered_at)
+                values["oldest_unanswered_at"] = min(oldest or m.received_at, m.received_at)
+            c.execute(
+                update(q_conversations)
+                .where(q_conversations.c.id == conversation_id)
+                .values(**values)
+            )
+        attachments = [a.model_dump(mode="json") for a in m.attachments]
+        inserted = _upsert_ignore(
+            c,
+            q_messages,
+            {
+                "id": m.id,
+                "conversation_id": conversation_id,
+                "contact_id": contact_id,
+                "received_at": m.received_at,
+                "channel": m.channel,
+                "sender": m.sender.key,
+                "sender_name": m.sender.display_name,
+                "subject": m.subject,
+                "text": m.text,
+                "text_new": m.text_new,
+                "html": m.html,
+                "attachments": attachments,
+                "auto_reply": m.flags.auto_reply,
+                "bounce": m.flags.bounce,
+                "inboxes": sorted({r.key for r in m.recipients}),
+                "sender_verified": m.sender.assurance == Assurance.VERIFIED,
+                "sender_evidence": m.sender.evidence,
+                "authentication": (
+                    m.authentication.model_dump(mode="json") if m.authentication else None
+                ),
+                "mail_message_id": m.thread.message_id,
+                "mail_references": " ".join(m.thread.references[-10:]) or None,
+            },
+        )
+        stored = {
+            sha256: a
+            for a in attachments
+            if isinstance(sha256 := (a.get("blob") or {}).get("sha256"), str)
+        }
+        if inserted:
+            body = m.text_new or m.text
+            search.for_dialect(c.dialect.name).index(
+                c, m.id, search.document(m.sender.display_name, m.subject, body)
+            )
+        if inserted and stored:
+            c.execute(
+                insert(q_attachments),
+                [{"sha256": h, "message_id": m.id, "attachment": a} for h, a in stored.items()],
+            )
+
+    def _duplicate(self, c: Connection, e: MessageDuplicate) -> None:
+        current = c.execute(
+            select(q_messages.c.inboxes).where(q_messages.c.id == e.original_message_id)
+        ).scalar()
+        if current is None:
+            return  # the original's routed event comes later; nothing to add to yet
+        merged = sorted({*current, *(r.key for r in e.recipients)})
+        c.execute(
+            update(q_messages)
+            .where(q_messages.c.id == e.original_message_id)
+            .values(inboxes=merged)
+        )
+
+    def _status(self, c: Connection, e: ConversationStatus) -> None:
+        row = c.execute(
+            select(q_conversations.c.status_at).where(q_conversations.c.id == e.conversation_id)
+        ).first()
+        if row is None or (row.status_at and _aware(row.status_at) > e.occurred_at):  # type: ignore[operator]
+            return
+        values: dict[str, Any] = {"status": e.status, "status_at": e.occurred_at}
+        if e.status != "open":
+            values["oldest_unanswered_at"] = None
+        c.execute(
+            update(q_conversations)
+            .where(q_conversations.c.id == e.conversation_id)
+            .values(**values)
+        )
+
+    def _suggestion(self, c: Connection, e: ContactEvent) -> None:
+        suggestions.apply(c, e)  # nothing moved: an agent decides
+
+    def _contact(self, c: Connection, e: ContactEvent) -> None:
+        contact_id = self._survivor(c, e.contact_id)
+        self._ensure_contact(c, contact_id, e.owner or "unassigned", e.occurred_at)
+        # An event of a contact merged since (its partition lags the survivor's)
+        # carries that contact's old owner: the survivor keeps its own.
+        own = contact_id == e.contact_id
+        if e.kind == ContactEventKind.CREATED:
+            # Its own row even when merged since: a merge never changes when a
+            # contact was created, so an unmerge shows the true date, whatever order
+            # the partitions came in.
+            c.execute(
+                update(q_contacts)
+                .where(q_contacts.c.id == e.contact_id)
+                .values(created_at=e.occurred_at)
+            )
+        owned = e.kind in (ContactEventKind.CREATED, ContactEventKind.OWNER_ASSIGNED)
+        if own and owned and e.owner:
+            self._set_owner(c, contact_id, e.owner, e.occurred_at)
+        elif owned and e.owner:
+            self._owner_after_unmerge(c, e.contact_id, e.owner, e.occurred_at)
+        if e.kind == ContactEventKind.MERGED:
+            owner = e.owner or self._owner_of(c, contact_id)
+            self._merge(c, contact_id, e.merged_contact_ids, e.occurred_at, owner)
+        for key in e.identities:
+            dialect = postgresql if c.dialect.name == "postgresql" else sqlite
+            statement = dialect.insert(q_identities).values(key=key, contact_id=contact_id)
+            c.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[q_identities.c.key], set_={"contact_id": contact_id}
+                )
+            )
+
+    def _merge(
+        self, c: Connection, survivor: UUID, merged: Sequence[UUID], at: datetime, owner: str
+    ) -> None:
+        # An unmerge newer than this merge (its key can differ when the survivor
+        # was merged on since) already decided where those contacts are.
+        undone = set(
+            c.execute(
+                select(q_unmerges.c.contact_id).where(
+                    q_unmerges.c.contact_id.in_(list(merged)), q_unmerges.c.unmerged_at > at
+                )
+            ).scalars()
+        )
+        ids = [m for m in merged if m not in undone]
+        if not ids:
+            return
+        # The merged contacts' own events travel on their partitions and may come
+        # before or after this one. Their rows become a function of the merge alone
+        # (the survivor's owner then, the merge's time), whatever came first, so a
+        # rebuild that interleaves the partitions differently gives the same rows;
+        # their later events resolve to the survivor.
+        dialect = postgresql if c.dialect.name == "postgresql" else sqlite
+        for contact_id in ids:
+            row = {"owner": owner, "owner_at": at, "created_at": at, "merged_into": survivor}
+            statement = dialect.insert(q_contacts).values(id=contact_id, **row)
+            c.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[q_contacts.c.id],
+                    set_={"merged_into": survivor},
+                )
+            )
+        # An owner fact newer than the merge comes from after an unmerge of it
+        # (see _owner_after_unmerge) and stays; older ones give way to the merge's.
+        c.execute(
+            update(q_contacts)
+            .where(q_contacts.c.id.in_(ids), q_contacts.c.owner_at <= at)
+            .values(owner=owner, owner_at=at)
+        )
+        c.execute(
+            update(q_contacts)
+            .where(or_(q_contacts.c.id.in_(ids), q_contacts.c.merged_into.in_(ids)))
+            .values(merged_into=survivor)
+        )
+        c.execute(
+            update(q_identities)
+            .where(q_identities.c.contact_id.in_(ids))
+            .values(contact_id=survivor)
+        )
+        c.execute(
+            update(q_conversations)
+            .where(q_conversations.c.contact_id.in_(ids))
+            .values(contact_id=survivor, owner=owner)
+        )
+        c.execute(
+            update(q_messages).where(q_messages.c.contact_id.in_(ids)).values(contact_id=survivor)
+        )
+
+    def _unmerge(self, c: Connection, e: ContactEvent) -> None:
+        """``contact.unmerged``: the contact, its identities, the contacts merged
+        into it before, its conversations and the moved messages go back; the facts
+        stay for the routed events still to come."""
+        restored, at, owner = e.contact_id, e.occurred_at, e.owner or "unassigned"
+        dialect = postgresql if c.dialect.name == "postgresql" else sqlite
+
+        def upsert(table: Table, row: dict[str, Any], key: str) -> None:
+            values = {k: v for k, v in row.items() if k != key}
+            statement = dialect.insert(table).values(**row)
+            c.execute(statement.on_conflict_do_update(index_elements=[key], set_=values))
+
+        upsert(q_unmerges, {"contact_id": restored, "unmerged_at": at}, "contact_id")
+        _upsert_ignore(
+            c, q_contacts, {"id": restored, "owner": owner, "owner_at": at, "created_at": at}
+        )
+        c.execute(update(q_contacts).where(q_contacts.c.id == restored).values(merged_into=None))
+        self._set_owner(c, restored, owner, at)
+        for earlier in e.merged_contact_ids:
+            row = {"owner": owner, "owner_at": at, "created_at": at, "merged_into": restored}
+            statement = dialect.insert(q_contacts).values(id=earlier, **row)
+            c.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[q_contacts.c.id], set_={"merged_into": restored}
+                )
+            )
+        for key in e.identities:
+            upsert(q_identities, {"key": key, "contact_id": restored}, "key")
+        back = list(e.conversation_ids)
+        for conversation_id in back:
+            upsert(
+                q_unmerged_conversations,
+                {"conversation_id": conversation_id, "contact_id": restored},
+                "conversation_id",
+            )
+        if back:
+            c.execute(
+                update(q_conversations)
+                .where(q_conversations.c.id.in_(back))
+                .values(contact_id=restored, owner=self._owner_of(c, restored))
+            )
+            c.execute(
+                update(q_messages)
+                .where(q_messages.c.conversation_id.in_(back))
+                .values(contact_id=restored)
+            )
+        other = self._survivor(c, e.other_contact_id) if e.other_contact_id else restored
+        touched: set[UUID] = set()
+        for move in e.moved_messages:
+            upsert(
+                q_unmerged_messages,
+                {"message_id": move.message_id, "conversation_id": move.conversation_id},
+                "message_id",
+            )
+            was = c.execute(
+                select(q_messages.c.conversation_id).where(q_messages.c.id == move.message_id)
+            ).scalar()
+            if was is None:
+                continue  # its routed event comes later and finds the fact
+            touched |= {UUID(str(was)), move.conversation_id}
+            c.execute(
+                update(q_messages)
+                .where(q_messages.c.id == move.message_id)
+                .values(
+                    conversation_id=move.conversation_id,
+                    contact_id=restored if move.conversation_id in back else other,
+                )
+            )
+        for conversation_id in sorted(touched):
+            self._recount(c, conversation_id)
+
+    @staticmethod
+    def _recount(c: Connection, conversation_id: UUID) -> None:
+        """A conversation's summary from the messages it holds now."""
+        conversation = c.execute(
+            select(q_conversations).where(q_conversations.c.id == conversation_id)
+        ).first()
+        found = c.execute(
+            select(q_messages)
+            .where(q_messages.c.conversation_id == conversation_id)
+            .order_by(q_messages.c.received_at, q_messages.c.id)
+        ).all()
+        if conversation is None or not found:
+            return
+        last = found[-1]
+        since = _aware(conversation.status_at)
+        waiting = [
+            _aware(m.received_at)
+            for m in found
+            if not (m.auto_reply or m.bounce) and (since is None or _aware(m.received_at) > since)  # type: ignore[operator]
+        ]
+        c.execute(
+            update(q_conversations)
+            .where(q_conversations.c.id == conversation_id)
+            .values(
+                message_count=len(found),
+                channels=sorted({m.channel for m in found}),
+                started_at=found[0].received_at,
+                last_message_at=last.received_at,
+                last_preview=(last.text_new or last.text or last.subject or "")[:PREVIEW],
+                oldest_unanswered_at=(
+                    min(waiting)  # type: ignore[type-var]
+                    if conversation.status == "open" and waiting
+                    else None
+                ),
+            )
+        )
+
+    def reset(self) -> None:
+        """Empty the read model (for a rebuild from the earliest offsets)."""
+        with self.engine.begin() as c:
+            for table in TABLES:
+                c.execute(delete(table))
+            search.for_dialect(c.dialect.name).reset(c)
+
+
+def _contacts_of(c: Connection, event: BaseModel) -> set[UUID]:
+    """The contacts whose conversations an event may change (asked before and after
+    its handler runs: a conversation can leave one contact for another)."""
+    if isinstance(event, MessageRouted):
+        # A routed message changes one conversation: the contact it had before and
+        # the one the message landed with (an unmerge may have sent it elsewhere).
+        return {
+            UUID(str(x))
+            for x in c.execute(
+                select(q_conversations.c.contact_id)
+                .where(q_conversations.c.id == event.conversation_id)
+                .union(select(q_messages.c.contact_id).where(q_messages.c.id == event.message.id))
+            ).scalars()
+        }
+    found: set[UUID] = set()
+    conversations: list[UUID] = []
+    if isinstance(event, ConversationStatus):
+        conversations.append(event.conversation_id)
+    elif isinstance(event, ContactEvent):
+        found |= {event.contact_id, *event.merged_contact_ids}
+        if event.other_contact_id:
+            found.add(event.other_contact_id)
+        conversations.extend(event.conversation_ids)
+        conversations.extend(m.conversation_id for m in event.moved_messages)
+    if conversations:
+        found |= {
+            UUID(str(x))
+            for x in c.execute(
+                select(q_conversations.c.contact_id).where(q_conversations.c.id.in_(conversations))
+            ).scalars()
+        }
+    found |= {survivor(c, x) for x in list(found)}
+    return found
+
+
+#: Event type -> (its model, the handler that applies it).
+HANDLERS: dict[str, tuple[type[BaseModel], Handler]] = {
+    TYPE_ROUTED: (MessageRouted, QueueWriter._routed),
+    TYPE_DUPLICATE: (MessageDuplicate, QueueWriter._duplicate),
+    TYPE_CONVERSATION_STATUS: (ConversationStatus, QueueWriter._status),
+    **{contact_event_type(kind): (ContactEvent, QueueWriter._contact) for kind in ContactEventKind},
+    contact_event_type(ContactEventKind.MERGE_SUGGESTED): (ContactEvent, QueueWriter._suggestion),
+    contact_event_type(ContactEventKind.MERGE_DISMISSED): (ContactEvent, QueueWriter._suggestion),
+    contact_event_type(ContactEventKind.UNMERGED): (ContactEvent, QueueWriter._unmerge),
+}

@@ -1,0 +1,366 @@
+"""HTTP limits that hold before any route runs: body size, body time, connections.
+
+A stranger can reach every HTTP route without a token, so nothing that costs
+memory or a connection slot may wait for authentication or parsing:
+
+- :class:`BodyLimitMiddleware` (pure ASGI, outermost in the app) answers 413 as
+  soon as ``Content-Length`` or the bytes streamed so far pass the route's limit,
+  and 408 when the body is not in within ``body_timeout_s``. It never buffers:
+  it counts the chunks it passes on.
+- :class:`BodyLimits` is the one table of per-route limits. HTTP adapters
+  register each route's ``max_body_bytes`` when mounted; every other route (the
+  queue API and page) gets the default.
+- :func:`guarded_protocol` wraps uvicorn's HTTP protocol class: at most
+  ``max_connections_per_client`` open connections per peer address, and a
+  deadline for the request line and headers, which uvicorn does not have
+  (its keep-alive timer is cancelled by the first byte of a request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from switchboard.metrics import HTTP_REFUSED
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class HttpLimitSettings(BaseSettings):
+    """Limits of the HTTP server that hold for every route ([http] in the file)."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_HTTP_", extra="ignore")
+
+    max_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description=(
+            "Largest body of a route without a limit of its own: the queue API (/api/...) "
+            "and page (/queue...). Hooks and providers have their own max_body_bytes."
+        ),
+    )
+    body_timeout_s: float = Field(
+        default=15.0, gt=0, le=600, description="Longest a request body may take to arrive (408)."
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Longest the request line and headers may take to arrive; then the "
+        "connection is closed.",
+    )
+    max_connections_per_client: int = Field(
+        default=64,
+        ge=1,
+        description="Open connections one client address may hold; more are answered 429 "
+        "and closed. Trusted proxies are exempt.",
+    )
+    # Loopback by default, as uvicorn's own default: a proxy on the same host must
+    # keep working, and the queue API's "loopback only without a token" rule must
+    # see the proxy's client, not the proxy.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description=(
+            "Addresses or CIDRs of reverse proxies whose X-Forwarded-For names the client, "
+            "comma-separated (10.0.0.0/8,192.168.1.10); default loopback. Empty: the "
+            "header is ignored from everyone."
+        ),
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an address or CIDR: {item!r}") from exc
+        return value
+
+    def networks(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in self.trusted_proxies)
+
+
+def trusted(host: str | None, networks: Sequence[Network]) -> bool:
+    """Whether ``host`` (a peer address) is one of ``networks``."""
+    if not host or not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+@dataclass
+class BodyLimits:
+    """Largest body per route path; ``default`` for every path not registered."""
+
+    default: int = 64 * 1024
+    routes: dict[str, int] = field(default_factory=dict)
+
+    def set(self, path: str, limit: int) -> None:
+        self.routes[path] = limit
+
+    def for_path(self, path: str) -> int:
+        return self.routes.get(path, self.default)
+
+
+def _problem(status: int, title: str, detail: str) -> tuple[dict[str, Any], list[Any]]:
+    body = json.dumps(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    ).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            # The rest of the body is not read: the connection cannot carry
+            # another request, and closing it frees the slot now.
+            (b"connection", b"close"),
+        ],
+    }
+    return start, [{"type": "http.response.body", "body": body}]
+
+
+@dataclass(frozen=True)
+class _Refused:
+    status: int
+    reason: str
+    detail: str
+
+
+_TITLES = {408: "Request timeout", 413: "Payload too large"}
+
+
+class BodyLimitMiddleware:
+    """Body size and body time, enforced while the body streams in (pure ASGI:
+    Starlette's BaseHTTPMiddleware would read the body itself)."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits, body_timeout_s: float) -> None:
+        self.app = app
+        self.limits = limits
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        limit = self.limits.for_path(path)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await self._refuse(
+                scope, send, _Refused(413, "body-too-large", f"the body is over {limit} bytes")
+            )
+            return
+        deadline = time.monotonic() + self.body_timeout_s
+        received = 0
+        body_done = False
+        started = False
+        answered = False
+
+        async def refuse(refused: _Refused) -> Message:
+            # Answered from inside receive: the app (FastAPI turns any error while
+            # reading a body into a 400) only learns that the client is gone.
+            nonlocal answered, body_done
+            body_done = True
+            if not started:
+                answered = True
+                await self._refuse(scope, send, refused)
+            return {"type": "http.disconnect"}
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            remaining = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.001))
+            except TimeoutError:
+                detail = f"the body did not arrive within {self.body_timeout_s:g} s"
+                return await refuse(_Refused(408, "body-timeout", detail))
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    detail = f"the body is over {limit} bytes"
+                    return await refuse(_Refused(413, "body-too-large", detail))
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return  # the app's answer to a request already refused
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except Exception:
+            if not answered:
+                raise
+            # The app failed on the body it did not get; the sender has its answer.
+            log.debug("app error after a refused body", exc_info=True)
+
+    async def _refuse(self, scope: Scope, send: Send, refused: _Refused) -> None:
+        client = scope.get("client")
+        HTTP_REFUSED.labels(refused.reason).inc()
+        log.warning(
+            "http request refused: %s",
+            refused.reason,
+            extra={
+                "path": scope["path"],
+                "peer": client[0] if client else None,
+                "status": refused.status,
+                "detail": refused.detail,
+            },
+        )
+        start, body = _problem(refused.status, _TITLES[refused.status], refused.detail)
+        await send(start)
+        for message in body:
+            await send(message)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            text = value.decode("latin-1").strip()
+            return int(text) if text.isdigit() else None
+    return None
+
+
+# -- connections --------------------------------------------------------------
+
+
+_TOO_MANY = json.dumps(
+    {
+        "type": "about:blank",
+        "title": "Too many connections",
+        "status": 429,
+        "detail": "this address holds too many open connections; close some and retry",
+    }
+).encode()
+TOO_MANY_RESPONSE = (
+    b"HTTP/1.1 429 Too Many Requests\r\n"
+    b"content-type: application/problem+json\r\n"
+    b"retry-after: 1\r\n"
+    b"connection: close\r\n"
+    b"content-length: " + str(len(_TOO_MANY)).encode() + b"\r\n\r\n" + _TOO_MANY
+)
+
+
+@dataclass
+class ConnectionGuard:
+    """Open connections per peer address, with a cap (trusted proxies exempt:
+    their connections are many clients)."""
+
+    max_per_client: int
+    header_timeout_s: float
+    trusted: tuple[Network, ...] = ()
+    open: dict[str, int] = field(default_factory=dict)
+
+    def admit(self, host: str) -> bool:
+        count = self.open.get(host, 0)
+        if count >= self.max_per_client and not trusted(host, self.trusted):
+            return False
+        self.open[host] = count + 1
+        return True
+
+    def release(self, host: str) -> None:
+        count = self.open.get(host, 0) - 1
+        if count > 0:
+            self.open[host] = count
+        else:
+            self.open.pop(host, None)
+
+
+def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> type[Any]:
+    """``base`` (uvicorn's H11Protocol or HttpToolsProtocol) with the per-client cap
+    and the header deadline. Both keep the request in flight in ``self.cycle``:
+    a new cycle object means a request's headers were complete."""
+
+    class GuardedProtocol(base):  # type: ignore[valid-type,misc]
+        _peer: str | None = None
+        _header_timer: asyncio.TimerHandle | None = None
+        _header_cycle: object = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if not guard.admit(host):
+                HTTP_REFUSED.labels("connections").inc()
+                log.warning(
+                    "http connection refused: too many from one address",
+                    extra={"peer": host, "limit": guard.max_per_client},
+                )
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(TOO_MANY_RESPONSE)
+                transport.close()
+                return
+            self._peer = host
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._peer is not None:
+                guard.release(self._peer)
+                self._peer = None
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            cycle = getattr(self, "cycle", None)
+            between = cycle is None or cycle.response_complete
+            if between and (self._header_timer is None or self._header_cycle is not cycle):
+                # The first bytes of a next request on a kept-alive connection.
+                self._arm_header_deadline()
+            super().data_received(data)
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_cycle = getattr(self, "cycle", None)
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(guard.header_timeout_s, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            if getattr(self, "cycle", None) is not self._header_cycle:
+                return  # the headers arrived: a request is (or was) in flight
+            if self.transport.is_closing():
+                return
+            HTTP_REFUSED.labels("header-timeout").inc()
+            log.warning(
+                "http connection closed: headers not complete in time",
+                extra={"peer": self._peer, "timeout_s": guard.header_timeout_s},
+            )
+            self.transport.close()
+
+    GuardedProtocol.__name__ = f"Guarded{base.__name__}"
+    return GuardedProtocol

@@ -1,0 +1,313 @@
+"""The archive as an analyst reads it, filled by `switchboard run` as a user runs it.
+
+One process (embedded broker, SQLite, the archive on by default under the data
+dir): an email over SMTP and an SMS through the signed Twilio hook from the same
+person (two contacts: nothing verified links them), then a public form with both
+(claimed: the router suggests the merge), then an agent merges the two and closes
+a conversation through the API. DuckDB then reads the Parquet files: every record
+of every topic is there exactly once, and each query of docs/analytics.md gives
+the answer the scenario implies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from pyiceberg.catalog.sql import SqlCatalog
+from twilio.request_validator import RequestValidator
+
+from switchboard.status import BROKER_FILE
+from switchboard.topics import ALL_TOPICS
+from tests.archive_helpers import query
+from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
+
+# slow: among the longest scenarios, left to `make test` (not `make test-quick`).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DOCS = Path(__file__).parents[2] / "docs" / "analytics.md"
+TOKEN = "archive-e2e-token"
+ROUTED = "io.switchboard.message.routed.v1"
+CONFIG = """
+[smtp]
+domains = ["example.com"]
+
+[[webhooks]]
+name = "contact"
+auth = { kind = "none" }
+map = { email = "email", phone = "phone", text = "message", id = "id" }
+
+[[teams]]
+name = "support"
+agents = ["alice", "bob"]
+"""
+
+
+def doc_queries() -> dict[str, str]:
+    """The named queries of docs/analytics.md (``-- query: <name>`` blocks)."""
+    blocks = re.findall(r"```sql\n-- query: (\w+)\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    return dict(blocks)
+
+
+@dataclass
+class Archived:
+    root: Path
+    data_dir: Path
+    records: dict[tuple[str, int, int], str | None]  # what the broker holds: coordinates -> ce_id
+    email_contact: str
+    sms_contact: str
+    closed_conversation: str
+    env: dict[str, str]
+
+
+def _until(check: Callable[[], Any], what: str, timeout_s: float = 40) -> Any:  # noqa: ANN401
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # noqa: BLE001 - e.g. no archive file yet
+            value = None
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _broker_records(bootstrap: str) -> dict[tuple[str, int, int], str | None]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [
+            TopicPartition(t, p) for t in ALL_TOPICS for p in consumer.partitions_for_topic(t) or ()
+        ]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        found: dict[tuple[str, int, int], str | None] = {}
+        deadline = time.monotonic() + 20
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, "could not read the topics back"
+            for batch in consumer.poll(timeout_ms=1500).values():
+                for r in batch:
+                    ce_id = dict(r.headers).get("ce_id")
+                    found[(r.topic, r.partition, r.offset)] = ce_id.decode() if ce_id else None
+        return found
+    finally:
+        consumer.close()
+
+
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
+    root = tmp_path_factory.mktemp("archive-e2e")
+    (root / "switchboard.toml").write_text(CONFIG)
+    env = _env(
+        root,
+        SWITCHBOARD_CONFIG=str(root / "switchboard.toml"),
+        SWITCHBOARD_TWILIO_AUTH_TOKEN="twilio-e2e",
+        SWITCHBOARD_API_TOKEN=TOKEN,
+        SWITCHBOARD_ARCHIVE_ROLL_S="0.5",
+        SWITCHBOARD_ARCHIVE_ICEBERG="true",
+    )
+    data_dir = Path(env["SWITCHBOARD_DATA_DIR"])
+    archive = data_dir / "archive"  # the default: no [archive] section at all
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    api = {"authorization": f"Bearer {TOKEN}"}
+    with running(env, root) as process:
+        try:
+            _wait_healthy(base, process, within_s=30)
+            email = (
+                b"From: Erin <erin@example.org>\r\nTo: support@example.com\r\n"
+                b"Subject: Refund\r\nMessage-ID: <erin-1@example.org>\r\n\r\nMy refund?\r\n"
+            )
+            with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
+                smtp.sendmail("erin@example.org", ["support@example.com"], email)
+            url = f"{base}/webhooks/twilio/sms"
+            sms = {"MessageSid": "SM" + "e" * 32, "From": "+14155550177", "To": "+14155550199"}
+            sms["Body"] = "Refund please"
+            signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
+            answer = httpx.post(url, data=sms, headers={"x-twilio-signature": signature})
+            assert answer.status_code == 200, answer.text
+
+            def routed() -> dict[str, tuple[str, str]]:
+                sql = "SELECT channel, contact_id, conversation_id FROM events WHERE type = ?"
+                rows = query(archive, sql.replace("?", f"'{ROUTED}'"))
+                return {r[0]: (r[1], r[2]) for r in rows} if len(rows) >= 2 else {}
+
+            by_channel = _until(routed, "two routed messages in the archive")
+            (email_contact, email_conversation) = by_channel["email"]
+            (sms_contact, _) = by_channel["sms"]
+            assert email_contact != sms_contact
+            form = httpx.post(
+                f"{base}/webhooks/contact",
+                json={
+                    "id": "f-1",
+                    "email": "erin@example.org",
+                    "phone": "+14155550177",
+                    "message": "Still waiting",
+                },
+            )
+            assert form.status_code == 202, form.text
+            _until(
+                lambda: query(archive, "SELECT 1 FROM events WHERE kind = 'merge.suggested'"),
+                "the merge suggestion in the archive",
+            )
+            merged = httpx.post(
+                f"{base}/api/contacts/{email_contact}/merge",
+                json={"contact_id": sms_contact, "by": "alice"},
+                headers=api,
+            )
+            assert merged.status_code == 200, merged.text
+            closed = httpx.post(
+                f"{base}/api/conversations/{email_conversation}/status",
+                json={"status": "closed", "changed_by": "alice"},
+                headers=api,
+            )
+            assert closed.status_code == 200, closed.text
+            _until(
+                lambda: query(
+                    archive,
+                    "SELECT 1 FROM events WHERE kind = 'contact.merged' "
+                    "AND list_contains((SELECT list(status) FROM events), 'closed')",
+                ),
+                "the merge and the close in the archive",
+            )
+            bootstrap = (data_dir / BROKER_FILE).read_text().strip()
+            records = _broker_records(bootstrap)
+            _until(
+                lambda: len(query(archive, "SELECT 1 FROM events")) >= len(records),
+                "every record in the archive",
+            )
+            yield Archived(
+                archive, data_dir, records, email_contact, sms_contact, email_conversation, env
+            )
+        finally:
+            code, _, stderr = _stop(process)
+            assert code == 0, stderr[-3000:]
+
+
+def test_every_record_of_every_topic_is_archived_exactly_once(archived: Archived) -> None:
+    rows = query(archived.root, 'SELECT topic, partition, "offset", id FROM events')
+    coordinates = [(str(t), int(p), int(o)) for t, p, o, _ in rows]
+    assert len(coordinates) == len(set(coordinates))  # nothing twice
+    assert {(str(t), int(p), int(o)): i for t, p, o, i in rows} == archived.records
+    names = {p.parent.parent.name for p in archived.root.glob("topic=*/date=*/part-*.parquet")}
+    assert {"topic=switchboard.inbound.v1", "topic=switchboard.routed.v1"} <= names
+
+
+def test_the_iceberg_table_scans_the_same_rows(archived: Archived) -> None:
+    """pyiceberg, as Spark or Trino would, through the SQL catalog the sink keeps in
+    the project's database: every archived row once, nothing else."""
+    catalog = SqlCatalog(
+        "switchboard",
+        uri=f"sqlite:///{archived.data_dir / 'switchboard.db'}",
+        warehouse=(archived.root / "_iceberg").as_uri(),
+    )
+
+    def same() -> bool:
+        table = catalog.load_table("switchboard.events")
+        fields = ("topic", "partition", "offset", "id")
+        rows = table.scan(selected_fields=fields).to_arrow().to_pylist()
+        found = {(r["topic"], r["partition"], r["offset"]): r["id"] for r in rows}
+        return len(rows) == len(found) and found == archived.records
+
+    _until(same, "the Iceberg table to hold every archived row once")
+
+
+def test_contact_events_carry_the_senders_name(archived: Archived) -> None:
+    rows = query(
+        archived.root,
+        "SELECT display_name FROM events"
+        " WHERE kind = 'contact.created' AND display_name IS NOT NULL",
+    )
+    assert ("Erin",) in {tuple(r) for r in rows}
+
+
+def test_messages_per_channel_per_day(archived: Archived) -> None:
+    today = datetime.now(UTC).date()
+    rows = query(archived.root, doc_queries()["messages_per_channel_per_day"])
+    assert rows == [(today, "email", 1), (today, "sms", 1), (today, "webhook", 1)]
+
+
+def test_time_to_routed(archived: Archived) -> None:
+    rows = query(archived.root, doc_queries()["time_to_routed"])
+    assert [(channel, n) for channel, n, *_ in rows] == [("email", 1), ("sms", 1), ("webhook", 1)]
+    for _, _, median, p95, most in rows:
+        assert 0 <= median <= p95 <= most < 60
+
+
+def test_customers_on_several_channels(archived: Archived) -> None:
+    rows = query(archived.root, doc_queries()["customers_on_several_channels"])
+    # Erin: the email contact survived the merge and has the SMS; the form went to
+    # one of the two, so all three channels are hers.
+    assert rows == [(archived.email_contact, ["email", "sms", "webhook"])]
+
+
+def test_merges_per_day(archived: Archived) -> None:
+    rows = query(archived.root, doc_queries()["merges_per_day"])
+    today = datetime.now(UTC).date()
+    kinds = {kind: n for day, kind, n in rows if day == today}
+    assert kinds["contact.merged"] == 1
+    suggested = query(
+        archived.root,
+        "SELECT count(DISTINCT id) FROM events WHERE type = 'io.switchboard.merge.suggested.v1'",
+    )
+    assert kinds["merge.suggested"] == suggested[0][0] >= 1
+    assert set(kinds) == {"contact.merged", "merge.suggested"}
+
+
+def test_closed_per_owner(archived: Archived) -> None:
+    rows = query(archived.root, doc_queries()["closed_per_owner"])
+    owner = query(
+        archived.root,
+        f"SELECT owner FROM events WHERE type = '{ROUTED}' "  # noqa: S608
+        f"AND conversation_id = '{archived.closed_conversation}'",
+    )
+    assert len(rows) == 1
+    assert rows[0][:2] == (owner[0][0], 1)
+    assert 0 < rows[0][2] < 120
+
+
+def test_every_documented_query_is_tested() -> None:
+    tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    assert len(doc_queries()) == 5
+    assert set(doc_queries()) <= tested
+
+
+def _tail(archived: Archived, *args: str) -> list[str]:
+    """`switchboard events tail` in another shell: it finds the broker by the data dir."""
+    done = subprocess.run(
+        [*SWITCHBOARD, "events", "tail", "--idle-exit", "2", *args],
+        env=archived.env,
+        cwd=archived.data_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+def test_events_tail_from_the_beginning_as_json_lines(archived: Archived) -> None:
+    lines = _tail(archived, "--from-beginning", "--json", "--type", "message.routed")
+    events = [json.loads(line) for line in lines]
+    assert sorted(e["channel"] for e in events) == ["email", "sms", "webhook"]
+    assert all(e["type"] == ROUTED and e["data"]["message"]["id"] for e in events)
+
+
+def test_events_tail_since_a_time_for_one_contact_in_readable_lines(archived: Archived) -> None:
+    lines = _tail(archived, "--since", "10m", "--contact", archived.sms_contact)
+    assert lines
+    assert all(archived.sms_contact in line for line in lines), lines
+    assert any(" message.routed " in line and "channel=sms" in line for line in lines), lines
+    assert any(" contact.merged " in line for line in lines), lines

@@ -1,0 +1,250 @@
+"""The consumer runtime against the real broker and PostgreSQL.
+
+A handler writes each record's value into a PostgreSQL table, as the router and
+the queue sink write theirs. One record carries a NUL byte: PostgreSQL refuses it
+(a real ``DataError``). Before the runtime, that error counted as an outage and
+the batch was rewound forever; now the record is isolated, tried N times, and
+dead-lettered with the original bytes, and everything around it is written and
+committed. A database that is away is the opposite case: retried, never
+dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from sqlalchemy import Engine, text
+
+from switchboard.bootstrap import _readiness
+from switchboard.consumer import ConsumerRuntime, RecordHandler
+from switchboard.db import make_engine
+from switchboard.events import Event
+from switchboard.settings import ConsumerSettings, KafkaSettings, Settings
+from switchboard.topics import DEADLETTER, ensure_topics
+from tests.kafka_helpers import consume_until
+
+pytestmark = pytest.mark.integration
+
+
+class TableHandler(RecordHandler):
+    """Writes every record's value into ``seen``, idempotent on its coordinates."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    def handle(self, records: Sequence[Any]) -> list[tuple[str, Event]]:
+        self.calls += 1
+        with self.engine.begin() as c:
+            for record in records:
+                c.execute(
+                    text(
+                        "INSERT INTO seen (part, off, value) VALUES (:p, :o, :v) "
+                        "ON CONFLICT DO NOTHING"
+                    ),
+                    {"p": record.partition, "o": record.offset, "v": record.value.decode()},
+                )
+        return []
+
+
+@pytest.fixture
+def table(postgres_schema_url: str) -> Iterator[Engine]:
+    engine = make_engine(postgres_schema_url)
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE seen (part int, off bigint, value text, UNIQUE (part, off))"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def topic(kafka_settings: KafkaSettings, unique: str) -> str:
+    name = f"runtime-test-{unique}"
+    ensure_topics(kafka_settings, (name,))
+    return name
+
+
+def _produce(kafka: KafkaSettings, topic: str, values: list[bytes]) -> None:
+    producer = KafkaProducer(**kafka.client_config())
+    try:
+        for value in values:
+            producer.send(topic, value=value, key=b"same-partition")
+        producer.flush(10)
+    finally:
+        producer.close()
+
+
+@contextmanager
+def running(runtime: ConsumerRuntime) -> Iterator[ConsumerRuntime]:
+    thread = threading.Thread(target=runtime.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield runtime
+    finally:
+        runtime.request_stop()
+        thread.join(20)
+
+
+def _until(check: Callable[[], object], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def _rows(engine: Engine) -> list[str]:
+    with engine.connect() as c:
+        return [str(v) for v in c.execute(text("SELECT value FROM seen ORDER BY off")).scalars()]
+
+
+def _letters(kafka: KafkaSettings, group: str, wanted: int) -> list[dict[str, Any]]:
+    consumer = KafkaConsumer(
+        DEADLETTER, auto_offset_reset="earliest", enable_auto_commit=False, **kafka.client_config()
+    )
+    try:
+
+        def ours(records: list[Any]) -> list[dict[str, Any]]:
+            letters = [json.loads(r.value) for r in records]
+            return [x for x in letters if x.get("metadata", {}).get("group") == group]
+
+        return ours(consume_until(consumer, lambda rs: len(ours(rs)) >= wanted, timeout_s=20))
+    finally:
+        consumer.close()
+
+
+def test_a_nul_byte_postgres_refuses_is_dead_lettered_and_the_partition_moves_on(
+    kafka_settings: KafkaSettings, table: Engine, topic: str, unique: str
+) -> None:
+    values = [f"ok-{i}".encode() for i in range(10)]
+    values.insert(5, b"bad\x00value")
+    _produce(kafka_settings, topic, values)
+    group = f"runtime-{unique}"
+    runtime = ConsumerRuntime(
+        kafka_settings,
+        TableHandler(table),
+        name="test-sink",
+        group_id=group,
+        topics=[topic],
+        policy=ConsumerSettings(max_attempts=2, backoff_max_s=0.5),
+    )
+    with running(runtime):
+        _until(lambda: len(_rows(table)) == 10 and runtime.dead_lettered == 1)
+        letters = _letters(kafka_settings, group, 1)
+        _until(lambda: runtime.last_commit is not None)
+    assert _rows(table) == [f"ok-{i}" for i in range(10)]
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter["stage"] == "sink"
+    assert letter["reason"] == "poison"
+    assert letter["detail"].startswith("DataError")
+    assert letter["metadata"]["attempts"] == 2
+    assert letter["metadata"]["topic"] == topic
+    assert letter["metadata"]["offset"] == 5
+    assert base64.b64decode(letter["metadata"]["value_base64"]) == b"bad\x00value"
+    # Everything, the poison included, is committed: a restart does not stall on it.
+    check = KafkaConsumer(
+        group_id=group, enable_auto_commit=False, **kafka_settings.client_config()
+    )
+    try:
+        partition = next(
+            TopicPartition(topic, p)
+            for p in check.partitions_for_topic(topic) or set()
+            if (check.end_offsets([TopicPartition(topic, p)])[TopicPartition(topic, p)]) > 0
+        )
+        assert check.committed(partition) == 11
+    finally:
+        check.close()
+
+
+def test_a_database_outage_is_retried_and_never_dead_lettered(
+    kafka_settings: KafkaSettings, table: Engine, topic: str, unique: str
+) -> None:
+    _produce(kafka_settings, topic, [f"m-{i}".encode() for i in range(5)])
+    # Nothing listens on port 1: a real "connection refused" from psycopg.
+    away = make_engine("postgresql://postgres@127.0.0.1:1/test")
+    handler = TableHandler(away)
+    group = f"runtime-{unique}"
+    runtime = ConsumerRuntime(
+        kafka_settings,
+        handler,
+        name="test-sink",
+        group_id=group,
+        topics=[topic],
+        policy=ConsumerSettings(max_attempts=1, backoff_max_s=0.3),
+    )
+    with running(runtime):
+        _until(lambda: runtime.retries >= 3)
+        assert _rows(table) == []
+        handler.engine = table  # the database is back
+        _until(lambda: len(_rows(table)) == 5)
+    assert runtime.dead_lettered == 0
+    assert _rows(table) == [f"m-{i}" for i in range(5)]
+    away.dispose()
+
+
+class Blocking(RecordHandler):
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.die = False
+
+    def handle(self, records: Sequence[Any]) -> list[tuple[str, Event]]:
+        if self.die:
+            raise SystemExit("a bug that kills the thread")
+        self.release.wait(30)
+        return []
+
+
+# The thread's death is the point of the test; pytest would report it as a warning.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_readyz_names_a_stuck_or_dead_consumer(
+    kafka_settings: KafkaSettings, table: Engine, topic: str, unique: str
+) -> None:
+    handler = Blocking()
+    runtime = ConsumerRuntime(
+        kafka_settings, handler, name="stuck-sink", group_id=f"g-{unique}", topics=[topic]
+    )
+    runtime.stuck_after_s = 1.0
+    started = threading.Event()
+    started.set()
+    readiness = _readiness(
+        # Only the component check matters here; Kafka and the database are up.
+        _settings(kafka_settings),
+        table,
+        started,
+        [runtime],
+    )
+    thread = threading.Thread(target=runtime.run_forever, daemon=True)
+    runtime._thread = thread  # what start() does for a component
+    thread.start()
+    try:
+        _produce(kafka_settings, topic, [b"x"])
+        _until(lambda: runtime.liveness() is not None)
+        assert "stuck-sink: no progress for" in str(runtime.liveness())
+        readiness._cached = None
+        checks = asyncio.run(readiness.evaluate())
+        assert "stuck-sink: no progress" in checks["components"]
+        handler.die = True
+        handler.release.set()
+        _produce(kafka_settings, topic, [b"y"])
+        thread.join(20)
+        assert runtime.liveness() == "stuck-sink: its thread has stopped"
+        readiness._cached = None
+        checks = asyncio.run(readiness.evaluate())
+        assert checks["components"] == "RuntimeError: stuck-sink: its thread has stopped"
+    finally:
+        runtime.request_stop()
+        handler.release.set()
+
+
+def _settings(kafka: KafkaSettings) -> Settings:
+    return Settings(kafka=kafka)

@@ -1,0 +1,399 @@
+"""Replays past dedupe, and refused requests that fill the disk (issue 16).
+
+Each test names the attack it runs. They use the real HTTP server, the real
+broker, the real CLI and PostgreSQL where the behaviour touches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
+from sqlalchemy import Engine, delete
+from twilio.request_validator import RequestValidator
+
+from ingest.evidence import EvidenceBudget
+from normalize.content import Blob
+from normalize.schema import Attachment, DeadLetter, InboundMessage
+from router.tables import outbox
+from sinks.queue import QueueStore
+from switchboard.blobs import BlobCollector, FileBlobStore, collect_garbage
+from switchboard.bootstrap import blob_references
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
+from switchboard.events import TYPE_ROUTED
+from switchboard.settings import KafkaSettings, Settings, TwilioSettings, WebhookSettings
+from switchboard.topics import DEADLETTER, INBOUND
+from tests.factories import inbound_message
+from tests.http_helpers import find, http_ingest
+from tests.router_helpers import store_for
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "twilio-replay-token-0123456789abcdef"
+ACCOUNT = "AC" + "a" * 32
+PATH = "/webhooks/twilio/sms"
+SECRET = "hook-replay-secret"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def twilio(**overrides: object) -> TwilioSettings:
+    return TwilioSettings(auth_token=[SecretStr(TOKEN)], **overrides)  # type: ignore[arg-type]
+
+
+def signed_post(client: httpx.Client, url: str, form: dict[str, str], signature: str) -> int:
+    response = client.post(url, data=form, headers={"x-twilio-signature": signature})
+    return response.status_code
+
+
+def test_a_folded_message_sid_replay_is_refused_and_dead_lettered(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    # Attack: Twilio signs keys and values concatenated without separators, so a
+    # captured request re-sent with NumMedia folded into MessageSid validates and,
+    # before the SID shape check, got a new dedupe key (a second message).
+    sid = f"SM{unique:0<32}"
+    form = {"AccountSid": ACCOUNT, "MessageSid": sid, "NumMedia": "0", "From": "+14155550100"}
+    folded = {"AccountSid": ACCOUNT, "MessageSid": f"{sid}NumMedia0", "From": "+14155550100"}
+    with http_ingest(kafka_settings, tmp_path, twilio=twilio()) as app, httpx.Client() as client:
+        url = app.base + PATH
+        signature = RequestValidator(TOKEN).compute_signature(url, form)
+        assert RequestValidator(TOKEN).validate(url, folded, signature)  # the attack's premise
+        assert signed_post(client, url, form, signature) == 200
+        refused = client.post(url, data=folded, headers={"x-twilio-signature": signature})
+    assert refused.status_code == 403
+    assert refused.json()["reason"] == "invalid-sid"
+    [dead] = find(
+        kafka_settings,
+        f"fold-{unique}",
+        DEADLETTER,
+        DeadLetter,
+        lambda d: str(d.id) == refused.json()["id"],
+    )
+    assert dead.reason == "invalid-sid"
+    assert dead.raw is not None
+    assert dead.metadata["truncated"] is False  # a small body is kept whole
+    assert dead.metadata["size"] == dead.raw.size
+
+
+def test_a_message_from_another_account_is_refused_when_accounts_are_configured(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    # Attack: a request signed with a token we accept (a shared or leaked one) that
+    # names an account of someone else's.
+    settings = twilio(account_sids=[ACCOUNT])
+    with http_ingest(kafka_settings, tmp_path, twilio=settings) as app, httpx.Client() as client:
+        url = app.base + PATH
+        answers = {}
+        for name, account in (("ours", ACCOUNT), ("theirs", "AC" + "b" * 32)):
+            form = {
+                "AccountSid": account,
+                "MessageSid": f"SM{unique}{name.encode().hex():0<22}",
+                "From": "+14155550100",
+            }
+            signature = RequestValidator(TOKEN).compute_signature(url, form)
+            answers[name] = client.post(url, data=form, headers={"x-twilio-signature": signature})
+    assert answers["ours"].status_code == 200
+    assert answers["theirs"].status_code == 403
+    assert answers["theirs"].json()["reason"] == "account"
+    [dead] = find(
+        kafka_settings,
+        f"acct-{unique}",
+        DEADLETTER,
+        DeadLetter,
+        lambda d: str(d.id) == answers["theirs"].json()["id"],
+    )
+    assert dead.metadata["account_sid"] == "AC" + "b" * 32
+
+
+def hmac_hook(monkeypatch: pytest.MonkeyPatch, **auth: object) -> WebhookSettings:
+    monkeypatch.setenv("REPLAY_SECRET", SECRET)
+    return WebhookSettings.model_validate(
+        {
+            "name": "signed",
+            "auth": {
+                "kind": "hmac-sha256",
+                "secret_env": "REPLAY_SECRET",
+                "timestamp_header": "X-Timestamp",
+                **auth,
+            },
+            "map": {"email": "email", "text": "text"},
+            "content_types": ["json"],
+        }
+    )
+
+
+def hook_signature(body: bytes, stamp: str, *lines: str) -> str:
+    signed = stamp.encode() + b"." + "".join(f"{line}\n" for line in lines).encode() + body
+    return hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def test_a_signed_hook_replayed_with_new_idempotency_keys_is_one_message(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: the Idempotency-Key header is not covered by the HMAC; the same signed
+    # body re-sent (within the timestamp window) with 4 fresh keys used to be 4 messages.
+    body = json.dumps({"email": "ann@example.com", "text": f"replay {unique}"}).encode()
+    stamp = str(int(time.time()))
+    headers = {
+        "content-type": "application/json",
+        "x-timestamp": stamp,
+        "x-signature": hook_signature(body, stamp),
+    }
+    with (
+        http_ingest(kafka_settings, tmp_path, hooks=[hmac_hook(monkeypatch)]) as app,
+        httpx.Client() as client,
+    ):
+        answers = [
+            client.post(
+                f"{app.base}/webhooks/signed",
+                content=body,
+                headers={**headers, "idempotency-key": f"{unique}-{n}"},
+            )
+            for n in range(4)
+        ]
+    assert [a.status_code for a in answers] == [202] * 4
+    keys = {a.json()["dedupe_key"] for a in answers}
+    assert len(keys) == 1
+    assert keys.pop().startswith("webhook:signed:fp:")
+    published = find(
+        kafka_settings,
+        f"idem-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.text == f"replay {unique}",
+        count=4,
+    )
+    assert len({m.dedupe_key for m in published}) == 1
+
+
+def test_an_idempotency_key_the_signature_covers_is_the_dedupe_key(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: swap the key of a hook that signs it: the signature no longer matches.
+    hook = hmac_hook(monkeypatch, signed_headers=["Idempotency-Key"])
+    body = json.dumps({"email": "ann@example.com", "text": unique}).encode()
+    stamp = str(int(time.time()))
+    key = f"order-{unique}"
+    headers = {
+        "content-type": "application/json",
+        "x-timestamp": stamp,
+        "idempotency-key": key,
+        "x-signature": hook_signature(body, stamp, f"idempotency-key:{key}"),
+    }
+    with http_ingest(kafka_settings, tmp_path, hooks=[hook]) as app, httpx.Client() as client:
+        url = f"{app.base}/webhooks/signed"
+        kept = client.post(url, content=body, headers=headers)
+        swapped = client.post(url, content=body, headers={**headers, "idempotency-key": "other"})
+    assert kept.status_code == 202, kept.text
+    assert kept.json()["dedupe_key"] == f"webhook:signed:key:{key}"
+    assert swapped.status_code == 403
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_config_check_refuses_an_hmac_hook_that_can_be_replayed_forever(tmp_path: Path) -> None:
+    # Attack: without a timestamp, a captured signed request stays valid forever
+    # (and once the router forgot its dedupe key, it is a new message again).
+    config = tmp_path / "switchboard.toml"
+    hook = (
+        '[[webhooks]]\nname = "contact"\nmap = { email = "email" }\n'
+        'auth = { kind = "hmac-sha256", secret_env = "FORM_SECRET"%s }\n'
+    )
+    config.write_text(hook % "")
+    refused = _cli("config", "check", str(config), FORM_SECRET="s")
+    config.write_text(hook % ", allow_replay = true")
+    accepted = _cli("config", "check", str(config), FORM_SECRET="s")
+    assert refused.returncode == 2
+    assert "webhooks[contact].auth" in refused.stderr
+    assert "auth.timestamp_header" in refused.stderr
+    assert "auth.allow_replay" in refused.stderr
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.startswith("ok: ")
+
+
+def _dir_size(root: Path) -> tuple[int, list[int]]:
+    sizes = [p.stat().st_size for p in root.rglob("*") if p.is_file()]
+    return sum(sizes), sizes
+
+
+def test_unsigned_large_posts_keep_bounded_evidence(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    # Attack: 200 unsigned 250 KB posts to the Twilio route; each used to be stored
+    # whole as an fsynced blob plus a dead letter (+50 MB from one connection).
+    # The budget's clock stands still, so all 200 fall in one minute.
+    budget = EvidenceBudget(per_minute=10, max_bytes=4096, clock=lambda: 1000.0)
+    labels = {"adapter": "twilio"}
+    before = REGISTRY.get_sample_value("switchboard_evidence_dropped_total", labels) or 0.0
+    size = 250 * 1024
+    with (
+        http_ingest(kafka_settings, tmp_path, twilio=twilio(), evidence=budget) as app,
+        httpx.Client(timeout=30) as client,
+    ):
+        answers = []
+        for n in range(200):
+            head = f"MessageSid=SM{unique}{n:0>22x}&Body=".encode()
+            body = head + b"x" * (size - len(head))
+            answers.append(
+                client.post(
+                    app.base + PATH,
+                    content=body,
+                    headers={"content-type": "application/x-www-form-urlencoded"},
+                )
+            )
+    assert {a.status_code for a in answers} == {403}
+    recorded = [a for a in answers if "id" in a.json()]
+    assert len(recorded) == 10  # the rest are answered alike, without a record id
+    total, sizes = _dir_size(tmp_path / "blobs")
+    assert len(sizes) == 10
+    assert max(sizes) <= 4096
+    assert total <= 10 * 4096
+    after = REGISTRY.get_sample_value("switchboard_evidence_dropped_total", labels) or 0.0
+    assert after - before == 190
+    ids = {a.json()["id"] for a in recorded}
+    dead = find(
+        kafka_settings, f"ev-{unique}", DEADLETTER, DeadLetter, lambda d: str(d.id) in ids, count=10
+    )
+    assert len(dead) == 10
+    for record in dead:
+        assert record.metadata["truncated"] is True
+        assert record.metadata["size"] == size
+        assert record.raw is not None
+        assert record.raw.size == 4096
+        assert "truncated" in record.detail
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "postgresql":
+        yield request.getfixturevalue("postgres_schema_url")
+    else:
+        yield f"sqlite:///{tmp_path / 'gc.db'}"
+
+
+@pytest.mark.slow
+def test_blobs_gc_deletes_only_old_unreferenced_blobs(database_url: str, tmp_path: Path) -> None:
+    # Attack (on the disk): blobs were never collected, so whatever was stored,
+    # refused evidence included, stayed forever.
+    store = FileBlobStore(tmp_path / "blobs")
+    raw, attachment, old, young = (
+        Blob.of(f"{name} {tmp_path}".encode(), "text/plain")
+        for name in ("raw", "attachment", "old", "young")
+    )
+    for blob in (raw, attachment, old, young):
+        store.put(blob)
+    engine: Engine = make_engine(database_url)
+    upgrade(engine)
+    try:
+        router = store_for(engine)
+        router.sync_owners()
+        # The raw payload of a routed message: referenced by the router's events.
+        [routed] = router.route_batch([inbound_message(raw=raw.ref, attachments=())])
+        # An attachment the queue shows; the router already forgot its events.
+        shown = inbound_message(
+            dedupe_key="email-mid:shown@example.com",
+            raw=None,
+            attachments=(
+                Attachment(
+                    content_type="text/plain", blob=attachment.ref, sha256=attachment.ref.sha256
+                ),
+            ),
+        )
+        [queued] = router.route_batch([shown])
+        event = next(e for e in queued.events if e.type == TYPE_ROUTED)
+        assert QueueStore(engine).apply(event.type, event.id, event.value())
+        with engine.begin() as c:
+            c.execute(delete(outbox).where(outbox.c.message_id == shown.id))
+        assert routed.result == "routed"
+    finally:
+        engine.dispose()
+    month_ago = time.time() - timedelta(days=40).total_seconds()
+    for blob in (raw, attachment, old):
+        path = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+        os.utime(path, (month_ago, month_ago))
+    env = {"SWITCHBOARD_DATA_DIR": str(tmp_path), "SWITCHBOARD_DATABASE_URL": database_url}
+
+    dry = _cli("blobs", "gc", "--dry-run", **env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"would delete {old.ref.sha256}" in dry.stdout
+    assert dry.stdout.count("would delete ") == 2  # the line above and the summary
+    assert all(store.exists(b.ref.sha256) for b in (raw, attachment, old, young))
+
+    done = _cli("blobs", "gc", **env)
+    assert done.returncode == 0, done.stderr
+    assert f"deleted {old.ref.sha256}" in done.stdout
+    assert "kept 2 referenced and 1 younger" in done.stdout
+    assert not store.exists(old.ref.sha256)
+    assert all(store.exists(b.ref.sha256) for b in (raw, attachment, young))
+
+
+def test_a_blob_stored_again_is_young_again(tmp_path: Path) -> None:
+    # Attack (on ourselves): a new message whose bytes equal an old unreferenced
+    # blob must not lose them to the collector while it is still in flight.
+    store = FileBlobStore(tmp_path / "blobs")
+    blob = Blob.of(b"the same attachment again", "text/plain")
+    store.put(blob)
+    path = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+    month_ago = time.time() - timedelta(days=40).total_seconds()
+    os.utime(path, (month_ago, month_ago))
+    store.put(blob)  # the new message's hand-off
+    report = collect_garbage(store, [lambda _among: set()], timedelta(days=30))
+    assert report.deleted == []
+    assert report.young == 1
+    assert store.exists(blob.ref.sha256)
+
+
+def test_run_collects_blobs_periodically(tmp_path: Path) -> None:
+    # Attack (on the disk): nobody runs the command; `switchboard run` must.
+    store = FileBlobStore(tmp_path / "blobs")
+    old = Blob.of(b"evidence nobody references", "text/plain")
+    store.put(old)
+    path = tmp_path / "blobs" / old.ref.sha256[:2] / old.ref.sha256[2:4] / old.ref.sha256
+    month_ago = time.time() - timedelta(days=40).total_seconds()
+    os.utime(path, (month_ago, month_ago))
+    engine = make_engine(f"sqlite:///{tmp_path / 'gc.db'}")
+    upgrade(engine)
+    collector = BlobCollector(
+        store, blob_references(Settings(), engine, engine), timedelta(days=30), interval_s=0.05
+    )
+
+    async def scenario() -> None:
+        await collector.start()
+        try:
+            deadline = time.monotonic() + 10
+            while store.exists(old.ref.sha256) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await collector.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.dispose()
+    assert not store.exists(old.ref.sha256)

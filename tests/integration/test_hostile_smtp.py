@@ -1,0 +1,240 @@
+"""Hostile SMTP clients against the real server: they are limited, others are served.
+
+Two clients from loopback: 127.0.0.1 (the legitimate sender) and 127.0.0.2 (the
+attacker); Linux routes all of 127/8 to loopback, so a client can bind either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from ingest.handoff import HandOff, Receipt
+from normalize.content import Normalized
+from switchboard.settings import KafkaSettings
+from tests.smtp_helpers import RunningSmtp, collect, queued_id, smtp_server
+
+pytestmark = pytest.mark.integration
+
+ATTACKER = "127.0.0.2"
+
+
+def email(message_id: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "alice@example.org"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = "Still waiting for my refund"
+    msg["Message-ID"] = f"<{message_id}@example.org>"
+    msg.set_content("Hello, any news?")
+    return msg.as_bytes()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@contextmanager
+def attacker_sessions(server: RunningSmtp, count: int) -> Iterator[list[smtplib.SMTP]]:
+    """``count`` idle sessions from 127.0.0.2, each past its greeting."""
+    with ExitStack() as stack:
+        sessions = []
+        for _ in range(count):
+            client = smtplib.SMTP(
+                "127.0.0.1", server.port, timeout=10, source_address=(ATTACKER, 0)
+            )
+            stack.callback(client.close)
+            sessions.append(client)
+        yield sessions
+
+
+def read_until_closed(sock: socket.socket) -> list[bytes]:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks).splitlines()
+
+
+def test_one_address_holding_its_session_limit_does_not_lock_out_others(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    # Attack: one address opens idle sessions until it holds every connection slot.
+    with (
+        smtp_server(kafka_settings, tmp_path) as server,
+        attacker_sessions(server, 10) as held,
+    ):
+        assert server.adapter.settings.max_sessions_per_client == 10  # the default
+        # The 11th session from the same address is refused, and closed.
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=(ATTACKER, 0))
+        assert refused.value.smtp_code == 421
+        text: object = refused.value.smtp_error  # bytes at run time; typeshed says str
+        assert isinstance(text, bytes)
+        assert text.startswith(b"4.7.0 Too many connections from your address")
+
+        # Another address is served meanwhile, up to the message on the real broker.
+        code, reply = server.send(email(f"legit-{unique}"))
+        assert code == 250, reply
+        inbound, dead = collect(kafka_settings, f"hostile-{unique}", {queued_id(reply)})
+        assert dead == {}
+        [message] = inbound.values()
+        assert message.dedupe_key == f"email-mid:legit-{unique}@example.org"
+
+        # The attacker's held sessions still work: the limit refuses, it does not punish.
+        assert held[0].noop()[0] == 250
+        # A session that ends frees its place for the same address.
+        held.pop().quit()
+
+        def admitted() -> bool:
+            try:
+                client = smtplib.SMTP(
+                    "127.0.0.1", server.port, timeout=10, source_address=(ATTACKER, 0)
+                )
+            except smtplib.SMTPConnectError:
+                return False
+            client.quit()
+            return True
+
+        wait_for(admitted)
+
+
+def test_a_noop_flood_is_closed_after_the_junk_command_limit(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    # Attack: pipelined NOOPs, answered for ever, each one resetting the idle timer.
+    with (
+        smtp_server(kafka_settings, tmp_path) as server,
+        socket.create_connection(
+            ("127.0.0.1", server.port), timeout=10, source_address=(ATTACKER, 0)
+        ) as sock,
+    ):
+        limit = server.adapter.settings.junk_command_limit
+        assert limit == 100  # the default
+        sock.sendall(b"EHLO flood.example\r\n" + b"NOOP\r\n" * (limit + 50))
+        lines = read_until_closed(sock)  # returns only once the server closed
+        assert lines[0].startswith(b"220 ")
+        assert lines.count(b"250 OK") == limit
+        assert lines[-1] == b"421 4.7.0 Too many commands without a message, closing connection"
+        # EHLO is not junk: the limit counted exactly the NOOPs.
+        assert not any(line.startswith(b"5") for line in lines)
+        wait_for(lambda: not server.adapter.sessions)
+
+
+def test_junk_of_every_kind_counts_and_a_transaction_still_works_below_the_limit(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    # Attack: mixing RSET, VRFY, HELP and unknown verbs to dodge a per-verb limit.
+    with (
+        smtp_server(kafka_settings, tmp_path, junk_command_limit=8) as server,
+        server.client() as client,
+    ):
+        client.ehlo("client.example.org")
+        for _ in range(3):
+            assert client.rset()[0] == 250
+        assert client.verify("bob@example.com")[0] == 252
+        assert client.docmd("HELP")[0] == 250
+        assert client.docmd("XYZZY")[0] == 500  # unknown: junk as well
+        assert client.noop()[0] == 250  # the 7th junk command
+        # A mail transaction is not junk.
+        client.sendmail("alice@example.org", ["support@example.com"], email(unique))
+        assert client.noop()[0] == 250  # the 8th
+        code, text = client.noop()
+        assert (code, text) == (
+            421,
+            b"4.7.0 Too many commands without a message, closing connection",
+        )
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+
+
+def test_the_session_deadline_closes_a_trickling_session(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    # Attack: one command just before each idle timeout, holding the slot for ever.
+    with (
+        smtp_server(kafka_settings, tmp_path, session_deadline_s=1.0, timeout_s=30) as server,
+        socket.create_connection(
+            ("127.0.0.1", server.port), timeout=10, source_address=(ATTACKER, 0)
+        ) as sock,
+    ):
+        assert sock.recv(1024).startswith(b"220 ")
+        received = b""
+        deadline = time.monotonic() + 10
+        while not received.endswith(
+            b"\r\n421 4.4.2 Session time limit exceeded, closing connection\r\n"
+        ):
+            assert time.monotonic() < deadline, received
+            try:
+                sock.sendall(b"NOOP\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            received += sock.recv(1024)  # paced by the replies: one command at a time
+            time.sleep(0.1)
+        assert received.endswith(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
+        assert received.count(b"250 OK") >= 1
+        assert read_until_closed(sock) == []  # closed after the 421
+        wait_for(lambda: not server.adapter.sessions)
+
+
+class _GatedHandOff(HandOff):
+    """A hand-off that waits for the test, to hold a session inside DATA."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    async def deliver(self, normalized: Normalized) -> Receipt:
+        type(self).entered.set()
+        await asyncio.to_thread(type(self).release.wait, 10)
+        return await super().deliver(normalized)
+
+
+def test_the_session_deadline_lets_a_mail_in_hand_off_get_its_reply(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    # Not an attack: the deadline must not turn a durable mail into a resend.
+    _GatedHandOff.entered.clear()
+    _GatedHandOff.release.clear()
+    with smtp_server(
+        kafka_settings, tmp_path, handoff_type=_GatedHandOff, session_deadline_s=0.5
+    ) as server:
+        client = server.client(timeout=15)
+        try:
+            client.ehlo("client.example.org")
+            client.mail("alice@example.org")
+            client.rcpt("support@example.com")
+            replies: list[tuple[int, bytes]] = []
+            sender = threading.Thread(target=lambda: replies.append(client.data(email(unique))))
+            sender.start()
+            assert _GatedHandOff.entered.wait(10)
+            wait_for(lambda: any(s.deadline_passed for s in server.adapter.sessions))
+            _GatedHandOff.release.set()
+            sender.join(15)
+            [(code, reply)] = replies
+            assert code == 250, reply
+            # ...and only then the session ends.
+            code, text = client.noop()
+            assert code == 421, text
+            assert text.startswith(b"4.4.2 Session time limit exceeded"), text
+        finally:
+            _GatedHandOff.release.set()
+            client.close()
+
+
+def test_the_limit_handlers_are_not_smtp_commands(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    # Attack: calling the server's internal handlers by name, to hang a session.
+    with smtp_server(kafka_settings, tmp_path) as server, server.client() as client:
+        for verb in ("IGNORE_COMMAND", "REFUSE_JUNK", "TOO_MUCH_JUNK", "IGNORE"):
+            assert client.docmd(verb)[0] == 500, verb

@@ -1,0 +1,209 @@
+"""A stranger's claim never moves another customer's data (issue 17).
+
+The reproductions, through the real HTTP and SMTP servers, the real broker and
+the router on PostgreSQL, with the default merge policy ("verified"):
+
+- takeover by web form: one anonymous post with Wendy's email and Vic's phone
+  merged their contacts; now nothing merges, a merge is suggested, and Vic's next
+  SMS lands in Vic's own contact;
+- the attacker-first variant: an attacker's older contact never absorbs a victim;
+- mass merge: one request with 5 emails and 5 phones turned 10 contacts into 1;
+- forged From: mail claiming to be Carol is marked claimed, never verified;
+- and the other way round: a signed backend that vouches for email and phone,
+  and a Twilio SMS, make one contact automatically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import Engine
+from twilio.request_validator import RequestValidator
+
+from normalize.schema import ContactEvent, ContactEventKind, InboundMessage
+from switchboard.events import contact_event_type
+from switchboard.settings import KafkaSettings, TwilioSettings, WebhookSettings
+from switchboard.topics import CONTACTS, INBOUND
+from tests.http_helpers import RunningHttp, find, http_ingest
+from tests.imap_helpers import wait_for
+from tests.router_helpers import (
+    events_of,
+    fresh_kafka,
+    processed,
+    running_router,
+    snapshot,
+    store_for,
+)
+from tests.smtp_helpers import smtp_server
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "twilio-trust-token"
+SUGGESTED = contact_event_type(ContactEventKind.MERGE_SUGGESTED)
+
+
+@pytest.fixture
+def kafka() -> Iterator[KafkaSettings]:
+    with fresh_kafka() as settings:
+        yield settings
+
+
+def _hooks(monkeypatch: pytest.MonkeyPatch) -> list[WebhookSettings]:
+    monkeypatch.setenv("BACKEND_SECRET", "backend-secret")
+    public = WebhookSettings.model_validate(
+        {
+            "name": "public-form",
+            "auth": {"kind": "none"},
+            "map": {
+                "email": "email",
+                "phone": "phone",
+                "text": "message",
+                "emails": ["emails"],
+                "phones": ["phones"],
+            },
+            "default_region": "US",
+        }
+    )
+    backend = WebhookSettings.model_validate(
+        {
+            "name": "backend",
+            "auth": {"kind": "hmac-sha256", "secret_env": "BACKEND_SECRET", "allow_replay": True},
+            "map": {"email": "email", "phone": "phone", "text": "message"},
+            "default_region": "US",
+            "verified": ["email", "phone"],
+        }
+    )
+    return [public, backend]
+
+
+def _post(http: RunningHttp, hook: str, body: dict[str, Any]) -> None:
+    raw = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    if hook == "backend":
+        headers["x-signature"] = hmac.new(b"backend-secret", raw, hashlib.sha256).hexdigest()
+    answer = httpx.post(f"{http.base}/webhooks/{hook}", content=raw, headers=headers, timeout=15)
+    assert answer.status_code == 202, answer.text
+
+
+def _sms(http: RunningHttp, sid: str, sender: str, text: str = "hi") -> None:
+    url = f"{http.base}/webhooks/twilio/sms"
+    form = {"MessageSid": sid, "From": sender, "To": "+14155550199", "Body": text}
+    signature = RequestValidator(TOKEN).compute_signature(url, form)
+    answer = httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=15)
+    assert answer.status_code == 200, answer.text
+
+
+def _route(kafka: KafkaSettings, engine: Engine, count: int) -> None:
+    with running_router(kafka, store_for(engine)):
+        wait_for(lambda: len(processed(engine)) >= count, 60)
+
+
+def test_a_strangers_form_merges_no_one_and_suggests_instead(
+    kafka: KafkaSettings,
+    migrated_postgres: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    twilio = TwilioSettings(auth_token=[SecretStr(TOKEN)])
+    with http_ingest(kafka, tmp_path, twilio=twilio, hooks=_hooks(monkeypatch)) as http:
+        # Wendy has written by email (through her own form post), Vic by SMS; the
+        # attacker owns an older contact of their own.
+        _post(http, "public-form", {"email": "mallory@evil.example", "message": "hello"})
+        _post(http, "public-form", {"email": "wendy@example.org", "message": "my order"})
+        _sms(http, "SM" + "1" * 32, "+14155550100", "my refund")
+        # Ten other customers, five by email and five by SMS.
+        for i in range(5):
+            _post(http, "public-form", {"email": f"c{i}@example.org", "message": "hi"})
+            _sms(http, f"SM{i:0>32}", f"+1415555020{i}")
+    _route(kafka, migrated_postgres, 13)
+    before = snapshot(migrated_postgres)
+    assert len(before.contacts) == 13
+
+    with http_ingest(kafka, tmp_path, twilio=twilio, hooks=_hooks(monkeypatch)) as http:
+        # The takeover: Wendy's email and Vic's phone in one anonymous post.
+        _post(http, "public-form", {"email": "wendy@example.org", "phone": "+14155550100"})
+        # The attacker's own (older) contact and Vic's phone.
+        _post(http, "public-form", {"email": "mallory@evil.example", "phone": "4155550100"})
+        # Mass merge: 5 emails and 5 phones in one request.
+        _post(
+            http,
+            "public-form",
+            {
+                "email": "c0@example.org",
+                "emails": [f"c{i}@example.org" for i in range(1, 5)],
+                "phones": [f"+1415555020{i}" for i in range(5)],
+            },
+        )
+        # Vic texts again.
+        _sms(http, "SM" + "2" * 32, "+14155550100", "any news?")
+    _route(kafka, migrated_postgres, 17)
+
+    after = snapshot(migrated_postgres)
+    assert after.merged == {}
+    assert len(after.contacts) == 13
+    vic = after.contact_of("phone:+14155550100")
+    wendy = after.contact_of("email:wendy@example.org")
+    mallory = after.contact_of("email:mallory@evil.example")
+    assert len({vic, wendy, mallory}) == 3
+    for contact, (_owner, keys) in before.contacts.items():
+        assert after.contacts[contact][1] == keys  # no identity moved anywhere
+    # Vic's next SMS is in Vic's own contact, with Vic's history.
+    vic_messages = [m for m, (c, _, _) in after.messages.items() if c == vic]
+    assert len(vic_messages) == 2
+    suggestions = events_of(kafka, CONTACTS, SUGGESTED, ContactEvent, count=11)
+    pairs = {(s.contact_id, s.other_contact_id) for s in suggestions}
+    assert (wendy, vic) in pairs
+    assert (mallory, vic) in pairs
+    c0 = after.contact_of("email:c0@example.org")
+    others = {after.contact_of(f"email:c{i}@example.org") for i in range(1, 5)}
+    others |= {after.contact_of(f"phone:+1415555020{i}") for i in range(5)}
+    assert {o for c, o in pairs if c == c0} == others
+
+
+def test_a_vouching_backend_and_a_signed_sms_make_one_contact(
+    kafka: KafkaSettings,
+    migrated_postgres: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    twilio = TwilioSettings(auth_token=[SecretStr(TOKEN)])
+    with http_ingest(kafka, tmp_path, twilio=twilio, hooks=_hooks(monkeypatch)) as http:
+        _sms(http, "SM" + "3" * 32, "+14155550123", "hello by SMS")
+        _post(http, "public-form", {"email": "dana@example.org", "message": "hello by form"})
+        _post(http, "backend", {"email": "dana@example.org", "phone": "(415) 555-0123"})
+    _route(kafka, migrated_postgres, 3)
+    snap = snapshot(migrated_postgres)
+    assert len(snap.contacts) == 1, snap.contacts
+    (keys,) = [k for _, k in snap.contacts.values()]
+    assert keys == {"email:dana@example.org", "phone:+14155550123"}
+    assert len(snap.merged) == 1
+
+
+def test_a_forged_from_is_claimed_never_verified(
+    kafka: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    forged = (
+        f"From: Carol <carol@customer.example>\r\nTo: support@example.com\r\n"
+        f"Subject: refund\r\nMessage-ID: <forged-{unique}@evil.example>\r\n\r\n"
+        "Send the refund to IBAN XX00 0000.\r\n"
+    ).encode()
+    with smtp_server(kafka, tmp_path) as smtp:
+        assert smtp.send(forged, mail_from="attacker@evil.example")[0] == 250
+    (message,) = find(
+        kafka,
+        f"forged-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.thread.message_id == f"forged-{unique}@evil.example",
+    )
+    assert message.sender.key == "email:carol@customer.example"
+    assert message.sender.assurance == "claimed"
+    assert message.sender.evidence is None

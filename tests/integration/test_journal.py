@@ -1,0 +1,197 @@
+"""The embedded broker's journal: on disk under concurrency, in the hand-off in front
+of a real broker, pruned and replayed against the real router and queue tables, and
+`switchboard status` reading the broker's real log ends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import insert
+
+from ingest.handoff import HandOff
+from ingest.journal import Journal, read_journal_depth
+from ingest.spool import Spool
+from normalize.content import Normalized
+from router.tables import outbox
+from sinks.queue import applied
+from switchboard.blobs import FileBlobStore
+from switchboard.bootstrap import ROLES, make_journal
+from switchboard.broker import EmbeddedBroker
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
+from switchboard.events import TYPE_ROUTED, Event, read_meta
+from switchboard.kafka import Publisher, make_consumer
+from switchboard.recovery import JournalKeeper, read_recovery
+from switchboard.settings import KafkaSettings, Settings, SpoolSettings
+from switchboard.status import log_ends
+from switchboard.topics import INBOUND, ROUTED
+from tests.factories import inbound_message
+from tests.kafka_helpers import consume_until
+from tests.router_helpers import fresh_kafka, inbound_event
+
+pytestmark = pytest.mark.integration
+
+
+def _event(n: int) -> tuple[Event, str]:
+    message = inbound_message(text=f"message {n}")
+    return inbound_event(message), str(message.id)
+
+
+def test_concurrent_appends_are_all_kept_byte_for_byte_and_survive_a_reopen(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    journal = Journal(path)
+    events = [_event(n) for n in range(200)]
+
+    def append(part: list[tuple[Event, str]]) -> None:
+        for event, message_id in part:
+            journal.append(INBOUND, event, message_id)
+
+    threads = [threading.Thread(target=append, args=(events[i::16],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert journal.messages == 200
+    kept = {e.event.id: e for e in journal.entries(1000)}
+    for event, message_id in events:
+        assert kept[event.id].event.value() == event.value()
+        assert kept[event.id].event.headers() == event.headers()
+        assert kept[event.id].message_id == message_id
+    journal.close()
+
+    reopened = Journal(path)
+    assert reopened.messages == 200
+    first = reopened.entries(10)
+    reopened.mark_recorded([e.seq for e in first[:5]])
+    reopened.remove([e.seq for e in first])
+    assert reopened.messages == 190
+    assert sum(e.recorded for e in reopened.entries(1000)) == 0
+    depth = read_journal_depth(path)
+    assert depth is not None
+    assert depth.messages == 190
+    reopened.close()
+
+
+def test_a_spool_file_without_a_journal_has_no_depth(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    Spool(path, max_bytes=10**6, max_messages=10).close()
+    assert read_journal_depth(path) is None
+
+
+def test_the_journal_is_only_for_switchboard_run_on_the_embedded_broker(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert make_journal(settings, ROLES, None) is None  # external Kafka: its replication
+    broker = EmbeddedBroker()  # not started: only its presence matters here
+    assert make_journal(settings, frozenset({"smtp", "http"}), broker) is None
+    off = Settings(data_dir=tmp_path, spool=SpoolSettings(journal=False))
+    assert make_journal(off, ROLES, broker) is None
+    journal = make_journal(settings, ROLES, broker)
+    assert journal is not None
+    journal.close()
+
+
+def test_the_hand_off_journals_what_the_broker_acknowledged(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    journal = Journal(tmp_path / "spool.sqlite3")
+    publisher = Publisher(kafka_settings)
+    handoff = HandOff(publisher, FileBlobStore(tmp_path / "blobs"), journal=journal)
+    message = inbound_message(text="journaled")
+    try:
+        receipt = asyncio.run(handoff.deliver(Normalized(message, ())))
+        assert receipt.ack is not None
+        [entry] = journal.entries(10)
+        assert entry.message_id == str(message.id)
+        consumer = KafkaConsumer(
+            **kafka_settings.client_config(), enable_auto_commit=False, consumer_timeout_ms=5000
+        )
+        tp = TopicPartition(INBOUND, receipt.ack.partition)
+        consumer.assign([tp])
+        consumer.seek(tp, receipt.ack.offset)
+        record = next(iter(consumer))
+        consumer.close()
+        assert read_meta(record.headers).id == entry.event.id
+        assert record.value == entry.event.value()
+    finally:
+        handoff.close()
+        publisher.close()
+        journal.close()
+
+
+def test_prune_and_replay_follow_the_router_and_the_queue(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'sb.db'}")
+    upgrade(engine)
+    journal = Journal(tmp_path / "spool.sqlite3")
+    # Three accepted messages: one routed and applied, one routed and not applied,
+    # one the router never saw (the broker forgot it).
+    (done, done_id), (half, half_id), (lost, lost_id) = (_event(n) for n in range(3))
+    for event, message_id in ((done, done_id), (half, half_id), (lost, lost_id)):
+        journal.append(INBOUND, event, message_id)
+    routed = {
+        m: Event(type=TYPE_ROUTED, source="t", key="k", data=b"{}") for m in (done_id, half_id)
+    }
+    with engine.begin() as c:
+        for message_id, event in routed.items():
+            c.execute(
+                insert(outbox).values(
+                    id=UUID(event.id),
+                    message_id=UUID(message_id),
+                    seq=0,
+                    topic=ROUTED,
+                    key=event.key,
+                    type=event.type,
+                    source=event.source,
+                    time=event.time,
+                    data=event.value(),
+                    pending=False,
+                )
+            )
+        c.execute(insert(applied).values(event_id=UUID(routed[done_id].id), applied_at=done.time))
+    with fresh_kafka() as kafka:
+        publisher = Publisher(kafka)
+        keeper = JournalKeeper(journal, publisher, engine, engine, data_dir=tmp_path)
+        try:
+            assert keeper.prune() == 1  # routed and applied: forgotten
+            assert {e.message_id: e.recorded for e in journal.entries(10)} == {
+                half_id: True,
+                lost_id: False,
+            }
+            result = keeper.replay("test")
+            assert (result.messages, result.events) == (1, 1)
+            consumer = make_consumer(kafka, group_id="journal-test", topics=[INBOUND, ROUTED])
+            records = consume_until(consumer, lambda rs: len(rs) >= 2)
+            consumer.close()
+        finally:
+            publisher.close()
+            journal.close()
+            engine.dispose()
+    assert {(r.topic, read_meta(r.headers).id) for r in records} == {
+        (INBOUND, lost.id),
+        (ROUTED, routed[half_id].id),
+    }
+    report = read_recovery(tmp_path)
+    assert report is not None
+    assert report["replayed_messages"] == 1
+    assert report["broker_lost_memory"] is True
+
+
+def test_status_reads_the_real_end_of_a_tansu_log() -> None:
+    with fresh_kafka(partitions=1) as kafka:
+        publisher = Publisher(kafka)
+        # One batch of five records: Tansu's "latest offset" is the batch's base + 1.
+        publisher.publish_many([(INBOUND, _event(n)[0]) for n in range(5)])
+        publisher.close()
+        consumer = KafkaConsumer(**kafka.client_config())
+        tp = TopicPartition(INBOUND, 0)
+        try:
+            reported = consumer.end_offsets([tp])
+            assert log_ends(consumer, reported) == {tp: 5}
+        finally:
+            consumer.close()

@@ -1,0 +1,550 @@
+"""The queue lists customers, agents are people, search (issue 18), over real HTTP
+(uvicorn) on SQLite and PostgreSQL.
+
+The read model is filled by applying routed events as the queue sink does; the
+agents sign in with passwords (Argon2) or personal tokens; the page's forms go
+through the same server with their CSRF tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uuid6
+from argon2 import PasswordHasher
+from fastapi import FastAPI
+
+from normalize.identity import email_identity, phone_identity, verified
+from normalize.schema import (
+    ContactEvent,
+    ContactEventKind,
+    ConversationStatus,
+    Flags,
+    Identity,
+    MessageRouted,
+    Thread,
+)
+from sinks.agents import AgentStore
+from sinks.api import install_denied_handler, queue_router
+from sinks.auth import Access, protect
+from sinks.queue import QueueStore
+from sinks.search import identity_keys
+from switchboard.blobs import FileBlobStore
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
+from switchboard.events import TYPE_CONVERSATION_STATUS, TYPE_ROUTED, contact_event_type
+from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
+from switchboard.runtime import HttpServer
+from tests.factories import inbound_message
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "customers-admin-token"
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+TEAMS: dict[str, Sequence[str]] = {"support": ("alice", "bob", "carol")}
+# A cheap Argon2 for tests (the library's defaults are for production).
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+@dataclass
+class Served:
+    base: str
+    store: QueueStore
+    agents: AgentStore
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=10, follow_redirects=False)
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base, timeout=10, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+
+    @contextmanager
+    def signed_in(self, name: str, password: str) -> Iterator[httpx.Client]:
+        with self.client() as client:
+            answer = client.post("/queue/login", data={"name": name, "password": password})
+            assert answer.status_code == 303, answer.text
+            yield client
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    server = HttpServer(app, "127.0.0.1", 0)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def build_app(store: QueueStore, agents: AgentStore, blobs: Path, **limits: Any) -> FastAPI:  # noqa: ANN401
+    """The queue's app as bootstrap builds it: agents, docs behind auth, trusted hosts."""
+    access = Access(TOKEN, agents, **limits)
+    app = create_app(Readiness())
+    app.include_router(
+        queue_router(
+            store,
+            FileBlobStore(blobs),
+            None,
+            access,
+            canonical=lambda q: identity_keys(q, "US"),
+        )
+    )
+    install_denied_handler(app)
+    protect(app, access, ("/docs", "/redoc", "/openapi.json", "/status/"))
+    app.add_middleware(TrustedHosts, hosts=LOOPBACK_HOSTS)
+    return app
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_schema_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'queue.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    store = QueueStore(engine, TEAMS)
+    agents = AgentStore(engine, TEAMS["support"], hasher=FAST)
+    agents.set_password("alice", "alice-password")
+    agents.set_password("bob", "bob-password")
+    app = build_app(
+        store,
+        agents,
+        tmp_path / "blobs",
+        login_failures_per_account=3,
+        login_failures_per_client=5,
+    )
+    with serving(app) as base:
+        yield Served(base, store, agents)
+    engine.dispose()
+
+
+def route(
+    store: QueueStore,
+    sender: Identity,
+    contact: uuid.UUID,
+    conversation: uuid.UUID,
+    owner: str,
+    minutes: int,
+    **fields: Any,  # noqa: ANN401
+) -> None:
+    message = inbound_message(
+        id=uuid6.uuid7(),
+        sender=sender,
+        identities=fields.pop("identities", ()),
+        received_at=T0 + timedelta(minutes=minutes),
+        dedupe_key=f"test:{uuid.uuid4()}",
+        html=None,
+        attachments=(),
+        **fields,
+    )
+    event = MessageRouted(
+        event_id=uuid.uuid4(),
+        message=message,
+        contact_id=contact,
+        conversation_id=conversation,
+        owner=owner,
+        reason="sticky",
+        new_contact=False,
+        new_conversation=False,
+        routed_at=message.received_at,
+    )
+    assert store.apply(TYPE_ROUTED, str(event.event_id), event.model_dump_json().encode())
+    # The router links the sender's identity to the contact (contact.created or
+    # identity.linked on the contacts topic).
+    linked = ContactEvent(
+        event_id=uuid.uuid4(),
+        kind=ContactEventKind.IDENTITY_LINKED,
+        contact_id=contact,
+        identities=(sender.key,),
+        occurred_at=message.received_at,
+    )
+    kind = contact_event_type(ContactEventKind.IDENTITY_LINKED)
+    assert store.apply(kind, str(linked.event_id), linked.model_dump_json().encode())
+
+
+def close(store: QueueStore, contact: uuid.UUID, conversation: uuid.UUID) -> None:
+    event = ConversationStatus(
+        event_id=uuid.uuid4(),
+        conversation_id=conversation,
+        contact_id=contact,
+        status="closed",
+        changed_by="alice",
+        occurred_at=datetime.now(UTC),
+    )
+    assert store.apply(
+        TYPE_CONVERSATION_STATUS, str(event.event_id), event.model_dump_json().encode()
+    )
+
+
+CAROL, DAN, ERIN = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+CAROL_MAIL, CAROL_SMS, DAN_MAIL, ERIN_FORM = (uuid.uuid4() for _ in range(4))
+
+
+def fill(store: QueueStore) -> None:
+    """Carol (alice's): an email conversation and an SMS one, both open; Dan (bob's);
+    Erin (alice's, closed)."""
+    mail = verified(email_identity("carol@example.org", "Carol Jones"), "dmarc=pass")
+    route(
+        store,
+        mail,
+        CAROL,
+        CAROL_MAIL,
+        "alice",
+        0,
+        subject="Refund for order 1234",
+        text="Where is my refund?\n\n> quoted",
+        text_new="Where is my refund?",
+        thread=Thread(message_id="carol-1@example.org", references=("older@example.com",)),
+    )
+    route(
+        store,
+        phone_identity("+14155550123"),
+        CAROL,
+        CAROL_SMS,
+        "alice",
+        30,
+        channel="sms",
+        adapter="twilio",
+        subject=None,
+        text="Any news about the refund?",
+        text_new=None,
+        thread=Thread(),
+    )
+    route(
+        store,
+        email_identity("dan@example.net", "Dan"),
+        DAN,
+        DAN_MAIL,
+        "bob",
+        10,
+        subject="Password reset",
+        text="I cannot sign in",
+        text_new=None,
+    )
+    route(
+        store,
+        email_identity("erin@example.com"),
+        ERIN,
+        ERIN_FORM,
+        "alice",
+        5,
+        channel="webhook",
+        adapter="contact-form",
+        subject=None,
+        text="Just saying thanks",
+        text_new=None,
+        flags=Flags(),
+    )
+    close(store, ERIN, ERIN_FORM)
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, "the page carries a CSRF token"
+    return found.group(1)
+
+
+def test_an_agent_signs_in_and_sees_their_customers_one_item_each(served: Served) -> None:
+    fill(served.store)
+    with served.client() as anonymous:
+        assert anonymous.get("/api/queue").status_code == 401
+        wrong = anonymous.post("/queue/login", data={"name": "alice", "password": "nope-nope"})
+        assert wrong.status_code == 401
+        assert "do not match" in wrong.text
+    with served.signed_in("alice", "alice-password") as alice:
+        cookie = next(c for c in alice.cookies.jar if c.name == "switchboard_session")
+        assert cookie.has_nonstandard_attr("HttpOnly")
+        assert cookie.value
+        assert cookie.value != TOKEN
+        assert "alice" not in cookie.value
+        me = alice.get("/api/me").json()
+        assert (me["agent"], me["teams"]) == ("alice", ["support"])
+        queue = alice.get("/api/queue").json()  # default owner: the signed-in agent
+        assert queue["owner"] == "alice"
+        (carol,) = [i for i in queue["items"] if i["contact_id"] == str(CAROL)]
+        assert [i["contact_id"] for i in queue["items"]] == [str(CAROL)]  # Erin's is closed
+        assert carol["name"] == "Carol Jones"
+        assert carol["open_conversations"] == 2
+        assert carol["channels"] == ["email", "sms"]
+        assert carol["subject"] is None  # the latest message is the SMS
+        assert carol["first_line"] == "Any news about the refund?"
+        assert carol["waiting_since"] == T0.isoformat()
+        assert carol["last_activity"] == (T0 + timedelta(minutes=30)).isoformat()
+        assert carol["owner"] == "alice"
+        assert {(i["key"], i["assurance"]) for i in carol["identities"]} == {
+            ("email:carol@example.org", "verified"),
+            ("phone:+14155550123", "claimed"),
+        }
+        everything = alice.get("/api/queue", params={"status": "all"}).json()["items"]
+        assert {i["contact_id"] for i in everything} == {str(CAROL), str(ERIN)}
+        team = alice.get("/api/queue", params={"owner": "support"}).json()["items"]
+        assert {i["contact_id"] for i in team} == {str(CAROL), str(DAN)}
+        # The page: one row for Carol, her name first.
+        page = alice.get("/queue")
+        assert page.status_code == 200
+        assert page.text.count('class="customer"') == 1
+        assert "alice: 1 customer with open conversations" in page.text
+        every = alice.get("/queue", params={"status": "all"}).text
+        assert "alice: 2 customers (every status)" in every
+        assert "Carol Jones" in page.text
+        card = alice.get(f"/queue/contacts/{CAROL}")
+        assert card.text.count('class="conversation-section"') == 2
+        assert "2 conversations of this customer are open" in card.text
+        # Sign-out ends the session on the server, not only in this browser.
+        token = csrf_of(card.text)
+        out = alice.post("/queue/logout", data={"csrf": token}, headers={"origin": served.base})
+        assert out.status_code == 303
+    with served.client() as replay:
+        replay.cookies.set("switchboard_session", cookie.value or "")
+        assert replay.get("/api/queue").status_code == 401
+
+
+def test_an_unknown_owner_is_404_naming_it(served: Served) -> None:
+    fill(served.store)
+    with served.admin() as admin:
+        missing = admin.get("/api/queue", params={"owner": "nobody"})
+        assert missing.status_code == 404
+        assert "'nobody'" in missing.json()["detail"]
+        assert admin.get("/api/queue").status_code == 422  # the admin has no queue
+        assert admin.get("/api/queue", params={"owner": "bob"}).json()["items"][0][
+            "contact_id"
+        ] == str(DAN)
+
+
+def test_a_personal_token_is_its_agent_until_revoked(served: Served) -> None:
+    fill(served.store)
+    token = served.agents.issue_token("bob")
+    with served.client() as bob:
+        bob.headers["authorization"] = f"Bearer {token}"
+        assert bob.get("/api/me").json()["agent"] == "bob"
+        assert [i["contact_id"] for i in bob.get("/api/queue").json()["items"]] == [str(DAN)]
+        # Bearer requests carry no cookie a third party could ride: no CSRF token needed.
+        closed = bob.post(f"/api/conversations/{DAN_MAIL}/status", json={"status": "closed"})
+        assert closed.status_code == 200
+        assert bob.get("/api/queue").json()["items"] == []
+        assert served.agents.revoke("bob") == (1, 0)
+        assert bob.get("/api/me").status_code == 401
+
+
+def test_state_changes_by_cookie_need_the_csrf_token_and_our_origin(served: Served) -> None:
+    fill(served.store)
+    with served.signed_in("alice", "alice-password") as alice:
+        token = csrf_of(alice.get(f"/queue/contacts/{CAROL}").text)
+        url = f"/queue/conversations/{CAROL_SMS}/status"
+        without = alice.post(url, data={"status": "closed"}, headers={"origin": served.base})
+        assert without.status_code == 403
+        forged = alice.post(
+            url,
+            data={"status": "closed", "csrf": token},
+            headers={"origin": "http://evil.example"},
+        )
+        assert forged.status_code == 403
+        assert "cross-origin" in forged.text
+        api = alice.post(f"/api/conversations/{CAROL_SMS}/status", json={"status": "closed"})
+        assert api.status_code == 403  # the API by cookie needs X-CSRF-Token
+        done = alice.post(
+            url, data={"status": "closed", "csrf": token}, headers={"origin": served.base}
+        )
+        assert done.status_code == 303
+        assert done.headers["location"] == f"/queue/contacts/{CAROL}#c-{CAROL_SMS}"
+        assert served.store.conversation(CAROL_SMS)["status"] == "closed"
+        by_header = alice.post(
+            f"/api/conversations/{CAROL_SMS}/status",
+            json={"status": "open"},
+            headers={"x-csrf-token": token, "origin": served.base},
+        )
+        assert by_header.status_code == 200
+        carol = alice.get("/api/queue").json()["items"][0]
+        assert carol["open_conversations"] == 2
+
+
+def test_sign_in_is_throttled_per_account_and_per_client(served: Served) -> None:
+    with served.client() as client:
+        for _ in range(3):
+            wrong = client.post("/queue/login", data={"name": "bob", "password": "guess-1234"})
+            assert wrong.status_code == 401
+        # Bob's account waits now, even with the right password...
+        right = client.post("/queue/login", data={"name": "bob", "password": "bob-password"})
+        assert right.status_code == 429
+        assert int(right.headers["retry-after"]) > 0
+        # ... Alice's does not, until this client has failed too often.
+        assert (
+            client.post(
+                "/queue/login", data={"name": "alice", "password": "alice-password"}
+            ).status_code
+            == 303
+        )
+        for name in ("carol", "dave"):
+            client.post("/queue/login", data={"name": name, "password": "guess-1234"})
+        refused = client.post("/queue/login", data={"name": "alice", "password": "alice-password"})
+        assert refused.status_code == 429
+
+
+def test_docs_need_a_principal_and_other_host_names_are_refused(served: Served) -> None:
+    with served.client() as anonymous:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert anonymous.get(path).status_code == 401, path
+        rebinding = anonymous.get("/queue", headers={"host": "evil.example"})
+        assert rebinding.status_code == 400
+        assert anonymous.get("/healthz", headers={"host": "10.1.2.3:8080"}).status_code == 200
+    with served.admin() as admin:
+        assert admin.get("/openapi.json").status_code == 200
+    with served.signed_in("alice", "alice-password") as alice:
+        assert alice.get("/docs").status_code == 200
+
+
+def test_keyset_pagination_over_1000_customers_has_no_gaps_or_repeats(served: Served) -> None:
+    store = served.store
+    made: list[str] = []
+    for n in range(1000):
+        contact = uuid.uuid4()
+        made.append(str(contact))
+        # Ten distinct times only: the id must break the ties.
+        route(store, email_identity(f"c{n}@example.org"), contact, uuid.uuid4(), "carol", n % 10)
+    seen: list[str] = []
+    cursor = None
+    with served.admin() as admin:
+        while True:
+            params: dict[str, Any] = {"owner": "carol", "limit": 37}
+            if cursor:
+                params["cursor"] = cursor
+            page = admin.get("/api/queue", params=params).json()
+            seen += [i["contact_id"] for i in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert admin.get("/api/queue", params={"owner": "carol", "cursor": "x"}).status_code == 422
+    assert len(seen) == 1000
+    assert set(seen) == set(made)
+    waits = [(i % 10) for i in range(1000)]
+    assert sorted(waits) == [made.index(c) % 10 for c in seen], (
+        "oldest waiting first, across page boundaries"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "who"),
+    [
+        ("CAROL@Example.org", CAROL),
+        ("email:carol@EXAMPLE.org", CAROL),
+        ("(415) 555-0123", CAROL),
+        ("+14155550123", CAROL),
+        ("415.555.0123", CAROL),
+        ("phone: 14155550123", CAROL),  # a '+' sent unencoded arrives as a space
+        ("Carol", CAROL),
+        ("jones", CAROL),
+        ("refund", CAROL),
+        ("REFUND order", CAROL),
+        ("passw", DAN),
+        ("thanks", ERIN),
+    ],
+)
+def test_search_finds_a_customer_by_identity_name_and_words(
+    served: Served, query: str, who: uuid.UUID
+) -> None:
+    fill(served.store)
+    with served.signed_in("alice", "alice-password") as alice:
+        found = alice.get("/api/search", params={"q": query}).json()["items"]
+        assert [i["contact_id"] for i in found] == [str(who)], query
+        page = alice.get("/queue/search", params={"q": query})
+        assert page.status_code == 200
+        assert f'data-contact="{who}"' in page.text
+
+
+def test_search_without_a_match_and_the_identity_lookup_canonicalizes(served: Served) -> None:
+    fill(served.store)
+    with served.admin() as admin:
+        assert admin.get("/api/search", params={"q": "nothing-like-it"}).json()["items"] == []
+        # FTS5 and tsquery operators are words like any other, never syntax.
+        for odd in ('"*', "NEAR(x", "a & !b | c:*", "'); --"):
+            answer = admin.get("/api/search", params={"q": odd})
+            assert answer.status_code == 200, odd
+            assert answer.json()["items"] == [], odd
+        for identity in ("email:CAROL@example.org", "phone:(415) 555-0123", "phone: 14155550123"):
+            answer = admin.get("/api/contacts", params={"identity": identity})
+            assert answer.status_code == 200, identity
+            assert answer.json()["id"] == str(CAROL)
+
+
+def test_the_card_offers_replies_where_the_customer_wrote(served: Served) -> None:
+    fill(served.store)
+    with served.signed_in("alice", "alice-password") as alice:
+        card = alice.get(f"/api/contacts/{CAROL}/card").json()
+        assert [c["id"] for c in card["conversations"]] == [str(CAROL_SMS), str(CAROL_MAIL)]
+        html = alice.get(f"/queue/contacts/{CAROL}").text
+    assert (
+        'href="mailto:carol@example.org?subject=Re%3A%20Refund%20for%20order%201234'
+        "&amp;In-Reply-To=%3Ccarol-1%40example.org%3E"
+        '&amp;References=%3Colder%40example.com%3E%20%3Ccarol-1%40example.org%3E"' in html
+    )
+    assert 'href="sms:+14155550123"' in html
+    assert "+1 415-555-0123" in html  # a phone number as people write it
+    assert "UTC" in html
+    # Reopen only where there is something to reopen.
+    assert html.count('value="open">Reopen') == 0
+
+
+def test_a_suggestion_is_dismissed_from_the_card_as_the_agent(served: Served) -> None:
+    fill(served.store)
+    suggested = ContactEvent(
+        event_id=uuid.uuid4(),
+        kind=ContactEventKind.MERGE_SUGGESTED,
+        contact_id=DAN,
+        other_contact_id=CAROL,
+        identities=("phone:+14155550123",),
+        occurred_at=T0 + timedelta(hours=1),
+    )
+    kind = contact_event_type(ContactEventKind.MERGE_SUGGESTED)
+    assert served.store.apply(kind, str(suggested.event_id), suggested.model_dump_json().encode())
+    with served.signed_in("alice", "alice-password") as alice:
+        card = alice.get(f"/queue/contacts/{CAROL}").text
+        assert 'class="merge"' in card
+        assert 'class="dismiss"' in card
+        dismissed = alice.post(
+            f"/queue/merge-suggestions/{suggested.event_id}/dismiss",
+            data={"csrf": csrf_of(card), "contact_id": str(CAROL)},
+            headers={"origin": served.base},
+        )
+        assert dismissed.status_code == 303
+        assert dismissed.headers["location"] == f"/queue/contacts/{CAROL}"
+        assert alice.get(f"/api/contacts/{CAROL}/card").json()["merge_suggestions"] == []
+
+
+def test_sessions_expire_and_a_new_password_ends_them(served: Served) -> None:
+    now = [datetime.now(UTC)]
+    agents = AgentStore(
+        served.agents.engine,
+        ["alice"],
+        session_ttl=timedelta(hours=1),
+        hasher=FAST,
+        clock=lambda: now[0],
+    )
+    first, _ = agents.start_session("alice")
+    assert agents.session(first) is not None
+    now[0] += timedelta(minutes=61)
+    assert agents.session(first) is None
+    second, _ = agents.start_session("alice")
+    agents.set_password("alice", "another-password")
+    assert agents.session(second) is None
+    assert agents.check_password("alice", "another-password")
+    assert not agents.check_password("alice", "alice-password")
+    assert not agents.check_password("mallory", "another-password")

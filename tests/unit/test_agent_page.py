@@ -1,0 +1,90 @@
+"""Pure parts of the agents' page and sign-in: reply links, how addresses and times
+are shown, the sign-in throttle, host names."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from starlette.responses import Response
+
+from sinks.agents import Session, Throttle
+from sinks.auth import Access
+from sinks.pages import address_of, reply_link, when
+from switchboard.http import TrustedHosts, _host_name
+
+
+def _message(**fields: object) -> dict[str, object]:
+    return {"sender": "email:carol@example.org", "flags": {}, **fields}
+
+
+def test_an_email_reply_link_carries_re_subject_and_the_threading_headers() -> None:
+    link = reply_link(
+        _message(
+            subject="Refund",
+            mail_message_id="m2@example.org",
+            mail_references=["m1@example.org"],
+        )
+    )
+    assert link == (
+        "mailto:carol@example.org?subject=Re%3A%20Refund"
+        "&In-Reply-To=%3Cm2%40example.org%3E"
+        "&References=%3Cm1%40example.org%3E%20%3Cm2%40example.org%3E"
+    )
+    # No second "Re:", and no headers for a message without a Message-ID.
+    assert reply_link(_message(subject="RE: Refund")) == (
+        "mailto:carol@example.org?subject=RE%3A%20Refund"
+    )
+
+
+def test_sms_replies_by_sms_and_a_form_without_an_address_offers_nothing() -> None:
+    assert reply_link(_message(sender="phone:+14155550123;ext=12")) == "sms:+14155550123"
+    assert reply_link(_message(sender="external:crm:42")) is None
+    assert reply_link(_message(flags={"bounce": True})) is None
+    assert reply_link(_message(flags={"auto_reply": True})) is None
+
+
+def test_addresses_and_times_as_the_agent_reads_them() -> None:
+    assert address_of("phone:+14155550123") == "+1 415-555-0123"
+    assert address_of("phone:+14155550100;ext=12") == "+1 415-555-0100 ext. 12"
+    assert address_of("email:carol@example.org") == "carol@example.org"
+    assert when("2026-11-29T01:02:03+00:00") == "2026-11-29 01:02 UTC"
+    assert when(None) == ""
+
+
+def test_the_throttle_counts_failures_in_a_sliding_window() -> None:
+    now = [0.0]
+    throttle = Throttle(2, 60, clock=lambda: now[0])
+    throttle.failed("k")
+    assert throttle.retry_after("k") == 0
+    throttle.failed("k")
+    assert throttle.retry_after("k") == 60
+    now[0] = 30
+    assert throttle.retry_after("k") == 30
+    now[0] = 61
+    assert throttle.retry_after("k") == 0
+    throttle.failed("k")
+    throttle.succeeded("k")
+    assert throttle.retry_after("k") == 0
+
+
+def test_host_names_with_ports_and_ipv6_literals() -> None:
+    assert _host_name("Example.COM:8080") == "example.com"
+    assert _host_name("[::1]:8080") == "::1"
+    assert _host_name("::1") == "::1"
+    hosts = TrustedHosts(None, ["localhost", "[::1]", "*.example.com"])
+    assert hosts.allowed("localhost:8080")
+    assert hosts.allowed("[::1]:80")
+    assert hosts.allowed("queue.example.com")
+    assert not hosts.allowed("example.com.evil.net")
+    assert not hosts.allowed("")
+
+
+def test_the_session_cookie_is_secure_behind_an_https_public_url() -> None:
+    session = Session("alice", "csrf", datetime(2030, 1, 1, tzinfo=UTC))
+    for url, secure in (("https://queue.example.com", True), (None, False)):
+        response = Response()
+        Access("t", public_url=url).set_cookie(response, "id", session)
+        cookie = response.headers["set-cookie"].lower()
+        assert "httponly" in cookie
+        assert "samesite=lax" in cookie
+        assert ("secure" in cookie.split("; ")) is secure

@@ -1,0 +1,159 @@
+"""The archive sink's handler on a local directory, with records built in memory."""
+
+from __future__ import annotations
+
+import uuid
+from collections import namedtuple
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kafka.structs import TopicPartition
+
+from normalize.schema import ContactEvent, ContactEventKind
+from sinks.archive import ArchiveHandler
+from sinks.archive_files import LocalArchive, Part
+from sinks.archive_rows import to_row
+from switchboard.events import TYPE_INBOUND, Event, contact_event_type
+from switchboard.settings import ArchiveSettings
+from switchboard.topics import CONTACTS, INBOUND
+from tests.archive_helpers import query
+from tests.factories import inbound_message
+
+Record = namedtuple("Record", "topic partition offset key value headers timestamp")
+
+OTHER = uuid.uuid4()
+DAY1 = int(datetime(2026, 11, 27, 23, 59, tzinfo=UTC).timestamp() * 1000)
+DAY2 = int(datetime(2026, 11, 28, 0, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+def _inbound(offset: int, partition: int = 0, stamp: int = DAY2) -> Record:
+    message = inbound_message()
+    event = Event(type=TYPE_INBOUND, source="test", key="email:a@example.com", data=message)
+    return Record(INBOUND, partition, offset, b"k", event.value(), event.headers(), stamp)
+
+
+def _handler(root: Path, **settings: Any) -> ArchiveHandler:  # noqa: ANN401
+    return ArchiveHandler(LocalArchive(root), ArchiveSettings(**settings))
+
+
+def _offsets(root: Path) -> list[tuple[str, int, int]]:
+    rows = query(root, 'SELECT topic, partition, "offset" FROM events ORDER BY 1, 2, 3')
+    return [(str(t), int(p), int(o)) for t, p, o in rows]
+
+
+def test_typed_columns_of_an_inbound_and_a_contact_event() -> None:
+    row = to_row(_inbound(7))
+    assert row["type"] == TYPE_INBOUND
+    assert row["channel"] == "email"
+    assert row["sender_kind"] == "email"
+    assert row["received_at"] is not None
+    assert "archive_error" not in row
+    contact = ContactEvent(
+        event_id=uuid.uuid4(),
+        kind=ContactEventKind.MERGED,
+        contact_id=uuid.uuid4(),
+        other_contact_id=OTHER,
+        occurred_at=datetime.now(UTC),
+        by="alice",
+    )
+    event = Event(type=contact_event_type("contact.merged"), source="t", key="c", data=contact)
+    row = to_row(Record(CONTACTS, 1, 3, b"c", event.value(), event.headers(), DAY2))
+    assert (row["kind"], row["by"], row["other_contact_id"]) == (
+        "contact.merged",
+        "alice",
+        str(OTHER),
+    )
+
+
+def test_a_bad_record_still_gets_a_row_saying_why() -> None:
+    good = _inbound(0)
+    cases = {
+        "encoding": good._replace(value=b"\xff\xfe"),
+        "json": good._replace(value=b"{not json"),
+        "envelope-headers": good._replace(headers=[]),
+        "type": good._replace(
+            headers=[(k, b"io.example.other.v1" if k == "ce_type" else v) for k, v in good.headers]
+        ),
+        "empty": good._replace(value=None),
+    }
+    for reason, record in cases.items():
+        row = to_row(record)
+        assert reason in [e.split(":")[0] for e in row["archive_error"].split("; ")]
+        assert row["offset"] == 0
+    assert to_row(cases["encoding"])["raw"] == b"\xff\xfe"
+
+
+def test_files_roll_by_size_and_day_and_commits_wait_for_them(tmp_path: Path) -> None:
+    handler = _handler(tmp_path, roll_bytes=4000, roll_s=3600)
+    tp = TopicPartition(INBOUND, 0)
+    handler.handle([_inbound(0, stamp=DAY1), _inbound(1)])  # midnight: day 1's file rolls
+    assert (tmp_path / f"topic={INBOUND}/date=2026-11-27/part-0-0-0.parquet").is_file()
+    assert handler.committable({tp: 2}) == {tp: 1}  # offset 1 is only buffered
+    handler.handle([_inbound(o) for o in range(2, 6)])
+    names = sorted(p.name for p in (tmp_path / f"topic={INBOUND}/date=2026-11-28").iterdir())
+    assert names
+    assert all(n.startswith("part-0-") for n in names)
+    assert not any(n.startswith(".") for n in names)  # no temporary file left behind
+    written = _offsets(tmp_path)
+    held = handler.committable({tp: 6})[tp]
+    assert [o for _, _, o in written] == list(range(held))
+
+
+def test_after_a_crash_each_offset_lands_once(tmp_path: Path) -> None:
+    first = _handler(tmp_path, roll_bytes=1, roll_s=3600)  # a file per record
+    first.handle([_inbound(o) for o in range(3)])
+    # The process died before committing: a new one reads everything again, plus more.
+    second = _handler(tmp_path, roll_bytes=1, roll_s=3600)
+    second.handle([_inbound(o) for o in range(6)])
+    assert second.skipped == 3
+    assert [o for _, _, o in _offsets(tmp_path)] == list(range(6))
+
+
+def test_a_replayed_batch_replaces_what_was_buffered(tmp_path: Path) -> None:
+    buffered = _handler(tmp_path, roll_bytes=10**9, roll_s=3600)
+    buffered.handle([_inbound(o, partition=2) for o in range(4)])
+    buffered.handle([_inbound(o, partition=2) for o in range(2, 5)])  # a rewind to 2
+    buffered.settings = ArchiveSettings(roll_bytes=10**9, roll_s=0.000001)
+    buffered.idle()
+    assert [o for _, _, o in _offsets(tmp_path)] == list(range(5))
+
+
+def test_a_range_written_again_replaces_the_files_it_covers(tmp_path: Path) -> None:
+    archive = LocalArchive(tmp_path)
+    stale = Part(INBOUND, "2026-11-28", 0, 3, 4)
+    archive.write(stale, b"stale")
+    handler = ArchiveHandler(archive, ArchiveSettings(roll_bytes=10**9, roll_s=0.000001))
+    handler._next[TopicPartition(INBOUND, 0)] = 0  # a second writer that did not see it
+    handler.handle([_inbound(o) for o in range(2, 6)])
+    handler_files = {p.name for p in archive.parts(INBOUND, 0)}
+    assert stale.name not in handler_files
+    assert [o for _, _, o in _offsets(tmp_path)] == list(range(2, 6))
+
+
+class _Log:
+    """Stands in for the consumer the sink asks for a partition log's end."""
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, self.end)
+
+
+def test_a_new_broker_numbering_from_zero_again_skips_nothing(tmp_path: Path) -> None:
+    before = _handler(tmp_path, roll_bytes=1, roll_s=3600)
+    before.handle([_inbound(o) for o in range(6)])
+    # The embedded broker restarted: its log holds 3 records, offsets 0-2, all new.
+    after = _handler(tmp_path, roll_bytes=1, roll_s=3600)
+    after.consumer = _Log(end=3)
+    after.handle([_inbound(o) for o in range(3)])
+    assert after.skipped == 0
+    assert [o for _, _, o in _offsets(tmp_path)] == [0, 0, 1, 1, 2, 2, 3, 4, 5]
+    kept = sorted(p.name for p in tmp_path.glob("topic=*/date=*/before-*-part-*.parquet"))
+    assert len(kept) == 6
+    # The same log seen again (a plain restart): nothing is written twice.
+    again = _handler(tmp_path, roll_bytes=1, roll_s=3600)
+    again.consumer = _Log(end=3)
+    again.handle([_inbound(o) for o in range(3)])
+    assert again.skipped == 3

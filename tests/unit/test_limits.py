@@ -1,0 +1,67 @@
+"""The pure parts of the HTTP limits: client keys, bucket memory, the limit table,
+form bounds, trusted proxies. The behaviour over sockets is in
+tests/integration/test_hostile_http.py."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from pydantic import ValidationError
+
+from ingest.errors import Rejected
+from ingest.ratelimit import ClientBuckets, client_key
+from ingest.sdk import parse_form
+from normalize.errors import NormalizeError
+from switchboard.limits import BodyLimits, ConnectionGuard, HttpLimitSettings, trusted
+
+
+def test_an_ipv6_client_is_limited_by_its_64() -> None:
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::2")
+    assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_key("192.0.2.1") != client_key("192.0.2.2")
+
+
+def test_client_buckets_are_per_address_and_bounded() -> None:
+    buckets = ClientBuckets(rate=0.001, burst=2, max_clients=3)
+    assert [buckets.take("192.0.2.1") for _ in range(2)] == [0.0, 0.0]
+    assert buckets.take("192.0.2.1") > 0
+    assert buckets.take("192.0.2.2") == 0.0  # another client has its own budget
+    for n in range(3, 10):  # a spray of addresses forgets the oldest, never grows
+        buckets.take(f"192.0.2.{n}")
+    assert len(buckets._buckets) == 3
+
+
+def test_the_limit_table_falls_back_to_the_default() -> None:
+    limits = BodyLimits(default=1000)
+    limits.set("/webhooks/form", 5000)
+    assert limits.for_path("/webhooks/form") == 5000
+    assert limits.for_path("/api/queue") == 1000
+
+
+def test_form_bounds() -> None:
+    assert parse_form(b"a=1&b=", max_fields=2, max_field_bytes=10) == {"a": "1", "b": ""}
+    with pytest.raises(Rejected) as many:
+        parse_form(b"a=1&b=2&c=3", max_fields=2, max_field_bytes=10)
+    assert many.value.status == 413
+    with pytest.raises(Rejected):
+        parse_form(b"a=" + b"x" * 11, max_fields=2, max_field_bytes=10)
+    with pytest.raises(NormalizeError):
+        parse_form(b"a=\xff", max_fields=2, max_field_bytes=10)
+
+
+def test_trusted_proxies_are_checked_and_exempt_from_the_connection_cap() -> None:
+    with pytest.raises(ValidationError):
+        HttpLimitSettings(trusted_proxies=["not-an-address"])
+    networks = HttpLimitSettings(trusted_proxies=["10.0.0.0/8"]).networks()
+    assert networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert trusted("10.1.2.3", networks)
+    assert not trusted("192.0.2.1", networks)
+    guard = ConnectionGuard(max_per_client=1, header_timeout_s=1, trusted=networks)
+    assert guard.admit("192.0.2.1")
+    assert not guard.admit("192.0.2.1")
+    assert guard.admit("10.1.2.3")
+    assert guard.admit("10.1.2.3")
+    guard.release("192.0.2.1")
+    assert guard.admit("192.0.2.1")
