@@ -20,7 +20,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,9 @@ class _Attacker(BaseHTTPRequestHandler):
     """Another origin's page that posts a form to the queue as soon as it loads."""
 
     target = ""
+    # Chromium opens speculative connections that never send a request; a silent
+    # socket must not hold a handler (and the server's shutdown) for a minute.
+    timeout = 5
 
     def do_GET(self) -> None:
         page = (
@@ -105,7 +108,8 @@ class _Attacker(BaseHTTPRequestHandler):
 @contextmanager
 def _attacker_site(target: str) -> Iterator[str]:
     handler = type("Attacker", (_Attacker,), {"target": target})
-    server = HTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
