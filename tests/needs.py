@@ -21,6 +21,7 @@ PACKAGES = {
     "swaks": ("swaks",),
     "docker-compose": ("docker-compose",),
     "chromium": ("chromium", "chromium-driver"),
+    "curl": ("curl",),
 }
 REASON = re.compile(r"needs (?P<program>[\w-]+) \(apt-get install (?P<packages>[\w -]+)\)")
 

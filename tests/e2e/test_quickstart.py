@@ -33,7 +33,7 @@ def quickstart() -> tuple[str, dict[str, str], list[list[str]]]:
     section = readme[start : readme.index("\n## ", start + 1)]
     blocks = FENCE.findall(section)
     (config,) = [text for lang, text in blocks if lang == "toml"]
-    shell = "\n".join(text for lang, text in blocks if not lang)
+    shell = "\n".join(text for lang, text in blocks if lang == "sh")
     exports: dict[str, str] = {}
     commands: list[list[str]] = []
     for line in shell.splitlines():
