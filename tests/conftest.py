@@ -110,6 +110,25 @@ def dovecot() -> Iterator[Dovecot]:
         yield server
 
 
+#: Conformance tests the kit generates (no function here to decorate) that are among
+#: the slowest: left out of `make test-quick`, run by `make test`. The quick loop
+#: keeps the SMTP, Twilio and web hook samples and every adapter's other checks.
+SLOW_GENERATED = (
+    "TestImapConformance::test_a_failed_hand_off_is_never_acknowledged",
+    "TestImapConformance::test_each_sample_becomes_exactly_one_valid_message",
+    "TestMailgunConformance::test_each_sample_becomes_exactly_one_valid_message",
+    "TestSendgridConformance::test_each_sample_becomes_exactly_one_valid_message",
+    "TestPostmarkConformance::test_each_sample_becomes_exactly_one_valid_message",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.nodeid.split("[", 1)[0]  # without the sample's parameter
+        if name.startswith("tests/conformance/") and name.endswith(SLOW_GENERATED):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     chosen = os.environ.get(postgres.ENV)
     if chosen == postgres.EMBEDDED:

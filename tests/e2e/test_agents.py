@@ -137,6 +137,7 @@ def _shot(browser: Any, path: Path, name_id: str, name: str) -> None:  # noqa: A
     assert path.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_two_agents_work_their_queues_in_chromium(tmp_path: Path) -> None:
     root = tmp_path
     (root / "switchboard.toml").write_text(CONFIG)

@@ -37,6 +37,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 def test_broker_prints_its_address_and_stops_on_sigterm(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "switchboard.cli", "broker"],
@@ -66,6 +67,7 @@ def test_broker_prints_its_address_and_stops_on_sigterm(tmp_path: Path) -> None:
             process.kill()
 
 
+@pytest.mark.slow
 def test_topics_create_is_idempotent_and_reports(kafka_broker: EmbeddedBroker) -> None:
     env = {"SWITCHBOARD_KAFKA_BOOTSTRAP": kafka_broker.bootstrap}
     _cli("topics", "create", env=env)
@@ -99,6 +101,7 @@ def test_config_show_masks_secrets_and_names_bad_settings() -> None:
     assert "http_port" in bad.stderr
 
 
+@pytest.mark.slow
 def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[smtp]\ndomains = ["example.com"]\n')
@@ -112,6 +115,7 @@ def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     assert "unknown key smtp.max_recipents" in result.stderr
 
 
+@pytest.mark.slow
 def test_db_upgrade_reports_the_revision(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     first = _cli("db", "upgrade", env={"SWITCHBOARD_DATABASE_URL": url})
@@ -147,6 +151,7 @@ def test_db_upgrade_gives_a_queue_database_of_its_own_only_the_queue(tmp_path: P
     assert not any(t.startswith(queue_stage) for t in main_tables)
 
 
+@pytest.mark.slow
 def test_adapters_list_shows_what_is_installed_and_what_the_config_enables(
     tmp_path: Path,
 ) -> None:

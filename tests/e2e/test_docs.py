@@ -52,6 +52,7 @@ def test_the_docs_have_examples() -> None:
     assert len(list(_blocks())) >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("where", "info", "text"), list(_blocks()))
 def test_config_example_passes_config_check(
     tmp_path: Path, where: str, info: str, text: str

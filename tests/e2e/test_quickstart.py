@@ -113,6 +113,7 @@ def test_the_readme_quick_start_makes_one_contact_of_three_channels(tmp_path: Pa
     assert code == 0, stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_send_says_what_is_missing_before_sending_anything(tmp_path: Path) -> None:
     env = _env(tmp_path)
     cases = [

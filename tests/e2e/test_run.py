@@ -176,6 +176,7 @@ def test_a_port_in_use_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_run_accepts_email_over_smtp_and_publishes_it(
     tmp_path: Path, kafka_broker: EmbeddedBroker, unique: str
 ) -> None:
@@ -215,6 +216,7 @@ def test_run_accepts_email_over_smtp_and_publishes_it(
     assert (blob / message.raw.sha256).read_bytes() == raw
 
 
+@pytest.mark.slow
 def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
     tmp_path: Path, kafka_broker: EmbeddedBroker, unique: str
 ) -> None:
@@ -272,6 +274,7 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
     assert {m.sender.key for m in found} == {"phone:+14155550100", "email:ann@example.com"}
 
 
+@pytest.mark.slow
 def test_run_routes_what_it_accepts_to_one_contact_and_owner(tmp_path: Path) -> None:
     """`make run` as a user starts it: embedded broker, SQLite, the router inside."""
     config = tmp_path / "switchboard.toml"

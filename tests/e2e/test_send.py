@@ -49,6 +49,7 @@ content_types = ["form"]
 """
 
 
+@pytest.mark.slow
 def test_every_scheme_is_accepted_and_a_wrong_secret_is_refused(
     tmp_path: Path, kafka_broker: EmbeddedBroker, unique: str
 ) -> None:

@@ -73,6 +73,7 @@ def test_smtp(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> Non
 @pytest.mark.parametrize(
     "variant", ["mailgun", "mailgun-mime", "sendgrid", "sendgrid-raw", "postmark", "postmark-raw"]
 )
+@pytest.mark.slow
 def test_email_providers(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str, variant: str
 ) -> None:

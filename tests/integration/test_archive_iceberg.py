@@ -67,6 +67,7 @@ def test_the_table_follows_the_files(tmp_path: Path, catalog_url: str) -> None:
     assert len(_offsets(again)) == 8
 
 
+@pytest.mark.slow
 def test_on_s3_the_table_registers_the_objects_in_place(tmp_path: Path, unique: str) -> None:
     """On an S3-protocol server (moto's server mode): the archive's storage options
     become the catalog's S3 settings; pyiceberg reads the footers from S3 to register

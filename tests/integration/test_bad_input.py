@@ -88,6 +88,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@pytest.mark.slow
 def test_the_smtp_corpus_is_accepted_or_refused_never_crashes(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:

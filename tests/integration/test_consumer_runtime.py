@@ -166,6 +166,7 @@ def test_a_nul_byte_postgres_refuses_is_dead_lettered_and_the_partition_moves_on
         check.close()
 
 
+@pytest.mark.slow
 def test_a_database_outage_is_retried_and_never_dead_lettered(
     kafka_settings: KafkaSettings, table: Engine, topic: str, unique: str
 ) -> None:

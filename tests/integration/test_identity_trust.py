@@ -106,6 +106,7 @@ def _route(kafka: KafkaSettings, engine: Engine, count: int) -> None:
         wait_for(lambda: len(processed(engine)) >= count, 60)
 
 
+@pytest.mark.slow
 def test_a_strangers_form_merges_no_one_and_suggests_instead(
     kafka: KafkaSettings,
     migrated_postgres: Engine,

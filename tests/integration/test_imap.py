@@ -44,6 +44,7 @@ def client(dovecot: Dovecot) -> IMAPClient:
     return imap
 
 
+@pytest.mark.slow
 def test_backfill_ingests_everything_including_seen_mail_and_changes_no_flags(
     kafka_settings: KafkaSettings,
     tmp_path: Path,
@@ -85,6 +86,7 @@ def test_backfill_ingests_everything_including_seen_mail_and_changes_no_flags(
     assert b"\\Seen" in flags[2]
 
 
+@pytest.mark.slow
 def test_new_mail_arrives_through_idle_within_three_seconds(
     kafka_settings: KafkaSettings,
     tmp_path: Path,
@@ -110,6 +112,7 @@ def test_new_mail_arrives_through_idle_within_three_seconds(
     assert message.dedupe_key == f"email-mid:{unique}-new@example.org"
 
 
+@pytest.mark.slow
 def test_uidvalidity_change_rescans_and_keeps_dedupe_keys(
     kafka_settings: KafkaSettings,
     tmp_path: Path,
@@ -343,6 +346,7 @@ def test_poller_killed_mid_batch_loses_nothing(
     assert row["connected"] is False  # stopped cleanly
 
 
+@pytest.mark.slow
 def test_optional_keyword_and_move_after_ingest(
     kafka_settings: KafkaSettings,
     tmp_path: Path,

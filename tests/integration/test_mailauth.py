@@ -96,6 +96,7 @@ def checks(message: InboundMessage) -> dict[str, tuple[str, str | None]]:
     return {c.method: (c.result, c.domain) for c in message.authentication.checks}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parse_workers", [0, 1])  # the verdict crosses into the worker
 def test_a_dmarc_pass_verifies_the_from_address(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str, dns: RunningDns, parse_workers: int

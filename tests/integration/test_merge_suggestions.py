@@ -68,6 +68,7 @@ def schema_engine(postgres_url: str) -> Iterator[Engine]:
         admin.dispose()
 
 
+@pytest.mark.slow
 def test_a_suggestion_is_listed_on_both_contacts_and_can_be_dismissed(
     schema_engine: Engine, tmp_path: Path, postgres_url: str
 ) -> None:

@@ -28,6 +28,7 @@ def kafka() -> Iterator[KafkaSettings]:
         yield settings
 
 
+@pytest.mark.slow
 def test_extensions_are_distinct_contacts_and_never_the_bare_number(
     kafka: KafkaSettings, migrated_postgres: Engine, tmp_path: Path
 ) -> None:

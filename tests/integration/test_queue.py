@@ -441,6 +441,7 @@ def test_status_changes_are_published_and_a_customer_message_reopens(world: Worl
     assert reopened["oldest_unanswered_at"] is not None
 
 
+@pytest.mark.slow
 def test_replay_changes_nothing_and_a_rebuild_gives_the_same_rows(
     world: World, postgres_url: str
 ) -> None:

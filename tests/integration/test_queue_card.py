@@ -60,6 +60,7 @@ def assert_work_follows_conversations(queue: QueueStore) -> None:
         assert (row.work, row.open_count) == (work, len(opened)), row.id
 
 
+@pytest.mark.slow
 def test_reassign_merge_and_unmerge_from_the_card(databases: Any, tmp_path: Any) -> None:  # noqa: ANN401
     engine = databases()
     with fresh_kafka() as kafka:

@@ -412,6 +412,7 @@ def test_docs_need_a_principal_and_other_host_names_are_refused(served: Served) 
         assert alice.get("/docs").status_code == 200
 
 
+@pytest.mark.slow
 def test_keyset_pagination_over_1000_customers_has_no_gaps_or_repeats(served: Served) -> None:
     store = served.store
     made: list[str] = []
@@ -458,6 +459,7 @@ def test_keyset_pagination_over_1000_customers_has_no_gaps_or_repeats(served: Se
         ("thanks", ERIN),
     ],
 )
+@pytest.mark.slow
 def test_search_finds_a_customer_by_identity_name_and_words(
     served: Served, query: str, who: uuid.UUID
 ) -> None:

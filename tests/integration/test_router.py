@@ -80,6 +80,7 @@ def twilio_post(base: str, sid: str, sender: str) -> httpx.Response:
     return httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=15)
 
 
+@pytest.mark.slow
 def test_every_channel_one_contact_one_owner_one_conversation(
     kafka: KafkaSettings,
     migrated_postgres: Engine,
@@ -187,6 +188,7 @@ def test_redelivery_after_a_lost_commit_reemits_the_same_events(
     assert len({c.event_id for c in created}) == 1
 
 
+@pytest.mark.slow
 def test_a_record_that_is_not_an_inbound_event_is_dead_lettered(
     kafka: KafkaSettings, migrated_postgres: Engine
 ) -> None:

@@ -248,6 +248,7 @@ def _route(engine: Engine, messages: list[InboundMessage], size: int) -> tuple[i
     return int(after - before), results
 
 
+@pytest.mark.slow
 def test_a_poll_decides_what_its_messages_decide_one_by_one(
     two_engines: tuple[Engine, Engine],
 ) -> None:

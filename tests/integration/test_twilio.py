@@ -121,6 +121,7 @@ def test_whatsapp_and_mms(kafka_settings: KafkaSettings, tmp_path: Path, unique:
 @pytest.mark.parametrize(
     "case", ["tampered body", "wrong url scheme", "missing header", "wrong token"]
 )
+@pytest.mark.slow
 def test_bad_signatures_are_refused_and_dead_lettered(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str, case: str
 ) -> None:

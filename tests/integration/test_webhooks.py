@@ -288,6 +288,7 @@ PAYLOADS = JSON | st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 def test_fuzzed_json_never_gets_a_5xx(
     kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

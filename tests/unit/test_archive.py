@@ -157,3 +157,15 @@ def test_a_new_broker_numbering_from_zero_again_skips_nothing(tmp_path: Path) ->
     again.consumer = _Log(end=3)
     again.handle([_inbound(o) for o in range(3)])
     assert again.skipped == 3
+
+
+def test_what_the_standard_library_reads_as_json_is_json_to_the_archive() -> None:
+    # orjson (the fast path) refuses integers past 64 bits and NaN; the standard
+    # library accepts both, and so does the archive: no archive_error for them.
+    good = _inbound(0)
+    for value in (b'{"id": 123456789012345678901234567890}', b'{"score": NaN}'):
+        row = to_row(good._replace(value=value))
+        assert "archive_error" not in row, row
+        assert row["data"] == value.decode()
+    row = to_row(good._replace(value=b"[1, 2]"))
+    assert row["archive_error"] == "json: the value is not a JSON object"
