@@ -29,7 +29,7 @@ from kafka.structs import TopicPartition
 
 from sinks.archive_files import Archive, Part
 from sinks.archive_iceberg import IcebergTable
-from sinks.archive_rows import record_day, to_row, to_table
+from sinks.archive_rows import row_day, to_row, to_table
 from sinks.settings import ArchiveSettings
 from switchboard.config import ConsumerSettings, KafkaSettings
 from switchboard.consumer import ConsumerRuntime, Outage, RecordHandler
@@ -75,8 +75,10 @@ class ArchiveHandler(RecordHandler):
         self._synced_files = -1  # files written when the Iceberg table was last synced
         self._buffers: dict[TopicPartition, _Buffer] = {}
         self._next: dict[TopicPartition, int] = {}
+        self._tps: dict[tuple[str, int], TopicPartition] = {}
         self.files = 0
-        self.rows = 0
+        self.rows = 0  # rows written to files
+        self.buffered = 0  # rows ever added to a buffer (bench/archive.py)
         self.skipped = 0
         self.consumer: Any = None  # a KafkaConsumer, set by the sink once connected
 
@@ -120,7 +122,11 @@ class ArchiveHandler(RecordHandler):
         return []
 
     def _add(self, record: Any) -> None:  # noqa: ANN401 - a ConsumerRecord
-        tp = TopicPartition(record.topic, record.partition)
+        tp = self._tps.get((record.topic, record.partition))
+        if tp is None:
+            tp = self._tps[(record.topic, record.partition)] = TopicPartition(
+                record.topic, record.partition
+            )
         offset = int(record.offset)
         if offset < self._archived_next(tp):
             self.skipped += 1
@@ -131,14 +137,15 @@ class ArchiveHandler(RecordHandler):
             if not buffer.rows:
                 del self._buffers[tp]
                 buffer = None
-        day = record_day(record)
+        row = to_row(record)
+        day = row_day(row)
         if buffer is not None and buffer.day != day:
             self._flush(tp)
             buffer = None
         if buffer is None:
             buffer = self._buffers[tp] = _Buffer(day=day, first=offset, started=time.monotonic())
-        row = to_row(record)
         buffer.rows.append(row)
+        self.buffered += 1
         buffer.last = offset
         buffer.size += _ROW_OVERHEAD + len(record.value or b"")
         if buffer.size >= self.settings.roll_bytes:

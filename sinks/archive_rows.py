@@ -177,14 +177,14 @@ def _kafka_time(record: Any) -> datetime | None:  # noqa: ANN401 - a ConsumerRec
     return datetime.fromtimestamp(stamp / 1000, UTC)
 
 
-def record_day(record: Any) -> str:  # noqa: ANN401 - a ConsumerRecord
-    """The ``date=`` partition of a record: its Kafka timestamp's UTC day.
+def row_day(row: dict[str, Any]) -> str:
+    """The ``date=`` partition of a row: its record's Kafka timestamp's UTC day.
 
     The broker's append time, not the event's own time: it is what a replay reads
     again, so a re-written range lands in the same directory.
     """
-    stamp = _kafka_time(record)
-    return (stamp or datetime(1970, 1, 1, tzinfo=UTC)).date().isoformat()
+    stamp = row.get("kafka_timestamp")
+    return stamp.date().isoformat() if isinstance(stamp, datetime) else "1970-01-01"
 
 
 def to_row(record: Any) -> dict[str, Any]:  # noqa: ANN401 - a ConsumerRecord
