@@ -73,6 +73,9 @@ class ArchiveHandler(RecordHandler):
         self.settings = settings
         self.iceberg = iceberg
         self._synced_files = -1  # files written when the Iceberg table was last synced
+        self._sync_failures = 0  # failed syncs in a row
+        self._sync_retry_at = 0.0  # monotonic time before which no sync is tried
+        self._sync_warned_at = 0.0
         self._buffers: dict[TopicPartition, _Buffer] = {}
         self._next: dict[TopicPartition, int] = {}
         self._tps: dict[tuple[str, int], TopicPartition] = {}
@@ -200,15 +203,37 @@ class ArchiveHandler(RecordHandler):
 
     def sync_iceberg(self) -> None:
         """Register new files in the Iceberg table (at start, then when idle after
-        writing some). The table is derived from the files: a failure is logged and
-        retried at the next idle poll, and never holds the archive back."""
+        writing some). The table is derived from the files: a failure never holds
+        the archive back. A failing catalog is retried with a growing pause (2 s
+        doubling to 5 min) and logged once when it starts failing, at most every
+        10 min while it keeps failing, and once when it is back."""
         if self.iceberg is None or self._synced_files == self.files:
+            return
+        now = time.monotonic()
+        if now < self._sync_retry_at:
             return
         try:
             self.iceberg.sync()
-            self._synced_files = self.files
-        except Exception as exc:  # noqa: BLE001 - retried at the next idle poll
-            log.warning("iceberg table not synced yet", extra={"error": repr(exc)[:500]})
+        except Exception as exc:  # noqa: BLE001 - retried after a pause
+            self._sync_failures += 1
+            pause = min(2.0 * 2 ** (self._sync_failures - 1), 300.0)
+            self._sync_retry_at = now + pause
+            if self._sync_failures == 1 or now - self._sync_warned_at >= 600:
+                self._sync_warned_at = now
+                log.warning(
+                    "iceberg table not synced; the files are written, the table is behind",
+                    extra={
+                        "error": repr(exc)[:500],
+                        "failures": self._sync_failures,
+                        "retry_in_s": pause,
+                    },
+                )
+            return
+        if self._sync_failures:
+            log.info("iceberg table synced again", extra={"failures": self._sync_failures})
+        self._sync_failures = 0
+        self._sync_retry_at = 0.0
+        self._synced_files = self.files
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
         """Another member reads these now, from the committed offsets: drop what is

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import namedtuple
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kafka.structs import TopicPartition
 
 from normalize.schema import ContactEvent, ContactEventKind
@@ -169,3 +171,36 @@ def test_what_the_standard_library_reads_as_json_is_json_to_the_archive() -> Non
         assert row["data"] == value.decode()
     row = to_row(good._replace(value=b"[1, 2]"))
     assert row["archive_error"] == "json: the value is not a JSON object"
+
+
+class _DownCatalog:
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def sync(self) -> tuple[int, int]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("catalog database away")
+        return (1, 0)
+
+
+def test_a_failing_iceberg_catalog_is_retried_with_pauses_and_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog = _DownCatalog(failures=4)
+    handler = ArchiveHandler(LocalArchive(tmp_path), ArchiveSettings(), catalog)  # type: ignore[arg-type]
+    handler.files = 1  # a file written since the last sync
+    clock = [1000.0]
+    monkeypatch.setattr("sinks.archive.time.monotonic", lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="sinks.archive"):
+        for _ in range(40):  # an idle poll every 1.5 s for a minute
+            handler.sync_iceberg()
+            clock[0] += 1.5
+    # Tries after pauses of 2, 4, 8 and 16 s, then the fifth succeeds: not 40 tries.
+    assert catalog.calls == 5
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert any(r.getMessage() == "iceberg table synced again" for r in caplog.records)
+    handler.sync_iceberg()
+    assert catalog.calls == 5  # nothing new to register
