@@ -80,6 +80,8 @@ class HandOff:
         self._io.shutdown(wait=True)
 
     async def _store(self, blobs: tuple[Blob, ...]) -> None:
+        if not blobs:
+            return  # most SMS and forms: no hop to the blob threads for nothing
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._io, lambda: [self._blobs.put(b) for b in blobs])
