@@ -83,7 +83,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 15.0) -> float:
+def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 60.0) -> float:
+    # A hang guard, not a timing claim: readiness takes 3-8 s here, and it timed out
+    # at 15 s twice on a machine at load 5.
     started = time.monotonic()
     while time.monotonic() - started < within_s:
         assert process.poll() is None, f"switchboard run exited early:\n{process.stderr.read()}"  # type: ignore[union-attr]
