@@ -150,6 +150,14 @@ def _field(form: FormData, name: str) -> str:
     return value
 
 
+def _contact_field(form: FormData) -> UUID:
+    """The form's ``contact_id``, or 422."""
+    try:
+        return UUID(_field(form, "contact_id"))
+    except ValueError as exc:
+        raise HTTPException(422, "contact_id must be a contact id") from exc
+
+
 class _Pages:
     """What every page route needs: who asks, rendering, the form checks."""
 
@@ -339,10 +347,7 @@ def _action_routes(router: APIRouter, pages: _Pages) -> None:
         if isinstance(got, Response):
             return got
         who, form = got
-        try:
-            other = UUID(_field(form, "contact_id"))
-        except ValueError as exc:
-            raise HTTPException(422, "contact_id must be a contact id") from exc
+        other = _contact_field(form)
 
         async def act() -> Any:  # noqa: ANN401
             return await actions.contact_change(action, contact_id, other, who.name)
@@ -356,10 +361,7 @@ def _action_routes(router: APIRouter, pages: _Pages) -> None:
         if isinstance(got, Response):
             return got
         who, form = got
-        try:
-            contact = UUID(_field(form, "contact_id"))
-        except ValueError as exc:
-            raise HTTPException(422, "contact_id must be a contact id") from exc
+        contact = _contact_field(form)
 
         async def act() -> Any:  # noqa: ANN401
             return await actions.dismiss(suggestion_id, who.name)
