@@ -52,6 +52,55 @@ TOKEN = "bench-twilio-token"
 SECRET = "bench-hook-secret"
 
 
+#: The bench's signed JSON hook (replays allowed: the same body every time).
+HOOK_CONFIG = (
+    '[[webhooks]]\nname = "bench"\n'
+    'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature", '
+    "allow_replay = true }\n"
+    'map = { email = "contact.email", phone = "contact.phone", '
+    'text = "message", id = "id" }\nverified = ["email", "phone"]\n'
+    "rate_per_s = 1000000\nburst = 1000000\n"
+)
+
+Request = tuple[str, bytes, dict[str, str]]
+
+
+def twilio_request(port: int) -> Request:
+    """A signed Twilio SMS webhook (the same MessageSid each time: a Twilio retry)."""
+    url = f"http://127.0.0.1:{port}/webhooks/twilio/sms"
+    form = {
+        "MessageSid": "SM" + "b" * 32,
+        "AccountSid": "AC" + "1" * 32,
+        "From": "+14155550100",
+        "To": "+14155550199",
+        "Body": "Where is my order? " * 5,
+        "NumMedia": "0",
+    }
+    signature = RequestValidator(TOKEN).compute_signature(url, form)
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Twilio-Signature": signature,
+    }
+    return url, urlencode(form).encode(), headers
+
+
+def json_hook_request(port: int) -> Request:
+    """A post to the HOOK_CONFIG hook, HMAC-SHA256 signed."""
+    body = json.dumps(
+        {
+            "id": "bench-1",
+            "contact": {"email": "ann@example.com", "phone": "+14155550100"},
+            "message": "Call me back " * 10,
+        }
+    ).encode()
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return (
+        f"http://127.0.0.1:{port}/webhooks/bench",
+        body,
+        {"Content-Type": "application/json", "X-Signature": digest},
+    )
+
+
 def wait_http(port: int) -> None:
     if not wait_for_port("127.0.0.1", port, 30):
         raise SystemExit(f"nothing listening on {port}")
@@ -119,14 +168,7 @@ def main() -> None:
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
         config = Path(data) / "switchboard.toml"
-        config.write_text(
-            '[[webhooks]]\nname = "bench"\n'
-            'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature", '
-            "allow_replay = true }\n"
-            'map = { email = "contact.email", phone = "contact.phone", '
-            'text = "message", id = "id" }\nverified = ["email", "phone"]\n'
-            "rate_per_s = 1000000\nburst = 1000000\n\n[adapters.mailgun]\nmax_age_s = 3600\n"
-        )
+        config.write_text(HOOK_CONFIG + "\n[adapters.mailgun]\nmax_age_s = 3600\n")
         env = {
             **os.environ,
             "SWITCHBOARD_HTTP_PORT": str(port),
@@ -147,39 +189,8 @@ def main() -> None:
         try:
             wait_http(port)
             time.sleep(1)
-            url = f"http://127.0.0.1:{port}/webhooks/twilio/sms"
-            form = {
-                "MessageSid": "SM" + "b" * 32,
-                "AccountSid": "AC" + "1" * 32,
-                "From": "+14155550100",
-                "To": "+14155550199",
-                "Body": "Where is my order? " * 5,
-                "NumMedia": "0",
-            }
-            signature = RequestValidator(TOKEN).compute_signature(url, form)
-            measure(
-                "twilio",
-                url,
-                urlencode(form).encode(),
-                {
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "X-Twilio-Signature": signature,
-                },
-            )
-            body = json.dumps(
-                {
-                    "id": "bench-1",
-                    "contact": {"email": "ann@example.com", "phone": "+14155550100"},
-                    "message": "Call me back " * 10,
-                }
-            ).encode()
-            digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-            measure(
-                "json-hook",
-                f"http://127.0.0.1:{port}/webhooks/bench",
-                body,
-                {"Content-Type": "application/json", "X-Signature": digest},
-            )
+            measure("twilio", *twilio_request(port))
+            measure("json-hook", *json_hook_request(port))
             # A parsed Mailgun route (a 1 KB email, rebuilt into MIME and normalized
             # like SMTP mail), signed once: the same token replays within max_age_s.
             stamp, token = str(int(time.time())), "b" * 50

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
-import hmac
-import json
 import os
 import re
 import shutil
@@ -29,16 +26,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlencode
 
-from twilio.request_validator import RequestValidator
-
-from bench.http_ingest import wrk
+from bench.http_ingest import HOOK_CONFIG, SECRET, TOKEN, json_hook_request, twilio_request, wrk
 from bench.smtp_ingest import _reply, corpus, drive
 from switchboard.broker import free_port, wait_for_port
-
-TOKEN = "bench-twilio-token"
-SECRET = "bench-hook-secret"
 
 #: Cost centres: (name, pattern on a frame's file path, or "function (file)" for the
 #: first), innermost first wins. Paths may be relative (a worker's own sys.path).
@@ -75,7 +66,6 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]+)(:\d+)?\)$")
 def summarize(raw: Path, title: str) -> None:
     centres: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
-    processes: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -83,8 +73,7 @@ def summarize(raw: Path, title: str) -> None:
             continue
         count = int(count_text)
         frames = stack.split(";")
-        if frames[0].startswith("process "):
-            processes[frames[0][:60]] += count
+        if frames[0].startswith("process "):  # --subprocesses labels the stacks
             frames = frames[1:] or ["(no Python frame)"]
         total += count
         leaf = frames[-1]
@@ -106,7 +95,7 @@ def summarize(raw: Path, title: str) -> None:
                 break
         else:
             centres["other"] += count
-    print(f"\n{title}: {total} samples holding a GIL ({len(processes) or 1} process(es))")
+    print(f"\n{title}: {total} samples holding a GIL")
     for name, count in centres.most_common():
         print(f"  {count / total:6.1%}  {name}")
     print("  functions with the most samples of their own:")
@@ -179,14 +168,7 @@ def main() -> None:
 def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> None:
     port = free_port()
     config = data / "switchboard.toml"
-    config.write_text(
-        '[[webhooks]]\nname = "bench"\n'
-        'auth = { kind = "hmac-sha256", secret_env = "BENCH_SECRET", header = "X-Signature", '
-        "allow_replay = true }\n"
-        'map = { email = "contact.email", phone = "contact.phone", '
-        'text = "message", id = "id" }\nverified = ["email", "phone"]\n'
-        "rate_per_s = 1000000\nburst = 1000000\n"
-    )
+    config.write_text(HOOK_CONFIG)
     env = {
         **base,
         "SWITCHBOARD_HTTP_PORT": str(port),
@@ -199,37 +181,7 @@ def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> N
         if not wait_for_port("127.0.0.1", port, 30):
             raise SystemExit("ingest http did not start")
         time.sleep(1)
-        url = f"http://127.0.0.1:{port}/webhooks/twilio/sms"
-        form = {
-            "MessageSid": "SM" + "b" * 32,
-            "AccountSid": "AC" + "1" * 32,
-            "From": "+14155550100",
-            "To": "+14155550199",
-            "Body": "Where is my order? " * 5,
-            "NumMedia": "0",
-        }
-        signature = RequestValidator(TOKEN).compute_signature(url, form)
-        twilio = (
-            url,
-            urlencode(form).encode(),
-            {
-                "Content-Type": "application/x-www-form-urlencoded",
-                "X-Twilio-Signature": signature,
-            },
-        )
-        body = json.dumps(
-            {
-                "id": "bench-1",
-                "contact": {"email": "ann@example.com", "phone": "+14155550100"},
-                "message": "Call me back " * 10,
-            }
-        ).encode()
-        digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        hook = (
-            f"http://127.0.0.1:{port}/webhooks/bench",
-            body,
-            {"Content-Type": "application/json", "X-Signature": digest},
-        )
+        twilio, hook = twilio_request(port), json_hook_request(port)
         for name, (target, payload, headers) in (("twilio", twilio), ("json-hook", hook)):
             wrk(target, payload, headers, 2, 64)  # warm up
             out = data / f"{name}.txt"
