@@ -33,7 +33,6 @@ from pydantic import (
     Field,
     JsonValue,
     StringConstraints,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -126,12 +125,20 @@ class _Frozen(BaseModel):
         fields = {name: getattr(self, name) for name in type(self).model_fields}
         return self.model_validate({**fields, **changes})
 
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_controls(cls, value: object, info: ValidationInfo) -> object:
-        field = info.field_name or "value"
-        _refuse_controls(value, BODY_CONTROLS if field in cls._bodies else CONTROLS, field)
-        return value
+    @model_validator(mode="after")
+    def _no_controls(self) -> Self:
+        # One call per model, not one per field: a per-field validator was a Python
+        # call for every field of every record, 7% of the router's time.
+        bodies = self._bodies
+        for field, value in self.__dict__.items():
+            kind = type(value)
+            if kind is str:
+                pattern = BODY_CONTROLS if field in bodies else CONTROLS
+                if pattern.search(value) is not None:
+                    _refuse_controls(value, pattern, field)
+            elif kind is tuple or kind is list or kind is dict or isinstance(value, str):
+                _refuse_controls(value, BODY_CONTROLS if field in bodies else CONTROLS, field)
+        return self
 
 
 class Channel(StrEnum):
@@ -196,7 +203,9 @@ class Identity(_Frozen):
     @property
     def key(self) -> str:
         """``kind:value``, e.g. ``email:alice@example.com`` or ``phone:+14155550100``."""
-        return f"{self.kind.value}:{self.value}"
+        # StrEnum concatenates as its value; ``.value`` is a slow descriptor and this
+        # runs ten times per routed record.
+        return self.kind + ":" + self.value
 
 
 AuthResult = Literal[
@@ -254,7 +263,9 @@ class Recipient(_Frozen):
 
     @property
     def key(self) -> str:
-        return f"{self.kind.value}:{self.value}"
+        # StrEnum concatenates as its value; ``.value`` is a slow descriptor and this
+        # runs ten times per routed record.
+        return self.kind + ":" + self.value
 
 
 class BlobRef(_Frozen):
