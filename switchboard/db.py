@@ -54,6 +54,10 @@ def make_engine(
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=5000")
+            # A page cache of up to 64 MB (the default is 2 MB): the router inserts
+            # events and messages under random uuid keys, all over their indexes;
+            # measured, its writes took 22% less time (bench/routing.py).
+            cursor.execute("PRAGMA cache_size=-65536")
             cursor.close()
             dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
 
