@@ -20,10 +20,10 @@ locks (mean per batch: with several routers, most of it is waiting for another
 router's transaction) and the batches restarted after a conflict.
 
 With --statements, each backend is also measured in-process without Kafka: the
-same records through ``RouterStore.route_batch`` in batches of 500 (the router's
-poll size), with the SQL statements the store sends (its own counter,
-``switchboard_router_sql_statements``, COPY included) and the time spent in the
-store.
+same records through ``RouterStore.route_batch`` in batches of ``[router]
+batch_size`` (the router's largest poll), with the SQL statements the store sends
+(its own counter, ``switchboard_router_sql_statements``, COPY included) and the
+time spent in the store.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, select, text
 
+from router.settings import RouterSettings
 from router.store import RouterStore
 from router.tables import outbox
 from switchboard.broker import free_port
@@ -161,8 +162,9 @@ def store_pass(url: str, pop: Population) -> tuple[float, float]:
     store.sync_owners()
     before = REGISTRY.get_sample_value("switchboard_router_sql_statements_total") or 0.0
     started = time.perf_counter()
-    for start in range(0, len(pop.messages), 500):
-        store.route_batch(pop.messages[start : start + 500])
+    size = RouterSettings().batch_size
+    for start in range(0, len(pop.messages), size):
+        store.route_batch(pop.messages[start : start + size])
     took = time.perf_counter() - started
     statements = (
         REGISTRY.get_sample_value("switchboard_router_sql_statements_total") or 0

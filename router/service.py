@@ -193,7 +193,7 @@ class Router(ConsumerRuntime):
         publisher: Publisher,
         *,
         group_id: str = GROUP,
-        max_batch: int = 500,
+        max_batch: int = 2000,
         purge_every_s: float = 3600.0,
         policy: ConsumerSettings | None = None,
     ) -> None:

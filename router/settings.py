@@ -78,6 +78,16 @@ class RouterSettings(BaseSettings):
         default=72, gt=0, description="A message joins the open conversation within this."
     )
     dedupe_retention_days: int = Field(default=30, ge=1, description="How long keys are kept.")
+    batch_size: int = Field(
+        default=2000,
+        ge=1,
+        le=20_000,
+        description=(
+            "Records routed in one transaction at most (one consumer poll). A poll takes "
+            "what has arrived, so batches are small under light load and grow to this "
+            "when routing is behind: fewer commits and reads per record."
+        ),
+    )
     merge_policy: Literal["verified", "manual", "any"] = Field(
         default="verified",
         description=(
