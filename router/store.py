@@ -180,14 +180,45 @@ class RouterStore:
             if is_transient(exc):
                 raise
             log.warning(
-                "a message of the batch failed; routing the batch message by message",
+                "a message of the batch failed; routing the batch in halves",
                 extra={"error": repr(exc)[:500], "batch": len(batch)},
             )
         with self.engine.begin() as c, _counted(c):
-            # Every lock of the batch first, in the one order; each message then
-            # takes its own again (already held) in its savepoint.
+            # Every lock of the batch first, in the one order; each part then takes
+            # its own again (already held) in its savepoint.
             BatchDirectory.load(c, batch, self.config, self.retention, Writes())
-            return [self._route_one(c, message) for message in batch]
+            return self._halves(c, batch)
+
+    def _halves(self, c: Connection, batch: Sequence[InboundMessage]) -> list[Outcome]:
+        """A batch that failed, as two halves in savepoints, in order; a half that
+        fails is split again, down to single messages (:meth:`_route_one`). One bad
+        message in a poll of n costs about log2(n) failed savepoints, not n
+        savepoints (on PostgreSQL more than 64 subtransactions slow every snapshot)."""
+        if len(batch) == 1:
+            return [self._route_one(c, batch[0])]
+        middle = len(batch) // 2
+        return [
+            outcome
+            for half in (batch[:middle], batch[middle:])
+            for outcome in (self._part(c, half) or self._halves(c, half))
+        ]
+
+    def _part(self, c: Connection, part: Sequence[InboundMessage]) -> list[Outcome]:
+        """``part`` routed as one batch in a savepoint; [] if a message of it failed."""
+        if len(part) == 1:
+            return []  # single messages are retried and dead-lettered by _route_one
+        try:
+            with c.begin_nested():
+                writes = Writes()
+                directory = BatchDirectory.load(c, part, self.config, self.retention, writes)
+                outcomes = [self._route(message, directory) for message in part]
+                writes.flush(c, utcnow())
+            ROUTER_STATEMENTS.inc(writes.copies)
+            return outcomes
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            return []
 
     def _route(self, message: InboundMessage, directory: BatchDirectory) -> Outcome:
         """Decide from the batch's directory, hold back the rows, keep the directory current."""
