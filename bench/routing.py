@@ -25,7 +25,7 @@ restarted after a conflict.
 
 With --statements, each backend is also measured in-process without Kafka: the
 same records through ``RouterStore.route_batch`` in batches of ``[router]
-batch_size`` (the router's largest poll), with the SQL statements the store sends
+max_poll_records`` (the router's largest poll), with the SQL statements the store sends
 (its own counter, ``switchboard_router_sql_statements``, COPY included) and the
 time spent in the store.
 """
@@ -46,12 +46,12 @@ from pathlib import Path
 import httpx
 from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, make_url, select, text
 
 from router.settings import RouterSettings
 from router.store import RouterStore
 from router.tables import outbox
-from switchboard.bootstrap import quiet_garbage_collector
+from switchboard.bootstrap import ROUTER_SQLITE_CACHE_MB, quiet_garbage_collector
 from switchboard.broker import free_port
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
@@ -73,7 +73,7 @@ def raw_consume(kafka: KafkaSettings, n: int) -> float:
         enable_auto_commit=False,
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
-        max_poll_records=500,
+        max_poll_records=2000,
         **kafka.client_config(),
     )
     seen = 0
@@ -174,7 +174,9 @@ def run_routers(
 
 def store_pass(url: str, pop: Population) -> tuple[float, float]:
     """(statements per record, records/s) of RouterStore.route_batch alone."""
-    engine = make_engine(url, sqlite_immediate=url.startswith("sqlite"))
+    engine = make_engine(
+        url, sqlite_immediate=url.startswith("sqlite"), sqlite_cache_mb=ROUTER_SQLITE_CACHE_MB
+    )
     upgrade(engine)
     store = RouterStore(engine, CONFIG)
     store.sync_owners()
@@ -182,7 +184,7 @@ def store_pass(url: str, pop: Population) -> tuple[float, float]:
     threshold = gc.get_threshold()
     quiet_garbage_collector()  # as in the router process
     started = time.perf_counter()
-    size = RouterSettings().batch_size
+    size = RouterSettings().poll_records(make_url(url).get_backend_name())
     for start in range(0, len(pop.messages), size):
         store.route_batch(pop.messages[start : start + size])
     took = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""`[router] batch_size` bounds how many records one routing transaction takes.
+"""`[router] max_poll_records` bounds how many records one routing transaction takes.
 
 A poll takes what has arrived: when routing is behind, batches grow to the
 setting (fewer commits and reads per record); the setting is the ceiling. The
@@ -24,7 +24,7 @@ from tests.router_helpers import fresh_kafka, population, publish, wait_processe
 
 TOML = """
 [router]
-batch_size = 7
+max_poll_records = 7
 
 [[teams]]
 name = "support"
@@ -40,7 +40,7 @@ def test_batch_size_from_the_settings_caps_every_routing_transaction(
         _use(monkeypatch, tmp_path, kafka)
         (tmp_path / "switchboard.toml").write_text(TOML)
         settings = load_settings(tmp_path / "switchboard.toml")
-        assert settings.router.batch_size == 7
+        assert settings.router.max_poll_records == 7
         # Everything is on the topic before the router starts: its first polls
         # could take it all if the setting did not hold them back.
         publish(kafka, pop.messages)
