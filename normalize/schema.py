@@ -82,6 +82,10 @@ def strip_controls_deep(value: object) -> object:
     return value
 
 
+# Field values that hold no string: the control-character check skips them.
+_PLAIN = frozenset({type(None), bool, int, float, datetime, UUID})
+
+
 def _refuse_controls(value: object, pattern: re.Pattern[str], field: str) -> None:
     if isinstance(value, str):
         found = pattern.search(value)
@@ -90,7 +94,7 @@ def _refuse_controls(value: object, pattern: re.Pattern[str], field: str) -> Non
                 f"{field} contains the control character U+{ord(found.group()):04X}; "
                 "normalizers strip control characters (normalize.schema.strip_controls)"
             )
-    elif isinstance(value, tuple | list):
+    elif isinstance(value, tuple | list | set | frozenset):
         for item in value:
             _refuse_controls(item, pattern, field)
     elif isinstance(value, dict):
@@ -136,7 +140,7 @@ class _Frozen(BaseModel):
                 pattern = BODY_CONTROLS if field in bodies else CONTROLS
                 if pattern.search(value) is not None:
                     _refuse_controls(value, pattern, field)
-            elif kind is tuple or kind is list or kind is dict or isinstance(value, str):
+            elif kind not in _PLAIN:  # containers, str subclasses, anything new
                 _refuse_controls(value, BODY_CONTROLS if field in bodies else CONTROLS, field)
         return self
 
