@@ -54,7 +54,11 @@ def rss_mb(pid: int) -> float:
 def post(port: int, path: str, content_type: str, size: int, chunked: bool) -> tuple[int, int]:
     """(status, body bytes sent before the answer)."""
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
-    head = f"POST {path} HTTP/1.1\r\nHost: b\r\nContent-Type: {content_type}\r\n{framing}\r\n\r\n"
+    # An allowed Host: any other is refused (400) before the body limits are reached.
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: {content_type}\r\n{framing}\r\n\r\n"
+    )
     filler = b"a" * 65536
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -96,7 +100,7 @@ def slowloris(port: int, count: int, seconds: float) -> None:
 
     prober = threading.Thread(target=probe)
     prober.start()
-    header = b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: b\r\nX-Slow: " + b"a" * 10_000
+    header = b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 10_000
     alive = list(opened)
     deadline = time.monotonic() + seconds
     position = 0
