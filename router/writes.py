@@ -191,7 +191,7 @@ def _copy(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
 
 
 _Plan = tuple[str, tuple[tuple[str, Callable[[Any], Any] | None], ...]]
-_SQLITE_PLANS: dict[tuple[str, tuple[str, ...]], _Plan] = {}
+_SQLITE_PLANS: dict[tuple[str, Table, tuple[str, ...]], _Plan] = {}
 
 
 def _sqlite_insert(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
@@ -200,7 +200,8 @@ def _sqlite_insert(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
     without SQLAlchemy's per-row parameter bookkeeping: measured, that bookkeeping
     cost more than SQLite's own insert of the row."""
     names = tuple(rows[0])
-    plan = _SQLITE_PLANS.get((table.name, names))
+    key = (c.dialect.driver, table, names)
+    plan = _SQLITE_PLANS.get(key)
     if plan is None:
         compiled = insert(table).compile(dialect=c.dialect, column_keys=list(names))
         order = compiled.positiontup or []
@@ -211,7 +212,7 @@ def _sqlite_insert(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
                 for name in order
             ),
         )
-        _SQLITE_PLANS[(table.name, names)] = plan
+        _SQLITE_PLANS[key] = plan
     statement, columns = plan
     c.exec_driver_sql(
         statement,
