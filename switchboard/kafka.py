@@ -86,8 +86,9 @@ class Publisher:
         self._producer: KafkaProducer | None = None
         self._built = 0
         self._closed = False
-        # send() can block up to max_block_ms (no metadata, full buffer); keep that
-        # off the event loop. One thread keeps sends in call order.
+        # send() can block up to max_block_ms while a topic's metadata is missing
+        # (a new producer, a broker away): apublish then sends from this thread, off
+        # the event loop; once the topic is known it appends on the loop (_ready).
         self._send_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-send")
 
     @property
@@ -159,7 +160,28 @@ class Publisher:
         ).start()
 
     def _send(self, topic: str, event: Event) -> tuple[KafkaProducer, Any]:
-        producer = self._current()
+        return self._send_with(self._current(), topic, event)
+
+    def _ready(self, topic: str) -> KafkaProducer | None:
+        """The installed producer when a send to ``topic`` cannot block, else None.
+
+        kafka-python's ``send()`` waits (up to ``max_block_ms``) only for a topic
+        whose partitions it does not know yet; its 3.x accumulator has no memory
+        wait, and waking its sender is a non-blocking socket write. Its metadata is
+        private API: when the attribute is not there, every send takes the thread.
+        """
+        with self._lock:
+            producer = None if self._closed else self._producer
+        if producer is None:
+            return None
+        partitions = getattr(getattr(producer, "_metadata", None), "partitions_for_topic", None)
+        if partitions is None or partitions(topic) is None:
+            return None
+        return producer
+
+    def _send_with(
+        self, producer: KafkaProducer, topic: str, event: Event
+    ) -> tuple[KafkaProducer, Any]:
         try:
             future = producer.send(
                 topic, key=event.key.encode(), value=event.value(), headers=event.headers()
@@ -217,13 +239,20 @@ class Publisher:
             # send() blocks while there is no metadata (broker away); the caller's
             # bound covers that wait too. A send that completes after the bound may
             # still write the record: harmless, its id is stable.
-            try:
-                producer, future = await asyncio.wait_for(
-                    loop.run_in_executor(self._send_thread, self._send, topic, event),
-                    max(0.0, deadline - time.monotonic()),
-                )
-            except TimeoutError as exc:
-                raise PublishError(f"Kafka did not take the record for {topic} in time") from exc
+            ready = self._ready(topic)
+            if ready is not None:
+                # The common case: a record appended on the event loop, no thread hop.
+                producer, future = self._send_with(ready, topic, event)
+            else:
+                try:
+                    producer, future = await asyncio.wait_for(
+                        loop.run_in_executor(self._send_thread, self._send, topic, event),
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                except TimeoutError as exc:
+                    raise PublishError(
+                        f"Kafka did not take the record for {topic} in time"
+                    ) from exc
             waiter: asyncio.Future[Ack] = loop.create_future()
 
             def _ok(metadata: object, w: asyncio.Future[Ack] = waiter) -> None:

@@ -68,6 +68,39 @@ def test_async_publish_is_acknowledged(kafka_settings: KafkaSettings) -> None:
     assert all(o >= 0 for o in offsets)
 
 
+def test_async_publish_takes_no_thread_once_the_topic_is_known(
+    kafka_settings: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first record of a topic may wait for the producer and its metadata, off
+    the event loop; the next ones are appended on the loop itself."""
+    publisher = Publisher(kafka_settings)
+    hops: list[object] = []
+    submit = publisher._send_thread.submit
+
+    def counted(*args: object, **kwargs: object) -> object:
+        hops.append(args[0])
+        return submit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publisher._send_thread, "submit", counted)
+
+    async def scenario() -> tuple[int, list[int]]:
+        await publisher.apublish(INBOUND, _event(inbound_message()))
+        first = len(hops)
+        acks = await asyncio.gather(
+            *(publisher.apublish(INBOUND, _event(inbound_message())) for _ in range(50))
+        )
+        return first, [a.offset for a in acks]
+
+    try:
+        first, offsets = asyncio.run(scenario())
+    finally:
+        publisher.close()
+    assert first == 1  # no producer yet: built on the send thread
+    assert len(hops) == 1, f"{len(hops) - 1} of 50 sends hopped to the thread"
+    assert len(set(offsets)) == 50
+    assert all(o >= 0 for o in offsets)
+
+
 def test_consumer_group_joins_in_under_three_seconds(
     kafka_settings: KafkaSettings, unique: str
 ) -> None:
