@@ -107,6 +107,7 @@ def _metrics(port: int) -> dict[str, float]:
         "switchboard_router_lock_seconds_count",
         "switchboard_router_batch_restarts_total",
         "switchboard_router_decisions_total",
+        "process_resident_memory_bytes",
     )
     found = dict.fromkeys(wanted, 0.0)
     for line in body.splitlines():
@@ -277,7 +278,9 @@ def main() -> None:
                 f"{'':12} {figures['switchboard_router_sql_statements_total'] / n:.3f} "
                 f"statements/record, {int(batches)} batches, locks "
                 f"{figures['switchboard_router_lock_seconds_sum'] / batches * 1000:.1f} ms/batch, "
-                f"{int(figures['switchboard_router_batch_restarts_total'])} restarts"
+                f"{int(figures['switchboard_router_batch_restarts_total'])} restarts, "
+                f"RSS {figures['process_resident_memory_bytes'] / 2**20 / int(routers):.0f} MB"
+                " per router at the end"
             )
 
 
