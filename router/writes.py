@@ -1,9 +1,10 @@
 """A batch's writes, held back and sent as a handful of bulk statements.
 
-Routing a poll of up to 500 messages used to cost four or five statements per
-message; the decisions read an in-memory view (:class:`router.directory.BatchDirectory`)
-and write here instead, and :meth:`Writes.flush` sends each table's rows in one
-statement, in foreign-key order, at the end of the batch (or before a read of
+Routing a poll (up to ``[router] max_poll_records`` messages) used to cost four or
+five statements per message; the decisions read an in-memory view
+(:class:`router.directory.BatchDirectory`) and write here instead, and
+:meth:`Writes.flush` sends each table's rows in one statement, in foreign-key
+order, at the end of the batch (or before a read of
 open conversations after the load). On PostgreSQL: ``COPY`` for new rows and
 ``UPDATE ... FROM (VALUES ...)`` for changed ones; on SQLite, whose driver runs in
 process, one ``executemany`` each. The batch's merges come last, all of them in a
