@@ -56,6 +56,29 @@ def _ack(metadata: object) -> Ack:
     )
 
 
+class _WouldBlock(Exception):
+    """A send on the event loop reached kafka-python's wait for metadata."""
+
+
+_ON_LOOP = threading.local()
+
+
+class _Producer(KafkaProducer):  # type: ignore[misc]
+    """kafka-python's producer, except that a send made on the event loop never
+    waits for metadata: the check in :meth:`Publisher._ready` and send()'s own can
+    disagree when the producer's I/O thread replaces the topic table in between
+    (a topic deleted, or gone with a memory broker), and that wait is
+    ``max_block_ms`` of a frozen event loop. The send then goes to the thread.
+    ``_wait_on_metadata`` is kafka-python's private method (3.0); the test
+    ``test_a_topic_gone_between_the_check_and_the_send_does_not_freeze_the_loop``
+    (tests/integration/test_kafka.py) fails if it is renamed."""
+
+    def _wait_on_metadata(self, topic: str, max_wait_ms: int) -> object:
+        if getattr(_ON_LOOP, "active", False):
+            raise _WouldBlock(topic)
+        return super()._wait_on_metadata(topic, max_wait_ms)
+
+
 class PublishError(Exception):
     """The broker did not acknowledge in time, or refused. Retry later (or spool)."""
 
@@ -98,7 +121,7 @@ class Publisher:
 
     def _new_producer(self) -> KafkaProducer:
         s = self._settings
-        return KafkaProducer(
+        return _Producer(
             client_id=self._client_id,
             acks="all",
             enable_idempotence=True,
@@ -240,9 +263,18 @@ class Publisher:
             # bound covers that wait too. A send that completes after the bound may
             # still write the record: harmless, its id is stable.
             ready = self._ready(topic)
+            sent = None
             if ready is not None:
                 # The common case: a record appended on the event loop, no thread hop.
-                producer, future = self._send_with(ready, topic, event)
+                _ON_LOOP.active = True
+                try:
+                    sent = self._send_with(ready, topic, event)
+                except _WouldBlock:
+                    sent = None  # the topic's metadata went meanwhile: the thread waits
+                finally:
+                    _ON_LOOP.active = False
+            if sent is not None:
+                producer, future = sent
             else:
                 try:
                     producer, future = await asyncio.wait_for(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -99,6 +100,63 @@ def test_async_publish_takes_no_thread_once_the_topic_is_known(
     assert len(hops) == 1, f"{len(hops) - 1} of 50 sends hopped to the thread"
     assert len(set(offsets)) == 50
     assert all(o >= 0 for o in offsets)
+
+
+def test_a_topic_gone_between_the_check_and_the_send_does_not_freeze_the_loop(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """The producer knows the topic when apublish looks, and has lost it when send()
+    looks (its I/O thread replaced the topic table in between): send() would wait
+    for metadata on the event loop. The wait goes to the send thread instead."""
+    publisher = Publisher(kafka_settings)
+    loop_thread = threading.get_ident()
+
+    async def scenario() -> tuple[float, int]:
+        await publisher.apublish(INBOUND, _event(inbound_message()))  # topic known now
+        producer = publisher._ready(INBOUND)
+        assert producer is not None
+        metadata = producer._metadata
+        real = metadata.partitions_for_topic
+        state = {"checks": 0, "hidden_until": 0.0}
+
+        def flaky(topic: str) -> object:
+            if topic != INBOUND:
+                return real(topic)
+            if threading.get_ident() == loop_thread:
+                state["checks"] += 1
+                if state["checks"] == 1:
+                    return real(topic)  # apublish's look
+                if not state["hidden_until"]:
+                    state["hidden_until"] = time.monotonic() + 1.5
+            if time.monotonic() < state["hidden_until"]:
+                return None  # send()'s look, and for 1.5 s everyone's
+            return real(topic)
+
+        metadata.partitions_for_topic = flaky
+        loop = asyncio.get_running_loop()
+        worst, last, stop = 0.0, loop.time(), False
+
+        async def ticker() -> None:
+            nonlocal worst, last
+            while not stop:
+                await asyncio.sleep(0.02)
+                worst, last = max(worst, loop.time() - last), loop.time()
+
+        tick = asyncio.create_task(ticker())
+        try:
+            ack = await publisher.apublish(INBOUND, _event(inbound_message()), timeout_s=10)
+        finally:
+            stop = True
+            await tick
+            metadata.partitions_for_topic = real
+        return worst, ack.offset
+
+    try:
+        worst, offset = asyncio.run(scenario())
+    finally:
+        publisher.close()
+    assert offset >= 0
+    assert worst < 0.5, f"the event loop stalled for {worst:.1f} s"
 
 
 def test_consumer_group_joins_in_under_three_seconds(
