@@ -213,6 +213,11 @@ class Publisher:
             if not _retriable(exc):
                 self._discard(producer, exc)
             raise PublishError(f"send to {topic} failed: {exc}") from exc
+        except (ValueError, KeyError) as exc:
+            # kafka-python's partitioner, when the topic's partitions change under it
+            # (a metadata update racing the send): the caller spools or retries, as
+            # for any publish that did not happen; the producer itself is fine.
+            raise PublishError(f"send to {topic} failed: {exc!r}") from exc
         return producer, future
 
     def publish(self, topic: str, event: Event, timeout_s: float | None = None) -> Ack:

@@ -159,6 +159,32 @@ def test_a_topic_gone_between_the_check_and_the_send_does_not_freeze_the_loop(
     assert worst < 0.5, f"the event loop stalled for {worst:.1f} s"
 
 
+def test_a_partitioner_error_is_a_publish_error(kafka_settings: KafkaSettings) -> None:
+    """kafka-python's partitioner raises ValueError or KeyError when a topic's
+    partitions change under it; callers handle PublishError (spool, retry) only."""
+    publisher = Publisher(kafka_settings)
+    try:
+        publisher.publish(INBOUND, _event(inbound_message()))
+        producer = publisher._ready(INBOUND)
+        assert producer is not None
+        real = producer._partition
+
+        def racing(*args: object, **kwargs: object) -> object:
+            raise ValueError("Partitioner did not assign a partition")
+
+        producer._partition = racing
+        with pytest.raises(PublishError, match="did not assign"):
+            asyncio.run(publisher.apublish(INBOUND, _event(inbound_message())))
+        with pytest.raises(PublishError, match="did not assign"):
+            publisher.publish(INBOUND, _event(inbound_message()))
+        producer._partition = real
+        # The producer was kept, and works.
+        assert publisher._ready(INBOUND) is producer
+        assert publisher.publish(INBOUND, _event(inbound_message())).offset >= 0
+    finally:
+        publisher.close()
+
+
 def test_consumer_group_joins_in_under_three_seconds(
     kafka_settings: KafkaSettings, unique: str
 ) -> None:
