@@ -472,7 +472,17 @@ class ImapSettings(BaseSettings):
     enabled: bool = Field(default=True, description="Poll the configured mailboxes in `run`.")
     mailboxes: list[MailboxSettings] = Field(default_factory=list)
     poll_interval_s: float = Field(
-        default=60.0, gt=0, description="Between polls when the server has no IDLE."
+        default=60.0,
+        gt=0,
+        description="Between polls when the server has no IDLE.",
+    )
+    idle_resync_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "With IDLE, the longest a folder goes without a search: a server may not "
+            "announce mail that arrived just before IDLE began (Dovecot: 30 s later)."
+        ),
     )
     idle_renew_s: float = Field(
         default=25 * 60, gt=0, le=29 * 60, description="Re-issue IDLE before the 29-minute limit."

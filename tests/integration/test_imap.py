@@ -112,6 +112,33 @@ def test_new_mail_arrives_through_idle_within_three_seconds(
     assert message.dedupe_key == f"email-mid:{unique}-new@example.org"
 
 
+def test_mail_that_arrives_just_before_idle_starts_is_not_left_waiting(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mail delivered after the poller's search and before its IDLE begins: Dovecot
+    announces it only at its own check, 30 s later. The poller searches again at
+    least every idle_resync_s, IDLE or not."""
+    box = mailbox(dovecot, f"race{unique}", monkeypatch.setenv, backfill="none")
+    real_idle = IMAPClient.idle
+    raced: list[bool] = []
+
+    def idle_after_a_delivery(self: IMAPClient) -> None:
+        if not raced:  # the poller's first IDLE: the mail slips in just before it
+            raced.append(True)
+            dovecot.deliver(mail(f"{unique}-raced"))
+        real_idle(self)
+
+    monkeypatch.setattr(IMAPClient, "idle", idle_after_a_delivery)
+    with imap_adapter(kafka_settings, tmp_path, [box], idle_resync_s=2) as store:
+        wait_for(lambda: bool(raced), 10)
+        took = wait_for(lambda: position(store, box.name)[1] >= 1, 15)
+    assert took < 8, f"the mail waited {took:.1f} s"
+
+
 @pytest.mark.slow
 def test_uidvalidity_change_rescans_and_keeps_dedupe_keys(
     kafka_settings: KafkaSettings,
