@@ -167,12 +167,7 @@ class RouterStore:
         """
         try:
             with self.engine.begin() as c, _counted(c):
-                writes = Writes()
-                directory = BatchDirectory.load(c, batch, self.config, self.retention, writes)
-                outcomes = [self._route(message, directory) for message in batch]
-                writes.flush(c, utcnow())
-                ROUTER_STATEMENTS.inc(writes.copies)
-                return outcomes
+                return self._route_all(c, batch)
         except Conflict:
             ROUTER_RESTARTS.inc()
             raise
@@ -209,16 +204,21 @@ class RouterStore:
             return []  # single messages are retried and dead-lettered by _route_one
         try:
             with c.begin_nested():
-                writes = Writes()
-                directory = BatchDirectory.load(c, part, self.config, self.retention, writes)
-                outcomes = [self._route(message, directory) for message in part]
-                writes.flush(c, utcnow())
-            ROUTER_STATEMENTS.inc(writes.copies)
-            return outcomes
+                return self._route_all(c, part)
         except Exception as exc:
             if is_transient(exc):
                 raise
             return []
+
+    def _route_all(self, c: Connection, messages: Sequence[InboundMessage]) -> list[Outcome]:
+        """Load the messages' directory (taking their locks), decide each in order,
+        and send the held-back rows."""
+        writes = Writes()
+        directory = BatchDirectory.load(c, messages, self.config, self.retention, writes)
+        outcomes = [self._route(message, directory) for message in messages]
+        writes.flush(c, utcnow())
+        ROUTER_STATEMENTS.inc(writes.copies)
+        return outcomes
 
     def _route(self, message: InboundMessage, directory: BatchDirectory) -> Outcome:
         """Decide from the batch's directory, hold back the rows, keep the directory current."""
@@ -238,14 +238,7 @@ class RouterStore:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 with c.begin_nested():
-                    writes = Writes()
-                    directory = BatchDirectory.load(
-                        c, [message], self.config, self.retention, writes
-                    )
-                    outcome = self._route(message, directory)
-                    writes.flush(c, utcnow())
-                    ROUTER_STATEMENTS.inc(writes.copies)
-                return outcome
+                    return self._route_all(c, [message])[0]
             except Exception as exc:
                 if is_transient(exc):
                     raise
