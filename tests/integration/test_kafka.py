@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,6 +20,28 @@ from tests.factories import inbound_message
 from tests.kafka_helpers import consume_until
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def longest_stall() -> AsyncIterator[list[float]]:
+    """The longest the event loop went without running a 20 ms ticker, in seconds,
+    over the ``async with`` block (in the yielded list's one item, set on exit)."""
+    loop = asyncio.get_running_loop()
+    worst = [0.0]
+    last, stop = loop.time(), False
+
+    async def ticker() -> None:
+        nonlocal last
+        while not stop:
+            await asyncio.sleep(0.02)
+            worst[0], last = max(worst[0], loop.time() - last), loop.time()
+
+    tick = asyncio.create_task(ticker())
+    try:
+        yield worst
+    finally:
+        stop = True
+        await tick
 
 
 def _event(message: InboundMessage) -> Event:
@@ -133,23 +157,12 @@ def test_a_topic_gone_between_the_check_and_the_send_does_not_freeze_the_loop(
             return real(topic)
 
         metadata.partitions_for_topic = flaky
-        loop = asyncio.get_running_loop()
-        worst, last, stop = 0.0, loop.time(), False
-
-        async def ticker() -> None:
-            nonlocal worst, last
-            while not stop:
-                await asyncio.sleep(0.02)
-                worst, last = max(worst, loop.time() - last), loop.time()
-
-        tick = asyncio.create_task(ticker())
         try:
-            ack = await publisher.apublish(INBOUND, _event(inbound_message()), timeout_s=10)
+            async with longest_stall() as worst:
+                ack = await publisher.apublish(INBOUND, _event(inbound_message()), timeout_s=10)
         finally:
-            stop = True
-            await tick
             metadata.partitions_for_topic = real
-        return worst, ack.offset
+        return worst[0], ack.offset
 
     try:
         worst, offset = asyncio.run(scenario())
@@ -260,32 +273,21 @@ def test_the_event_loop_keeps_running_while_a_producer_is_rebuilt() -> None:
         broker.stop()
 
         async def scenario() -> tuple[float, list[BaseException | object]]:
-            loop = asyncio.get_running_loop()
-            worst, last, stop = 0.0, loop.time(), False
-
-            async def ticker() -> None:
-                nonlocal worst, last
-                while not stop:
-                    await asyncio.sleep(0.02)
-                    worst, last = max(worst, loop.time() - last), loop.time()
-
-            tick = asyncio.create_task(ticker())
             outcomes: list[BaseException | object] = []
-            # Hand-offs arriving every 100 ms, as from SMTP sessions: early ones wait
-            # for acknowledgements from the dead producer while later ones make the
-            # send thread build a new one.
-            wave = []
-            for _ in range(20):
-                wave.append(
-                    asyncio.ensure_future(
-                        publisher.apublish(INBOUND, _event(inbound_message()), timeout_s=0.5)
+            async with longest_stall() as worst:
+                # Hand-offs arriving every 100 ms, as from SMTP sessions: early ones wait
+                # for acknowledgements from the dead producer while later ones make the
+                # send thread build a new one.
+                wave = []
+                for _ in range(20):
+                    wave.append(
+                        asyncio.ensure_future(
+                            publisher.apublish(INBOUND, _event(inbound_message()), timeout_s=0.5)
+                        )
                     )
-                )
-                await asyncio.sleep(0.1)
-            outcomes += await asyncio.gather(*wave, return_exceptions=True)
-            stop = True
-            await tick
-            return worst, outcomes
+                    await asyncio.sleep(0.1)
+                outcomes += await asyncio.gather(*wave, return_exceptions=True)
+            return worst[0], outcomes
 
         worst, outcomes = asyncio.run(scenario())
         assert all(isinstance(o, PublishError) for o in outcomes), outcomes

@@ -327,13 +327,9 @@ def test_manual_assignment_is_sticky_and_recorded_as_pending(engine: Engine) -> 
         store.assign(uuid.uuid4(), target)
 
 
-def test_a_message_that_keeps_failing_is_dead_lettered_and_the_batch_goes_on(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = store_for(engine)
-    store.sync_owners()
-    poison = email("poison@example.org")
-    fine = email("fine@example.org")
+def _poisoned(monkeypatch: pytest.MonkeyPatch, poison: InboundMessage) -> list[uuid.UUID]:
+    """Routing fails on ``poison`` (a bug, not an outage); returns the ids of every
+    message routing was asked to decide, in order."""
     real_route = store_module.route  # type: ignore[attr-defined]
     calls: list[uuid.UUID] = []
 
@@ -344,6 +340,17 @@ def test_a_message_that_keeps_failing_is_dead_lettered_and_the_batch_goes_on(
         return real_route(message, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store_module, "route", flaky)
+    return calls
+
+
+def test_a_message_that_keeps_failing_is_dead_lettered_and_the_batch_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_for(engine)
+    store.sync_owners()
+    poison = email("poison@example.org")
+    fine = email("fine@example.org")
+    calls = _poisoned(monkeypatch, poison)
     failed, routed = store.route_batch([poison, fine])
     # Once in the batch's fast path, then max_attempts times on its own.
     assert calls.count(poison.id) == store.max_attempts + 1
@@ -368,16 +375,7 @@ def test_one_failing_message_in_a_large_poll_is_found_by_halving(
     store.sync_owners()
     poll = [email(f"person{i}@example.org") for i in range(64)]
     poison = poll[41]
-    real_route = store_module.route  # type: ignore[attr-defined]
-    calls: list[uuid.UUID] = []
-
-    def flaky(message: InboundMessage, *args: object) -> object:
-        calls.append(message.id)
-        if message.id == poison.id:
-            raise RuntimeError("a bug in routing")
-        return real_route(message, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store_module, "route", flaky)
+    calls = _poisoned(monkeypatch, poison)
     statements: list[str] = []
 
     def count(*args: object) -> None:
