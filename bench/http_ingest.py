@@ -1,6 +1,7 @@
 """HTTP ingest throughput: Twilio SMS, JSON web hooks, Mailgun vs a bare FastAPI hook.
 
 Usage: .venv/bin/python bench/http_ingest.py [--seconds S] [--concurrency 1,16,64]
+                                            [--workers 1,2] [--skip-mailgun]
 Needs `wrk` (apt-get install wrk) as the load generator.
 
 Each target runs in its own process on loopback and is driven by wrk with a
@@ -13,6 +14,11 @@ fixed request at each concurrency (one wrk thread; the machine has 2 cores):
   mailgun     switchboard run, POST /webhooks/mailgun, a signed parsed route
               (rebuilt into MIME and normalized like SMTP mail)
 The switchboard targets answer only after the Kafka acknowledgement.
+
+With ``--workers 1,2`` the switchboard targets are `switchboard ingest http
+--workers N` instead (the edge alone, N processes on one port, its embedded
+broker beside it), once per N: what more processes give on this machine, where
+wrk shares the two cores with them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -138,9 +145,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument(
+        "--workers", help="e.g. 1,2: measure `switchboard ingest http --workers N` for each N"
+    )
+    parser.add_argument("--skip-mailgun", action="store_true")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], float] = {}
+    targets = (
+        [("run", ["run"])]
+        if not args.workers
+        else [(f"x{n}", ["ingest", "http", "--workers", n]) for n in args.workers.split(",") if n]
+    )
 
     def measure(name: str, url: str, body: bytes, headers: dict[str, str]) -> None:
         for conns in levels:
@@ -149,7 +165,7 @@ def main() -> None:
             results[(name, conns)] = rate
             note = f"  ({bad} non-2xx)" if bad else ""
             latency = f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
-            print(f"{name:<10} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
+            print(f"{name:<13} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
 
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])
@@ -165,6 +181,30 @@ def main() -> None:
         bare.terminate()
         bare.wait(10)
 
+    names = []
+    for label, command in targets:
+        suffix = "" if label == "run" else f" {label}"
+        names.append(suffix)
+        switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun)
+    for conns in levels:
+        base = results[("bare", conns)]
+        for suffix in names:
+            ratios = "   ".join(
+                f"{name}/bare {results[(name + suffix, conns)] / base:.0%}"
+                for name in ("twilio", "json-hook", "mailgun")
+                if (name + suffix, conns) in results
+            )
+            print(f"c={conns:<3}{suffix:<4} {ratios}")
+
+
+def switchboard(
+    command: list[str],
+    suffix: str,
+    measure: Callable[[str, str, bytes, dict[str, str]], None],
+    *,
+    skip_mailgun: bool,
+) -> None:
+    """Start `switchboard <command>` with the bench's hooks and measure each hook."""
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
         config = Path(data) / "switchboard.toml"
@@ -182,15 +222,17 @@ def main() -> None:
         }
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
         sb = subprocess.Popen(
-            [str(Path(sys.executable).with_name("switchboard")), "run"],
+            [str(Path(sys.executable).with_name("switchboard")), *command],
             env=env,
             stderr=subprocess.DEVNULL,
         )
         try:
             wait_http(port)
-            time.sleep(1)
-            measure("twilio", *twilio_request(port))
-            measure("json-hook", *json_hook_request(port))
+            time.sleep(3)  # every worker started, not only the first
+            measure("twilio" + suffix, *twilio_request(port))
+            measure("json-hook" + suffix, *json_hook_request(port))
+            if skip_mailgun:
+                return
             # A parsed Mailgun route (a 1 KB email, rebuilt into MIME and normalized
             # like SMTP mail), signed once: the same token replays within max_age_s.
             stamp, token = str(int(time.time())), "b" * 50
@@ -215,7 +257,7 @@ def main() -> None:
                 ).hexdigest(),
             }
             measure(
-                "mailgun",
+                "mailgun" + suffix,
                 f"http://127.0.0.1:{port}/webhooks/mailgun",
                 urlencode(form).encode(),
                 {"Content-Type": "application/x-www-form-urlencoded"},
@@ -223,13 +265,6 @@ def main() -> None:
         finally:
             sb.terminate()
             sb.wait(15)
-    for conns in levels:
-        base = results[("bare", conns)]
-        print(
-            f"c={conns:<3} twilio/bare {results[('twilio', conns)] / base:.0%}   "
-            f"json-hook/bare {results[('json-hook', conns)] / base:.0%}   "
-            f"mailgun/bare {results[('mailgun', conns)] / base:.0%}"
-        )
 
 
 if __name__ == "__main__":

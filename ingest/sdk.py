@@ -43,6 +43,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,21 @@ class AdapterContext:
     engine: Engine | None = None  # the process database (checkpoints, state)
     email_policy: EmailPolicy | None = None
     on_stop: Callable[[str], None] = field(default=_stop_process, repr=False)
+    #: Processes serving this adapter's port together (``--workers``). A limit the
+    #: adapter counts in its own process (connections, requests per second) is
+    #: divided by it: :meth:`share`, so the fleet allows what the setting says.
+    workers: int = 1
+    #: Listening sockets inherited from the supervisor, by name (``http``, ``smtp``):
+    #: a listener serves the one of its name instead of binding its port.
+    sockets: Mapping[str, socket.socket] = field(default_factory=dict, repr=False)
+
+    def share(self, limit: int) -> int:
+        """This process's part of ``limit`` (at least 1)."""
+        return max(1, limit // self.workers)
+
+    def share_rate(self, rate: float) -> float:
+        """This process's part of a rate (per second)."""
+        return rate / self.workers
 
 
 class Adapter(Generic[S]):
@@ -381,7 +397,10 @@ class HttpAdapter(Adapter[S]):
             return
         buckets = self._client_buckets.get(route.path)
         if buckets is None:
-            buckets = self._client_buckets[route.path] = ClientBuckets(*route.client_rate)
+            rate, burst = route.client_rate
+            buckets = self._client_buckets[route.path] = ClientBuckets(
+                self.context.share_rate(rate), self.context.share(burst)
+            )
         wait = buckets.take(client)
         if wait:
             raise Rejected(

@@ -88,6 +88,15 @@ class SmtpSettings(BaseSettings):
     require_tls: bool = Field(
         default=False, description="Refuse mail until the client has used STARTTLS."
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "Processes serving the port in `switchboard ingest smtp` (also --workers); "
+            "default one per CPU core. `switchboard run` always runs one."
+        ),
+    )
     parse_workers: int = Field(
         default=1,
         ge=0,

@@ -302,6 +302,9 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         self.handler = SmtpHandler(self)
         self.sessions: set[_Protocol] = set()
         self._per_client: Counter[str] = Counter()
+        # Each worker of a fleet sharing the port takes its part of the limits.
+        self._max_sessions = context.share(settings.max_sessions)
+        self._max_per_client = context.share(settings.max_sessions_per_client)
         self._domains = set(settings.domains)
         self._addresses: set[str] = set()
         for address in settings.addresses:
@@ -330,17 +333,17 @@ class SmtpAdapter(Adapter[SmtpSettings]):
 
     def admit(self, client: str) -> bytes | None:
         """None if a new session from ``client`` may start, else the 421 to send."""
-        if len(self.sessions) >= self.settings.max_sessions:
+        if len(self.sessions) >= self._max_sessions:
             REJECTED.labels("smtp", "too-many-sessions").inc()
             log.warning("smtp session refused: too many connections")
             return TOO_MANY_SESSIONS
-        if self._per_client[client] >= self.settings.max_sessions_per_client:
+        if self._per_client[client] >= self._max_per_client:
             # Like Postfix's smtpd_client_connection_count_limit: one address
             # cannot take every slot and lock every other sender out.
             REJECTED.labels("smtp", "too-many-sessions-from-client").inc()
             log.warning(
                 "smtp session refused: too many connections from one client",
-                extra={"peer": client, "limit": self.settings.max_sessions_per_client},
+                extra={"peer": client, "limit": self._max_per_client},
             )
             return TOO_MANY_FROM_CLIENT
         self._per_client[client] += 1
@@ -395,7 +398,11 @@ class SmtpAdapter(Adapter[SmtpSettings]):
             )
 
         try:
-            self._server = await loop.create_server(factory, self.host, self.port, backlog=512)
+            inherited = self.context.sockets.get("smtp")
+            if inherited is not None:
+                self._server = await loop.create_server(factory, sock=inherited, backlog=512)
+            else:
+                self._server = await loop.create_server(factory, self.host, self.port, backlog=512)
         except OSError as exc:
             raise StartupError(
                 f"SMTP server could not listen on {self.host}:{self.port}: {exc.strerror or exc}"

@@ -20,7 +20,10 @@ harmless: the event id and the dedupe key are stable, and the router dedupes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -30,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from switchboard.events import Event
-from switchboard.metrics import SPOOL_BYTES, SPOOL_DRAINED, SPOOL_MESSAGES
+from switchboard.metrics import MULTIPROCESS, SPOOL_BYTES, SPOOL_DRAINED, SPOOL_MESSAGES
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ CREATE TABLE IF NOT EXISTS spool (
 
 class SpoolFull(Exception):
     """The spool reached its size bound: the sender must retry later."""
+
+
+class SpoolBusy(Exception):
+    """Another process holds the spool file (each file has one owner)."""
 
 
 @dataclass(frozen=True)
@@ -78,15 +85,21 @@ class SpoolDepth:
 class Spool:
     """A bounded, fsynced FIFO of events on local disk.
 
-    One spool file belongs to one process (its drainer deletes what it published);
-    other processes may read its depth.
+    One spool file belongs to one process (its drainer deletes what it published):
+    an exclusive lock on ``<file>.lock``, held until :meth:`close` or the process's
+    death, makes a second owner wait ``wait_s`` for it, then raise SpoolBusy (a
+    worker replacing a dead one gets the file as soon as the kernel has released
+    the lock). Other processes may read its depth.
     """
 
-    def __init__(self, path: Path, *, max_bytes: int, max_messages: int) -> None:
+    def __init__(
+        self, path: Path, *, max_bytes: int, max_messages: int, wait_s: float = 10.0
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.max_messages = max_messages
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._owner = _own(path, wait_s)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
@@ -246,6 +259,24 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        os.close(self._owner)  # releases the lock
+
+
+def _own(path: Path, wait_s: float) -> int:
+    """An exclusive flock on ``<path>.lock`` (its fd), waiting up to ``wait_s``."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise SpoolBusy(
+                    f"spool {path} is held by another process (one owner per file)"
+                ) from None
+            time.sleep(0.1)
 
 
 def read_depth(path: Path) -> SpoolDepth:
@@ -259,6 +290,10 @@ def read_depth(path: Path) -> SpoolDepth:
         db.close()
     age = None if oldest is None else max(0.0, time.time() - oldest)
     return SpoolDepth(count, size, age)
+
+
+#: The spools this process's drainers publish from (the gauges sum them).
+_DRAINED: list[Spool] = []
 
 
 class Drainer:
@@ -277,7 +312,9 @@ class Drainer:
         batch: int = 500,
         max_backoff_s: float = 5.0,
         on_published: Callable[[Sequence[Spooled]], None] | None = None,
+        name: str = "spool",
     ) -> None:
+        self.name = name
         self.spool = spool
         self._publish = publish
         self._batch = batch
@@ -286,11 +323,19 @@ class Drainer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        spool.on_change = self._wake.set
-        SPOOL_MESSAGES.set_function(lambda: spool.messages)
-        SPOOL_BYTES.set_function(lambda: spool.bytes)
+        spool.on_change = self._changed
+        _DRAINED.append(spool)
+        SPOOL_MESSAGES.set_function(lambda: sum(s.messages for s in _DRAINED))
+        SPOOL_BYTES.set_function(lambda: sum(s.bytes for s in _DRAINED))
+        self._changed()
 
-    name = "spool"
+    def _changed(self) -> None:
+        self._wake.set()
+        if MULTIPROCESS:
+            # A set_function gauge is read in-process only; prometheus-client's
+            # multiprocess mode sums the values each worker writes to its files.
+            SPOOL_MESSAGES.set(sum(s.messages for s in _DRAINED))
+            SPOOL_BYTES.set(sum(s.bytes for s in _DRAINED))
 
     def begin(self) -> None:
         self._thread = threading.Thread(target=self._run, name="spool-drainer", daemon=True)
@@ -302,6 +347,8 @@ class Drainer:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        with contextlib.suppress(ValueError):
+            _DRAINED.remove(self.spool)
 
     async def start(self) -> None:
         self.begin()

@@ -147,7 +147,11 @@ class WebhookAdapter(HttpAdapter[WebhooksSettings]):
     def __init__(self, settings: WebhooksSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
         self.hooks = {hook.name: hook for hook in settings.hooks}
-        self._buckets = {h.name: TokenBucket(h.rate_per_s, h.burst) for h in settings.hooks}
+        # Each worker of a fleet takes its part of the hook's budget.
+        self._buckets = {
+            h.name: TokenBucket(context.share_rate(h.rate_per_s), context.share(h.burst))
+            for h in settings.hooks
+        }
 
     def routes(self) -> list[HttpRoute]:
         return [

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -30,7 +31,8 @@ from ingest.imap_state import ImapStateStore
 from ingest.journal import Journal
 from ingest.registry import discover
 from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
-from ingest.spool import Drainer, Spool
+from ingest.smtp import SmtpAdapter
+from ingest.spool import Drainer, Spool, SpoolBusy, read_depth
 from ingest.twilio import TwilioAdapter
 from router.config import routing_config
 from router.service import Router
@@ -61,6 +63,7 @@ from switchboard.runtime import (
 )
 from switchboard.settings import Settings
 from switchboard.status import BROKER_FILE
+from switchboard.supervisor import Supervisor, WorkerSpec, cores, worker_command
 from switchboard.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -279,21 +282,126 @@ def _readiness(
     return readiness
 
 
-def spool_path(settings: Settings, roles: frozenset[str]) -> Path:
-    # One spool file per process kind: its drainer owns (deletes) what it holds.
-    return settings.spool_dir() / f"{'-'.join(sorted(roles & INGEST_ROLES))}.sqlite3"
+def spool_path(settings: Settings, roles: frozenset[str], worker: int = 0) -> Path:
+    # One spool file per process kind, and per worker of a fleet sharing a port
+    # (worker 0 keeps the single process's name): its drainer owns (deletes) what
+    # it holds, and the file lock in Spool keeps it to one process at a time.
+    base = "-".join(sorted(roles & INGEST_ROLES))
+    return settings.spool_dir() / (f"{base}.{worker}.sqlite3" if worker else f"{base}.sqlite3")
 
 
-def make_spool(settings: Settings, roles: frozenset[str]) -> Spool | None:
+def _spool(settings: Settings, path: Path) -> Spool:
+    try:
+        return Spool(
+            path, max_bytes=settings.spool.max_bytes, max_messages=settings.spool.max_messages
+        )
+    except SpoolBusy as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def make_spool(settings: Settings, roles: frozenset[str], worker: int = 0) -> Spool | None:
     """The spool of a process running ingest roles (none if disabled or not ingest)."""
     ingest_roles = sorted(roles & INGEST_ROLES)
     if not ingest_roles or not settings.spool.enabled:
         return None
-    return Spool(
-        spool_path(settings, roles),
-        max_bytes=settings.spool.max_bytes,
-        max_messages=settings.spool.max_messages,
+    return _spool(settings, spool_path(settings, roles, worker))
+
+
+def orphaned_spools(settings: Settings, roles: frozenset[str], workers: int) -> list[Spool]:
+    """The spool files of workers a smaller fleet no longer runs (``<role>.<i>.sqlite3``
+    with i >= ``workers``) that still hold events: worker 0 drains them. A file
+    another process holds (a worker of an older fleet still stopping) is left to it."""
+    if not settings.spool.enabled or not roles & INGEST_ROLES:
+        return []
+    base = "-".join(sorted(roles & INGEST_ROLES))
+    pattern = re.compile(rf"{re.escape(base)}\.(\d+)\.sqlite3")
+    found: list[Spool] = []
+    directory = settings.spool_dir()
+    for path in sorted(directory.glob(f"{base}.*.sqlite3")) if directory.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match is None or int(match.group(1)) < workers or not read_depth(path).messages:
+            continue
+        try:
+            spool = Spool(
+                path,
+                max_bytes=settings.spool.max_bytes,
+                max_messages=settings.spool.max_messages,
+                wait_s=0,
+            )
+        except SpoolBusy:
+            log.warning("spool file is held by another process", extra={"path": str(path)})
+            continue
+        log.warning(
+            "draining the spool of a worker this fleet no longer runs",
+            extra={"path": str(path), "messages": spool.messages},
+        )
+        found.append(spool)
+    return found
+
+
+def _drainers(
+    settings: Settings,
+    roles: frozenset[str],
+    worker: WorkerSpec,
+    spool: Spool | None,
+    publisher: Publisher,
+) -> list[Drainer]:
+    """The drainer of this process's spool; worker 0 also drains the files of
+    workers the fleet no longer runs."""
+    drainers = [] if spool is None else [Drainer(spool, publisher.publish_many)]
+    if worker.index == 0:
+        drainers.extend(
+            Drainer(orphan, publisher.publish_many, name=f"spool {orphan.path.name}")
+            for orphan in orphaned_spools(settings, roles, worker.count)
+        )
+    return drainers
+
+
+def edge_workers(settings: Settings, role: str, given: int | None) -> int:
+    """Processes for `switchboard ingest http|smtp`: --workers, else the setting,
+    else one per core."""
+    if given is not None:
+        return given
+    configured = (
+        settings.http.workers if role == "http" else SmtpAdapter.settings_from(settings).workers
     )
+    return configured or cores()
+
+
+def supervise(settings: Settings, role: str, count: int, config: Path | None) -> int:
+    """Run ``count`` workers of one edge role on shared sockets (switchboard.supervisor)."""
+    listen = {"http": (settings.bind_host, settings.http_port)}
+    if role == "smtp":
+        listen["smtp"] = (settings.bind_host, SmtpAdapter.settings_from(settings).port)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Without a configured Kafka the supervisor runs the embedded broker, so the
+    # workers share one (each would otherwise start its own).
+    with kafka_available(settings):
+        supervisor = Supervisor(
+            worker_command(role, config),
+            count=count,
+            listen=listen,
+            metrics_dir=settings.data_dir / "metrics" / role,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+            env={"SWITCHBOARD_KAFKA_BOOTSTRAP": settings.kafka.bootstrap or ""},
+        )
+        return supervisor.run()
+
+
+def per_worker(settings: Settings, worker: WorkerSpec) -> Settings:
+    """The limits one process counts by itself, divided among the fleet's workers
+    (see switchboard.supervisor); adapters divide their own through the context."""
+    if worker.count == 1:
+        return settings
+    settings = settings.model_copy(deep=True)
+    settings.http.max_connections_per_client = worker.share(
+        settings.http.max_connections_per_client
+    )
+    settings.spool.max_bytes = worker.share(settings.spool.max_bytes)
+    settings.spool.max_messages = worker.share(settings.spool.max_messages)
+    settings.evidence.per_minute = worker.share(settings.evidence.per_minute)
+    settings.evidence.max_bytes = worker.share(settings.evidence.max_bytes)
+    return settings
 
 
 def build_adapters(
@@ -375,8 +483,12 @@ def build_pipeline(
     *,
     rebuild_queue: bool = False,
     broker: EmbeddedBroker | None = None,
+    worker: WorkerSpec | None = None,
 ) -> Pipeline:
-    """Wire the shared clients and the components of the given roles."""
+    """Wire the shared clients and the components of the given roles (of one worker
+    of a fleet sharing the role's port, when ``worker`` is given)."""
+    worker = worker or WorkerSpec(0, 1)
+    settings = per_worker(settings, worker)
     kafka = settings.kafka
 
     def recreate_topics() -> None:
@@ -394,7 +506,7 @@ def build_pipeline(
     readiness = _readiness(settings, engine, started, components)
     app = create_app(readiness, settings.http)
     blobs = FileBlobStore(settings.data_dir / "blobs")
-    spool = make_spool(settings, roles)
+    spool = make_spool(settings, roles, worker.index)
     evidence = EvidenceBudget(
         settings.evidence.per_minute,
         settings.evidence.max_bytes,
@@ -409,16 +521,28 @@ def build_pipeline(
         journal=make_journal(settings, roles, broker),
     )
     context = AdapterContext(
-        handoff, bind_host=settings.bind_host, public_url=settings.public_url, engine=engine
+        handoff,
+        bind_host=settings.bind_host,
+        public_url=settings.public_url,
+        engine=engine,
+        workers=worker.count,
+        sockets=worker.sockets,
     )
     adapters = build_adapters(settings, roles, context)
     if "http" in roles:
         mount_adapters(app, [a for a in adapters if isinstance(a, HttpAdapter)])
     _serve_imap_status(app, settings, engine)
     # The HTTP server always runs: it serves /healthz and /readyz for every role.
-    components.append(HttpServer(app, settings.bind_host, settings.http_port, limits=settings.http))
-    if spool is not None:
-        components.append(Drainer(spool, publisher.publish_many))
+    components.append(
+        HttpServer(
+            app,
+            settings.bind_host,
+            settings.http_port,
+            limits=settings.http,
+            sock=worker.sockets.get("http"),
+        )
+    )
+    components.extend(_drainers(settings, roles, worker, spool, publisher))
     components.extend(a for a in adapters if not isinstance(a, HttpAdapter))
     consumers: list[ConsumerRuntime] = []
     router_engine = (
@@ -518,8 +642,15 @@ def quiet_garbage_collector() -> None:
     gc.freeze()
 
 
-def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: bool = False) -> int:
-    """`switchboard run` (every role) or one role, until SIGTERM or Ctrl-C."""
+def run(
+    settings: Settings,
+    roles: frozenset[str] = ROLES,
+    *,
+    rebuild_queue: bool = False,
+    worker: WorkerSpec | None = None,
+) -> int:
+    """`switchboard run` (every role) or one role, until SIGTERM or Ctrl-C; as one
+    worker of a fleet sharing the role's port when ``worker`` is given."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with kafka_available(settings) as broker:
         report = ensure_topics(settings.kafka)
@@ -530,7 +661,9 @@ def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: boo
                 "topics_existing": list(report.existing),
             },
         )
-        pipeline = build_pipeline(settings, roles, rebuild_queue=rebuild_queue, broker=broker)
+        pipeline = build_pipeline(
+            settings, roles, rebuild_queue=rebuild_queue, broker=broker, worker=worker
+        )
         revisions = upgrade_databases(settings, pipeline.engine, pipeline.queue_engine)
         log.info("database ready", extra={"revision": describe(revisions)})
         quiet_garbage_collector()
@@ -543,6 +676,11 @@ def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: boo
                 broker.stop()
             os._exit(130)
 
+        def started() -> None:
+            pipeline.started.set()
+            if worker is not None:
+                worker.announce_ready()
+
         async def main() -> None:
             stop = asyncio.Event()
             install_signal_handlers(stop, force_exit)
@@ -550,7 +688,7 @@ def run(settings: Settings, roles: frozenset[str] = ROLES, *, rebuild_queue: boo
                 pipeline.components,
                 stop=stop,
                 shutdown_timeout_s=settings.shutdown_timeout_s,
-                on_started=pipeline.started.set,
+                on_started=started,
             )
 
         try:

@@ -33,9 +33,17 @@ def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from switchboard.bootstrap import run
+    from switchboard.bootstrap import run, supervise
+    from switchboard.supervisor import join_fleet
 
-    return run(settings, frozenset({args.role}))
+    worker = join_fleet()
+    if worker is None and args.role in ("http", "smtp"):
+        from switchboard.bootstrap import edge_workers
+
+        count = edge_workers(settings, args.role, getattr(args, "workers", None))
+        if count > 1:
+            return supervise(settings, args.role, count, args.file)
+    return run(settings, frozenset({args.role}), worker=worker)
 
 
 def _cmd_router(settings: Settings, _args: argparse.Namespace) -> int:
@@ -623,6 +631,25 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _workers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("between 1 and 64")
+    return value
+
+
+def _workers_option(parser: argparse.ArgumentParser, section: str) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help=(
+            f"processes sharing the port (default: [{section}] workers, else one per CPU "
+            "core); each has its own Kafka producer and spool file"
+        ),
+    )
+
+
 def _add_people(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """contacts (the directory: assign, merge, unmerge) and agents (credentials)."""
     contacts = sub.add_parser("contacts", help="the contact directory").add_subparsers(
@@ -692,9 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = ingest.add_parser("http", help="Twilio and web hook endpoints (with /healthz, /readyz)")
     _config_option(p)
+    _workers_option(p, "http")
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("smtp", help="the SMTP server (with /healthz, /readyz on HTTP)")
     _config_option(p)
+    _workers_option(p, "smtp")
     p.set_defaults(func=_cmd_ingest)
     p = ingest.add_parser("imap", help="the IMAP pollers (with /healthz, /readyz on HTTP)")
     _config_option(p)

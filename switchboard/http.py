@@ -12,11 +12,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from switchboard.limits import BodyLimitMiddleware, BodyLimits, HttpLimitSettings
-from switchboard.metrics import RECEIVED, http_rejected
+from switchboard.metrics import RECEIVED, exposition, http_rejected
 
 # A readiness check raises (any exception) when its dependency is unavailable.
 Check = Callable[[], None]
@@ -169,9 +168,14 @@ def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) ->
             status_code=200 if ready else 503,
         )
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of this process")
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics of this process (of every worker, under a supervisor)",
+    )
     def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, media_type = exposition()
+        return Response(body, media_type=media_type)
 
     return app
 

@@ -67,6 +67,15 @@ class HttpLimitSettings(BaseSettings):
         description="Open connections one client address may hold; more are answered 429 "
         "and closed. Trusted proxies are exempt.",
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "Processes serving the port in `switchboard ingest http` (also --workers); "
+            "default one per CPU core. `switchboard run` always runs one."
+        ),
+    )
     # Loopback by default, as uvicorn's own default: a proxy on the same host must
     # keep working, and the queue API's "loopback only without a token" rule must
     # see the proxy's client, not the proxy.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -69,12 +70,29 @@ class NoEnvelopeAddresses(logging.Filter):
         return True
 
 
+class WorkerField(logging.Filter):
+    """``worker=<i>`` on every line of a worker process (``--workers``), so the
+    lines of a fleet's workers can be told apart."""
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
+    # Set by switchboard.supervisor for its workers ("<index>/<count>").
+    worker = os.environ.get("SWITCHBOARD_WORKER_OF")
+    if worker:
+        handler.addFilter(WorkerField(worker.split("/")[0]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

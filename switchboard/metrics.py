@@ -9,9 +9,19 @@ intends; defining them connects to nothing. Label values are bounded sets
 
 from __future__ import annotations
 
+import os
+
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
 
 RECEIVED = Counter(
     "switchboard_messages_received",
@@ -56,8 +66,19 @@ SPOOL_DRAINED = Counter(
     "switchboard_spool_drained",
     "Spooled events Kafka acknowledged and the spool then deleted.",
 )
-SPOOL_MESSAGES = Gauge("switchboard_spool_messages", "Events waiting in the local spool.")
-SPOOL_BYTES = Gauge("switchboard_spool_bytes", "Bytes of events waiting in the local spool.")
+# Under a supervisor (several workers on one port) each worker writes its values
+# to files in PROMETHEUS_MULTIPROC_DIR and /metrics serves their sum.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+SPOOL_MESSAGES = Gauge(
+    "switchboard_spool_messages",
+    "Events waiting in the local spool (every worker's, under a supervisor).",
+    multiprocess_mode="livesum",
+)
+SPOOL_BYTES = Gauge(
+    "switchboard_spool_bytes",
+    "Bytes of events waiting in the local spool (every worker's, under a supervisor).",
+    multiprocess_mode="livesum",
+)
 JOURNAL_MESSAGES = Gauge(
     "switchboard_journal_messages",
     "Accepted messages the local journal keeps until the queue has them (embedded broker).",
@@ -171,3 +192,14 @@ def report_lag(group: str, consumer: KafkaConsumer) -> None:
             CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(
                 max(0, highwater - position)
             )
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text /metrics serves: this process's metrics, or under a supervisor the
+    sum of every worker's (prometheus-client's multiprocess collector; the process
+    metrics, memory and CPU, are then not included: they are per process)."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -54,8 +54,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening TCP socket whose accepted connections get TCP_NODELAY.
+def listening_socket(
+    host: str, port: int, backlog: int = 2048, *, reuse_port: bool = False
+) -> socket.socket:
+    """A listening TCP socket whose accepted connections get TCP_NODELAY
+    (``reuse_port``: one of several sockets of one port, SO_REUSEPORT).
 
     asyncio turns Nagle off only for sockets whose ``proto`` is IPPROTO_TCP;
     ``socket.create_server`` leaves it 0, and every kept-alive HTTP response
@@ -65,6 +68,8 @@ def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except OSError:
@@ -85,8 +90,13 @@ class HttpServer:
         port: int,
         name: str = "http",
         limits: HttpLimitSettings | None = None,
+        *,
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: a listening socket to serve instead of binding ``host:port``
+        (a worker's, inherited from its supervisor)."""
         self.name = name
+        self._sock = sock
         self.app = app
         self.host = host
         self.port = port
@@ -118,7 +128,7 @@ class HttpServer:
         # Bind here rather than in uvicorn: uvicorn answers a bind failure with
         # sys.exit() from inside its task, which would tear down the whole loop.
         try:
-            sock = listening_socket(self.host, self.port)
+            sock = self._sock or listening_socket(self.host, self.port)
         except OSError as exc:
             raise StartupError(
                 f"HTTP server could not listen on {self.host}:{self.port}: {exc.strerror or exc}"

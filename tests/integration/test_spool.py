@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from ingest.spool import Drainer, Spool, SpoolFull, read_depth
+from ingest.spool import Drainer, Spool, SpoolBusy, SpoolFull, read_depth
 from normalize.schema import InboundMessage
 from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.events import Event, read_data, read_meta
@@ -129,9 +129,36 @@ def test_nothing_acknowledged_is_lost_when_the_process_is_killed(tmp_path: Path)
             acknowledged.append(proc.stdout.readline().strip())
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        stored = {r.event.id for r in _spool(path).peek(10**6)}
+        reader = _spool(path)  # the next writer waits for this owner to close it
+        stored = {r.event.id for r in reader.peek(10**6)}
+        reader.close()
         missing = set(acknowledged) - stored
         assert not missing, f"{len(missing)} acknowledged appends lost"
+
+
+def test_a_spool_file_has_one_owner_until_it_closes_or_dies(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    owner = _spool(path)
+    with pytest.raises(SpoolBusy, match="held by another process"):
+        Spool(path, max_bytes=10**8, max_messages=10**6, wait_s=0.3)
+    owner.close()
+    _spool(path).close()
+    # A process that dies (SIGKILL, no close) leaves the file to the next owner at once.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    with pytest.raises(SpoolBusy):
+        Spool(path, max_bytes=10**8, max_messages=10**6, wait_s=0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    successor = Spool(path, max_bytes=10**8, max_messages=10**6, wait_s=0)
+    assert successor.messages >= 1
+    successor.close()
 
 
 def _email(n: int) -> bytes:

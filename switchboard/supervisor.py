@@ -1,0 +1,386 @@
+"""Several processes serving one port: ``switchboard ingest http|smtp --workers N``.
+
+One edge process is CPU-bound under one GIL (README, "Where an edge's time
+goes"), so the edges scale out as processes. The supervisor binds the role's
+ports (its HTTP port, and the SMTP port for ``smtp``) once per worker, with
+``SO_REUSEPORT``: N listening sockets on one port, the kernel spreading new
+connections among them by a hash of the client's address and port. Worker i
+inherits socket i. The supervisor keeps every socket open, so when a worker dies
+its queue is not lost: connections wait in that socket's backlog until the
+successor, which inherits the same socket, accepts them.
+
+Why not one shared socket, as gunicorn and uvicorn's ``--workers`` do: asyncio
+accepts every pending connection at once when its socket is readable, so the
+first worker to wake took most of a burst (measured with wrk's 64 keep-alive
+connections: two workers gave 852-1,552 req/s from run to run, one of them idle
+in the slow runs); with a socket each, both work.
+
+Each worker is a whole ``switchboard ingest <role>`` process: its own Kafka
+producer, its own spool file (``<role>.sqlite3`` for worker 0,
+``<role>.<i>.sqlite3`` for worker i; a file lock keeps one owner per file), its
+own parse workers. Limits a process counts by itself (connections and rate
+per client, the spool's bounds, the evidence budget) are divided by N in each
+worker (:func:`share`), so the fleet never allows more than the configuration
+says; a client whose connections all land on one worker meets its 1/N first.
+
+The supervisor holds no client and no thread. It starts worker 0 first and waits
+until it is ready (it alone applies migrations and creates topics), then the
+others; replaces a worker that dies (its successor reopens the same spool file and
+drains it), with a backoff if it keeps dying; answers SIGTERM or SIGINT by sending
+one SIGTERM to every worker and exits when they all have (a second signal kills
+them). The workers run in their own sessions (the terminal's Ctrl-C reaches only
+the supervisor) and die with it if it is SIGKILLed (Linux's parent-death signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client import multiprocess
+
+from switchboard.broker import die_with_parent
+from switchboard.runtime import StartupError, listening_socket
+
+log = logging.getLogger(__name__)
+
+#: ``<index>/<count>``: set for a worker process by its supervisor.
+WORKER_ENV = "SWITCHBOARD_WORKER_OF"
+#: ``http=3,smtp=4``: the listening sockets a worker inherits, by name.
+SOCKETS_ENV = "SWITCHBOARD_WORKER_SOCKETS"
+#: The pipe a worker writes one byte to once it serves.
+READY_ENV = "SWITCHBOARD_WORKER_READY_FD"
+#: The supervisor's pid: a worker started after its supervisor died exits at once.
+PARENT_ENV = "SWITCHBOARD_WORKER_PARENT"
+#: prometheus-client's multiprocess mode: every worker writes its values here and
+#: any worker's /metrics serves the sum of all of them.
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Restart delays after a worker dies soon after its start: 0.5 s, doubling to 30 s.
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+#: A worker that served this long before dying is restarted at once.
+STABLE_S = 60.0
+
+
+def cores() -> int:
+    """CPU cores this process may run on (the default number of workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def share(limit: int, workers: int) -> int:
+    """One worker's part of a limit the fleet shares: at least 1, never more in sum
+    than ``limit`` unless ``limit`` is smaller than the number of workers."""
+    return max(1, limit // max(1, workers))
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process knows about its place in the fleet."""
+
+    index: int
+    count: int
+    sockets: Mapping[str, socket.socket] = field(default_factory=dict)
+    ready_fd: int | None = None
+
+    def share(self, limit: int) -> int:
+        return share(limit, self.count)
+
+    def announce_ready(self) -> None:
+        """Tell the supervisor this worker serves (once)."""
+        if self.ready_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.ready_fd, b"r")
+            os.close(self.ready_fd)
+        object.__setattr__(self, "ready_fd", None)
+
+
+def join_fleet() -> WorkerSpec | None:
+    """In a worker process: its place in the fleet, and death with its supervisor
+    (a SIGKILLed supervisor takes its workers along). None outside a fleet."""
+    worker = current_worker(os.environ)
+    if worker is not None:
+        die_with_parent()
+        parent = os.environ.get(PARENT_ENV)
+        if parent and os.getppid() != int(parent):  # the supervisor died before prctl
+            os._exit(1)
+    return worker
+
+
+def current_worker(env: Mapping[str, str]) -> WorkerSpec | None:
+    """A worker's place in its fleet and its inherited sockets, from the
+    environment its supervisor gave it; None when it was not started by one."""
+    spec = env.get(WORKER_ENV)
+    if not spec:
+        return None
+    index, count = (int(part) for part in spec.split("/"))
+    sockets: dict[str, socket.socket] = {}
+    for item in filter(None, env.get(SOCKETS_ENV, "").split(",")):
+        name, fd = item.split("=")
+        sockets[name] = socket.socket(fileno=int(fd))
+    ready = env.get(READY_ENV)
+    return WorkerSpec(index, count, sockets, int(ready) if ready else None)
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    ready_pipe: int | None = None
+    ready: bool = False
+    started_at: float = 0.0
+    restart_at: float | None = None
+    quick_deaths: int = 0
+    terminated: bool = False  # sent SIGTERM: a second one would force it
+
+
+class Supervisor:
+    """Binds the sockets, runs ``count`` workers, replaces the dead, stops them all."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        count: int,
+        listen: Mapping[str, tuple[str, int]],
+        metrics_dir: Path,
+        shutdown_timeout_s: float,
+        start_timeout_s: float = 120.0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.command = list(command)
+        self.env = dict(env or {})
+        self.count = count
+        self.listen = dict(listen)
+        self.metrics_dir = metrics_dir
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.start_timeout_s = start_timeout_s
+        #: (name, worker index) -> that worker's listening socket of the port.
+        self.sockets: dict[tuple[str, int], socket.socket] = {}
+        self.workers = [_Worker(i) for i in range(count)]
+        self._signals = 0
+
+    # -- life cycle ----------------------------------------------------------
+
+    def run(self) -> int:
+        self._bind()
+        self._prepare_metrics()
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            return self._supervise()
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sock in self.sockets.values():
+                sock.close()
+
+    def _supervise(self) -> int:
+        log.info("starting workers", extra={"workers": self.count, "command": self.command[3:]})
+        # Worker 0 alone first: it applies migrations and creates topics.
+        first = self.workers[0]
+        self._spawn(first)
+        code = self._wait_ready(first)
+        if code is not None:
+            return code
+        for worker in self.workers[1:]:
+            self._spawn(worker)
+        while not self._signals:
+            for worker in self.workers:
+                self._check(worker)
+            time.sleep(0.1)
+        return 0
+
+    def _wait_ready(self, worker: _Worker) -> int | None:
+        """None once ``worker`` serves; its exit code if it died first (1 if it
+        did not start in time, 0 if a signal stopped the start)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._signals:
+            self._poll_ready(worker)
+            if worker.ready:
+                return None
+            code = worker.process.poll() if worker.process is not None else 1
+            if code is not None:
+                log.error("worker 0 could not start", extra={"exit_code": code})
+                return code or 1
+            if time.monotonic() > deadline:
+                log.error("worker 0 not ready in time", extra={"timeout_s": self.start_timeout_s})
+                return 1
+            time.sleep(0.05)
+        return 0
+
+    def _check(self, worker: _Worker) -> None:
+        now = time.monotonic()
+        if worker.process is None:
+            if worker.restart_at is not None and now >= worker.restart_at:
+                self._spawn(worker)
+            return
+        self._poll_ready(worker)
+        code = worker.process.poll()
+        if code is None:
+            return
+        lived = now - worker.started_at
+        self._forget(worker)
+        worker.quick_deaths = 0 if lived >= STABLE_S else worker.quick_deaths + 1
+        delay = (
+            0.0
+            if worker.quick_deaths == 0
+            else min(RESTART_MAX_S, RESTART_MIN_S * 2 ** (worker.quick_deaths - 1))
+        )
+        worker.restart_at = now + delay
+        log.error(
+            "worker died; starting another",
+            extra={
+                "worker": worker.index,
+                "exit_code": code,
+                "lived_s": round(lived, 1),
+                "restart_in_s": delay,
+            },
+        )
+
+    # -- one worker ------------------------------------------------------------
+
+    def _spawn(self, worker: _Worker) -> None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        fds = {
+            name: sock.fileno()
+            for (name, index), sock in self.sockets.items()
+            if index == worker.index
+        }
+        env = dict(os.environ) | self.env
+        env.update(
+            {
+                WORKER_ENV: f"{worker.index}/{self.count}",
+                SOCKETS_ENV: ",".join(f"{name}={fd}" for name, fd in fds.items()),
+                READY_ENV: str(write_end),
+                PARENT_ENV: str(os.getpid()),
+                METRICS_ENV: str(self.metrics_dir),
+            }
+        )
+        try:
+            worker.process = subprocess.Popen(  # noqa: S603 - our own command line
+                self.command,
+                env=env,
+                pass_fds=(*fds.values(), write_end),
+                # Its own session: Ctrl-C is the supervisor's, which stops the
+                # workers with one SIGTERM each.
+                start_new_session=True,
+            )
+        finally:
+            os.close(write_end)
+        worker.ready_pipe = read_end
+        worker.ready = False
+        worker.terminated = False
+        worker.started_at = time.monotonic()
+        worker.restart_at = None
+        log.info("worker started", extra={"worker": worker.index, "pid": worker.process.pid})
+
+    def _poll_ready(self, worker: _Worker) -> None:
+        if worker.ready or worker.ready_pipe is None:
+            return
+        try:
+            data = os.read(worker.ready_pipe, 1)
+        except BlockingIOError:
+            return
+        if data:
+            worker.ready = True
+            log.info("worker ready", extra={"worker": worker.index})
+        os.close(worker.ready_pipe)
+        worker.ready_pipe = None
+
+    def _forget(self, worker: _Worker) -> None:
+        """After ``worker``'s process exited: its live gauges go, its counters stay."""
+        if worker.process is not None:
+            with contextlib.suppress(OSError):
+                multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                    worker.process.pid, str(self.metrics_dir)
+                )
+        if worker.ready_pipe is not None:
+            os.close(worker.ready_pipe)
+            worker.ready_pipe = None
+        worker.process = None
+        worker.ready = False
+
+    # -- sockets, metrics, signals ----------------------------------------------
+
+    def _bind(self) -> None:
+        for name, (host, wanted) in self.listen.items():
+            try:
+                # A socket without SO_REUSEPORT first: with it alone, a second fleet
+                # started by mistake would silently share the port with this one.
+                with listening_socket(host, wanted) as probe:
+                    port = probe.getsockname()[1]  # port 0: the kernel's choice
+                for index in range(self.count):
+                    sock = listening_socket(host, port, reuse_port=True)
+                    sock.set_inheritable(True)
+                    self.sockets[(name, index)] = sock
+            except OSError as exc:
+                raise StartupError(
+                    f"{name} could not listen on {host}:{wanted}: {exc.strerror or exc}"
+                ) from exc
+
+    def _prepare_metrics(self) -> None:
+        # Values of an earlier run's workers (other pids) would be summed in.
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.metrics_dir.glob("*.db"):
+            stale.unlink(missing_ok=True)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("signal received, stopping workers", extra={"signal": signum})
+            self._send(signal.SIGTERM)
+        else:
+            log.warning("second signal: killing workers", extra={"signal": signum})
+            self._send(signal.SIGKILL)
+
+    def _send(self, sig: signal.Signals) -> None:
+        for worker in self.workers:
+            if worker.process is None or worker.process.poll() is not None:
+                continue
+            if sig == signal.SIGTERM:
+                if worker.terminated:
+                    continue
+                worker.terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(sig)
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker still running, SIGKILL past the shutdown timeout."""
+        self._send(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout_s + 5
+        for worker in self.workers:
+            if worker.process is None:
+                continue
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop in time; killing it", extra={"worker": worker.index})
+                worker.process.kill()
+                worker.process.wait()
+            self._forget(worker)
+
+
+def worker_command(role: str, config: Path | None) -> list[str]:
+    """The command line of one worker: the same role, without ``--workers``."""
+    command = [sys.executable, "-m", "switchboard.cli", "ingest", role]
+    if config is not None:
+        command += ["--config", str(config)]
+    return command

@@ -1,0 +1,223 @@
+"""`switchboard ingest http|smtp --workers N`: several processes on one port, as an
+operator runs them: real sockets, a real broker, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import time
+import uuid
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ingest.spool import Spool, read_depth
+from switchboard.settings import KafkaSettings
+from switchboard.topics import INBOUND
+from tests.e2e.test_run import _alive, _children, _env, _wait_healthy, running
+from tests.factories import inbound_message
+from tests.router_helpers import inbound_event
+from tests.smtp_helpers import collect, queued_id
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+[[webhooks]]
+name = "contact"
+auth = { kind = "none" }
+map = { email = "email", text = "message", id = "id" }
+rate_per_s = 100000
+burst = 100000
+"""
+
+
+def _fleet_env(tmp_path: Path, kafka: KafkaSettings, **extra: str) -> dict[str, str]:
+    config = tmp_path / "switchboard.toml"
+    config.write_text(CONFIG)
+    return _env(
+        tmp_path,
+        SWITCHBOARD_CONFIG=str(config),
+        SWITCHBOARD_KAFKA_BOOTSTRAP=str(kafka.bootstrap),
+        SWITCHBOARD_KAFKA_SESSION_TIMEOUT_MS="2000",
+        SWITCHBOARD_KAFKA_HEARTBEAT_INTERVAL_MS="500",
+        **extra,
+    )
+
+
+def _workers(pid: int, count: int, within_s: float = 60.0) -> list[int]:
+    """The supervisor's worker processes, once there are ``count`` of them."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = [p for p in _children(pid) if _alive(p)]
+        if len(found) == count:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} workers, found {_children(pid)}")
+
+
+def _post(base: str, n: int, tag: str) -> set[uuid.UUID]:
+    """``n`` hook posts, each on a connection of its own (the kernel spreads new
+    connections over the workers' sockets by the client's port)."""
+    ids = set()
+    for i in range(n):
+        reply = httpx.post(
+            f"{base}/webhooks/contact",
+            json={"email": f"p{i}@example.org", "message": "hello", "id": f"{tag}-{i}"},
+            timeout=60,
+        )
+        assert reply.status_code == 202, reply.text
+        ids.add(uuid.UUID(reply.json()["id"]))
+    return ids
+
+
+def _accepted_total(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    prefix = 'switchboard_messages_accepted_total{adapter="webhook:contact",via="kafka"} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def _accepted_by_worker(stderr: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in stderr.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("msg") == "message accepted":
+            counts[str(entry.get("worker"))] = counts.get(str(entry.get("worker")), 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_two_http_workers_share_the_port_and_a_killed_one_is_replaced(
+    tmp_path: Path, kafka_settings: KafkaSettings, unique: str
+) -> None:
+    env = _fleet_env(tmp_path, kafka_settings)
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+        _wait_healthy(base, process)
+        first = _workers(process.pid, 2)
+        ids = _post(base, 40, "a")
+        inbound, dead = collect(kafka_settings, f"w1-{unique}", ids)
+        assert set(inbound) == ids
+        assert not dead
+        # Whichever worker answers /metrics, it counts the whole fleet.
+        assert [_accepted_total(base) for _ in range(6)] == [40.0] * 6
+
+        # A worker SIGKILLed: its socket stays open in the supervisor, so the
+        # connections the kernel gives it wait for its successor; none is refused.
+        os.kill(first[1], signal.SIGKILL)
+        more = _post(base, 20, "b")
+        replaced = _workers(process.pid, 2)
+        assert first[0] in replaced
+        assert first[1] not in replaced
+        inbound, dead = collect(kafka_settings, f"w2-{unique}", more)
+        assert set(inbound) == more
+        assert not dead
+
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-3000:]
+    assert not [p for p in replaced if _alive(p)]
+    by_worker = _accepted_by_worker(stderr)
+    # Both workers served (the chance that 60 connections all hash to one is 2^-59).
+    assert set(by_worker) == {"0", "1"}, by_worker
+    assert sum(by_worker.values()) == 60
+    assert "worker died; starting another" in stderr
+
+
+@pytest.mark.slow
+def test_two_smtp_workers_take_mail_on_one_port(
+    tmp_path: Path, kafka_settings: KafkaSettings, unique: str
+) -> None:
+    env = _fleet_env(tmp_path, kafka_settings, SWITCHBOARD_SMTP_DOMAINS="example.com")
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    port = int(env["SWITCHBOARD_SMTP_PORT"])
+    with running(env, tmp_path, "ingest", "smtp", "--workers", "2") as process:
+        _wait_healthy(base, process)
+        _workers(process.pid, 2)
+        ids = set()
+        for i in range(24):
+            message = EmailMessage()
+            message["From"] = f"Sender {i} <s{i}@example.org>"
+            message["To"] = "support@example.com"
+            message["Subject"] = f"order {i}"
+            message["Message-ID"] = f"<{unique}-{i}@example.org>"
+            message.set_content("Where is my order?")
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo("client.example.org")
+                client.mail(f"s{i}@example.org")
+                assert client.rcpt("support@example.com")[0] == 250
+                code, reply = client.data(message.as_bytes())
+            assert code == 250, reply
+            ids.add(queued_id(reply.decode()))
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-3000:]
+    inbound, dead = collect(kafka_settings, f"w3-{unique}", ids)
+    assert set(inbound) == ids
+    assert not dead
+    assert set(_accepted_by_worker(stderr)) == {"0", "1"}
+
+
+def test_worker_files_and_files_of_workers_no_longer_run_are_drained(
+    tmp_path: Path, kafka_settings: KafkaSettings, unique: str
+) -> None:
+    """Worker 1 drains what worker 1 of the last run spooled; worker 0 drains the
+    file of a worker 5 that this fleet of 2 no longer runs."""
+    spools = tmp_path / "var" / "spool"
+    events = {}
+    for name in ("http.1.sqlite3", "http.5.sqlite3"):
+        spool = Spool(spools / name, max_bytes=10**8, max_messages=1000)
+        event = inbound_event(inbound_message(text=f"left in {name}"))
+        spool.append(INBOUND, event)
+        spool.close()
+        events[name] = event
+    env = _fleet_env(tmp_path, kafka_settings)
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+        _wait_healthy(base, process)
+        ids = {uuid.UUID(e.subject or "") for e in events.values()}
+        inbound, _ = collect(kafka_settings, f"w4-{unique}", ids)
+        assert set(inbound) == ids
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+            read_depth(spools / name).messages for name in events
+        ):
+            time.sleep(0.1)
+        assert [read_depth(spools / name).messages for name in events] == [0, 0]
+
+
+def test_a_second_fleet_on_the_same_port_is_refused(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """SO_REUSEPORT alone would let two fleets share a port silently."""
+    env = _fleet_env(tmp_path, kafka_settings)
+    taken = ("127.0.0.1", int(env["SWITCHBOARD_HTTP_PORT"]))
+    with (
+        socket.create_server(taken),
+        running(env, tmp_path, "ingest", "http", "--workers", "2") as process,
+    ):
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "could not listen" in stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_fleet_with_its_error(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    env = _fleet_env(
+        tmp_path, kafka_settings, SWITCHBOARD_DATABASE_URL=f"postgresql://nobody@127.0.0.1:{port}/x"
+    )
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "worker 0 could not start" in stderr
