@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ bench-hostile-smtp: $(VENV)/.installed-dev
 ## HTTP ingest (Twilio, JSON hook) vs a bare FastAPI hook; needs wrk.
 bench-http: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ingest.py
+
+## The edges alone, one and two processes per port (`ingest http|smtp --workers N`),
+## each beside its bare ceiling in the same run.
+bench-edges: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 1,2 --skip-mailgun
+	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py --workers 1,2
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var *.egg-info

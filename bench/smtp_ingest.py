@@ -1,6 +1,6 @@
 """SMTP ingest throughput: switchboard run vs a bare aiosmtpd handler (the ceiling).
 
-Usage: .venv/bin/python bench/smtp_ingest.py [--messages N] [--connections M]
+Usage: .venv/bin/python bench/smtp_ingest.py [--messages N] [--connections M] [--workers 1,2]
 
 Runs three servers, one after the other, each in its own process on loopback,
 and drives each with the same asyncio SMTP client (M connections, one EHLO per
@@ -9,6 +9,8 @@ connection, then MAIL/RCPT/DATA per message):
   parse       aiosmtpd + email.message_from_bytes(policy=default) per message
   switchboard `switchboard run` on the embedded broker: normalize, fsync blobs,
               publish with acks=all, then 250
+With ``--workers 1,2`` the switchboard target is `switchboard ingest smtp --workers
+N` instead (the edge alone, its embedded broker beside it), once per N.
 Message mix: 70% 2 KB plain text, 20% text+HTML alternative, 10% with a 50 KB PDF.
 Reports accepted messages per second and p50/p99 time from end of DATA to 250.
 """
@@ -140,6 +142,8 @@ def run(
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        if "--workers" in argv:
+            time.sleep(8)  # every worker started, not only the first
         asyncio.run(
             drive(port, messages[: max(50, len(messages) // 10)], args.connections)
         )  # warm up
@@ -162,6 +166,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--workers", help="e.g. 1,2: measure `switchboard ingest smtp --workers N` for each N"
+    )
     args = parser.parse_args()
     messages = corpus(args.messages)
     print(
@@ -202,15 +209,24 @@ def main() -> None:
             SWITCHBOARD_SMTP_MAX_SESSIONS_PER_CLIENT="1000",
         )
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
-        sb = run(
-            "switchboard",
-            [str(Path(sys.executable).with_name("switchboard")), "run"],
-            env,
-            port,
-            args=args,
-            messages=messages,
+        switchboard = str(Path(sys.executable).with_name("switchboard"))
+        targets = (
+            [("switchboard", [switchboard, "run"])]
+            if not args.workers
+            else [
+                (f"ingest x{n}", [switchboard, "ingest", "smtp", "--workers", n])
+                for n in args.workers.split(",")
+            ]
         )
-    print(f"switchboard / bare = {sb / bare:.0%}   parse / bare = {parse / bare:.0%}")
+        rates = {}
+        for name, argv in targets:
+            port = free_port()
+            env["SWITCHBOARD_SMTP_PORT"] = str(port)
+            env["SWITCHBOARD_HTTP_PORT"] = str(free_port())
+            rates[name] = run(name, argv, env, port, args=args, messages=messages)
+    for name, rate in rates.items():
+        print(f"{name} / bare = {rate / bare:.0%}", end="   ")
+    print(f"parse / bare = {parse / bare:.0%}")
 
 
 if __name__ == "__main__":
