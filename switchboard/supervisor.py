@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -73,12 +74,19 @@ RESTART_MAX_S = 30.0
 STABLE_S = 60.0
 
 
-def cores() -> int:
-    """CPU cores this process may run on (the default number of workers)."""
+def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPU cores this process may use (the default number of workers): the cores it
+    may run on, fewer under a cgroup v2 CPU quota (a container with ``cpus: 2`` on
+    a 64-core host sees 64 cores but gets the time of 2)."""
     try:
-        return len(os.sched_getaffinity(0))
+        count = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    return count
 
 
 def share(limit: int, workers: int) -> int:

@@ -54,6 +54,17 @@ def test_worker_zero_keeps_the_single_process_spool_file(tmp_path: Path) -> None
     assert spool_path(settings, http, 3).name == "http.3.sqlite3"
 
 
+def test_a_cpu_quota_caps_the_default(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs of time: 2 processes
+    assert cores(cpu_max) == min(2, len(os.sched_getaffinity(0)))
+    cpu_max.write_text("50000 100000\n")
+    assert cores(cpu_max) == 1
+    cpu_max.write_text("max 100000\n")
+    assert cores(cpu_max) == len(os.sched_getaffinity(0))
+    assert cores(tmp_path / "missing") == len(os.sched_getaffinity(0))
+
+
 def test_how_many_workers(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     assert edge_workers(settings, "http", None) == cores()
