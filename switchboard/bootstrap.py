@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import re
+import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
@@ -319,9 +320,11 @@ def orphaned_spools(settings: Settings, roles: frozenset[str], workers: int) -> 
     directory = settings.spool_dir()
     for path in sorted(directory.glob(f"{base}.*.sqlite3")) if directory.is_dir() else []:
         match = pattern.fullmatch(path.name)
-        if match is None or int(match.group(1)) < workers or not read_depth(path).messages:
+        if match is None or int(match.group(1)) < workers:
             continue
         try:
+            if not read_depth(path).messages:
+                continue
             spool = Spool(
                 path,
                 max_bytes=settings.spool.max_bytes,
@@ -329,7 +332,14 @@ def orphaned_spools(settings: Settings, roles: frozenset[str], workers: int) -> 
                 wait_s=0,
             )
         except SpoolBusy:
+            # Seen again at the next start; `switchboard status` shows its depth.
             log.warning("spool file is held by another process", extra={"path": str(path)})
+            continue
+        except (sqlite3.Error, OSError) as exc:
+            # Not a spool (or damaged): never a reason not to serve. Left as it is.
+            log.error(
+                "unreadable spool file left alone", extra={"path": str(path), "error": str(exc)}
+            )
             continue
         log.warning(
             "draining the spool of a worker this fleet no longer runs",
@@ -384,6 +394,7 @@ def supervise(settings: Settings, role: str, count: int, config: Path | None) ->
             metrics_dir=settings.data_dir / "metrics" / role,
             shutdown_timeout_s=settings.shutdown_timeout_s,
             env={"SWITCHBOARD_KAFKA_BOOTSTRAP": settings.kafka.bootstrap or ""},
+            worker_timeout_s=settings.worker_timeout_s,
         )
         return supervisor.run()
 
@@ -400,7 +411,7 @@ def per_worker(settings: Settings, worker: WorkerSpec) -> Settings:
     settings.spool.max_bytes = worker.share(settings.spool.max_bytes)
     settings.spool.max_messages = worker.share(settings.spool.max_messages)
     settings.evidence.per_minute = worker.share(settings.evidence.per_minute)
-    settings.evidence.max_bytes = worker.share(settings.evidence.max_bytes)
+    # evidence.max_bytes is per refused request, not a budget: not divided.
     return settings
 
 
@@ -676,14 +687,19 @@ def run(
                 broker.stop()
             os._exit(130)
 
+        beating: list[asyncio.Task[None]] = []
+
         def started() -> None:
             pipeline.started.set()
             if worker is not None:
-                worker.announce_ready()
+                # Ready, then alive: the supervisor replaces a worker whose loop hangs.
+                beating.append(asyncio.get_running_loop().create_task(worker.beat_forever()))
 
         async def main() -> None:
             stop = asyncio.Event()
-            install_signal_handlers(stop, force_exit)
+            # A worker's supervisor forces with SIGKILL; a repeated SIGTERM (systemd
+            # signals the whole group, then the supervisor its workers) is not a force.
+            install_signal_handlers(stop, force_exit, force_on_repeat=worker is None)
             await run_components(
                 pipeline.components,
                 stop=stop,

@@ -79,12 +79,18 @@ SPOOL_BYTES = Gauge(
     "Bytes of events waiting in the local spool (every worker's, under a supervisor).",
     multiprocess_mode="livesum",
 )
+# Every gauge has a live* multiprocess mode (ignored in a single process): under a
+# supervisor a dead worker's values go with it instead of staying as a series of
+# their own, labelled with its pid.
 JOURNAL_MESSAGES = Gauge(
     "switchboard_journal_messages",
     "Accepted messages the local journal keeps until the queue has them (embedded broker).",
+    multiprocess_mode="livesum",
 )
 JOURNAL_BYTES = Gauge(
-    "switchboard_journal_bytes", "Bytes the local journal keeps (embedded broker)."
+    "switchboard_journal_bytes",
+    "Bytes the local journal keeps (embedded broker).",
+    multiprocess_mode="livesum",
 )
 JOURNAL_REPLAYED = Counter(
     "switchboard_journal_replayed",
@@ -129,6 +135,7 @@ CONSUMER_LAG = Gauge(
     "switchboard_consumer_lag",
     "Records not yet consumed, per consumer group and partition (high-water minus position).",
     ["group", "topic", "partition"],
+    multiprocess_mode="livemax",
 )
 CONSUMER_RETRIES = Counter(
     "switchboard_consumer_retries",
@@ -144,14 +151,19 @@ IMAP_CONNECTED = Gauge(
     "switchboard_imap_connected",
     "1 while the poller holds a working session to the mailbox, else 0.",
     ["mailbox"],
+    multiprocess_mode="livemax",
 )
 IMAP_LAST_UID = Gauge(
-    "switchboard_imap_last_uid", "Highest UID made durable, per mailbox.", ["mailbox"]
+    "switchboard_imap_last_uid",
+    "Highest UID made durable, per mailbox.",
+    ["mailbox"],
+    multiprocess_mode="livemax",
 )
 IMAP_LAST_SUCCESS = Gauge(
     "switchboard_imap_last_success_timestamp_seconds",
     "When the mailbox was last polled successfully (Unix time).",
     ["mailbox"],
+    multiprocess_mode="livemax",
 )
 
 HTTP_REFUSED = Counter(

@@ -254,11 +254,17 @@ async def run_components(
                 log.exception("component failed to stop", extra={"component": component.name})
 
 
-def install_signal_handlers(stop: asyncio.Event, on_force: Callable[[], None]) -> None:
-    """First SIGTERM/SIGINT: graceful stop. A second one: ``on_force`` (exit now)."""
+def install_signal_handlers(
+    stop: asyncio.Event, on_force: Callable[[], None], *, force_on_repeat: bool = True
+) -> None:
+    """First SIGTERM/SIGINT: graceful stop. A second one: ``on_force`` (exit now),
+    unless ``force_on_repeat`` is off (a supervised worker: only logged)."""
     loop = asyncio.get_running_loop()
 
     def handle(sig: signal.Signals) -> None:
+        if stop.is_set() and not force_on_repeat:
+            log.info("signal received again; still stopping", extra={"signal": sig.name})
+            return
         if stop.is_set():
             log.warning("second signal: exiting without waiting", extra={"signal": sig.name})
             on_force()

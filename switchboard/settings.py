@@ -201,6 +201,15 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line; text: for humans."
     )
+    worker_timeout_s: float = Field(
+        default=30.0,
+        ge=2,
+        le=3600,
+        description=(
+            "A worker of `ingest http|smtp --workers N` whose event loop has not "
+            "answered its supervisor for this long is killed and replaced."
+        ),
+    )
     shutdown_timeout_s: float = Field(
         default=8.0, gt=0, le=60, description="Longest a graceful stop may take before forcing."
     )

@@ -26,14 +26,22 @@ says; a client whose connections all land on one worker meets its 1/N first.
 The supervisor holds no client and no thread. It starts worker 0 first and waits
 until it is ready (it alone applies migrations and creates topics), then the
 others; replaces a worker that dies (its successor reopens the same spool file and
-drains it), with a backoff if it keeps dying; answers SIGTERM or SIGINT by sending
-one SIGTERM to every worker and exits when they all have (a second signal kills
-them). The workers run in their own sessions (the terminal's Ctrl-C reaches only
-the supervisor) and die with it if it is SIGKILLed (Linux's parent-death signal).
+drains it), with a backoff if it keeps dying (and, after a few quick deaths, with
+its sockets closed meanwhile, so connections go to the workers that serve); kills
+and replaces a worker whose event loop stops beating on its pipe; answers SIGTERM
+or SIGINT by closing its copies of the sockets, sending one SIGTERM to every
+worker and exiting when they all have (a second signal kills them). The workers
+run in their own sessions (the terminal's Ctrl-C reaches only the supervisor),
+ignore a repeated SIGTERM (systemd signals the whole group, then the supervisor
+forwards its own) and die with the supervisor if it is SIGKILLed (Linux's
+parent-death signal). One fleet per port: an abstract Unix socket named after the
+port is the supervisor's lock (another process of the same user that sets
+SO_REUSEPORT itself can still join the port's group: that is SO_REUSEPORT's rule).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -59,8 +67,8 @@ log = logging.getLogger(__name__)
 WORKER_ENV = "SWITCHBOARD_WORKER_OF"
 #: ``http=3,smtp=4``: the listening sockets a worker inherits, by name.
 SOCKETS_ENV = "SWITCHBOARD_WORKER_SOCKETS"
-#: The pipe a worker writes one byte to once it serves.
-READY_ENV = "SWITCHBOARD_WORKER_READY_FD"
+#: The pipe a worker writes to once it serves, and then every BEAT_S.
+BEAT_ENV = "SWITCHBOARD_WORKER_BEAT_FD"
 #: The supervisor's pid: a worker started after its supervisor died exits at once.
 PARENT_ENV = "SWITCHBOARD_WORKER_PARENT"
 #: prometheus-client's multiprocess mode: every worker writes its values here and
@@ -72,6 +80,9 @@ RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 #: A worker that served this long before dying is restarted at once.
 STABLE_S = 60.0
+#: After this many quick deaths in a row a worker's sockets are closed until it
+#: starts again (see Supervisor._check).
+GIVE_UP_SOCKETS_AFTER = 3
 
 
 def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -90,9 +101,15 @@ def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 def share(limit: int, workers: int) -> int:
-    """One worker's part of a limit the fleet shares: at least 1, never more in sum
-    than ``limit`` unless ``limit`` is smaller than the number of workers."""
-    return max(1, limit // max(1, workers))
+    """One worker's part of a limit the fleet shares: never more in sum than
+    ``limit`` (unless ``limit`` is smaller than the number of workers: at least 1
+    each), and 0 stays 0 (where 0 means "none")."""
+    return 0 if limit <= 0 else max(1, limit // max(1, workers))
+
+
+#: A worker tells its supervisor it lives by writing to its pipe this often, from
+#: its event loop (a loop that stops turning stops the beats too).
+BEAT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,19 +119,25 @@ class WorkerSpec:
     index: int
     count: int
     sockets: Mapping[str, socket.socket] = field(default_factory=dict)
-    ready_fd: int | None = None
+    beat_fd: int | None = None
 
     def share(self, limit: int) -> int:
         return share(limit, self.count)
 
-    def announce_ready(self) -> None:
-        """Tell the supervisor this worker serves (once)."""
-        if self.ready_fd is None:
+    def beat(self) -> None:
+        """Tell the supervisor this worker serves and its event loop turns. The
+        pipe is non-blocking: a supervisor that does not read (stopped) never
+        blocks the worker; a supervisor that is gone is not the worker's concern
+        (the parent-death signal is)."""
+        if self.beat_fd is None:
             return
         with contextlib.suppress(OSError):
-            os.write(self.ready_fd, b"r")
-            os.close(self.ready_fd)
-        object.__setattr__(self, "ready_fd", None)
+            os.write(self.beat_fd, b".")
+
+    async def beat_forever(self) -> None:
+        while True:
+            self.beat()
+            await asyncio.sleep(BEAT_S)
 
 
 def join_fleet() -> WorkerSpec | None:
@@ -140,24 +163,28 @@ def current_worker(env: Mapping[str, str]) -> WorkerSpec | None:
     for item in filter(None, env.get(SOCKETS_ENV, "").split(",")):
         name, fd = item.split("=")
         sockets[name] = socket.socket(fileno=int(fd))
-    ready = env.get(READY_ENV)
-    return WorkerSpec(index, count, sockets, int(ready) if ready else None)
+    beat = env.get(BEAT_ENV)
+    if beat:
+        os.set_blocking(int(beat), False)
+    return WorkerSpec(index, count, sockets, int(beat) if beat else None)
 
 
 @dataclass
 class _Worker:
     index: int
     process: subprocess.Popen[bytes] | None = None
-    ready_pipe: int | None = None
+    beats: int | None = None  # the read end of the worker's pipe
     ready: bool = False
     started_at: float = 0.0
+    last_beat: float = 0.0
     restart_at: float | None = None
     quick_deaths: int = 0
-    terminated: bool = False  # sent SIGTERM: a second one would force it
+    terminated: bool = False  # sent SIGTERM: a second one is not sent
 
 
 class Supervisor:
-    """Binds the sockets, runs ``count`` workers, replaces the dead, stops them all."""
+    """Binds the sockets, runs ``count`` workers, replaces the dead and the hung,
+    stops them all."""
 
     def __init__(
         self,
@@ -167,6 +194,7 @@ class Supervisor:
         listen: Mapping[str, tuple[str, int]],
         metrics_dir: Path,
         shutdown_timeout_s: float,
+        worker_timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
         env: Mapping[str, str] | None = None,
     ) -> None:
@@ -176,28 +204,31 @@ class Supervisor:
         self.listen = dict(listen)
         self.metrics_dir = metrics_dir
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.worker_timeout_s = worker_timeout_s
         self.start_timeout_s = start_timeout_s
         #: (name, worker index) -> that worker's listening socket of the port.
         self.sockets: dict[tuple[str, int], socket.socket] = {}
+        self.ports: dict[str, tuple[str, int]] = {}
         self.workers = [_Worker(i) for i in range(count)]
+        self._locks: list[socket.socket] = []
         self._signals = 0
 
     # -- life cycle ----------------------------------------------------------
 
     def run(self) -> int:
-        self._bind()
-        self._prepare_metrics()
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
+            self._bind()
+            self._prepare_metrics()
             return self._supervise()
         finally:
             self._stop_all()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for sock in self.sockets.values():
-                sock.close()
+            for lock in self._locks:
+                lock.close()
 
     def _supervise(self) -> int:
         log.info("starting workers", extra={"workers": self.count, "command": self.command[3:]})
@@ -212,6 +243,7 @@ class Supervisor:
         while not self._signals:
             for worker in self.workers:
                 self._check(worker)
+            self._reap_orphans()
             time.sleep(0.1)
         return 0
 
@@ -220,7 +252,7 @@ class Supervisor:
         did not start in time, 0 if a signal stopped the start)."""
         deadline = time.monotonic() + self.start_timeout_s
         while not self._signals:
-            self._poll_ready(worker)
+            self._read_beats(worker)
             if worker.ready:
                 return None
             code = worker.process.poll() if worker.process is not None else 1
@@ -239,9 +271,10 @@ class Supervisor:
             if worker.restart_at is not None and now >= worker.restart_at:
                 self._spawn(worker)
             return
-        self._poll_ready(worker)
+        self._read_beats(worker)
         code = worker.process.poll()
         if code is None:
+            self._watch(worker, now)
             return
         lived = now - worker.started_at
         self._forget(worker)
@@ -252,6 +285,11 @@ class Supervisor:
             else min(RESTART_MAX_S, RESTART_MIN_S * 2 ** (worker.quick_deaths - 1))
         )
         worker.restart_at = now + delay
+        if worker.quick_deaths >= GIVE_UP_SOCKETS_AFTER:
+            # It keeps dying: the connections the kernel gives its sockets would
+            # wait for a worker that does not come. Its sockets leave the port's
+            # group (what waited in them is reset); its next try gets new ones.
+            self._close_sockets(worker.index)
         log.error(
             "worker died; starting another",
             extra={
@@ -262,26 +300,47 @@ class Supervisor:
             },
         )
 
+    def _watch(self, worker: _Worker, now: float) -> None:
+        """SIGKILL a worker that stopped beating (its loop hangs, or it was
+        stopped) or that never became ready; _check then replaces it."""
+        if worker.ready:
+            silent = now - worker.last_beat
+            if silent <= self.worker_timeout_s:
+                return
+            why, extra = "worker stopped answering; killing it", {"silent_s": round(silent, 1)}
+        else:
+            if now - worker.started_at <= self.start_timeout_s:
+                return
+            why, extra = "worker not ready in time; killing it", {}
+        log.error(why, extra={"worker": worker.index, **extra})
+        if worker.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+
     # -- one worker ------------------------------------------------------------
 
     def _spawn(self, worker: _Worker) -> None:
+        try:
+            fds = {name: sock.fileno() for name, sock in self._sockets_of(worker.index).items()}
+        except OSError as exc:
+            log.error(
+                "could not listen for a worker", extra={"worker": worker.index, "error": str(exc)}
+            )
+            worker.restart_at = time.monotonic() + RESTART_MAX_S
+            return
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        fds = {
-            name: sock.fileno()
-            for (name, index), sock in self.sockets.items()
-            if index == worker.index
-        }
         env = dict(os.environ) | self.env
         env.update(
             {
                 WORKER_ENV: f"{worker.index}/{self.count}",
                 SOCKETS_ENV: ",".join(f"{name}={fd}" for name, fd in fds.items()),
-                READY_ENV: str(write_end),
+                BEAT_ENV: str(write_end),
                 PARENT_ENV: str(os.getpid()),
                 METRICS_ENV: str(self.metrics_dir),
             }
         )
+        worker.terminated = False
         try:
             worker.process = subprocess.Popen(  # noqa: S603 - our own command line
                 self.command,
@@ -291,27 +350,34 @@ class Supervisor:
                 # workers with one SIGTERM each.
                 start_new_session=True,
             )
+        except OSError as exc:  # fork or exec failed (EAGAIN, ENOMEM): try later
+            os.close(read_end)
+            log.error("could not start a worker", extra={"worker": worker.index, "error": str(exc)})
+            worker.restart_at = time.monotonic() + RESTART_MAX_S
+            return
         finally:
             os.close(write_end)
-        worker.ready_pipe = read_end
+        worker.beats = read_end
         worker.ready = False
-        worker.terminated = False
-        worker.started_at = time.monotonic()
+        worker.started_at = worker.last_beat = time.monotonic()
         worker.restart_at = None
         log.info("worker started", extra={"worker": worker.index, "pid": worker.process.pid})
 
-    def _poll_ready(self, worker: _Worker) -> None:
-        if worker.ready or worker.ready_pipe is None:
+    def _read_beats(self, worker: _Worker) -> None:
+        if worker.beats is None:
             return
         try:
-            data = os.read(worker.ready_pipe, 1)
+            data = os.read(worker.beats, 4096)
         except BlockingIOError:
             return
-        if data:
+        if not data:  # the worker closed it: it is exiting
+            os.close(worker.beats)
+            worker.beats = None
+            return
+        worker.last_beat = time.monotonic()
+        if not worker.ready:
             worker.ready = True
             log.info("worker ready", extra={"worker": worker.index})
-        os.close(worker.ready_pipe)
-        worker.ready_pipe = None
 
     def _forget(self, worker: _Worker) -> None:
         """After ``worker``'s process exited: its live gauges go, its counters stay."""
@@ -320,29 +386,74 @@ class Supervisor:
                 multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
                     worker.process.pid, str(self.metrics_dir)
                 )
-        if worker.ready_pipe is not None:
-            os.close(worker.ready_pipe)
-            worker.ready_pipe = None
+        if worker.beats is not None:
+            os.close(worker.beats)
+            worker.beats = None
         worker.process = None
         worker.ready = False
+
+    def _reap_orphans(self) -> None:
+        """As PID 1 (a container's entrypoint), reap the orphans that get
+        reparented to us (a dead worker's parse process): they would stay zombies.
+        Our own workers are left to their Popen, which reaps them."""
+        if os.getpid() != 1:
+            return
+        ours = {w.process.pid for w in self.workers if w.process is not None}
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if found is None or found.si_pid in ours:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(found.si_pid, 0)
 
     # -- sockets, metrics, signals ----------------------------------------------
 
     def _bind(self) -> None:
         for name, (host, wanted) in self.listen.items():
             try:
-                # A socket without SO_REUSEPORT first: with it alone, a second fleet
-                # started by mistake would silently share the port with this one.
+                # A socket without SO_REUSEPORT first: a plain listener already on
+                # the port (anything but a fleet) makes this fail.
                 with listening_socket(host, wanted) as probe:
                     port = probe.getsockname()[1]  # port 0: the kernel's choice
+                self._lock_port(host, port)
+                self.ports[name] = (host, port)
                 for index in range(self.count):
-                    sock = listening_socket(host, port, reuse_port=True)
-                    sock.set_inheritable(True)
-                    self.sockets[(name, index)] = sock
+                    self._sockets_of(index)
             except OSError as exc:
                 raise StartupError(
                     f"{name} could not listen on {host}:{wanted}: {exc.strerror or exc}"
                 ) from exc
+
+    def _lock_port(self, host: str, port: int) -> None:
+        """One fleet per port: an abstract Unix socket named after it, held for the
+        supervisor's life (the kernel releases it when the process dies). With
+        SO_REUSEPORT alone a second fleet started by mistake would share the port."""
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lock.bind(f"\0switchboard-fleet {host}:{port}")
+        except OSError as exc:
+            lock.close()
+            raise OSError(exc.errno, "another switchboard fleet serves this port") from exc
+        self._locks.append(lock)
+
+    def _sockets_of(self, index: int) -> dict[str, socket.socket]:
+        """Worker ``index``'s listening sockets, bound again if they were closed."""
+        found = {}
+        for name, (host, port) in self.ports.items():
+            sock = self.sockets.get((name, index))
+            if sock is None:
+                sock = listening_socket(host, port, reuse_port=True)
+                sock.set_inheritable(True)
+                self.sockets[(name, index)] = sock
+            found[name] = sock
+        return found
+
+    def _close_sockets(self, index: int) -> None:
+        for key in [k for k in self.sockets if k[1] == index]:
+            self.sockets.pop(key).close()
 
     def _prepare_metrics(self) -> None:
         # Values of an earlier run's workers (other pids) would be summed in.
@@ -372,6 +483,10 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         """SIGTERM every worker still running, SIGKILL past the shutdown timeout."""
+        # New connections are refused from now on, not queued for workers that
+        # are leaving (each closes its own copy of its sockets as it stops).
+        for key in list(self.sockets):
+            self.sockets.pop(key).close()
         self._send(signal.SIGTERM)
         deadline = time.monotonic() + self.shutdown_timeout_s + 5
         for worker in self.workers:

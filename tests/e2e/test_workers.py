@@ -198,14 +198,89 @@ def test_a_second_fleet_on_the_same_port_is_refused(
 ) -> None:
     """SO_REUSEPORT alone would let two fleets share a port silently."""
     env = _fleet_env(tmp_path, kafka_settings)
-    taken = ("127.0.0.1", int(env["SWITCHBOARD_HTTP_PORT"]))
-    with (
-        socket.create_server(taken),
-        running(env, tmp_path, "ingest", "http", "--workers", "2") as process,
-    ):
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    second = tmp_path / "second"
+    second.mkdir()
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as first:
+        _wait_healthy(base, first)
+        other = dict(env, SWITCHBOARD_DATA_DIR=str(second / "var"))
+        with running(other, second, "ingest", "http", "--workers", "2") as process:
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1
+        assert "could not listen" in stderr
+        assert first.poll() is None
+
+
+def _until_steady(base: str, within_s: float, run: int = 20) -> None:
+    """Posts on fresh connections until ``run`` in a row are answered in time."""
+    deadline = time.monotonic() + within_s
+    streak = 0
+    while streak < run:
+        assert time.monotonic() < deadline, f"no {run} answers in a row in {within_s} s"
+        try:
+            reply = httpx.get(f"{base}/healthz", timeout=3)
+            streak = streak + 1 if reply.status_code == 200 else 0
+        except httpx.HTTPError:
+            streak = 0
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_killed_and_replaced(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    env = _fleet_env(tmp_path, kafka_settings, SWITCHBOARD_WORKER_TIMEOUT_S="3")
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+        _wait_healthy(base, process)
+        first = _workers(process.pid, 2)
+        _until_steady(base, within_s=60)  # both serve (one still starting would not)
+        os.kill(first[1], signal.SIGSTOP)  # alive, holding its socket, answering nothing
+        # What the kernel queues on its socket is answered by its successor.
+        _until_steady(base, within_s=60)
+        assert first[1] not in _workers(process.pid, 2)
+        process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 1
-    assert "could not listen" in stderr
+    assert "worker stopped answering; killing it" in stderr
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_dying_stops_taking_connections(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    spools = tmp_path / "var" / "spool"
+    spools.mkdir(parents=True)
+    (spools / "http.1.sqlite3").write_bytes(b"not a database" * 100)  # worker 1 cannot start
+    env = _fleet_env(tmp_path, kafka_settings)
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+        _wait_healthy(base, process)
+        # Until its third quick death, half the connections wait for it; then its
+        # sockets leave the port's group and worker 0 answers everyone.
+        _until_steady(base, within_s=90)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert stderr.count("worker died; starting another") >= 3
+
+
+def test_systemd_signalling_the_whole_group_stops_every_worker_gracefully(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """KillMode=control-group: SIGTERM to every process, then the supervisor
+    forwards its own; a worker must not take the second for a force."""
+    env = _fleet_env(tmp_path, kafka_settings)
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+        _wait_healthy(base, process)
+        workers = _workers(process.pid, 2)
+        _until_steady(base, within_s=60)  # both serve: their handlers are installed
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "exiting without waiting" not in stderr
+    assert stderr.count('"msg": "stopped"') == 2  # each worker's graceful end
 
 
 def test_a_worker_that_cannot_start_stops_the_fleet_with_its_error(

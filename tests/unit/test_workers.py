@@ -31,6 +31,7 @@ from switchboard.supervisor import (
 
 def test_a_share_never_adds_up_to_more_than_the_limit_and_is_at_least_one() -> None:
     assert [share(10, 2), share(7, 2), share(64, 3), share(1, 2), share(5, 1)] == [5, 3, 21, 1, 5]
+    assert share(0, 2) == 0  # "none" stays none
 
 
 def test_each_worker_gets_its_part_of_the_process_limits(tmp_path: Path) -> None:
@@ -41,7 +42,10 @@ def test_each_worker_gets_its_part_of_the_process_limits(tmp_path: Path) -> None
     assert half.spool.max_bytes == settings.spool.max_bytes // 2
     assert half.spool.max_messages == settings.spool.max_messages // 2
     assert half.evidence.per_minute == settings.evidence.per_minute // 2
-    assert half.evidence.max_bytes == settings.evidence.max_bytes // 2
+    # Per refused request, not a budget: the same in every worker.
+    assert half.evidence.max_bytes == settings.evidence.max_bytes
+    settings.evidence.per_minute = 0
+    assert per_worker(settings, WorkerSpec(1, 2)).evidence.per_minute == 0
     # The caller's settings are left as they were.
     assert settings.http.max_connections_per_client == 64
 
