@@ -6,7 +6,10 @@ Needs `wrk` (apt-get install wrk) as the load generator.
 
 Each target runs in its own process on loopback and is driven by wrk with a
 fixed request at each concurrency (one wrk thread; the machine has 2 cores):
-  bare        FastAPI + uvicorn, POST returns 200 (the design's ceiling)
+  bare        FastAPI + uvicorn, POST returns 200 (the design's ceiling), on the
+              HTTP parser Switchboard runs on (httptools, a dependency)
+  bare-h11    the same on uvicorn's pure-Python h11 parser (the ceiling of the
+              figures before httptools became a dependency, 2026-11-29)
   twilio      switchboard run, POST /webhooks/twilio/sms, form signed with the
               real RequestValidator (the same MessageSid each time: a Twilio
               retry, which ingest accepts and the router will deduplicate)
@@ -48,7 +51,10 @@ app = FastAPI()
 @app.post("/hook")
 async def hook() -> Response:
     return Response(status_code=200)
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+uvicorn.run(
+    app, host="127.0.0.1", port=int(sys.argv[1]), http=sys.argv[2], log_level="warning",
+    access_log=False,
+)
 """
 LUA = """
 wrk.method = "POST"
@@ -167,19 +173,20 @@ def main() -> None:
             latency = f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
             print(f"{name:<13} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
 
-    port = free_port()
-    bare = subprocess.Popen([sys.executable, "-c", BARE, str(port)])
-    try:
-        wait_http(port)
-        measure(
-            "bare",
-            f"http://127.0.0.1:{port}/hook",
-            b"a=b",
-            {"Content-Type": "application/x-www-form-urlencoded"},
-        )
-    finally:
-        bare.terminate()
-        bare.wait(10)
+    for name, parser in (("bare", "auto"), ("bare-h11", "h11")):
+        port = free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port), parser])
+        try:
+            wait_http(port)
+            measure(
+                name,
+                f"http://127.0.0.1:{port}/hook",
+                b"a=b",
+                {"Content-Type": "application/x-www-form-urlencoded"},
+            )
+        finally:
+            bare.terminate()
+            bare.wait(10)
 
     names = []
     for label, command in targets:
@@ -187,14 +194,15 @@ def main() -> None:
         names.append(suffix)
         switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun)
     for conns in levels:
-        base = results[("bare", conns)]
-        for suffix in names:
-            ratios = "   ".join(
-                f"{name}/bare {results[(name + suffix, conns)] / base:.0%}"
-                for name in ("twilio", "json-hook", "mailgun")
-                if (name + suffix, conns) in results
-            )
-            print(f"c={conns:<3}{suffix:<4} {ratios}")
+        for ceiling in ("bare", "bare-h11"):
+            base = results[(ceiling, conns)]
+            for suffix in names:
+                ratios = "   ".join(
+                    f"{name}/{ceiling} {results[(name + suffix, conns)] / base:.0%}"
+                    for name in ("twilio", "json-hook", "mailgun")
+                    if (name + suffix, conns) in results
+                )
+                print(f"c={conns:<3}{suffix:<4} {ratios}")
 
 
 def switchboard(

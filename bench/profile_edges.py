@@ -4,12 +4,13 @@ Usage: PYTHONPATH=. .venv/bin/python bench/profile_edges.py [--seconds S]
 Needs `wrk` (apt-get install wrk) and py-spy (pip install py-spy; ptrace rights).
 
 Starts the embedded broker alone (`switchboard broker`), then each edge role as its
-own process on it (so the router and sinks of `switchboard run` are not in the
-profile), saturates it (wrk at c=64 for Twilio and the JSON hook; 16 SMTP
-connections sending the bench corpus), and samples it with py-spy for S seconds
-while the load runs (only samples holding the GIL, every thread). Prints, per target, the
-share of samples per cost centre (each sample goes to the centre of its innermost
-frame that belongs to one) and the functions with the most samples of their own.
+own single process on it (`--workers 1`: py-spy samples one process; the router and
+sinks of `switchboard run` are not in the profile), saturates it (wrk at c=64 for
+Twilio and the JSON hook; 16 SMTP connections sending the bench corpus), and
+samples it with py-spy for S seconds while the load runs (only samples holding the
+GIL, every thread). Prints, per target, the share of samples per cost centre (each
+sample goes to the centre of its innermost frame that belongs to one) and the
+functions with the most samples of their own.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> N
         "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
         "BENCH_SECRET": SECRET,
     }
-    server = subprocess.Popen([switchboard, "ingest", "http"], env=env, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [switchboard, "ingest", "http", "--workers", "1"], env=env, stderr=subprocess.DEVNULL
+    )
     try:
         if not wait_for_port("127.0.0.1", port, 30):
             raise SystemExit("ingest http did not start")
@@ -210,7 +213,9 @@ def _smtp(switchboard: str, base: dict[str, str], seconds: int) -> None:
         # One load generator on one address: the per-client limit is for strangers.
         "SWITCHBOARD_SMTP_MAX_SESSIONS_PER_CLIENT": "1000",
     }
-    server = subprocess.Popen([switchboard, "ingest", "smtp"], env=env, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [switchboard, "ingest", "smtp", "--workers", "1"], env=env, stderr=subprocess.DEVNULL
+    )
     try:
         if not wait_for_port("127.0.0.1", port, 30):
             raise SystemExit("ingest smtp did not start")

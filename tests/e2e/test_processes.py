@@ -72,13 +72,21 @@ def _kafka_close_race(line: str) -> bool:
     no lock") while its network thread may be about to ``recv`` on it; the thread
     then logs the AttributeError with a traceback. Seen once in about eight runs of
     this test (2026-11-28); SIGINT takes SIGTERM's shutdown path, where eight runs
-    did not show it.
+    did not show it. The same race seen from the selector: a socket closed (fd -1)
+    while the network thread still had it registered, once in a full suite run on
+    a loaded machine (2026-11-29), not in five runs of this test alone.
     """
-    return (
+    transport = (
         "kafka.net.transport" in line
         and "Error receiving network data" in line
         and "'NoneType' object has no attribute 'recv'" in line
     )
+    selector = (
+        '"logger": "kafka.net.selector"' in line
+        and "Unhandled exception" in line
+        and "Invalid file descriptor: -1" in line
+    )
+    return transport or selector
 
 
 @pytest.mark.slow
