@@ -16,6 +16,8 @@ import ssl
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 from uuid import UUID
 
@@ -111,6 +113,28 @@ class _Protocol(SMTP):
         self.handing_off = False
         self.deadline_passed = False
         self._smtp_methods = _Dispatch(self._smtp_methods, self)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The address of MAIL FROM / RCPT TO and the rest (its parameters): the
+        same parse as aiosmtpd's own, which defines a ``typing.Protocol`` class on
+        every call for its type checker: that took 13% of the SMTP process's GIL
+        samples under load, 6.6% with this (py-spy, 2026-11-29; throughput did not
+        change measurably: the process is not the bottleneck). A test compares the
+        two parses."""
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                angle, rest = get_angle_addr(arg)
+                addr: str = angle.addr_spec
+            else:
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
+        except HeaderParseError:
+            return None, None
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self in self._adapter.sessions:
