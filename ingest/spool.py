@@ -100,11 +100,20 @@ class Spool:
         self.max_messages = max_messages
         path.parent.mkdir(parents=True, exist_ok=True)
         self._owner = _own(path, wait_s)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except BaseException:
+            os.close(self._owner)
+            raise
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(_SCHEMA)
+        except BaseException:
+            self._db.close()
+            os.close(self._owner)
+            raise
         self._lock = threading.Lock()  # one statement on the connection at a time
         count, size = self._db.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM spool"

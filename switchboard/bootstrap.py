@@ -386,7 +386,7 @@ def supervise(settings: Settings, role: str, count: int, config: Path | None) ->
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Without a configured Kafka the supervisor runs the embedded broker, so the
     # workers share one (each would otherwise start its own).
-    with kafka_available(settings):
+    with kafka_available(settings) as broker:
         supervisor = Supervisor(
             worker_command(role, config),
             count=count,
@@ -395,6 +395,7 @@ def supervise(settings: Settings, role: str, count: int, config: Path | None) ->
             shutdown_timeout_s=settings.shutdown_timeout_s,
             env={"SWITCHBOARD_KAFKA_BOOTSTRAP": settings.kafka.bootstrap or ""},
             worker_timeout_s=settings.worker_timeout_s,
+            others=lambda: () if broker is None else (broker.pid,),
         )
         return supervisor.run()
 

@@ -55,10 +55,11 @@ class _Server(uvicorn.Server):
 
 
 def listening_socket(
-    host: str, port: int, backlog: int = 2048, *, reuse_port: bool = False
+    host: str, port: int, backlog: int = 2048, *, reuse_port: bool = False, listen: bool = True
 ) -> socket.socket:
     """A listening TCP socket whose accepted connections get TCP_NODELAY
-    (``reuse_port``: one of several sockets of one port, SO_REUSEPORT).
+    (``reuse_port``: one of several sockets of one port, SO_REUSEPORT; ``listen``
+    off: bound only, for a server that listens on it later).
 
     asyncio turns Nagle off only for sockets whose ``proto`` is IPPROTO_TCP;
     ``socket.create_server`` leaves it 0, and every kept-alive HTTP response
@@ -71,7 +72,8 @@ def listening_socket(
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
     except OSError:
         sock.close()
         raise

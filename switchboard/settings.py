@@ -203,7 +203,7 @@ class Settings(BaseSettings):
     )
     worker_timeout_s: float = Field(
         default=30.0,
-        ge=2,
+        ge=5,
         le=3600,
         description=(
             "A worker of `ingest http|smtp --workers N` whose event loop has not "

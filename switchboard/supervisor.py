@@ -51,7 +51,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -197,7 +197,11 @@ class Supervisor:
         worker_timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
         env: Mapping[str, str] | None = None,
+        others: Callable[[], Iterable[int | None]] = tuple,
     ) -> None:
+        """``others``: pids of this process's other children (the embedded broker),
+        which the orphan reaper must leave to their own Popen."""
+        self.others = others
         self.command = list(command)
         self.env = dict(env or {})
         self.count = count
@@ -212,6 +216,7 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(count)]
         self._locks: list[socket.socket] = []
         self._signals = 0
+        self.failed = False  # every worker keeps dying
 
     # -- life cycle ----------------------------------------------------------
 
@@ -240,12 +245,12 @@ class Supervisor:
             return code
         for worker in self.workers[1:]:
             self._spawn(worker)
-        while not self._signals:
+        while not self._signals and not self.failed:
             for worker in self.workers:
                 self._check(worker)
             self._reap_orphans()
             time.sleep(0.1)
-        return 0
+        return 1 if self.failed else 0
 
     def _wait_ready(self, worker: _Worker) -> int | None:
         """None once ``worker`` serves; its exit code if it died first (1 if it
@@ -258,7 +263,7 @@ class Supervisor:
             code = worker.process.poll() if worker.process is not None else 1
             if code is not None:
                 log.error("worker 0 could not start", extra={"exit_code": code})
-                return code or 1
+                return code if code > 0 else 1
             if time.monotonic() > deadline:
                 log.error("worker 0 not ready in time", extra={"timeout_s": self.start_timeout_s})
                 return 1
@@ -277,8 +282,12 @@ class Supervisor:
             self._watch(worker, now)
             return
         lived = now - worker.started_at
+        served = worker.ready
         self._forget(worker)
-        worker.quick_deaths = 0 if lived >= STABLE_S else worker.quick_deaths + 1
+        # A worker that never served (died or hung while starting) died quickly,
+        # however long that took.
+        stable = served and lived >= STABLE_S
+        worker.quick_deaths = 0 if stable else worker.quick_deaths + 1
         delay = (
             0.0
             if worker.quick_deaths == 0
@@ -288,8 +297,13 @@ class Supervisor:
         if worker.quick_deaths >= GIVE_UP_SOCKETS_AFTER:
             # It keeps dying: the connections the kernel gives its sockets would
             # wait for a worker that does not come. Its sockets leave the port's
-            # group (what waited in them is reset); its next try gets new ones.
+            # group (what waited in them is reset); its next try gets new ones,
+            # bound but not listening: they join the group only when the worker
+            # itself starts serving on them.
             self._close_sockets(worker.index)
+            if all(w.quick_deaths >= GIVE_UP_SOCKETS_AFTER for w in self.workers):
+                log.error("every worker keeps dying; the fleet stops")
+                self.failed = True
         log.error(
             "worker died; starting another",
             extra={
@@ -320,28 +334,34 @@ class Supervisor:
     # -- one worker ------------------------------------------------------------
 
     def _spawn(self, worker: _Worker) -> None:
+        if self._signals:
+            return  # stopping: no new workers
+        listen = worker.quick_deaths < GIVE_UP_SOCKETS_AFTER
         try:
-            fds = {name: sock.fileno() for name, sock in self._sockets_of(worker.index).items()}
+            sockets = self._sockets_of(worker.index, listen=listen)
+            fds = {name: sock.fileno() for name, sock in sockets.items()}
         except OSError as exc:
+            self._close_sockets(worker.index)
             log.error(
                 "could not listen for a worker", extra={"worker": worker.index, "error": str(exc)}
             )
             worker.restart_at = time.monotonic() + RESTART_MAX_S
             return
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
         env = dict(os.environ) | self.env
         env.update(
             {
                 WORKER_ENV: f"{worker.index}/{self.count}",
                 SOCKETS_ENV: ",".join(f"{name}={fd}" for name, fd in fds.items()),
-                BEAT_ENV: str(write_end),
                 PARENT_ENV: str(os.getpid()),
                 METRICS_ENV: str(self.metrics_dir),
             }
         )
         worker.terminated = False
+        read_end = write_end = -1
         try:
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            env[BEAT_ENV] = str(write_end)
             worker.process = subprocess.Popen(  # noqa: S603 - our own command line
                 self.command,
                 env=env,
@@ -350,13 +370,17 @@ class Supervisor:
                 # workers with one SIGTERM each.
                 start_new_session=True,
             )
-        except OSError as exc:  # fork or exec failed (EAGAIN, ENOMEM): try later
-            os.close(read_end)
+        except OSError as exc:  # no pipe, fork or exec failed (EMFILE, EAGAIN): try later
+            if read_end >= 0:
+                os.close(read_end)
+            # No worker for a while: its sockets leave the port's group meanwhile.
+            self._close_sockets(worker.index)
             log.error("could not start a worker", extra={"worker": worker.index, "error": str(exc)})
             worker.restart_at = time.monotonic() + RESTART_MAX_S
             return
         finally:
-            os.close(write_end)
+            if write_end >= 0:
+                os.close(write_end)
         worker.beats = read_end
         worker.ready = False
         worker.started_at = worker.last_beat = time.monotonic()
@@ -399,6 +423,7 @@ class Supervisor:
         if os.getpid() != 1:
             return
         ours = {w.process.pid for w in self.workers if w.process is not None}
+        ours.update(pid for pid in self.others() if pid is not None)
         while True:
             try:
                 found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -439,13 +464,14 @@ class Supervisor:
             raise OSError(exc.errno, "another switchboard fleet serves this port") from exc
         self._locks.append(lock)
 
-    def _sockets_of(self, index: int) -> dict[str, socket.socket]:
-        """Worker ``index``'s listening sockets, bound again if they were closed."""
+    def _sockets_of(self, index: int, *, listen: bool = True) -> dict[str, socket.socket]:
+        """Worker ``index``'s sockets, bound again if they were closed (``listen``
+        off: bound only; the worker's server listens on them when it starts)."""
         found = {}
         for name, (host, port) in self.ports.items():
             sock = self.sockets.get((name, index))
             if sock is None:
-                sock = listening_socket(host, port, reuse_port=True)
+                sock = listening_socket(host, port, reuse_port=True, listen=listen)
                 sock.set_inheritable(True)
                 self.sockets[(name, index)] = sock
             found[name] = sock

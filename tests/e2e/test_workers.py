@@ -211,6 +211,24 @@ def test_a_second_fleet_on_the_same_port_is_refused(
         assert first.poll() is None
 
 
+def test_the_port_lock_refuses_a_second_fleet_even_between_the_probe_and_the_bind(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """The plain-bind probe alone leaves a race (a fleet binding between another's
+    probe and its SO_REUSEPORT binds); the lock named after the port closes it."""
+    env = _fleet_env(tmp_path, kafka_settings)
+    port = env["SWITCHBOARD_HTTP_PORT"]
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lock.bind(f"\0switchboard-fleet 127.0.0.1:{port}")  # as a fleet mid-start holds it
+    try:
+        with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
+            _, stderr = process.communicate(timeout=60)
+    finally:
+        lock.close()
+    assert process.returncode == 1
+    assert "another switchboard fleet serves this port" in stderr
+
+
 def _until_steady(base: str, within_s: float, run: int = 20) -> None:
     """Posts on fresh connections until ``run`` in a row are answered in time."""
     deadline = time.monotonic() + within_s
@@ -228,7 +246,7 @@ def _until_steady(base: str, within_s: float, run: int = 20) -> None:
 def test_a_hung_worker_is_killed_and_replaced(
     tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:
-    env = _fleet_env(tmp_path, kafka_settings, SWITCHBOARD_WORKER_TIMEOUT_S="3")
+    env = _fleet_env(tmp_path, kafka_settings, SWITCHBOARD_WORKER_TIMEOUT_S="5")
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     with running(env, tmp_path, "ingest", "http", "--workers", "2") as process:
         _wait_healthy(base, process)
@@ -276,6 +294,7 @@ def test_systemd_signalling_the_whole_group_stops_every_worker_gracefully(
         _until_steady(base, within_s=60)  # both serve: their handlers are installed
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)  # each worker's handler runs before the second arrives
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr[-3000:]
