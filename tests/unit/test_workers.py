@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -22,6 +23,7 @@ from switchboard.settings import Settings
 from switchboard.supervisor import (
     SOCKETS_ENV,
     WORKER_ENV,
+    Supervisor,
     WorkerSpec,
     cores,
     current_worker,
@@ -152,3 +154,74 @@ def test_a_hook_worker_allows_its_part_of_the_burst() -> None:
     assert admitted(WebhookAdapter(hooks, _context(1))) == 6
     assert admitted(WebhookAdapter(hooks, _context(2))) == 3
     assert admitted(WebhookAdapter(hooks, _context(3))) == 2
+
+
+class _Exited:
+    """A worker process that has exited with ``code``."""
+
+    pid = 999_999
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def poll(self) -> int:
+        return self.code
+
+
+def _supervisor(tmp_path: Path) -> Supervisor:
+    supervisor = Supervisor(
+        ["true"],
+        count=2,
+        listen={"http": ("127.0.0.1", 0)},
+        metrics_dir=tmp_path / "metrics",
+        shutdown_timeout_s=1,
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    supervisor.ports = {"http": ("127.0.0.1", port)}
+    return supervisor
+
+
+def _died(supervisor: Supervisor, index: int, *, served: bool, lived_s: float) -> None:
+    worker = supervisor.workers[index]
+    worker.process = cast(Any, _Exited(-9))
+    worker.ready = served
+    worker.started_at = time.monotonic() - lived_s
+    supervisor._check(worker)
+
+
+def test_a_worker_that_never_served_died_quickly_however_long_it_hung(tmp_path: Path) -> None:
+    supervisor = _supervisor(tmp_path)
+    _died(supervisor, 0, served=True, lived_s=600)
+    assert supervisor.workers[0].quick_deaths == 0  # served, then died: restarted at once
+    _died(supervisor, 0, served=False, lived_s=600)
+    assert supervisor.workers[0].quick_deaths == 1
+    _died(supervisor, 0, served=True, lived_s=5)
+    assert supervisor.workers[0].quick_deaths == 2
+
+
+def test_after_three_quick_deaths_a_workers_sockets_leave_the_port(tmp_path: Path) -> None:
+    supervisor = _supervisor(tmp_path)
+    for index in (0, 1):
+        supervisor._sockets_of(index)
+    listening = supervisor.sockets[("http", 1)]
+    assert listening.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    for _ in range(3):
+        _died(supervisor, 1, served=False, lived_s=1)
+    assert ("http", 1) not in supervisor.sockets
+    assert listening.fileno() == -1  # closed
+    assert not supervisor.failed  # worker 0 still serves
+    # Its next try: bound, not listening, until its own server listens on it.
+    again = supervisor._sockets_of(1, listen=False)["http"]
+    assert again.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+    assert again.getsockname() == supervisor.ports["http"]
+    for _ in range(3):
+        _died(supervisor, 0, served=False, lived_s=1)
+    assert _failed(supervisor)  # every worker keeps dying: the fleet stops
+    for sock in supervisor.sockets.values():
+        sock.close()
+
+
+def _failed(supervisor: Supervisor) -> bool:
+    return supervisor.failed
