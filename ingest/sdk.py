@@ -69,6 +69,7 @@ from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
 from switchboard.config import adapter_settings
 from switchboard.http import counted, problem, read_body, unavailable
+from switchboard.limits import share
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -116,8 +117,8 @@ class AdapterContext:
     sockets: Mapping[str, socket.socket] = field(default_factory=dict, repr=False)
 
     def share(self, limit: int) -> int:
-        """This process's part of ``limit`` (at least 1)."""
-        return max(1, limit // self.workers)
+        """This process's part of ``limit`` (switchboard.limits.share)."""
+        return share(limit, self.workers)
 
     def share_rate(self, rate: float) -> float:
         """This process's part of a rate (per second)."""

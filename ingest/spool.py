@@ -99,21 +99,16 @@ class Spool:
         self.max_bytes = max_bytes
         self.max_messages = max_messages
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._owner = _own(path, wait_s)
-        try:
+        with contextlib.ExitStack() as undo:  # a failed set-up releases what it took
+            self._owner = _own(path, wait_s)
+            undo.callback(os.close, self._owner)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except BaseException:
-            os.close(self._owner)
-            raise
-        try:
+            undo.callback(self._db.close)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(_SCHEMA)
-        except BaseException:
-            self._db.close()
-            os.close(self._owner)
-            raise
+            undo.pop_all()
         self._lock = threading.Lock()  # one statement on the connection at a time
         count, size = self._db.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM spool"

@@ -283,29 +283,35 @@ def _readiness(
     return readiness
 
 
+def _spool_base(roles: frozenset[str]) -> str:
+    return "-".join(sorted(roles & INGEST_ROLES))
+
+
 def spool_path(settings: Settings, roles: frozenset[str], worker: int = 0) -> Path:
     # One spool file per process kind, and per worker of a fleet sharing a port
     # (worker 0 keeps the single process's name): its drainer owns (deletes) what
     # it holds, and the file lock in Spool keeps it to one process at a time.
-    base = "-".join(sorted(roles & INGEST_ROLES))
+    base = _spool_base(roles)
     return settings.spool_dir() / (f"{base}.{worker}.sqlite3" if worker else f"{base}.sqlite3")
 
 
-def _spool(settings: Settings, path: Path) -> Spool:
-    try:
-        return Spool(
-            path, max_bytes=settings.spool.max_bytes, max_messages=settings.spool.max_messages
-        )
-    except SpoolBusy as exc:
-        raise StartupError(str(exc)) from exc
+def _open_spool(settings: Settings, path: Path, wait_s: float = 10.0) -> Spool:
+    return Spool(
+        path,
+        max_bytes=settings.spool.max_bytes,
+        max_messages=settings.spool.max_messages,
+        wait_s=wait_s,
+    )
 
 
 def make_spool(settings: Settings, roles: frozenset[str], worker: int = 0) -> Spool | None:
     """The spool of a process running ingest roles (none if disabled or not ingest)."""
-    ingest_roles = sorted(roles & INGEST_ROLES)
-    if not ingest_roles or not settings.spool.enabled:
+    if not roles & INGEST_ROLES or not settings.spool.enabled:
         return None
-    return _spool(settings, spool_path(settings, roles, worker))
+    try:
+        return _open_spool(settings, spool_path(settings, roles, worker))
+    except SpoolBusy as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def orphaned_spools(settings: Settings, roles: frozenset[str], workers: int) -> list[Spool]:
@@ -314,7 +320,7 @@ def orphaned_spools(settings: Settings, roles: frozenset[str], workers: int) -> 
     another process holds (a worker of an older fleet still stopping) is left to it."""
     if not settings.spool.enabled or not roles & INGEST_ROLES:
         return []
-    base = "-".join(sorted(roles & INGEST_ROLES))
+    base = _spool_base(roles)
     pattern = re.compile(rf"{re.escape(base)}\.(\d+)\.sqlite3")
     found: list[Spool] = []
     directory = settings.spool_dir()
@@ -325,12 +331,7 @@ def orphaned_spools(settings: Settings, roles: frozenset[str], workers: int) -> 
         try:
             if not read_depth(path).messages:
                 continue
-            spool = Spool(
-                path,
-                max_bytes=settings.spool.max_bytes,
-                max_messages=settings.spool.max_messages,
-                wait_s=0,
-            )
+            spool = _open_spool(settings, path, wait_s=0)
         except SpoolBusy:
             # Seen again at the next start; `switchboard status` shows its depth.
             log.warning("spool file is held by another process", extra={"path": str(path)})

@@ -109,6 +109,13 @@ class HttpLimitSettings(BaseSettings):
         return tuple(ipaddress.ip_network(item, strict=False) for item in self.trusted_proxies)
 
 
+def share(limit: int, workers: int) -> int:
+    """One worker's part of a limit the processes on one port share (``--workers``):
+    never more in sum than ``limit`` (unless ``limit`` is smaller than the number of
+    workers: at least 1 each), and 0 stays 0 (where 0 means "none")."""
+    return 0 if limit <= 0 else max(1, limit // max(1, workers))
+
+
 def trusted(host: str | None, networks: Sequence[Network]) -> bool:
     """Whether ``host`` (a peer address) is one of ``networks``."""
     if not host or not networks:

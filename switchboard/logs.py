@@ -70,6 +70,11 @@ class NoEnvelopeAddresses(logging.Filter):
         return True
 
 
+#: ``<index>/<count>``: set for a worker process by its supervisor
+#: (switchboard.supervisor); its lines then carry ``worker``.
+WORKER_ENV = "SWITCHBOARD_WORKER_OF"
+
+
 class WorkerField(logging.Filter):
     """``worker=<i>`` on every line of a worker process (``--workers``), so the
     lines of a fleet's workers can be told apart."""
@@ -89,8 +94,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
-    # Set by switchboard.supervisor for its workers ("<index>/<count>").
-    worker = os.environ.get("SWITCHBOARD_WORKER_OF")
+    worker = os.environ.get(WORKER_ENV)
     if worker:
         handler.addFilter(WorkerField(worker.split("/")[0]))
     root = logging.getLogger()

@@ -59,12 +59,14 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from switchboard.broker import die_with_parent
+from switchboard.limits import share
+from switchboard.logs import WORKER_ENV
 from switchboard.runtime import StartupError, listening_socket
 
 log = logging.getLogger(__name__)
 
-#: ``<index>/<count>``: set for a worker process by its supervisor.
-WORKER_ENV = "SWITCHBOARD_WORKER_OF"
+# WORKER_ENV (``<index>/<count>``, set for a worker by its supervisor) is defined
+# beside the logging that labels a worker's lines with it.
 #: ``http=3,smtp=4``: the listening sockets a worker inherits, by name.
 SOCKETS_ENV = "SWITCHBOARD_WORKER_SOCKETS"
 #: The pipe a worker writes to once it serves, and then every BEAT_S.
@@ -98,13 +100,6 @@ def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
         if quota != "max":
             count = min(count, max(1, math.ceil(int(quota) / int(period))))
     return count
-
-
-def share(limit: int, workers: int) -> int:
-    """One worker's part of a limit the fleet shares: never more in sum than
-    ``limit`` (unless ``limit`` is smaller than the number of workers: at least 1
-    each), and 0 stays 0 (where 0 means "none")."""
-    return 0 if limit <= 0 else max(1, limit // max(1, workers))
 
 
 #: A worker tells its supervisor it lives by writing to its pipe this often, from

@@ -114,15 +114,20 @@ while True:
 """
 
 
+def _writer(path: Path) -> subprocess.Popen[str]:
+    """_WRITER in a process of its own: it prints each id once its append returned."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+
+
 def test_nothing_acknowledged_is_lost_when_the_process_is_killed(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     for _ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path)],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=Path(__file__).parents[2],
-        )
+        proc = _writer(path)
         assert proc.stdout is not None
         acknowledged: list[str] = []
         while len(acknowledged) < 300:
@@ -144,12 +149,7 @@ def test_a_spool_file_has_one_owner_until_it_closes_or_dies(tmp_path: Path) -> N
     owner.close()
     _spool(path).close()
     # A process that dies (SIGKILL, no close) leaves the file to the next owner at once.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parents[2],
-    )
+    proc = _writer(path)
     assert proc.stdout is not None
     proc.stdout.readline()
     with pytest.raises(SpoolBusy):

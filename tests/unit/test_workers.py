@@ -19,15 +19,15 @@ from ingest.smtp import SmtpAdapter
 from ingest.webhook import WebhookAdapter
 from switchboard.bootstrap import edge_workers, per_worker, spool_path
 from switchboard.cli import build_parser
+from switchboard.limits import share
+from switchboard.logs import WORKER_ENV
 from switchboard.settings import Settings
 from switchboard.supervisor import (
     SOCKETS_ENV,
-    WORKER_ENV,
     Supervisor,
     WorkerSpec,
     cores,
     current_worker,
-    share,
 )
 
 
