@@ -29,7 +29,7 @@ from ingest.errors import RetryLater
 from ingest.evidence import EvidenceBudget
 from ingest.journal import Journal
 from ingest.spool import Spool, SpoolFull
-from normalize.content import Blob, Normalized
+from normalize.content import Blob, Normalized, Serialized
 from normalize.schema import DeadLetter, strip_controls, strip_controls_deep
 from switchboard.blobs import BlobStore
 from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
@@ -126,16 +126,16 @@ class HandOff:
             # Kafka may have it, but the memory broker may forget it: not durable yet.
             raise RetryLater(f"cannot journal the message: {exc}") from exc
 
-    async def deliver(self, normalized: Normalized) -> Receipt:
+    async def deliver(self, normalized: Normalized | Serialized) -> Receipt:
         """Make one normalized message durable; raise RetryLater if it is not."""
         started = time.perf_counter()
-        message = normalized.message
+        message = normalized if isinstance(normalized, Serialized) else normalized.message
         await self._store(normalized.blobs)
         event = Event(
             type=TYPE_INBOUND,
             source=f"{self._source}/ingest/{message.adapter}",
             key=message.partition_key,
-            data=message,
+            data=normalized.value if isinstance(normalized, Serialized) else normalized.message,
             subject=str(message.id),
         )
         journaled = None

@@ -106,6 +106,16 @@ class SmtpSettings(BaseSettings):
             "process). More than the spare CPU cores gains nothing."
         ),
     )
+    parse_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "A parse process still busy with one message after this long is killed and "
+            "replaced; the message is tried once more, then dead-lettered "
+            "(`normalizer-error`). Only with parse_workers >= 1: a thread cannot be stopped."
+        ),
+    )
 
     # -- sender authentication (issue 17; ingest/mailauth.py) --
     verify: bool = Field(

@@ -31,7 +31,7 @@ from ingest.sdk import Adapter, AdapterContext, AdapterTables
 from ingest.settings import SmtpSettings
 from ingest.workers import ParserPool
 from normalize.content import Blob
-from normalize.email import EmailContext, EmailVerdict, normalize_email
+from normalize.email import EmailContext, EmailVerdict, serialize_email
 from normalize.errors import NormalizeError
 from normalize.identity import IdentityError, canonical_email
 from normalize.schema import AuthCheck, Authentication
@@ -336,7 +336,7 @@ class SmtpAdapter(Adapter[SmtpSettings]):
                 self._addresses.add(canonical_email(address, email_policy))
             except IdentityError as exc:
                 raise StartupError(f"smtp.addresses: {exc}") from exc
-        self._parsers = ParserPool(settings.parse_workers)
+        self._parsers = ParserPool(settings.parse_workers, settings.parse_timeout_s)
         self._verifier: Verifier | None = None
         if settings.verify:
             try:
@@ -402,7 +402,6 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         tls = self._tls_context()
         if self._verifier is not None or self.settings.trusted_authserv_ids:
             self._auth_pool = ThreadPoolExecutor(_AUTH_THREADS, thread_name_prefix="smtp-auth")
-        await asyncio.to_thread(self._parsers.start)
         await self._parsers.warm_up()
         hostname = self.settings.hostname or await asyncio.to_thread(socket.getfqdn)
         loop = asyncio.get_running_loop()
@@ -451,7 +450,7 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         for session in list(self.sessions):
             session.goodbye()
         self._server = None
-        await asyncio.to_thread(self._parsers.stop)
+        await self._parsers.stop()
         if self._auth_pool is not None:
             self._auth_pool.shutdown(wait=False, cancel_futures=True)
             self._auth_pool = None
@@ -491,7 +490,8 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         )
         try:
             # Parsing is CPU work (about 1 ms for a 2 KB message): off the event loop.
-            normalized = await self._parsers.run(normalize_email, raw, ctx)
+            # Serialized there: the model never crosses back (see normalize.content.Serialized).
+            normalized = await self._parsers.run(serialize_email, raw, ctx)
         except NormalizeError as exc:
             return await self._dead_letter(message_id, raw, exc.reason, exc.detail, ctx)
         except Exception as exc:  # a normalizer bug must not lose the mail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from uuid import UUID
 
 from normalize.schema import BlobRef, InboundMessage
 
@@ -27,3 +28,36 @@ class Normalized:
 
     message: InboundMessage
     blobs: tuple[Blob, ...]
+
+
+@dataclass(frozen=True)
+class Serialized:
+    """A normalized message already serialized as its event's data, with the few
+    fields the hand-off keys and logs on.
+
+    Made where the message was normalized (the SMTP parse process), so the server
+    process neither rebuilds the model from a pickle nor serializes it again: a
+    pickled ``InboundMessage`` costs about 45 µs each way, its JSON 13 µs once.
+    """
+
+    id: UUID
+    adapter: str
+    channel: str
+    partition_key: str
+    dedupe_key: str
+    value: bytes
+    blobs: tuple[Blob, ...]
+
+    @classmethod
+    def of(cls, normalized: Normalized) -> Serialized:
+        message = normalized.message
+        return cls(
+            id=message.id,
+            adapter=message.adapter,
+            channel=str(message.channel),
+            partition_key=message.partition_key,
+            dedupe_key=message.dedupe_key,
+            # The same bytes Event.value() would make from the model.
+            value=message.model_dump_json().encode(),
+            blobs=normalized.blobs,
+        )

@@ -28,7 +28,7 @@ from inscriptis import get_text
 from mailparser_reply import EmailReplyParser
 from pydantic import JsonValue
 
-from normalize.content import Blob, Normalized
+from normalize.content import Blob, Normalized, Serialized
 from normalize.errors import NormalizeError
 from normalize.identity import (
     EmailPolicy,
@@ -102,6 +102,11 @@ class EmailContext:
     email_policy: EmailPolicy | None = None
     metadata: Mapping[str, JsonValue] = field(default_factory=dict)
     verdict: EmailVerdict | None = None  # sender authentication, when the adapter has one
+
+
+def serialize_email(raw: bytes, ctx: EmailContext) -> Serialized:
+    """:func:`normalize_email`, serialized where it ran (the SMTP parse process)."""
+    return Serialized.of(normalize_email(raw, ctx))
 
 
 def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
