@@ -45,6 +45,14 @@ class BlobStore(Protocol):
     def exists(self, sha256: str) -> bool: ...
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FileBlobStore:
     """Blobs as files ``root/ab/cd/abcd...``, written atomically and fsynced."""
 
@@ -69,8 +77,7 @@ class FileBlobStore:
                 os.utime(path)
                 return blob.ref
         if path.parent not in self._dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(path.parent)
+            self._make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -83,12 +90,25 @@ class FileBlobStore:
                 os.unlink(tmp)
             raise
         # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
         return blob.ref
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``root/ab/cd`` as needed; each new level's entry made durable in its
+        parent, or a crash could take a fresh fan-out directory (and the blob just
+        fsynced into it) away after the sender was told its message is safe."""
+        fresh: list[Path] = []
+        for level in (directory.parent, directory):
+            try:
+                level.mkdir()
+            except FileExistsError:
+                continue
+            except FileNotFoundError:  # the store's root itself is new
+                level.mkdir(parents=True, exist_ok=True)
+            fresh.append(level)
+        for level in fresh:
+            _fsync_dir(level.parent)
+        self._dirs.add(directory)
 
     def get(self, sha256: str) -> bytes:
         try:
