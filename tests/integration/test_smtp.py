@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
 import ssl
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
 from pathlib import Path
@@ -12,6 +15,8 @@ from sysconfig import get_paths
 
 import pytest
 
+from normalize.content import Serialized
+from normalize.email import EmailContext, serialize_email
 from normalize.schema import RecipientRole
 from switchboard.broker import free_port
 from switchboard.settings import KafkaSettings
@@ -75,6 +80,47 @@ def test_parsing_in_a_worker_process(
     [message] = inbound.values()
     assert message.dedupe_key == f"email-mid:worker-{unique}@example.org"
     assert len(message.attachments) == 1
+
+
+def _poisoned_parser(raw: bytes, ctx: EmailContext) -> Serialized:
+    """The real parser, except on a marked message: there it dies or hangs (runs in
+    the parse process, imported there by name)."""
+    if b"X-Poison: crash" in raw:
+        os._exit(70)
+    if b"X-Poison: hang" in raw:
+        time.sleep(3600)
+    return serialize_email(raw, ctx)
+
+
+@pytest.mark.parametrize("poison", ["crash", "hang"])
+def test_a_message_that_kills_or_hangs_the_parser_costs_only_itself(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    unique: str,
+    poison: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("ingest.smtp.serialize_email", _poisoned_parser)
+    bad = email(Message_ID=f"<poison-{unique}@example.org>", X_Poison=poison)
+    good = [email(Message_ID=f"<fine-{i}-{unique}@example.org>") for i in range(6)]
+    with (
+        smtp_server(kafka_settings, tmp_path, parse_workers=1, parse_timeout_s=1.0) as server,
+        ThreadPoolExecutor(7) as senders,
+    ):
+        replies = list(senders.map(server.send, [bad, *good]))
+        # The server goes on with a fresh parse process.
+        after = server.send(email(Message_ID=f"<after-{unique}@example.org>"))
+    assert all(code == 250 for code, _ in [*replies, after]), replies
+    assert "kept for review: normalizer-error" in replies[0][1]
+    ids = {queued_id(reply) for _, reply in [*replies, after]}
+    inbound, dead = collect(kafka_settings, f"poison-{poison}-{unique}", ids)
+    letter = dead[queued_id(replies[0][1])]
+    assert letter.reason == "normalizer-error"
+    assert "twice" in letter.detail
+    assert letter.raw is not None
+    assert b"X-Poison" in server.blobs.get(letter.raw.sha256)
+    assert len(inbound) == 7
+    assert len(dead) == 1
 
 
 def test_the_same_email_twice_has_one_dedupe_key(
