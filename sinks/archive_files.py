@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from switchboard.files import fsync_dir, make_dirs
+
 PART = re.compile(r"^part-(\d+)-(\d+)-(\d+)\.parquet$")
 
 
@@ -66,6 +68,7 @@ class LocalArchive:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._dirs: set[Path] = set()  # directories known to exist, their entries durable
 
     def __repr__(self) -> str:
         return f"LocalArchive({str(self.root)!r})"
@@ -96,7 +99,8 @@ class LocalArchive:
 
     def write(self, part: Part, payload: bytes) -> None:
         directory = self.root / f"topic={part.topic}" / f"date={part.day}"
-        directory.mkdir(parents=True, exist_ok=True)
+        # A new day's (or topic's) directory must survive a crash with the file in it.
+        make_dirs(directory, self.root, self._dirs)
         final = directory / part.name
         temporary = directory / f".{part.name}.tmp"
         with temporary.open("wb") as handle:
@@ -104,25 +108,17 @@ class LocalArchive:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def remove(self, part: Part) -> None:
         directory = self.root / f"topic={part.topic}" / f"date={part.day}"
         (directory / part.name).unlink(missing_ok=True)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def retire(self, part: Part, tag: str) -> None:
         directory = self.root / f"topic={part.topic}" / f"date={part.day}"
         (directory / part.name).rename(directory / f"{tag}-{part.name}")
-        _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(directory)
 
 
 class FsspecArchive:

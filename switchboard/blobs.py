@@ -22,6 +22,7 @@ from typing import Protocol
 
 from normalize.content import Blob
 from normalize.schema import BlobRef
+from switchboard.files import fsync_dir, make_dirs
 from switchboard.metrics import BLOBS_COLLECTED
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -45,20 +46,12 @@ class BlobStore(Protocol):
     def exists(self, sha256: str) -> bool: ...
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileBlobStore:
     """Blobs as files ``root/ab/cd/abcd...``, written atomically and fsynced."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._dirs: set[Path] = set()  # fan-out directories known to exist
+        self._dirs: set[Path] = set()  # directories known to exist, their entries durable
 
     def _path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -76,8 +69,7 @@ class FileBlobStore:
             with contextlib.suppress(FileNotFoundError):  # collected meanwhile: write it
                 os.utime(path)
                 return blob.ref
-        if path.parent not in self._dirs:
-            self._make_dirs(path.parent)
+        make_dirs(path.parent, self.root, self._dirs)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -90,25 +82,8 @@ class FileBlobStore:
                 os.unlink(tmp)
             raise
         # The rename is durable only once the directory entry is on disk.
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return blob.ref
-
-    def _make_dirs(self, directory: Path) -> None:
-        """Create ``root/ab/cd`` as needed; each new level's entry made durable in its
-        parent, or a crash could take a fresh fan-out directory (and the blob just
-        fsynced into it) away after the sender was told its message is safe."""
-        fresh: list[Path] = []
-        for level in (directory.parent, directory):
-            try:
-                level.mkdir()
-            except FileExistsError:
-                continue
-            except FileNotFoundError:  # the store's root itself is new
-                level.mkdir(parents=True, exist_ok=True)
-            fresh.append(level)
-        for level in fresh:
-            _fsync_dir(level.parent)
-        self._dirs.add(directory)
 
     def get(self, sha256: str) -> bytes:
         try:

@@ -1,0 +1,45 @@
+"""Durable directories: what a rename or a new directory needs before it survives a crash.
+
+A file fsynced and renamed into place is durable only once its directory entry
+is on disk (an fsync of the directory), and a directory created for it only once
+*its* entry is on disk in its parent. Missing the second loses every file of a
+fresh directory on a crash, after the writer reported them safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableSet
+from pathlib import Path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make ``directory``'s entries (renames, new files, new subdirectories) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(directory: Path, base: Path, known: MutableSet[Path]) -> None:
+    """Create ``directory`` and the levels between it and ``base`` (both included), each
+    level's entry made durable in its parent the first time this process meets it.
+
+    The first time, not only when this call created it: another thread or process may
+    have created it a moment ago and not yet fsynced its parent, and mkdir cannot
+    tell that from a directory made long ago. ``known`` (the caller's, kept for the
+    process's life) holds the levels already made durable, so each costs one fsync
+    per process.
+    """
+    if directory in known:
+        return
+    chain = [directory, *directory.parents]
+    if base not in chain:
+        raise ValueError(f"{directory} is not under {base}")
+    for level in reversed(chain[: chain.index(base) + 1]):
+        if level in known:
+            continue
+        level.mkdir(parents=True, exist_ok=True)
+        fsync_dir(level.parent)
+        known.add(level)

@@ -1,0 +1,107 @@
+"""Files the pipeline reports as safe: what is fsynced, and in which order."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from normalize.content import Blob
+from sinks.archive_files import LocalArchive, Part
+from switchboard.blobs import FileBlobStore
+from switchboard.files import make_dirs
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_new_fan_out_directories_are_made_durable_in_their_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "blobs"
+    store = FileBlobStore(root)
+    synced = _record_fsyncs(monkeypatch)
+    blob = Blob.of(b"hello", "text/plain")
+    store.put(blob)
+    digest = blob.ref.sha256
+    first, second = root / digest[:2], root / digest[:2] / digest[2:4]
+    assert (second / digest).read_bytes() == b"hello"
+    # Each new level's entry in its parent, the file, then its rename.
+    assert synced[:3] == [str(tmp_path), str(root), str(first)]
+    assert synced[3].startswith(str(second / ".tmp-"))
+    assert synced[4:] == [str(second)]
+
+
+def test_a_directory_met_once_costs_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileBlobStore(tmp_path)
+    blob = Blob.of(b"one", "text/plain")
+    store.put(blob)
+    synced = _record_fsyncs(monkeypatch)
+    store.put(blob)
+    assert synced == []  # already stored: nothing written
+    path = tmp_path / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+    path.unlink()  # collected meanwhile: written again, into a directory already met
+    store.put(blob)
+    assert len(synced) == 2
+    assert synced[1] == str(path.parent)
+
+
+def test_a_directory_someone_else_just_made_is_still_synced_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkdir cannot tell "made a moment ago by another process, parent not yet
+    fsynced" from "made long ago": the first meeting syncs the parent either way."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    synced = _record_fsyncs(monkeypatch)
+    make_dirs(tmp_path / "a" / "b", tmp_path, set())
+    assert synced == [str(tmp_path.parent), str(tmp_path), str(tmp_path / "a")]
+
+
+def test_make_dirs_from_many_threads_at_once(tmp_path: Path) -> None:
+    known: set[Path] = set()
+    target = tmp_path / "x" / "y" / "z"
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            make_dirs(target, tmp_path, known)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert target.is_dir()
+    with pytest.raises(ValueError, match="not under"):
+        make_dirs(Path("/elsewhere"), tmp_path, known)
+
+
+def test_an_archive_file_on_a_new_day_survives_with_its_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = LocalArchive(tmp_path / "archive")
+    synced = _record_fsyncs(monkeypatch)
+    part = Part("switchboard.inbound.v1", "2026-11-29", 0, 0, 9)
+    archive.write(part, b"PAR1...")
+    topic = tmp_path / "archive" / "topic=switchboard.inbound.v1"
+    day = topic / "date=2026-11-29"
+    assert (day / part.name).read_bytes() == b"PAR1..."
+    assert synced[:3] == [str(tmp_path), str(tmp_path / "archive"), str(topic)]
+    assert synced[3] == str(day / f".{part.name}.tmp")
+    assert synced[4:] == [str(day)]
