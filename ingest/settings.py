@@ -108,7 +108,7 @@ class SmtpSettings(BaseSettings):
     )
     parse_timeout_s: float = Field(
         default=60.0,
-        gt=0,
+        ge=1,
         le=3600,
         description=(
             "A parse process still busy with one message after this long is killed and "

@@ -494,6 +494,8 @@ class SmtpAdapter(Adapter[SmtpSettings]):
             normalized = await self._parsers.run(serialize_email, raw, ctx)
         except NormalizeError as exc:
             return await self._dead_letter(message_id, raw, exc.reason, exc.detail, ctx)
+        except RetryLater:
+            raise  # no parse process could be started: 451, the sender tries again
         except Exception as exc:  # a normalizer bug must not lose the mail
             log.exception("email normalizer failed", extra={"message_id": str(message_id)})
             return await self._dead_letter(

@@ -19,6 +19,12 @@ dead-letter it: one poison message never costs another sender its message. A
 call that runs longer than ``timeout_s`` (a message built to make the parser
 crawl) is treated the same way: the worker is killed and replaced.
 
+Every reply carries its call's number; a reply that does not match the head of
+the line, or cannot be read, is treated as the worker dying. When a fresh
+worker cannot be started, the waiting calls go to the workers still alive and
+the start is retried with a growing pause; with no worker at all, calls fail
+with :class:`ParserUnavailable` (a retry-later answer, not a dead letter).
+
 A worker belongs to the server that started it: it leaves the terminal's
 process group (Ctrl-C is for the server, which then stops the pool itself) and
 dies with the server (Linux's parent-death signal), so a SIGKILLed server does
@@ -42,6 +48,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar, cast
 
+from ingest.errors import RetryLater
 from switchboard.broker import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,10 @@ class WorkerCrashed(RuntimeError):
     """The input crashed (or outlasted the time limit of) a worker process twice."""
 
 
+class ParserUnavailable(RetryLater):
+    """No parse process is running and none could be started: the sender retries."""
+
+
 class _Unpicklable(RuntimeError):
     """A worker's exception that could not cross back as itself."""
 
@@ -64,6 +75,19 @@ def _read_exactly(stream: Any, size: int) -> bytes | None:  # noqa: ANN401 - a f
     if len(data) < size:
         return None
     return cast("bytes", data)
+
+
+def _failure(seq: int, exc: BaseException) -> bytes:
+    """The reply for a call that raised: the exception itself if it survives a round
+    trip through pickle (an exception class with a custom ``__init__`` often does
+    not), else its text."""
+    try:
+        reply = pickle.dumps((seq, False, exc), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(reply)  # noqa: S301 - our own bytes, just made
+    except Exception:  # noqa: BLE001 - any exception that cannot cross as itself
+        failure = _Unpicklable(f"{type(exc).__name__}: {exc}")
+        reply = pickle.dumps((seq, False, failure), protocol=pickle.HIGHEST_PROTOCOL)
+    return reply
 
 
 def _serve(sock: socket.socket, parent: int) -> None:  # pragma: no cover - runs in the worker
@@ -84,23 +108,28 @@ def _serve(sock: socket.socket, parent: int) -> None:  # pragma: no cover - runs
         body = _read_exactly(stream, _HEADER.unpack(header)[0])
         if body is None:
             return
+        # The server's own pickles over a socket pair only the two ends hold.
+        seq, fn, args = pickle.loads(body)  # noqa: S301
         try:
-            # The server's own pickles over a socket pair only the two ends hold.
-            fn, args = pickle.loads(body)  # noqa: S301
-            reply = pickle.dumps((True, fn(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+            reply = pickle.dumps((seq, True, fn(*args)), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - any failure goes back to the caller
-            try:
-                reply = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:  # noqa: BLE001 - an exception that cannot be pickled
-                failure = _Unpicklable(f"{type(exc).__name__}: {exc}")
-                reply = pickle.dumps((False, failure), protocol=pickle.HIGHEST_PROTOCOL)
+            reply = _failure(seq, exc)
         stream.write(_HEADER.pack(len(reply)))
         stream.write(reply)
         stream.flush()
 
 
+def _as_exception(value: object) -> Exception:
+    """What a caller's future can carry: asyncio refuses StopIteration (it would end
+    the awaiting coroutine silently), and a reply could name anything."""
+    if isinstance(value, Exception) and not isinstance(value, StopIteration | StopAsyncIteration):
+        return value
+    return RuntimeError(f"parser raised {type(value).__name__}: {value}")
+
+
 @dataclass(eq=False)
 class _Call:
+    seq: int
     payload: bytes
     future: asyncio.Future[Any]
     crashes: int = 0
@@ -115,18 +144,22 @@ class _Worker:
     #: When the call at the head of the line was sent or reached the head.
     head_since: float = 0.0
     dead: bool = False
-    timed_out: bool = False
+    #: The call at the head when the watchdog killed the worker for its time.
+    timed_out: _Call | None = None
 
 
 class ParserPool:
     def __init__(self, workers: int = 0, timeout_s: float = 60.0) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
-        self._pool: list[_Worker] = []
+        self._slots: list[_Worker] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
+        self._seq = 0
         #: Calls that arrived while no worker was alive (one being replaced).
-        self._backlog: list[_Call] = []
+        self._backlog: collections.deque[_Call] = collections.deque()
+        #: No worker is alive and the last start failed: calls fail at once.
+        self._unavailable = False
 
     @property
     def stopping(self) -> bool:
@@ -140,11 +173,16 @@ class ParserPool:
         follows the thread, not the process): the loop's thread lives as long
         as the server, where a helper thread from ``to_thread`` might not.
         """
-        if self.workers <= 0 or self._pool:
+        if self.workers <= 0 or self._slots:
             return
         self._stopping = False
-        self._pool = [await self._spawn() for _ in range(self.workers)]
-        await asyncio.gather(*(self.run(_ready) for _ in range(self.workers)))
+        try:
+            for _ in range(self.workers):
+                self._slots.append(await self._spawn())
+            await asyncio.gather(*(self.run(_ready) for _ in range(self.workers)))
+        except BaseException:
+            await self.stop()  # the ones already started do not outlive a failed start
+            raise
         self._watchdog = asyncio.create_task(self._watch(), name="parser-watchdog")
 
     async def _spawn(self) -> _Worker:
@@ -159,7 +197,12 @@ class ParserPool:
             raise
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours, limit=2**16)
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours, limit=2**16)
+        except BaseException:
+            ours.close()
+            process.kill()
+            raise
         worker = _Worker(process, writer)
         worker.reader_task = asyncio.create_task(self._read(worker, reader), name="parser-read")
         return worker
@@ -170,35 +213,37 @@ class ParserPool:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        pool, self._pool = self._pool, []
-        for worker in pool:
+        slots, self._slots = self._slots, []
+        for worker in slots:
             worker.dead = True
             if worker.reader_task is not None:
                 worker.reader_task.cancel()
             with contextlib.suppress(Exception):
                 worker.writer.close()
-            for call in worker.line:
-                if not call.future.done():
-                    call.future.cancel()
-        for call in self._backlog:
-            call.future.cancel()
-        self._backlog.clear()
-        await asyncio.to_thread(_join_all, [worker.process for worker in pool])
+            _cancel(worker.line)
+        _cancel(self._backlog)
+        await asyncio.to_thread(_join_all, [worker.process for worker in slots])
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         if self.workers <= 0:
             return await asyncio.to_thread(fn, *args)
-        if not self._pool:
+        if not self._slots:
             raise RuntimeError("the parser pool is not started")
-        payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-        call = _Call(payload, asyncio.get_running_loop().create_future())
+        if self._unavailable and not self._alive():
+            raise ParserUnavailable("no parse process could be started")
+        self._seq += 1
+        payload = pickle.dumps((self._seq, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        call = _Call(self._seq, payload, asyncio.get_running_loop().create_future())
         self._send(call)
         return cast("T", await call.future)
 
+    def _alive(self) -> list[_Worker]:
+        return [w for w in self._slots if not w.dead]
+
     def _send(self, call: _Call) -> None:
-        alive = [w for w in self._pool if not w.dead]
+        alive = self._alive()
         if not alive:
-            self._backlog.append(call)  # sent once the replacement is up
+            self._backlog.append(call)  # sent once a replacement is up
             return
         worker = min(alive, key=lambda w: len(w.line))
         if not worker.line:
@@ -213,21 +258,21 @@ class ParserPool:
             while True:
                 header = await reader.readexactly(_HEADER.size)
                 body = await reader.readexactly(_HEADER.unpack(header)[0])
+                seq, ok, value = pickle.loads(body)  # noqa: S301 - our own worker's reply
+                if not worker.line or worker.line[0].seq != seq:
+                    raise RuntimeError(f"reply {seq} does not answer the call at the head")
                 call = worker.line.popleft()
                 worker.head_since = loop.time()
                 if call.future.done():
                     continue  # its sender gave up (cancelled)
-                try:
-                    ok, value = pickle.loads(body)  # noqa: S301 - our own worker's reply
-                except Exception as exc:  # noqa: BLE001 - a result that cannot be rebuilt here
-                    call.future.set_exception(exc)
-                    continue
                 if ok:
                     call.future.set_result(value)
                 else:
-                    call.future.set_exception(value)
+                    call.future.set_exception(_as_exception(value))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker died (or was killed by the watchdog)
+        except Exception:  # whatever it is, this worker cannot be trusted
+            log.exception("parser worker's reply unreadable: replacing the worker")
         if not self._stopping:
             await self._replace(worker)
 
@@ -236,28 +281,53 @@ class ParserPool:
         while True:
             await asyncio.sleep(min(1.0, self.timeout_s / 4))
             now = loop.time()
-            for worker in list(self._pool):
-                if worker.line and not worker.dead and now - worker.head_since > self.timeout_s:
+            for worker in self._alive():
+                if worker.line and now - worker.head_since > self.timeout_s:
                     log.error(
                         "parser worker stuck on one message: killing it",
                         extra={"timeout_s": self.timeout_s, "pid": worker.process.pid},
                     )
-                    worker.timed_out = True
+                    worker.timed_out = worker.line[0]
                     worker.process.kill()  # its reader sees the hang-up and replaces it
 
     async def _replace(self, dead: _Worker) -> None:
-        """Put a fresh worker in the dead one's place and hand it the dead one's line."""
+        """Put a fresh worker in the dead one's slot and hand it the dead one's line.
+
+        The calls stay in ``dead.line`` until handed on, so a :meth:`stop` meanwhile
+        cancels them like any other."""
         dead.dead = True
         with contextlib.suppress(Exception):
             dead.writer.close()
+        if dead.process.is_alive():
+            dead.process.kill()  # an unreadable reply: it may still be running
         await asyncio.to_thread(dead.process.join, 5)
-        line = list(dead.line)
+        self._blame(dead)
+        fresh = await self._start_fresh(dead.line)
+        if self.stopping or dead not in self._slots:  # stopped meanwhile: it goes too
+            if fresh.reader_task is not None:
+                fresh.reader_task.cancel()
+            fresh.writer.close()
+            await asyncio.to_thread(_join_all, [fresh.process])
+            return
+        self._slots[self._slots.index(dead)] = fresh
+        self._unavailable = False
+        waiting = list(dead.line) + list(self._backlog)
         dead.line.clear()
-        if line:
+        self._backlog.clear()
+        for call in waiting:
+            if not call.future.done():
+                self._send(call)
+
+    def _blame(self, dead: _Worker) -> None:
+        """Count the death against the call at the head of the dead worker's line."""
+        line = dead.line
+        # The head is the culprit, unless the watchdog killed the worker for another
+        # call that finished just before the kill landed.
+        if line and (dead.timed_out is None or dead.timed_out is line[0]):
             culprit = line[0]
             culprit.crashes += 1
             if culprit.crashes >= 2:
-                line.pop(0)
+                line.popleft()
                 if not culprit.future.done():
                     culprit.future.set_exception(
                         WorkerCrashed(
@@ -266,34 +336,45 @@ class ParserPool:
                     )
         log.error(
             "parser worker %s; starting another",
-            "killed after timeout_s" if dead.timed_out else "died",
+            "killed after timeout_s" if dead.timed_out is not None else "died",
             extra={"exitcode": dead.process.exitcode, "waiting": len(line)},
         )
-        if self._stopping or dead not in self._pool:
-            return
-        try:
-            fresh = await self._spawn()
-        except Exception:
-            log.exception("cannot start a parser worker")
-            self._pool.remove(dead)
-            if not self._pool:  # nothing left to parse with: every waiting call fails
-                line += self._backlog
-                self._backlog.clear()
-            for call in line:
-                if not call.future.done():
-                    call.future.set_exception(WorkerCrashed("no parser worker could be started"))
-            return
-        if self.stopping:  # stopped while the fresh one started: it goes too
-            if fresh.reader_task is not None:
-                fresh.reader_task.cancel()
-            fresh.writer.close()
-            await asyncio.to_thread(_join_all, [fresh.process])
-            return
-        self._pool[self._pool.index(dead)] = fresh
-        waiting, self._backlog = line + self._backlog, []
-        for call in waiting:
-            if not call.future.done():
-                self._send(call)
+
+    async def _start_fresh(self, line: collections.deque[_Call]) -> _Worker:
+        """A new worker, however many tries it takes; between tries the waiting calls
+        go to the workers still alive, or are answered "retry later" when none is."""
+        pause = 0.5
+        while True:
+            try:
+                fresh = await self._spawn()
+                break
+            except Exception:  # out of processes or descriptors: retried
+                log.exception("cannot start a parser worker; retrying", extra={"pause_s": pause})
+            # Meanwhile the waiting calls go to the workers still alive; with none,
+            # they are answered "retry later" rather than kept waiting.
+            waiting = list(line) + list(self._backlog)
+            line.clear()
+            self._backlog.clear()
+            if self._alive():
+                for call in waiting:
+                    self._send(call)
+            else:
+                self._unavailable = True
+                for call in waiting:
+                    if not call.future.done():
+                        call.future.set_exception(
+                            ParserUnavailable("no parse process could be started")
+                        )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
+        return fresh
+
+
+def _cancel(calls: collections.deque[_Call]) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.cancel()
+    calls.clear()
 
 
 def _join_all(processes: list[BaseProcess]) -> None:

@@ -71,7 +71,9 @@ def canonical_email(address: str, policy: EmailPolicy | None = None) -> str:
         raise IdentityError("email address is empty")
     if _CONTROL.search(candidate):
         raise IdentityError(f"email address {address!r} contains control characters")
-    checked = _validated(candidate)
+    # Cached only up to the longest address a mailbox can have (RFC 5321's 254 plus
+    # room): a stranger's 100 KB "addresses" must not sit in the cache by thousands.
+    checked = _validated(candidate) if len(candidate) <= 320 else _validated.__wrapped__(candidate)
     if isinstance(checked, str):
         raise IdentityError(f"invalid email address {address!r}: {checked}")
     local, domain = checked

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from ingest.errors import RetryLater
 from ingest.workers import ParserPool, WorkerCrashed
 
 pytestmark = pytest.mark.integration
@@ -142,3 +143,129 @@ def test_zero_workers_means_a_thread_in_this_process() -> None:
         return pid
 
     assert asyncio.run(scenario()) == os.getpid()
+
+
+def _stop_iteration(_: int) -> int:
+    raise StopIteration
+
+
+class _Picky(Exception):
+    def __init__(self, a: int, b: int) -> None:  # pickles, but does not unpickle
+        super().__init__(f"{a} and {b}")
+
+
+def _picky(_: int) -> int:
+    raise _Picky(1, 2)
+
+
+def test_exceptions_asyncio_or_pickle_refuse_come_back_as_runtime_errors() -> None:
+    async def scenario() -> None:
+        pool = ParserPool(workers=1, timeout_s=2)
+        await pool.warm_up()
+        try:
+            pid, _ = await pool.run(_pid_and_double, 1)
+            with pytest.raises(RuntimeError, match="StopIteration"):
+                await asyncio.wait_for(pool.run(_stop_iteration, 0), 10)
+            with pytest.raises(RuntimeError, match="_Picky: 1 and 2"):
+                await asyncio.wait_for(pool.run(_picky, 0), 10)
+            again, _ = await asyncio.wait_for(pool.run(_pid_and_double, 1), 10)
+            assert again == pid  # the same worker: nothing died
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_start_sends_the_waiting_calls_to_the_workers_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def scenario() -> None:
+        pool = ParserPool(workers=2)
+        await pool.warm_up()
+        real = ParserPool._spawn
+        failures = [OSError(24, "Too many open files")]
+
+        async def spawn(self: ParserPool) -> object:
+            if failures:
+                raise failures.pop()
+            return await real(self)
+
+        monkeypatch.setattr(ParserPool, "_spawn", spawn)
+        try:
+            poison = pool.run(_crash, 0)
+            innocent = [pool.run(_slow_pid, i) for i in range(6)]
+            results = await asyncio.wait_for(
+                asyncio.gather(poison, *innocent, return_exceptions=True), 30
+            )
+            assert isinstance(results[0], WorkerCrashed)  # after its retry, not before
+            assert [r[1] for r in results[1:]] == list(range(6))  # type: ignore[index]
+            await asyncio.sleep(1.0)  # the retried start succeeds: two workers again
+            pids = {
+                pid for pid, _ in await asyncio.gather(*(pool.run(_slow_pid, i) for i in range(4)))
+            }
+            assert len(pids) == 2
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_with_no_worker_left_calls_are_told_to_retry_and_the_pool_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def scenario() -> None:
+        pool = ParserPool(workers=1)
+        await pool.warm_up()
+        real = ParserPool._spawn
+        failing = [True]
+
+        async def spawn(self: ParserPool) -> object:
+            if failing[0]:
+                raise OSError(24, "Too many open files")
+            return await real(self)
+
+        monkeypatch.setattr(ParserPool, "_spawn", spawn)
+        try:
+            with pytest.raises(RetryLater):
+                await asyncio.wait_for(pool.run(_crash, 0), 10)
+            with pytest.raises(RetryLater):
+                await pool.run(_pid_and_double, 1)  # at once, not after a wait
+            failing[0] = False
+            for _ in range(50):
+                await asyncio.sleep(0.2)
+                try:
+                    _, doubled = await pool.run(_pid_and_double, 4)
+                except RetryLater:
+                    continue
+                assert doubled == 8
+                break
+            else:
+                pytest.fail("the pool did not recover")
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stop_while_a_worker_is_being_replaced_answers_every_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def scenario() -> None:
+        pool = ParserPool(workers=1)
+        await pool.warm_up()
+        real = ParserPool._spawn
+
+        async def slow_spawn(self: ParserPool) -> object:
+            await asyncio.sleep(1.0)
+            return await real(self)
+
+        monkeypatch.setattr(ParserPool, "_spawn", slow_spawn)
+        calls: list[asyncio.Future[object]] = [asyncio.ensure_future(pool.run(_crash, 0))]
+        calls += [asyncio.ensure_future(pool.run(_pid_and_double, i)) for i in range(3)]
+        await asyncio.sleep(0.5)  # the worker is dead, its successor starting
+        await pool.stop()
+        done, pending = await asyncio.wait(calls, timeout=5)
+        assert not pending
+        assert all(call.cancelled() for call in done)
+
+    asyncio.run(scenario())

@@ -166,3 +166,16 @@ def test_two_extensions_and_the_bare_number_are_three_identities() -> None:
 def test_an_absurd_extension_is_refused() -> None:
     with pytest.raises(IdentityError, match="extension"):
         canonical_phone("+1 415 555 0100 ext. 12345678901234", "US")
+
+
+def test_address_checks_are_cached_but_not_for_giant_addresses() -> None:
+    from normalize import identity  # noqa: PLC0415 - the private cache, for this test only
+
+    identity._validated.cache_clear()
+    assert canonical_email("Repeat@Example.com") == canonical_email("Repeat@Example.com")
+    assert identity._validated.cache_info().hits >= 1
+    giant = "a" * 100_000 + "@example.com"
+    before = identity._validated.cache_info().currsize
+    with pytest.raises(IdentityError, match="too long"):
+        canonical_email(giant)
+    assert identity._validated.cache_info().currsize == before
