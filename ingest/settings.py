@@ -57,6 +57,16 @@ class SmtpSettings(BaseSettings):
         default=25 * 1024 * 1024, ge=1024, description="Largest message in bytes (SIZE)."
     )
     max_recipients: int = Field(default=100, ge=1, description="Recipients per message.")
+    max_data_in_flight: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1024 * 1024,
+        description=(
+            "Bytes of message data all sessions together may hold in memory while "
+            "receiving and handing off (each DATA reserves its declared SIZE plus a "
+            "tenth and 64 KiB, else max_message_size); past it DATA gets 452 4.3.1. "
+            "Divided among the --workers processes."
+        ),
+    )
     max_sessions: int = Field(default=200, ge=1, description="Concurrent SMTP connections.")
     max_sessions_per_client: int = Field(
         default=10,

@@ -54,6 +54,7 @@ TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try a
 TOO_MUCH_JUNK = b"421 4.7.0 Too many commands without a message, closing connection\r\n"
 DEADLINE_REACHED = b"421 4.4.2 Session time limit exceeded, closing connection\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+STORAGE_FULL = "452 4.3.1 Insufficient system storage, try again later"
 
 #: The commands of a mail transaction. Everything else (NOOP, RSET, VRFY, EXPN,
 #: HELP and unknown verbs) is a "junk" command as Postfix counts them: a client
@@ -219,10 +220,34 @@ class _Protocol(SMTP):
         await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        await super().smtp_DATA(arg)
+        # aiosmtpd holds a message in memory until its end: 200 sessions sending 25 MB
+        # each would be 5 GB. Each DATA reserves what it may take first (Postfix
+        # answers the same 452 when its queue file system is short).
+        reservation = self._data_reservation()
+        if not self._adapter.reserve_data(reservation):
+            await self.push(STORAGE_FULL)
+            return
+        limit, self.data_size_limit = self.data_size_limit, reservation
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.data_size_limit = limit
+            self._adapter.release_data(reservation)
         if self.deadline_passed and not self.hung_up:
             self.deadline_passed = False
             self._deadline_reached()
+
+    def _data_reservation(self) -> int:
+        """The bytes this message may take: its declared SIZE (RFC 1870) with a tenth
+        and 64 KiB to spare, which then is its limit too (a client that declares
+        1 KB and sends 25 MB gets 552), else the largest message."""
+        largest = self._adapter.settings.max_message_size
+        for option in self.envelope.mail_options if self.envelope is not None else ():
+            name, _, value = option.partition("=")
+            if name.upper() == "SIZE" and value.isdigit():
+                declared = int(value)
+                return min(largest, declared + declared // 10 + 64 * 1024)
+        return largest
 
     def goodbye(self) -> None:
         """421 and close: the client retries later, as RFC 5321 section 3.8 asks."""
@@ -329,6 +354,8 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         # Each worker of a fleet sharing the port takes its part of the limits.
         self._max_sessions = context.share(settings.max_sessions)
         self._max_per_client = context.share(settings.max_sessions_per_client)
+        self._data_budget = context.share(settings.max_data_in_flight)
+        self._data_reserved = 0
         self._domains = set(settings.domains)
         self._addresses: set[str] = set()
         for address in settings.addresses:
@@ -372,6 +399,22 @@ class SmtpAdapter(Adapter[SmtpSettings]):
             return TOO_MANY_FROM_CLIENT
         self._per_client[client] += 1
         return None
+
+    def reserve_data(self, size: int) -> bool:
+        """Room for one message's data, or False (452) when the sessions already
+        hold the budget. One message always fits when nothing else is held."""
+        if self._data_reserved and self._data_reserved + size > self._data_budget:
+            REJECTED.labels("smtp", "insufficient-storage").inc()
+            log.warning(
+                "smtp DATA refused: message data in memory at its limit",
+                extra={"reserved": self._data_reserved, "limit": self._data_budget},
+            )
+            return False
+        self._data_reserved += size
+        return True
+
+    def release_data(self, size: int) -> None:
+        self._data_reserved -= size
 
     def release(self, client: str | None) -> None:
         if client is None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from ingest.errors import Rejected, Stop
 from ingest.handoff import HandOff, Receipt
 from ingest.sdk import JSON, HttpAdapter, HttpRoute, InboundRequest
-from normalize.content import Normalized
+from normalize.content import Normalized, Serialized
 from normalize.errors import NormalizeError
 from switchboard.settings import KafkaSettings
 from tests.dovecot import Dovecot
@@ -100,8 +100,8 @@ def test_http_answers_for_each_family(
 class RaisingHandOff(HandOff):
     """Raises the family the subject names, else delivers."""
 
-    async def deliver(self, normalized: Normalized) -> Receipt:
-        subject = normalized.message.subject or ""
+    async def deliver(self, normalized: Normalized | Serialized) -> Receipt:
+        subject = (normalized.message.subject if isinstance(normalized, Normalized) else "") or ""
         if subject == "stop":
             raise Stop("disk is read-only")
         if subject == "reject":

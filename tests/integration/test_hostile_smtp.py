@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ingest.handoff import HandOff, Receipt
-from normalize.content import Normalized
+from normalize.content import Normalized, Serialized
 from switchboard.settings import KafkaSettings
 from tests.smtp_helpers import RunningSmtp, collect, queued_id, smtp_server
 
@@ -193,7 +193,7 @@ class _GatedHandOff(HandOff):
     entered = threading.Event()
     release = threading.Event()
 
-    async def deliver(self, normalized: Normalized) -> Receipt:
+    async def deliver(self, normalized: Normalized | Serialized) -> Receipt:
         type(self).entered.set()
         await asyncio.to_thread(type(self).release.wait, 10)
         return await super().deliver(normalized)
@@ -238,3 +238,59 @@ def test_the_limit_handlers_are_not_smtp_commands(
     with smtp_server(kafka_settings, tmp_path) as server, server.client() as client:
         for verb in ("IGNORE_COMMAND", "REFUSE_JUNK", "TOO_MUCH_JUNK", "IGNORE"):
             assert client.docmd(verb)[0] == 500, verb
+
+
+def _open_data(server: RunningSmtp, size: int | None = None) -> tuple[smtplib.SMTP, int, bytes]:
+    """A session past MAIL and RCPT that has sent DATA: (client, code, text)."""
+    client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
+    client.ehlo("client.example.org")
+    code, text = client.mail("alice@example.org", [f"SIZE={size}"] if size is not None else [])
+    assert code == 250, text
+    code, text = client.rcpt("support@example.com")
+    assert code == 250, text
+    code, text = client.docmd("DATA")
+    return client, code, text
+
+
+def _finish(client: smtplib.SMTP, body: bytes) -> tuple[int, bytes]:
+    client.send(body.replace(b"\n.", b"\n..") + b"\r\n.\r\n")
+    return client.getreply()
+
+
+def test_message_data_in_memory_is_bounded_and_released(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """Senders holding DATA open cannot make the server buffer without end: past the
+    budget DATA gets 452 4.3.1 (retry later); a declared SIZE reserves only itself,
+    and is then the message's limit; the room comes back when a message ends."""
+    with smtp_server(
+        kafka_settings, tmp_path, max_message_size=1024 * 1024, max_data_in_flight=2_500_000
+    ) as server:
+        first, code, _ = _open_data(server)  # no SIZE: reserves the 1 MiB maximum
+        assert code == 354
+        second, code, _ = _open_data(server)
+        assert code == 354
+        third, code, text = _open_data(server)
+        assert (code, text[:5]) == (452, b"4.3.1")
+        # A sender that declares its size fits in what is left ...
+        small, code, _ = _open_data(server, size=2_000)
+        assert code == 354
+        code, text = _finish(small, email(f"small-{unique}"))
+        assert code == 250, text
+        # ... and cannot send more than it declared (with the slack: a tenth + 64 KiB).
+        liar, code, _ = _open_data(server, size=1_000)
+        assert code == 354
+        code, text = _finish(liar, email(f"liar-{unique}") + (b"x" * 998 + b"\r\n") * 200)
+        assert code == 552
+        # The first message ends: its room is free again for the third sender.
+        code, text = _finish(first, email(f"first-{unique}"))
+        assert code == 250, text
+        code, text = third.docmd("DATA")
+        assert code == 354, text
+        code, text = _finish(third, email(f"third-{unique}"))
+        assert code == 250, text
+        code, text = _finish(second, email(f"second-{unique}"))
+        assert code == 250, text
+        for client in (first, second, third, small, liar):
+            client.close()
+        assert server.adapter._data_reserved == 0
