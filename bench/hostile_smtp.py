@@ -66,7 +66,8 @@ async def send_one(port: int, raw: bytes) -> tuple[float, bytes]:
         writer.write(b"EHLO legit.example.org\r\n")
         await _reply(reader)
         writer.write(
-            b"MAIL FROM:<customer@example.org>\r\nRCPT TO:<support@example.com>\r\nDATA\r\n"
+            b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
+            + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
         )
         for _ in range(3):
             await _reply(reader)

@@ -258,7 +258,8 @@ async def _smtp_load(
         while not stop.is_set():
             for raw in share:
                 writer.write(
-                    b"MAIL FROM:<customer@example.org>\r\nRCPT TO:<support@example.com>\r\nDATA\r\n"
+                    b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
+                    + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
                 )
                 for _ in range(3):
                     await _reply(reader)  # replies can span lines

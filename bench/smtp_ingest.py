@@ -100,7 +100,8 @@ async def client(port: int, messages: list[bytes], latencies: list[float]) -> in
     accepted = 0
     for raw in messages:
         writer.write(
-            b"MAIL FROM:<customer@example.org>\r\nRCPT TO:<support@example.com>\r\nDATA\r\n"
+            b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
+            + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
         )
         for _ in range(3):
             await _reply(reader)
