@@ -113,6 +113,7 @@ class _Protocol(SMTP):
         self.hung_up = False
         self.handing_off = False
         self.deadline_passed = False
+        self._reserved = 0  # bytes of message data this session holds room for
         self._smtp_methods = _Dispatch(self._smtp_methods, self)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -227,15 +228,21 @@ class _Protocol(SMTP):
         if not self._adapter.reserve_data(reservation):
             await self.push(STORAGE_FULL)
             return
+        self._reserved = reservation
         limit, self.data_size_limit = self.data_size_limit, reservation
         try:
             await super().smtp_DATA(arg)
         finally:
             self.data_size_limit = limit
-            self._adapter.release_data(reservation)
+            self.release_data()  # refused, cut off, or never reached the hand-off
         if self.deadline_passed and not self.hung_up:
             self.deadline_passed = False
             self._deadline_reached()
+
+    def release_data(self) -> None:
+        reserved, self._reserved = self._reserved, 0
+        if reserved:
+            self._adapter.release_data(reserved)
 
     def _data_reservation(self) -> int:
         """The bytes this message may take: its declared SIZE (RFC 1870) with a tenth
@@ -325,6 +332,8 @@ class SmtpHandler:
         finally:
             if isinstance(server, _Protocol):
                 server.handing_off = False
+                # Before the reply goes out: a sender told 250 may start its next DATA.
+                server.release_data()
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp session error", extra={"error": repr(error)})

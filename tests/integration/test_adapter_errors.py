@@ -101,7 +101,10 @@ class RaisingHandOff(HandOff):
     """Raises the family the subject names, else delivers."""
 
     async def deliver(self, normalized: Normalized | Serialized) -> Receipt:
-        subject = (normalized.message.subject if isinstance(normalized, Normalized) else "") or ""
+        if isinstance(normalized, Normalized):
+            subject = normalized.message.subject or ""
+        else:  # SMTP hands over the event's JSON, made in its parse process
+            subject = json.loads(normalized.value).get("subject") or ""
         if subject == "stop":
             raise Stop("disk is read-only")
         if subject == "reject":
