@@ -179,3 +179,24 @@ def test_address_checks_are_cached_but_not_for_giant_addresses() -> None:
     with pytest.raises(IdentityError, match="too long"):
         canonical_email(giant)
     assert identity._validated.cache_info().currsize == before
+
+
+def test_phone_checks_are_cached_with_the_same_answers() -> None:
+    from normalize import identity  # noqa: PLC0415 - the private cache, for this test only
+
+    identity._phone.cache_clear()
+    first = canonical_phone("+1 415 555 0100")
+    assert canonical_phone("+1 415 555 0100") == first == "+14155550100"
+    assert identity._phone.cache_info().hits == 1
+    for bad in ("12", "+1 415 555 0100 ext. 12345678901"):
+        messages = set()
+        for _ in range(2):  # refused the same way from the cache, naming the input
+            with pytest.raises(IdentityError) as refused:
+                canonical_phone(bad)
+            messages.add(str(refused.value))
+        assert len(messages) == 1
+        assert repr(bad) in messages.pop()
+    before = identity._phone.cache_info().currsize
+    with pytest.raises(IdentityError):
+        canonical_phone("+1" + "5" * 200)
+    assert identity._phone.cache_info().currsize == before
