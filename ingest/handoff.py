@@ -29,8 +29,14 @@ from ingest.errors import RetryLater
 from ingest.evidence import EvidenceBudget
 from ingest.journal import Journal
 from ingest.spool import Spool, SpoolFull
-from normalize.content import Blob, Normalized, Serialized
-from normalize.schema import DeadLetter, strip_controls, strip_controls_deep
+from normalize.content import Blob, Normalized, Serialized, fit_for_event
+from normalize.schema import (
+    BlobRef,
+    DeadLetter,
+    InboundMessage,
+    strip_controls,
+    strip_controls_deep,
+)
 from switchboard.blobs import BlobStore
 from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
 from switchboard.kafka import Ack, Publisher, PublishError
@@ -65,6 +71,9 @@ class HandOff:
         journal: Journal | None = None,
     ) -> None:
         self._publisher = publisher
+        # Kafka refuses a produce request over max_request_size; the headers and the
+        # batch's own framing take a little of it.
+        self.max_event_bytes = publisher.max_request_size - 64 * 1024
         # Only on the embedded broker (see ingest.journal): kept until the queue has it.
         self.journal = journal
         self._blobs = blobs
@@ -129,15 +138,35 @@ class HandOff:
     async def deliver(self, normalized: Normalized | Serialized) -> Receipt:
         """Make one normalized message durable; raise RetryLater if it is not."""
         started = time.perf_counter()
-        message = normalized if isinstance(normalized, Serialized) else normalized.message
         await self._store(normalized.blobs)
+        message: InboundMessage | Serialized
+        data: InboundMessage | bytes
+        if isinstance(normalized, Serialized):
+            message, data = normalized, normalized.value
+        else:
+            message = data = fit_for_event(normalized.message)
         event = Event(
             type=TYPE_INBOUND,
             source=f"{self._source}/ingest/{message.adapter}",
             key=message.partition_key,
-            data=normalized.value if isinstance(normalized, Serialized) else normalized.message,
+            data=data,
             subject=str(message.id),
         )
+        size = len(event.value())
+        if size > self.max_event_bytes:
+            # Kafka would refuse it, and the spool would hold it in front of every
+            # later message: kept as a dead letter with its raw blob instead.
+            return await self.dead_letter(
+                id=message.id,
+                adapter=message.adapter,
+                reason="too-large",
+                detail=(
+                    f"the event is {size} bytes, over the {self.max_event_bytes} an event "
+                    "may be; the message is in its raw blob"
+                ),
+                stored_raw=message.raw,
+                metadata={"dedupe_key": message.dedupe_key, "size": size},
+            )
         journaled = None
         if self.journal is not None:
             # Serialized once, then fsynced while the broker acknowledges: in parallel.
@@ -205,10 +234,12 @@ class HandOff:
         reason: str,
         detail: str,
         raw: Blob | None = None,
+        stored_raw: BlobRef | None = None,
         stage: Literal["ingest", "normalize", "router", "sink"] = "ingest",
         metadata: dict[str, JsonValue] | None = None,
     ) -> Receipt:
-        """Record what could not become a message, with the raw bytes kept."""
+        """Record what could not become a message, with the raw bytes kept (``raw``
+        is stored here; ``stored_raw`` names a blob already stored)."""
         if raw is not None:
             await self._store((raw,))
         record = DeadLetter(
@@ -220,7 +251,7 @@ class HandOff:
             reason=strip_controls(reason)[:64] or "unknown",
             detail=strip_controls(detail, body=True)[:4000],
             occurred_at=datetime.now(UTC),
-            raw=raw.ref if raw is not None else None,
+            raw=raw.ref if raw is not None else stored_raw,
             metadata=cast("dict[str, JsonValue]", strip_controls_deep(metadata or {})),
         )
         receipt = await self._publish(

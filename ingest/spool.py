@@ -22,18 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
-from switchboard.events import Event
+from normalize.schema import BlobRef, DeadLetter
+from switchboard.events import TYPE_DEADLETTER, Event
 from switchboard.metrics import MULTIPROCESS, SPOOL_BYTES, SPOOL_DRAINED, SPOOL_MESSAGES
+from switchboard.topics import DEADLETTER
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +321,10 @@ class Drainer:
         max_backoff_s: float = 5.0,
         on_published: Callable[[Sequence[Spooled]], None] | None = None,
         name: str = "spool",
+        max_event_bytes: int | None = None,
     ) -> None:
         self.name = name
+        self._max_event_bytes = max_event_bytes
         self.spool = spool
         self._publish = publish
         self._batch = batch
@@ -365,12 +371,25 @@ class Drainer:
         records = self.spool.peek(self._batch)
         if not records:
             return 0
-        self._publish([(r.topic, r.event) for r in records])
+        self._publish([self._publishable(r) for r in records])
         self.spool.remove(records)
         SPOOL_DRAINED.inc(len(records))
         if self._on_published is not None:
             self._on_published(records)
         return len(records)
+
+    def _publishable(self, record: Spooled) -> tuple[str, Event]:
+        """The record, or a dead letter about it when Kafka would refuse it for its
+        size: a spool written before events were clipped could hold one, and it
+        would stop every record behind it for good."""
+        limit = self._max_event_bytes
+        if limit is None or len(record.event.value()) <= limit:
+            return record.topic, record.event
+        log.error(
+            "spooled event too large for Kafka: dead-lettered",
+            extra={"event_id": record.event.id, "size": len(record.event.value())},
+        )
+        return DEADLETTER, too_large(record.topic, record.event, limit)
 
     def _run(self) -> None:
         backoff = 0.0
@@ -398,3 +417,34 @@ class Drainer:
             backoff = 0.0
             if published and self.spool.messages == 0:
                 log.info("spool drained")
+
+
+def too_large(topic: str, event: Event, limit: int) -> Event:
+    """A dead letter standing for an event over ``limit`` bytes: its id, adapter and
+    raw blob when its JSON names them."""
+    value = event.value()
+    try:
+        data = json.loads(value)
+        record_id = uuid.UUID(str(data["id"]))
+        adapter = str(data["adapter"])[:64] if data.get("adapter") else None
+        raw = BlobRef.model_validate(data["raw"]) if data.get("raw") else None
+    except (ValueError, KeyError, TypeError):
+        record_id, adapter, raw = uuid.uuid4(), None, None
+    letter = DeadLetter(
+        id=record_id,
+        stage="ingest",
+        adapter=adapter,
+        reason="too-large",
+        detail=f"the event is {len(value)} bytes, over the {limit} an event may be",
+        occurred_at=datetime.now(UTC),
+        raw=raw,
+        source_event_id=event.id,
+        metadata={"topic": topic, "size": len(value)},
+    )
+    return Event(
+        type=TYPE_DEADLETTER,
+        source=event.source,
+        key=f"deadletter:{adapter or 'unknown'}",
+        data=letter,
+        subject=str(record_id),
+    )

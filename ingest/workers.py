@@ -133,6 +133,9 @@ class _Call:
     payload: bytes
     future: asyncio.Future[Any]
     crashes: int = 0
+    #: The pool's own "are you up?" call, first in a new worker's line: the time a
+    #: process takes to start does not count against the first message's limit.
+    internal: bool = False
 
 
 @dataclass(eq=False)
@@ -146,6 +149,8 @@ class _Worker:
     dead: bool = False
     #: The call at the head when the watchdog killed the worker for its time.
     timed_out: _Call | None = None
+    #: Answered when the process has started and answered its first call.
+    ready: asyncio.Future[Any] | None = None
 
 
 class ParserPool:
@@ -179,7 +184,7 @@ class ParserPool:
         try:
             for _ in range(self.workers):
                 self._slots.append(await self._spawn())
-            await asyncio.gather(*(self.run(_ready) for _ in range(self.workers)))
+            await asyncio.gather(*(w.ready for w in self._slots if w.ready is not None))
         except BaseException:
             await self.stop()  # the ones already started do not outlive a failed start
             raise
@@ -205,6 +210,10 @@ class ParserPool:
             raise
         worker = _Worker(process, writer)
         worker.reader_task = asyncio.create_task(self._read(worker, reader), name="parser-read")
+        ready = self._call(_ready, ())
+        ready.internal = True
+        worker.ready = ready.future
+        self._write(worker, ready)
         return worker
 
     async def stop(self) -> None:
@@ -231,11 +240,14 @@ class ParserPool:
             raise RuntimeError("the parser pool is not started")
         if self._unavailable and not self._alive():
             raise ParserUnavailable("no parse process could be started")
-        self._seq += 1
-        payload = pickle.dumps((self._seq, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-        call = _Call(self._seq, payload, asyncio.get_running_loop().create_future())
+        call = self._call(fn, args)
         self._send(call)
         return cast("T", await call.future)
+
+    def _call(self, fn: Callable[..., Any], args: tuple[object, ...]) -> _Call:
+        self._seq += 1
+        payload = pickle.dumps((self._seq, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        return _Call(self._seq, payload, asyncio.get_running_loop().create_future())
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self._slots if not w.dead]
@@ -245,7 +257,10 @@ class ParserPool:
         if not alive:
             self._backlog.append(call)  # sent once a replacement is up
             return
-        worker = min(alive, key=lambda w: len(w.line))
+        self._write(min(alive, key=lambda w: len(w.line)), call)
+
+    @staticmethod
+    def _write(worker: _Worker, call: _Call) -> None:
         if not worker.line:
             worker.head_since = asyncio.get_running_loop().time()
         worker.line.append(call)
@@ -282,7 +297,11 @@ class ParserPool:
             await asyncio.sleep(min(1.0, self.timeout_s / 4))
             now = loop.time()
             for worker in self._alive():
-                if worker.line and now - worker.head_since > self.timeout_s:
+                # A process still starting (its own first call at the head) gets as
+                # long as it needs on a loaded machine, within reason.
+                starting = bool(worker.line) and worker.line[0].internal
+                limit = max(self.timeout_s, 120.0) if starting else self.timeout_s
+                if worker.line and now - worker.head_since > limit:
                     log.error(
                         "parser worker stuck on one message: killing it",
                         extra={"timeout_s": self.timeout_s, "pid": worker.process.pid},
@@ -321,6 +340,11 @@ class ParserPool:
     def _blame(self, dead: _Worker) -> None:
         """Count the death against the call at the head of the dead worker's line."""
         line = dead.line
+        if dead.ready is not None and not dead.ready.done():
+            dead.ready.set_exception(WorkerCrashed("the parser worker died while starting"))
+            dead.ready.exception()  # retrieved: nobody may be waiting
+        while line and line[0].internal:
+            line.popleft()  # it died starting: no message is to blame
         # The head is the culprit, unless the watchdog killed the worker for another
         # call that finished just before the kill landed.
         if line and (dead.timed_out is None or dead.timed_out is line[0]):

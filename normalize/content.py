@@ -6,7 +6,35 @@ import hashlib
 from dataclasses import dataclass
 from uuid import UUID
 
+from pydantic import JsonValue
+
 from normalize.schema import BlobRef, InboundMessage
+
+#: The most characters of each body an event carries; the whole message stays in its
+#: raw blob. Kafka takes a record of at most ``max_request_size`` (4 MiB by default):
+#: a 5 MB plain-text mail made an event Kafka refused, which the spool then held in
+#: front of every later message (2026-11-29). Four bytes a character at worst in
+#: UTF-8 JSON: about 2.4 MB for all three.
+BODY_LIMITS = {"text": 262_144, "text_new": 65_536, "html": 262_144}
+
+
+def fit_for_event(message: InboundMessage) -> InboundMessage:
+    """The message with each body clipped to :data:`BODY_LIMITS`, the original
+    lengths in ``metadata["clipped"]``; the message itself when nothing is over."""
+    over = {
+        name: len(value)
+        for name, limit in BODY_LIMITS.items()
+        if (value := getattr(message, name)) is not None and len(value) > limit
+    }
+    if not over:
+        return message
+    clipped: dict[str, JsonValue] = dict(over)
+    return message.model_copy(
+        update={
+            **{name: getattr(message, name)[: BODY_LIMITS[name]] for name in over},
+            "metadata": {**message.metadata, "clipped": clipped},
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -45,18 +73,20 @@ class Serialized:
     channel: str
     partition_key: str
     dedupe_key: str
+    raw: BlobRef | None
     value: bytes
     blobs: tuple[Blob, ...]
 
     @classmethod
     def of(cls, normalized: Normalized) -> Serialized:
-        message = normalized.message
+        message = fit_for_event(normalized.message)
         return cls(
             id=message.id,
             adapter=message.adapter,
             channel=str(message.channel),
             partition_key=message.partition_key,
             dedupe_key=message.dedupe_key,
+            raw=message.raw,
             # The same bytes Event.value() would make from the model.
             value=message.model_dump_json().encode(),
             blobs=normalized.blobs,

@@ -359,10 +359,18 @@ def _drainers(
 ) -> list[Drainer]:
     """The drainer of this process's spool; worker 0 also drains the files of
     workers the fleet no longer runs."""
-    drainers = [] if spool is None else [Drainer(spool, publisher.publish_many)]
+    limit = publisher.max_request_size - 64 * 1024
+    drainers = (
+        [] if spool is None else [Drainer(spool, publisher.publish_many, max_event_bytes=limit)]
+    )
     if worker.index == 0:
         drainers.extend(
-            Drainer(orphan, publisher.publish_many, name=f"spool {orphan.path.name}")
+            Drainer(
+                orphan,
+                publisher.publish_many,
+                name=f"spool {orphan.path.name}",
+                max_event_bytes=limit,
+            )
             for orphan in orphaned_spools(settings, roles, worker.count)
         )
     return drainers

@@ -163,6 +163,11 @@ class Publisher:
                 raise PublishError("publisher is closed")
             return producer
 
+    @property
+    def max_request_size(self) -> int:
+        """The largest produce request this publisher's producer sends."""
+        return self._settings.max_request_size
+
     def _installed(self) -> KafkaProducer | None:
         with self._lock:
             if self._closed:

@@ -88,7 +88,11 @@ def smtp_server(
         AdapterContext(handoff) if on_stop is None else AdapterContext(handoff, on_stop=on_stop)
     )
     adapter = SmtpAdapter(settings, context)
-    drainer = Drainer(spool, publisher.publish_many) if spool is not None else None
+    drainer = (
+        Drainer(spool, publisher.publish_many, max_event_bytes=handoff.max_event_bytes)
+        if spool is not None
+        else None
+    )
     if drainer is not None:
         drainer.begin()
     loop = asyncio.new_event_loop()

@@ -269,3 +269,21 @@ def test_stop_while_a_worker_is_being_replaced_answers_every_call(
         assert all(call.cancelled() for call in done)
 
     asyncio.run(scenario())
+
+
+def test_a_fresh_workers_start_does_not_count_against_the_next_message() -> None:
+    """A limit shorter than a process takes to start (spawn, imports) still lets the
+    message after a crash through: the clock starts when the process is up."""
+
+    async def scenario() -> None:
+        pool = ParserPool(workers=1, timeout_s=0.2)
+        await pool.warm_up()
+        try:
+            with pytest.raises(WorkerCrashed):
+                await asyncio.wait_for(pool.run(_crash, 0), 60)
+            _, doubled = await asyncio.wait_for(pool.run(_pid_and_double, 3), 60)
+            assert doubled == 6
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
