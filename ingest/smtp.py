@@ -22,7 +22,7 @@ from typing import Any
 from uuid import UUID
 
 import uuid6
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.mailauth import Envelope as AuthEnvelope
@@ -221,23 +221,102 @@ class _Protocol(SMTP):
         await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        # aiosmtpd holds a message in memory until its end: 200 sessions sending 25 MB
-        # each would be 5 GB. Each DATA reserves what it may take first (Postfix
-        # answers the same 452 when its queue file system is short).
-        reservation = self._data_reservation()
-        if not self._adapter.reserve_data(reservation):
+        """DATA, read by our own loop rather than aiosmtpd's.
+
+        aiosmtpd keeps one bytearray per line until the final dot (about 90 bytes
+        for a 2-byte line: 40 times what the size limit counts) and holds the message
+        until its reply is written. Here the body is one buffer, dot-unstuffed as it
+        arrives, charged to the adapter's ``max_data_in_flight`` budget as it grows,
+        and dropped before the reply goes out. Otherwise as aiosmtpd: the size limit
+        counts the bytes on the wire, a line over the reader's limit is ``500``, too
+        much data is ``552``, each after the final dot (RFC 5321 section 4.2.5)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if self.envelope is None or not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        first = self._data_reservation()
+        if not self._adapter.reserve_data(first):
             await self.push(STORAGE_FULL)
             return
-        self._reserved = reservation
-        limit, self.data_size_limit = self.data_size_limit, reservation
+        self._reserved = first
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            status = await self._receive_data()
         finally:
-            self.data_size_limit = limit
-            self.release_data()  # refused, cut off, or never reached the hand-off
+            self.release_data()  # the data is gone by now, however this ended
+        if status is not None:
+            await self.push(status)
         if self.deadline_passed and not self.hung_up:
             self.deadline_passed = False
             self._deadline_reached()
+
+    async def _receive_data(self) -> str | None:
+        """Read the message to its final dot and hand it off; the reply to send, or
+        None when the connection went away first."""
+        body = bytearray()
+        on_wire = 0
+        limit = self.data_size_limit
+        failed: str | None = None  # the reply, once the message cannot be taken
+        inside_long_line = False
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                log.info("connection lost during DATA")
+                self._writer.close()
+                raise
+            except asyncio.LimitOverrunError as exc:
+                failed = failed or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                body = bytearray()
+                on_wire += len(await self._reader.read(exc.consumed))
+                inside_long_line = True
+                continue
+            if inside_long_line:  # the end of a line too long: not the final dot
+                inside_long_line = False
+                on_wire += len(line)
+                continue
+            if line == b".\r\n":
+                break
+            on_wire += len(line)
+            if failed is None and limit and on_wire > limit:
+                failed = "552 Error: Too much mail data"
+                body = bytearray()
+            if failed is not None:
+                continue  # read to the final dot, keep nothing
+            start = 1 if line.startswith(b".") else 0  # RFC 5321 4.5.2 transparency
+            if len(body) + len(line) - start > self._reserved and not self._grow(
+                len(body) + len(line) - start
+            ):
+                failed = STORAGE_FULL
+                body = bytearray()
+                continue
+            body += memoryview(line)[start:]
+        else:
+            return None
+        if failed is not None or self.envelope is None:
+            self._clear_envelope()
+            return failed
+        self.envelope.original_content = self.envelope.content = bytes(body)
+        del body
+        status = await self._call_handler_hook("DATA")
+        self._clear_envelope()  # the message is dropped before the reply
+        return "250 OK" if status is MISSING else str(status)
+
+    def _clear_envelope(self) -> None:
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
+
+    def _grow(self, needed: int) -> bool:
+        """More room for a message larger than its reservation (a declared SIZE
+        is a hint, not a promise), in steps of at least its size so far."""
+        more = max(needed - self._reserved, self._reserved, 64 * 1024)
+        if not self._adapter.reserve_data(more):
+            return False
+        self._reserved += more
+        return True
 
     def release_data(self) -> None:
         reserved, self._reserved = self._reserved, 0
@@ -245,16 +324,15 @@ class _Protocol(SMTP):
             self._adapter.release_data(reserved)
 
     def _data_reservation(self) -> int:
-        """The bytes this message may take: its declared SIZE (RFC 1870) with a tenth
-        and 64 KiB to spare, which then is its limit too (a client that declares
-        1 KB and sends 25 MB gets 552), else the largest message."""
+        """The room a message starts with: its declared SIZE (RFC 1870) with a tenth
+        and 64 KiB to spare, else 1 MiB; it grows as the data comes (see _grow)."""
         largest = self._adapter.settings.max_message_size
         for option in self.envelope.mail_options if self.envelope is not None else ():
             name, _, value = option.partition("=")
-            if name.upper() == "SIZE" and value.isdigit():
+            if name.upper() == "SIZE" and value.isascii() and value.isdigit():
                 declared = int(value)
                 return min(largest, declared + declared // 10 + 64 * 1024)
-        return largest
+        return min(largest, 1024 * 1024)
 
     def goodbye(self) -> None:
         """421 and close: the client retries later, as RFC 5321 section 3.8 asks."""

@@ -261,27 +261,31 @@ def test_message_data_in_memory_is_bounded_and_released(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:
     """Senders holding DATA open cannot make the server buffer without end: past the
-    budget DATA gets 452 4.3.1 (retry later); a declared SIZE reserves only itself,
-    and is then the message's limit; the room comes back when a message ends."""
+    budget DATA gets 452 4.3.1 (retry later), at DATA or, for a message that outgrows
+    its room, after its final dot; a declared SIZE is the room a message starts
+    with, not a limit; the room comes back when a message ends."""
     with smtp_server(
         kafka_settings, tmp_path, max_message_size=1024 * 1024, max_data_in_flight=2_500_000
     ) as server:
-        first, code, _ = _open_data(server)  # no SIZE: reserves the 1 MiB maximum
+        first, code, _ = _open_data(server)  # no SIZE: starts with 1 MiB (the maximum here)
         assert code == 354
         second, code, _ = _open_data(server)
         assert code == 354
         third, code, text = _open_data(server)
         assert (code, text[:5]) == (452, b"4.3.1")
-        # A sender that declares its size fits in what is left ...
-        small, code, _ = _open_data(server, size=2_000)
+        # A sender that declares its size fits in what is left; dot-stuffed lines
+        # count once (RFC 1870's SIZE is the message, not the wire).
+        dotted = email(f"small-{unique}") + b".\r\n" * 2_000
+        small, code, _ = _open_data(server, size=len(dotted))
         assert code == 354
-        code, text = _finish(small, email(f"small-{unique}"))
+        code, text = _finish(small, dotted)
         assert code == 250, text
-        # ... and cannot send more than it declared (with the slack: a tenth + 64 KiB).
+        # One that declares 1 KB and sends 600 KB outgrows the room left: 452 at the end.
+        big = email(f"liar-{unique}") + (b"x" * 998 + b"\r\n") * 600
         liar, code, _ = _open_data(server, size=1_000)
         assert code == 354
-        code, text = _finish(liar, email(f"liar-{unique}") + (b"x" * 998 + b"\r\n") * 200)
-        assert code == 552
+        code, text = _finish(liar, big)
+        assert (code, text[:5]) == (452, b"4.3.1")
         # The first message ends: its room is free again for the third sender.
         code, text = _finish(first, email(f"first-{unique}"))
         assert code == 250, text
@@ -289,8 +293,15 @@ def test_message_data_in_memory_is_bounded_and_released(
         assert code == 354, text
         code, text = _finish(third, email(f"third-{unique}"))
         assert code == 250, text
+        # With room to grow, the same undeclared 600 KB is taken.
+        code, text = liar.docmd("MAIL FROM:<alice@example.org>")
+        assert code == 250, text
+        assert liar.docmd("RCPT TO:<support@example.com>")[0] == 250
+        assert liar.docmd("DATA")[0] == 354
+        code, text = _finish(liar, big)
+        assert code == 250, text
         code, text = _finish(second, email(f"second-{unique}"))
         assert code == 250, text
         for client in (first, second, third, small, liar):
             client.close()
-        assert server.adapter._data_reserved == 0
+        wait_for(lambda: server.adapter._data_reserved == 0)
