@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HEADER = struct.Struct("!Q")
+#: Calls written to a worker before their turn: the one it parses and the next.
+_AHEAD = 2
 
 
 class WorkerCrashed(RuntimeError):
@@ -144,6 +146,9 @@ class _Worker:
     writer: asyncio.StreamWriter
     reader_task: asyncio.Task[None] | None = None
     line: collections.deque[_Call] = field(default_factory=collections.deque)
+    #: Calls not yet written to it: only _AHEAD are in its socket at a time, so a
+    #: call whose sender hung up meanwhile is dropped here, unparsed, its bytes freed.
+    queue: collections.deque[_Call] = field(default_factory=collections.deque)
     #: When the call at the head of the line was sent or reached the head.
     head_since: float = 0.0
     dead: bool = False
@@ -230,6 +235,7 @@ class ParserPool:
             with contextlib.suppress(Exception):
                 worker.writer.close()
             _cancel(worker.line)
+            _cancel(worker.queue)
         _cancel(self._backlog)
         await asyncio.to_thread(_join_all, [worker.process for worker in slots])
 
@@ -257,15 +263,25 @@ class ParserPool:
         if not alive:
             self._backlog.append(call)  # sent once a replacement is up
             return
-        self._write(min(alive, key=lambda w: len(w.line)), call)
+        self._write(min(alive, key=lambda w: len(w.line) + len(w.queue)), call)
 
     @staticmethod
     def _write(worker: _Worker, call: _Call) -> None:
+        if len(worker.line) >= _AHEAD:
+            worker.queue.append(call)
+            return
         if not worker.line:
             worker.head_since = asyncio.get_running_loop().time()
         worker.line.append(call)
         worker.writer.write(_HEADER.pack(len(call.payload)))
         worker.writer.write(call.payload)
+
+    def _pump(self, worker: _Worker) -> None:
+        """Write the next queued calls, dropping those nobody waits for any more."""
+        while worker.queue and len(worker.line) < _AHEAD:
+            call = worker.queue.popleft()
+            if not call.future.done():
+                self._write(worker, call)
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
@@ -278,6 +294,7 @@ class ParserPool:
                     raise RuntimeError(f"reply {seq} does not answer the call at the head")
                 call = worker.line.popleft()
                 worker.head_since = loop.time()
+                self._pump(worker)
                 if call.future.done():
                     continue  # its sender gave up (cancelled)
                 if ok:
@@ -321,6 +338,8 @@ class ParserPool:
             dead.process.kill()  # an unreadable reply: it may still be running
         await asyncio.to_thread(dead.process.join, 5)
         self._blame(dead)
+        dead.line.extend(call for call in dead.queue if not call.future.done())
+        dead.queue.clear()
         fresh = await self._start_fresh(dead.line)
         if self.stopping or dead not in self._slots:  # stopped meanwhile: it goes too
             if fresh.reader_task is not None:

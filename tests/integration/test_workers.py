@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -287,3 +288,31 @@ def test_a_fresh_workers_start_does_not_count_against_the_next_message() -> None
             await pool.stop()
 
     asyncio.run(scenario())
+
+
+def _note(path: str, value: int) -> int:
+    with open(path, "a") as out:
+        out.write(f"{value}\n")
+    time.sleep(0.1)
+    return value
+
+
+def test_calls_whose_senders_gave_up_are_dropped_unparsed(tmp_path: Path) -> None:
+    """Only the call being parsed and the next are in the worker's socket; the rest
+    wait here, and one whose sender hung up (its future cancelled) is never sent."""
+    notes = tmp_path / "notes.txt"
+
+    async def scenario() -> None:
+        pool = ParserPool(workers=1)
+        await pool.warm_up()
+        try:
+            calls = [asyncio.ensure_future(pool.run(_note, str(notes), i)) for i in range(10)]
+            await asyncio.sleep(0.05)  # 0 is being parsed, 1 is in the socket
+            for call in calls[2:9]:
+                call.cancel()
+            assert list(await asyncio.gather(calls[0], calls[1], calls[9])) == [0, 1, 9]
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
+    assert notes.read_text().split() == ["0", "1", "9"]
