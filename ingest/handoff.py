@@ -71,9 +71,7 @@ class HandOff:
         journal: Journal | None = None,
     ) -> None:
         self._publisher = publisher
-        # Kafka refuses a produce request over max_request_size; the headers and the
-        # batch's own framing take a little of it.
-        self.max_event_bytes = publisher.max_request_size - 64 * 1024
+        self.max_event_bytes = publisher.max_event_bytes
         # Only on the embedded broker (see ingest.journal): kept until the queue has it.
         self.journal = journal
         self._blobs = blobs

@@ -247,7 +247,8 @@ class _Protocol(SMTP):
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             status = await self._receive_data()
         finally:
-            self.release_data()  # the data is gone by now, however this ended
+            # Before the reply: a sender told 250 may start its next DATA at once.
+            self._release_data()  # the data is gone by now, however this ended
         if status is not None:
             await self.push(status)
         if self.deadline_passed and not self.hung_up:
@@ -288,9 +289,8 @@ class _Protocol(SMTP):
             if failed is not None:
                 continue  # read to the final dot, keep nothing
             start = 1 if line.startswith(b".") else 0  # RFC 5321 4.5.2 transparency
-            if len(body) + len(line) - start > self._reserved and not self._grow(
-                len(body) + len(line) - start
-            ):
+            needed = len(body) + len(line) - start
+            if needed > self._reserved and not self._grow(needed):
                 failed = STORAGE_FULL
                 body = bytearray()
                 continue
@@ -318,7 +318,7 @@ class _Protocol(SMTP):
         self._reserved += more
         return True
 
-    def release_data(self) -> None:
+    def _release_data(self) -> None:
         reserved, self._reserved = self._reserved, 0
         if reserved:
             self._adapter.release_data(reserved)
@@ -410,8 +410,6 @@ class SmtpHandler:
         finally:
             if isinstance(server, _Protocol):
                 server.handing_off = False
-                # Before the reply goes out: a sender told 250 may start its next DATA.
-                server.release_data()
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp session error", extra={"error": repr(error)})

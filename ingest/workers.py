@@ -215,8 +215,7 @@ class ParserPool:
             raise
         worker = _Worker(process, writer)
         worker.reader_task = asyncio.create_task(self._read(worker, reader), name="parser-read")
-        ready = self._call(_ready, ())
-        ready.internal = True
+        ready = self._call(_ready, (), internal=True)
         worker.ready = ready.future
         self._write(worker, ready)
         return worker
@@ -229,11 +228,7 @@ class ParserPool:
             self._watchdog = None
         slots, self._slots = self._slots, []
         for worker in slots:
-            worker.dead = True
-            if worker.reader_task is not None:
-                worker.reader_task.cancel()
-            with contextlib.suppress(Exception):
-                worker.writer.close()
+            _hang_up(worker)
             _cancel(worker.line)
             _cancel(worker.queue)
         _cancel(self._backlog)
@@ -250,10 +245,13 @@ class ParserPool:
         self._send(call)
         return cast("T", await call.future)
 
-    def _call(self, fn: Callable[..., Any], args: tuple[object, ...]) -> _Call:
+    def _call(
+        self, fn: Callable[..., Any], args: tuple[object, ...], *, internal: bool = False
+    ) -> _Call:
         self._seq += 1
         payload = pickle.dumps((self._seq, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-        return _Call(self._seq, payload, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        return _Call(self._seq, payload, future, internal=internal)
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self._slots if not w.dead]
@@ -342,19 +340,21 @@ class ParserPool:
         dead.queue.clear()
         fresh = await self._start_fresh(dead.line)
         if self.stopping or dead not in self._slots:  # stopped meanwhile: it goes too
-            if fresh.reader_task is not None:
-                fresh.reader_task.cancel()
-            fresh.writer.close()
+            _hang_up(fresh)
             await asyncio.to_thread(_join_all, [fresh.process])
             return
         self._slots[self._slots.index(dead)] = fresh
         self._unavailable = False
-        waiting = list(dead.line) + list(self._backlog)
-        dead.line.clear()
+        for call in self._take_waiting(dead.line):
+            self._send(call)
+
+    def _take_waiting(self, line: collections.deque[_Call]) -> list[_Call]:
+        """The calls of a dead worker's line, then the backlog, that someone still
+        awaits; both emptied."""
+        waiting = [call for call in (*line, *self._backlog) if not call.future.done()]
+        line.clear()
         self._backlog.clear()
-        for call in waiting:
-            if not call.future.done():
-                self._send(call)
+        return waiting
 
     def _blame(self, dead: _Worker) -> None:
         """Count the death against the call at the head of the dead worker's line."""
@@ -395,22 +395,28 @@ class ParserPool:
                 log.exception("cannot start a parser worker; retrying", extra={"pause_s": pause})
             # Meanwhile the waiting calls go to the workers still alive; with none,
             # they are answered "retry later" rather than kept waiting.
-            waiting = list(line) + list(self._backlog)
-            line.clear()
-            self._backlog.clear()
+            waiting = self._take_waiting(line)
             if self._alive():
                 for call in waiting:
                     self._send(call)
             else:
                 self._unavailable = True
                 for call in waiting:
-                    if not call.future.done():
-                        call.future.set_exception(
-                            ParserUnavailable("no parse process could be started")
-                        )
+                    call.future.set_exception(
+                        ParserUnavailable("no parse process could be started")
+                    )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 30.0)
         return fresh
+
+
+def _hang_up(worker: _Worker) -> None:
+    """Stop reading from a worker and close our end: it sees EOF and exits."""
+    worker.dead = True
+    if worker.reader_task is not None:
+        worker.reader_task.cancel()
+    with contextlib.suppress(Exception):
+        worker.writer.close()
 
 
 def _cancel(calls: collections.deque[_Call]) -> None:

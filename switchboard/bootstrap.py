@@ -359,7 +359,7 @@ def _drainers(
 ) -> list[Drainer]:
     """The drainer of this process's spool; worker 0 also drains the files of
     workers the fleet no longer runs."""
-    limit = publisher.max_request_size - 64 * 1024
+    limit = publisher.max_event_bytes
     drainers = (
         [] if spool is None else [Drainer(spool, publisher.publish_many, max_event_bytes=limit)]
     )

@@ -164,9 +164,11 @@ class Publisher:
             return producer
 
     @property
-    def max_request_size(self) -> int:
-        """The largest produce request this publisher's producer sends."""
-        return self._settings.max_request_size
+    def max_event_bytes(self) -> int:
+        """The largest event value this publisher can send: Kafka refuses a produce
+        request over ``max_request_size``, and the headers and the batch's own
+        framing take a little of it."""
+        return self._settings.max_request_size - 64 * 1024
 
     def _installed(self) -> KafkaProducer | None:
         with self._lock:

@@ -116,9 +116,7 @@ def test_a_spool_holding_an_oversized_event_drains_past_it(
     spool.append(INBOUND, big)
     spool.append(INBOUND, after)
     publisher = Publisher(kafka_settings)
-    drainer = Drainer(
-        spool, publisher.publish_many, max_event_bytes=publisher.max_request_size - 65536
-    )
+    drainer = Drainer(spool, publisher.publish_many, max_event_bytes=publisher.max_event_bytes)
     try:
         assert drainer.drain_once() == 2
     finally:
