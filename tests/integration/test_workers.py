@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,16 @@ from ingest.errors import RetryLater
 from ingest.workers import ParserPool, WorkerCrashed
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def _started(workers: int, timeout_s: float = 60.0) -> AsyncIterator[ParserPool]:
+    pool = ParserPool(workers=workers, timeout_s=timeout_s)
+    await pool.warm_up()
+    try:
+        yield pool
+    finally:
+        await pool.stop()
 
 
 def _pid_and_double(value: int) -> tuple[int, int]:
@@ -39,9 +51,7 @@ def _slow_pid(value: int) -> tuple[int, int]:
 
 def test_work_runs_in_another_process_and_survives_a_crash() -> None:
     async def scenario() -> None:
-        pool = ParserPool(workers=1)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1) as pool:
             pid, doubled = await pool.run(_pid_and_double, 21)
             assert doubled == 42
             assert pid != os.getpid()
@@ -51,8 +61,6 @@ def test_work_runs_in_another_process_and_survives_a_crash() -> None:
             fresh, doubled = await pool.run(_pid_and_double, 5)
             assert doubled == 10
             assert fresh != pid
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
@@ -62,9 +70,7 @@ def test_a_poison_message_costs_only_itself() -> None:
     go to the fresh worker without a mark, and only the culprit is reported."""
 
     async def scenario() -> None:
-        pool = ParserPool(workers=1)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1) as pool:
             before = [pool.run(_pid_and_double, i) for i in range(3)]
             poison = pool.run(_crash, 0)
             after = [pool.run(_pid_and_double, i) for i in range(3, 40)]
@@ -72,17 +78,13 @@ def test_a_poison_message_costs_only_itself() -> None:
             assert isinstance(results[3], WorkerCrashed)
             doubled = [r[1] for r in results if isinstance(r, tuple)]
             assert doubled == [2 * i for i in range(40)]  # every innocent call answered
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_message_that_outlasts_the_time_limit_is_given_up_and_the_worker_replaced() -> None:
     async def scenario() -> None:
-        pool = ParserPool(workers=1, timeout_s=0.5)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1, timeout_s=0.5) as pool:
             first, _ = await pool.run(_pid_and_double, 1)
             started = time.monotonic()
             stuck = pool.run(_hang, 0)
@@ -94,40 +96,30 @@ def test_a_message_that_outlasts_the_time_limit_is_given_up_and_the_worker_repla
             assert time.monotonic() - started < 20
             later, _ = await pool.run(_pid_and_double, 2)
             assert later != first
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
 
 def test_an_exception_comes_back_as_itself_and_the_worker_stays() -> None:
     async def scenario() -> None:
-        pool = ParserPool(workers=1)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1) as pool:
             pid, _ = await pool.run(_pid_and_double, 1)
             with pytest.raises(ValueError, match="refused 4"):
                 await pool.run(_refuse, 4)
             again, _ = await pool.run(_pid_and_double, 1)
             assert again == pid
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
 
 def test_calls_spread_over_the_workers_and_stop_ends_them() -> None:
     async def scenario() -> list[int]:
-        pool = ParserPool(workers=2)
-        await pool.warm_up()
-        try:
+        async with _started(workers=2) as pool:
             results = await asyncio.gather(*(pool.run(_slow_pid, i) for i in range(6)))
             assert [value for _, value in results] == list(range(6))
             pids = {pid for pid, _ in results}
             assert len(pids) == 2
             return sorted(pids)
-        finally:
-            await pool.stop()
 
     pids = asyncio.run(scenario())
     for pid in pids:
@@ -146,6 +138,17 @@ def test_zero_workers_means_a_thread_in_this_process() -> None:
     assert asyncio.run(scenario()) == os.getpid()
 
 
+def _spawn_after(monkeypatch: pytest.MonkeyPatch, before: Callable[[], Awaitable[object]]) -> None:
+    """Every later start of a worker awaits ``before`` first (which may raise)."""
+    real = ParserPool._spawn
+
+    async def spawn(self: ParserPool) -> object:
+        await before()
+        return await real(self)
+
+    monkeypatch.setattr(ParserPool, "_spawn", spawn)
+
+
 def _stop_iteration(_: int) -> int:
     raise StopIteration
 
@@ -161,9 +164,7 @@ def _picky(_: int) -> int:
 
 def test_exceptions_asyncio_or_pickle_refuse_come_back_as_runtime_errors() -> None:
     async def scenario() -> None:
-        pool = ParserPool(workers=1, timeout_s=2)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1, timeout_s=2) as pool:
             pid, _ = await pool.run(_pid_and_double, 1)
             with pytest.raises(RuntimeError, match="StopIteration"):
                 await asyncio.wait_for(pool.run(_stop_iteration, 0), 10)
@@ -171,8 +172,6 @@ def test_exceptions_asyncio_or_pickle_refuse_come_back_as_runtime_errors() -> No
                 await asyncio.wait_for(pool.run(_picky, 0), 10)
             again, _ = await asyncio.wait_for(pool.run(_pid_and_double, 1), 10)
             assert again == pid  # the same worker: nothing died
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
@@ -181,18 +180,14 @@ def test_a_failed_start_sends_the_waiting_calls_to_the_workers_left(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def scenario() -> None:
-        pool = ParserPool(workers=2)
-        await pool.warm_up()
-        real = ParserPool._spawn
-        failures = [OSError(24, "Too many open files")]
+        async with _started(workers=2) as pool:
+            failures = [OSError(24, "Too many open files")]
 
-        async def spawn(self: ParserPool) -> object:
-            if failures:
-                raise failures.pop()
-            return await real(self)
+            async def fail_once() -> None:
+                if failures:
+                    raise failures.pop()
 
-        monkeypatch.setattr(ParserPool, "_spawn", spawn)
-        try:
+            _spawn_after(monkeypatch, fail_once)
             poison = pool.run(_crash, 0)
             innocent = [pool.run(_slow_pid, i) for i in range(6)]
             results = await asyncio.wait_for(
@@ -205,8 +200,6 @@ def test_a_failed_start_sends_the_waiting_calls_to_the_workers_left(
                 pid for pid, _ in await asyncio.gather(*(pool.run(_slow_pid, i) for i in range(4)))
             }
             assert len(pids) == 2
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
@@ -215,18 +208,14 @@ def test_with_no_worker_left_calls_are_told_to_retry_and_the_pool_recovers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def scenario() -> None:
-        pool = ParserPool(workers=1)
-        await pool.warm_up()
-        real = ParserPool._spawn
-        failing = [True]
+        async with _started(workers=1) as pool:
+            failing = [True]
 
-        async def spawn(self: ParserPool) -> object:
-            if failing[0]:
-                raise OSError(24, "Too many open files")
-            return await real(self)
+            async def fail_while_told() -> None:
+                if failing[0]:
+                    raise OSError(24, "Too many open files")
 
-        monkeypatch.setattr(ParserPool, "_spawn", spawn)
-        try:
+            _spawn_after(monkeypatch, fail_while_told)
             with pytest.raises(RetryLater):
                 await asyncio.wait_for(pool.run(_crash, 0), 10)
             with pytest.raises(RetryLater):
@@ -242,8 +231,6 @@ def test_with_no_worker_left_calls_are_told_to_retry_and_the_pool_recovers(
                 break
             else:
                 pytest.fail("the pool did not recover")
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
@@ -254,13 +241,7 @@ def test_stop_while_a_worker_is_being_replaced_answers_every_call(
     async def scenario() -> None:
         pool = ParserPool(workers=1)
         await pool.warm_up()
-        real = ParserPool._spawn
-
-        async def slow_spawn(self: ParserPool) -> object:
-            await asyncio.sleep(1.0)
-            return await real(self)
-
-        monkeypatch.setattr(ParserPool, "_spawn", slow_spawn)
+        _spawn_after(monkeypatch, lambda: asyncio.sleep(1.0))
         calls: list[asyncio.Future[object]] = [asyncio.ensure_future(pool.run(_crash, 0))]
         calls += [asyncio.ensure_future(pool.run(_pid_and_double, i)) for i in range(3)]
         await asyncio.sleep(0.5)  # the worker is dead, its successor starting
@@ -277,15 +258,11 @@ def test_a_fresh_workers_start_does_not_count_against_the_next_message() -> None
     message after a crash through: the clock starts when the process is up."""
 
     async def scenario() -> None:
-        pool = ParserPool(workers=1, timeout_s=0.2)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1, timeout_s=0.2) as pool:
             with pytest.raises(WorkerCrashed):
                 await asyncio.wait_for(pool.run(_crash, 0), 60)
             _, doubled = await asyncio.wait_for(pool.run(_pid_and_double, 3), 60)
             assert doubled == 6
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
 
@@ -303,16 +280,12 @@ def test_calls_whose_senders_gave_up_are_dropped_unparsed(tmp_path: Path) -> Non
     notes = tmp_path / "notes.txt"
 
     async def scenario() -> None:
-        pool = ParserPool(workers=1)
-        await pool.warm_up()
-        try:
+        async with _started(workers=1) as pool:
             calls = [asyncio.ensure_future(pool.run(_note, str(notes), i)) for i in range(10)]
             await asyncio.sleep(0.05)  # 0 is being parsed, 1 is in the socket
             for call in calls[2:9]:
                 call.cancel()
             assert list(await asyncio.gather(calls[0], calls[1], calls[9])) == [0, 1, 9]
-        finally:
-            await pool.stop()
 
     asyncio.run(scenario())
     assert notes.read_text().split() == ["0", "1", "9"]
