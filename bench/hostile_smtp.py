@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.smtp_ingest import _reply, send_data
 from switchboard.broker import free_port, wait_for_port
 
 HOLDER = "127.0.0.2"
@@ -49,13 +50,6 @@ def message(i: int) -> bytes:
     return msg.as_bytes().replace(b"\n", b"\r\n")
 
 
-async def _reply(reader: asyncio.StreamReader) -> bytes:
-    while True:
-        line = await reader.readline()
-        if line[3:4] != b"-":
-            return line
-
-
 async def send_one(port: int, raw: bytes) -> tuple[float, bytes]:
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.1", 0))
@@ -65,13 +59,7 @@ async def send_one(port: int, raw: bytes) -> tuple[float, bytes]:
             return time.perf_counter() - started, greeting
         writer.write(b"EHLO legit.example.org\r\n")
         await _reply(reader)
-        writer.write(
-            b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
-            + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
-        )
-        for _ in range(3):
-            await _reply(reader)
-        writer.write(raw.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+        await send_data(reader, writer, raw)
         line = await _reply(reader)
         took = time.perf_counter() - started
         writer.write(b"QUIT\r\n")

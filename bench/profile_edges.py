@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.http_ingest import HOOK_CONFIG, SECRET, TOKEN, json_hook_request, twilio_request, wrk
-from bench.smtp_ingest import _reply, corpus, drive
+from bench.smtp_ingest import _reply, corpus, drive, send_data
 from switchboard.broker import free_port, wait_for_port
 
 #: Cost centres: (name, pattern on a frame's file path, or "function (file)" for the
@@ -257,13 +257,7 @@ async def _smtp_load(
         await _reply(reader)
         while not stop.is_set():
             for raw in share:
-                writer.write(
-                    b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
-                    + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
-                )
-                for _ in range(3):
-                    await _reply(reader)  # replies can span lines
-                writer.write(raw.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+                await send_data(reader, writer, raw)
                 # Awaited first: `sent[0] += await ...` would read the count before
                 # the await and lose the other connections' increments.
                 answer = await _reply(reader)

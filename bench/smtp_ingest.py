@@ -92,6 +92,18 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
+async def send_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> None:
+    """One transaction up to the final dot, pipelined as MTAs do, SIZE declared; the
+    caller reads the reply to DATA."""
+    writer.write(
+        b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
+        + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
+    )
+    for _ in range(3):
+        await _reply(reader)  # replies can span lines
+    writer.write(raw.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+
+
 async def client(port: int, messages: list[bytes], latencies: list[float]) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await _reply(reader)
@@ -99,13 +111,7 @@ async def client(port: int, messages: list[bytes], latencies: list[float]) -> in
     await _reply(reader)
     accepted = 0
     for raw in messages:
-        writer.write(
-            b"MAIL FROM:<customer@example.org> SIZE=%d\r\n" % len(raw)
-            + b"RCPT TO:<support@example.com>\r\nDATA\r\n"
-        )
-        for _ in range(3):
-            await _reply(reader)
-        writer.write(raw.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+        await send_data(reader, writer, raw)
         started = time.perf_counter()
         line = await _reply(reader)
         latencies.append(time.perf_counter() - started)
