@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +101,10 @@ bench-journal: $(VENV)/.installed-dev
 ## The archive sink vs raw consume on the same 100,000 events, and the archive's size.
 bench-archive: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/archive.py
+
+## The queue sink's store alone: routed and contact events into the read model, SQLite and PostgreSQL.
+bench-sink: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/queue_sink.py
 
 ## Queue listing (10,000 open customers) and search (100,000 messages) latency on PostgreSQL.
 bench-queue: $(VENV)/.installed-dev

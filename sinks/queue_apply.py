@@ -16,6 +16,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    bindparam,
     case,
     delete,
     func,
@@ -66,6 +67,85 @@ from switchboard.events import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[["QueueWriter", Connection, Any], None]
+
+# The statements every event runs, built once with bound parameters and reused:
+# building a statement and its cache key per event took more of the sink's time
+# than the database did (bench/queue_sink.py). Rarer ones (merges, unmerges,
+# status changes) are still built where they run.
+_contact, _conversation = q_contacts.c, q_conversations.c
+_OWNER_FACT = select(_contact.owner, _contact.owner_at).where(_contact.id == bindparam("id"))
+_OWNER = select(_contact.owner).where(_contact.id == bindparam("id"))
+_SET_OWNER = (
+    update(q_contacts)
+    .where(_contact.id == bindparam("b_id"))
+    .values(owner=bindparam("b_owner"), owner_at=bindparam("b_at"))
+)
+_CONVERSATIONS_OWNER = (
+    update(q_conversations)
+    .where(_conversation.contact_id == bindparam("b_id"))
+    .values(owner=bindparam("b_owner"))
+)
+_OWNER_AFTER_UNMERGE = (
+    update(q_contacts)
+    .where(
+        _contact.id == bindparam("b_id"),
+        _contact.merged_into.is_not(None),
+        _contact.owner_at < bindparam("b_at"),
+    )
+    .values(owner=bindparam("b_owner"), owner_at=bindparam("b_at"))
+)
+_CREATED_AT = (
+    update(q_contacts).where(_contact.id == bindparam("b_id")).values(created_at=bindparam("b_at"))
+)
+_MOVED_MESSAGE = select(q_unmerged_messages.c.conversation_id).where(
+    q_unmerged_messages.c.message_id == bindparam("id")
+)
+_WENT_BACK = select(q_unmerged_conversations.c.contact_id).where(
+    q_unmerged_conversations.c.conversation_id == bindparam("id")
+)
+_CONVERSATION = select(q_conversations).where(_conversation.id == bindparam("id"))
+_NEW_CONVERSATION = insert(q_conversations)
+_ATTACHMENTS = insert(q_attachments)
+_INBOXES = select(q_messages.c.inboxes).where(q_messages.c.id == bindparam("id"))
+_SET_INBOXES = (
+    update(q_messages).where(q_messages.c.id == bindparam("b_id")).values(inboxes=bindparam("b_in"))
+)
+_ROUTED_CONTACTS = (
+    select(_conversation.contact_id)
+    .where(_conversation.id == bindparam("conversation_id"))
+    .union(select(q_messages.c.contact_id).where(q_messages.c.id == bindparam("message_id")))
+)
+_CONVERSATION_UPDATES: dict[tuple[str, ...], Any] = {}
+
+
+def _update_conversation(c: Connection, conversation_id: UUID, values: dict[str, Any]) -> None:
+    """``values`` into one conversation, by a statement kept per set of columns."""
+    names = tuple(sorted(values))
+    statement = _CONVERSATION_UPDATES.get(names)
+    if statement is None:
+        statement = (
+            update(q_conversations)
+            .where(_conversation.id == bindparam("b_id"))
+            .values({name: bindparam(f"b_{name}") for name in names})
+        )
+        _CONVERSATION_UPDATES[names] = statement
+    c.execute(statement, {"b_id": conversation_id, **{f"b_{k}": v for k, v in values.items()}})
+
+
+_LINKS: dict[str, Any] = {}
+
+
+def _link_identity(c: Connection, key: str, contact_id: UUID) -> None:
+    """The identity belongs to the contact (inserted, or moved to it)."""
+    statement = _LINKS.get(c.dialect.name)
+    if statement is None:
+        dialect = postgresql if c.dialect.name == "postgresql" else sqlite
+        insert_ = dialect.insert(q_identities)
+        statement = insert_.on_conflict_do_update(
+            index_elements=[q_identities.c.key], set_={"contact_id": insert_.excluded.contact_id}
+        )
+        _LINKS[c.dialect.name] = statement
+    c.execute(statement, {"key": key, "contact_id": contact_id})
 
 
 class QueueWriter:
@@ -159,57 +239,28 @@ class QueueWriter:
 
     def _set_owner(self, c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
         """Record an owner fact unless a newer one is known; conversations follow."""
-        row = c.execute(
-            select(q_contacts.c.owner, q_contacts.c.owner_at).where(q_contacts.c.id == contact_id)
-        ).one()
+        row = c.execute(_OWNER_FACT, {"id": contact_id}).one()
         if _aware(row.owner_at) > at:  # type: ignore[operator]
             return
-        c.execute(
-            update(q_contacts).where(q_contacts.c.id == contact_id).values(owner=owner, owner_at=at)
-        )
-        c.execute(
-            update(q_conversations)
-            .where(q_conversations.c.contact_id == contact_id)
-            .values(owner=owner)
-        )
+        c.execute(_SET_OWNER, {"b_id": contact_id, "b_owner": owner, "b_at": at})
+        c.execute(_CONVERSATIONS_OWNER, {"b_id": contact_id, "b_owner": owner})
 
     @staticmethod
     def _owner_after_unmerge(c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
         """An owner fact of a merged-away contact newer than its merge (whose time
         its row holds) can only come from after an unmerge this read model has not
         seen yet: the row keeps it, and the unmerge then keeps the newer fact."""
-        c.execute(
-            update(q_contacts)
-            .where(
-                q_contacts.c.id == contact_id,
-                q_contacts.c.merged_into.is_not(None),
-                q_contacts.c.owner_at < at,
-            )
-            .values(owner=owner, owner_at=at)
-        )
+        c.execute(_OWNER_AFTER_UNMERGE, {"b_id": contact_id, "b_owner": owner, "b_at": at})
 
     def _owner_of(self, c: Connection, contact_id: UUID) -> str:
-        return str(
-            c.execute(select(q_contacts.c.owner).where(q_contacts.c.id == contact_id)).scalar_one()
-        )
+        return str(c.execute(_OWNER, {"id": contact_id}).scalar_one())
 
     def _routed(self, c: Connection, e: MessageRouted) -> None:
         m = e.message
         # An unmerge applied before this event may have moved the message, or
         # given its conversation back to another contact.
-        conversation_id = (
-            c.execute(
-                select(q_unmerged_messages.c.conversation_id).where(
-                    q_unmerged_messages.c.message_id == m.id
-                )
-            ).scalar()
-            or e.conversation_id
-        )
-        went_back = c.execute(
-            select(q_unmerged_conversations.c.contact_id).where(
-                q_unmerged_conversations.c.conversation_id == conversation_id
-            )
-        ).scalar()
+        conversation_id = c.execute(_MOVED_MESSAGE, {"id": m.id}).scalar() or e.conversation_id
+        went_back = c.execute(_WENT_BACK, {"id": conversation_id}).scalar()
         contact_id = self._survivor(c, went_back or e.contact_id)
         self._ensure_contact(c, contact_id, e.owner, e.routed_at)
         # The event's owner is a fact about the contact it was routed to, wherever
@@ -223,23 +274,22 @@ class QueueWriter:
         owner = self._owner_of(c, contact_id)
         machine = m.flags.auto_reply or m.flags.bounce
         preview = (m.text_new or m.text or m.subject or "")[:PREVIEW]
-        conversation = c.execute(
-            select(q_conversations).where(q_conversations.c.id == conversation_id)
-        ).first()
+        conversation = c.execute(_CONVERSATION, {"id": conversation_id}).first()
         if conversation is None:
             c.execute(
-                insert(q_conversations).values(
-                    id=conversation_id,
-                    contact_id=contact_id,
-                    owner=owner,
-                    status="open",
-                    channels=[m.channel],
-                    oldest_unanswered_at=None if machine else m.received_at,
-                    started_at=m.received_at,
-                    last_message_at=m.received_at,
-                    last_preview=preview,
-                    message_count=1,
-                )
+                _NEW_CONVERSATION,
+                {
+                    "id": conversation_id,
+                    "contact_id": contact_id,
+                    "owner": owner,
+                    "status": "open",
+                    "channels": [m.channel],
+                    "oldest_unanswered_at": None if machine else m.received_at,
+                    "started_at": m.received_at,
+                    "last_message_at": m.received_at,
+                    "last_preview": preview,
+                    "message_count": 1,
+                },
             )
         else:
             values: dict[str, Any] = {
@@ -260,11 +310,7 @@ class QueueWriter:
                 values["status"] = "open"
                 oldest = _aware(conversation.oldest_unanswered_at)
                 values["oldest_unanswered_at"] = min(oldest or m.received_at, m.received_at)
-            c.execute(
-                update(q_conversations)
-                .where(q_conversations.c.id == conversation_id)
-                .values(**values)
-            )
+            _update_conversation(c, conversation_id, values)
         attachments = [a.model_dump(mode="json") for a in m.attachments]
         inserted = _upsert_ignore(
             c,
@@ -306,22 +352,16 @@ class QueueWriter:
             )
         if inserted and stored:
             c.execute(
-                insert(q_attachments),
+                _ATTACHMENTS,
                 [{"sha256": h, "message_id": m.id, "attachment": a} for h, a in stored.items()],
             )
 
     def _duplicate(self, c: Connection, e: MessageDuplicate) -> None:
-        current = c.execute(
-            select(q_messages.c.inboxes).where(q_messages.c.id == e.original_message_id)
-        ).scalar()
+        current = c.execute(_INBOXES, {"id": e.original_message_id}).scalar()
         if current is None:
             return  # the original's routed event comes later; nothing to add to yet
         merged = sorted({*current, *(r.key for r in e.recipients)})
-        c.execute(
-            update(q_messages)
-            .where(q_messages.c.id == e.original_message_id)
-            .values(inboxes=merged)
-        )
+        c.execute(_SET_INBOXES, {"b_id": e.original_message_id, "b_in": merged})
 
     def _status(self, c: Connection, e: ConversationStatus) -> None:
         row = c.execute(
@@ -351,11 +391,7 @@ class QueueWriter:
             # Its own row even when merged since: a merge never changes when a
             # contact was created, so an unmerge shows the true date, whatever order
             # the partitions came in.
-            c.execute(
-                update(q_contacts)
-                .where(q_contacts.c.id == e.contact_id)
-                .values(created_at=e.occurred_at)
-            )
+            c.execute(_CREATED_AT, {"b_id": e.contact_id, "b_at": e.occurred_at})
         owned = e.kind in (ContactEventKind.CREATED, ContactEventKind.OWNER_ASSIGNED)
         if own and owned and e.owner:
             self._set_owner(c, contact_id, e.owner, e.occurred_at)
@@ -365,13 +401,7 @@ class QueueWriter:
             owner = e.owner or self._owner_of(c, contact_id)
             self._merge(c, contact_id, e.merged_contact_ids, e.occurred_at, owner)
         for key in e.identities:
-            dialect = postgresql if c.dialect.name == "postgresql" else sqlite
-            statement = dialect.insert(q_identities).values(key=key, contact_id=contact_id)
-            c.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[q_identities.c.key], set_={"contact_id": contact_id}
-                )
-            )
+            _link_identity(c, key, contact_id)
 
     def _merge(
         self, c: Connection, survivor: UUID, merged: Sequence[UUID], at: datetime, owner: str
@@ -554,9 +584,8 @@ def _contacts_of(c: Connection, event: BaseModel) -> set[UUID]:
         return {
             UUID(str(x))
             for x in c.execute(
-                select(q_conversations.c.contact_id)
-                .where(q_conversations.c.id == event.conversation_id)
-                .union(select(q_messages.c.contact_id).where(q_messages.c.id == event.message.id))
+                _ROUTED_CONTACTS,
+                {"conversation_id": event.conversation_id, "message_id": event.message.id},
             ).scalars()
         }
     found: set[UUID] = set()

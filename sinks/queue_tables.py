@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    bindparam,
     false,
     select,
 )
@@ -156,11 +157,14 @@ TABLES = (
 )
 
 
+# Statements the sink runs for every event are built once and reused: building a
+# statement and its cache key took more of the sink's time than running it.
+_SURVIVOR = select(q_contacts.c.merged_into).where(q_contacts.c.id == bindparam("id"))
+
+
 def survivor(c: Connection, contact_id: UUID) -> UUID:
     """The contact a (possibly merged-away) contact lives on as, in the read model."""
-    merged = c.execute(
-        select(q_contacts.c.merged_into).where(q_contacts.c.id == contact_id)
-    ).scalar()
+    merged = c.execute(_SURVIVOR, {"id": contact_id}).scalar()
     return UUID(str(merged)) if merged else contact_id
 
 
@@ -176,10 +180,19 @@ def _upsert_ignore(c: Connection, table: Table, row: dict[str, Any]) -> bool:
     Asks with RETURNING: ``rowcount`` of ``ON CONFLICT DO NOTHING`` is -1 (truthy)
     through SQLAlchemy 2.1 + psycopg 3, which made every replayed event look new.
     """
-    dialect = postgresql if c.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table).values(**row).on_conflict_do_nothing()
-    result = c.execute(statement.returning(*table.primary_key.columns))
-    return result.first() is not None
+    key = (c.dialect.name, table.name)
+    statement = _IGNORING.get(key)
+    if statement is None:
+        dialect = postgresql if c.dialect.name == "postgresql" else sqlite
+        statement = (
+            dialect.insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        )
+        _IGNORING[key] = statement
+    # The row's keys name the columns (the statement has no VALUES of its own).
+    return c.execute(statement, row).first() is not None
+
+
+_IGNORING: dict[tuple[str, str], Any] = {}
 
 
 def _now() -> datetime:

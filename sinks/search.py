@@ -30,6 +30,7 @@ PG_DOCUMENT = (
 )
 _WORD = re.compile(r"\w+", re.UNICODE)
 _fts = table("queue_search", column("message_id", Uuid), column("document", Text))
+_INDEX = insert(_fts)  # built once: one per message written
 
 
 def words(query: str) -> list[str]:
@@ -55,7 +56,7 @@ class SqliteSearch:
     """FTS5, filled by the writer."""
 
     def index(self, c: Connection, message_id: UUID, document: str) -> None:
-        c.execute(insert(_fts).values(message_id=message_id, document=document))
+        c.execute(_INDEX, {"message_id": message_id, "document": document})
 
     def find(self, c: Connection, query: str, limit: int) -> list[UUID]:
         found = words(query)
