@@ -145,11 +145,14 @@ class RoutingHandler(RecordHandler):
     def acknowledged(self) -> None:
         self.stats.batches += 1
         self.stats.last_commit = time.time()
-        for outcome in self._outcomes:
-            self.stats.results[outcome.result] += 1
-            ROUTER_DECISIONS.labels(outcome.result, outcome.reason or outcome.result).inc()
-            if outcome.result == "failed":
-                DEAD_LETTERED.labels("router", "routing-failed").inc()
+        # Counted per kind, then one increment each: a label look-up per message was
+        # 1% of the router's time.
+        decided = Counter((o.result, o.reason or o.result) for o in self._outcomes)
+        for (result, reason), n in decided.items():
+            self.stats.results[result] += n
+            ROUTER_DECISIONS.labels(result, reason).inc(n)
+            if result == "failed":
+                DEAD_LETTERED.labels("router", "routing-failed").inc(n)
         if self._bad:
             ROUTER_DECISIONS.labels("bad-record", "envelope").inc(self._bad)
             DEAD_LETTERED.labels("router", "envelope").inc(self._bad)

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Insert,
     String,
     Table,
+    Uuid,
     bindparam,
     cast,
     delete,
@@ -191,15 +192,52 @@ def _copy(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
             copy.write_row([row[name] for name in names])
 
 
-_Plan = tuple[str, tuple[tuple[str, Callable[[Any], Any] | None], ...]]
+# How a column's values become SQLite parameters: "uuid" and "datetime" inline the
+# conversions SQLAlchemy's bind processors make (the same text, checked by
+# tests/unit/test_router_writes.py), anything else through its bind processor.
+_Convert = Callable[[Any], Any] | None
+_Plan = tuple[str, tuple[tuple[str, str, _Convert], ...]]
 _SQLITE_PLANS: dict[tuple[str, Table, tuple[str, ...]], _Plan] = {}
+# SQLAlchemy's storage format for SQLite DATETIME, which datetime.isoformat matches.
+_SQLITE_DATETIME = (
+    "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"
+)
+
+
+def _sqlite_kind(type_: Any, dialect: Any) -> tuple[str, _Convert]:  # noqa: ANN401 - types
+    impl = type_.dialect_impl(dialect)
+    convert = impl.bind_processor(dialect)
+    if isinstance(type_, Uuid) and type_.as_uuid and convert is not None:
+        return "uuid", convert
+    if isinstance(type_, DateTime) and getattr(impl, "_storage_format", None) == _SQLITE_DATETIME:
+        return "datetime", convert
+    return "plain" if convert is None else "other", convert
+
+
+def _sqlite_column(values: list[Any], kind: str, convert: _Convert) -> list[Any]:
+    """One column's values as SQLite takes them, column by column: one list
+    comprehension per column instead of a Python call per value."""
+    if kind == "uuid":
+        return [None if v is None else v.hex for v in values]
+    if kind == "datetime" and convert is not None:
+        return [
+            None
+            if v is None
+            else v.isoformat(" ", "microseconds")[:26]
+            if type(v) is datetime
+            else convert(v)
+            for v in values
+        ]
+    if convert is None:
+        return values
+    return list(map(convert, values))
 
 
 def _sqlite_insert(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """SQLite: rows into a table with one ``executemany`` of positional tuples, each
-    value converted by its column's own bind processor (the one SQLAlchemy applies),
-    without SQLAlchemy's per-row parameter bookkeeping: measured, that bookkeeping
-    cost more than SQLite's own insert of the row."""
+    value converted as its column's bind processor converts it (the one SQLAlchemy
+    applies), without SQLAlchemy's per-row parameter bookkeeping: measured, that
+    bookkeeping cost more than SQLite's own insert of the row."""
     names = tuple(rows[0])
     key = (c.dialect.driver, table, names)
     plan = _SQLITE_PLANS.get(key)
@@ -208,20 +246,15 @@ def _sqlite_insert(c: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
         order = compiled.positiontup or []
         plan = (
             str(compiled),
-            tuple(
-                (name, table.c[name].type.dialect_impl(c.dialect).bind_processor(c.dialect))
-                for name in order
-            ),
+            tuple((name, *_sqlite_kind(table.c[name].type, c.dialect)) for name in order),
         )
         _SQLITE_PLANS[key] = plan
     statement, columns = plan
-    c.exec_driver_sql(
-        statement,
-        [
-            tuple(row[name] if convert is None else convert(row[name]) for name, convert in columns)
-            for row in rows
-        ],
-    )
+    values = [
+        _sqlite_column([row[name] for row in rows], kind, convert)
+        for name, kind, convert in columns
+    ]
+    c.exec_driver_sql(statement, list(zip(*values, strict=True)))
 
 
 def chunks(values: Sequence[Any], size: int = 1000) -> Iterator[Sequence[Any]]:

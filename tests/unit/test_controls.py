@@ -9,6 +9,7 @@ them, so the message still arrives.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from normalize import schema
 from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
@@ -226,3 +228,62 @@ def test_web_hook_payload_with_controls() -> None:
     message = normalize_webhook(payload, ctx).message
     no_controls(message, frozenset({"text", "text_new", "html", "metadata"}))
     assert message.text == "hithere[31m\r\nsecond line"
+
+
+def _models() -> list[type[BaseModel]]:
+    found, todo = [], [schema._Frozen]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+# What an annotation's repr may name for the check to skip its field: enum members,
+# the schema's own models (they check themselves), numbers, times, ids, None.
+_SAFE = re.compile(
+    r"<enum '\w+'>|<class 'normalize\.schema\.\w+'>|<class '(int|bool|float|NoneType)'>"
+    r"|<class '(datetime\.datetime|uuid\.UUID|pydantic\.types\.AwareDatetime)'>"
+    r"|\b(int|bool|float|None|NoneType|datetime|UUID|AwareDatetime)\b|typing\.Literal\[[\d, ]+\]"
+    r"|pydantic\.types\.AwareDatetime|uuid\.UUID|datetime\.datetime|normalize\.schema\.\w+"
+    r"|tuple\[|\.\.\.|[\]|, ]"
+)
+
+
+def test_the_check_skips_only_fields_that_cannot_hold_a_string() -> None:
+    """The check visits only the fields whose annotation may hold a string (worked out
+    once per class): a field is skipped only when its annotation's repr names nothing
+    but enums, the schema's models, numbers, times, ids and None (an independent
+    reading of the annotations, so a new field of another type is checked)."""
+    models = _models()
+    assert {"InboundMessage", "Identity", "ContactEvent", "DeadLetter"} <= {
+        m.__name__ for m in models
+    }
+    skipped = 0
+    for model in models:
+        checked = {name for name, _ in model._string_fields()}  # type: ignore[attr-defined]
+        for name, info in model.model_fields.items():
+            text = repr(info.annotation)
+            if _SAFE.sub("", text):
+                assert name in checked, f"{model.__name__}.{name}: {text}"
+            elif name not in checked:
+                skipped += 1
+    assert skipped > 20  # the point of it: ids, times, enums, nested models
+
+
+def test_a_nul_in_each_string_field_of_an_event_is_refused() -> None:
+    message = json.loads(
+        InboundMessage.model_validate_json(
+            _email(b"Subject: hi\r\n\r\nbody\r\n").model_dump_json()
+        ).model_dump_json()
+    )
+    for field in ("subject", "text", "adapter", "dedupe_key"):
+        bad = {**message, field: "a\x00b"}
+        with pytest.raises(ValidationError, match=field):
+            InboundMessage.model_validate_json(json.dumps(bad))
+    bad = {**message, "sender": {**message["sender"], "display_name": "a\x1bb"}}
+    with pytest.raises(ValidationError, match="display_name"):
+        InboundMessage.model_validate_json(json.dumps(bad))
+    bad = {**message, "metadata": {"k\nk": "v"}}
+    with pytest.raises(ValidationError, match="metadata"):
+        InboundMessage.model_validate_json(json.dumps(bad))
