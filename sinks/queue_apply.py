@@ -16,6 +16,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    Uuid,
     bindparam,
     case,
     delete,
@@ -97,11 +98,36 @@ _OWNER_AFTER_UNMERGE = (
 _CREATED_AT = (
     update(q_contacts).where(_contact.id == bindparam("b_id")).values(created_at=bindparam("b_at"))
 )
-_MOVED_MESSAGE = select(q_unmerged_messages.c.conversation_id).where(
-    q_unmerged_messages.c.message_id == bindparam("id")
+# Where a routed message lands, in one round trip: the conversation an unmerge moved
+# it to (if any), the contact that conversation went back to (if any), and what the
+# event's contact was merged into (if it was).
+_moved = (
+    select(q_unmerged_messages.c.conversation_id)
+    .where(q_unmerged_messages.c.message_id == bindparam("message_id"))
+    .scalar_subquery()
 )
-_WENT_BACK = select(q_unmerged_conversations.c.contact_id).where(
-    q_unmerged_conversations.c.conversation_id == bindparam("id")
+_WHERE_ROUTED = select(
+    _moved.label("moved"),
+    select(q_unmerged_conversations.c.contact_id)
+    .where(
+        q_unmerged_conversations.c.conversation_id
+        == func.coalesce(_moved, bindparam("conversation_id", type_=Uuid))
+    )
+    .scalar_subquery()
+    .label("went_back"),
+    select(_contact.merged_into)
+    .where(_contact.id == bindparam("contact_id"))
+    .scalar_subquery()
+    .label("merged"),
+    # The contacts its conversation and the message itself had before it (if any).
+    select(_conversation.contact_id)
+    .where(_conversation.id == bindparam("conversation_id", type_=Uuid))
+    .scalar_subquery()
+    .label("conversation_contact"),
+    select(q_messages.c.contact_id)
+    .where(q_messages.c.id == bindparam("message_id"))
+    .scalar_subquery()
+    .label("message_contact"),
 )
 _CONVERSATION = select(q_conversations).where(_conversation.id == bindparam("id"))
 _NEW_CONVERSATION = insert(q_conversations)
@@ -116,6 +142,11 @@ _ROUTED_CONTACTS = (
     .union(select(q_messages.c.contact_id).where(q_messages.c.id == bindparam("message_id")))
 )
 _CONVERSATION_UPDATES: dict[tuple[str, ...], Any] = {}
+_MARKS: dict[str, Any] = {}
+
+
+def _uuid(value: object) -> UUID | None:
+    return None if value is None else UUID(str(value))
 
 
 def _update_conversation(c: Connection, conversation_id: UUID, values: dict[str, Any]) -> None:
@@ -173,23 +204,45 @@ class QueueWriter:
             return [False] * len(events)
         done: list[bool] = []
         with self.engine.begin() as c:
-            touched: set[UUID] = set()  # contacts whose conversations the poll changed
+            # The contacts whose conversations the poll changed, before and after each
+            # event; their work (a function of their conversations, read by no
+            # handler) is recomputed once for the whole poll, in its transaction.
+            touched: set[UUID] = set()
+            new = self._first_times(c, [item[1] for item in parsed if item is not None])
             for item in parsed:
                 if item is None:
                     done.append(False)
                     continue
                 handle, event_id, event = item
-                first = self._first(c, event_id)
+                first = event_id in new
+                new.discard(event_id)  # the same event twice in a poll: applied once
                 if first:
-                    # The contacts the event touched before it and after it; their work
-                    # (a function of their conversations, read by no handler) is
-                    # recomputed once for the whole poll, in its transaction.
-                    touched |= _contacts_of(c, event)
-                    handle(self, c, event)
-                    touched |= _contacts_of(c, event)
+                    if isinstance(event, MessageRouted):
+                        # Its contacts come with the reads it makes anyway.
+                        self._routed(c, event, touched)
+                    else:
+                        touched |= _contacts_of(c, event)
+                        handle(self, c, event)
+                        touched |= _contacts_of(c, event)
                 done.append(first)
             self._refresh_contacts(c, touched)
         return done
+
+    @staticmethod
+    def _first_times(c: Connection, event_ids: Sequence[str]) -> set[str]:
+        """Mark the events applied, in one statement; the ids not applied before."""
+        if not event_ids:
+            return set()
+        statement = _MARKS.get(c.dialect.name)
+        if statement is None:
+            dialect = postgresql if c.dialect.name == "postgresql" else sqlite
+            statement = (
+                dialect.insert(applied).on_conflict_do_nothing().returning(applied.c.event_id)
+            )
+            _MARKS[c.dialect.name] = statement
+        now = _now()
+        rows = [{"event_id": UUID(i), "applied_at": now} for i in dict.fromkeys(event_ids)]
+        return {str(r.event_id) for r in c.execute(statement, rows)}
 
     @staticmethod
     def _refresh_contacts(c: Connection, contact_ids: set[UUID]) -> None:
@@ -222,11 +275,6 @@ class QueueWriter:
         )
 
     @staticmethod
-    def _first(c: Connection, event_id: str) -> bool:
-        """Mark the event applied; False if it already was."""
-        return _upsert_ignore(c, applied, {"event_id": UUID(event_id), "applied_at": _now()})
-
-    @staticmethod
     def _survivor(c: Connection, contact_id: UUID) -> UUID:
         return survivor(c, contact_id)
 
@@ -237,13 +285,15 @@ class QueueWriter:
             {"id": contact_id, "owner": owner, "owner_at": at, "created_at": at},
         )
 
-    def _set_owner(self, c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
-        """Record an owner fact unless a newer one is known; conversations follow."""
+    def _set_owner(self, c: Connection, contact_id: UUID, owner: str, at: datetime) -> str:
+        """Record an owner fact unless a newer one is known; conversations follow.
+        Returns the contact's owner after it."""
         row = c.execute(_OWNER_FACT, {"id": contact_id}).one()
         if _aware(row.owner_at) > at:  # type: ignore[operator]
-            return
+            return str(row.owner)
         c.execute(_SET_OWNER, {"b_id": contact_id, "b_owner": owner, "b_at": at})
         c.execute(_CONVERSATIONS_OWNER, {"b_id": contact_id, "b_owner": owner})
+        return owner
 
     @staticmethod
     def _owner_after_unmerge(c: Connection, contact_id: UUID, owner: str, at: datetime) -> None:
@@ -255,23 +305,40 @@ class QueueWriter:
     def _owner_of(self, c: Connection, contact_id: UUID) -> str:
         return str(c.execute(_OWNER, {"id": contact_id}).scalar_one())
 
-    def _routed(self, c: Connection, e: MessageRouted) -> None:
+    def _routed(self, c: Connection, e: MessageRouted, touched: set[UUID] | None = None) -> None:
+        """A routed message into its conversation; the contacts whose conversations
+        it changed (before and after it) are added to ``touched``."""
         m = e.message
         # An unmerge applied before this event may have moved the message, or
         # given its conversation back to another contact.
-        conversation_id = c.execute(_MOVED_MESSAGE, {"id": m.id}).scalar() or e.conversation_id
-        went_back = c.execute(_WENT_BACK, {"id": conversation_id}).scalar()
-        contact_id = self._survivor(c, went_back or e.contact_id)
+        where = c.execute(
+            _WHERE_ROUTED,
+            {
+                "message_id": m.id,
+                "conversation_id": e.conversation_id,
+                "contact_id": e.contact_id,
+            },
+        ).one()
+        conversation_id = _uuid(where.moved) or e.conversation_id
+        # The event's contact as it lives on now. Ensuring a contact below inserts
+        # only a missing row (merged into nothing), which leaves this the same.
+        survivor = _uuid(where.merged) or e.contact_id
+        went_back = _uuid(where.went_back)
+        contact_id = self._survivor(c, went_back) if went_back else survivor
         self._ensure_contact(c, contact_id, e.owner, e.routed_at)
         # The event's owner is a fact about the contact it was routed to, wherever
         # an unmerge has put the message since. An event of a contact merged since
         # carries that contact's old owner: the survivor keeps its own.
-        if self._survivor(c, e.contact_id) == e.contact_id:
-            self._ensure_contact(c, e.contact_id, e.owner, e.routed_at)
-            self._set_owner(c, e.contact_id, e.owner, e.routed_at)
+        owner: str | None = None
+        if survivor == e.contact_id:
+            if contact_id != e.contact_id:
+                self._ensure_contact(c, e.contact_id, e.owner, e.routed_at)
+            known = self._set_owner(c, e.contact_id, e.owner, e.routed_at)
+            owner = known if contact_id == e.contact_id else None
         else:
             self._owner_after_unmerge(c, e.contact_id, e.owner, e.routed_at)
-        owner = self._owner_of(c, contact_id)
+        if owner is None:
+            owner = self._owner_of(c, contact_id)
         machine = m.flags.auto_reply or m.flags.bounce
         preview = (m.text_new or m.text or m.subject or "")[:PREVIEW]
         conversation = c.execute(_CONVERSATION, {"id": conversation_id}).first()
@@ -354,6 +421,21 @@ class QueueWriter:
             c.execute(
                 _ATTACHMENTS,
                 [{"sha256": h, "message_id": m.id, "attachment": a} for h, a in stored.items()],
+            )
+        if touched is not None:
+            # What _contacts_of would read before and after: the event's conversation
+            # is now this contact's unless an unmerge moved the message elsewhere, and
+            # the message is this contact's if it is new here.
+            before_conversation = _uuid(where.conversation_contact)
+            before_message = _uuid(where.message_contact)
+            after_conversation = (
+                contact_id if conversation_id == e.conversation_id else before_conversation
+            )
+            after_message = contact_id if inserted else before_message
+            touched.update(
+                x
+                for x in (before_conversation, before_message, after_conversation, after_message)
+                if x is not None
             )
 
     def _duplicate(self, c: Connection, e: MessageDuplicate) -> None:

@@ -109,6 +109,20 @@ def test_the_same_event_twice_changes_nothing(store: QueueStore) -> None:
     assert store.conversation(conversation)["message_count"] == 1
 
 
+def test_the_same_event_twice_in_one_poll_is_applied_once(store: QueueStore) -> None:
+    """A poll marks its events applied in one statement: an event published twice
+    (a producer retry) and read in the same poll counts once, in its first place."""
+    contact, conversation = uuid.uuid4(), uuid.uuid4()
+    first, second = routed(contact, conversation, 0), routed(contact, conversation, 1)
+    records = [
+        (TYPE_ROUTED, str(e.event_id), e.model_dump_json().encode()) for e in (first, second, first)
+    ]
+    assert store.apply_many(records) == [True, True, False]
+    assert store.conversation(conversation)["message_count"] == 2
+    assert store.apply_many(records[:1]) == [False]
+    assert store.conversation(conversation)["message_count"] == 2
+
+
 def test_an_older_owner_fact_never_overwrites_a_newer_one(store: QueueStore) -> None:
     contact, conversation = uuid.uuid4(), uuid.uuid4()
     apply(store, routed(contact, conversation, 0, owner="alice"))
