@@ -231,7 +231,8 @@ def test_web_hook_payload_with_controls() -> None:
 
 
 def _models() -> list[type[BaseModel]]:
-    found, todo = [], [schema._Frozen]
+    found: list[type[BaseModel]] = []
+    todo: list[type[BaseModel]] = [schema._Frozen]
     while todo:
         for sub in todo.pop().__subclasses__():
             found.append(sub)
