@@ -27,6 +27,7 @@ from enum import Enum, StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
 from uuid import UUID
 
+import annotated_types
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -153,10 +154,21 @@ class _Frozen(BaseModel):
         worked out once per class from the annotations (:func:`_holds_no_string`)."""
         found = _STRING_FIELDS.get(cls)
         if found is None:
+            # A validator of ours, or metadata other than annotated_types' bounds
+            # (PlainValidator, SkipValidation), can leave any value in a field whose
+            # annotation says int: such fields are always checked.
+            validated = {
+                name
+                for decorator in cls.__pydantic_decorators__.field_validators.values()
+                for name in decorator.info.fields
+            }
             found = tuple(
                 (name, BODY_CONTROLS if name in cls._bodies else CONTROLS)
                 for name, info in cls.model_fields.items()
                 if not _holds_no_string(info.annotation)
+                or name in validated
+                or "*" in validated
+                or not all(isinstance(m, annotated_types.BaseMetadata) for m in info.metadata)
             )
             _STRING_FIELDS[cls] = found
         return found
