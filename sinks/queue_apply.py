@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 from uuid import UUID
 
@@ -106,19 +107,44 @@ _moved = (
     .where(q_unmerged_messages.c.message_id == bindparam("message_id"))
     .scalar_subquery()
 )
+_landing = func.coalesce(_moved, bindparam("conversation_id", type_=Uuid))
+# The conversation the message lands in, as it is before the event: the columns the
+# event's update reads (its owner is not among them; the event's owner facts, applied
+# before that update, change only the owner).
+_LANDING_COLUMNS = (
+    "id",
+    "channels",
+    "message_count",
+    "last_message_at",
+    "started_at",
+    "oldest_unanswered_at",
+)
 _WHERE_ROUTED = select(
     _moved.label("moved"),
     select(q_unmerged_conversations.c.contact_id)
-    .where(
-        q_unmerged_conversations.c.conversation_id
-        == func.coalesce(_moved, bindparam("conversation_id", type_=Uuid))
-    )
+    .where(q_unmerged_conversations.c.conversation_id == _landing)
     .scalar_subquery()
     .label("went_back"),
     select(_contact.merged_into)
     .where(_contact.id == bindparam("contact_id"))
     .scalar_subquery()
     .label("merged"),
+    # The event contact's owner fact before the event (NULL: no row yet).
+    select(_contact.owner)
+    .where(_contact.id == bindparam("contact_id"))
+    .scalar_subquery()
+    .label("owner"),
+    select(_contact.owner_at)
+    .where(_contact.id == bindparam("contact_id"))
+    .scalar_subquery()
+    .label("owner_at"),
+    *(
+        select(_conversation[name])
+        .where(_conversation.id == _landing)
+        .scalar_subquery()
+        .label(f"landing_{name}")
+        for name in _LANDING_COLUMNS
+    ),
     # The contacts its conversation and the message itself had before it (if any).
     select(_conversation.contact_id)
     .where(_conversation.id == bindparam("conversation_id", type_=Uuid))
@@ -129,17 +155,11 @@ _WHERE_ROUTED = select(
     .scalar_subquery()
     .label("message_contact"),
 )
-_CONVERSATION = select(q_conversations).where(_conversation.id == bindparam("id"))
 _NEW_CONVERSATION = insert(q_conversations)
 _ATTACHMENTS = insert(q_attachments)
 _INBOXES = select(q_messages.c.inboxes).where(q_messages.c.id == bindparam("id"))
 _SET_INBOXES = (
     update(q_messages).where(q_messages.c.id == bindparam("b_id")).values(inboxes=bindparam("b_in"))
-)
-_ROUTED_CONTACTS = (
-    select(_conversation.contact_id)
-    .where(_conversation.id == bindparam("conversation_id"))
-    .union(select(q_messages.c.contact_id).where(q_messages.c.id == bindparam("message_id")))
 )
 _CONVERSATION_UPDATES: dict[tuple[str, ...], Any] = {}
 _MARKS: dict[str, Any] = {}
@@ -285,12 +305,20 @@ class QueueWriter:
             {"id": contact_id, "owner": owner, "owner_at": at, "created_at": at},
         )
 
-    def _set_owner(self, c: Connection, contact_id: UUID, owner: str, at: datetime) -> str:
+    def _set_owner(
+        self,
+        c: Connection,
+        contact_id: UUID,
+        owner: str,
+        at: datetime,
+        known: tuple[str, datetime] | None = None,
+    ) -> str:
         """Record an owner fact unless a newer one is known; conversations follow.
-        Returns the contact's owner after it."""
-        row = c.execute(_OWNER_FACT, {"id": contact_id}).one()
-        if _aware(row.owner_at) > at:  # type: ignore[operator]
-            return str(row.owner)
+        ``known``: the contact's owner and its time, when just read. Returns the
+        contact's owner after it."""
+        was, was_at = known or c.execute(_OWNER_FACT, {"id": contact_id}).one()
+        if _aware(was_at) > at:  # type: ignore[operator]
+            return str(was)
         c.execute(_SET_OWNER, {"b_id": contact_id, "b_owner": owner, "b_at": at})
         c.execute(_CONVERSATIONS_OWNER, {"b_id": contact_id, "b_owner": owner})
         return owner
@@ -333,15 +361,27 @@ class QueueWriter:
         if survivor == e.contact_id:
             if contact_id != e.contact_id:
                 self._ensure_contact(c, e.contact_id, e.owner, e.routed_at)
-            known = self._set_owner(c, e.contact_id, e.owner, e.routed_at)
-            owner = known if contact_id == e.contact_id else None
+            # Its fact as read above; a row missing then was just ensured with this one.
+            fact = (
+                (str(where.owner), where.owner_at)
+                if where.owner_at is not None
+                else (e.owner, e.routed_at)
+            )
+            after = self._set_owner(c, e.contact_id, e.owner, e.routed_at, fact)
+            owner = after if contact_id == e.contact_id else None
         else:
             self._owner_after_unmerge(c, e.contact_id, e.owner, e.routed_at)
         if owner is None:
             owner = self._owner_of(c, contact_id)
         machine = m.flags.auto_reply or m.flags.bounce
         preview = (m.text_new or m.text or m.subject or "")[:PREVIEW]
-        conversation = c.execute(_CONVERSATION, {"id": conversation_id}).first()
+        conversation = (
+            None
+            if where.landing_id is None
+            else SimpleNamespace(
+                **{name: getattr(where, f"landing_{name}") for name in _LANDING_COLUMNS}
+            )
+        )
         if conversation is None:
             c.execute(
                 _NEW_CONVERSATION,
@@ -660,16 +700,7 @@ class QueueWriter:
 def _contacts_of(c: Connection, event: BaseModel) -> set[UUID]:
     """The contacts whose conversations an event may change (asked before and after
     its handler runs: a conversation can leave one contact for another)."""
-    if isinstance(event, MessageRouted):
-        # A routed message changes one conversation: the contact it had before and
-        # the one the message landed with (an unmerge may have sent it elsewhere).
-        return {
-            UUID(str(x))
-            for x in c.execute(
-                _ROUTED_CONTACTS,
-                {"conversation_id": event.conversation_id, "message_id": event.message.id},
-            ).scalars()
-        }
+    # (A routed event's come from its own reads: QueueWriter._routed.)
     found: set[UUID] = set()
     conversations: list[UUID] = []
     if isinstance(event, ConversationStatus):
