@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any
 from uuid import UUID
 
@@ -35,6 +34,7 @@ from normalize.schema import (
     ContactEvent,
     ContactEventKind,
     ConversationStatus,
+    InboundMessage,
     MessageDuplicate,
     MessageRouted,
 )
@@ -348,41 +348,65 @@ class QueueWriter:
             },
         ).one()
         conversation_id = _uuid(where.moved) or e.conversation_id
+        contact_id, owner = self._landing_contact(c, e, where)
+        self._into_conversation(c, m, conversation_id, where, contact_id=contact_id, owner=owner)
+        inserted = self._store_message(c, m, conversation_id, contact_id)
+        if touched is not None:
+            # What _contacts_of would read before and after: the event's conversation
+            # is now this contact's unless an unmerge moved the message elsewhere, and
+            # the message is this contact's if it is new here.
+            before_conversation = _uuid(where.conversation_contact)
+            before_message = _uuid(where.message_contact)
+            after_conversation = (
+                contact_id if conversation_id == e.conversation_id else before_conversation
+            )
+            after_message = contact_id if inserted else before_message
+            touched.update(
+                x
+                for x in (before_conversation, before_message, after_conversation, after_message)
+                if x is not None
+            )
+
+    def _landing_contact(self, c: Connection, e: MessageRouted, where: Any) -> tuple[UUID, str]:  # noqa: ANN401 - a Row of _WHERE_ROUTED
+        """The contact a routed message lands with and its owner, the event's owner
+        fact recorded on the way."""
         # The event's contact as it lives on now. Ensuring a contact below inserts
         # only a missing row (merged into nothing), which leaves this the same.
         survivor = _uuid(where.merged) or e.contact_id
         went_back = _uuid(where.went_back)
         contact_id = self._survivor(c, went_back) if went_back else survivor
-        self._ensure_contact(c, contact_id, e.owner, e.routed_at)
+        known = where.owner_at is not None  # the event contact's row exists
+        if not (known and contact_id == e.contact_id):
+            self._ensure_contact(c, contact_id, e.owner, e.routed_at)
         # The event's owner is a fact about the contact it was routed to, wherever
         # an unmerge has put the message since. An event of a contact merged since
         # carries that contact's old owner: the survivor keeps its own.
-        owner: str | None = None
         if survivor == e.contact_id:
-            if contact_id != e.contact_id:
+            if contact_id != e.contact_id and not known:
                 self._ensure_contact(c, e.contact_id, e.owner, e.routed_at)
             # Its fact as read above; a row missing then was just ensured with this one.
-            fact = (
-                (str(where.owner), where.owner_at)
-                if where.owner_at is not None
-                else (e.owner, e.routed_at)
-            )
+            fact = (str(where.owner), where.owner_at) if known else (e.owner, e.routed_at)
             after = self._set_owner(c, e.contact_id, e.owner, e.routed_at, fact)
-            owner = after if contact_id == e.contact_id else None
+            if contact_id == e.contact_id:
+                return contact_id, after
         else:
             self._owner_after_unmerge(c, e.contact_id, e.owner, e.routed_at)
-        if owner is None:
-            owner = self._owner_of(c, contact_id)
+        return contact_id, self._owner_of(c, contact_id)
+
+    @staticmethod
+    def _into_conversation(
+        c: Connection,
+        m: InboundMessage,
+        conversation_id: UUID,
+        where: Any,  # noqa: ANN401 - a Row of _WHERE_ROUTED
+        *,
+        contact_id: UUID,
+        owner: str,
+    ) -> None:
+        """The conversation (as ``where`` read it) with the message in it."""
         machine = m.flags.auto_reply or m.flags.bounce
         preview = (m.text_new or m.text or m.subject or "")[:PREVIEW]
-        conversation = (
-            None
-            if where.landing_id is None
-            else SimpleNamespace(
-                **{name: getattr(where, f"landing_{name}") for name in _LANDING_COLUMNS}
-            )
-        )
-        if conversation is None:
+        if where.landing_id is None:
             c.execute(
                 _NEW_CONVERSATION,
                 {
@@ -398,26 +422,33 @@ class QueueWriter:
                     "message_count": 1,
                 },
             )
-        else:
-            values: dict[str, Any] = {
-                "contact_id": contact_id,
-                "owner": owner,
-                "channels": sorted({*conversation.channels, m.channel}),
-                "message_count": conversation.message_count + 1,
-            }
-            if m.received_at >= _aware(conversation.last_message_at):  # type: ignore[operator]
-                values["last_message_at"] = m.received_at
-                values["last_preview"] = preview
-            if m.received_at < _aware(conversation.started_at):  # type: ignore[operator]
-                # An older message applied later (a rebuild reads the partitions
-                # in another order; an unmerge moved it here).
-                values["started_at"] = m.received_at
-            if not machine:
-                # A customer message (re)opens the conversation and waits for an answer.
-                values["status"] = "open"
-                oldest = _aware(conversation.oldest_unanswered_at)
-                values["oldest_unanswered_at"] = min(oldest or m.received_at, m.received_at)
-            _update_conversation(c, conversation_id, values)
+            return
+        values: dict[str, Any] = {
+            "contact_id": contact_id,
+            "owner": owner,
+            "channels": sorted({*where.landing_channels, m.channel}),
+            "message_count": where.landing_message_count + 1,
+        }
+        if m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
+            values["last_message_at"] = m.received_at
+            values["last_preview"] = preview
+        if m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
+            # An older message applied later (a rebuild reads the partitions
+            # in another order; an unmerge moved it here).
+            values["started_at"] = m.received_at
+        if not machine:
+            # A customer message (re)opens the conversation and waits for an answer.
+            values["status"] = "open"
+            oldest = _aware(where.landing_oldest_unanswered_at)
+            values["oldest_unanswered_at"] = min(oldest or m.received_at, m.received_at)
+        _update_conversation(c, conversation_id, values)
+
+    @staticmethod
+    def _store_message(
+        c: Connection, m: InboundMessage, conversation_id: UUID, contact_id: UUID
+    ) -> bool:
+        """The message, its search document and attachments, unless stored before;
+        True if it was new."""
         attachments = [a.model_dump(mode="json") for a in m.attachments]
         inserted = _upsert_ignore(
             c,
@@ -462,21 +493,7 @@ class QueueWriter:
                 _ATTACHMENTS,
                 [{"sha256": h, "message_id": m.id, "attachment": a} for h, a in stored.items()],
             )
-        if touched is not None:
-            # What _contacts_of would read before and after: the event's conversation
-            # is now this contact's unless an unmerge moved the message elsewhere, and
-            # the message is this contact's if it is new here.
-            before_conversation = _uuid(where.conversation_contact)
-            before_message = _uuid(where.message_contact)
-            after_conversation = (
-                contact_id if conversation_id == e.conversation_id else before_conversation
-            )
-            after_message = contact_id if inserted else before_message
-            touched.update(
-                x
-                for x in (before_conversation, before_message, after_conversation, after_message)
-                if x is not None
-            )
+        return inserted
 
     def _duplicate(self, c: Connection, e: MessageDuplicate) -> None:
         current = c.execute(_INBOXES, {"id": e.original_message_id}).scalar()
