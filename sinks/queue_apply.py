@@ -113,6 +113,7 @@ _landing = func.coalesce(_moved, bindparam("conversation_id", type_=Uuid))
 # before that update, change only the owner).
 _LANDING_COLUMNS = (
     "id",
+    "contact_id",
     "channels",
     "message_count",
     "last_message_at",
@@ -228,14 +229,16 @@ class QueueWriter:
             # event; their work (a function of their conversations, read by no
             # handler) is recomputed once for the whole poll, in its transaction.
             touched: set[UUID] = set()
-            new = self._first_times(c, [item[1] for item in parsed if item is not None])
-            for item in parsed:
-                if item is None:
+            # By UUID, not by the id's text: "ABC..." and "abc..." are one event.
+            ids = [None if item is None else UUID(item[1]) for item in parsed]
+            new = self._first_times(c, [i for i in ids if i is not None])
+            for item, event_uuid in zip(parsed, ids, strict=True):
+                if item is None or event_uuid is None:
                     done.append(False)
                     continue
-                handle, event_id, event = item
-                first = event_id in new
-                new.discard(event_id)  # the same event twice in a poll: applied once
+                handle, _, event = item
+                first = event_uuid in new
+                new.discard(event_uuid)  # the same event twice in a poll: applied once
                 if first:
                     if isinstance(event, MessageRouted):
                         # Its contacts come with the reads it makes anyway.
@@ -249,7 +252,7 @@ class QueueWriter:
         return done
 
     @staticmethod
-    def _first_times(c: Connection, event_ids: Sequence[str]) -> set[str]:
+    def _first_times(c: Connection, event_ids: Sequence[UUID]) -> set[UUID]:
         """Mark the events applied, in one statement; the ids not applied before."""
         if not event_ids:
             return set()
@@ -261,8 +264,8 @@ class QueueWriter:
             )
             _MARKS[c.dialect.name] = statement
         now = _now()
-        rows = [{"event_id": UUID(i), "applied_at": now} for i in dict.fromkeys(event_ids)]
-        return {str(r.event_id) for r in c.execute(statement, rows)}
+        rows = [{"event_id": i, "applied_at": now} for i in dict.fromkeys(event_ids)]
+        return {UUID(str(r.event_id)) for r in c.execute(statement, rows)}
 
     @staticmethod
     def _refresh_contacts(c: Connection, contact_ids: set[UUID]) -> None:
@@ -350,20 +353,19 @@ class QueueWriter:
         conversation_id = _uuid(where.moved) or e.conversation_id
         contact_id, owner = self._landing_contact(c, e, where)
         self._into_conversation(c, m, conversation_id, where, contact_id=contact_id, owner=owner)
-        inserted = self._store_message(c, m, conversation_id, contact_id)
+        self._store_message(c, m, conversation_id, contact_id)
         if touched is not None:
-            # What _contacts_of would read before and after: the event's conversation
-            # is now this contact's unless an unmerge moved the message elsewhere, and
-            # the message is this contact's if it is new here.
-            before_conversation = _uuid(where.conversation_contact)
-            before_message = _uuid(where.message_contact)
-            after_conversation = (
-                contact_id if conversation_id == e.conversation_id else before_conversation
-            )
-            after_message = contact_id if inserted else before_message
+            # The contacts whose conversations this changed: the ones the event's
+            # conversation, the conversation the message landed in (an unmerge may
+            # have moved it) and the message had before, and the one they have now.
             touched.update(
                 x
-                for x in (before_conversation, before_message, after_conversation, after_message)
+                for x in (
+                    _uuid(where.conversation_contact),
+                    _uuid(where.landing_contact_id),
+                    _uuid(where.message_contact),
+                    contact_id,
+                )
                 if x is not None
             )
 

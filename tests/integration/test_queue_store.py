@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import uuid6
 from pydantic import BaseModel
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from normalize.identity import email_identity
 from normalize.schema import (
@@ -19,11 +19,12 @@ from normalize.schema import (
     ConversationStatus,
     IdentityKind,
     MessageDuplicate,
+    MessageMove,
     MessageRouted,
     Recipient,
     RecipientRole,
 )
-from sinks.queue import BadCursor, QueueStore
+from sinks.queue import BadCursor, QueueStore, q_contacts
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import (
@@ -121,6 +122,53 @@ def test_the_same_event_twice_in_one_poll_is_applied_once(store: QueueStore) -> 
     assert store.conversation(conversation)["message_count"] == 2
     assert store.apply_many(records[:1]) == [False]
     assert store.conversation(conversation)["message_count"] == 2
+
+
+def test_an_event_id_in_another_spelling_is_the_same_event(store: QueueStore) -> None:
+    """An event id is a UUID, whatever its spelling (upper case, no hyphens): found
+    by a review, where the first spelling was marked applied and never applied."""
+    contact, conversation = uuid.uuid4(), uuid.uuid4()
+    event = routed(contact, conversation, 0)
+    body = event.model_dump_json().encode()
+    upper = str(event.event_id).upper()
+    assert store.apply_many(
+        [(TYPE_ROUTED, upper, body), (TYPE_ROUTED, event.event_id.hex, body)]
+    ) == [
+        True,
+        False,
+    ]
+    assert store.conversation(conversation)["message_count"] == 1
+    assert apply(store, event) is False
+    assert store.conversation(conversation)["message_count"] == 1
+
+
+def test_a_message_an_unmerge_moved_into_anothers_conversation_refreshes_both(
+    store: QueueStore,
+) -> None:
+    """A message an unmerge moved to a conversation of another contact lands there;
+    the contact that conversation leaves keeps no stale work (found by a review;
+    the code before missed it too)."""
+    a, b, restored = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    x, y = uuid.uuid4(), uuid.uuid4()
+    assert apply(store, routed(a, x, 0))
+    assert apply(store, routed(b, y, 1))
+    late = routed(b, y, 2)
+    move = MessageMove(message_id=late.message.id, conversation_id=x)
+    assert apply(
+        store,
+        contact_event(
+            ContactEventKind.UNMERGED, restored, 3, other_contact_id=b, moved_messages=(move,)
+        ),
+    )
+    assert apply(store, late)
+    assert store.conversation_contact(x) == b
+    with store.engine.connect() as c:
+        work = {
+            row.id: (row.open_count, row.work)
+            for row in c.execute(select(q_contacts).where(q_contacts.c.id.in_([a, b])))
+        }
+    assert work[a] == (0, None)
+    assert work[b] == (2, "open")
 
 
 def test_an_older_owner_fact_never_overwrites_a_newer_one(store: QueueStore) -> None:
