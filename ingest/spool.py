@@ -36,7 +36,13 @@ from pathlib import Path
 
 from normalize.schema import BlobRef, DeadLetter
 from switchboard.events import TYPE_DEADLETTER, Event
-from switchboard.metrics import MULTIPROCESS, SPOOL_BYTES, SPOOL_DRAINED, SPOOL_MESSAGES
+from switchboard.metrics import (
+    DEAD_LETTERED,
+    MULTIPROCESS,
+    SPOOL_BYTES,
+    SPOOL_DRAINED,
+    SPOOL_MESSAGES,
+)
 from switchboard.topics import DEADLETTER
 
 log = logging.getLogger(__name__)
@@ -371,9 +377,16 @@ class Drainer:
         records = self.spool.peek(self._batch)
         if not records:
             return 0
-        self._publish([self._publishable(r) for r in records])
+        publishable = [self._publishable(r) for r in records]
+        self._publish(publishable)
         self.spool.remove(records)
         SPOOL_DRAINED.inc(len(records))
+        # Counted once published, as the hand-off counts the dead letters it writes.
+        letters = sum(
+            event is not r.event for r, (_, event) in zip(records, publishable, strict=True)
+        )
+        if letters:
+            DEAD_LETTERED.labels("ingest", "too-large").inc(letters)
         if self._on_published is not None:
             self._on_published(records)
         return len(records)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from ingest.handoff import HandOff
 from ingest.spool import Drainer, Spool
@@ -117,11 +118,15 @@ def test_a_spool_holding_an_oversized_event_drains_past_it(
     spool.append(INBOUND, after)
     publisher = Publisher(kafka_settings)
     drainer = Drainer(spool, publisher.publish_many, max_event_bytes=publisher.max_event_bytes)
+    counted = ("switchboard_dead_letters_total", {"stage": "ingest", "reason": "too-large"})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
     try:
         assert drainer.drain_once() == 2
     finally:
         publisher.close()
     assert spool.messages == 0
+    # Counted like every dead letter (it was not, before).
+    assert REGISTRY.get_sample_value(*counted) == before + 1
     subjects = {big.subject or "", after.subject or ""}
     seen = _read(kafka_settings, [INBOUND, DEADLETTER], subjects, f"big-spool-{unique}")
     assert {(r.topic, read_meta(r.headers).subject) for r in seen} == {
