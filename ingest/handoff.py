@@ -135,6 +135,9 @@ class HandOff:
 
     async def deliver(self, normalized: Normalized | Serialized) -> Receipt:
         """Make one normalized message durable; raise RetryLater if it is not."""
+        if isinstance(normalized, Serialized) and normalized.elided:
+            # A blob without its bytes must never be stored under its digest.
+            raise ValueError("elided blobs not restored before the hand-off")
         started = time.perf_counter()
         await self._store(normalized.blobs)
         message: InboundMessage | Serialized

@@ -619,7 +619,7 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         try:
             # Parsing is CPU work (about 1 ms for a 2 KB message): off the event loop.
             # Serialized there: the model never crosses back (see normalize.content.Serialized).
-            normalized = await self._parsers.run(serialize_email, raw, ctx)
+            normalized = (await self._parsers.run(serialize_email, raw, ctx)).restoring(raw)
         except NormalizeError as exc:
             return await self._dead_letter(message_id, raw, exc.reason, exc.detail, ctx)
         except RetryLater:

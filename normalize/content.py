@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from uuid import UUID
 
 from pydantic import JsonValue
@@ -76,6 +76,29 @@ class Serialized:
     raw: BlobRef | None
     value: bytes
     blobs: tuple[Blob, ...]
+    #: Which blobs travel without their bytes: the caller holds them (see :meth:`eliding`).
+    elided: tuple[int, ...] = ()
+
+    def eliding(self, raw: bytes) -> Serialized:
+        """This without the bytes of the blobs that are ``raw`` itself (the very
+        object, not equal bytes): the SMTP parse process sends back no copy of the
+        message the server process already holds (:meth:`restoring` puts it back)."""
+        elided = tuple(i for i, blob in enumerate(self.blobs) if blob.data is raw)
+        if not elided:
+            return self
+        blobs = tuple(Blob(blob.ref) if i in elided else blob for i, blob in enumerate(self.blobs))
+        return replace(self, blobs=blobs, elided=elided)
+
+    def restoring(self, raw: bytes) -> Serialized:
+        """The elided blobs with their bytes again, from the ``raw`` that was parsed."""
+        if not self.elided:
+            return self
+        blobs = list(self.blobs)
+        for i in self.elided:
+            if blobs[i].ref.size != len(raw) or blobs[i].data:
+                raise ValueError("an elided blob is not the message that was parsed")
+            blobs[i] = Blob(blobs[i].ref, raw)
+        return replace(self, blobs=tuple(blobs), elided=())
 
     @classmethod
     def of(cls, normalized: Normalized) -> Serialized:

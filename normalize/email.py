@@ -105,8 +105,10 @@ class EmailContext:
 
 
 def serialize_email(raw: bytes, ctx: EmailContext) -> Serialized:
-    """:func:`normalize_email`, serialized where it ran (the SMTP parse process)."""
-    return Serialized.of(normalize_email(raw, ctx))
+    """:func:`normalize_email`, serialized where it ran (the SMTP parse process),
+    without the raw message's bytes (the caller has them: ``.restoring(raw)``): a
+    25 MB message no longer comes back through the socket and its pickle."""
+    return Serialized.of(normalize_email(raw, ctx)).eliding(raw)
 
 
 def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import pickle
 import re
 import uuid
 from datetime import UTC, datetime
@@ -11,8 +13,9 @@ from sysconfig import get_paths
 
 import pytest
 
-from normalize.content import Normalized
-from normalize.email import EmailContext, _has_reply_cues, normalize_email
+from ingest.handoff import HandOff
+from normalize.content import Blob, Normalized
+from normalize.email import EmailContext, _has_reply_cues, normalize_email, serialize_email
 from normalize.errors import NormalizeError
 from normalize.schema import RecipientRole
 
@@ -468,3 +471,27 @@ def test_reply_cues_are_found_as_the_single_regex_found_them() -> None:
     ]
     for text in samples:
         assert _has_reply_cues(text) == bool(reference.search(text)), text
+
+
+def test_the_parse_process_sends_back_no_copy_of_the_raw_message() -> None:
+    """serialize_email returns the raw blob without its bytes (the SMTP server holds
+    them); restoring puts the very bytes back, and a hand-off refuses an elided blob."""
+    msg = EmailMessage()
+    msg["From"] = "carol@example.org"
+    msg["To"] = "support@acme.example.com"
+    msg["Subject"] = "hello"
+    msg.set_content("body")
+    msg.add_attachment(b"%PDF-1.4 x", maintype="application", subtype="pdf", filename="a.pdf")
+    raw = msg.as_bytes()
+    lean = serialize_email(raw, ctx())
+    assert lean.elided == (0,)
+    assert lean.blobs[0].data == b""
+    assert lean.blobs[1].data == b"%PDF-1.4 x"  # attachments travel as before
+    whole = pickle.loads(pickle.dumps(lean)).restoring(raw)  # noqa: S301 - our own pickle
+    assert whole.elided == ()
+    assert whole.blobs[0].data is raw
+    assert whole.blobs[0].ref == Blob.of(raw, "message/rfc822").ref
+    with pytest.raises(ValueError, match="not the message"):
+        lean.restoring(raw + b"x")
+    with pytest.raises(ValueError, match="elided"):
+        asyncio.run(HandOff.deliver(object(), lean))  # type: ignore[arg-type]
