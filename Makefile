@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-smtp: $(VENV)/.installed-dev
 ## Sender authentication (SPF, DKIM, DMARC) per SMTP message, DNS cache warm, vs verify off.
 bench-smtp-auth: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/smtp_auth.py
+
+## What the SMTP data budget costs in memory: concurrent 8 MiB messages against a 64 MiB budget.
+bench-smtp-memory: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/smtp_memory.py
 
 ## Legitimate mail latency while one client floods NOOPs and another holds its session limit.
 bench-hostile-smtp: $(VENV)/.installed-dev
