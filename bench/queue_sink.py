@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import os
 import pickle
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, select, text
+from sqlalchemy import Engine, event, select
 
+from bench.routing import scratch_database
 from router.store import RouterStore
 from sinks.queue import QueueStore
 from sinks.queue_tables import TABLES, applied
@@ -42,10 +41,6 @@ from switchboard.bootstrap import quiet_garbage_collector
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from tests.router_helpers import CONFIG, population
-
-POSTGRES = os.environ.get(
-    "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 
 def routed_events(people: int, per_person: int, root: Path) -> list[tuple[str, str, bytes]]:
@@ -133,20 +128,8 @@ def main() -> None:
             kinds[kind] = kinds.get(kind, 0) + 1
         print(f"{len(events)} events: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
         for db in args.db.split(","):
-            schema = f"bench_{uuid.uuid4().hex[:8]}"
-            url = f"sqlite:///{root}/queue.db"
-            admin = make_engine(POSTGRES) if db == "postgres" else None
-            if admin is not None:
-                with admin.begin() as c:
-                    c.execute(text(f'CREATE SCHEMA "{schema}"'))
-                url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-            try:
+            with scratch_database(db, root / "queue.db") as url:
                 f = apply_all(url, events, args.poll, args.digest)
-            finally:
-                if admin is not None:
-                    with admin.begin() as c:
-                        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-                    admin.dispose()
             print(
                 f"{db:9} {f['rate']:>7,.0f} events/s  {f['cpu_us']:>6,.0f} us CPU/event  "
                 f"{f['statements']:.1f} statements/event  applied {f['applied']}"

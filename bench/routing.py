@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -199,23 +201,30 @@ def store_pass(url: str, pop: Population) -> tuple[float, float]:
     return statements / n, n / took
 
 
+@contextmanager
+def scratch_database(backend: str, sqlite_file: Path) -> Iterator[str]:
+    """The URL of an empty database for one measurement: ``sqlite_file`` for
+    "sqlite", else a schema of its own in the test database, dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{sqlite_file}"
+        return
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(POSTGRES)
+    with admin.begin() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 def statement_figures(pop: Population) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("sqlite", "postgres"):
-            schema = f"bench_{uuid.uuid4().hex[:8]}"
-            admin = make_engine(POSTGRES)
-            url = f"sqlite:///{tmp}/store.db"
-            if backend == "postgres":
-                with admin.begin() as c:
-                    c.execute(text(f'CREATE SCHEMA "{schema}"'))
-                url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-            try:
+            with scratch_database(backend, Path(tmp) / "store.db") as url:
                 per_record, rate = store_pass(url, pop)
-            finally:
-                if backend == "postgres":
-                    with admin.begin() as c:
-                        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-                admin.dispose()
             print(
                 f"store-{backend:8} {rate:>8,.0f} records/s in-process, "
                 f"{per_record:.2f} SQL statements per record"
@@ -255,22 +264,8 @@ def main() -> None:
                 print(f"{case:12} {ceiling:>9,.0f} msg/s  (ceiling)")
                 continue
             backend, routers = case.split("-")
-            schema = None
-            if backend == "sqlite":
-                url = f"sqlite:///{tmp}/router.db"
-            else:
-                schema = f"bench_{uuid.uuid4().hex[:8]}"
-                admin = make_engine(POSTGRES)
-                with admin.begin() as c:
-                    c.execute(text(f'CREATE SCHEMA "{schema}"'))
-                url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-            try:
+            with scratch_database(backend, Path(tmp) / "router.db") as url:
                 rate, wall, figures = run_routers(kafka, url, int(routers), pop, Path(tmp))
-            finally:
-                if schema:
-                    with admin.begin() as c:
-                        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-                    admin.dispose()
             batches = figures["switchboard_router_lock_seconds_count"] or 1
             print(
                 f"{case:12} {rate:>9,.0f} msg/s  = {rate / ceiling:.1%} of raw consume"
