@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from email.message import EmailMessage
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
@@ -179,13 +180,16 @@ def summary(name: str, values: list[float]) -> str:
     return f"{name} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  (n={len(values)})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=300)
-    parser.add_argument("--flooders", type=int, default=4)
-    args = parser.parse_args()
+@contextlib.contextmanager
+def running_smtp(**settings: str) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
+    """`switchboard run` on the embedded broker, accepting mail for example.com, with
+    ``settings`` (environment variables) on top: (SMTP port, HTTP port, process).
+    Its log goes to $BENCH_LOG when set."""
     port, http_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as data:
+    with (
+        tempfile.TemporaryDirectory() as data,
+        open(os.environ.get("BENCH_LOG", os.devnull), "wb") as log,
+    ):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         env.update(
             SWITCHBOARD_SMTP_PORT=str(port),
@@ -195,40 +199,50 @@ def main() -> None:
             SWITCHBOARD_LOG_LEVEL="ERROR",
             SWITCHBOARD_SMTP_HOSTNAME="bench",
             SWITCHBOARD_SMTP_VERIFY="false",  # no DNS here; bench-smtp-auth measures it
+            **settings,
         )
         server = subprocess.Popen(
             [str(Path(sys.executable).with_name("switchboard")), "run"],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=log,
         )
         try:
             if not wait_for_port("127.0.0.1", port, 60):
                 raise SystemExit("switchboard did not listen")
-            asyncio.run(measure(port, http_port, 30))  # warm up
-            quiet_mail, quiet_health, quiet_refused = asyncio.run(
-                measure(port, http_port, args.messages)
-            )
-            manager = multiprocessing.Manager()
-            stats = manager.dict()
-            stop, ready = multiprocessing.Event(), multiprocessing.Event()
-            attacker = multiprocessing.Process(
-                target=attack, args=(port, args.flooders, stop, ready, stats)
-            )
-            attacker.start()
-            if not ready.wait(30):
-                raise SystemExit("the attack did not start")
-            time.sleep(1)  # let the floods get going
-            hostile_mail, hostile_health, hostile_refused = asyncio.run(
-                measure(port, http_port, args.messages)
-            )
-            stop.set()
-            attacker.join(30)
-            attack_stats = dict(stats)
+            yield port, http_port, server
         finally:
             server.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.wait(20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--flooders", type=int, default=4)
+    args = parser.parse_args()
+    with running_smtp() as (port, http_port, _):
+        asyncio.run(measure(port, http_port, 30))  # warm up
+        quiet_mail, quiet_health, quiet_refused = asyncio.run(
+            measure(port, http_port, args.messages)
+        )
+        manager = multiprocessing.Manager()
+        stats = manager.dict()
+        stop, ready = multiprocessing.Event(), multiprocessing.Event()
+        attacker = multiprocessing.Process(
+            target=attack, args=(port, args.flooders, stop, ready, stats)
+        )
+        attacker.start()
+        if not ready.wait(30):
+            raise SystemExit("the attack did not start")
+        time.sleep(1)  # let the floods get going
+        hostile_mail, hostile_health, hostile_refused = asyncio.run(
+            measure(port, http_port, args.messages)
+        )
+        stop.set()
+        attacker.join(30)
+        attack_stats = dict(stats)
     print(f"hostile smtp: {args.messages} legitimate messages per phase, {args.flooders} flooders")
     print(f"quiet    {summary('mail', quiet_mail)}   refused {quiet_refused}")
     print(f"quiet    {summary('healthz', quiet_health)}")

@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+from bench.hostile_smtp import running_smtp
 from bench.smtp_ingest import _reply
-from switchboard.broker import free_port, wait_for_port
 
 MIB = 1024 * 1024
 
@@ -108,51 +104,30 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=12)
     parser.add_argument("--messages", type=int, default=3)
     args = parser.parse_args()
-    port, http_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as data:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-        env.update(
-            SWITCHBOARD_SMTP_PORT=str(port),
-            SWITCHBOARD_HTTP_PORT=str(http_port),
-            SWITCHBOARD_DATA_DIR=data,
-            SWITCHBOARD_SMTP_DOMAINS="example.com",
-            SWITCHBOARD_LOG_LEVEL="ERROR",
-            SWITCHBOARD_SMTP_HOSTNAME="bench",
-            SWITCHBOARD_SMTP_VERIFY="false",
-            SWITCHBOARD_SMTP_MAX_DATA_IN_FLIGHT=str(args.budget_mib * MIB),
-        )
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("switchboard")), "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.environ.get("BENCH_LOG", os.devnull), "w"),  # noqa: SIM115
-        )
-        try:
-            if not wait_for_port("127.0.0.1", port, 60):
-                raise SystemExit("switchboard did not listen")
-            asyncio.run(deliver(port, 1, 1, MIB))  # the parse processes started, warm
-            time.sleep(3)
-            idle = rss_of_tree(server.pid)
-            peak = list(idle)
-            done = threading.Event()
+    with running_smtp(SWITCHBOARD_SMTP_MAX_DATA_IN_FLIGHT=str(args.budget_mib * MIB)) as (
+        port,
+        _,
+        server,
+    ):
+        asyncio.run(deliver(port, 1, 1, MIB))  # the parse processes started, warm
+        time.sleep(3)
+        idle = rss_of_tree(server.pid)
+        peak = list(idle)
+        done = threading.Event()
 
-            def sample() -> None:
-                while not done.is_set():
-                    now = rss_of_tree(server.pid)
-                    peak[0], peak[1] = max(peak[0], now[0]), max(peak[1], now[1])
-                    time.sleep(0.01)
+        def sample() -> None:
+            while not done.is_set():
+                now = rss_of_tree(server.pid)
+                peak[0], peak[1] = max(peak[0], now[0]), max(peak[1], now[1])
+                time.sleep(0.01)
 
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            started = time.perf_counter()
-            replies = asyncio.run(deliver(port, args.senders, args.messages, args.size_mib * MIB))
-            took = time.perf_counter() - started
-            done.set()
-            sampler.join()
-        finally:
-            server.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(20)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started = time.perf_counter()
+        replies = asyncio.run(deliver(port, args.senders, args.messages, args.size_mib * MIB))
+        took = time.perf_counter() - started
+        done.set()
+        sampler.join()
     print(
         f"{args.senders} senders x {args.messages} messages of {args.size_mib} MiB, "
         f"budget {args.budget_mib} MiB: replies {dict(replies)} in {took:.1f} s"
