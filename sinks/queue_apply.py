@@ -68,7 +68,8 @@ from switchboard.events import (
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["QueueWriter", Connection, Any], None]
+# A handler's result is ignored, except _routed's (the contacts it touched).
+Handler = Callable[["QueueWriter", Connection, Any], object]
 
 # The statements every event runs, built once with bound parameters and reused:
 # building a statement and its cache key per event took more of the sink's time
@@ -242,7 +243,7 @@ class QueueWriter:
                 if first:
                     if isinstance(event, MessageRouted):
                         # Its contacts come with the reads it makes anyway.
-                        self._routed(c, event, touched)
+                        touched |= self._routed(c, event)
                     else:
                         touched |= _contacts_of(c, event)
                         handle(self, c, event)
@@ -336,9 +337,9 @@ class QueueWriter:
     def _owner_of(self, c: Connection, contact_id: UUID) -> str:
         return str(c.execute(_OWNER, {"id": contact_id}).scalar_one())
 
-    def _routed(self, c: Connection, e: MessageRouted, touched: set[UUID] | None = None) -> None:
-        """A routed message into its conversation; the contacts whose conversations
-        it changed (before and after it) are added to ``touched``."""
+    def _routed(self, c: Connection, e: MessageRouted) -> set[UUID]:
+        """A routed message into its conversation; returns the contacts whose
+        conversations it changed (before and after it)."""
         m = e.message
         # An unmerge applied before this event may have moved the message, or
         # given its conversation back to another contact.
@@ -354,20 +355,19 @@ class QueueWriter:
         contact_id, owner = self._landing_contact(c, e, where)
         self._into_conversation(c, m, conversation_id, where, contact_id=contact_id, owner=owner)
         self._store_message(c, m, conversation_id, contact_id)
-        if touched is not None:
-            # The contacts whose conversations this changed: the ones the event's
-            # conversation, the conversation the message landed in (an unmerge may
-            # have moved it) and the message had before, and the one they have now.
-            touched.update(
-                x
-                for x in (
-                    _uuid(where.conversation_contact),
-                    _uuid(where.landing_contact_id),
-                    _uuid(where.message_contact),
-                    contact_id,
-                )
-                if x is not None
+        # The contacts whose conversations this changed: the ones the event's
+        # conversation, the conversation the message landed in (an unmerge may have
+        # moved it) and the message had before, and the one they have now.
+        return {
+            x
+            for x in (
+                _uuid(where.conversation_contact),
+                _uuid(where.landing_contact_id),
+                _uuid(where.message_contact),
+                contact_id,
             )
+            if x is not None
+        }
 
     def _landing_contact(self, c: Connection, e: MessageRouted, where: Any) -> tuple[UUID, str]:  # noqa: ANN401 - a Row of _WHERE_ROUTED
         """The contact a routed message lands with and its owner, the event's owner
