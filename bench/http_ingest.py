@@ -18,6 +18,13 @@ fixed request at each concurrency (one wrk thread; the machine has 2 cores):
               (rebuilt into MIME and normalized like SMTP mail)
 The switchboard targets answer only after the Kafka acknowledgement.
 
+With ``--fresh`` every request is a new message (its own MessageSid, hook id and
+text, signed ahead of the run and replayed by wrk's Lua from a file): each one is
+a new raw payload blob, written and fsynced before the answer, as real traffic
+is. Without it the same request repeats and its blob already exists, so no blob
+is written (the figures before 2026-11-29 night). The bare hooks get the same
+requests.
+
 With ``--workers 1,2`` the switchboard targets are `switchboard ingest http
 --workers N` instead (the edge alone, N processes on one port, its embedded
 broker beside it), once per N: what more processes give on this machine, where
@@ -27,6 +34,7 @@ wrk shares the two cores with them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import json
@@ -76,17 +84,41 @@ HOOK_CONFIG = (
 )
 
 Request = tuple[str, bytes, dict[str, str]]
+#: A request for the n-th message of a run (``--fresh``): url, body, headers.
+Fresh = Callable[[str], Request]
+
+#: wrk's script for ``--fresh``: one prepared request per line of a file
+#: (header value, tab, body), formatted once in init and sent in turn.
+FRESH_LUA = """
+local reqs = {{}}
+local i = 0
+init = function(args)
+  for line in io.lines({path}) do
+    local tab = line:find("\\t", 1, true)
+    reqs[#reqs + 1] = wrk.format("POST", nil, {{
+      ["Content-Type"] = {content_type}, [{header}] = line:sub(1, tab - 1)
+    }}, line:sub(tab + 1))
+  end
+end
+request = function()
+  i = i + 1
+  if i > #reqs then i = 1 end
+  return reqs[i]
+end
+"""
 
 
-def twilio_request(port: int) -> Request:
-    """A signed Twilio SMS webhook (the same MessageSid each time: a Twilio retry)."""
+def twilio_request(port: int, n: str | None = None) -> Request:
+    """A signed Twilio SMS webhook: with ``n``, message ``n`` of a run, a new
+    MessageSid and text; without, the same MessageSid each time (a Twilio retry)."""
     url = f"http://127.0.0.1:{port}/webhooks/twilio/sms"
+    sid = "SM" + (hashlib.sha256(n.encode()).hexdigest()[:32] if n else "b" * 32)
     form = {
-        "MessageSid": "SM" + "b" * 32,
+        "MessageSid": sid,
         "AccountSid": "AC" + "1" * 32,
         "From": "+14155550100",
         "To": "+14155550199",
-        "Body": "Where is my order? " * 5,
+        "Body": "Where is my order? " * 5 + (n or ""),
         "NumMedia": "0",
     }
     signature = RequestValidator(TOKEN).compute_signature(url, form)
@@ -97,13 +129,14 @@ def twilio_request(port: int) -> Request:
     return url, urlencode(form).encode(), headers
 
 
-def json_hook_request(port: int) -> Request:
-    """A post to the HOOK_CONFIG hook, HMAC-SHA256 signed."""
+def json_hook_request(port: int, n: str | None = None) -> Request:
+    """A post to the HOOK_CONFIG hook, HMAC-SHA256 signed (with ``n``: message ``n``
+    of a run, its own id and text)."""
     body = json.dumps(
         {
-            "id": "bench-1",
+            "id": f"bench-{n or 1}",
             "contact": {"email": "ann@example.com", "phone": "+14155550100"},
-            "message": "Call me back " * 10,
+            "message": "Call me back " * 10 + (n or ""),
         }
     ).encode()
     digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -114,29 +147,65 @@ def json_hook_request(port: int) -> Request:
     )
 
 
+def cleanup_fresh(script: str) -> None:
+    """Remove a ``--fresh`` script and the file of requests it reads."""
+    text = Path(script).read_text()
+    lines = json.loads(text[text.index("io.lines(") + 9 : text.index(") do")])
+    for path in (script, lines):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def fresh_script(make: Callable[[str], Request], count: int, run: str) -> tuple[str, str]:
+    """wrk's Lua for ``count`` new messages made by ``make`` (``run`` keeps them apart
+    from every other run's), and the file it reads; returns (url, script path)."""
+    url, _, headers = make(f"{run}-0")
+    header = next(k for k in headers if k != "Content-Type")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as lines:
+        for i in range(count):
+            _, body, signed = make(f"{run}-{i}")
+            lines.write(f"{signed[header]}\t{body.decode()}\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            FRESH_LUA.format(
+                path=json.dumps(lines.name),
+                content_type=json.dumps(headers["Content-Type"]),
+                header=json.dumps(header),
+            )
+        )
+    return url, script.name
+
+
 def wait_http(port: int) -> None:
     if not wait_for_port("127.0.0.1", port, 30):
         raise SystemExit(f"nothing listening on {port}")
 
 
 def wrk(
-    url: str, body: bytes, headers: dict[str, str], seconds: int, conns: int
+    url: str, request: Request | str, seconds: int, conns: int
 ) -> tuple[float, float, float, int]:
-    lua = LUA.format(
-        body=json.dumps(body.decode()),
-        headers="\n".join(
-            f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()
-        ),
-    )
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(lua)
+    """Drive ``url`` with one fixed request, or with a ``--fresh`` script (its path)."""
+    if isinstance(request, str):
+        script_path = request
+    else:
+        _, body, headers = request
+        lua = LUA.format(
+            body=json.dumps(body.decode()),
+            headers="\n".join(
+                f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()
+            ),
+        )
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write(lua)
+        script_path = script.name
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", script_path, url],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    os.unlink(script.name)
+    if not isinstance(request, str):
+        os.unlink(script_path)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def ms(label: str) -> float:
@@ -155,6 +224,13 @@ def main() -> None:
         "--workers", help="e.g. 1,2: measure `switchboard ingest http --workers N` for each N"
     )
     parser.add_argument("--skip-mailgun", action="store_true")
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every request a new message, N prepared per run (e.g. 60000); see above",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], float] = {}
@@ -164,25 +240,41 @@ def main() -> None:
         else [(f"x{n}", ["ingest", "http", "--workers", n]) for n in args.workers.split(",") if n]
     )
 
-    def measure(name: str, url: str, body: bytes, headers: dict[str, str]) -> None:
+    def measure(name: str, request: Request, make: Fresh | None = None) -> None:
+        url = request[0]
         for conns in levels:
-            wrk(url, body, headers, 2, conns)  # warm up
-            rate, p50, p99, bad = wrk(url, body, headers, args.seconds, conns)
+            runs: list[Request | str] = [request, request]
+            if args.fresh and make is not None:
+                stamp = time.time_ns()
+                runs = [
+                    fresh_script(make, args.fresh, f"{stamp}-{conns}-{phase}")[1] for phase in "wm"
+                ]
+            wrk(url, runs[0], 2, conns)  # warm up
+            rate, p50, p99, bad = wrk(url, runs[1], args.seconds, conns)
             results[(name, conns)] = rate
             note = f"  ({bad} non-2xx)" if bad else ""
+            if args.fresh and make is not None and rate * args.seconds > args.fresh:
+                note += f"  (more than {args.fresh:,} requests: some repeated)"
             latency = f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
             print(f"{name:<13} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
+            for script in runs:
+                if isinstance(script, str):
+                    cleanup_fresh(script)
 
-    for name, parser in (("bare", "auto"), ("bare-h11", "h11")):
+    for name, http_parser in (("bare", "auto"), ("bare-h11", "h11")):
         port = free_port()
-        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port), parser])
+        bare = subprocess.Popen([sys.executable, "-c", BARE, str(port), http_parser])
         try:
             wait_http(port)
+            url = f"http://127.0.0.1:{port}/hook"
+
+            def to_bare(n: str, url: str = url, port: int = port) -> Request:
+                return url, *json_hook_request(port, n)[1:]
+
             measure(
                 name,
-                f"http://127.0.0.1:{port}/hook",
-                b"a=b",
-                {"Content-Type": "application/x-www-form-urlencoded"},
+                (url, b"a=b", {"Content-Type": "application/x-www-form-urlencoded"}),
+                to_bare if args.fresh else None,
             )
         finally:
             bare.terminate()
@@ -192,7 +284,7 @@ def main() -> None:
     for label, command in targets:
         suffix = "" if label == "run" else f" {label}"
         names.append(suffix)
-        switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun)
+        switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun, fresh=args.fresh > 0)
     for conns in levels:
         for ceiling in ("bare", "bare-h11"):
             base = results[(ceiling, conns)]
@@ -208,9 +300,10 @@ def main() -> None:
 def switchboard(
     command: list[str],
     suffix: str,
-    measure: Callable[[str, str, bytes, dict[str, str]], None],
+    measure: Callable[[str, Request, Fresh | None], None],
     *,
     skip_mailgun: bool,
+    fresh: bool,
 ) -> None:
     """Start `switchboard <command>` with the bench's hooks and measure each hook."""
     port = free_port()
@@ -237,8 +330,16 @@ def switchboard(
         try:
             wait_http(port)
             time.sleep(3)  # every worker started, not only the first
-            measure("twilio" + suffix, *twilio_request(port))
-            measure("json-hook" + suffix, *json_hook_request(port))
+            measure(
+                "twilio" + suffix,
+                twilio_request(port),
+                (lambda n: twilio_request(port, n)) if fresh else None,
+            )
+            measure(
+                "json-hook" + suffix,
+                json_hook_request(port),
+                (lambda n: json_hook_request(port, n)) if fresh else None,
+            )
             if skip_mailgun:
                 return
             # A parsed Mailgun route (a 1 KB email, rebuilt into MIME and normalized
@@ -266,9 +367,12 @@ def switchboard(
             }
             measure(
                 "mailgun" + suffix,
-                f"http://127.0.0.1:{port}/webhooks/mailgun",
-                urlencode(form).encode(),
-                {"Content-Type": "application/x-www-form-urlencoded"},
+                (
+                    f"http://127.0.0.1:{port}/webhooks/mailgun",
+                    urlencode(form).encode(),
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                ),
+                None,  # the same parsed email each time, with or without --fresh
             )
         finally:
             sb.terminate()
