@@ -27,6 +27,7 @@ from pydantic import JsonValue
 
 from ingest.errors import RetryLater
 from ingest.evidence import EvidenceBudget
+from ingest.groupcommit import GroupCommit
 from ingest.journal import Journal
 from ingest.spool import Spool, SpoolFull
 from normalize.content import Blob, Normalized, Serialized, fit_for_event
@@ -74,7 +75,6 @@ class HandOff:
         self.max_event_bytes = publisher.max_event_bytes
         # Only on the embedded broker (see ingest.journal): kept until the queue has it.
         self.journal = journal
-        self._blobs = blobs
         self._source = source
         self.spool = spool
         self._spool_after_s = spool_after_s
@@ -82,6 +82,7 @@ class HandOff:
         # Blob writes wait on fsync, which releases the GIL: many can overlap. A pool of
         # their own keeps them from queueing behind CPU work on the default executor.
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="blob-io")
+        self._group = GroupCommit(blobs, self._io)
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
@@ -89,11 +90,10 @@ class HandOff:
     async def _store(self, blobs: tuple[Blob, ...]) -> None:
         if not blobs:
             return  # most SMS and forms: no hop to the blob threads for nothing
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._io, lambda: [self._blobs.put(b) for b in blobs])
+            # Group-committed with the blobs of the messages arriving meanwhile.
+            await self._group.store(blobs)
         except OSError as exc:
-            log.error("blob store write failed", extra={"error": repr(exc)})
             raise RetryLater(f"cannot store the message: {exc.strerror or exc}") from exc
 
     async def _publish(self, topic: str, event: Event) -> Receipt:

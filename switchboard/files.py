@@ -32,14 +32,21 @@ def make_dirs(directory: Path, base: Path, known: MutableSet[Path]) -> None:
     process's life) holds the levels already made durable, so each costs one fsync
     per process.
     """
+    for level in made_dirs(directory, base, known):
+        fsync_dir(level.parent)
+        known.add(level)
+
+
+def made_dirs(directory: Path, base: Path, known: MutableSet[Path]) -> list[Path]:
+    """:func:`make_dirs` without the fsyncs: creates the levels and returns those not in
+    ``known``, top first, for a caller that makes their entries durable itself (one
+    sync of the whole file system for many) and then adds them to ``known``."""
     if directory in known:
-        return
+        return []
     chain = [directory, *directory.parents]
     if base not in chain:
         raise ValueError(f"{directory} is not under {base}")
-    for level in reversed(chain[: chain.index(base) + 1]):
-        if level in known:
-            continue
+    levels = [level for level in reversed(chain[: chain.index(base) + 1]) if level not in known]
+    for level in levels:
         level.mkdir(parents=True, exist_ok=True)
-        fsync_dir(level.parent)
-        known.add(level)
+    return levels

@@ -112,6 +112,11 @@ HANDOFF_SECONDS = Histogram(
     ["adapter"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+BLOB_GROUP_BLOBS = Histogram(
+    "switchboard_blob_group_commit_blobs",
+    "Blobs made durable together by one group commit (the blobs of concurrent messages).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 ROUTER_DECISIONS = Counter(
     "switchboard_router_decisions",
     "Routing outcomes (routed, duplicate, unroutable, failed, replayed) and their reason.",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from normalize.content import Blob
 from sinks.archive_files import LocalArchive, Part
+from switchboard import blobs
 from switchboard.blobs import FileBlobStore
 from switchboard.files import make_dirs
 
@@ -105,3 +108,74 @@ def test_an_archive_file_on_a_new_day_survives_with_its_directories(
     assert synced[:3] == [str(tmp_path), str(tmp_path / "archive"), str(topic)]
     assert synced[3] == str(day / f".{part.name}.tmp")
     assert synced[4:] == [str(day)]
+
+
+def _record_syncfs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every syncfs call of the blob store (the real one runs), with its path."""
+    synced: list[str] = []
+    real = blobs._SYNCFS
+    assert real is not None, "syncfs is on every Linux from 5.8; this machine has it"
+
+    def syncfs(fd: int) -> int:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(blobs, "_SYNCFS", syncfs)
+    return synced
+
+
+def test_many_blobs_share_two_file_system_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "blobs"
+    store = FileBlobStore(root)
+    old = Blob.of(b"stored before", "text/plain")
+    store.put(old)
+    old_path = root / old.ref.sha256[:2] / old.ref.sha256[2:4] / old.ref.sha256
+    os.utime(old_path, (1, 1))
+    fsyncs, syncfs = _record_fsyncs(monkeypatch), _record_syncfs(monkeypatch)
+    many = [Blob.of(f"message {i}".encode(), "text/plain") for i in range(50)]
+    store.put_many([*many, many[0], old])  # a repeat and a blob already stored
+    # Two syncs for all of them, new directories included: the bytes, then the renames.
+    assert syncfs == [str(root), str(root)]
+    assert fsyncs == []
+    for blob in many:
+        assert store.get(blob.ref.sha256) == blob.data
+    assert old_path.stat().st_mtime > 1  # stored again: as young as its new message
+    assert not list(root.rglob(".tmp-*"))
+    # The new directories are known durable now: a blob written into one again
+    # costs its file and its entry, not the directory's own entry in its parent.
+    first = root / many[0].ref.sha256[:2] / many[0].ref.sha256[2:4] / many[0].ref.sha256
+    first.unlink()
+    store.put(many[0])
+    assert len(fsyncs) == 2
+    assert fsyncs[1] == str(first.parent)
+
+
+def test_a_failed_sync_stores_nothing_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileBlobStore(tmp_path)
+    monkeypatch.setattr(blobs, "_SYNCFS", lambda _fd: -1)
+    monkeypatch.setattr(ctypes, "get_errno", lambda: errno.EIO)
+    batch = [Blob.of(f"lost {i}".encode(), "text/plain") for i in range(3)]
+    with pytest.raises(OSError, match="Input/output error"):
+        store.put_many(batch)
+    for blob in batch:
+        assert not store.exists(blob.ref.sha256)  # never under its digest unless synced
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_without_syncfs_each_blob_gets_its_own_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileBlobStore(tmp_path)
+    store.put(Blob.of(b"warm", "text/plain"))
+    monkeypatch.setattr(blobs, "_SYNCFS", None)
+    synced = _record_fsyncs(monkeypatch)
+    a, b = Blob.of(b"a", "text/plain"), Blob.of(b"b", "text/plain")
+    store.put_many([a, b])
+    assert store.get(a.ref.sha256) == b"a"
+    assert store.get(b.ref.sha256) == b"b"
+    files = [path for path in synced if "/.tmp-" in path]
+    assert len(files) == 2  # each file fsynced before its rename

@@ -1,0 +1,159 @@
+"""Group commit of blob writes (ingest.groupcommit): messages that arrive while a
+write is in flight share the next one, and nobody is answered before their own
+blobs are on disk. On the real file store and real threads."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from ingest.groupcommit import GroupCommit
+from normalize.content import Blob
+from normalize.schema import BlobRef
+from switchboard.blobs import FileBlobStore
+
+
+class Gated(FileBlobStore):
+    """The file store, recording each write's blobs; the first write waits for
+    ``gate`` and ``fail`` makes the next write fail before it stores anything."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writes: list[list[str]] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.fail = False
+
+    def put_many(self, blobs: Sequence[Blob]) -> None:
+        self.writes.append([b.data.decode() for b in blobs])
+        self.started.set()
+        if len(self.writes) == 1:
+            assert self.gate.wait(10)
+        if self.fail:
+            self.fail = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().put_many(blobs)
+
+    def put(self, blob: Blob) -> BlobRef:
+        raise AssertionError("the group commit writes with put_many only")
+
+
+def _blob(text: str) -> Blob:
+    return Blob.of(text.encode(), "text/plain")
+
+
+def test_messages_arriving_during_a_write_share_the_next_one(tmp_path: Path) -> None:
+    store = Gated(tmp_path)
+    pool = ThreadPoolExecutor(4)
+    group = GroupCommit(store, pool, in_flight=1)
+    stored_when_answered: dict[str, bool] = {}
+
+    async def send(text: str) -> None:
+        blob = _blob(text)
+        await group.store((blob,))
+        stored_when_answered[text] = store.exists(blob.ref.sha256)
+
+    async def main() -> None:
+        first = asyncio.create_task(send("first"))
+        await asyncio.to_thread(store.started.wait, 10)
+        others = [asyncio.create_task(send(f"m{i}")) for i in range(30)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in [first, *others])  # all wait on disk
+        store.gate.set()
+        await asyncio.gather(first, *others)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert store.writes == [["first"], [f"m{i}" for i in range(30)]]
+    assert len(stored_when_answered) == 31
+    assert all(stored_when_answered.values())
+
+
+def test_a_failed_write_fails_its_messages_and_the_next_write_works(tmp_path: Path) -> None:
+    store = Gated(tmp_path)
+    store.fail = True
+    pool = ThreadPoolExecutor(4)
+    group = GroupCommit(store, pool, in_flight=1)
+    outcomes: dict[str, str] = {}
+
+    async def send(text: str) -> None:
+        try:
+            await group.store((_blob(text),))
+            outcomes[text] = "stored"
+        except OSError as exc:
+            outcomes[text] = f"errno {exc.errno}"
+
+    async def main() -> None:
+        first = asyncio.create_task(send("a"))
+        await asyncio.to_thread(store.started.wait, 10)
+        queued = [asyncio.create_task(send(t)) for t in ("b", "c")]
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        await asyncio.gather(first, *queued)
+        await send("d")
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    # The first write (a) failed: its sender is told, nobody else is.
+    assert outcomes == {"a": "errno 28", "b": "stored", "c": "stored", "d": "stored"}
+    assert not store.exists(_blob("a").ref.sha256)
+
+
+def test_a_sender_that_gave_up_does_not_disturb_the_others(tmp_path: Path) -> None:
+    store = Gated(tmp_path)
+    pool = ThreadPoolExecutor(4)
+    group = GroupCommit(store, pool, in_flight=1)
+
+    async def main() -> None:
+        first = asyncio.create_task(group.store((_blob("first"),)))
+        await asyncio.to_thread(store.started.wait, 10)
+        gone = asyncio.create_task(group.store((_blob("gone"),)))
+        kept = asyncio.create_task(group.store((_blob("kept"),)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        store.gate.set()
+        await asyncio.gather(first, kept)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert store.writes == [["first"], ["kept"]]  # a cancelled sender's blob is not written
+
+
+def test_a_write_takes_at_most_max_bytes_and_others_start_beside_it(tmp_path: Path) -> None:
+    store = Gated(tmp_path)
+    pool = ThreadPoolExecutor(4)
+    group = GroupCommit(store, pool, in_flight=2, max_bytes=10)
+
+    async def main() -> None:
+        first = asyncio.create_task(group.store((_blob("first"),)))
+        await asyncio.to_thread(store.started.wait, 10)
+        rest = [asyncio.create_task(group.store((_blob(f"{i:04d}"),))) for i in range(5)]
+        try:
+            # The first write is held (a big attachment on a slow disk): the others
+            # are stored beside it meanwhile, in writes of at most 10 bytes.
+            await asyncio.wait_for(asyncio.gather(*rest), 5)
+            assert not first.done()
+        finally:
+            store.gate.set()
+        await first
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert sorted(b for write in store.writes[1:] for b in write) == [f"{i:04d}" for i in range(5)]
+    assert all(sum(len(b) for b in write) <= 10 for write in store.writes[1:])
