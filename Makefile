@@ -80,7 +80,7 @@ bench-http: $(VENV)/.installed-dev
 ## The edges alone, one and two processes per port (`ingest http|smtp --workers N`),
 ## each beside its bare ceiling in the same run.
 bench-edges: $(VENV)/.installed-dev
-	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 1,2 --skip-mailgun
+	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 1,2 --skip-mailgun --fresh 60000
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py --workers 1,2
 
 clean:
