@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from normalize.content import Blob
-from switchboard.blobs import BlobStore
+from switchboard.blobs import BIG_BLOB, BlobStore
 from switchboard.metrics import BLOB_GROUP_BLOBS
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,8 @@ class _Lane:
 
 class GroupCommit:
     """Blob writes shared by concurrent messages, at most ``in_flight`` at a time,
-    each at most ``max_bytes`` (a 25 MB attachment is not held up by a batch of
-    smaller ones for long, nor the other way round: another write may start beside
-    it)."""
+    each at most ``max_bytes``; a message with :data:`~switchboard.blobs.BIG_BLOB`
+    bytes of blobs or more is written on its own, outside this queue."""
 
     def __init__(
         self,
@@ -62,6 +61,16 @@ class GroupCommit:
     async def store(self, blobs: Sequence[Blob]) -> None:
         """Return once every blob is stored durably; raise OSError if it was not."""
         loop = asyncio.get_running_loop()
+        if sum(b.ref.size for b in blobs) >= BIG_BLOB:
+            # A big message is written on its own, beside the lanes: the small ones
+            # never wait in line behind copying its megabytes.
+            BLOB_GROUP_BLOBS.observe(len(blobs))
+            try:
+                job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
+            except RuntimeError as exc:  # the blob threads are shut down
+                raise OSError(f"blob writes stopped: {exc}") from exc
+            await job
+            return
         lane = self._lanes.get(loop)
         if lane is None:
             lane = self._lanes[loop] = _Lane()
@@ -89,10 +98,16 @@ class GroupCommit:
             size += bytes_
         if not taken:
             return
-        lane.in_flight += 1
         blobs = [b for group, _ in taken for b in group]
+        try:
+            job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
+        except RuntimeError as exc:  # the blob threads are shut down: the edge is stopping
+            for _, done in taken:
+                if not done.done():
+                    done.set_exception(OSError(f"blob writes stopped: {exc}"))
+            return
+        lane.in_flight += 1
         BLOB_GROUP_BLOBS.observe(len(blobs))
-        job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
         job.add_done_callback(lambda finished: self._answer(loop, lane, taken, finished))
 
     def _answer(

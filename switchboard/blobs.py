@@ -29,6 +29,8 @@ from switchboard.files import fsync_dir, made_dirs, make_dirs
 from switchboard.metrics import BLOBS_COLLECTED
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A blob this large is written and fsynced on its own, not in a group's sync.
+BIG_BLOB = 1024 * 1024
 #: A BlobRef inside serialized JSON (an event's data, a read model's column).
 BLOB_REF = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
 
@@ -40,12 +42,14 @@ class BlobNotFound(KeyError):
 
 
 def _syncfs_call() -> Callable[[int], int] | None:
-    """Linux's ``syncfs(2)``, when it reports write-back errors (Linux 5.8 and later;
-    before, it returned 0 whatever happened, so it cannot vouch for anything)."""
+    """Linux's ``syncfs(2)``, when it reports every failure: write-back errors since
+    Linux 5.8, and the file system's own sync (its journal: what makes renames and
+    new directory entries durable) since 5.17. Before, it could return 0 after a
+    failure, so it cannot vouch for anything there."""
     if sys.platform != "linux":
         return None
     numbers = re.match(r"(\d+)\.(\d+)", platform.release())
-    if numbers is None or (int(numbers[1]), int(numbers[2])) < (5, 8):
+    if numbers is None or (int(numbers[1]), int(numbers[2])) < (5, 17):
         return None
     try:
         # ctypes: the call is one system call the standard library does not wrap; a
@@ -88,6 +92,10 @@ class FileBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._dirs: set[Path] = set()  # directories known to exist, their entries durable
+        # Digests whose last write here failed after its rename: the file is in place
+        # but not known durable (and after a failed write-back the kernel may report
+        # its pages clean), so it is written again rather than trusted.
+        self._suspect: set[str] = set()
 
     def _path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -100,6 +108,8 @@ class FileBlobStore:
     def _stored(self, blob: Blob) -> bool:
         """True when the blob is already here; its age is then renewed."""
         path = self._path(blob.ref.sha256)
+        if blob.ref.sha256 in self._suspect:
+            return False
         if path.is_file() and path.stat().st_size == blob.ref.size:
             # Its age is what `blobs gc` reads: a blob stored again for a new
             # message is as young as that message, however old the file.
@@ -125,34 +135,46 @@ class FileBlobStore:
                 os.unlink(tmp)
             raise
         # The rename is durable only once the directory entry is on disk.
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except BaseException:
+            self._suspect.add(blob.ref.sha256)
+            raise
+        self._suspect.discard(blob.ref.sha256)
         return blob.ref
 
     def put_many(self, blobs: Sequence[Blob]) -> None:
-        """Store the blobs of several messages at once: on Linux (5.8 and later) with
+        """Store the blobs of several messages at once: on Linux (5.17 and later) with
         two ``syncfs`` calls for all of them, one after the files are written and one
         after they are renamed into place, instead of two fsyncs each (a file and its
         directory): the group commit of concurrent messages (``ingest.groupcommit``).
+
+        A blob found already in place still gets a ``syncfs`` before this returns:
+        another write (a thread or a process) may have renamed it there a moment ago
+        and not yet made the rename durable. Blobs of :data:`BIG_BLOB` bytes or more
+        are written and fsynced one by one first (:meth:`put`), so the group's sync
+        has little of theirs left to write back.
 
         ``syncfs`` writes back everything dirty on the blobs' file system, so the
         blobs want a file system where nothing else leaves much unsynced data (the
         default data directory holds the spool, the journal and SQLite, which fsync
         their own writes). Elsewhere, :meth:`put`'s fsyncs, one blob after the other.
         Raises OSError if any blob was not stored durably."""
-        new = {b.ref.sha256: b for b in blobs if not self._stored(b)}
         if _SYNCFS is None:
-            for blob in new.values():
+            for blob in {b.ref.sha256: b for b in blobs}.values():
                 self.put(blob)
             return
-        if not new:
-            return
-        # Opened before anything is written: syncfs reports the write-back errors of
-        # the file system since this descriptor was opened.
         self.root.mkdir(parents=True, exist_ok=True)
+        # Opened before anything is looked at or written: syncfs reports the file
+        # system's write-back errors since this descriptor was opened.
         barrier = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         pending: list[tuple[str, Path]] = []
-        levels: set[Path] = set()  # new directories, made durable by the first sync
+        renamed: list[str] = []
         try:
+            new = {b.ref.sha256: b for b in blobs if not self._stored(b)}
+            for digest in [d for d, b in new.items() if b.ref.size >= BIG_BLOB]:
+                self.put(new.pop(digest))
+            levels: set[Path] = set()  # new directories, made durable by the first sync
             for digest, blob in new.items():
                 path = self._path(digest)
                 levels.update(made_dirs(path.parent, self.root, self._dirs))
@@ -160,12 +182,21 @@ class FileBlobStore:
                 pending.append((tmp, path))
                 with os.fdopen(fd, "wb") as out:
                     out.write(blob.data)
-            _sync_file_system(barrier)  # every file's bytes, every new directory's entry
-            self._dirs.update(levels)
-            for tmp, path in pending:
+            if new:
+                _sync_file_system(barrier)  # every file's bytes, every new directory's entry
+                self._dirs.update(levels)
+            for (tmp, path), digest in zip(list(pending), new, strict=True):
+                renamed.append(digest)
                 os.replace(tmp, path)  # on failure, the ones not yet renamed are removed
-            pending.clear()
-            _sync_file_system(barrier)  # and every rename's directory entry
+                pending.remove((tmp, path))
+            # Every rename's directory entry, and whatever another write renamed into
+            # place that this one found there.
+            _sync_file_system(barrier)
+        except BaseException:
+            self._suspect.update(renamed)
+            raise
+        else:
+            self._suspect.difference_update(renamed)
         finally:
             os.close(barrier)
             for tmp, _ in pending:

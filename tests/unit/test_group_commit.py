@@ -15,8 +15,7 @@ import pytest
 
 from ingest.groupcommit import GroupCommit
 from normalize.content import Blob
-from normalize.schema import BlobRef
-from switchboard.blobs import FileBlobStore
+from switchboard.blobs import BIG_BLOB, FileBlobStore
 
 
 class Gated(FileBlobStore):
@@ -39,9 +38,6 @@ class Gated(FileBlobStore):
             self.fail = False
             raise OSError(errno.ENOSPC, "No space left on device")
         super().put_many(blobs)
-
-    def put(self, blob: Blob) -> BlobRef:
-        raise AssertionError("the group commit writes with put_many only")
 
 
 def _blob(text: str) -> Blob:
@@ -157,3 +153,58 @@ def test_a_write_takes_at_most_max_bytes_and_others_start_beside_it(tmp_path: Pa
         pool.shutdown()
     assert sorted(b for write in store.writes[1:] for b in write) == [f"{i:04d}" for i in range(5)]
     assert all(sum(len(b) for b in write) <= 10 for write in store.writes[1:])
+
+
+def test_a_big_message_is_written_beside_the_queue(tmp_path: Path) -> None:
+    store = Gated(tmp_path)
+    pool = ThreadPoolExecutor(4)
+    group = GroupCommit(store, pool, in_flight=1)
+    big = Blob.of(b"B" * BIG_BLOB, "application/pdf")
+
+    async def main() -> None:
+        first = asyncio.create_task(group.store((_blob("first"),)))
+        await asyncio.to_thread(store.started.wait, 10)
+        try:
+            # The only write of the queue is held; the big message does not wait for it.
+            await asyncio.wait_for(group.store((big,)), 5)
+            assert not first.done()
+        finally:
+            store.gate.set()
+        await first
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert store.get(big.ref.sha256) == big.data
+
+
+def test_senders_waiting_when_the_blob_threads_stop_are_told_and_nothing_hangs(
+    tmp_path: Path,
+) -> None:
+    store = Gated(tmp_path)
+    pool = ThreadPoolExecutor(4)
+    group = GroupCommit(store, pool, in_flight=1)
+    outcomes: list[str] = []
+
+    async def send(text: str) -> None:
+        try:
+            await group.store((_blob(text),))
+            outcomes.append(f"{text} stored")
+        except OSError as exc:
+            outcomes.append(f"{text}: {exc}")
+
+    async def main() -> None:
+        first = asyncio.create_task(send("first"))
+        await asyncio.to_thread(store.started.wait, 10)
+        queued = asyncio.create_task(send("queued"))
+        await asyncio.sleep(0.01)
+        pool.shutdown(wait=False)  # the edge is stopping
+        store.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, queued), 5)
+        await send("late")
+
+    asyncio.run(main())
+    assert outcomes[0] == "first stored"
+    assert outcomes[1].startswith("queued: blob writes stopped")
+    assert outcomes[2].startswith("late: blob writes stopped")
