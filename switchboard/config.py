@@ -22,6 +22,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from switchboard.selector import QuietSelector
+
 # kafka-python 3 discards a group join that completes outside poll(); polls shorter
 # than this never join on the embedded broker (measured), so it is a floor.
 MIN_POLL_TIMEOUT_MS = 1500
@@ -98,6 +100,7 @@ class KafkaSettings(BaseSettings):
             "bootstrap_servers": self.bootstrap_servers(),
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
+            "selector": QuietSelector,  # the default, minus a repr per wait (see there)
         }
         if self.sasl_mechanism:
             config["sasl_mechanism"] = self.sasl_mechanism
