@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -249,3 +251,46 @@ def test_readyz_names_a_stuck_or_dead_consumer(
 
 def _settings(kafka: KafkaSettings) -> Settings:
     return Settings(kafka=kafka)
+
+
+class CollectorWatcher(TableHandler):
+    """Notes whether the cyclic garbage collector runs while a poll is applied, and
+    leaves a reference cycle behind in every poll."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.during: list[bool] = []
+        self.cycles: list[weakref.ref[Any]] = []
+
+    def handle(self, records: Sequence[Any]) -> list[tuple[str, Event]]:
+        self.during.append(gc.isenabled())
+        cycle: dict[str, Any] = {}
+        cycle["self"] = cycle
+        holder = Cycle()
+        holder.me = holder
+        self.cycles.append(weakref.ref(holder))
+        return super().handle(records)
+
+
+class Cycle:
+    me: object = None
+
+
+def test_the_collector_pauses_during_a_poll_and_its_cycles_are_collected_after(
+    kafka_settings: KafkaSettings, table: Engine, topic: str, unique: str
+) -> None:
+    assert gc.isenabled()
+    handler = CollectorWatcher(table)
+    runtime = ConsumerRuntime(
+        kafka_settings, handler, name="gc-sink", group_id=f"g-{unique}", topics=[topic]
+    )
+    with running(runtime):
+        _produce(kafka_settings, topic, [b"a", b"b"])
+        _until(lambda: len(_rows(table)) == 2)
+        _produce(kafka_settings, topic, [b"c"])
+        _until(lambda: len(_rows(table)) == 3)
+    assert handler.during
+    assert not any(handler.during)  # paused in every poll
+    assert gc.isenabled()  # and on again after
+    gc.collect()  # what the next automatic collection does, without waiting for it
+    assert all(ref() is None for ref in handler.cycles)  # nothing a poll left in a cycle stays
