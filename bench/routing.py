@@ -140,6 +140,11 @@ def run_routers(
         subprocess.Popen(
             [sys.executable, "-m", "switchboard.cli", "router"],
             env={**env, "SWITCHBOARD_HTTP_PORT": str(port)},
+            # Not the caller's directory: `-m` puts it first on sys.path, ahead of
+            # PYTHONPATH, so a checkout run from there would shadow the code under
+            # test (until 2026-11-29 night, comparisons of an older worktree with
+            # PYTHONPATH ran the current code in both arms).
+            cwd=root,
         )
         for port in ports
     ]
