@@ -15,7 +15,6 @@ written at once: no timer, no added wait.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -24,8 +23,6 @@ from dataclasses import dataclass, field
 from normalize.content import Blob
 from switchboard.blobs import BIG_BLOB, BlobStore
 from switchboard.metrics import BLOB_GROUP_BLOBS
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,10 +118,6 @@ class GroupCommit:
         error = None if job.cancelled() else job.exception()
         if job.cancelled():
             error = OSError("blob write cancelled")
-        if error is not None:
-            log.error(
-                "blob store write failed", extra={"error": repr(error), "messages": len(taken)}
-            )
         for _, done in taken:
             if done.done():
                 continue

@@ -94,6 +94,7 @@ class HandOff:
             # Group-committed with the blobs of the messages arriving meanwhile.
             await self._group.store(blobs)
         except OSError as exc:
+            log.error("blob store write failed", extra={"error": repr(exc)})
             raise RetryLater(f"cannot store the message: {exc.strerror or exc}") from exc
 
     async def _publish(self, topic: str, event: Event) -> Receipt:
