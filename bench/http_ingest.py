@@ -34,7 +34,6 @@ wrk shares the two cores with them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import hmac
 import json
@@ -147,19 +146,10 @@ def json_hook_request(port: int, n: str | None = None) -> Request:
     )
 
 
-def cleanup_fresh(script: str) -> None:
-    """Remove a ``--fresh`` script and the file of requests it reads."""
-    text = Path(script).read_text()
-    lines = json.loads(text[text.index("io.lines(") + 9 : text.index(") do")])
-    for path in (script, lines):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 def fresh_script(make: Callable[[str], Request], count: int, run: str) -> tuple[str, str]:
     """wrk's Lua for ``count`` new messages made by ``make`` (``run`` keeps them apart
-    from every other run's), and the file it reads; returns (url, script path)."""
-    url, _, headers = make(f"{run}-0")
+    from every other run's), and the file it reads: returns (script, file)."""
+    _, _, headers = make(f"{run}-0")
     header = next(k for k in headers if k != "Content-Type")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as lines:
         for i in range(count):
@@ -173,7 +163,7 @@ def fresh_script(make: Callable[[str], Request], count: int, run: str) -> tuple[
                 header=json.dumps(header),
             )
         )
-    return url, script.name
+    return script.name, lines.name
 
 
 def wait_http(port: int) -> None:
@@ -241,26 +231,28 @@ def main() -> None:
     )
 
     def measure(name: str, request: Request, make: Fresh | None = None) -> None:
+        """``make``: the n-th new message, sent instead of ``request`` with --fresh."""
         url = request[0]
         for conns in levels:
-            runs: list[Request | str] = [request, request]
-            if args.fresh and make is not None:
-                stamp = time.time_ns()
-                runs = [
-                    fresh_script(make, args.fresh, f"{stamp}-{conns}-{phase}")[1] for phase in "wm"
-                ]
-            wrk(url, runs[0], 2, conns)  # warm up
-            rate, p50, p99, bad = wrk(url, runs[1], args.seconds, conns)
+            made = (
+                [fresh_script(make, args.fresh, f"{time.time_ns()}-{conns}-{p}") for p in "wm"]
+                if args.fresh and make is not None
+                else []
+            )
+            runs: list[Request | str] = [script for script, _ in made] or [request, request]
+            try:
+                wrk(url, runs[0], 2, conns)  # warm up
+                rate, p50, p99, bad = wrk(url, runs[1], args.seconds, conns)
+            finally:
+                for path in (path for pair in made for path in pair):
+                    os.unlink(path)
             results[(name, conns)] = rate
             note = f"  ({bad} non-2xx)" if bad else ""
-            repeated = make is not None and rate * args.seconds > args.fresh
+            repeated = bool(made) and rate * args.seconds > args.fresh
             if repeated and not name.startswith("bare"):  # the bare hooks store nothing
                 note += f"  (more than {args.fresh:,} requests: some repeated)"
             latency = f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
             print(f"{name:<13} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
-            for script in runs:
-                if isinstance(script, str):
-                    cleanup_fresh(script)
 
     for name, http_parser in (("bare", "auto"), ("bare-h11", "h11")):
         port = free_port()
@@ -275,7 +267,7 @@ def main() -> None:
             measure(
                 name,
                 (url, b"a=b", {"Content-Type": "application/x-www-form-urlencoded"}),
-                to_bare if args.fresh else None,
+                to_bare,
             )
         finally:
             bare.terminate()
@@ -285,7 +277,7 @@ def main() -> None:
     for label, command in targets:
         suffix = "" if label == "run" else f" {label}"
         names.append(suffix)
-        switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun, fresh=args.fresh > 0)
+        switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun)
     for conns in levels:
         for ceiling in ("bare", "bare-h11"):
             base = results[(ceiling, conns)]
@@ -304,7 +296,6 @@ def switchboard(
     measure: Callable[[str, Request, Fresh | None], None],
     *,
     skip_mailgun: bool,
-    fresh: bool,
 ) -> None:
     """Start `switchboard <command>` with the bench's hooks and measure each hook."""
     port = free_port()
@@ -334,12 +325,12 @@ def switchboard(
             measure(
                 "twilio" + suffix,
                 twilio_request(port),
-                (lambda n: twilio_request(port, n)) if fresh else None,
+                lambda n: twilio_request(port, n),
             )
             measure(
                 "json-hook" + suffix,
                 json_hook_request(port),
-                (lambda n: json_hook_request(port, n)) if fresh else None,
+                lambda n: json_hook_request(port, n),
             )
             if skip_mailgun:
                 return
