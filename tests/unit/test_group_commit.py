@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,14 +40,28 @@ class Gated(FileBlobStore):
             raise OSError(errno.ENOSPC, "No space left on device")
         super().put_many(blobs)
 
+    async def holding(self, first: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start ``first``, whose write is held until ``gate`` is set."""
+        task = asyncio.create_task(first)
+        await asyncio.to_thread(self.started.wait, 10)
+        return task
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    threads = ThreadPoolExecutor(4)
+    yield threads
+    threads.shutdown()
+
 
 def _blob(text: str) -> Blob:
     return Blob.of(text.encode(), "text/plain")
 
 
-def test_messages_arriving_during_a_write_share_the_next_one(tmp_path: Path) -> None:
+def test_messages_arriving_during_a_write_share_the_next_one(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
     store = Gated(tmp_path)
-    pool = ThreadPoolExecutor(4)
     group = GroupCommit(store, pool, in_flight=1)
     stored_when_answered: dict[str, bool] = {}
 
@@ -56,27 +71,24 @@ def test_messages_arriving_during_a_write_share_the_next_one(tmp_path: Path) -> 
         stored_when_answered[text] = store.exists(blob.ref.sha256)
 
     async def main() -> None:
-        first = asyncio.create_task(send("first"))
-        await asyncio.to_thread(store.started.wait, 10)
+        first = await store.holding(send("first"))
         others = [asyncio.create_task(send(f"m{i}")) for i in range(30)]
         await asyncio.sleep(0.05)
         assert not any(task.done() for task in [first, *others])  # all wait on disk
         store.gate.set()
         await asyncio.gather(first, *others)
 
-    try:
-        asyncio.run(main())
-    finally:
-        pool.shutdown()
+    asyncio.run(main())
     assert store.writes == [["first"], [f"m{i}" for i in range(30)]]
     assert len(stored_when_answered) == 31
     assert all(stored_when_answered.values())
 
 
-def test_a_failed_write_fails_its_messages_and_the_next_write_works(tmp_path: Path) -> None:
+def test_a_failed_write_fails_its_messages_and_the_next_write_works(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
     store = Gated(tmp_path)
     store.fail = True
-    pool = ThreadPoolExecutor(4)
     group = GroupCommit(store, pool, in_flight=1)
     outcomes: dict[str, str] = {}
 
@@ -88,31 +100,27 @@ def test_a_failed_write_fails_its_messages_and_the_next_write_works(tmp_path: Pa
             outcomes[text] = f"errno {exc.errno}"
 
     async def main() -> None:
-        first = asyncio.create_task(send("a"))
-        await asyncio.to_thread(store.started.wait, 10)
+        first = await store.holding(send("a"))
         queued = [asyncio.create_task(send(t)) for t in ("b", "c")]
         await asyncio.sleep(0.05)
         store.gate.set()
         await asyncio.gather(first, *queued)
         await send("d")
 
-    try:
-        asyncio.run(main())
-    finally:
-        pool.shutdown()
+    asyncio.run(main())
     # The first write (a) failed: its sender is told, nobody else is.
     assert outcomes == {"a": "errno 28", "b": "stored", "c": "stored", "d": "stored"}
     assert not store.exists(_blob("a").ref.sha256)
 
 
-def test_a_sender_that_gave_up_does_not_disturb_the_others(tmp_path: Path) -> None:
+def test_a_sender_that_gave_up_does_not_disturb_the_others(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
     store = Gated(tmp_path)
-    pool = ThreadPoolExecutor(4)
     group = GroupCommit(store, pool, in_flight=1)
 
     async def main() -> None:
-        first = asyncio.create_task(group.store((_blob("first"),)))
-        await asyncio.to_thread(store.started.wait, 10)
+        first = await store.holding(group.store((_blob("first"),)))
         gone = asyncio.create_task(group.store((_blob("gone"),)))
         kept = asyncio.create_task(group.store((_blob("kept"),)))
         await asyncio.sleep(0.01)
@@ -122,21 +130,18 @@ def test_a_sender_that_gave_up_does_not_disturb_the_others(tmp_path: Path) -> No
         with pytest.raises(asyncio.CancelledError):
             await gone
 
-    try:
-        asyncio.run(main())
-    finally:
-        pool.shutdown()
+    asyncio.run(main())
     assert store.writes == [["first"], ["kept"]]  # a cancelled sender's blob is not written
 
 
-def test_a_write_takes_at_most_max_bytes_and_others_start_beside_it(tmp_path: Path) -> None:
+def test_a_write_takes_at_most_max_bytes_and_others_start_beside_it(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
     store = Gated(tmp_path)
-    pool = ThreadPoolExecutor(4)
     group = GroupCommit(store, pool, in_flight=2, max_bytes=10)
 
     async def main() -> None:
-        first = asyncio.create_task(group.store((_blob("first"),)))
-        await asyncio.to_thread(store.started.wait, 10)
+        first = await store.holding(group.store((_blob("first"),)))
         rest = [asyncio.create_task(group.store((_blob(f"{i:04d}"),))) for i in range(5)]
         try:
             # The first write is held (a big attachment on a slow disk): the others
@@ -147,23 +152,20 @@ def test_a_write_takes_at_most_max_bytes_and_others_start_beside_it(tmp_path: Pa
             store.gate.set()
         await first
 
-    try:
-        asyncio.run(main())
-    finally:
-        pool.shutdown()
+    asyncio.run(main())
     assert sorted(b for write in store.writes[1:] for b in write) == [f"{i:04d}" for i in range(5)]
     assert all(sum(len(b) for b in write) <= 10 for write in store.writes[1:])
 
 
-def test_a_big_message_is_written_beside_the_queue(tmp_path: Path) -> None:
+def test_a_big_message_is_written_beside_the_queue(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
     store = Gated(tmp_path)
-    pool = ThreadPoolExecutor(4)
     group = GroupCommit(store, pool, in_flight=1)
     big = Blob.of(b"B" * BIG_BLOB, "application/pdf")
 
     async def main() -> None:
-        first = asyncio.create_task(group.store((_blob("first"),)))
-        await asyncio.to_thread(store.started.wait, 10)
+        first = await store.holding(group.store((_blob("first"),)))
         try:
             # The only write of the queue is held; the big message does not wait for it.
             await asyncio.wait_for(group.store((big,)), 5)
@@ -172,18 +174,14 @@ def test_a_big_message_is_written_beside_the_queue(tmp_path: Path) -> None:
             store.gate.set()
         await first
 
-    try:
-        asyncio.run(main())
-    finally:
-        pool.shutdown()
+    asyncio.run(main())
     assert store.get(big.ref.sha256) == big.data
 
 
 def test_senders_waiting_when_the_blob_threads_stop_are_told_and_nothing_hangs(
-    tmp_path: Path,
+    tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
     store = Gated(tmp_path)
-    pool = ThreadPoolExecutor(4)
     group = GroupCommit(store, pool, in_flight=1)
     outcomes: list[str] = []
 
@@ -195,8 +193,7 @@ def test_senders_waiting_when_the_blob_threads_stop_are_told_and_nothing_hangs(
             outcomes.append(f"{text}: {exc}")
 
     async def main() -> None:
-        first = asyncio.create_task(send("first"))
-        await asyncio.to_thread(store.started.wait, 10)
+        first = await store.holding(send("first"))
         queued = asyncio.create_task(send("queued"))
         await asyncio.sleep(0.01)
         pool.shutdown(wait=False)  # the edge is stopping
