@@ -6,7 +6,9 @@ import ctypes
 import errno
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,16 +19,32 @@ from switchboard.blobs import FileBlobStore
 from switchboard.files import make_dirs
 
 
+def _recording(
+    monkeypatch: pytest.MonkeyPatch,
+    owner: object,
+    name: str,
+    entry: Callable[..., str],
+    log: list[str] | None = None,
+) -> list[str]:
+    """``owner.name`` wrapped so that each call first appends ``entry(*args)`` to
+    ``log``; the real call still runs."""
+    calls: list[str] = [] if log is None else log
+    real = getattr(owner, name)
+
+    def call(*args: Any) -> Any:  # noqa: ANN401 - whatever the wrapped call takes
+        calls.append(entry(*args))
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, call)
+    return calls
+
+
+def _path_of(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
 def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
+    return _recording(monkeypatch, os, "fsync", _path_of)
 
 
 def test_new_fan_out_directories_are_made_durable_in_their_parents(
@@ -110,19 +128,15 @@ def test_an_archive_file_on_a_new_day_survives_with_its_directories(
     assert synced[4:] == [str(day)]
 
 
-def _record_syncfs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every syncfs call of the blob store (the real one runs), with its path."""
-    synced: list[str] = []
-    real = blobs._SYNCFS
-    if real is None:
+def _need_syncfs() -> None:
+    if blobs._SYNCFS is None:
         pytest.skip("no syncfs that reports every failure here (Linux 5.17 and later)")
 
-    def syncfs(fd: int) -> int:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
 
-    monkeypatch.setattr(blobs, "_SYNCFS", syncfs)
-    return synced
+def _record_syncfs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every syncfs call of the blob store (the real one runs), with its path."""
+    _need_syncfs()
+    return _recording(monkeypatch, blobs, "_SYNCFS", _path_of)
 
 
 def test_many_blobs_share_two_file_system_syncs(
@@ -184,22 +198,11 @@ def test_without_syncfs_each_blob_gets_its_own_fsyncs(
 
 def _record_order(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """syncfs and rename calls of the blob store, in order (the real ones run)."""
-    order: list[str] = []
-    _record_syncfs(monkeypatch)  # skips where there is no syncfs
-    real_sync = blobs._SYNCFS
-    real_replace = os.replace
-
-    def syncfs(fd: int) -> int:
-        order.append("sync")
-        return real_sync(fd)  # type: ignore[misc]
-
-    def replace(src: str, dst: str) -> None:
-        order.append(f"rename {Path(dst).name[:8]}")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(blobs, "_SYNCFS", syncfs)
-    monkeypatch.setattr(os, "replace", replace)
-    return order
+    _need_syncfs()
+    order = _recording(monkeypatch, blobs, "_SYNCFS", lambda _fd: "sync")
+    return _recording(
+        monkeypatch, os, "replace", lambda _src, dst: f"rename {Path(dst).name[:8]}", order
+    )
 
 
 def test_the_bytes_are_synced_before_the_renames_and_the_renames_after(
