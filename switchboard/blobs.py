@@ -25,7 +25,7 @@ from typing import Protocol
 
 from normalize.content import Blob
 from normalize.schema import BlobRef
-from switchboard.files import fsync_dir, made_dirs, make_dirs
+from switchboard.files import fsync_dir, fsync_file, made_dirs, make_dirs
 from switchboard.metrics import BLOBS_COLLECTED
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -120,7 +120,17 @@ class FileBlobStore:
 
     def put(self, blob: Blob) -> BlobRef:
         if self._stored(blob):
-            return blob.ref
+            # Another thread or process may have renamed it there a moment ago and
+            # not yet synced its bytes or its directory entry: trusted once both are.
+            path = self._path(blob.ref.sha256)
+            try:
+                make_dirs(path.parent, self.root, self._dirs)  # its levels, likewise
+                fsync_file(path)
+                fsync_dir(path.parent)
+            except FileNotFoundError:
+                pass  # collected meanwhile: written below
+            else:
+                return blob.ref
         path = self._path(blob.ref.sha256)
         make_dirs(path.parent, self.root, self._dirs)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

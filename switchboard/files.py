@@ -22,6 +22,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make ``path``'s bytes durable (a file someone else may have just written)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_dirs(directory: Path, base: Path, known: MutableSet[Path]) -> None:
     """Create ``directory`` and the levels between it and ``base`` (both included), each
     level's entry made durable in its parent the first time this process meets it.

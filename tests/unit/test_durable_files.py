@@ -72,8 +72,10 @@ def test_a_directory_met_once_costs_nothing_more(
     store.put(blob)
     synced = _record_fsyncs(monkeypatch)
     store.put(blob)
-    assert synced == []  # already stored: nothing written
     path = tmp_path / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+    # Already stored: nothing written, only the file and its entry synced again.
+    assert synced == [str(path), str(path.parent)]
+    synced.clear()
     path.unlink()  # collected meanwhile: written again, into a directory already met
     store.put(blob)
     assert len(synced) == 2
@@ -194,6 +196,23 @@ def test_without_syncfs_each_blob_gets_its_own_fsyncs(
     assert store.get(b.ref.sha256) == b"b"
     files = [path for path in synced if "/.tmp-" in path]
     assert len(files) == 2  # each file fsynced before its rename
+
+
+def test_without_syncfs_a_blob_found_in_place_is_synced_before_it_is_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may have renamed it there a moment ago: its bytes and its
+    directory entry are synced before this write reports it stored."""
+    monkeypatch.setattr(blobs, "_SYNCFS", None)
+    blob = Blob.of(b"renamed by someone else", "text/plain")
+    FileBlobStore(tmp_path).put(blob)  # another process's store
+    store = FileBlobStore(tmp_path)
+    synced = _record_fsyncs(monkeypatch)
+    store.put_many([blob])
+    path = tmp_path / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+    assert str(path) in synced
+    assert str(path.parent) in synced
+    assert not [p for p in synced if "/.tmp-" in p]  # trusted, not written again
 
 
 def _record_order(monkeypatch: pytest.MonkeyPatch) -> list[str]:
