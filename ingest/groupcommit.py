@@ -15,6 +15,7 @@ written at once: no timer, no added wait.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from normalize.content import Blob
 from switchboard.blobs import BIG_BLOB, BlobStore
 from switchboard.metrics import BLOB_GROUP_BLOBS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,7 +69,13 @@ class GroupCommit:
                 job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
             except RuntimeError as exc:  # the blob threads are shut down
                 raise OSError(f"blob writes stopped: {exc}") from exc
-            await job
+            try:
+                await job
+            except OSError:
+                raise
+            except Exception as exc:  # a bug, not a disk: told as a failed write
+                log.error("blob write failed unexpectedly", exc_info=exc)
+                raise OSError(f"blob write failed: {exc!r}") from exc
             return
         lane = self._lanes.get(loop)
         if lane is None:
@@ -118,16 +127,24 @@ class GroupCommit:
         error = None if job.cancelled() else job.exception()
         if job.cancelled():
             error = OSError("blob write cancelled")
+        elif error is not None and not isinstance(error, OSError):
+            # A bug, not a disk: logged once here with its traceback. Its senders are
+            # told what every failed write tells them (not stored: retry later).
+            log.error("blob write failed unexpectedly", exc_info=error)
         for _, done in taken:
             if done.done():
                 continue
             if error is None:
                 done.set_result(None)
-            elif isinstance(error, OSError):
-                # One exception object per waiter: each is raised in its own task.
-                done.set_exception(OSError(error.errno, error.strerror or str(error)))
+                continue
+            # One exception object per waiter: each is raised in its own task, and
+            # one object shared by several would collect all their tracebacks.
+            if isinstance(error, OSError):
+                mine = OSError(error.errno, error.strerror or str(error))
             else:
-                done.set_exception(error)
+                mine = OSError(f"blob write failed: {error!r}")
+            mine.__cause__ = error
+            done.set_exception(mine)
         self._write_more(loop, lane)
         if not lane.waiting and lane.in_flight == 0:
             self._lanes.pop(loop, None)

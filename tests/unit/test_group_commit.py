@@ -113,6 +113,47 @@ def test_a_failed_write_fails_its_messages_and_the_next_write_works(
     assert not store.exists(_blob("a").ref.sha256)
 
 
+def test_an_unexpected_error_tells_each_sender_apart_and_the_next_write_works(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
+    """A bug in a write (not an OSError) reaches each of its senders as their own
+    OSError (the hand-off answers retry-later), never one object shared by all."""
+    store = Gated(tmp_path)
+    group = GroupCommit(store, pool, in_flight=1)
+    real = store.put_many
+    calls = 0
+
+    def buggy(blobs: Sequence[Blob]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ValueError("a bug in the write")
+        real(blobs)
+
+    store.put_many = buggy  # type: ignore[method-assign]
+    errors: dict[str, BaseException] = {}
+
+    async def send(text: str) -> None:
+        try:
+            await group.store((_blob(text),))
+        except OSError as exc:
+            errors[text] = exc
+
+    async def main() -> None:
+        first = await store.holding(send("first"))
+        queued = [asyncio.create_task(send(t)) for t in ("b", "c")]
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        await asyncio.gather(first, *queued)
+        await send("after")
+
+    asyncio.run(main())
+    assert sorted(errors) == ["b", "c"]  # the second write held b and c
+    assert errors["b"] is not errors["c"]
+    assert all(isinstance(e.__cause__, ValueError) for e in errors.values())
+    assert store.exists(_blob("after").ref.sha256)
+
+
 def test_a_sender_that_gave_up_does_not_disturb_the_others(
     tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
