@@ -26,9 +26,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.http_ingest import HOOK_CONFIG, SECRET, TOKEN, json_hook_request, twilio_request, wrk
+from bench.http_ingest import (
+    HOOK_CONFIG,
+    SECRET,
+    TOKEN,
+    Request,
+    fresh_script,
+    json_hook_request,
+    twilio_request,
+    wrk,
+)
 from bench.smtp_ingest import _reply, corpus, drive, send_data
 from switchboard.broker import free_port, wait_for_port
 
@@ -184,18 +194,29 @@ def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> N
         if not wait_for_port("127.0.0.1", port, 30):
             raise SystemExit("ingest http did not start")
         time.sleep(1)
-        twilio, hook = twilio_request(port), json_hook_request(port)
-        for name, (target, payload, headers) in (("twilio", twilio), ("json-hook", hook)):
-            wrk(target, payload, headers, 2, 64)  # warm up
-            out = data / f"{name}.txt"
-            spy = profile(server.pid, seconds, out)
-            time.sleep(0.5)
-            rate, p50, p99, bad = wrk(target, payload, headers, seconds, 64)
-            spy.wait(seconds + 30)
+        makers = (("twilio", twilio_request), ("json-hook", json_hook_request))
+        for name, make in makers:
+            url = make(port)[0]
+
+            def fresh(n: str, make: Callable[[int, str], Request] = make) -> Request:
+                return make(port, n)
+
+            # Every request a new message (a new blob to write), as real traffic is.
+            made = [fresh_script(fresh, 60_000, f"{time.time_ns()}-{p}") for p in "wm"]
+            try:
+                wrk(url, made[0][0], 2, 64)  # warm up
+                out = data / f"{name}.txt"
+                spy = profile(server.pid, seconds, out)
+                time.sleep(0.5)
+                rate, p50, p99, bad = wrk(url, made[1][0], seconds, 64)
+                spy.wait(seconds + 30)
+            finally:
+                for path in (path for pair in made for path in pair):
+                    os.unlink(path)
             summarize(
                 out,
-                f"{name} c=64: {rate:,.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-                f"{bad} non-2xx (under the profiler)",
+                f"{name} c=64, new messages: {rate:,.0f} req/s, p50 {p50:.1f} ms, "
+                f"p99 {p99:.1f} ms, {bad} non-2xx (under the profiler)",
             )
     finally:
         server.terminate()

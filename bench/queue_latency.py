@@ -27,7 +27,7 @@ import random
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -158,7 +158,7 @@ def fill(store: QueueStore, customers: int, messages: int, rng: random.Random) -
     return phones
 
 
-def timed(samples: list[Callable[[], Any]]) -> list[float]:
+def timed(samples: Sequence[Callable[[], Any]]) -> list[float]:
     took = []
     for sample in samples:
         started = time.perf_counter()
@@ -230,11 +230,11 @@ def main() -> None:
         searches = [lambda q=q: store.search(q, identity_keys(q, "US")) for q in queries]
         report("search", timed(searches))
         by_kind: dict[str, list[float]] = {}
-        for n, took in enumerate(timed(searches)):
+        for n, ms in enumerate(timed(searches)):
             kind = ["word", "2 words", "name", "email", "phone"][n % 5]
-            by_kind.setdefault(kind, []).append(took)
-        for kind, took in by_kind.items():
-            report(f"  {kind}", took)
+            by_kind.setdefault(kind, []).append(ms)
+        for kind, kind_took in by_kind.items():
+            report(f"  {kind}", kind_took)
         with engine.connect() as c:
             plan = c.execute(
                 text(
