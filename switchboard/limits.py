@@ -334,8 +334,11 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                     "http connection refused: too many from one address",
                     extra={"peer": host, "limit": guard.max_per_client},
                 )
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(TOO_MANY_RESPONSE)
+                # Not isinstance(transport, asyncio.WriteTransport): uvloop's TCP
+                # transports are not registered as one, and the 429 went unsent.
+                write = getattr(transport, "write", None)
+                if write is not None:
+                    write(TOO_MANY_RESPONSE)
                 transport.close()
                 return
             self._peer = host

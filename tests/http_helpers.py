@@ -57,6 +57,7 @@ def http_ingest(
     on_stop: Callable[[str], None] | None = None,
     evidence: EvidenceBudget | None = None,
     limits: HttpLimitSettings | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
 ) -> Iterator[RunningHttp]:
     """The HTTP ingest app on a real socket: Twilio (if given), the web hooks, and
     ``providers``: (adapter class, its settings) pairs built on the same hand-off."""
@@ -75,7 +76,7 @@ def http_ingest(
     adapters += [cls(settings, context) for cls, settings in providers]
     mount_adapters(app, adapters)
     server = HttpServer(app, "127.0.0.1", 0, limits=limits)
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="http-test-loop")
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 
 from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
@@ -125,10 +126,28 @@ def _until(check: Callable[[], Any], timeout_s: float = 10) -> Any:  # noqa: ANN
     raise AssertionError("condition not met in time")
 
 
+#: The event loop the servers here run on: asyncio's (a process with the SMTP edge)
+#: or uvloop (every other process, switchboard.bootstrap.event_loop_factory).
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+_loop = ["asyncio"]
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs once on each loop: the limits live in uvicorn's protocol
+    and our guard around it, which each loop drives through its own transports."""
+    _loop[0] = request.param
+    yield request.param
+    _loop[0] = "asyncio"
+
+
 @contextmanager
 def _serving(app: Any, limits: HttpLimitSettings) -> Iterator[HttpServer]:  # noqa: ANN401
     server = HttpServer(app, "127.0.0.1", 0, limits=limits)
-    loop = asyncio.new_event_loop()
+    loop = LOOPS[_loop[0]]()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
@@ -257,7 +276,9 @@ def test_oversized_hook_posts_are_refused_at_the_hooks_own_limit(
     kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Attack: 100 MB form posts to a public hook, declared and chunked.
-    with http_ingest(kafka_settings, tmp_path, hooks=[_hook(monkeypatch)]) as app:
+    with http_ingest(
+        kafka_settings, tmp_path, hooks=[_hook(monkeypatch)], loop_factory=LOOPS[_loop[0]]
+    ) as app:
         port = app.server.port
         declared = _post(
             port,
@@ -365,7 +386,7 @@ def test_junk_from_one_client_does_not_cost_another_its_submissions(
     # Attack: a flood of junk text/plain posts (and then real-looking forms) from one
     # address at a public form hook; issue 16 saw every real submission get 429.
     hook = _hook(monkeypatch, rate_per_s=0.001, burst=20, client_rate_per_s=0.001, client_burst=10)
-    with http_ingest(kafka_settings, tmp_path, hooks=[hook]) as app:
+    with http_ingest(kafka_settings, tmp_path, hooks=[hook], loop_factory=LOOPS[_loop[0]]) as app:
         url = f"{app.base}/webhooks/form"
         stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER))
         junk = [
@@ -404,7 +425,9 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(
     # A wrong token answers 401 once admitted and 429 once limited: no broker needed.
     form = {"email": "eve@example.org", "text": "x"}
     wrong = {"authorization": "Bearer wrong"}
-    with http_ingest(kafka_settings, tmp_path, hooks=[hook], limits=limits) as app:
+    with http_ingest(
+        kafka_settings, tmp_path, hooks=[hook], limits=limits, loop_factory=LOOPS[_loop[0]]
+    ) as app:
         url = f"{app.base}/webhooks/form"
         stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER))
         spoofed = [
