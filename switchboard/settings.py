@@ -213,6 +213,14 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=8.0, gt=0, le=60, description="Longest a graceful stop may take before forcing."
     )
+    event_loop: Literal["auto", "asyncio"] = Field(
+        default="auto",
+        description=(
+            "auto: uvloop for a process without the SMTP edge (`ingest http`, the router, "
+            "the sinks), asyncio's own loop where aiosmtpd runs (its STARTTLS reaches "
+            "into asyncio's SSL protocol); asyncio: asyncio's loop everywhere."
+        ),
+    )
     public_url: str | None = Field(
         default=None,
         description=(

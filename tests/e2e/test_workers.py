@@ -129,6 +129,9 @@ def test_two_http_workers_share_the_port_and_a_killed_one_is_replaced(
     assert set(by_worker) == {"0", "1"}, by_worker
     assert sum(by_worker.values()) == 60
     assert "worker died; starting another" in stderr
+    # No SMTP edge in these processes: each worker (the replacement too) runs uvloop.
+    assert stderr.count('"event_loop": "uvloop"') == 3, stderr[-3000:]
+    assert '"event_loop": "asyncio"' not in stderr
 
 
 @pytest.mark.slow
@@ -163,6 +166,8 @@ def test_two_smtp_workers_take_mail_on_one_port(
     assert set(inbound) == ids
     assert not dead
     assert set(_accepted_by_worker(stderr)) == {"0", "1"}
+    # aiosmtpd's STARTTLS needs asyncio's own loop.
+    assert stderr.count('"event_loop": "asyncio"') == 2, stderr[-3000:]
 
 
 def test_worker_files_and_files_of_workers_no_longer_run_are_drained(
