@@ -308,7 +308,8 @@ class Publisher:
             future.add_callback(_ok)
             future.add_errback(_err)
             try:
-                ack = await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    ack = await waiter  # asyncio.timeout: unlike wait_for, no extra task
             except TimeoutError as exc:
                 # Possibly stuck in the restart loop described in publish_many: the
                 # next send gets a fresh producer.
