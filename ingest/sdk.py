@@ -471,6 +471,12 @@ class HttpAdapter(Adapter[S]):
         app.include_router(self.router())
         # The server's body limit for these paths is the route's own: one number,
         # enforced while the body streams in, before any of this cycle runs.
+        # The hook's POSTs skip the router (switchboard.http.DirectPosts): one lookup.
+        direct = getattr(app.state, "direct_posts", None)
+        if direct is not None:
+            for route in self.routes():
+                if "{" not in route.path:  # a templated path is left to the router
+                    direct[route.path] = self._endpoint(route)
         body_limits = getattr(app.state, "body_limits", None)
         if body_limits is not None:
             for route in self.routes():
