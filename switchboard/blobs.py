@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import platform
 import re
+import secrets
+import stat
 import sys
 import tempfile
 import time
@@ -96,6 +99,35 @@ class FileBlobStore:
         # but not known durable (and after a failed write-back the kernel may report
         # its pages clean), so it is written again rather than trusted.
         self._suspect: set[str] = set()
+        self._token = secrets.token_hex(6)  # temporary files' names (_write_tmp)
+        self._tmp_names = itertools.count()
+
+    def _write_tmp(self, directory: Path, data: bytes, *, fsync: bool) -> str:
+        """``data`` in a new temporary file in ``directory`` (fsynced if asked); its path.
+
+        Named from this store's random token and a counter rather than by
+        ``tempfile.mkstemp`` (which draws a name in Python and wraps the descriptor
+        in a buffered file: three more system calls a blob), and written with
+        plain ``os.write``; a name that exists anyway falls back to ``mkstemp``."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        tmp = os.path.join(directory, f".tmp-{self._token}-{next(self._tmp_names)}")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
 
     def _path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -110,7 +142,11 @@ class FileBlobStore:
         path = self._path(blob.ref.sha256)
         if blob.ref.sha256 in self._suspect:
             return False
-        if path.is_file() and path.stat().st_size == blob.ref.size:
+        try:
+            found = os.stat(path)  # one call: is_file() and stat() were two
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(found.st_mode) and found.st_size == blob.ref.size:
             # Its age is what `blobs gc` reads: a blob stored again for a new
             # message is as young as that message, however old the file.
             with contextlib.suppress(FileNotFoundError):  # collected meanwhile: write it
@@ -133,12 +169,8 @@ class FileBlobStore:
                 return blob.ref
         path = self._path(blob.ref.sha256)
         make_dirs(path.parent, self.root, self._dirs)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = self._write_tmp(path.parent, blob.data, fsync=True)
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(blob.data)
-                out.flush()
-                os.fsync(out.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -188,17 +220,14 @@ class FileBlobStore:
             for digest, blob in new.items():
                 path = self._path(digest)
                 levels.update(made_dirs(path.parent, self.root, self._dirs))
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-                pending.append((tmp, path))
-                with os.fdopen(fd, "wb") as out:
-                    out.write(blob.data)
+                pending.append((self._write_tmp(path.parent, blob.data, fsync=False), path))
             if new:
                 _sync_file_system(barrier)  # every file's bytes, every new directory's entry
                 self._dirs.update(levels)
             for (tmp, path), digest in zip(list(pending), new, strict=True):
                 renamed.append(digest)
                 os.replace(tmp, path)  # on failure, the ones not yet renamed are removed
-                pending.remove((tmp, path))
+            pending.clear()
             # Every rename's directory entry, and whatever another write renamed into
             # place that this one found there.
             _sync_file_system(barrier)
@@ -232,8 +261,8 @@ class FileBlobStore:
                 for entry in os.scandir(second.path):
                     if _SHA256.match(entry.name):
                         with contextlib.suppress(FileNotFoundError):
-                            stat = entry.stat()
-                            yield entry.name, stat.st_mtime, stat.st_size
+                            info = entry.stat()
+                            yield entry.name, info.st_mtime, info.st_size
 
     def delete_if_older(self, sha256: str, cutoff: float) -> bool:
         """Delete the blob unless it was (re)written at or after ``cutoff`` (Unix time)."""
