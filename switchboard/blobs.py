@@ -248,8 +248,12 @@ class FileBlobStore:
         except FileNotFoundError as exc:
             raise BlobNotFound(sha256) from exc
 
-    def scan(self) -> Iterator[tuple[str, float, int]]:
-        """Every stored blob as (sha256, modification time, size)."""
+    def scan(
+        self, temporaries: list[tuple[Path, float, int]] | None = None
+    ) -> Iterator[tuple[str, float, int]]:
+        """Every stored blob as (sha256, modification time, size); with
+        ``temporaries``, the temporary files met on the way are added to it as (path,
+        modification time, size): a write that died before its rename leaves one."""
         if not self.root.is_dir():
             return
         for first in os.scandir(self.root):
@@ -263,6 +267,10 @@ class FileBlobStore:
                         with contextlib.suppress(FileNotFoundError):
                             info = entry.stat()
                             yield entry.name, info.st_mtime, info.st_size
+                    elif temporaries is not None and entry.name.startswith(".tmp-"):
+                        with contextlib.suppress(FileNotFoundError):
+                            info = entry.stat()
+                            temporaries.append((Path(entry.path), info.st_mtime, info.st_size))
 
     def delete_if_older(self, sha256: str, cutoff: float) -> bool:
         """Delete the blob unless it was (re)written at or after ``cutoff`` (Unix time)."""
@@ -281,6 +289,10 @@ class FileBlobStore:
 References = Callable[[Collection[str]], set[str]]
 
 
+#: The least age of a temporary blob file that `blobs gc` removes (see GcReport).
+STALE_TEMPORARY_S = 3600.0
+
+
 @dataclass
 class GcReport:
     """What one collection found and did (or, dry, would do)."""
@@ -289,6 +301,9 @@ class GcReport:
     young: int = 0
     referenced: int = 0
     deleted: list[tuple[str, int]] = field(default_factory=list)
+    #: Temporary files of writes that died before their rename (a crash, a kill):
+    #: (name, size), removed once an hour old (STALE_TEMPORARY_S).
+    temporaries: list[tuple[str, int]] = field(default_factory=list)
     dry_run: bool = False
 
     @property
@@ -309,10 +324,12 @@ def collect_garbage(
     A younger blob is never deleted, referenced or not: its message may still be
     in the spool, on Kafka or in a router batch, not yet in any table.
     """
-    cutoff = (time.time() if now is None else now) - retention.total_seconds()
+    now = time.time() if now is None else now
+    cutoff = now - retention.total_seconds()
     report = GcReport(dry_run=dry_run)
     old: dict[str, int] = {}
-    for sha256, mtime, size in store.scan():
+    temporaries: list[tuple[Path, float, int]] = []
+    for sha256, mtime, size in store.scan(temporaries):
         report.scanned += 1
         if mtime >= cutoff:
             report.young += 1
@@ -328,6 +345,18 @@ def collect_garbage(
                 continue
             if dry_run or store.delete_if_older(sha256, cutoff):
                 report.deleted.append((sha256, size))
+    # No write takes an hour: a temporary file that old belongs to a dead writer (it
+    # is no message's blob: the retention, which waits for messages, does not apply).
+    stale = now - STALE_TEMPORARY_S
+    for path, mtime, size in temporaries:
+        if mtime >= stale:
+            continue
+        if not dry_run:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+        report.temporaries.append((path.name, size))
     return report
 
 
@@ -376,6 +405,7 @@ class BlobCollector:
                 extra={
                     "scanned": report.scanned,
                     "deleted": len(report.deleted),
+                    "temporaries_removed": len(report.temporaries),
                     "bytes_freed": report.bytes_freed,
                     "referenced": report.referenced,
                     "young": report.young,

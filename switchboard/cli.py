@@ -297,6 +297,12 @@ def _cmd_blobs_gc(settings: Settings, args: argparse.Namespace) -> int:
         f"kept {report.referenced} referenced and {report.young} younger than "
         f"{settings.blobs.retention_days:g} days"
     )
+    if report.temporaries:
+        size = sum(size for _, size in report.temporaries)
+        print(
+            f"{verb} {len(report.temporaries)} temporary files of writes that never "
+            f"finished ({size} bytes)"
+        )
     return 0
 
 

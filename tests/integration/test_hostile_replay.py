@@ -369,6 +369,31 @@ def test_a_blob_stored_again_is_young_again(tmp_path: Path) -> None:
     assert store.exists(blob.ref.sha256)
 
 
+def test_gc_removes_temporary_files_of_writes_that_died(tmp_path: Path) -> None:
+    # Attack (on the disk): writes killed between creating their temporary file and
+    # renaming it (a crash, SIGKILL, a full disk) each left a file nothing removed.
+    store = FileBlobStore(tmp_path / "blobs")
+    blob = Blob.of(b"a blob beside the leftovers", "text/plain")
+    store.put(blob)
+    leaf = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4]
+    dead, running = leaf / ".tmp-dead-0", leaf / ".tmp-running-0"
+    dead.write_bytes(b"x" * 100)
+    running.write_bytes(b"y" * 10)
+    two_hours_ago = time.time() - 7200
+    os.utime(dead, (two_hours_ago, two_hours_ago))
+
+    dry = collect_garbage(store, [lambda _among: set()], timedelta(days=30), dry_run=True)
+    assert dry.temporaries == [(".tmp-dead-0", 100)]
+    assert dead.exists()
+
+    report = collect_garbage(store, [lambda _among: set()], timedelta(days=30))
+    assert report.temporaries == [(".tmp-dead-0", 100)]
+    assert not dead.exists()
+    assert running.exists()  # younger than an hour: maybe a write still running
+    assert store.exists(blob.ref.sha256)
+    assert report.scanned == 1  # temporaries are not counted as blobs
+
+
 def test_run_collects_blobs_periodically(tmp_path: Path) -> None:
     # Attack (on the disk): nobody runs the command; `switchboard run` must.
     store = FileBlobStore(tmp_path / "blobs")
