@@ -262,7 +262,15 @@ def test_oversized_and_overfull_login_forms_are_refused(tmp_path: Path) -> None:
         wrong = httpx.post(base, data={"name": "admin", "password": "not it"})
         right = httpx.post(base, data={"name": "admin", "password": TOKEN}, follow_redirects=False)
     _problem(declared, 413)
-    _problem(streamed, 413)
+    # Streamed, whichever limit trips first answers: the body limit (64 KB) when the
+    # first read already holds more (asyncio's loop reads 256 KB at a time), else the
+    # page form's own field limit (4 KB) as the parser meets the first field (uvloop
+    # reads 64 KB). Either way the stream is refused after its first chunks.
+    if streamed.status == 400:
+        assert "Field exceeded maximum size" in _problem(streamed, 400)["detail"]
+    else:
+        _problem(streamed, 413)
+    assert streamed.sent < 20 * MB, streamed.sent  # of the 100 MB
     assert many.status_code == 400, many.text
     assert "Too many fields" in many.json()["detail"]
     assert long_field.status_code == 400, long_field.text
