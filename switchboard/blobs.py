@@ -165,6 +165,11 @@ class FileBlobStore:
                 fsync_dir(path.parent)
             except FileNotFoundError:
                 pass  # collected meanwhile: written below
+            except OSError:
+                # After a failed write-back the kernel may call its pages clean: a
+                # later sync would pass without writing them. Written again next time.
+                self._suspect.add(blob.ref.sha256)
+                raise
             else:
                 return blob.ref
         path = self._path(blob.ref.sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -159,13 +160,25 @@ class DirectPosts:
         try:
             response = await endpoint(request)
         except Exception as exc:
-            handler = next(
-                (self.handlers[k] for k in type(exc).__mro__ if k in self.handlers), None
-            )
+            handler = self._handler(exc)
             if handler is None:
-                raise
-            response = await handler(request, exc)
+                raise  # to the server error middleware, as from the router
+            answer = handler(request, exc)
+            response = await answer if inspect.isawaitable(answer) else answer
         await response(scope, receive, send)
+
+    def _handler(self, exc: Exception) -> Callable[..., Any] | None:
+        """The handler Starlette's exception middleware would pick: by status code for
+        an HTTP error, else by class; a catch-all (``Exception``, 500) is left to the
+        server error middleware, which logs the error before answering."""
+        if isinstance(exc, StarletteHTTPException) and exc.status_code in self.handlers:
+            return self.handlers[exc.status_code]
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                return None
+            if cls in self.handlers:
+                return self.handlers[cls]
+        return None
 
 
 def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) -> FastAPI:
@@ -182,7 +195,9 @@ def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) ->
     # Filled by HTTP adapters when mounted (HttpAdapter.mount); inside the body limits.
     app.state.direct_posts = {}
     app.add_middleware(
-        DirectPosts, endpoints=app.state.direct_posts, handlers=app.exception_handlers
+        DirectPosts,
+        endpoints=app.state.direct_posts,
+        handlers=app.exception_handlers,
     )
     app.add_middleware(
         BodyLimitMiddleware, limits=body_limits, body_timeout_s=limits.body_timeout_s

@@ -216,9 +216,9 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "asyncio"] = Field(
         default="auto",
         description=(
-            "auto: uvloop for a process without the SMTP edge (`ingest http`, the router, "
-            "the sinks), asyncio's own loop where aiosmtpd runs (its STARTTLS reaches "
-            "into asyncio's SSL protocol); asyncio: asyncio's loop everywhere."
+            "auto: uvloop for a process without the SMTP edge (`ingest http`, `ingest imap`, "
+            "the router, the sinks), asyncio's own loop where aiosmtpd runs (its STARTTLS "
+            "reaches into asyncio's SSL protocol); asyncio: asyncio's loop everywhere."
         ),
     )
     public_url: str | None = Field(

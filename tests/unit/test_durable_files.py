@@ -215,6 +215,29 @@ def test_without_syncfs_a_blob_found_in_place_is_synced_before_it_is_trusted(
     assert not [p for p in synced if "/.tmp-" in p]  # trusted, not written again
 
 
+def test_without_syncfs_a_failed_sync_of_a_blob_found_in_place_means_a_rewrite_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed write-back the kernel may call the pages clean, so a second
+    sync would pass without writing them: the blob is written again instead."""
+    monkeypatch.setattr(blobs, "_SYNCFS", None)
+    blob = Blob.of(b"renamed by someone else, then a disk error", "text/plain")
+    FileBlobStore(tmp_path).put(blob)  # another process's store
+    store = FileBlobStore(tmp_path)
+
+    def failing(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as failing_disk:
+        failing_disk.setattr(blobs, "fsync_file", failing)
+        with pytest.raises(OSError, match="Input/output error"):
+            store.put_many([blob])
+    synced = _record_fsyncs(monkeypatch)
+    store.put_many([blob])
+    assert [p for p in synced if "/.tmp-" in p]  # written again, not trusted
+    assert store.get(blob.ref.sha256) == blob.data
+
+
 def _record_order(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """syncfs and rename calls of the blob store, in order (the real ones run)."""
     _need_syncfs()
