@@ -62,11 +62,14 @@ class BenchCluster(Cluster):
     queue_url: str = ""
     log_level: str = "WARNING"
     edge_workers: int | None = None  # None: the roles' default, one per core
+    fetch_max_wait_ms: int | None = None  # None: the setting's default
 
     def env(self, role: str) -> dict[str, str]:
         env = super().env(role)
         env["SWITCHBOARD_QUEUE_DATABASE_URL"] = self.queue_url
         env["SWITCHBOARD_LOG_LEVEL"] = self.log_level
+        if self.fetch_max_wait_ms is not None:
+            env["SWITCHBOARD_KAFKA_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
         if self.edge_workers is not None:
             env["SWITCHBOARD_HTTP_WORKERS"] = env["SWITCHBOARD_SMTP_WORKERS"] = str(
                 self.edge_workers
@@ -255,6 +258,7 @@ def run_mode(mode: str, db: str, args: argparse.Namespace) -> str:
         cluster = setup.cluster
         cluster.log_level = "INFO" if args.keep else "WARNING"
         cluster.edge_workers = args.edge_workers
+        cluster.fetch_max_wait_ms = args.fetch_max_wait_ms
         cluster.start_broker()
         try:
             for role in ("smtp", "http", "router", "queue"):
@@ -388,6 +392,11 @@ def main() -> None:
         type=int,
         default=1,
         help="processes per edge port (ingest http and smtp); default 1",
+    )
+    parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        help="the consumers' SWITCHBOARD_KAFKA_FETCH_MAX_WAIT_MS (default: the setting's)",
     )
     args = parser.parse_args()
     for db in args.db.split(","):

@@ -62,6 +62,20 @@ class KafkaSettings(BaseSettings):
         ge=MIN_POLL_TIMEOUT_MS,
         description="Consumer poll timeout; at least 1500 ms or group joins are lost.",
     )
+    # 100, not kafka-python's 500: on Tansu a consumer hop waited up to 500 ms (end to
+    # end p50 at 40 msg/s 248-253 ms with 500, 69-71 ms with 100; saturated throughput
+    # the same within the spread: bench/e2e.py, 2026-11-29, README "End to end").
+    fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=10,
+        le=5000,
+        description=(
+            "Longest a consumer's fetch waits for records. Tansu (the embedded broker) "
+            "holds a fetch that found nothing for all of it, even when records arrive "
+            "meanwhile, so there it adds up to this much to each consumer hop; Kafka "
+            "answers as soon as records arrive."
+        ),
+    )
     # 5 ms, not 20: ingest answers its senders after the acknowledgement, and under
     # load batches fill anyway (measured: same throughput at 64 connections, 3x at 16).
     linger_ms: int = Field(default=5, ge=0, le=1000, description="Producer batching delay.")

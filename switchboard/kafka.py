@@ -397,6 +397,7 @@ def make_consumer(
         "auto_offset_reset": "earliest",
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         **settings.client_config(),
     }
     config.update(overrides)

@@ -309,3 +309,24 @@ def test_all_topics_exist_after_ensure(kafka_settings: KafkaSettings, unique: st
         assert set(ALL_TOPICS) <= consumer.topics()
     finally:
         consumer.close()
+
+
+def test_consumers_take_the_fetch_wait_from_the_settings(
+    kafka_broker: EmbeddedBroker, unique: str
+) -> None:
+    """Tansu holds a fetch that found nothing for the whole wait, even when records
+    arrive meanwhile: the setting bounds each consumer hop's latency there."""
+    assert KafkaSettings().fetch_max_wait_ms == 100  # the default (kafka-python's: 500)
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap, fetch_max_wait_ms=250)
+    ensure_topics(settings)
+    consumer = make_consumer(settings, group_id=f"fw-{unique}", topics=[INBOUND])
+    publisher = Publisher(settings)
+    try:
+        assert consumer.config["fetch_max_wait_ms"] == 250
+        event = _event(inbound_message())
+        publisher.publish(INBOUND, event)
+        records = consume_until(consumer, lambda seen: any(r.value == event.value() for r in seen))
+        assert any(r.value == event.value() for r in records)
+    finally:
+        publisher.close()
+        consumer.close()
