@@ -34,6 +34,8 @@ from switchboard.metrics import BLOBS_COLLECTED
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: A blob this large is written and fsynced on its own, not in a group's sync.
 BIG_BLOB = 1024 * 1024
+#: How a blob's temporary file (before its rename) starts: `blobs gc` knows them by it.
+_TMP_PREFIX = ".tmp-"
 #: A BlobRef inside serialized JSON (an event's data, a read model's column).
 BLOB_REF = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
 
@@ -110,11 +112,11 @@ class FileBlobStore:
         in a buffered file: three more system calls a blob), and written with
         plain ``os.write``; a name that exists anyway falls back to ``mkstemp``."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        tmp = os.path.join(directory, f".tmp-{self._token}-{next(self._tmp_names)}")
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{self._token}-{next(self._tmp_names)}")
         try:
             fd = os.open(tmp, flags, 0o600)
         except FileExistsError:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
         try:
             view = memoryview(data)
             while view:
@@ -137,9 +139,8 @@ class FileBlobStore:
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()
 
-    def _stored(self, blob: Blob) -> bool:
-        """True when the blob is already here; its age is then renewed."""
-        path = self._path(blob.ref.sha256)
+    def _stored(self, blob: Blob, path: Path) -> bool:
+        """True when the blob is already here (at ``path``); its age is then renewed."""
         if blob.ref.sha256 in self._suspect:
             return False
         try:
@@ -155,10 +156,10 @@ class FileBlobStore:
         return False
 
     def put(self, blob: Blob) -> BlobRef:
-        if self._stored(blob):
+        path = self._path(blob.ref.sha256)
+        if self._stored(blob, path):
             # Another thread or process may have renamed it there a moment ago and
             # not yet synced its bytes or its directory entry: trusted once both are.
-            path = self._path(blob.ref.sha256)
             try:
                 make_dirs(path.parent, self.root, self._dirs)  # its levels, likewise
                 fsync_file(path)
@@ -172,7 +173,6 @@ class FileBlobStore:
                 raise
             else:
                 return blob.ref
-        path = self._path(blob.ref.sha256)
         make_dirs(path.parent, self.root, self._dirs)
         tmp = self._write_tmp(path.parent, blob.data, fsync=True)
         try:
@@ -218,12 +218,15 @@ class FileBlobStore:
         pending: list[tuple[str, Path]] = []
         renamed: list[str] = []
         try:
-            new = {b.ref.sha256: b for b in blobs if not self._stored(b)}
-            for digest in [d for d, b in new.items() if b.ref.size >= BIG_BLOB]:
-                self.put(new.pop(digest))
+            new: dict[str, tuple[Blob, Path]] = {}
+            for blob in blobs:
+                path = self._path(blob.ref.sha256)
+                if not self._stored(blob, path):
+                    new[blob.ref.sha256] = (blob, path)
+            for digest in [d for d, (b, _) in new.items() if b.ref.size >= BIG_BLOB]:
+                self.put(new.pop(digest)[0])
             levels: set[Path] = set()  # new directories, made durable by the first sync
-            for digest, blob in new.items():
-                path = self._path(digest)
+            for blob, path in new.values():
                 levels.update(made_dirs(path.parent, self.root, self._dirs))
                 pending.append((self._write_tmp(path.parent, blob.data, fsync=False), path))
             if new:
@@ -272,7 +275,7 @@ class FileBlobStore:
                         with contextlib.suppress(FileNotFoundError):
                             info = entry.stat()
                             yield entry.name, info.st_mtime, info.st_size
-                    elif temporaries is not None and entry.name.startswith(".tmp-"):
+                    elif temporaries is not None and entry.name.startswith(_TMP_PREFIX):
                         with contextlib.suppress(FileNotFoundError):
                             info = entry.stat()
                             temporaries.append((Path(entry.path), info.st_mtime, info.st_size))

@@ -15,16 +15,16 @@ from pathlib import Path
 
 def fsync_dir(directory: Path) -> None:
     """Make ``directory``'s entries (renames, new files, new subdirectories) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def fsync_file(path: Path) -> None:
     """Make ``path``'s bytes durable (a file someone else may have just written)."""
-    fd = os.open(path, os.O_RDONLY)
+    _fsync_path(path, os.O_RDONLY)
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
