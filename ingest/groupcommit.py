@@ -64,18 +64,14 @@ class GroupCommit:
         if sum(b.ref.size for b in blobs) >= BIG_BLOB:
             # A big message is written on its own, beside the lanes: the small ones
             # never wait in line behind copying its megabytes.
-            BLOB_GROUP_BLOBS.observe(len(blobs))
-            try:
-                job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
-            except RuntimeError as exc:  # the blob threads are shut down
-                raise OSError(f"blob writes stopped: {exc}") from exc
+            job = self._submit(loop, blobs)
             try:
                 await job
             except OSError:
                 raise
             except Exception as exc:  # a bug, not a disk: told as a failed write
                 log.error("blob write failed unexpectedly", exc_info=exc)
-                raise OSError(f"blob write failed: {exc!r}") from exc
+                raise _failed_write(exc) from exc
             return
         lane = self._lanes.get(loop)
         if lane is None:
@@ -104,17 +100,26 @@ class GroupCommit:
             size += bytes_
         if not taken:
             return
-        blobs = [b for group, _ in taken for b in group]
         try:
-            job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
-        except RuntimeError as exc:  # the blob threads are shut down: the edge is stopping
+            job = self._submit(loop, [b for group, _ in taken for b in group])
+        except OSError as exc:  # the edge is stopping
             for _, done in taken:
                 if not done.done():
-                    done.set_exception(OSError(f"blob writes stopped: {exc}"))
+                    done.set_exception(OSError(str(exc)))
             return
         lane.in_flight += 1
-        BLOB_GROUP_BLOBS.observe(len(blobs))
         job.add_done_callback(lambda finished: self._answer(loop, lane, taken, finished))
+
+    def _submit(
+        self, loop: asyncio.AbstractEventLoop, blobs: Sequence[Blob]
+    ) -> asyncio.Future[None]:
+        """One write on the blob threads; OSError when they are shut down."""
+        try:
+            job = loop.run_in_executor(self._executor, self._store.put_many, blobs)
+        except RuntimeError as exc:
+            raise OSError(f"blob writes stopped: {exc}") from exc
+        BLOB_GROUP_BLOBS.observe(len(blobs))
+        return job
 
     def _answer(
         self,
@@ -124,10 +129,8 @@ class GroupCommit:
         job: asyncio.Future[None],
     ) -> None:
         lane.in_flight -= 1
-        error = None if job.cancelled() else job.exception()
-        if job.cancelled():
-            error = OSError("blob write cancelled")
-        elif error is not None and not isinstance(error, OSError):
+        error = OSError("blob write cancelled") if job.cancelled() else job.exception()
+        if error is not None and not isinstance(error, OSError):
             # A bug, not a disk: logged once here with its traceback. Its senders are
             # told what every failed write tells them (not stored: retry later).
             log.error("blob write failed unexpectedly", exc_info=error)
@@ -136,15 +139,21 @@ class GroupCommit:
                 continue
             if error is None:
                 done.set_result(None)
-                continue
-            # One exception object per waiter: each is raised in its own task, and
-            # one object shared by several would collect all their tracebacks.
-            if isinstance(error, OSError):
-                mine = OSError(error.errno, error.strerror or str(error))
             else:
-                mine = OSError(f"blob write failed: {error!r}")
-            mine.__cause__ = error
-            done.set_exception(mine)
+                # One exception object per waiter: each is raised in its own task, and
+                # one object shared by several would collect all their tracebacks.
+                done.set_exception(_failed_write(error))
         self._write_more(loop, lane)
         if not lane.waiting and lane.in_flight == 0:
             self._lanes.pop(loop, None)
+
+
+def _failed_write(error: BaseException) -> OSError:
+    """What a sender of a failed write is told: an OSError of its own (the hand-off
+    answers retry-later), ``error`` as its cause."""
+    if isinstance(error, OSError):
+        told = OSError(error.errno, error.strerror or str(error))
+    else:
+        told = OSError(f"blob write failed: {error!r}")
+    told.__cause__ = error
+    return told
