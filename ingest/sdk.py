@@ -471,26 +471,26 @@ class HttpAdapter(Adapter[S]):
         app.include_router(self.router())
         # The server's body limit for these paths is the route's own: one number,
         # enforced while the body streams in, before any of this cycle runs.
+        body_limits = getattr(app.state, "body_limits", None)
         # The hook's POSTs skip the router (switchboard.http.DirectPosts): one lookup.
         # Not for an adapter that builds its own router (it may add dependencies the
         # direct path would skip), nor a templated path. The first adapter mounted on
         # a path keeps it, as in the router, whose first match answers.
         direct = getattr(app.state, "direct_posts", None)
-        if direct is not None and type(self).router is HttpAdapter.router:
-            for route in self.routes():
-                if "{" in route.path:
-                    continue
-                if route.path in direct:
-                    log.warning(
-                        "two adapters serve one path: the first mounted answers",
-                        extra={"adapter": self.name, "path": route.path},
-                    )
-                    continue
-                direct[route.path] = self._endpoint(route)
-        body_limits = getattr(app.state, "body_limits", None)
-        if body_limits is not None:
-            for route in self.routes():
+        if type(self).router is not HttpAdapter.router:
+            direct = None
+        for route in self.routes():
+            if body_limits is not None:
                 body_limits.set(route.path, route.max_body_bytes)
+            if direct is None or "{" in route.path:
+                continue
+            if route.path in direct:
+                log.warning(
+                    "two adapters serve one path: the first mounted answers",
+                    extra={"adapter": self.name, "path": route.path},
+                )
+                continue
+            direct[route.path] = self._endpoint(route)
 
     def _endpoint(self, route: HttpRoute) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
