@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,23 +21,22 @@ from switchboard.blobs import BIG_BLOB, FileBlobStore
 
 class Gated(FileBlobStore):
     """The file store, recording each write's blobs; the first write waits for
-    ``gate`` and ``fail`` makes the next write fail before it stores anything."""
+    ``gate``, and write n (from 1) raises ``failures[n]`` before it stores anything."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.writes: list[list[str]] = []
         self.gate = threading.Event()
         self.started = threading.Event()
-        self.fail = False
+        self.failures: dict[int, BaseException] = {}
 
     def put_many(self, blobs: Sequence[Blob]) -> None:
         self.writes.append([b.data.decode() for b in blobs])
         self.started.set()
         if len(self.writes) == 1:
             assert self.gate.wait(10)
-        if self.fail:
-            self.fail = False
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if (failure := self.failures.pop(len(self.writes), None)) is not None:
+            raise failure
         super().put_many(blobs)
 
     async def holding(self, first: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -45,6 +44,18 @@ class Gated(FileBlobStore):
         task = asyncio.create_task(first)
         await asyncio.to_thread(self.started.wait, 10)
         return task
+
+    async def two_behind_a_held_write(
+        self, send: Callable[[str], Coroutine[Any, Any, None]], first: str, then: str
+    ) -> None:
+        """``first`` sent and its write held; "b" and "c" sent meanwhile (they share
+        the next write); the hold released; ``then`` sent once all are answered."""
+        held = await self.holding(send(first))
+        queued = [asyncio.create_task(send(t)) for t in ("b", "c")]
+        await asyncio.sleep(0.05)
+        self.gate.set()
+        await asyncio.gather(held, *queued)
+        await send(then)
 
 
 @pytest.fixture
@@ -88,7 +99,7 @@ def test_a_failed_write_fails_its_messages_and_the_next_write_works(
     tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
     store = Gated(tmp_path)
-    store.fail = True
+    store.failures[1] = OSError(errno.ENOSPC, "No space left on device")
     group = GroupCommit(store, pool, in_flight=1)
     outcomes: dict[str, str] = {}
 
@@ -99,15 +110,7 @@ def test_a_failed_write_fails_its_messages_and_the_next_write_works(
         except OSError as exc:
             outcomes[text] = f"errno {exc.errno}"
 
-    async def main() -> None:
-        first = await store.holding(send("a"))
-        queued = [asyncio.create_task(send(t)) for t in ("b", "c")]
-        await asyncio.sleep(0.05)
-        store.gate.set()
-        await asyncio.gather(first, *queued)
-        await send("d")
-
-    asyncio.run(main())
+    asyncio.run(store.two_behind_a_held_write(send, "a", then="d"))
     # The first write (a) failed: its sender is told, nobody else is.
     assert outcomes == {"a": "errno 28", "b": "stored", "c": "stored", "d": "stored"}
     assert not store.exists(_blob("a").ref.sha256)
@@ -119,18 +122,8 @@ def test_an_unexpected_error_tells_each_sender_apart_and_the_next_write_works(
     """A bug in a write (not an OSError) reaches each of its senders as their own
     OSError (the hand-off answers retry-later), never one object shared by all."""
     store = Gated(tmp_path)
+    store.failures[2] = ValueError("a bug in the write")
     group = GroupCommit(store, pool, in_flight=1)
-    real = store.put_many
-    calls = 0
-
-    def buggy(blobs: Sequence[Blob]) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise ValueError("a bug in the write")
-        real(blobs)
-
-    store.put_many = buggy  # type: ignore[method-assign]
     errors: dict[str, BaseException] = {}
 
     async def send(text: str) -> None:
@@ -139,15 +132,7 @@ def test_an_unexpected_error_tells_each_sender_apart_and_the_next_write_works(
         except OSError as exc:
             errors[text] = exc
 
-    async def main() -> None:
-        first = await store.holding(send("first"))
-        queued = [asyncio.create_task(send(t)) for t in ("b", "c")]
-        await asyncio.sleep(0.05)
-        store.gate.set()
-        await asyncio.gather(first, *queued)
-        await send("after")
-
-    asyncio.run(main())
+    asyncio.run(store.two_behind_a_held_write(send, "first", then="after"))
     assert sorted(errors) == ["b", "c"]  # the second write held b and c
     assert errors["b"] is not errors["c"]
     assert all(isinstance(e.__cause__, ValueError) for e in errors.values())
