@@ -2,6 +2,7 @@
 
 Usage: PYTHONPATH=. .venv/bin/python bench/e2e.py [--db sqlite,postgres]
        [--rate 40] [--seconds 30] [--saturate-seconds 20] [--only fixed,saturate,broker-10s]
+       [--edge-workers 1] [--fetch-max-wait-ms MS] [--linger-ms MS]
 
 Every role runs as its own `switchboard` process (ingest smtp, ingest http,
 router, sink queue; each edge one process unless --edge-workers says otherwise:
@@ -64,6 +65,7 @@ class BenchCluster(Cluster):
     log_level: str = "WARNING"
     edge_workers: int | None = None  # None: the roles' default, one per core
     fetch_max_wait_ms: int | None = None  # None: the setting's default
+    linger_ms: int | None = None  # None: the setting's default
 
     def env(self, role: str) -> dict[str, str]:
         env = super().env(role)
@@ -71,6 +73,8 @@ class BenchCluster(Cluster):
         env["SWITCHBOARD_LOG_LEVEL"] = self.log_level
         if self.fetch_max_wait_ms is not None:
             env["SWITCHBOARD_KAFKA_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
+        if self.linger_ms is not None:
+            env["SWITCHBOARD_KAFKA_LINGER_MS"] = str(self.linger_ms)
         if self.edge_workers is not None:
             env["SWITCHBOARD_HTTP_WORKERS"] = env["SWITCHBOARD_SMTP_WORKERS"] = str(
                 self.edge_workers
@@ -260,6 +264,7 @@ def run_mode(mode: str, db: str, args: argparse.Namespace) -> str:
         cluster.log_level = "INFO" if args.keep else "WARNING"
         cluster.edge_workers = args.edge_workers
         cluster.fetch_max_wait_ms = args.fetch_max_wait_ms
+        cluster.linger_ms = args.linger_ms
         cluster.start_broker()
         try:
             for role in ("smtp", "http", "router", "queue"):
@@ -422,6 +427,11 @@ def main() -> None:
         "--fetch-max-wait-ms",
         type=int,
         help="the consumers' SWITCHBOARD_KAFKA_FETCH_MAX_WAIT_MS (default: the setting's)",
+    )
+    parser.add_argument(
+        "--linger-ms",
+        type=int,
+        help="every producer's SWITCHBOARD_KAFKA_LINGER_MS (default: the setting's)",
     )
     args = parser.parse_args()
     for db in args.db.split(","):
