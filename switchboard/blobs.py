@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import logging
 import os
@@ -36,6 +37,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 BIG_BLOB = 1024 * 1024
 #: How a blob's temporary file (before its rename) starts: `blobs gc` knows them by it.
 _TMP_PREFIX = ".tmp-"
+#: The lock file (in the store's root) that orders renewals against `blobs gc`.
+_GC_LOCK = ".gc.lock"
 #: A BlobRef inside serialized JSON (an event's data, a read model's column).
 BLOB_REF = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
 
@@ -139,6 +142,20 @@ class FileBlobStore:
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()
 
+    @contextlib.contextmanager
+    def _gc_lock(self, mode: int) -> Iterator[None]:
+        """``flock`` on the root's lock file: shared while a blob found in place is
+        renewed, exclusive while `blobs gc` checks a blob's age and deletes it (any
+        process). Each holder opens the file itself: a lock belongs to an open file,
+        and threads sharing one would release each other's."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / _GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _stored(self, blob: Blob, path: Path) -> bool:
         """True when the blob is already here (at ``path``); its age is then renewed."""
         if blob.ref.sha256 in self._suspect:
@@ -147,13 +164,20 @@ class FileBlobStore:
             found = os.stat(path)  # one call: is_file() and stat() were two
         except FileNotFoundError:
             return False
-        if stat.S_ISREG(found.st_mode) and found.st_size == blob.ref.size:
-            # Its age is what `blobs gc` reads: a blob stored again for a new
-            # message is as young as that message, however old the file.
-            with contextlib.suppress(FileNotFoundError):  # collected meanwhile: write it
+        if not (stat.S_ISREG(found.st_mode) and found.st_size == blob.ref.size):
+            return False
+        # Its age is what `blobs gc` reads: a blob stored again for a new message is
+        # as young as that message, however old the file. Renewed under the shared
+        # lock, so a collection's age check and delete (under the exclusive one)
+        # come wholly before (the renewal finds no file: written again) or wholly
+        # after (the collection finds it young: kept). Without it, a delete could
+        # land between this renewal and the message's publication.
+        with self._gc_lock(fcntl.LOCK_SH):
+            try:
                 os.utime(path)
-                return True
-        return False
+            except FileNotFoundError:
+                return False  # collected meanwhile: written again
+        return True
 
     def put(self, blob: Blob) -> BlobRef:
         path = self._path(blob.ref.sha256)
@@ -281,15 +305,18 @@ class FileBlobStore:
                             temporaries.append((Path(entry.path), info.st_mtime, info.st_size))
 
     def delete_if_older(self, sha256: str, cutoff: float) -> bool:
-        """Delete the blob unless it was (re)written at or after ``cutoff`` (Unix time)."""
+        """Delete the blob unless it was (re)written at or after ``cutoff`` (Unix time).
+
+        Checked again right before the unlink, both under the exclusive lock: a
+        put() renewing it (under the shared one) cannot land in between."""
         path = self._path(sha256)
-        try:
-            # Checked again right before the unlink: a put() may have renewed it.
-            if path.stat().st_mtime >= cutoff:
+        with self._gc_lock(fcntl.LOCK_EX):
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
                 return False
-            path.unlink()
-        except FileNotFoundError:
-            return False
         return True
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -367,6 +368,44 @@ def test_a_blob_stored_again_is_young_again(tmp_path: Path) -> None:
     assert report.deleted == []
     assert report.young == 1
     assert store.exists(blob.ref.sha256)
+
+
+@pytest.mark.parametrize("write", ["put", "put_many"])
+def test_a_renewal_never_lands_between_the_collectors_check_and_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    # Attack (on ourselves, racing): the collector has found an old unreferenced blob
+    # and is about to delete it when a new message with the same bytes arrives. Its
+    # hand-off must not answer "stored" for a file deleted the next moment.
+    store = FileBlobStore(tmp_path / "blobs")
+    blob = Blob.of(b"old bytes, sent again", "text/plain")
+    store.put(blob)
+    path = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+    month_ago = time.time() - timedelta(days=40).total_seconds()
+    os.utime(path, (month_ago, month_ago))
+
+    hand_off = threading.Thread(
+        target=store.put if write == "put" else store.put_many,
+        args=(blob,) if write == "put" else ([blob],),
+    )
+    waited: list[bool] = []
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == path and not waited:
+            # Between the collector's age check and its delete: the message arrives.
+            hand_off.start()
+            hand_off.join(0.5)
+            waited.append(hand_off.is_alive())
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    cutoff = time.time() - timedelta(days=30).total_seconds()
+    assert store.delete_if_older(blob.ref.sha256, cutoff)
+    hand_off.join(10)
+    assert waited == [True]  # the hand-off waited for the collector's delete
+    assert path.read_bytes() == blob.data  # and then wrote the blob again
+    assert path.stat().st_mtime >= cutoff
 
 
 def test_gc_removes_temporary_files_of_writes_that_died(tmp_path: Path) -> None:
