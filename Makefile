@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-floor bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,10 @@ bench-http: $(VENV)/.installed-dev
 bench-edges: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 1,2 --skip-mailgun --fresh 60000
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py --workers 1,2
+
+## The floor of a durable Twilio hook in Python here (no framework): run beside bench-edges.
+bench-http-floor: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/http_floor.py --workers 1,2
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var *.egg-info
