@@ -30,7 +30,7 @@ from typing import Protocol
 from normalize.content import Blob
 from normalize.schema import BlobRef
 from switchboard.files import fsync_dir, fsync_file, made_dirs, make_dirs
-from switchboard.metrics import BLOBS_COLLECTED
+from switchboard.metrics import BLOB_TEMPORARIES_REMOVED, BLOBS_COLLECTED
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: A blob this large is written and fsynced on its own, not in a group's sync.
@@ -435,6 +435,7 @@ class BlobCollector:
                 log.warning("blob collection failed", extra={"error": repr(exc)})
                 continue
             BLOBS_COLLECTED.inc(len(report.deleted))
+            BLOB_TEMPORARIES_REMOVED.inc(len(report.temporaries))
             log.info(
                 "blobs collected",
                 extra={

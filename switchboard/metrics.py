@@ -58,6 +58,10 @@ BLOBS_COLLECTED = Counter(
     "switchboard_blobs_collected",
     "Blobs `blobs gc` deleted (unreferenced and older than the retention).",
 )
+BLOB_TEMPORARIES_REMOVED = Counter(
+    "switchboard_blob_temporaries_removed",
+    "Temporary blob files of writes that died before their rename, removed by `blobs gc`.",
+)
 SPOOLED = Counter(
     "switchboard_spooled",
     "Events written to the local spool because Kafka did not acknowledge in time.",

@@ -441,6 +441,10 @@ def test_run_collects_blobs_periodically(tmp_path: Path) -> None:
     path = tmp_path / "blobs" / old.ref.sha256[:2] / old.ref.sha256[2:4] / old.ref.sha256
     month_ago = time.time() - timedelta(days=40).total_seconds()
     os.utime(path, (month_ago, month_ago))
+    dead = path.parent / ".tmp-dead-1"  # a write killed before its rename
+    dead.write_bytes(b"half a blob")
+    os.utime(dead, (month_ago, month_ago))
+    removed = REGISTRY.get_sample_value("switchboard_blob_temporaries_removed_total") or 0.0
     engine = make_engine(f"sqlite:///{tmp_path / 'gc.db'}")
     upgrade(engine)
     collector = BlobCollector(
@@ -451,7 +455,12 @@ def test_run_collects_blobs_periodically(tmp_path: Path) -> None:
         await collector.start()
         try:
             deadline = time.monotonic() + 10
-            while store.exists(old.ref.sha256) and time.monotonic() < deadline:
+            # Until the collection's report is counted (after its deletes).
+            while (
+                time.monotonic() < deadline
+                and (REGISTRY.get_sample_value("switchboard_blob_temporaries_removed_total") or 0.0)
+                < removed + 1
+            ):
                 await asyncio.sleep(0.05)
         finally:
             await collector.stop()
@@ -461,3 +470,5 @@ def test_run_collects_blobs_periodically(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert not store.exists(old.ref.sha256)
+    assert not dead.exists()
+    assert REGISTRY.get_sample_value("switchboard_blob_temporaries_removed_total") == removed + 1
