@@ -102,11 +102,12 @@ class Load:
             self._n += 1
             return f"mk-{self._n}"
 
-    def send_one(self, rng: random.Random, give_up_at: float) -> None:
-        """One message, retried as a real sender would until acknowledged."""
+    def send_one(self, rng: random.Random, give_up_at: float, email: bool | None = None) -> None:
+        """One message (an email or a form, by ``rng`` unless ``email`` says), retried
+        as a real sender would until acknowledged."""
         person = rng.choice(self.people)
         marker = self.marker()
-        email = rng.random() < 0.5
+        email = rng.random() < 0.5 if email is None else email
         while time.monotonic() < give_up_at:
             sent = time.monotonic()
             message_id = self._email(person, marker) if email else self._form(person, marker)
@@ -328,17 +329,17 @@ def warm_up(load: Load) -> str:
     started = time.monotonic()
     rng = random.Random(-1)
     for email in (True, False):
-        person = rng.choice(load.people)
-        message_id = (load._email if email else load._form)(person, load.marker())
-        if message_id is None:
-            raise SystemExit("warm-up message refused")
-        with load.lock:
-            load.acked[message_id] = time.monotonic()
+        load.send_one(rng, started + 30, email=email)
+    with load.lock:
+        acknowledged = len(load.acked)
+    if acknowledged < 2:
+        raise SystemExit("warm-up messages not acknowledged within 30 s")
     if math.isnan(load.wait_visible(60)):
         raise SystemExit("warm-up messages not visible within 60 s")
     with load.lock:
         load.acked.clear()
         load.visible.clear()
+        load.failed_attempts = 0
         for waits in load.answered_ms.values():
             waits.clear()
     return f"warm-up: visible {time.monotonic() - started:.1f} s after sending"
