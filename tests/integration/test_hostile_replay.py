@@ -334,10 +334,8 @@ def test_blobs_gc_deletes_only_old_unreferenced_blobs(database_url: str, tmp_pat
         assert routed.result == "routed"
     finally:
         engine.dispose()
-    month_ago = time.time() - timedelta(days=40).total_seconds()
     for blob in (raw, attachment, old):
-        path = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
-        os.utime(path, (month_ago, month_ago))
+        _aged(_blob_path(tmp_path / "blobs", blob))
     env = {"SWITCHBOARD_DATA_DIR": str(tmp_path), "SWITCHBOARD_DATABASE_URL": database_url}
 
     dry = _cli("blobs", "gc", "--dry-run", **env)
@@ -354,15 +352,24 @@ def test_blobs_gc_deletes_only_old_unreferenced_blobs(database_url: str, tmp_pat
     assert all(store.exists(b.ref.sha256) for b in (raw, attachment, young))
 
 
+def _aged(path: Path, days: float = 40) -> None:
+    """Set ``path``'s modification time ``days`` back: the age `blobs gc` reads."""
+    then = time.time() - timedelta(days=days).total_seconds()
+    os.utime(path, (then, then))
+
+
+def _blob_path(root: Path, blob: Blob) -> Path:
+    """Where FileBlobStore keeps ``blob`` under ``root``."""
+    return root / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
+
+
 def test_a_blob_stored_again_is_young_again(tmp_path: Path) -> None:
     # Attack (on ourselves): a new message whose bytes equal an old unreferenced
     # blob must not lose them to the collector while it is still in flight.
     store = FileBlobStore(tmp_path / "blobs")
     blob = Blob.of(b"the same attachment again", "text/plain")
     store.put(blob)
-    path = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
-    month_ago = time.time() - timedelta(days=40).total_seconds()
-    os.utime(path, (month_ago, month_ago))
+    _aged(_blob_path(tmp_path / "blobs", blob))
     store.put(blob)  # the new message's hand-off
     report = collect_garbage(store, [lambda _among: set()], timedelta(days=30))
     assert report.deleted == []
@@ -380,9 +387,8 @@ def test_a_renewal_never_lands_between_the_collectors_check_and_delete(
     store = FileBlobStore(tmp_path / "blobs")
     blob = Blob.of(b"old bytes, sent again", "text/plain")
     store.put(blob)
-    path = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4] / blob.ref.sha256
-    month_ago = time.time() - timedelta(days=40).total_seconds()
-    os.utime(path, (month_ago, month_ago))
+    path = _blob_path(tmp_path / "blobs", blob)
+    _aged(path)
 
     hand_off = threading.Thread(
         target=store.put if write == "put" else store.put_many,
@@ -414,12 +420,11 @@ def test_gc_removes_temporary_files_of_writes_that_died(tmp_path: Path) -> None:
     store = FileBlobStore(tmp_path / "blobs")
     blob = Blob.of(b"a blob beside the leftovers", "text/plain")
     store.put(blob)
-    leaf = tmp_path / "blobs" / blob.ref.sha256[:2] / blob.ref.sha256[2:4]
+    leaf = _blob_path(tmp_path / "blobs", blob).parent
     dead, running = leaf / ".tmp-dead-0", leaf / ".tmp-running-0"
     dead.write_bytes(b"x" * 100)
     running.write_bytes(b"y" * 10)
-    two_hours_ago = time.time() - 7200
-    os.utime(dead, (two_hours_ago, two_hours_ago))
+    _aged(dead, days=2 / 24)
 
     dry = collect_garbage(store, [lambda _among: set()], timedelta(days=30), dry_run=True)
     assert dry.temporaries == [(".tmp-dead-0", 100)]
@@ -438,12 +443,11 @@ def test_run_collects_blobs_periodically(tmp_path: Path) -> None:
     store = FileBlobStore(tmp_path / "blobs")
     old = Blob.of(b"evidence nobody references", "text/plain")
     store.put(old)
-    path = tmp_path / "blobs" / old.ref.sha256[:2] / old.ref.sha256[2:4] / old.ref.sha256
-    month_ago = time.time() - timedelta(days=40).total_seconds()
-    os.utime(path, (month_ago, month_ago))
+    path = _blob_path(tmp_path / "blobs", old)
+    _aged(path)
     dead = path.parent / ".tmp-dead-1"  # a write killed before its rename
     dead.write_bytes(b"half a blob")
-    os.utime(dead, (month_ago, month_ago))
+    _aged(dead)
     removed = REGISTRY.get_sample_value("switchboard_blob_temporaries_removed_total") or 0.0
     engine = make_engine(f"sqlite:///{tmp_path / 'gc.db'}")
     upgrade(engine)
