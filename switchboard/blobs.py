@@ -147,8 +147,8 @@ class FileBlobStore:
         """``flock`` on the root's lock file: shared while a blob found in place is
         renewed, exclusive while `blobs gc` checks a blob's age and deletes it (any
         process). Each holder opens the file itself: a lock belongs to an open file,
-        and threads sharing one would release each other's."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        and threads sharing one would release each other's. Only taken where a blob
+        was just found, so the root exists (FileNotFoundError if it went meanwhile)."""
         fd = os.open(self.root / _GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, mode)
@@ -172,11 +172,11 @@ class FileBlobStore:
         # come wholly before (the renewal finds no file: written again) or wholly
         # after (the collection finds it young: kept). Without it, a delete could
         # land between this renewal and the message's publication.
-        with self._gc_lock(fcntl.LOCK_SH):
-            try:
+        try:
+            with self._gc_lock(fcntl.LOCK_SH):
                 os.utime(path)
-            except FileNotFoundError:
-                return False  # collected meanwhile: written again
+        except FileNotFoundError:
+            return False  # collected meanwhile: written again
         return True
 
     def put(self, blob: Blob) -> BlobRef:
@@ -310,13 +310,13 @@ class FileBlobStore:
         Checked again right before the unlink, both under the exclusive lock: a
         put() renewing it (under the shared one) cannot land in between."""
         path = self._path(sha256)
-        with self._gc_lock(fcntl.LOCK_EX):
-            try:
+        try:
+            with self._gc_lock(fcntl.LOCK_EX):
                 if path.stat().st_mtime >= cutoff:
                     return False
                 path.unlink()
-            except FileNotFoundError:
-                return False
+        except FileNotFoundError:
+            return False
         return True
 
 
