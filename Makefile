@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-floor bench-router bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-floor bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,10 @@ clean:
 ## Router throughput vs raw consume, on SQLite and PostgreSQL (needs PostgreSQL at 127.0.0.1).
 bench-router: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/routing.py
+
+## A least-loaded team's open-conversation count as the tables grow.
+bench-open-load: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/open_load.py
 
 ## End to end, accepted to visible in the queue, on SQLite and PostgreSQL; a 10 s broker outage.
 bench-e2e: $(VENV)/.installed-dev

@@ -158,7 +158,7 @@ def apply_routed(
         writes.cursor(team.name, cursor)
         directory.cursor(team.name, cursor)
     if d.new_conversation:
-        writes.new_conversation(d.conversation_id, d.contact_id, message.received_at)
+        writes.new_conversation(d.conversation_id, d.contact_id, d.owner, message.received_at)
     else:
         writes.add_to_conversation(d.conversation_id, message.received_at)
     directory.conversation_used(

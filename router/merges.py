@@ -310,7 +310,9 @@ def _split_messages(
     mine = sorted(conversations_back | {conv for conv, who in home.items() if who == restored})
     if mine:
         c.execute(
-            update(conversations).where(conversations.c.id.in_(mine)).values(contact_id=restored)
+            update(conversations)
+            .where(conversations.c.id.in_(mine))
+            .values(contact_id=restored, owner=_owner_of(restored))
         )
         c.execute(
             update(messages).where(messages.c.conversation_id.in_(mine)).values(contact_id=restored)
@@ -333,6 +335,7 @@ def _split_messages(
                     started_at=first,
                     last_message_at=first,
                     message_count=0,
+                    owner=_owner_of(who),
                 )
             )
         targets[who] = latest
@@ -362,6 +365,11 @@ def _split_messages(
             values["last_message_at"] = last
         c.execute(update(conversations).where(conversations.c.id == conv).values(**values))
     return moves
+
+
+def _owner_of(contact_id: UUID) -> Any:  # noqa: ANN401 - a scalar subquery
+    """The contact's owner, for the conversations it gets (they carry it)."""
+    return select(contacts.c.owner).where(contacts.c.id == contact_id).scalar_subquery()
 
 
 def _latest_conversation(c: Connection, contact_id: UUID) -> UUID | None:

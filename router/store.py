@@ -59,7 +59,7 @@ from router.merges import (
     unmerge,
 )
 from router.outbox import event_rows, new_event_uuid, record, topic_of
-from router.tables import contacts, dedupe_keys, messages, outbox, owners, utcnow
+from router.tables import contacts, conversations, dedupe_keys, messages, outbox, owners, utcnow
 from router.writes import Writes
 from switchboard.events import Event
 from switchboard.metrics import ROUTER_RESTARTS, ROUTER_STATEMENTS
@@ -282,6 +282,11 @@ class RouterStore:
             ).scalar_one()
             c.execute(
                 update(contacts).where(contacts.c.id == target).values(owner=owner, updated_at=now)
+            )
+            c.execute(
+                update(conversations)
+                .where(conversations.c.contact_id == target)
+                .values(owner=owner)
             )
             event = contact_event(
                 ContactEventKind.OWNER_ASSIGNED,

@@ -77,7 +77,11 @@ conversations = Table(
     Column("started_at", _TS, nullable=False),
     Column("last_message_at", _TS, nullable=False),
     Column("message_count", Integer, nullable=False),
+    # The contact's owner, kept with every owner change, merge and unmerge: an
+    # agent's open conversations are a range of ix_conversations_owner_last.
+    Column("owner", String(128), nullable=False),
     Index("ix_conversations_contact_last", "contact_id", "last_message_at"),
+    Index("ix_conversations_owner_last", "owner", "last_message_at"),
 )
 messages = Table(
     "messages",

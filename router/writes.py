@@ -63,6 +63,14 @@ _SET_OWNER = (
     .where(contacts.c.id == bindparam("b_id"))
     .values(owner=bindparam("b_owner"), updated_at=bindparam("b_now"))
 )
+# Every conversation carries its contact's owner (ix_conversations_owner_last: an
+# agent's open conversations are counted from the index, not from a join of every
+# conversation with every contact).
+_CONVERSATIONS_OWNER = (
+    update(conversations)
+    .where(conversations.c.contact_id == bindparam("b_id"))
+    .values(owner=bindparam("b_owner"))
+)
 _SET_CURSOR = (
     update(owners)
     .where(owners.c.name == bindparam("b_name"))
@@ -83,10 +91,19 @@ _HAD = union_all(
         )
     )
 )
+_to: BindParameter[Any] = bindparam("b_to")
 _MOVE = tuple(
     update(table)
     .where(table.c.contact_id == bindparam("b_from"))
-    .values(contact_id=bindparam("b_to"))
+    .values(
+        contact_id=_to,
+        # A conversation takes its survivor's owner (see _CONVERSATIONS_OWNER).
+        **(
+            {"owner": select(contacts.c.owner).where(contacts.c.id == _to).scalar_subquery()}
+            if table is conversations
+            else {}
+        ),
+    )
     for table in (identities, conversations, messages)
 )
 # Contacts merged into a loser earlier point at the survivor directly, so following
@@ -139,9 +156,10 @@ _MOVE_POSTGRESQL = (
         " AS m(b_from, b_to, b_at) WHERE contact_identities.contact_id = m.b_from"
     ),
     text(
-        "UPDATE conversations SET contact_id = m.b_to"
+        "UPDATE conversations SET contact_id = m.b_to, owner = s.owner"
         " FROM unnest(CAST(:froms AS uuid[]), CAST(:tos AS uuid[]), CAST(:ats AS timestamptz[]))"
-        " AS m(b_from, b_to, b_at) WHERE conversations.contact_id = m.b_from"
+        " AS m(b_from, b_to, b_at) JOIN contacts s ON s.id = m.b_to"
+        " WHERE conversations.contact_id = m.b_from"
     ),
     text(
         "UPDATE messages SET contact_id = m.b_to"
@@ -330,13 +348,18 @@ class Writes:
             for key in keys
         )
 
-    def new_conversation(self, conversation_id: UUID, contact_id: UUID, at: datetime) -> None:
+    def new_conversation(
+        self, conversation_id: UUID, contact_id: UUID, owner: str, at: datetime
+    ) -> None:
+        """``owner``: the contact's now; a later owner change of the batch reaches
+        the row in :meth:`flush`."""
         self.conversations[conversation_id] = {
             "id": conversation_id,
             "contact_id": contact_id,
             "started_at": at,
             "last_message_at": at,
             "message_count": 1,
+            "owner": owner,
         }
 
     def add_to_conversation(self, conversation_id: UUID, at: datetime) -> None:
@@ -372,11 +395,18 @@ class Writes:
         forget it; returns the identity keys each merge moved (by merge id)."""
         dialect = c.dialect.name
         self._insert(c, contacts, list(self.contacts.values()))
-        if self.owners_changed:
-            rows = [{"b_id": i, "b_owner": o, "b_now": now} for i, o in self.owners_changed.items()]
-            c.execute(_SET_OWNER, rows)
+        owners_changed = [
+            {"b_id": i, "b_owner": o, "b_now": now} for i, o in self.owners_changed.items()
+        ]
+        if owners_changed:
+            c.execute(_SET_OWNER, owners_changed)
         self._insert(c, identities, self.identities)
+        for row in self.conversations.values():  # its contact's owner at the batch's end
+            new = self.contacts.get(row["contact_id"])
+            row["owner"] = new["owner"] if new else row["owner"]
         self._insert(c, conversations, list(self.conversations.values()))
+        if owners_changed:  # existing contacts: their conversations, new ones included
+            c.execute(_CONVERSATIONS_OWNER, owners_changed)
         if self.touched:
             self._touch(c)
         self._insert(c, messages, self.messages)

@@ -133,10 +133,16 @@ def snapshot(engine: Engine) -> Snapshot:
             row.id: (row.contact_id, row.conversation_id, row.dedupe_key)
             for row in c.execute(select(messages))
         }
-        convs = {
-            row.id: row.contact_id
-            for row in c.execute(select(conversations.c.id, conversations.c.contact_id))
-        }
+        convs = {}
+        for row in c.execute(
+            select(conversations.c.id, conversations.c.contact_id, conversations.c.owner)
+        ):
+            convs[row.id] = row.contact_id
+            # Every snapshot checks the copy of the owner each conversation carries
+            # (what least-loaded teams count): a conversation of a live contact, with
+            # its owner.
+            assert row.contact_id in live, f"conversation {row.id} of a merged contact"
+            assert row.owner == live[row.contact_id][0], f"conversation {row.id}: stale owner"
     return Snapshot(live, merged, msgs, convs)
 
 

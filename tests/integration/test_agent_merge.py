@@ -37,7 +37,14 @@ from switchboard.http import Readiness, create_app
 from switchboard.kafka import Publisher
 from tests.integration.test_queue import _serving, _until, running_sink
 from tests.postgres import with_search_path
-from tests.router_helpers import fresh_kafka, publish, running_router, store_for, survivor_of
+from tests.router_helpers import (
+    fresh_kafka,
+    publish,
+    running_router,
+    snapshot,
+    store_for,
+    survivor_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +105,9 @@ def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callab
 
 def directory(engine: Engine) -> dict[str, dict[str, Any]]:
     """Per contact with identities: its identity keys and {conversation: sorted message
-    texts}, as the router's tables have them."""
+    texts}, as the router's tables have them; every conversation with its contact's
+    owner (snapshot checks it)."""
+    snapshot(engine)
     with engine.connect() as c:
         keys = c.execute(select(identities.c.key, identities.c.contact_id)).all()
         convs = c.execute(select(conversations.c.id, conversations.c.contact_id)).all()

@@ -40,6 +40,7 @@ from router.store import RouterStore
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from tests.postgres import with_search_path
+from tests.router_helpers import snapshot as directory_snapshot
 
 SUPPORT = Recipient(kind=IdentityKind.EMAIL, value="support@example.com", role=RecipientRole.TO)
 SALES = Recipient(kind=IdentityKind.EMAIL, value="sales@example.com", role=RecipientRole.TO)
@@ -176,7 +177,7 @@ def tangled(people: int, seed: int) -> list[InboundMessage]:
 TABLES = {
     "contacts": "SELECT id, owner, merged_into FROM contacts",
     "identities": "SELECT key, contact_id FROM contact_identities",
-    "conversations": "SELECT id, contact_id, started_at, last_message_at, message_count"
+    "conversations": "SELECT id, contact_id, owner, started_at, last_message_at, message_count"
     " FROM conversations",
     "messages": "SELECT id, contact_id, conversation_id, owner, reason, dedupe_key FROM messages",
     "inboxes": "SELECT message_id, inbox FROM message_inboxes",
@@ -195,6 +196,7 @@ def _norm(value: object) -> str:
 
 
 def snapshot(engine: Engine) -> dict[str, set[tuple[str, ...]]]:
+    directory_snapshot(engine)  # every conversation carries its contact's owner
     with engine.connect() as c:
         return {
             name: {tuple(_norm(v) for v in row) for row in c.execute(text(query))}

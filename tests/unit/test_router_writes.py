@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select
 
-from router.tables import contacts, metadata, outbox
-from router.writes import _sqlite_column, _sqlite_insert, _sqlite_kind
+from router.tables import contacts, conversations, metadata, outbox
+from router.writes import Writes, _sqlite_column, _sqlite_insert, _sqlite_kind
 from switchboard.db import make_engine
 
 TIMES = [
@@ -72,3 +72,34 @@ def test_other_values_still_meet_the_bind_processor(tmp_path: Path, bad: object)
     kind, convert = _sqlite_kind(contacts.c.created_at.type, engine.dialect)
     with pytest.raises(TypeError):
         _sqlite_column([bad], kind, convert)
+
+
+def test_a_conversation_is_written_with_its_contacts_owner_at_the_batchs_end(
+    tmp_path: Path,
+) -> None:
+    """Conversations carry their contact's owner (counted by least-loaded teams): a
+    change of owner later in the batch reaches the rows the batch inserts, for a
+    contact new in the batch and for one already stored."""
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    metadata.create_all(engine, tables=[contacts, conversations])
+    now = TIMES[1]
+    assert now is not None
+    stored, new = uuid.uuid4(), uuid.uuid4()
+    with engine.begin() as c:
+        c.execute(
+            insert(contacts),
+            {"id": stored, "created_at": now, "owner": "dave", "updated_at": now},
+        )
+    writes = Writes()
+    writes.new_contact(new, "alice", now)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    writes.new_conversation(first, new, "alice", now)
+    writes.new_conversation(second, stored, "dave", now)
+    writes.set_owner(new, "bob", now)
+    writes.set_owner(stored, "carol", now)
+    with engine.begin() as c:
+        writes.flush(c, now)
+        owners = dict(c.execute(select(conversations.c.id, conversations.c.owner)).all())
+        contact_owners = dict(c.execute(select(contacts.c.id, contacts.c.owner)).all())
+    assert owners == {first: "bob", second: "carol"}
+    assert contact_owners == {new: "bob", stored: "carol"}
