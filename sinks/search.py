@@ -15,6 +15,7 @@ Both use no stemming ('simple', unicode61), so the two answer alike.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Protocol
 from uuid import UUID
 
@@ -30,7 +31,7 @@ PG_DOCUMENT = (
 )
 _WORD = re.compile(r"\w+", re.UNICODE)
 _fts = table("queue_search", column("message_id", Uuid), column("document", Text))
-_INDEX = insert(_fts)  # built once: one per message written
+_INDEX = insert(_fts)  # built once: a row per message written
 
 
 def words(query: str) -> list[str]:
@@ -41,7 +42,7 @@ def words(query: str) -> list[str]:
 class MessageSearch(Protocol):
     """Which messages match every word (as a prefix); newest first."""
 
-    def index(self, c: Connection, message_id: UUID, document: str) -> None: ...
+    def index_many(self, c: Connection, documents: Sequence[tuple[UUID, str]]) -> None: ...
 
     def find(self, c: Connection, query: str, limit: int) -> list[UUID]: ...
 
@@ -55,8 +56,9 @@ def document(sender_name: str | None, subject: str | None, body: str | None) -> 
 class SqliteSearch:
     """FTS5, filled by the writer."""
 
-    def index(self, c: Connection, message_id: UUID, document: str) -> None:
-        c.execute(_INDEX, {"message_id": message_id, "document": document})
+    def index_many(self, c: Connection, documents: Sequence[tuple[UUID, str]]) -> None:
+        if documents:
+            c.execute(_INDEX, [{"message_id": i, "document": d} for i, d in documents])
 
     def find(self, c: Connection, query: str, limit: int) -> list[UUID]:
         found = words(query)
@@ -80,7 +82,7 @@ class SqliteSearch:
 class PostgresSearch:
     """A GIN expression index over queue_messages; nothing to write."""
 
-    def index(self, c: Connection, message_id: UUID, document: str) -> None:
+    def index_many(self, c: Connection, documents: Sequence[tuple[UUID, str]]) -> None:
         pass
 
     def find(self, c: Connection, query: str, limit: int) -> list[UUID]:

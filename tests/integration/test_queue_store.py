@@ -24,6 +24,7 @@ from normalize.schema import (
     Recipient,
     RecipientRole,
 )
+from sinks import search
 from sinks.queue import BadCursor, QueueStore, q_contacts
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
@@ -52,7 +53,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueStore
     engine.dispose()
 
 
-def apply(store: QueueStore, event: BaseModel) -> bool:
+def record(event: BaseModel) -> tuple[str, str, bytes]:
+    """The event as the sink reads it: (type, id, value)."""
     event_id = str(getattr(event, "event_id"))  # noqa: B009
     if isinstance(event, MessageRouted):
         type_ = TYPE_ROUTED
@@ -63,7 +65,11 @@ def apply(store: QueueStore, event: BaseModel) -> bool:
     else:
         assert isinstance(event, ContactEvent)
         type_ = contact_event_type(event.kind)
-    return store.apply(type_, event_id, event.model_dump_json().encode())
+    return type_, event_id, event.model_dump_json().encode()
+
+
+def apply(store: QueueStore, event: BaseModel) -> bool:
+    return store.apply(*record(event))
 
 
 def routed(
@@ -254,6 +260,54 @@ def test_a_duplicate_before_its_original_is_harmless(store: QueueStore) -> None:
     again = duplicate.model_copy(update={"event_id": uuid.uuid4()})
     apply(store, again)
     (message,) = store.conversation(conversation)["messages"]
+    assert "email:sales@example.com" in message["inboxes"]
+
+
+def test_one_poll_writes_its_messages_before_an_event_that_reads_them(
+    store: QueueStore,
+) -> None:
+    """A poll holds its routed messages back and writes them together, before any
+    event that reads or moves messages: here a second arrival of a message routed
+    earlier in the same poll, a merge that moves it, and a contact created between
+    them (which reads none). The message of a replayed routed event keeps its row."""
+    older, newer = uuid.uuid4(), uuid.uuid4()
+    first = routed(older, uuid.uuid4(), 0, owner="alice")
+    original = routed(newer, uuid.uuid4(), 1, owner="bob")
+    created = contact_event(ContactEventKind.CREATED, newer, 1, owner="bob")
+    duplicate = MessageDuplicate(
+        event_id=uuid.uuid4(),
+        message_id=uuid6.uuid7(),
+        original_message_id=original.message.id,
+        contact_id=newer,
+        conversation_id=original.conversation_id,
+        dedupe_key=original.message.dedupe_key,
+        channel="email",
+        adapter="imap:sales",
+        recipients=(
+            Recipient(
+                kind=IdentityKind.EMAIL, value="sales@example.com", role=RecipientRole.DELIVERED_TO
+            ),
+        ),
+        received_at=T0,
+    )
+    merge = _merge(older, newer, 5)
+    later = routed(older, first.conversation_id, 6, owner="alice")
+    poll = [first, original, created, duplicate, merge, later]
+    records = [record(e) for e in poll]
+    assert store.apply_many(records) == [True] * len(poll)
+    moved = store.conversation(original.conversation_id)
+    (message,) = moved["messages"]
+    assert "email:sales@example.com" in message["inboxes"]
+    assert (moved["contact_id"], moved["owner"]) == (str(older), "alice")
+    assert store.conversation(first.conversation_id)["message_count"] == 2
+    with store.engine.connect() as c:  # each message indexed once for search
+        found = search.for_dialect(c.dialect.name).find(c, "invoice", 10)
+    assert sorted(found) == sorted([first.message.id, original.message.id, later.message.id])
+    # The same routed event again, under a new id (a rebuild's replay): its message
+    # row, inboxes included, is kept as it is.
+    replay = original.model_copy(update={"event_id": uuid.uuid4()})
+    assert apply(store, replay)
+    (message,) = store.conversation(original.conversation_id)["messages"]
     assert "email:sales@example.com" in message["inboxes"]
 
 
