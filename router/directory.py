@@ -169,7 +169,7 @@ def _statements(pg: bool) -> _Statements:
         .group_by(conversations.c.contact_id)
     )
     # A range of ix_conversations_owner_last per agent: as many rows as the agents
-    # have open conversations, whatever the size of the tables.
+    # have open conversations, not as many as the tables hold.
     open_load = (
         select(conversations.c.owner, func.count())
         .where(

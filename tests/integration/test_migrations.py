@@ -21,12 +21,13 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, MetaData, event, inspect
 
 from ingest.imap_state import metadata as imap_metadata
+from router.migrations import CHAIN as ROUTER_CHAIN
 from router.tables import metadata as router_metadata
 from sinks.agents import metadata as agents_metadata
 from sinks.queue import metadata as queue_metadata
 from sinks.suggestions import metadata as suggestions_metadata
 from switchboard.databases import current_revisions, head_revisions, upgrade, upgrade_databases
-from switchboard.db import LEGACY_VERSION_TABLE, MIGRATIONS, make_engine
+from switchboard.db import LEGACY_VERSION_TABLE, MIGRATIONS, _alembic_config, make_engine
 from switchboard.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -203,6 +204,18 @@ _conversations = sa.table(
     sa.column("last_message_at", sa.DateTime(timezone=True)),
     sa.column("message_count", sa.Integer),
 )
+_router_messages = sa.table(
+    "messages",
+    sa.column("id", sa.Uuid),
+    sa.column("dedupe_key", sa.String),
+    sa.column("contact_id", sa.Uuid),
+    sa.column("conversation_id", sa.Uuid),
+    sa.column("channel", sa.String),
+    sa.column("received_at", sa.DateTime(timezone=True)),
+    sa.column("routed_at", sa.DateTime(timezone=True)),
+    sa.column("owner", sa.String),
+    sa.column("reason", sa.String),
+)
 _queue_messages = sa.table(
     "queue_messages",
     sa.column("id", sa.Uuid),
@@ -250,6 +263,21 @@ def _fill(engine: Engine, legacy: str) -> None:
                 message_count=1,
             )
         )
+        # A routed message refers to the conversation: on SQLite (foreign keys on) a
+        # migration may not rebuild the conversations table under it.
+        connection.execute(
+            sa.insert(_router_messages).values(
+                id=MESSAGE,
+                dedupe_key="email-mid:1@customer.example",
+                contact_id=CONTACT,
+                conversation_id=CONVERSATION,
+                channel="email",
+                received_at=T0,
+                routed_at=T0,
+                owner="alice",
+                reason="default",
+            )
+        )
         connection.execute(
             sa.insert(_queue_messages).values(
                 id=MESSAGE,
@@ -277,6 +305,7 @@ def _kept(engine: Engine) -> None:
         assert connection.execute(sa.select(_imap.c.last_uid)).scalar_one() == 42
         assert connection.execute(sa.select(_contacts.c.owner)).scalar_one() == "alice"
         assert connection.execute(sa.select(_identities.c.contact_id)).scalar_one() == CONTACT
+        assert connection.execute(sa.select(_router_messages.c.id)).scalar_one() == MESSAGE
         # router_0003: a conversation carries its contact's owner.
         owner = sa.column("owner", sa.String)
         assert connection.execute(sa.select(owner).select_from(_conversations)).scalar_one() == (
@@ -357,5 +386,25 @@ def test_a_revision_the_stages_do_not_know_stops_the_upgrade(tmp_path: Path) -> 
         with pytest.raises(RuntimeError, match="alembic_version is at 0099"):
             upgrade(engine)
         assert _tables(engine) == {LEGACY_VERSION_TABLE}  # rolled back, nothing made
+    finally:
+        engine.dispose()
+
+
+def test_router_0003_goes_down_and_up_again_with_routed_messages(url: str) -> None:
+    """The conversation owner's column leaves and comes back without rebuilding the
+    table its routed messages refer to (SQLite, foreign keys on), and is filled
+    again from the contacts."""
+    engine = make_engine(url)
+    try:
+        _legacy_upgrade(engine, "0007")
+        _fill(engine, "0007")
+        assert upgrade(engine) == head_revisions()
+        with engine.begin() as connection:
+            command.downgrade(_alembic_config(connection, ROUTER_CHAIN), "router_0002")
+        columns = {c["name"] for c in inspect(engine).get_columns("conversations")}
+        assert "owner" not in columns
+        assert upgrade(engine) == head_revisions()
+        _kept(engine)
+        assert _drift(engine) == []
     finally:
         engine.dispose()
