@@ -564,7 +564,7 @@ class QueueWriter:
         c.execute(
             update(q_conversations)
             .where(q_conversations.c.contact_id.in_(ids))
-            .values(contact_id=survivor, owner=owner)
+            .values(contact_id=survivor, owner=self._owner_of(c, survivor))
         )
         c.execute(
             update(q_messages).where(q_messages.c.contact_id.in_(ids)).values(contact_id=survivor)

@@ -234,6 +234,40 @@ def test_a_merge_applied_before_the_merged_contact_was_seen_still_holds(
     assert len(store.contact(older)["conversations"]) == 1
 
 
+@pytest.mark.parametrize("in_order", [True, False])
+def test_chained_merges_leave_every_conversation_with_the_survivors_owner(
+    store: QueueStore, in_order: bool
+) -> None:
+    """``low`` merged into ``mid`` (keyed by mid), then mid into ``top`` (keyed by
+    top): the sink may apply top's partition first, so the first merge it sees
+    moves mid's conversations to top and the second then finds mid merged into
+    top. Every conversation ends with top's owner, even when top's next message
+    only confirms that owner (a review found low's conversation left in mid's
+    owner's queue)."""
+    top, mid, low = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    ct, cs, cl = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for contact, conversation, owner in ((top, ct, "carol"), (mid, cs, "alice"), (low, cl, "bob")):
+        apply(store, contact_event(ContactEventKind.CREATED, contact, 0, owner=owner))
+        apply(store, routed(contact, conversation, 0, owner=owner))
+    low_into_mid = contact_event(
+        ContactEventKind.MERGED, mid, 10, owner="alice", merged_contact_ids=(low,)
+    )
+    mid_into_top = contact_event(
+        ContactEventKind.MERGED, top, 20, owner="carol", merged_contact_ids=(mid,)
+    )
+    for event in [low_into_mid, mid_into_top] if in_order else [mid_into_top, low_into_mid]:
+        apply(store, event)
+    apply(store, routed(top, ct, 30, owner="carol"))
+    found = store.contact(top)
+    assert found["owner"] == "carol"
+    assert {c["id"]: c["owner"] for c in found["conversations"]} == {
+        str(ct): "carol",
+        str(cs): "carol",
+        str(cl): "carol",
+    }
+    assert store.queue("alice").items == store.queue("bob").items == []
+
+
 def test_a_duplicate_before_its_original_is_harmless(store: QueueStore) -> None:
     contact, conversation = uuid.uuid4(), uuid.uuid4()
     original = routed(contact, conversation, 0)
