@@ -78,7 +78,9 @@ conversations = Table(
     Column("last_message_at", _TS, nullable=False),
     Column("message_count", Integer, nullable=False),
     # The contact's owner, kept with every owner change, merge and unmerge: an
-    # agent's open conversations are a range of ix_conversations_owner_last.
+    # agent's open conversations are a range of ix_conversations_owner_last. (On
+    # SQLite router_0003 left the column a default of '' to avoid a table rebuild:
+    # an insert there that forgets the owner is not refused, so every insert sets it.)
     Column("owner", String(128), nullable=False),
     Index("ix_conversations_contact_last", "contact_id", "last_message_at"),
     Index("ix_conversations_owner_last", "owner", "last_message_at"),
