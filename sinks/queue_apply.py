@@ -45,6 +45,7 @@ from sinks.queue_tables import (
     PREVIEW,
     TABLES,
     _aware,
+    _insert_ignoring,
     _now,
     _upsert_ignore,
     applied,
@@ -169,7 +170,6 @@ _SET_INBOXES = (
     update(q_messages).where(q_messages.c.id == bindparam("b_id")).values(inboxes=bindparam("b_in"))
 )
 _CONVERSATION_UPDATES: dict[tuple[str, ...], Any] = {}
-_MARKS: dict[str, Any] = {}
 
 
 def _uuid(value: object) -> UUID | None:
@@ -270,16 +270,9 @@ class QueueWriter:
         """Mark the events applied, in one statement; the ids not applied before."""
         if not event_ids:
             return set()
-        statement = _MARKS.get(c.dialect.name)
-        if statement is None:
-            dialect = postgresql if c.dialect.name == "postgresql" else sqlite
-            statement = (
-                dialect.insert(applied).on_conflict_do_nothing().returning(applied.c.event_id)
-            )
-            _MARKS[c.dialect.name] = statement
         now = _now()
         rows = [{"event_id": i, "applied_at": now} for i in dict.fromkeys(event_ids)]
-        return {UUID(str(r.event_id)) for r in c.execute(statement, rows)}
+        return {UUID(str(r.event_id)) for r in c.execute(_insert_ignoring(c, applied), rows)}
 
     @staticmethod
     def _refresh_contacts(c: Connection, contact_ids: set[UUID]) -> None:
@@ -744,13 +737,7 @@ class _NewMessages:
         attachments; a message stored before (a replay) keeps its row."""
         if not self.rows:
             return
-        statement = _NEW_MESSAGES.get(c.dialect.name)
-        if statement is None:
-            dialect = postgresql if c.dialect.name == "postgresql" else sqlite
-            statement = (
-                dialect.insert(q_messages).on_conflict_do_nothing().returning(q_messages.c.id)
-            )
-            _NEW_MESSAGES[c.dialect.name] = statement
+        statement = _insert_ignoring(c, q_messages)
         inserted = [UUID(str(i)) for i in c.execute(statement, self.rows).scalars()]
         search.for_dialect(c.dialect.name).index_many(c, [(i, self.documents[i]) for i in inserted])
         attachments = [a for i in inserted for a in self.attachments.get(i, ())]
@@ -762,7 +749,6 @@ class _NewMessages:
         self.ids.clear()
 
 
-_NEW_MESSAGES: dict[str, Any] = {}
 # The events whose handlers neither read nor write queue_messages: the messages
 # held back may be written after them. (A kind not listed here, or added later,
 # has them written first.)

@@ -180,6 +180,13 @@ def _upsert_ignore(c: Connection, table: Table, row: dict[str, Any]) -> bool:
     Asks with RETURNING: ``rowcount`` of ``ON CONFLICT DO NOTHING`` is -1 (truthy)
     through SQLAlchemy 2.1 + psycopg 3, which made every replayed event look new.
     """
+    # The row's keys name the columns (the statement has no VALUES of its own).
+    return c.execute(_insert_ignoring(c, table), row).first() is not None
+
+
+def _insert_ignoring(c: Connection, table: Table) -> Any:  # noqa: ANN401 - an Insert
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING`` the primary key, built once
+    per dialect and table: executed with many rows, it returns the inserted ones."""
     key = (c.dialect.name, table.name)
     statement = _IGNORING.get(key)
     if statement is None:
@@ -188,8 +195,7 @@ def _upsert_ignore(c: Connection, table: Table, row: dict[str, Any]) -> bool:
             dialect.insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
         )
         _IGNORING[key] = statement
-    # The row's keys name the columns (the statement has no VALUES of its own).
-    return c.execute(statement, row).first() is not None
+    return statement
 
 
 _IGNORING: dict[tuple[str, str], Any] = {}
