@@ -94,6 +94,26 @@ def routed(
     )
 
 
+def second_arrival(original: MessageRouted) -> MessageDuplicate:
+    """The original message again, delivered to the sales inbox (IMAP)."""
+    return MessageDuplicate(
+        event_id=uuid.uuid4(),
+        message_id=uuid6.uuid7(),
+        original_message_id=original.message.id,
+        contact_id=original.contact_id,
+        conversation_id=original.conversation_id,
+        dedupe_key=original.message.dedupe_key,
+        channel="email",
+        adapter="imap:sales",
+        recipients=(
+            Recipient(
+                kind=IdentityKind.EMAIL, value="sales@example.com", role=RecipientRole.DELIVERED_TO
+            ),
+        ),
+        received_at=T0,
+    )
+
+
 def contact_event(
     kind: ContactEventKind, contact: uuid.UUID, minutes: int, **f: object
 ) -> ContactEvent:
@@ -271,22 +291,7 @@ def test_chained_merges_leave_every_conversation_with_the_survivors_owner(
 def test_a_duplicate_before_its_original_is_harmless(store: QueueStore) -> None:
     contact, conversation = uuid.uuid4(), uuid.uuid4()
     original = routed(contact, conversation, 0)
-    duplicate = MessageDuplicate(
-        event_id=uuid.uuid4(),
-        message_id=uuid6.uuid7(),
-        original_message_id=original.message.id,
-        contact_id=contact,
-        conversation_id=conversation,
-        dedupe_key=original.message.dedupe_key,
-        channel="email",
-        adapter="imap:sales",
-        recipients=(
-            Recipient(
-                kind=IdentityKind.EMAIL, value="sales@example.com", role=RecipientRole.DELIVERED_TO
-            ),
-        ),
-        received_at=T0,
-    )
+    duplicate = second_arrival(original)
     apply(store, duplicate)
     apply(store, original)
     assert store.conversation(conversation)["message_count"] == 1
@@ -308,22 +313,7 @@ def test_one_poll_writes_its_messages_before_an_event_that_reads_them(
     first = routed(older, uuid.uuid4(), 0, owner="alice")
     original = routed(newer, uuid.uuid4(), 1, owner="bob")
     created = contact_event(ContactEventKind.CREATED, newer, 1, owner="bob")
-    duplicate = MessageDuplicate(
-        event_id=uuid.uuid4(),
-        message_id=uuid6.uuid7(),
-        original_message_id=original.message.id,
-        contact_id=newer,
-        conversation_id=original.conversation_id,
-        dedupe_key=original.message.dedupe_key,
-        channel="email",
-        adapter="imap:sales",
-        recipients=(
-            Recipient(
-                kind=IdentityKind.EMAIL, value="sales@example.com", role=RecipientRole.DELIVERED_TO
-            ),
-        ),
-        received_at=T0,
-    )
+    duplicate = second_arrival(original)
     merge = _merge(older, newer, 5)
     later = routed(older, first.conversation_id, 6, owner="alice")
     poll = [first, original, created, duplicate, merge, later]
