@@ -402,8 +402,8 @@ class Writes:
             c.execute(_SET_OWNER, owners_changed)
         self._insert(c, identities, self.identities)
         for row in self.conversations.values():  # its contact's owner at the batch's end
-            new = self.contacts.get(row["contact_id"])
-            row["owner"] = new["owner"] if new else row["owner"]
+            if (new := self.contacts.get(row["contact_id"])) is not None:
+                row["owner"] = new["owner"]
         self._insert(c, conversations, list(self.conversations.values()))
         if owners_changed:  # existing contacts: their conversations, new ones included
             c.execute(_CONVERSATIONS_OWNER, owners_changed)
