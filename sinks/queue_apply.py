@@ -193,17 +193,26 @@ def _update_conversation(c: Connection, conversation_id: UUID, values: dict[str,
 _LINKS: dict[str, Any] = {}
 
 
-def _link_identity(c: Connection, key: str, contact_id: UUID) -> None:
-    """The identity belongs to the contact (inserted, or moved to it)."""
+def _link_identity(c: Connection, key: str, contact_id: UUID, at: datetime) -> None:
+    """The identity belongs to the contact (inserted, or moved to it), unless an
+    event newer than ``at`` put it where it is."""
     statement = _LINKS.get(c.dialect.name)
     if statement is None:
         dialect = postgresql if c.dialect.name == "postgresql" else sqlite
         insert_ = dialect.insert(q_identities)
         statement = insert_.on_conflict_do_update(
-            index_elements=[q_identities.c.key], set_={"contact_id": insert_.excluded.contact_id}
+            index_elements=[q_identities.c.key],
+            set_={
+                "contact_id": insert_.excluded.contact_id,
+                "linked_at": insert_.excluded.linked_at,
+            },
+            where=or_(
+                q_identities.c.linked_at.is_(None),
+                q_identities.c.linked_at <= insert_.excluded.linked_at,
+            ),
         )
         _LINKS[c.dialect.name] = statement
-    c.execute(statement, {"key": key, "contact_id": contact_id})
+    c.execute(statement, {"key": key, "contact_id": contact_id, "linked_at": at})
 
 
 class QueueWriter:
@@ -283,7 +292,12 @@ class QueueWriter:
         v = q_conversations.c
 
         def of_contact(expr: Any, *where: Any) -> Any:  # noqa: ANN401 - SQL expressions
-            return select(expr).where(v.contact_id == q_contacts.c.id, *where).scalar_subquery()
+            # A conversation an unmerge emptied is nobody's work (see _recount).
+            return (
+                select(expr)
+                .where(v.contact_id == q_contacts.c.id, v.message_count > 0, *where)
+                .scalar_subquery()
+            )
 
         opened = of_contact(func.count(), v.status == "open")
         since = of_contact(func.min(v.oldest_unanswered_at), v.status == "open")
@@ -440,16 +454,18 @@ class QueueWriter:
                 },
             )
             return
+        # An unmerge may have emptied it (_recount): its times are then no one's.
+        empty = where.landing_message_count == 0
         values: dict[str, Any] = {
             "contact_id": contact_id,
             "owner": owner,
             "channels": sorted({*where.landing_channels, m.channel}),
             "message_count": where.landing_message_count + 1,
         }
-        if m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
+        if empty or m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
             values["last_message_at"] = m.received_at
             values["last_preview"] = preview
-        if m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
+        if empty or m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
             # An older message applied later (a rebuild reads the partitions
             # in another order; an unmerge moved it here).
             values["started_at"] = m.received_at
@@ -505,17 +521,24 @@ class QueueWriter:
             owner = e.owner or self._owner_of(c, contact_id)
             self._merge(c, contact_id, e.merged_contact_ids, e.occurred_at, owner)
         for key in e.identities:
-            _link_identity(c, key, contact_id)
+            _link_identity(c, key, contact_id, e.occurred_at)
 
     def _merge(
         self, c: Connection, survivor: UUID, merged: Sequence[UUID], at: datetime, owner: str
     ) -> None:
         # An unmerge newer than this merge (its key can differ when the survivor
-        # was merged on since) already decided where those contacts are.
+        # was merged on since) already decided where those contacts are; so did a
+        # newer merge of them (after an unmerge this read model has not seen yet).
         undone = set(
             c.execute(
                 select(q_unmerges.c.contact_id).where(
                     q_unmerges.c.contact_id.in_(list(merged)), q_unmerges.c.unmerged_at > at
+                )
+            ).scalars()
+        ) | set(
+            c.execute(
+                select(q_contacts.c.id).where(
+                    q_contacts.c.id.in_(list(merged)), q_contacts.c.merged_at > at
                 )
             ).scalars()
         )
@@ -529,12 +552,18 @@ class QueueWriter:
         # their later events resolve to the survivor.
         dialect = postgresql if c.dialect.name == "postgresql" else sqlite
         for contact_id in ids:
-            row = {"owner": owner, "owner_at": at, "created_at": at, "merged_into": survivor}
+            row = {
+                "owner": owner,
+                "owner_at": at,
+                "created_at": at,
+                "merged_into": survivor,
+                "merged_at": at,
+            }
             statement = dialect.insert(q_contacts).values(id=contact_id, **row)
             c.execute(
                 statement.on_conflict_do_update(
                     index_elements=[q_contacts.c.id],
-                    set_={"merged_into": survivor},
+                    set_={"merged_into": survivor, "merged_at": at},
                 )
             )
         # An owner fact newer than the merge comes from after an unmerge of it
@@ -551,8 +580,11 @@ class QueueWriter:
         )
         c.execute(
             update(q_identities)
-            .where(q_identities.c.contact_id.in_(ids))
-            .values(contact_id=survivor)
+            .where(
+                q_identities.c.contact_id.in_(ids),
+                or_(q_identities.c.linked_at.is_(None), q_identities.c.linked_at <= at),
+            )
+            .values(contact_id=survivor, linked_at=at)
         )
         c.execute(
             update(q_conversations)
@@ -575,11 +607,33 @@ class QueueWriter:
             statement = dialect.insert(table).values(**row)
             c.execute(statement.on_conflict_do_update(index_elements=[key], set_=values))
 
-        upsert(q_unmerges, {"contact_id": restored, "unmerged_at": at}, "contact_id")
+        # The latest unmerge of the contact is what stale merges are checked against.
+        latest = dialect.insert(q_unmerges).values(contact_id=restored, unmerged_at=at)
+        c.execute(
+            latest.on_conflict_do_update(
+                index_elements=[q_unmerges.c.contact_id],
+                set_={"unmerged_at": at},
+                where=q_unmerges.c.unmerged_at < latest.excluded.unmerged_at,
+            )
+        )
         _upsert_ignore(
             c, q_contacts, {"id": restored, "owner": owner, "owner_at": at, "created_at": at}
         )
-        c.execute(update(q_contacts).where(q_contacts.c.id == restored).values(merged_into=None))
+        # A merge of the contact newer than this unmerge (its partition came first)
+        # stands: the contact stays merged, and what the unmerge gives back goes to
+        # the contact it lives on as, as if the events had come in order.
+        merged_at = c.execute(
+            select(q_contacts.c.merged_at).where(q_contacts.c.id == restored)
+        ).scalar()
+        if merged_at is not None and _aware(merged_at) > at:  # type: ignore[operator]
+            home = self._survivor(c, restored)
+        else:
+            home = restored
+            c.execute(
+                update(q_contacts)
+                .where(q_contacts.c.id == restored)
+                .values(merged_into=None, merged_at=None)
+            )
         self._set_owner(c, restored, owner, at)
         for earlier in e.merged_contact_ids:
             row = {"owner": owner, "owner_at": at, "created_at": at, "merged_into": restored}
@@ -590,7 +644,7 @@ class QueueWriter:
                 )
             )
         for key in e.identities:
-            upsert(q_identities, {"key": key, "contact_id": restored}, "key")
+            _link_identity(c, key, home, at)
         back = list(e.conversation_ids)
         for conversation_id in back:
             upsert(
@@ -602,12 +656,12 @@ class QueueWriter:
             c.execute(
                 update(q_conversations)
                 .where(q_conversations.c.id.in_(back))
-                .values(contact_id=restored, owner=self._owner_of(c, restored))
+                .values(contact_id=home, owner=self._owner_of(c, home))
             )
             c.execute(
                 update(q_messages)
                 .where(q_messages.c.conversation_id.in_(back))
-                .values(contact_id=restored)
+                .values(contact_id=home)
             )
         other = self._survivor(c, e.other_contact_id) if e.other_contact_id else restored
         touched: set[UUID] = set()
@@ -628,7 +682,7 @@ class QueueWriter:
                 .where(q_messages.c.id == move.message_id)
                 .values(
                     conversation_id=move.conversation_id,
-                    contact_id=restored if move.conversation_id in back else other,
+                    contact_id=home if move.conversation_id in back else other,
                 )
             )
         for conversation_id in sorted(touched):
@@ -645,7 +699,17 @@ class QueueWriter:
             .where(q_messages.c.conversation_id == conversation_id)
             .order_by(q_messages.c.received_at, q_messages.c.id)
         ).all()
-        if conversation is None or not found:
+        if conversation is None:
+            return
+        if not found:
+            # Emptied (its messages moved on): nothing to show or answer, whatever
+            # it showed before. Its times stay (they cannot be NULL); the next
+            # message into it sets them afresh (_into_conversation).
+            c.execute(
+                update(q_conversations)
+                .where(q_conversations.c.id == conversation_id)
+                .values(message_count=0, channels=[], last_preview=None, oldest_unanswered_at=None)
+            )
             return
         last = found[-1]
         since = _aware(conversation.status_at)

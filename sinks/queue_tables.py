@@ -60,6 +60,9 @@ q_contacts = Table(
     Column("waiting_since", _TS),
     Column("wait_key", _TS, nullable=False, server_default=FAR_SQL),
     Column("last_activity", _TS),
+    # When the merge that set merged_into happened (NULL: live, or merged before
+    # migration queue_0008): an unmerge older than it is stale (see _unmerge).
+    Column("merged_at", _TS),
     Index("ix_queue_contacts_work", "owner", "work", "wait_key", "last_activity", "id"),
 )
 q_identities = Table(
@@ -67,6 +70,9 @@ q_identities = Table(
     metadata,
     Column("key", String(400), primary_key=True),
     Column("contact_id", Uuid, nullable=False),
+    # The time of the event that put the key there: an older event applied later
+    # (partitions interleave) leaves it (NULL: linked before migration queue_0008).
+    Column("linked_at", _TS),
     Index("ix_queue_identities_contact", "contact_id"),
 )
 q_conversations = Table(

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, MetaData, event, inspect
 from ingest.imap_state import metadata as imap_metadata
 from router.migrations import CHAIN as ROUTER_CHAIN
 from router.tables import metadata as router_metadata
+from sinks.migrations import CHAIN as QUEUE_CHAIN
 from sinks.agents import metadata as agents_metadata
 from sinks.queue import metadata as queue_metadata
 from sinks.suggestions import metadata as suggestions_metadata
@@ -403,6 +404,27 @@ def test_router_0003_goes_down_and_up_again_with_routed_messages(url: str) -> No
             command.downgrade(_alembic_config(connection, ROUTER_CHAIN), "router_0002")
         columns = {c["name"] for c in inspect(engine).get_columns("conversations")}
         assert "owner" not in columns
+        assert upgrade(engine) == head_revisions()
+        _kept(engine)
+        assert _drift(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_queue_0008_goes_down_and_up_again_keeping_the_rows(url: str) -> None:
+    """The merge and link times leave in place (no table rebuilt under the queue's
+    rows) and come back empty: NULL, "time unknown", which the sink reads as it
+    read every row before them."""
+    engine = make_engine(url)
+    try:
+        _legacy_upgrade(engine, "0007")
+        _fill(engine, "0007")
+        assert upgrade(engine) == head_revisions()
+        with engine.begin() as connection:
+            command.downgrade(_alembic_config(connection, QUEUE_CHAIN), "queue_0007")
+        found = inspect(engine)
+        assert "merged_at" not in {c["name"] for c in found.get_columns("queue_contacts")}
+        assert "linked_at" not in {c["name"] for c in found.get_columns("queue_identities")}
         assert upgrade(engine) == head_revisions()
         _kept(engine)
         assert _drift(engine) == []

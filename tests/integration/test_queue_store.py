@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -453,3 +454,166 @@ def test_the_queue_pages_in_sql_with_ties_and_closed_conversations(store: QueueS
     ]
     with pytest.raises(BadCursor):
         store.queue("alice", cursor="WyJ4IiwgInkiLCAieiJd")  # ["x", "y", "z"]
+
+
+def interleavings(*streams: list[BaseModel]) -> Iterator[list[BaseModel]]:
+    """Every order the sink can see ``streams`` in: Kafka keeps each key's events
+    (each stream) in order, and nothing across keys."""
+    if not any(streams):
+        yield []
+        return
+    for i, stream in enumerate(streams):
+        if stream:
+            rest = (*streams[:i], stream[1:], *streams[i + 1 :])
+            for tail in interleavings(*rest):
+                yield [stream[0], *tail]
+
+
+def rows_in_any_order(
+    store: QueueStore, *streams: list[BaseModel], orders: int = 24
+) -> dict[str, list[tuple[str, ...]]]:
+    """The read model after ``streams`` in ``orders`` of the orders the sink can see
+    them in (the same sample each run: one stream after another, then a seeded
+    draw); fails unless they all give the same rows. Returns them."""
+    every = list(interleavings(*streams))
+    sample = [every[0], *random.Random(20261130).sample(every[1:], min(orders, len(every)) - 1)]
+    expected: dict[str, list[tuple[str, ...]]] | None = None
+    for order in sample:
+        store.reset()
+        for event in order:
+            assert apply(store, event)
+        found = store.rows()
+        if expected is None:
+            expected = found
+        differ = {
+            table: (set(expected[table]) - set(rows), set(rows) - set(expected[table]))
+            for table, rows in found.items()
+            if rows != expected[table]
+        }
+        assert not differ, ([type(e).__name__ for e in order], differ)
+    assert expected is not None
+    assert len(sample) > 1
+    return expected
+
+
+def test_an_older_unmerge_applied_after_a_newer_merge_leaves_the_contact_merged(
+    store: QueueStore,
+) -> None:
+    """Carol (c) is merged into Bob (b) at 8, unmerged at 15, and merged into Xena
+    (x) at 28: three partitions. Applied last, the unmerge used to bring carol back
+    to life (a review found it); the newer merge stands in every order."""
+    b, c, x = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    cb, cc, cx = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    key = "email:carol@example.org"
+    carol = [
+        contact_event(ContactEventKind.CREATED, c, 1, owner="carol"),
+        routed(c, cc, 1, "carol"),
+        contact_event(
+            ContactEventKind.UNMERGED,
+            c,
+            15,
+            owner="erin",
+            other_contact_id=b,
+            conversation_ids=(cc,),
+            identities=(key,),
+        ),
+    ]
+    bob = [
+        contact_event(ContactEventKind.CREATED, b, 0, owner="bob"),
+        routed(b, cb, 0, "bob"),
+        contact_event(
+            ContactEventKind.MERGED,
+            b,
+            8,
+            owner="bob",
+            merged_contact_ids=(c,),
+            identities=(key,),
+        ),
+    ]
+    xena = [
+        contact_event(ContactEventKind.CREATED, x, 0, owner="xena"),
+        routed(x, cx, 0, "xena"),
+        contact_event(
+            ContactEventKind.MERGED,
+            x,
+            28,
+            owner="xena",
+            merged_contact_ids=(c,),
+            identities=(key,),
+        ),
+    ]
+    rows_in_any_order(store, carol, bob, xena)
+    found = store.contact(c)
+    assert (found["id"], found["owner"]) == (str(x), "xena")
+    assert {v["id"]: v["owner"] for v in found["conversations"]} == {
+        str(cx): "xena",
+        str(cc): "xena",
+    }
+    assert store.contact_by_identity(key)["id"] == str(x)
+    assert [v["id"] for v in store.queue("bob").items] == [str(cb)]
+
+
+def test_a_conversation_an_unmerge_empties_counts_what_it_holds_in_every_order(
+    store: QueueStore,
+) -> None:
+    """An unmerge moves Bob's later message to Erin's conversation; Bob's own older
+    message then comes. The emptied conversation used to keep its old summary, so
+    it counted two messages while holding one (a review found it)."""
+    b, c = uuid.uuid4(), uuid.uuid4()
+    cb, cc = uuid.uuid4(), uuid.uuid4()
+    late = routed(b, cb, 11, "bob", text="the late one", text_new="the late one")
+    move = MessageMove(message_id=late.message.id, conversation_id=cc)
+    bob = [
+        contact_event(ContactEventKind.CREATED, b, 0, owner="bob"),
+        late,
+        routed(b, cb, 1, "bob", text="the first one", text_new="the first one"),
+    ]
+    erin = [
+        contact_event(ContactEventKind.CREATED, c, 0, owner="erin"),
+        routed(c, cc, 2, "erin"),
+        contact_event(
+            ContactEventKind.UNMERGED,
+            c,
+            15,
+            owner="erin",
+            other_contact_id=b,
+            conversation_ids=(cc,),
+            moved_messages=(move,),
+        ),
+    ]
+    rows_in_any_order(store, bob, erin)
+    for conversation, count in ((cb, 1), (cc, 2)):
+        found = store.conversation(conversation)
+        assert found["message_count"] == len(found["messages"]) == count
+    assert store.conversation(cb)["started_at"] == store.conversation(cb)["last_message_at"]
+
+
+def test_a_conversation_an_unmerge_empties_is_nobodys_work(store: QueueStore) -> None:
+    """Its only message moved on: it leaves the owner's queue and the contact's
+    work, and shows no stale preview."""
+    b, c = uuid.uuid4(), uuid.uuid4()
+    cb, cc = uuid.uuid4(), uuid.uuid4()
+    only = routed(b, cb, 11, "bob")
+    assert apply(store, routed(b, uuid.uuid4(), 0, "bob"))
+    assert apply(store, only)
+    assert apply(store, routed(c, cc, 2, "erin"))
+    move = MessageMove(message_id=only.message.id, conversation_id=cc)
+    unmerge = contact_event(
+        ContactEventKind.UNMERGED,
+        c,
+        15,
+        owner="erin",
+        other_contact_id=b,
+        conversation_ids=(cc,),
+        moved_messages=(move,),
+    )
+    assert apply(store, unmerge)
+    emptied = store.conversation(cb)
+    assert (emptied["message_count"], emptied["messages"]) == (0, [])
+    assert str(cb) not in {v["id"] for v in store.queue("bob").items}
+    assert len(store.queue("bob").items) == 1
+    with store.engine.connect() as conn:
+        (open_count,) = conn.execute(
+            select(q_contacts.c.open_count).where(q_contacts.c.id == b)
+        ).one()
+    assert open_count == 1
