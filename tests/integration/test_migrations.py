@@ -23,8 +23,8 @@ from sqlalchemy import Engine, MetaData, event, inspect
 from ingest.imap_state import metadata as imap_metadata
 from router.migrations import CHAIN as ROUTER_CHAIN
 from router.tables import metadata as router_metadata
-from sinks.migrations import CHAIN as QUEUE_CHAIN
 from sinks.agents import metadata as agents_metadata
+from sinks.migrations import CHAIN as QUEUE_CHAIN
 from sinks.queue import metadata as queue_metadata
 from sinks.suggestions import metadata as suggestions_metadata
 from switchboard.databases import current_revisions, head_revisions, upgrade, upgrade_databases
