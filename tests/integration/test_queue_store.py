@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -456,7 +456,7 @@ def test_the_queue_pages_in_sql_with_ties_and_closed_conversations(store: QueueS
         store.queue("alice", cursor="WyJ4IiwgInkiLCAieiJd")  # ["x", "y", "z"]
 
 
-def interleavings(*streams: list[BaseModel]) -> Iterator[list[BaseModel]]:
+def interleavings(*streams: Sequence[BaseModel]) -> Iterator[list[BaseModel]]:
     """Every order the sink can see ``streams`` in: Kafka keeps each key's events
     (each stream) in order, and nothing across keys."""
     if not any(streams):
@@ -470,7 +470,7 @@ def interleavings(*streams: list[BaseModel]) -> Iterator[list[BaseModel]]:
 
 
 def rows_in_any_order(
-    store: QueueStore, *streams: list[BaseModel], orders: int = 24
+    store: QueueStore, *streams: Sequence[BaseModel], orders: int = 24
 ) -> dict[str, list[tuple[str, ...]]]:
     """The read model after ``streams`` in ``orders`` of the orders the sink can see
     them in (the same sample each run: one stream after another, then a seeded
