@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -148,6 +148,11 @@ _WHERE_ROUTED = select(
         .label(f"landing_{name}")
         for name in _LANDING_COLUMNS
     ),
+    # Messages an unmerge moved into the conversation before this event created it.
+    select(func.count())
+    .where(q_messages.c.conversation_id == _landing)
+    .scalar_subquery()
+    .label("landing_held"),
     # The contacts its conversation and the message itself had before it (if any).
     select(_conversation.contact_id)
     .where(_conversation.id == bindparam("conversation_id", type_=Uuid))
@@ -170,6 +175,7 @@ _SET_INBOXES = (
     update(q_messages).where(q_messages.c.id == bindparam("b_id")).values(inboxes=bindparam("b_in"))
 )
 _CONVERSATION_UPDATES: dict[tuple[str, ...], Any] = {}
+_NO_FACT = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _uuid(value: object) -> UUID | None:
@@ -292,12 +298,7 @@ class QueueWriter:
         v = q_conversations.c
 
         def of_contact(expr: Any, *where: Any) -> Any:  # noqa: ANN401 - SQL expressions
-            # A conversation an unmerge emptied is nobody's work (see _recount).
-            return (
-                select(expr)
-                .where(v.contact_id == q_contacts.c.id, v.message_count > 0, *where)
-                .scalar_subquery()
-            )
+            return select(expr).where(v.contact_id == q_contacts.c.id, *where).scalar_subquery()
 
         opened = of_contact(func.count(), v.status == "open")
         since = of_contact(func.min(v.oldest_unanswered_at), v.status == "open")
@@ -382,8 +383,12 @@ class QueueWriter:
         self._into_conversation(c, m, conversation_id, where, contact_id=contact_id, owner=owner)
         held = messages if messages is not None else _NewMessages()
         held.add(m, conversation_id, contact_id)
-        if messages is None:
+        if messages is None or (where.landing_id is None and where.landing_held):
             held.write(c)
+        if where.landing_id is None and where.landing_held:
+            # An unmerge applied first moved messages into it (a review found the
+            # new row counting only this one): its summary from all it holds.
+            self._recount(c, conversation_id)
         # The contacts whose conversations this changed: the ones the event's
         # conversation, the conversation the message landed in (an unmerge may have
         # moved it) and the message had before, and the one they have now.
@@ -454,18 +459,16 @@ class QueueWriter:
                 },
             )
             return
-        # An unmerge may have emptied it (_recount): its times are then no one's.
-        empty = where.landing_message_count == 0
         values: dict[str, Any] = {
             "contact_id": contact_id,
             "owner": owner,
             "channels": sorted({*where.landing_channels, m.channel}),
             "message_count": where.landing_message_count + 1,
         }
-        if empty or m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
+        if m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
             values["last_message_at"] = m.received_at
             values["last_preview"] = preview
-        if empty or m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
+        if m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
             # An older message applied later (a rebuild reads the partitions
             # in another order; an unmerge moved it here).
             values["started_at"] = m.received_at
@@ -526,22 +529,7 @@ class QueueWriter:
     def _merge(
         self, c: Connection, survivor: UUID, merged: Sequence[UUID], at: datetime, owner: str
     ) -> None:
-        # An unmerge newer than this merge (its key can differ when the survivor
-        # was merged on since) already decided where those contacts are; so did a
-        # newer merge of them (after an unmerge this read model has not seen yet).
-        undone = set(
-            c.execute(
-                select(q_unmerges.c.contact_id).where(
-                    q_unmerges.c.contact_id.in_(list(merged)), q_unmerges.c.unmerged_at > at
-                )
-            ).scalars()
-        ) | set(
-            c.execute(
-                select(q_contacts.c.id).where(
-                    q_contacts.c.id.in_(list(merged)), q_contacts.c.merged_at > at
-                )
-            ).scalars()
-        )
+        undone = _decided_since(c, merged, at)
         ids = [m for m in merged if m not in undone]
         if not ids:
             return
@@ -584,7 +572,10 @@ class QueueWriter:
                 q_identities.c.contact_id.in_(ids),
                 or_(q_identities.c.linked_at.is_(None), q_identities.c.linked_at <= at),
             )
-            .values(contact_id=survivor, linked_at=at)
+            # Their link times stay: the merge only carries them along, and an older
+            # unmerge applied later may still give one of them back (a review found
+            # a stamped time made it lose).
+            .values(contact_id=survivor)
         )
         c.execute(
             update(q_conversations)
@@ -635,12 +626,20 @@ class QueueWriter:
                 .values(merged_into=None, merged_at=None)
             )
         self._set_owner(c, restored, owner, at)
+        # The contacts merged into it before follow it (to where it lives on, as
+        # one link: survivor() follows one), unless an unmerge or merge of their
+        # own newer than this one already decided where they are.
+        undone = _decided_since(c, e.merged_contact_ids, at)
         for earlier in e.merged_contact_ids:
-            row = {"owner": owner, "owner_at": at, "created_at": at, "merged_into": restored}
+            if earlier in undone:
+                continue
+            # A row made here holds no owner fact (the time sorts before every
+            # real one): its merge's, whenever applied, gives it one.
+            row = {"owner": owner, "owner_at": _NO_FACT, "created_at": at, "merged_into": home}
             statement = dialect.insert(q_contacts).values(id=earlier, **row)
             c.execute(
                 statement.on_conflict_do_update(
-                    index_elements=[q_contacts.c.id], set_={"merged_into": restored}
+                    index_elements=[q_contacts.c.id], set_={"merged_into": home}
                 )
             )
         for key in e.identities:
@@ -702,14 +701,12 @@ class QueueWriter:
         if conversation is None:
             return
         if not found:
-            # Emptied (its messages moved on): nothing to show or answer, whatever
-            # it showed before. Its times stay (they cannot be NULL); the next
-            # message into it sets them afresh (_into_conversation).
-            c.execute(
-                update(q_conversations)
-                .where(q_conversations.c.id == conversation_id)
-                .values(message_count=0, channels=[], last_preview=None, oldest_unanswered_at=None)
-            )
+            # Emptied (its messages moved on): gone, as if never made. Depending on
+            # the order, a routed event may never create it (an unmerge applied
+            # first sends the message straight on), so keeping it would make the
+            # rows depend on the order; a message routed into it later makes it
+            # again. (A status an agent set on it is forgotten with it.)
+            c.execute(delete(q_conversations).where(q_conversations.c.id == conversation_id))
             return
         last = found[-1]
         since = _aware(conversation.status_at)
@@ -825,6 +822,19 @@ _LEAVE_MESSAGES = frozenset(
         ContactEventKind.MERGE_DISMISSED,
     }
 )
+
+
+def _decided_since(c: Connection, contact_ids: Sequence[UUID], at: datetime) -> set[UUID]:
+    """The contacts an unmerge or a merge newer than ``at`` already placed (its
+    partition came first): an older merge or unmerge leaves them where they are."""
+    if not contact_ids:
+        return set()
+    ids = list(contact_ids)
+    unmerged = select(q_unmerges.c.contact_id).where(
+        q_unmerges.c.contact_id.in_(ids), q_unmerges.c.unmerged_at > at
+    )
+    merged = select(q_contacts.c.id).where(q_contacts.c.id.in_(ids), q_contacts.c.merged_at > at)
+    return {UUID(str(x)) for x in c.execute(unmerged.union(merged)).scalars()}
 
 
 def _touches_messages(event: BaseModel) -> bool:

@@ -27,6 +27,7 @@ from normalize.schema import (
 )
 from sinks import search
 from sinks.queue import BadCursor, QueueStore, q_contacts
+from sinks.queue_read import NotFound
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import (
@@ -496,53 +497,58 @@ def rows_in_any_order(
     return expected
 
 
+def created(contact: uuid.UUID, *identities: str, owner: str | None = None) -> ContactEvent:
+    return contact_event(ContactEventKind.CREATED, contact, 0, owner=owner, identities=identities)
+
+
+def merged(
+    survivor: uuid.UUID, gone: uuid.UUID, minutes: int, *identities: str, owner: str | None = None
+) -> ContactEvent:
+    """The router's contact.merged, keyed by ``survivor``."""
+    return contact_event(
+        ContactEventKind.MERGED,
+        survivor,
+        minutes,
+        owner=owner,
+        merged_contact_ids=(gone,),
+        identities=identities,
+    )
+
+
+def unmerged(restored: uuid.UUID, survivor: uuid.UUID, minutes: int, **f: object) -> ContactEvent:
+    """The router's contact.unmerged, keyed by the contact it leaves (``survivor``)."""
+    return contact_event(
+        ContactEventKind.UNMERGED, restored, minutes, other_contact_id=survivor, **f
+    )
+
+
+# Each test below gives its events as streams, one per topic and key: Kafka keeps
+# each stream's order and nothing across them (routed events and contact events of
+# one contact are on two topics).
+
+
 def test_an_older_unmerge_applied_after_a_newer_merge_leaves_the_contact_merged(
     store: QueueStore,
 ) -> None:
     """Carol (c) is merged into Bob (b) at 8, unmerged at 15, and merged into Xena
-    (x) at 28: three partitions. Applied last, the unmerge used to bring carol back
-    to life (a review found it); the newer merge stands in every order."""
+    (x) at 28. Applied last, the unmerge used to bring carol back to life (a review
+    found it); the newer merge stands in every order."""
     b, c, x = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     cb, cc, cx = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     key = "email:carol@example.org"
-    carol = [
-        contact_event(ContactEventKind.CREATED, c, 1, owner="carol"),
-        routed(c, cc, 1, "carol"),
-        contact_event(
-            ContactEventKind.UNMERGED,
-            c,
-            15,
-            owner="erin",
-            other_contact_id=b,
-            conversation_ids=(cc,),
-            identities=(key,),
-        ),
-    ]
-    bob = [
-        contact_event(ContactEventKind.CREATED, b, 0, owner="bob"),
-        routed(b, cb, 0, "bob"),
-        contact_event(
-            ContactEventKind.MERGED,
-            b,
-            8,
-            owner="bob",
-            merged_contact_ids=(c,),
-            identities=(key,),
-        ),
-    ]
-    xena = [
-        contact_event(ContactEventKind.CREATED, x, 0, owner="xena"),
-        routed(x, cx, 0, "xena"),
-        contact_event(
-            ContactEventKind.MERGED,
-            x,
-            28,
-            owner="xena",
-            merged_contact_ids=(c,),
-            identities=(key,),
-        ),
-    ]
-    rows_in_any_order(store, carol, bob, xena)
+    rows_in_any_order(
+        store,
+        [
+            created(b, owner="bob"),
+            merged(b, c, 8, key, owner="bob"),
+            unmerged(c, b, 15, owner="erin", conversation_ids=(cc,), identities=(key,)),
+        ],
+        [created(c, owner="carol")],
+        [created(x, owner="xena"), merged(x, c, 28, key, owner="xena")],
+        [routed(b, cb, 0, "bob")],
+        [routed(c, cc, 1, "carol")],
+        [routed(x, cx, 0, "xena")],
+    )
     found = store.contact(c)
     assert (found["id"], found["owner"]) == (str(x), "xena")
     assert {v["id"]: v["owner"] for v in found["conversations"]} == {
@@ -551,6 +557,95 @@ def test_an_older_unmerge_applied_after_a_newer_merge_leaves_the_contact_merged(
     }
     assert store.contact_by_identity(key)["id"] == str(x)
     assert [v["id"] for v in store.queue("bob").items] == [str(cb)]
+
+
+def test_a_newer_merge_carries_along_no_identity_an_older_unmerge_gives_back(
+    store: QueueStore,
+) -> None:
+    """c merged into b at 5 and unmerged at 10; b merged into a at 20. Applied
+    before the unmerge, the merge at 20 carried c's address along to a and stamped
+    it with its own time, so the unmerge lost it (a review found it in this fix)."""
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    rows_in_any_order(
+        store,
+        [
+            created(b, "email:b@example.org"),
+            merged(b, c, 5, "email:c@example.org"),
+            unmerged(c, b, 10, identities=("email:c@example.org",)),
+        ],
+        [created(a), merged(a, b, 20, "email:b@example.org")],
+        [created(c)],
+    )
+    assert store.contact_by_identity("email:c@example.org")["id"] == str(c)
+    assert store.contact_by_identity("email:b@example.org")["id"] == str(a)
+
+
+def test_contacts_merged_into_an_unmerged_contact_follow_it_where_it_lives_on(
+    store: QueueStore,
+) -> None:
+    """e merged into r at 2, r into s at 5, r unmerged at 10 (e follows it), r
+    merged into x at 20: e lives on as x, one link away, in every order (a review
+    found e left pointing at r's merged-away row)."""
+    e, r, s, x = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    rows_in_any_order(
+        store,
+        [created(r), merged(r, e, 2)],
+        [created(s), merged(s, r, 5), unmerged(r, s, 10, merged_contact_ids=(e,))],
+        [created(x), merged(x, r, 20)],
+        [created(e)],
+    )
+    assert store.contact(e)["id"] == store.contact(r)["id"] == str(x)
+
+
+def test_an_older_unmerge_does_not_take_back_a_contact_a_newer_one_freed(
+    store: QueueStore,
+) -> None:
+    """e merged into r at 2, r into s at 5; r unmerged at 10 (e follows it), e
+    unmerged from r at 12: e is itself in every order (a review found the unmerge
+    at 10, applied last, merging e into r again)."""
+    e, r, s = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    rows_in_any_order(
+        store,
+        [created(r), merged(r, e, 2), unmerged(e, r, 12)],
+        [created(s), merged(s, r, 5), unmerged(r, s, 10, merged_contact_ids=(e,))],
+        [created(e)],
+    )
+    assert store.contact(e)["id"] == str(e)
+    assert store.contact(r)["id"] == str(r)
+
+
+def test_a_conversation_an_unmerge_fills_before_it_was_seen_counts_all_it_holds(
+    store: QueueStore,
+) -> None:
+    """b merged into a at 10; a message routed to a at 12 is b's, and the unmerge at
+    15 moves it to b's conversation, whose own routed event may come after: the row
+    it then creates counts both messages (a review found it counting one)."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+    ca, cb = uuid.uuid4(), uuid.uuid4()
+    moved = routed(a, ca, 12, "alice")
+    rows_in_any_order(
+        store,
+        [
+            created(a, owner="alice"),
+            merged(a, b, 10, owner="alice"),
+            unmerged(
+                b,
+                a,
+                15,
+                owner="bob",
+                conversation_ids=(cb,),
+                moved_messages=(MessageMove(message_id=moved.message.id, conversation_id=cb),),
+            ),
+        ],
+        [routed(a, uuid.uuid4(), 0, "alice"), moved],
+        [routed(b, cb, 1, "bob")],
+        [created(b, owner="bob")],
+    )
+    filled = store.conversation(cb)
+    assert filled["message_count"] == len(filled["messages"]) == 2
+    assert filled["last_message_at"] == filled["messages"][-1]["received_at"]
+    with pytest.raises(NotFound):  # emptied by the unmerge: gone
+        store.conversation(ca)
 
 
 def test_a_conversation_an_unmerge_empties_counts_what_it_holds_in_every_order(
@@ -563,25 +658,16 @@ def test_a_conversation_an_unmerge_empties_counts_what_it_holds_in_every_order(
     cb, cc = uuid.uuid4(), uuid.uuid4()
     late = routed(b, cb, 11, "bob", text="the late one", text_new="the late one")
     move = MessageMove(message_id=late.message.id, conversation_id=cc)
-    bob = [
-        contact_event(ContactEventKind.CREATED, b, 0, owner="bob"),
-        late,
-        routed(b, cb, 1, "bob", text="the first one", text_new="the first one"),
-    ]
-    erin = [
-        contact_event(ContactEventKind.CREATED, c, 0, owner="erin"),
-        routed(c, cc, 2, "erin"),
-        contact_event(
-            ContactEventKind.UNMERGED,
-            c,
-            15,
-            owner="erin",
-            other_contact_id=b,
-            conversation_ids=(cc,),
-            moved_messages=(move,),
-        ),
-    ]
-    rows_in_any_order(store, bob, erin)
+    rows_in_any_order(
+        store,
+        [late, routed(b, cb, 1, "bob", text="the first one", text_new="the first one")],
+        [
+            created(b, owner="bob"),
+            unmerged(c, b, 15, owner="erin", conversation_ids=(cc,), moved_messages=(move,)),
+        ],
+        [routed(c, cc, 2, "erin")],
+        [created(c, owner="erin")],
+    )
     for conversation, count in ((cb, 1), (cc, 2)):
         found = store.conversation(conversation)
         assert found["message_count"] == len(found["messages"]) == count
@@ -589,8 +675,8 @@ def test_a_conversation_an_unmerge_empties_counts_what_it_holds_in_every_order(
 
 
 def test_a_conversation_an_unmerge_empties_is_nobodys_work(store: QueueStore) -> None:
-    """Its only message moved on: it leaves the owner's queue and the contact's
-    work, and shows no stale preview."""
+    """Its only message moved on: it is gone, from the owner's queue and from the
+    contact's work (it kept its old summary, a count of 1 with no message)."""
     b, c = uuid.uuid4(), uuid.uuid4()
     cb, cc = uuid.uuid4(), uuid.uuid4()
     only = routed(b, cb, 11, "bob")
@@ -608,8 +694,8 @@ def test_a_conversation_an_unmerge_empties_is_nobodys_work(store: QueueStore) ->
         moved_messages=(move,),
     )
     assert apply(store, unmerge)
-    emptied = store.conversation(cb)
-    assert (emptied["message_count"], emptied["messages"]) == (0, [])
+    with pytest.raises(NotFound):
+        store.conversation(cb)
     assert str(cb) not in {v["id"] for v in store.queue("bob").items}
     assert len(store.queue("bob").items) == 1
     with store.engine.connect() as conn:
