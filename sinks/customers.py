@@ -87,9 +87,14 @@ class CustomerReader(QueueReader):
             row = c.execute(select(q_contacts).where(q_contacts.c.id == live)).one()
             (summary,) = _describe(c, [row])
             merged = c.execute(
-                select(q_contacts.c.id, q_contacts.c.owner_at)
+                # When merged: the merge's time (migration queue_0008), else its
+                # owner fact (a merge sets it, for rows from before that migration).
+                select(
+                    q_contacts.c.id,
+                    func.coalesce(q_contacts.c.merged_at, q_contacts.c.owner_at).label("at"),
+                )
                 .where(q_contacts.c.merged_into == live)
-                .order_by(q_contacts.c.owner_at, q_contacts.c.id)
+                .order_by("at", q_contacts.c.id)
             ).all()
             messages = c.execute(
                 select(q_messages)
@@ -107,7 +112,7 @@ class CustomerReader(QueueReader):
             **found,
             **summary,
             "conversations": conversations,
-            "merged_contacts": [{"id": str(r.id), "merged_at": _iso(r.owner_at)} for r in merged],
+            "merged_contacts": [{"id": str(r.id), "merged_at": _iso(r.at)} for r in merged],
         }
 
     def search(

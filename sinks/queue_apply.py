@@ -20,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -149,10 +150,10 @@ _WHERE_ROUTED = select(
         for name in _LANDING_COLUMNS
     ),
     # Messages an unmerge moved into the conversation before this event created it.
-    select(func.count())
-    .where(q_messages.c.conversation_id == _landing)
-    .scalar_subquery()
-    .label("landing_held"),
+    exists().where(q_messages.c.conversation_id == _landing).label("landing_held"),
+    # Whether the event's own conversation has a row (an unmerge applied before it
+    # may send the message on to another).
+    exists().where(_conversation.id == bindparam("conversation_id", type_=Uuid)).label("own"),
     # The contacts its conversation and the message itself had before it (if any).
     select(_conversation.contact_id)
     .where(_conversation.id == bindparam("conversation_id", type_=Uuid))
@@ -298,7 +299,12 @@ class QueueWriter:
         v = q_conversations.c
 
         def of_contact(expr: Any, *where: Any) -> Any:  # noqa: ANN401 - SQL expressions
-            return select(expr).where(v.contact_id == q_contacts.c.id, *where).scalar_subquery()
+            # A conversation an unmerge emptied is nobody's work (see _recount).
+            return (
+                select(expr)
+                .where(v.contact_id == q_contacts.c.id, v.message_count > 0, *where)
+                .scalar_subquery()
+            )
 
         opened = of_contact(func.count(), v.status == "open")
         since = of_contact(func.min(v.oldest_unanswered_at), v.status == "open")
@@ -389,6 +395,12 @@ class QueueWriter:
             # An unmerge applied first moved messages into it (a review found the
             # new row counting only this one): its summary from all it holds.
             self._recount(c, conversation_id)
+        emptied = None
+        if conversation_id != e.conversation_id and not where.own:
+            # An unmerge applied first sent the message on: the conversation the
+            # router put it in exists all the same, emptied, as it would if this
+            # event had come first (messages another unmerge moved in counted).
+            emptied = self._emptied(c, e)
         # The contacts whose conversations this changed: the ones the event's
         # conversation, the conversation the message landed in (an unmerge may have
         # moved it) and the message had before, and the one they have now.
@@ -399,9 +411,33 @@ class QueueWriter:
                 _uuid(where.landing_contact_id),
                 _uuid(where.message_contact),
                 contact_id,
+                emptied,
             )
             if x is not None
         }
+
+    def _emptied(self, c: Connection, e: MessageRouted) -> UUID:
+        """The event's own conversation, as the message's move left it; returns
+        its contact."""
+        contact_id = self._survivor(c, e.contact_id)
+        at = e.message.received_at
+        c.execute(
+            _NEW_CONVERSATION,
+            {
+                "id": e.conversation_id,
+                "contact_id": contact_id,
+                "owner": c.execute(_OWNER, {"id": contact_id}).scalar() or e.owner,
+                "status": "open",
+                "channels": [],
+                "oldest_unanswered_at": None,
+                "started_at": at,
+                "last_message_at": at,
+                "last_preview": None,
+                "message_count": 0,
+            },
+        )
+        self._recount(c, e.conversation_id)
+        return contact_id
 
     def _landing_contact(self, c: Connection, e: MessageRouted, where: Any) -> tuple[UUID, str]:  # noqa: ANN401 - a Row of _WHERE_ROUTED
         """The contact a routed message lands with and its owner, the event's owner
@@ -459,16 +495,18 @@ class QueueWriter:
                 },
             )
             return
+        # Emptied by an unmerge (_recount): its times are no one's.
+        empty = where.landing_message_count == 0
         values: dict[str, Any] = {
             "contact_id": contact_id,
             "owner": owner,
             "channels": sorted({*where.landing_channels, m.channel}),
             "message_count": where.landing_message_count + 1,
         }
-        if m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
+        if empty or m.received_at >= _aware(where.landing_last_message_at):  # type: ignore[operator]
             values["last_message_at"] = m.received_at
             values["last_preview"] = preview
-        if m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
+        if empty or m.received_at < _aware(where.landing_started_at):  # type: ignore[operator]
             # An older message applied later (a rebuild reads the partitions
             # in another order; an unmerge moved it here).
             values["started_at"] = m.received_at
@@ -701,12 +739,15 @@ class QueueWriter:
         if conversation is None:
             return
         if not found:
-            # Emptied (its messages moved on): gone, as if never made. Depending on
-            # the order, a routed event may never create it (an unmerge applied
-            # first sends the message straight on), so keeping it would make the
-            # rows depend on the order; a message routed into it later makes it
-            # again. (A status an agent set on it is forgotten with it.)
-            c.execute(delete(q_conversations).where(q_conversations.c.id == conversation_id))
+            # Emptied (its messages moved on): nothing to show or answer. The row
+            # stays (its status, and messages an unmerge may move in later), with
+            # times that no longer count: the next message into it sets them afresh
+            # (_into_conversation), and readers skip it (message_count 0).
+            c.execute(
+                update(q_conversations)
+                .where(q_conversations.c.id == conversation_id)
+                .values(message_count=0, channels=[], last_preview=None, oldest_unanswered_at=None)
+            )
             return
         last = found[-1]
         since = _aware(conversation.status_at)

@@ -76,7 +76,10 @@ class QueueReader:
         # Conversations nobody waits for sort after every waiting one.
         waiting = func.coalesce(q_conversations.c.oldest_unanswered_at, literal(_FAR, _TS))
         key = (waiting, q_conversations.c.last_message_at, q_conversations.c.id)
-        query = select(q_conversations).where(q_conversations.c.owner.in_(who))
+        query = select(q_conversations).where(
+            q_conversations.c.owner.in_(who),
+            q_conversations.c.message_count > 0,  # emptied by an unmerge: nothing to do
+        )
         if status != "all":
             query = query.where(q_conversations.c.status == status)
         if cursor is not None:

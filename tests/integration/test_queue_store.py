@@ -18,6 +18,7 @@ from normalize.schema import (
     ContactEvent,
     ContactEventKind,
     ConversationStatus,
+    Flags,
     IdentityKind,
     MessageDuplicate,
     MessageMove,
@@ -27,7 +28,6 @@ from normalize.schema import (
 )
 from sinks import search
 from sinks.queue import BadCursor, QueueStore, q_contacts
-from sinks.queue_read import NotFound
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import (
@@ -644,8 +644,87 @@ def test_a_conversation_an_unmerge_fills_before_it_was_seen_counts_all_it_holds(
     filled = store.conversation(cb)
     assert filled["message_count"] == len(filled["messages"]) == 2
     assert filled["last_message_at"] == filled["messages"][-1]["received_at"]
-    with pytest.raises(NotFound):  # emptied by the unmerge: gone
-        store.conversation(ca)
+    emptied = store.conversation(ca)  # by the unmerge
+    assert (emptied["message_count"], emptied["messages"]) == (0, [])
+
+
+def test_a_conversation_an_unmerge_empties_takes_messages_another_unmerge_moves_in(
+    store: QueueStore,
+) -> None:
+    """b merged into a, a's conversation ca gets b's message m1, the unmerge of b
+    moves it out; a merged into z, z's message m2 is a's, the unmerge of a moves it
+    into ca. ca holds m2 in every order (a review found a version that deleted
+    emptied conversations leaving m2 without one in some orders)."""
+    a, b, z = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    ca, cb, cz = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    m1, m2 = routed(a, ca, 12, "alice"), routed(z, cz, 22, "zoe")
+    rows_in_any_order(
+        store,
+        [
+            created(a, owner="alice"),
+            merged(a, b, 10, owner="alice"),
+            unmerged(
+                b,
+                a,
+                15,
+                owner="bob",
+                conversation_ids=(cb,),
+                moved_messages=(MessageMove(message_id=m1.message.id, conversation_id=cb),),
+            ),
+        ],
+        [
+            created(z, owner="zoe"),
+            merged(z, a, 20, owner="zoe"),
+            unmerged(
+                a,
+                z,
+                25,
+                owner="alice",
+                conversation_ids=(ca,),
+                moved_messages=(MessageMove(message_id=m2.message.id, conversation_id=ca),),
+            ),
+        ],
+        [m1],
+        [m2],
+        [routed(b, cb, 1, "bob")],
+        [created(b, owner="bob")],
+    )
+    held = store.conversation(ca)
+    assert [m["id"] for m in held["messages"]] == [str(m2.message.id)]
+    assert held["message_count"] == 1
+    assert store.conversation(cb)["message_count"] == 2
+
+
+def test_a_status_set_on_a_conversation_an_unmerge_empties_stays_in_every_order(
+    store: QueueStore,
+) -> None:
+    """An agent closes cb at 13; the unmerge at 15 moves its message on; a robot's
+    reply lands in it at 20 (it reopens nothing). cb stays closed in every order
+    (a review found a version that deleted emptied conversations reopening it)."""
+    b, c = uuid.uuid4(), uuid.uuid4()
+    cb, cc = uuid.uuid4(), uuid.uuid4()
+    late = routed(b, cb, 11, "bob")
+    closed = ConversationStatus(
+        event_id=uuid.uuid4(),
+        conversation_id=cb,
+        contact_id=b,
+        status="closed",
+        occurred_at=T0 + timedelta(minutes=13),
+    )
+    robot = routed(b, cb, 20, "bob", flags=Flags(auto_reply=True))
+    move = MessageMove(message_id=late.message.id, conversation_id=cc)
+    rows_in_any_order(
+        store,
+        [late, closed, robot],
+        [
+            created(b, owner="bob"),
+            unmerged(c, b, 15, owner="erin", conversation_ids=(cc,), moved_messages=(move,)),
+        ],
+        [routed(c, cc, 2, "erin")],
+        [created(c, owner="erin")],
+    )
+    found = store.conversation(cb)
+    assert (found["status"], found["message_count"]) == ("closed", 1)
 
 
 def test_a_conversation_an_unmerge_empties_counts_what_it_holds_in_every_order(
@@ -675,8 +754,9 @@ def test_a_conversation_an_unmerge_empties_counts_what_it_holds_in_every_order(
 
 
 def test_a_conversation_an_unmerge_empties_is_nobodys_work(store: QueueStore) -> None:
-    """Its only message moved on: it is gone, from the owner's queue and from the
-    contact's work (it kept its old summary, a count of 1 with no message)."""
+    """Its only message moved on: it shows no messages, and leaves the owner's
+    queue and the contact's work (it kept its old summary, a count of 1 with no
+    message)."""
     b, c = uuid.uuid4(), uuid.uuid4()
     cb, cc = uuid.uuid4(), uuid.uuid4()
     only = routed(b, cb, 11, "bob")
@@ -694,8 +774,8 @@ def test_a_conversation_an_unmerge_empties_is_nobodys_work(store: QueueStore) ->
         moved_messages=(move,),
     )
     assert apply(store, unmerge)
-    with pytest.raises(NotFound):
-        store.conversation(cb)
+    emptied = store.conversation(cb)
+    assert (emptied["message_count"], emptied["messages"]) == (0, [])
     assert str(cb) not in {v["id"] for v in store.queue("bob").items}
     assert len(store.queue("bob").items) == 1
     with store.engine.connect() as conn:
