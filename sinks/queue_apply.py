@@ -151,9 +151,6 @@ _WHERE_ROUTED = select(
     ),
     # Messages an unmerge moved into the conversation before this event created it.
     exists().where(q_messages.c.conversation_id == _landing).label("landing_held"),
-    # Whether the event's own conversation has a row (an unmerge applied before it
-    # may send the message on to another).
-    exists().where(_conversation.id == bindparam("conversation_id", type_=Uuid)).label("own"),
     # The contacts its conversation and the message itself had before it (if any).
     select(_conversation.contact_id)
     .where(_conversation.id == bindparam("conversation_id", type_=Uuid))
@@ -396,7 +393,7 @@ class QueueWriter:
             # new row counting only this one): its summary from all it holds.
             self._recount(c, conversation_id)
         emptied = None
-        if conversation_id != e.conversation_id and not where.own:
+        if conversation_id != e.conversation_id and where.conversation_contact is None:
             # An unmerge applied first sent the message on: the conversation the
             # router put it in exists all the same, emptied, as it would if this
             # event had come first (messages another unmerge moved in counted).
