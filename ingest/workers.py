@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
 import logging
 import multiprocessing
 import os
@@ -168,6 +169,11 @@ class ParserPool:
         self._seq = 0
         #: Calls that arrived while no worker was alive (one being replaced).
         self._backlog: collections.deque[_Call] = collections.deque()
+        #: The modules of the functions called so far: a replacement process imports
+        #: them while starting (time that does not count), not on its first message,
+        #: whose limit the imports could eat on a loaded machine (a test saw a good
+        #: mail killed twice for it and dead-lettered).
+        self._modules: set[str] = set()
         #: No worker is alive and the last start failed: calls fail at once.
         self._unavailable = False
 
@@ -215,7 +221,7 @@ class ParserPool:
             raise
         worker = _Worker(process, writer)
         worker.reader_task = asyncio.create_task(self._read(worker, reader), name="parser-read")
-        ready = self._call(_ready, (), internal=True)
+        ready = self._call(_ready, (tuple(sorted(self._modules)),), internal=True)
         worker.ready = ready.future
         self._write(worker, ready)
         return worker
@@ -241,6 +247,7 @@ class ParserPool:
             raise RuntimeError("the parser pool is not started")
         if self._unavailable and not self._alive():
             raise ParserUnavailable("no parse process could be started")
+        self._modules.add(fn.__module__)
         call = self._call(fn, args)
         self._send(call)
         return cast("T", await call.future)
@@ -434,5 +441,12 @@ def _join_all(processes: list[BaseProcess]) -> None:
             process.join(5)
 
 
-def _ready() -> bool:  # pragma: no cover - runs in the worker
-    return True
+def _ready(modules: tuple[str, ...] = ()) -> list[str]:  # pragma: no cover - in the worker
+    """Up, with ``modules`` imported; returns the modules it holds, of those asked.
+    One that fails to import is left to the call that needs it, which reports it."""
+    held = []
+    for name in modules:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+            held.append(name)
+    return held

@@ -267,6 +267,26 @@ def test_a_fresh_workers_start_does_not_count_against_the_next_message() -> None
     asyncio.run(scenario())
 
 
+def test_a_replacement_imports_the_called_modules_before_its_first_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parse function's module takes longer to import than the limit allows a
+    message (a loaded machine: CI saw a good mail killed twice for its imports and
+    dead-lettered). The first process pays it on the message and is killed; its
+    replacement imports the module while starting, so the retry goes through."""
+    (tmp_path / "slow_to_import.py").write_text(
+        "import time\ntime.sleep(1.5)\n\ndef double(value):\n    return value * 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers get sys.path
+    import slow_to_import  # type: ignore[import-not-found]  # noqa: PLC0415 - made above
+
+    async def scenario() -> None:
+        async with _started(workers=1, timeout_s=1.0) as pool:
+            assert await asyncio.wait_for(pool.run(slow_to_import.double, 4), 60) == 8
+
+    asyncio.run(scenario())
+
+
 def _note(path: str, value: int) -> int:
     with open(path, "a") as out:
         out.write(f"{value}\n")
