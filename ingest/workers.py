@@ -441,12 +441,10 @@ def _join_all(processes: list[BaseProcess]) -> None:
             process.join(5)
 
 
-def _ready(modules: tuple[str, ...] = ()) -> list[str]:  # pragma: no cover - in the worker
-    """Up, with ``modules`` imported; returns the modules it holds, of those asked.
-    One that fails to import is left to the call that needs it, which reports it."""
-    held = []
+def _ready(modules: tuple[str, ...] = ()) -> bool:  # pragma: no cover - in the worker
+    """Up, with ``modules`` imported. One that fails to import is left to the call
+    that needs it, which reports it."""
     for name in modules:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
-            held.append(name)
-    return held
+    return True

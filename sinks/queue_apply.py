@@ -386,9 +386,11 @@ class QueueWriter:
         self._into_conversation(c, m, conversation_id, where, contact_id=contact_id, owner=owner)
         held = messages if messages is not None else _NewMessages()
         held.add(m, conversation_id, contact_id)
-        if messages is None or (where.landing_id is None and where.landing_held):
+        # A new row, into which an unmerge applied first had moved messages.
+        filled = where.landing_id is None and where.landing_held
+        if messages is None or filled:
             held.write(c)
-        if where.landing_id is None and where.landing_held:
+        if filled:
             # An unmerge applied first moved messages into it (a review found the
             # new row counting only this one): its summary from all it holds.
             self._recount(c, conversation_id)
@@ -648,11 +650,13 @@ class QueueWriter:
         # A merge of the contact newer than this unmerge (its partition came first)
         # stands: the contact stays merged, and what the unmerge gives back goes to
         # the contact it lives on as, as if the events had come in order.
-        merged_at = c.execute(
-            select(q_contacts.c.merged_at).where(q_contacts.c.id == restored)
-        ).scalar()
+        merged_into, merged_at = c.execute(
+            select(q_contacts.c.merged_into, q_contacts.c.merged_at).where(
+                q_contacts.c.id == restored
+            )
+        ).one()
         if merged_at is not None and _aware(merged_at) > at:  # type: ignore[operator]
-            home = self._survivor(c, restored)
+            home = UUID(str(merged_into))  # what survivor() would read again
         else:
             home = restored
             c.execute(
