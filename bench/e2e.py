@@ -63,6 +63,13 @@ from tests.smtp_helpers import queued_id
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 POLL_S = 0.02
+#: A sender's pause after an attempt that was not acknowledged.
+RETRY_S = 0.3
+
+
+def source_address(person: Person) -> str:
+    """The loopback address a person's mail comes from (see Load._email)."""
+    return f"127.0.{1 + person.n // 250}.{1 + person.n % 250}"
 
 
 class BenchCluster(Cluster):
@@ -112,18 +119,26 @@ class Load:
     def send_one(self, rng: random.Random, give_up_at: float, email: bool | None = None) -> None:
         """One message (an email or a form, by ``rng`` unless ``email`` says), retried
         as a real sender would until acknowledged."""
-        person = rng.choice(self.people)
-        marker = self.marker()
-        email = rng.random() < 0.5 if email is None else email
+        person, marker, email = self.pick(rng, email)
         while time.monotonic() < give_up_at:
             sent = time.monotonic()
             message_id = self._email(person, marker) if email else self._form(person, marker)
             if message_id is not None:
                 self.record(message_id, "email" if email else "form", sent)
                 return
-            with self.lock:
-                self.failed_attempts += 1
-            time.sleep(0.3)
+            self.refused()
+            time.sleep(RETRY_S)
+
+    def pick(self, rng: random.Random, email: bool | None = None) -> tuple[Person, str, bool]:
+        """Who sends next, its marker, and whether by email (by ``rng`` unless
+        ``email`` says); both kinds of sender draw the same way."""
+        person = rng.choice(self.people)
+        return person, self.marker(), rng.random() < 0.5 if email is None else email
+
+    def refused(self) -> None:
+        """An attempt not acknowledged (the sender pauses RETRY_S, then retries)."""
+        with self.lock:
+            self.failed_attempts += 1
 
     def record(self, message_id: uuid.UUID, channel: str, sent: float) -> None:
         """``message_id`` acknowledged now, ``sent`` at that monotonic time."""
@@ -137,7 +152,7 @@ class Load:
         # comes from many MTAs: from one address the senders hit the SMTP edge's
         # per-client session limit (10, Postfix's), and each refusal cost them a 0.3 s
         # pause (before 2026-11-30: 1,300 refusals in a 20 s run).
-        source = (f"127.0.{1 + person.n // 250}.{1 + person.n % 250}", 0)
+        source = (source_address(person), 0)
         try:
             with smtplib.SMTP(
                 "127.0.0.1", self.cluster.smtp_port, timeout=30, source_address=source
@@ -263,7 +278,7 @@ class AsyncSenders:
         self.http_port = int(port)
 
     async def email(self, person: Person, marker: str) -> uuid.UUID | None:
-        source = (f"127.0.{1 + person.n // 250}.{1 + person.n % 250}", 0)
+        source = (source_address(person), 0)
         try:
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", self.load.cluster.smtp_port, local_addr=source
@@ -331,9 +346,7 @@ class AsyncSenders:
         rng = random.Random(k)
         conn: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         while time.monotonic() < stop_at:
-            person = rng.choice(self.load.people)
-            marker = self.load.marker()
-            email = rng.random() < 0.5
+            person, marker, email = self.load.pick(rng)
             while time.monotonic() < stop_at + 30:
                 sent = time.monotonic()
                 found = (
@@ -344,9 +357,8 @@ class AsyncSenders:
                 if found is not None:
                     self.load.record(found, "email" if email else "form", sent)
                     break
-                with self.load.lock:
-                    self.load.failed_attempts += 1
-                await asyncio.sleep(0.3)
+                self.load.refused()
+                await asyncio.sleep(RETRY_S)
         for _, writer in conn:
             writer.close()
 
