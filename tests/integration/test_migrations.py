@@ -28,7 +28,7 @@ from sinks.migrations import CHAIN as QUEUE_CHAIN
 from sinks.queue import metadata as queue_metadata
 from sinks.suggestions import metadata as suggestions_metadata
 from switchboard.databases import current_revisions, head_revisions, upgrade, upgrade_databases
-from switchboard.db import LEGACY_VERSION_TABLE, MIGRATIONS, _alembic_config, make_engine
+from switchboard.db import LEGACY_VERSION_TABLE, MIGRATIONS, Chain, _alembic_config, make_engine
 from switchboard.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -395,15 +395,23 @@ def test_router_0003_goes_down_and_up_again_with_routed_messages(url: str) -> No
     """The conversation owner's column leaves and comes back without rebuilding the
     table its routed messages refer to (SQLite, foreign keys on), and is filled
     again from the contacts."""
+    _down_and_up(url, ROUTER_CHAIN, "router_0002", {"conversations": "owner"})
+
+
+def _down_and_up(url: str, chain: Chain, down_to: str, gone: dict[str, str]) -> None:
+    """A legacy database with a row in each stage, upgraded, taken down to
+    ``down_to`` on ``chain`` (``gone``: the table and column that must leave), and
+    up again: the rows kept and the tables as the models say."""
     engine = make_engine(url)
     try:
         _legacy_upgrade(engine, "0007")
         _fill(engine, "0007")
         assert upgrade(engine) == head_revisions()
         with engine.begin() as connection:
-            command.downgrade(_alembic_config(connection, ROUTER_CHAIN), "router_0002")
-        columns = {c["name"] for c in inspect(engine).get_columns("conversations")}
-        assert "owner" not in columns
+            command.downgrade(_alembic_config(connection, chain), down_to)
+        found = inspect(engine)
+        for table, column in gone.items():
+            assert column not in {c["name"] for c in found.get_columns(table)}
         assert upgrade(engine) == head_revisions()
         _kept(engine)
         assert _drift(engine) == []
@@ -415,18 +423,9 @@ def test_queue_0008_goes_down_and_up_again_keeping_the_rows(url: str) -> None:
     """The merge and link times leave in place (no table rebuilt under the queue's
     rows) and come back empty: NULL, "time unknown", which the sink reads as it
     read every row before them."""
-    engine = make_engine(url)
-    try:
-        _legacy_upgrade(engine, "0007")
-        _fill(engine, "0007")
-        assert upgrade(engine) == head_revisions()
-        with engine.begin() as connection:
-            command.downgrade(_alembic_config(connection, QUEUE_CHAIN), "queue_0007")
-        found = inspect(engine)
-        assert "merged_at" not in {c["name"] for c in found.get_columns("queue_contacts")}
-        assert "linked_at" not in {c["name"] for c in found.get_columns("queue_identities")}
-        assert upgrade(engine) == head_revisions()
-        _kept(engine)
-        assert _drift(engine) == []
-    finally:
-        engine.dispose()
+    _down_and_up(
+        url,
+        QUEUE_CHAIN,
+        "queue_0007",
+        {"queue_contacts": "merged_at", "queue_identities": "linked_at"},
+    )
