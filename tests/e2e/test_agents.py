@@ -172,7 +172,10 @@ def test_two_agents_work_their_queues_in_chromium(tmp_path: Path) -> None:
         sms["Body"] = "Any news about my refund? Carol"
         signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
         assert (
-            httpx.post(url, data=sms, headers={"x-twilio-signature": signature}).status_code == 200
+            httpx.post(
+                url, data=sms, headers={"x-twilio-signature": signature}, timeout=30
+            ).status_code
+            == 200
         )
 
         def contact(identity: str) -> dict[str, Any] | None:

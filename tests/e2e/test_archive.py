@@ -135,7 +135,9 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
             sms = {"MessageSid": "SM" + "e" * 32, "From": "+14155550177", "To": "+14155550199"}
             sms["Body"] = "Refund please"
             signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
-            answer = httpx.post(url, data=sms, headers={"x-twilio-signature": signature})
+            answer = httpx.post(
+                url, data=sms, headers={"x-twilio-signature": signature}, timeout=30
+            )
             assert answer.status_code == 200, answer.text
 
             def routed() -> dict[str, tuple[str, str]]:
@@ -155,6 +157,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
                     "phone": "+14155550177",
                     "message": "Still waiting",
                 },
+                timeout=30,
             )
             assert form.status_code == 202, form.text
             _until(
@@ -165,12 +168,14 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
                 f"{base}/api/contacts/{email_contact}/merge",
                 json={"contact_id": sms_contact, "by": "alice"},
                 headers=api,
+                timeout=30,
             )
             assert merged.status_code == 200, merged.text
             closed = httpx.post(
                 f"{base}/api/conversations/{email_conversation}/status",
                 json={"status": "closed", "changed_by": "alice"},
                 headers=api,
+                timeout=30,
             )
             assert closed.status_code == 200, closed.text
             _until(

@@ -115,9 +115,11 @@ def test_the_installed_adapter_runs_in_the_pipeline(
     with running(env, tmp_path, "ingest", "http") as process:
         _wait_healthy(base, process)
         url = f"{base}/webhooks/widget"
-        refused = httpx.post(url, json=body, headers={"authorization": "Bearer nope"})
+        refused = httpx.post(url, json=body, headers={"authorization": "Bearer nope"}, timeout=30)
         assert refused.status_code == 403, refused.text
-        accepted = httpx.post(url, json=body, headers={"authorization": "Bearer widget-token"})
+        accepted = httpx.post(
+            url, json=body, headers={"authorization": "Bearer widget-token"}, timeout=30
+        )
         assert accepted.status_code == 202, accepted.text
         assert accepted.json()["dedupe_key"] == f"widget:w-{unique}"
         code, _, stderr = _stop(process)

@@ -100,6 +100,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             f"{base}/webhooks/contact",
             content=body,
             headers={"content-type": "application/json", "x-signature": digest},
+            timeout=30,
         )
         assert form.status_code == 202, form.text
         email = (
@@ -114,7 +115,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         sms = {"MessageSid": "SM" + "d" * 32, "From": "+14155550123", "To": "+14155550199"}
         sms["Body"] = "Any news?"
         signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
-        answer = httpx.post(url, data=sms, headers={"x-twilio-signature": signature})
+        answer = httpx.post(url, data=sms, headers={"x-twilio-signature": signature}, timeout=30)
         assert answer.status_code == 200, answer.text
         running_pipeline = Pipeline(base, {"authorization": f"Bearer {TOKEN}"})
         try:
@@ -148,7 +149,10 @@ def test_the_api_shows_one_contact_one_owner_one_conversation_three_messages(
     (item,) = [i for i in queue["items"] if i["contact_id"] == dana["id"]]
     assert item["open_conversations"] == 1
     assert item["channels"] == ["email", "sms", "webhook"]
-    assert httpx.get(f"{pipeline.base}/api/queue", params={"owner": "alice"}).status_code == 401
+    assert (
+        httpx.get(f"{pipeline.base}/api/queue", params={"owner": "alice"}, timeout=30).status_code
+        == 401
+    )
 
 
 def _chromium() -> Any:  # noqa: ANN401 - a Selenium WebDriver

@@ -266,7 +266,7 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
             "Body": "hello by SMS",
         }
         signature = RequestValidator("e2e-token").compute_signature(url, form)
-        sms = httpx.post(url, data=form, headers={"x-twilio-signature": signature})
+        sms = httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=30)
         assert sms.status_code == 200, sms.text
         body = json.dumps(
             {"email": "ann@example.com", "phone": "+14155550100", "message": f"form {unique}"}
@@ -276,6 +276,7 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
             f"{base}/webhooks/contact",
             content=body,
             headers={"content-type": "application/json", "x-signature": digest},
+            timeout=30,
         )
         assert posted.status_code == 202, posted.text
         code, _, stderr = _stop(process)

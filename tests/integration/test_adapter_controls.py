@@ -120,7 +120,7 @@ def test_twilio(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> N
     with http_ingest(kafka_settings, tmp_path, twilio=twilio) as http:
         url = f"{http.base}/webhooks/twilio/sms"
         signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, form)
-        response = httpx.post(url, data=form, headers={"x-twilio-signature": signature})
+        response = httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=30)
     assert response.status_code == 200, response.text
     (message,) = find(
         kafka_settings,

@@ -74,7 +74,7 @@ def test_http_answers_for_each_family(
 
         def send(action: str, key: str | None = "family-key") -> httpx.Response:
             headers = {"x-key": key} if key is not None else {}
-            return httpx.post(url, json={"do": action, "t": unique}, headers=headers)
+            return httpx.post(url, json={"do": action, "t": unique}, headers=headers, timeout=30)
 
         stopped = send("stop")
         assert stopped.status_code == 503

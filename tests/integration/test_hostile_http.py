@@ -221,6 +221,7 @@ def test_oversized_unauthenticated_api_posts_are_refused_before_they_are_read(
             f"http://127.0.0.1:{server.port}{path}",
             json={"status": "closed"},
             headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=30,
         )
     for answer in streamed:
         _problem(answer, 413)
@@ -257,10 +258,13 @@ def test_oversized_and_overfull_login_forms_are_refused(tmp_path: Path) -> None:
             base,
             content=b"&".join(b"a%d=" % n for n in range(5000)),
             headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=30,
         )
-        long_field = httpx.post(base, data={"name": "admin", "password": "x" * 10_000})
-        wrong = httpx.post(base, data={"name": "admin", "password": "not it"})
-        right = httpx.post(base, data={"name": "admin", "password": TOKEN}, follow_redirects=False)
+        long_field = httpx.post(base, data={"name": "admin", "password": "x" * 10_000}, timeout=30)
+        wrong = httpx.post(base, data={"name": "admin", "password": "not it"}, timeout=30)
+        right = httpx.post(
+            base, data={"name": "admin", "password": TOKEN}, follow_redirects=False, timeout=30
+        )
     _problem(declared, 413)
     # Streamed, whichever limit trips first answers: the body limit (64 KB) when the
     # first read already holds more (asyncio's loop reads 256 KB at a time), else the
@@ -307,6 +311,7 @@ def test_oversized_hook_posts_are_refused_at_the_hooks_own_limit(
             f"{app.base}/webhooks/form",
             content=b"&".join(b"a%d=" % n for n in range(500)),
             headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=30,
         )
     # The hook's max_body_bytes (256 KB here), not the 64 KB default.
     assert "262144 bytes" in _problem(declared, 413)["detail"]
@@ -342,7 +347,7 @@ def test_one_address_cannot_hold_every_connection(tmp_path: Path) -> None:
             with _connect(server.port, STRANGER) as extra:
                 refused = _read_answer(extra)
                 assert extra.recv(1) == b""
-            health = httpx.get(f"http://127.0.0.1:{server.port}/healthz")
+            health = httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)
             # The stranger's held connections still work (they are within its limit).
             held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             own = _read_answer(held[0])
@@ -396,7 +401,7 @@ def test_junk_from_one_client_does_not_cost_another_its_submissions(
     hook = _hook(monkeypatch, rate_per_s=0.001, burst=20, client_rate_per_s=0.001, client_burst=10)
     with http_ingest(kafka_settings, tmp_path, hooks=[hook], loop_factory=LOOPS[_loop[0]]) as app:
         url = f"{app.base}/webhooks/form"
-        stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER))
+        stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER), timeout=30)
         junk = [
             stranger.post(url, content=b"junk", headers={"content-type": "text/plain"}).status_code
             for _ in range(100)
@@ -437,7 +442,7 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(
         kafka_settings, tmp_path, hooks=[hook], limits=limits, loop_factory=LOOPS[_loop[0]]
     ) as app:
         url = f"{app.base}/webhooks/form"
-        stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER))
+        stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER), timeout=30)
         spoofed = [
             stranger.post(
                 url, data=form, headers={**wrong, "x-forwarded-for": f"198.51.100.{n}"}
@@ -448,7 +453,7 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(
 
         def via_proxy(client: str) -> int:
             headers = {**wrong, "x-forwarded-for": f"{client}, 127.0.0.1"}
-            return httpx.post(url, data=form, headers=headers).status_code
+            return httpx.post(url, data=form, headers=headers, timeout=30).status_code
 
         first = [via_proxy("203.0.113.7") for _ in range(3)]
         second = via_proxy("203.0.113.8")

@@ -69,7 +69,10 @@ def test_a_folded_message_sid_replay_is_refused_and_dead_lettered(
     sid = f"SM{unique:0<32}"
     form = {"AccountSid": ACCOUNT, "MessageSid": sid, "NumMedia": "0", "From": "+14155550100"}
     folded = {"AccountSid": ACCOUNT, "MessageSid": f"{sid}NumMedia0", "From": "+14155550100"}
-    with http_ingest(kafka_settings, tmp_path, twilio=twilio()) as app, httpx.Client() as client:
+    with (
+        http_ingest(kafka_settings, tmp_path, twilio=twilio()) as app,
+        httpx.Client(timeout=30) as client,
+    ):
         url = app.base + PATH
         signature = RequestValidator(TOKEN).compute_signature(url, form)
         assert RequestValidator(TOKEN).validate(url, folded, signature)  # the attack's premise
@@ -96,7 +99,10 @@ def test_a_message_from_another_account_is_refused_when_accounts_are_configured(
     # Attack: a request signed with a token we accept (a shared or leaked one) that
     # names an account of someone else's.
     settings = twilio(account_sids=[ACCOUNT])
-    with http_ingest(kafka_settings, tmp_path, twilio=settings) as app, httpx.Client() as client:
+    with (
+        http_ingest(kafka_settings, tmp_path, twilio=settings) as app,
+        httpx.Client(timeout=30) as client,
+    ):
         url = app.base + PATH
         answers = {}
         for name, account in (("ours", ACCOUNT), ("theirs", "AC" + "b" * 32)):
@@ -156,7 +162,7 @@ def test_a_signed_hook_replayed_with_new_idempotency_keys_is_one_message(
     }
     with (
         http_ingest(kafka_settings, tmp_path, hooks=[hmac_hook(monkeypatch)]) as app,
-        httpx.Client() as client,
+        httpx.Client(timeout=30) as client,
     ):
         answers = [
             client.post(
@@ -195,7 +201,10 @@ def test_an_idempotency_key_the_signature_covers_is_the_dedupe_key(
         "idempotency-key": key,
         "x-signature": hook_signature(body, stamp, f"idempotency-key:{key}"),
     }
-    with http_ingest(kafka_settings, tmp_path, hooks=[hook]) as app, httpx.Client() as client:
+    with (
+        http_ingest(kafka_settings, tmp_path, hooks=[hook]) as app,
+        httpx.Client(timeout=30) as client,
+    ):
         url = f"{app.base}/webhooks/signed"
         kept = client.post(url, content=body, headers=headers)
         swapped = client.post(url, content=body, headers={**headers, "idempotency-key": "other"})

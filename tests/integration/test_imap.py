@@ -336,7 +336,9 @@ def test_poller_killed_mid_batch_loses_nothing(
     try:
         wait_for(lambda: last_uid() >= total, 60)
         # The role's HTTP server shows the same state as the CLI.
-        status = httpx.get(f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}/status/imap")
+        status = httpx.get(
+            f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}/status/imap", timeout=30
+        )
         [live] = [r for r in status.json() if r["mailbox"] == name]
         assert live["connected"] is True
         assert live["folders"]["INBOX"]["last_uid"] == total

@@ -120,14 +120,14 @@ def test_mailgun_refuses_bad_signatures_and_keeps_stale_signed_requests(
     mail = Mail(f"old-{unique}")
     with http_ingest(kafka_settings, tmp_path, providers=PROVIDERS) as http:
         url = f"{http.base}/webhooks/mailgun"
-        forged = httpx.post(url, **mailgun_parsed(mail, key="not-the-key"))
+        forged = httpx.post(url, **mailgun_parsed(mail, key="not-the-key"), timeout=30)
         assert forged.status_code == 403, forged.text
-        unsigned = httpx.post(url, data={"subject": "hi"})
+        unsigned = httpx.post(url, data={"subject": "hi"}, timeout=30)
         assert unsigned.status_code == 403, unsigned.text
-        stale = httpx.post(url, **mailgun_parsed(mail, timestamp=1_700_000_000))
+        stale = httpx.post(url, **mailgun_parsed(mail, timestamp=1_700_000_000), timeout=30)
         assert stale.status_code == 406, stale.text
         assert stale.json()["reason"] == "stale"
-        wrong_type = httpx.post(url, json={"a": 1})
+        wrong_type = httpx.post(url, json={"a": 1}, timeout=30)
         assert wrong_type.status_code == 415
     _, dead = collect(kafka_settings, f"stale-{unique}", {UUID(stale.json()["id"])})
     [letter] = dead.values()

@@ -120,6 +120,7 @@ def test_every_channel_one_contact_one_owner_one_conversation(
             f"{http.base}/webhooks/contact-form",
             content=body,
             headers={"content-type": "application/json", "x-signature": signature},
+            timeout=30,
         )
         assert answer.status_code == 202, answer.text
         for _ in range(2):

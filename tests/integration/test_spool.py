@@ -252,7 +252,7 @@ def test_a_full_spool_answers_451_and_503(tmp_path: Path) -> None:
     )
     with http_ingest(nowhere, tmp_path, hooks=[hook], spool=spool) as app:
         response = httpx.post(
-            f"{app.base}/webhooks/open", json={"email": "ann@example.com", "text": "hi"}
+            f"{app.base}/webhooks/open", json={"email": "ann@example.com", "text": "hi"}, timeout=30
         )
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"

@@ -201,8 +201,8 @@ def test_not_durable_answers_503_with_retry_after(tmp_path: Path, unique: str) -
 def test_wrong_content_type_and_size(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
     with http_ingest(kafka_settings, tmp_path, twilio=settings()) as app:
         url = app.base + PATH
-        assert httpx.post(url, json={"a": 1}).status_code == 415
-        big = httpx.post(url, content=b"Body=" + b"x" * 300_000, headers=FORM)
+        assert httpx.post(url, json={"a": 1}, timeout=30).status_code == 415
+        big = httpx.post(url, content=b"Body=" + b"x" * 300_000, headers=FORM, timeout=30)
         assert big.status_code == 413
 
 

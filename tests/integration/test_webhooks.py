@@ -133,6 +133,7 @@ def test_dedupe_key_sources(
             f"{app.base}/webhooks/open",
             json={"email": "ann@example.com", "text": unique},
             headers={"idempotency-key": f"k-{unique}"},
+            timeout=30,
         ).json()
     assert first["dedupe_key"].startswith("webhook:contact-form:fp:")
     assert keyed["dedupe_key"] == first["dedupe_key"] == second["dedupe_key"]
@@ -147,9 +148,9 @@ def test_form_encoded_hook_with_a_bearer_token(
     with http_ingest(kafka_settings, tmp_path, hooks=hooks(monkeypatch)) as app:
         url = f"{app.base}/webhooks/chat"
         form = {"email": "bob@example.org", "text": f"chat {unique}", "name": "Bob"}
-        ok = httpx.post(url, data=form, headers={"authorization": f"Bearer {TOKEN}"})
-        missing = httpx.post(url, data=form)
-        wrong = httpx.post(url, data=form, headers={"authorization": "Bearer nope"})
+        ok = httpx.post(url, data=form, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30)
+        missing = httpx.post(url, data=form, timeout=30)
+        wrong = httpx.post(url, data=form, headers={"authorization": "Bearer nope"}, timeout=30)
     assert ok.status_code == 202, ok.text
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
@@ -188,7 +189,7 @@ def test_every_error_is_a_problem(
             ),
             "too large": raw(b"{" + b" " * 4096 + b"}", signed(b"{}")),
             "content type": raw(b"a=b", {"content-type": "application/x-www-form-urlencoded"}),
-            "unknown hook": httpx.post(f"{app.base}/webhooks/nope", json=good),
+            "unknown hook": httpx.post(f"{app.base}/webhooks/nope", json=good, timeout=30),
         }
         expected = {
             "malformed": 400,
@@ -224,12 +225,16 @@ def test_deep_nesting_within_the_size_limit_is_a_400(
     body = b"[" * 200_000 + b"]" * 200_000
     with http_ingest(kafka_settings, tmp_path, hooks=hooks(monkeypatch)) as app:
         response = httpx.post(
-            f"{app.base}/webhooks/open", content=body, headers={"content-type": "application/json"}
+            f"{app.base}/webhooks/open",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=30,
         )
         huge = httpx.post(
             f"{app.base}/webhooks/open",
             content=b'{"n": ' + b"9" * 5000 + b"}",
             headers={"content-type": "application/json"},
+            timeout=30,
         )
     assert response.status_code == 400
     assert "nested too deeply" in response.json()["detail"]
@@ -257,7 +262,7 @@ def test_openapi_describes_every_webhook(
 ) -> None:
     twilio = TwilioSettings(auth_token=[SecretStr("t")])
     with http_ingest(kafka_settings, tmp_path, twilio=twilio, hooks=hooks(monkeypatch)) as app:
-        document = httpx.get(f"{app.base}/openapi.json").json()
+        document = httpx.get(f"{app.base}/openapi.json", timeout=30).json()
     paths = document["paths"]
     for path in (
         "/webhooks/twilio/sms",
