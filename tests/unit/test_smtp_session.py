@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.smtp import SmtpHandler, _Protocol
 
@@ -40,9 +42,7 @@ ARGS = [
 ]
 
 
-@pytest.mark.parametrize("limit", [0, 64])
-@pytest.mark.parametrize("arg", ARGS)
-def test_the_same_answer_as_aiosmtpd(arg: str, limit: int) -> None:
+def _same_answer(arg: str, limit: int) -> None:
     session = SimpleNamespace(local_part_limit=limit)
     try:
         expected: object = SMTP._getaddr(session, arg)  # type: ignore[arg-type]
@@ -52,7 +52,68 @@ def test_the_same_answer_as_aiosmtpd(arg: str, limit: int) -> None:
         got: object = _Protocol._getaddr(session, arg)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - compared, not swallowed
         got = type(exc)
-    assert got == expected
+    assert got == expected, arg
+
+
+@pytest.mark.parametrize("limit", [0, 64])
+@pytest.mark.parametrize("arg", ARGS)
+def test_the_same_answer_as_aiosmtpd(arg: str, limit: int) -> None:
+    _same_answer(arg, limit)
+
+
+# Pieces of addresses around the shape the fast path takes (<local@domain>rest):
+# dots where a dot-atom forbids them, white space of every kind, comments, quotes,
+# brackets, NUL, non-ASCII.
+_PIECE = st.sampled_from(
+    [
+        "a",
+        "Z",
+        "9",
+        "!",
+        "~",
+        "-",
+        ".",
+        "..",
+        " ",
+        "\t",
+        "\r",
+        "\x0b",
+        "\u2003",
+        "(",
+        ")",
+        "(c)",
+        '"',
+        "[",
+        "]",
+        "\\",
+        ",",
+        ";",
+        ":",
+        "<",
+        ">",
+        "@",
+        "\x00",
+        "é",
+        "SIZE=5",
+    ]
+)
+_TEXT = st.lists(_PIECE, max_size=6).map("".join)
+_WORD = st.text("aZ9!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=4)
+_DOT_ATOM = st.lists(_WORD, min_size=1, max_size=3).map(".".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    local=st.one_of(_DOT_ATOM, _TEXT),
+    domain=st.one_of(_DOT_ATOM, _TEXT),
+    before=st.sampled_from(["", " ", "<"]),
+    after=_TEXT,
+    limit=st.sampled_from([0, 3]),
+)
+def test_addresses_near_the_plain_shape_parse_as_aiosmtpd_does(
+    local: str, domain: str, before: str, after: str, limit: int
+) -> None:
+    _same_answer(f"{before}<{local}@{domain}>{after}", limit)
 
 
 class _FullDir(_Protocol):
@@ -62,9 +123,14 @@ class _FullDir(_Protocol):
         return list(object.__dir__(self))
 
 
-def _session(cls: type[_Protocol]) -> _Protocol:
+class _FullDirHandler(SmtpHandler):
+    def __dir__(self) -> list[str]:
+        return list(object.__dir__(self))
+
+
+def _session(cls: type[_Protocol], handler: type[SmtpHandler]) -> _Protocol:
     adapter = SimpleNamespace(settings=SimpleNamespace(junk_command_limit=10))
-    adapter.handler = SmtpHandler(adapter)  # type: ignore[arg-type]
+    adapter.handler = handler(adapter)  # type: ignore[arg-type]
     return cls(adapter, hostname="mx.example", loop=asyncio.new_event_loop())  # type: ignore[arg-type]
 
 
@@ -74,8 +140,10 @@ def _func(method: object) -> object:
 
 
 def test_a_session_dispatches_the_same_verbs_mechanisms_and_hooks() -> None:
-    ours, stock = _session(_Protocol), _session(_FullDir)
-    assert len(dir(stock)) > 100 > len(dir(ours))  # the full listing is really the other one
+    ours, stock = _session(_Protocol, SmtpHandler), _session(_FullDir, _FullDirHandler)
+    # The full listings really are the other ones.
+    assert len(dir(stock)) > 100 > len(dir(ours))
+    assert len(dir(stock.event_handler)) > 20 > len(dir(ours.event_handler))
 
     def verbs(session: _Protocol) -> dict[str, object]:
         return {name: _func(method) for name, method in session._smtp_methods.items()}
@@ -91,6 +159,6 @@ def test_a_session_dispatches_the_same_verbs_mechanisms_and_hooks() -> None:
     assert {"EHLO", "MAIL", "RCPT", "DATA", "STARTTLS", "AUTH"} <= set(verbs(ours))
     assert mechanisms(ours) == mechanisms(stock)
     assert {"LOGIN", "PLAIN"} <= set(mechanisms(ours))
-    assert {k: _func(v) for k, v in ours._handle_hooks.items()} == {
-        k: _func(v) for k, v in stock._handle_hooks.items()
-    }
+    hooks = {k: _func(v) for k, v in ours._handle_hooks.items()}
+    assert hooks == {k: _func(v) for k, v in stock._handle_hooks.items()}
+    assert {"DATA", "RCPT"} <= set(hooks)
