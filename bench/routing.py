@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -133,6 +134,9 @@ def run_routers(
         "SWITCHBOARD_CONFIG": str(root / "switchboard.toml"),
         "SWITCHBOARD_LOG_LEVEL": "WARNING",
         "SWITCHBOARD_DATA_DIR": str(root),
+        # A router serves the API too; without a token it warns at start-up that
+        # loopback clients act as the admin, a line per router between the figures.
+        "SWITCHBOARD_API_TOKEN": secrets.token_hex(16),
     }
     started = time.perf_counter()
     ports = [free_port() for _ in range(routers)]
