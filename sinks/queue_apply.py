@@ -373,14 +373,14 @@ class QueueWriter:
         m = e.message
         # An unmerge applied before this event may have moved the message, or
         # given its conversation back to another contact.
-        params = {
-            "message_id": m.id,
-            "conversation_id": e.conversation_id,
-            "contact_id": e.contact_id,
-        }
-        where = c.execute(_WHERE_ROUTED, params).one()
-        if where.merged is not None and _prove_alive(c, e.contact_id, e.routed_at):
-            where = c.execute(_WHERE_ROUTED, params).one()
+        where = c.execute(
+            _WHERE_ROUTED,
+            {
+                "message_id": m.id,
+                "conversation_id": e.conversation_id,
+                "contact_id": e.contact_id,
+            },
+        ).one()
         conversation_id = _uuid(where.moved) or e.conversation_id
         contact_id, owner = self._landing_contact(c, e, where)
         self._into_conversation(c, m, conversation_id, where, contact_id=contact_id, owner=owner)
@@ -542,8 +542,6 @@ class QueueWriter:
         suggestions.apply(c, e)  # nothing moved: an agent decides
 
     def _contact(self, c: Connection, e: ContactEvent) -> None:
-        if e.kind in _PROVE_ALIVE:
-            _prove_alive(c, e.contact_id, e.occurred_at)
         contact_id = self._survivor(c, e.contact_id)
         self._ensure_contact(c, contact_id, e.owner or "unassigned", e.occurred_at)
         # An event of a contact merged since (its partition lags the survivor's)
@@ -569,11 +567,7 @@ class QueueWriter:
         self, c: Connection, survivor: UUID, merged: Sequence[UUID], at: datetime, owner: str
     ) -> None:
         undone = _decided_since(c, merged, at)
-        # A merged contact that is the survivor now: a newer merge made it the
-        # survivor of this one's (applied first, its partition came first), which
-        # an unmerge of this one, still to come, explains. It stays as it is rather
-        # than merged into itself (a review found that until the unmerge came).
-        ids = [m for m in merged if m not in undone and m != survivor]
+        ids = [m for m in merged if m not in undone]
         if not ids:
             return
         # The merged contacts' own events travel on their partitions and may come
@@ -872,58 +866,16 @@ _LEAVE_MESSAGES = frozenset(
 )
 
 
-#: The contact events that the router and the API make only about a live contact
-#: (its merges as the survivor, identities linked to it, owners given to it). Not
-#: CREATED: a contact created and merged in one batch may carry the same time.
-_PROVE_ALIVE = frozenset(
-    {
-        ContactEventKind.MERGED,
-        ContactEventKind.IDENTITY_LINKED,
-        ContactEventKind.OWNER_ASSIGNED,
-    }
-)
-
-
-def _prove_alive(c: Connection, contact_id: UUID, at: datetime) -> bool:
-    """An event about the contact as live at ``at`` (a message routed to it, a merge
-    with it as the survivor...), newer than the merge this read model has it merged
-    by: the router made it after an unmerge of that merge which this read model has
-    not applied yet (its partition lags). The contact is live again from here, as
-    the unmerge will leave it; the unmerge, applied later, gives back what it lists.
-    Otherwise the event's message landed with the old survivor and stayed there, or
-    a merge into the contact pointed the survivor at itself (a review found both).
-
-    This compares the times of two events made by different processes (the merge's
-    and this one's), as owner facts and stale merges do here: a router makes an
-    event of a contact only while it holds the contact's lock, and a merge takes
-    that lock after it, so their clocks need to agree within the time a routing
-    batch takes to commit. Returns whether the contact was merged and now is not."""
-    result = c.execute(
-        update(q_contacts)
-        .where(
-            q_contacts.c.id == contact_id,
-            q_contacts.c.merged_into.is_not(None),
-            q_contacts.c.merged_at < at,
-        )
-        .values(merged_into=None, merged_at=None)
-    )
-    return bool(result.rowcount)
-
-
 def _decided_since(c: Connection, contact_ids: Sequence[UUID], at: datetime) -> set[UUID]:
     """The contacts an unmerge or a merge newer than ``at`` already placed (its
-    partition came first), or that an owner fact newer than ``at`` shows live then
-    (see _prove_alive: a merge older than it was undone before it): an older merge
-    or unmerge leaves them where they are."""
+    partition came first): an older merge or unmerge leaves them where they are."""
     if not contact_ids:
         return set()
     ids = list(contact_ids)
     unmerged = select(q_unmerges.c.contact_id).where(
         q_unmerges.c.contact_id.in_(ids), q_unmerges.c.unmerged_at > at
     )
-    merged = select(q_contacts.c.id).where(
-        q_contacts.c.id.in_(ids), or_(q_contacts.c.merged_at > at, q_contacts.c.owner_at > at)
-    )
+    merged = select(q_contacts.c.id).where(q_contacts.c.id.in_(ids), q_contacts.c.merged_at > at)
     return {UUID(str(x)) for x in c.execute(unmerged.union(merged)).scalars()}
 
 
