@@ -143,11 +143,27 @@ def unmerge(engine: Engine, contact_id: UUID, merged_id: UUID, by: str | None) -
             .where(identities.c.key.in_(sorted(keys)), identities.c.contact_id == survivor)
             .values(contact_id=merged_id)
         )
-        earlier = sorted(UUID(r) for r in items["contact"])
+        # The contacts merged into it before that still point at the survivor follow
+        # it back; one unmerged since (or merged elsewhere) stays where it is, and
+        # the event names only those that follow (a review found it naming all, so
+        # every read model merged a freed contact again).
+        recorded = sorted(UUID(r) for r in items["contact"])
+        earlier = (
+            sorted(
+                UUID(str(i))
+                for i in c.execute(
+                    select(contacts.c.id).where(
+                        contacts.c.id.in_(recorded), contacts.c.merged_into == survivor
+                    )
+                ).scalars()
+            )
+            if recorded
+            else []
+        )
         if earlier:
             c.execute(
                 update(contacts)
-                .where(contacts.c.id.in_(earlier), contacts.c.merged_into == survivor)
+                .where(contacts.c.id.in_(earlier))
                 .values(merged_into=merged_id, updated_at=now)
             )
         c.execute(
