@@ -71,13 +71,15 @@ def current(c: Connection, contact_id: UUID) -> UUID:
 
 def merge_by_agent(engine: Engine, contact_id: UUID, other_id: UUID, by: str | None) -> Event:
     """See :meth:`router.store.RouterStore.merge`."""
-    now = utcnow()
     with engine.begin() as c:
         survivor = current(c, contact_id)
         other = current(c, other_id)
         if survivor == other:
             raise MergeRefused(f"{other_id} and {contact_id} are already one contact")
         lock_contacts(c, {survivor, other}, current={survivor, other})
+        # Stamped once the contacts are ours, so that it orders after every event a
+        # router made about them while holding them.
+        now = utcnow()
         owner = c.execute(select(contacts.c.owner).where(contacts.c.id == survivor)).scalar_one()
         event_id = new_event_uuid()
         moved = merge_contacts(c, survivor, other, now, event_id=event_id, by=by)
@@ -106,7 +108,6 @@ def unmerge(engine: Engine, contact_id: UUID, merged_id: UUID, by: str | None) -
     identities those messages linked, and conversations they started. A message
     that sits in a conversation of the other contact moves to the latest
     conversation of the contact it belongs to."""
-    now = utcnow()
     with engine.begin() as c:
         row = c.execute(
             select(contacts.c.merged_into, contacts.c.owner).where(contacts.c.id == merged_id)
@@ -129,6 +130,7 @@ def unmerge(engine: Engine, contact_id: UUID, merged_id: UUID, by: str | None) -
         lock_contacts(c, {survivor, merged_id}, current={survivor})
         if current(c, merged_id) != survivor:
             raise Conflict("the merge changed meanwhile")
+        now = utcnow()  # once the contacts are ours (see merge_by_agent)
         items: dict[str, set[str]] = defaultdict(set)
         for kind, ref in c.execute(
             select(merge_items.c.kind, merge_items.c.ref).where(

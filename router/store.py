@@ -269,7 +269,9 @@ class RouterStore:
         """
         if not self.config.owner_exists(owner):
             raise UnknownOwner(owner)
-        now = utcnow()
+        return retrying(lambda: self._assign(contact_id, owner, by))
+
+    def _assign(self, contact_id: UUID, owner: str, by: str | None) -> Event:
         with self.engine.begin() as c:
             row = c.execute(
                 select(contacts.c.id, contacts.c.merged_into).where(contacts.c.id == contact_id)
@@ -277,9 +279,20 @@ class RouterStore:
             if row is None:
                 raise UnknownContact(str(contact_id))
             target = row.merged_into or row.id
-            previous = c.execute(
-                select(contacts.c.owner).where(contacts.c.id == target).with_for_update()
-            ).scalar_one()
+            locked = c.execute(
+                select(contacts.c.owner, contacts.c.merged_into)
+                .where(contacts.c.id == target)
+                .with_for_update()
+            ).one()
+            if locked.merged_into is not None:
+                # A router merged it while this waited for the row: the owner goes to
+                # where it lives on now (a review found it given to the merged-away
+                # row, and the event naming that row).
+                raise Conflict("the contact was merged meanwhile")
+            previous = locked.owner
+            # Stamped once the row is ours, so that it orders after every event a
+            # router made about the contact while holding it.
+            now = utcnow()
             c.execute(
                 update(contacts).where(contacts.c.id == target).values(owner=owner, updated_at=now)
             )
