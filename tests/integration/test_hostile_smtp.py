@@ -183,7 +183,14 @@ def test_the_session_deadline_closes_a_trickling_session(
             time.sleep(0.1)
         assert received.endswith(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
         assert received.count(b"250 OK") >= 1
-        assert read_until_closed(sock) == []  # closed after the 421
+        try:
+            rest = read_until_closed(sock)
+        except ConnectionResetError:
+            # Closed with a NOOP of ours still unread (the deadline fired while it
+            # was on its way): the kernel answers a close with unread input by a
+            # reset instead of an end of stream (failed CI once, 2026-11-30).
+            rest = []
+        assert rest == []  # closed after the 421
         wait_for(lambda: not server.adapter.sessions)
 
 
