@@ -525,6 +525,31 @@ def unmerged(restored: uuid.UUID, survivor: uuid.UUID, minutes: int, **f: object
     )
 
 
+def merge_undone(
+    survivor: uuid.UUID,
+    gone: uuid.UUID,
+    minutes: tuple[int, int],
+    owners: tuple[str, str],
+    back: uuid.UUID,
+    moved: MessageRouted,
+) -> list[ContactEvent]:
+    """The survivor's stream: its creation, ``gone`` merged into it and unmerged at
+    ``minutes``, its conversation ``back`` returned with ``moved`` (a message routed
+    to the survivor meanwhile) moved into it; ``owners``: the survivor's, gone's."""
+    return [
+        created(survivor, owner=owners[0]),
+        merged(survivor, gone, minutes[0], owner=owners[0]),
+        unmerged(
+            gone,
+            survivor,
+            minutes[1],
+            owner=owners[1],
+            conversation_ids=(back,),
+            moved_messages=(MessageMove(message_id=moved.message.id, conversation_id=back),),
+        ),
+    ]
+
+
 # Each test below gives its events as streams, one per topic and key: Kafka keeps
 # each stream's order and nothing across them (routed events and contact events of
 # one contact are on two topics).
@@ -628,18 +653,7 @@ def test_a_conversation_an_unmerge_fills_before_it_was_seen_counts_all_it_holds(
     moved = routed(a, ca, 12, "alice")
     rows_in_any_order(
         store,
-        [
-            created(a, owner="alice"),
-            merged(a, b, 10, owner="alice"),
-            unmerged(
-                b,
-                a,
-                15,
-                owner="bob",
-                conversation_ids=(cb,),
-                moved_messages=(MessageMove(message_id=moved.message.id, conversation_id=cb),),
-            ),
-        ],
+        merge_undone(a, b, (10, 15), ("alice", "bob"), cb, moved),
         [routed(a, uuid.uuid4(), 0, "alice"), moved],
         [routed(b, cb, 1, "bob")],
         [created(b, owner="bob")],
@@ -663,30 +677,8 @@ def test_a_conversation_an_unmerge_empties_takes_messages_another_unmerge_moves_
     m1, m2 = routed(a, ca, 12, "alice"), routed(z, cz, 22, "zoe")
     rows_in_any_order(
         store,
-        [
-            created(a, owner="alice"),
-            merged(a, b, 10, owner="alice"),
-            unmerged(
-                b,
-                a,
-                15,
-                owner="bob",
-                conversation_ids=(cb,),
-                moved_messages=(MessageMove(message_id=m1.message.id, conversation_id=cb),),
-            ),
-        ],
-        [
-            created(z, owner="zoe"),
-            merged(z, a, 20, owner="zoe"),
-            unmerged(
-                a,
-                z,
-                25,
-                owner="alice",
-                conversation_ids=(ca,),
-                moved_messages=(MessageMove(message_id=m2.message.id, conversation_id=ca),),
-            ),
-        ],
+        merge_undone(a, b, (10, 15), ("alice", "bob"), cb, m1),
+        merge_undone(z, a, (20, 25), ("zoe", "alice"), ca, m2),
         [m1],
         [m2],
         [routed(b, cb, 1, "bob")],
