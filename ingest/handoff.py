@@ -82,10 +82,12 @@ class HandOff:
         # Blob writes wait on fsync, which releases the GIL: many can overlap. A pool of
         # their own keeps them from queueing behind CPU work on the default executor.
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="blob-io")
+        self._blobs = blobs
         self._group = GroupCommit(blobs, self._io)
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        self._blobs.close()  # the writer's pack: closed, so a collector may take it
 
     async def _store(self, blobs: tuple[Blob, ...]) -> None:
         if not blobs:

@@ -63,7 +63,7 @@ from ingest.handoff import HandOff
 from ingest.migrations import CHAIN
 from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
 from normalize.schema import DeadLetter, InboundMessage
-from switchboard.blobs import FileBlobStore
+from switchboard.blobs import PackBlobStore
 from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.config import KafkaSettings
 from switchboard.db import make_engine, migrate
@@ -156,7 +156,7 @@ def _start(
 ) -> Running:
     data_dir.mkdir(parents=True, exist_ok=True)
     publisher = Publisher(kafka)
-    handoff = HandOff(publisher, FileBlobStore(data_dir / "blobs"))
+    handoff = HandOff(publisher, PackBlobStore(data_dir / "blobs"))
     engine = make_engine(f"sqlite:///{data_dir / 'switchboard.db'}")
     migrate(engine, [CHAIN])  # the IMAP checkpoints
     stops: list[str] = []

@@ -31,6 +31,7 @@ from normalize.content import Blob
 from normalize.schema import BlobRef
 from switchboard.files import fsync_dir, fsync_file, made_dirs, make_dirs
 from switchboard.metrics import BLOB_TEMPORARIES_REMOVED, BLOBS_COLLECTED
+from switchboard.packs import ROTATE_AGE_S, ROTATE_BYTES, Packs, collect_packs
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: A blob this large is written and fsynced on its own, not in a group's sync.
@@ -92,6 +93,9 @@ class BlobStore(Protocol):
         """The stored bytes; raises :class:`BlobNotFound`."""
 
     def exists(self, sha256: str) -> bool: ...
+
+    def close(self) -> None:
+        """Let go of open files (a writer's pack); the store may not be written after."""
 
 
 class FileBlobStore:
@@ -280,6 +284,9 @@ class FileBlobStore:
         except FileNotFoundError as exc:
             raise BlobNotFound(sha256) from exc
 
+    def close(self) -> None:
+        """Nothing is held open between writes."""
+
     def scan(
         self, temporaries: list[tuple[Path, float, int]] | None = None
     ) -> Iterator[tuple[str, float, int]]:
@@ -318,6 +325,70 @@ class FileBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+class PackBlobStore(FileBlobStore):
+    """Blobs under :data:`BIG_BLOB` appended to this process's packs
+    (:mod:`switchboard.packs`): one ``writev`` and a shared ``fdatasync`` a group
+    instead of a file, a rename and two file-system syncs. Big blobs stay files
+    (:meth:`FileBlobStore.put`, fsynced on their own), and blobs a store of the
+    file layout wrote are read and collected as before: a data directory can move
+    from ``layout = "files"`` to packs and back (what packs hold stays in packs)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rotate_bytes: int = ROTATE_BYTES,
+        rotate_age_s: float = ROTATE_AGE_S,
+    ) -> None:
+        super().__init__(root)
+        self.packs = Packs(root, self._dirs, rotate_bytes=rotate_bytes, rotate_age_s=rotate_age_s)
+
+    def put(self, blob: Blob) -> BlobRef:
+        if blob.ref.size >= BIG_BLOB:
+            return super().put(blob)
+        self.put_many([blob])
+        return blob.ref
+
+    def put_many(self, blobs: Sequence[Blob]) -> None:
+        unique = {b.ref.sha256: b for b in blobs}
+        for digest in unique:
+            if not _SHA256.match(digest):
+                raise ValueError(f"not a SHA-256 digest: {digest!r}")
+        small = [b for b in unique.values() if b.ref.size < BIG_BLOB]
+        for blob in unique.values():
+            if blob.ref.size >= BIG_BLOB:
+                super().put(blob)
+        if small:
+            self.packs.put(small)
+
+    def get(self, sha256: str) -> bytes:
+        try:
+            return super().get(sha256)  # big, or written as a file before packs
+        except BlobNotFound:
+            pass
+        data = self.packs.get(sha256)
+        if data is None:
+            raise BlobNotFound(sha256)
+        return data
+
+    def exists(self, sha256: str) -> bool:
+        if not _SHA256.match(sha256):
+            return False
+        return super().exists(sha256) or self.packs.get(sha256) is not None
+
+    def close(self) -> None:
+        self.packs.close()
+
+
+def open_blob_store(root: Path, layout: str) -> FileBlobStore:
+    """The store of ``[blobs] layout``: ``packs`` (the default) or ``files``."""
+    if layout == "files":
+        return FileBlobStore(root)
+    if layout == "packs":
+        return PackBlobStore(root)
+    raise ValueError(f"unknown blob layout {layout!r}")
 
 
 #: Which of these digests a store still references (router events, queue attachments).
@@ -380,6 +451,15 @@ def collect_garbage(
                 continue
             if dry_run or store.delete_if_older(sha256, cutoff):
                 report.deleted.append((sha256, size))
+    if isinstance(store, PackBlobStore):
+        collect_packs(store, store.packs, references, cutoff, report, dry_run=dry_run)
+    _remove_stale_temporaries(temporaries, now, report, dry_run=dry_run)
+    return report
+
+
+def _remove_stale_temporaries(
+    temporaries: list[tuple[Path, float, int]], now: float, report: GcReport, *, dry_run: bool
+) -> None:
     # No write takes an hour: a temporary file that old belongs to a dead writer (it
     # is no message's blob: the retention, which waits for messages, does not apply).
     stale = now - STALE_TEMPORARY_S
@@ -392,7 +472,6 @@ def collect_garbage(
             except FileNotFoundError:
                 continue
         report.temporaries.append((path.name, size))
-    return report
 
 
 class BlobCollector:

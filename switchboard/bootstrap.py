@@ -46,7 +46,7 @@ from sinks.archive_iceberg import IcebergTable
 from sinks.auth import Access, protect
 from sinks.queue import QueueSink, QueueStore
 from sinks.search import identity_keys
-from switchboard.blobs import BlobCollector, FileBlobStore, References
+from switchboard.blobs import BlobCollector, FileBlobStore, References, open_blob_store
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
 from switchboard.consumer import ConsumerRuntime
 from switchboard.databases import describe, upgrade_databases
@@ -526,7 +526,7 @@ def build_pipeline(
     components: list[Component] = []
     readiness = _readiness(settings, engine, started, components)
     app = create_app(readiness, settings.http)
-    blobs = FileBlobStore(settings.data_dir / "blobs")
+    blobs = open_blob_store(settings.data_dir / "blobs", settings.blobs.layout)
     spool = make_spool(settings, roles, worker.index)
     evidence = EvidenceBudget(
         settings.evidence.per_minute,

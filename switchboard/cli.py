@@ -268,7 +268,7 @@ def _cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_blobs_gc(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from switchboard.blobs import FileBlobStore, collect_garbage
+    from switchboard.blobs import collect_garbage, open_blob_store
     from switchboard.bootstrap import blob_references
     from switchboard.databases import upgrade_databases
     from switchboard.db import make_engine
@@ -279,14 +279,16 @@ def _cmd_blobs_gc(settings: Settings, args: argparse.Namespace) -> int:
         queue_engine = make_engine(settings.resolved_queue_database_url())
     upgrade_databases(settings, engine, queue_engine)
     retention = timedelta(days=settings.blobs.retention_days)
+    store = open_blob_store(settings.data_dir / "blobs", settings.blobs.layout)
     try:
         report = collect_garbage(
-            FileBlobStore(settings.data_dir / "blobs"),
+            store,
             blob_references(settings, engine, queue_engine),
             retention,
             dry_run=args.dry_run,
         )
     finally:
+        store.close()
         engine.dispose()
         queue_engine.dispose()
     verb = "would delete" if args.dry_run else "deleted"

@@ -128,6 +128,13 @@ class BlobSettings(BaseSettings):
     gc_enabled: bool = Field(
         default=True, description="Collect blobs periodically in `run` and `router`."
     )
+    layout: Literal["packs", "files"] = Field(
+        default="packs",
+        description=(
+            "How blobs under 1 MiB are written: `packs` (appended to each process's "
+            "pack files, one sync for many) or `files` (a file each). Either reads both."
+        ),
+    )
 
 
 class SpoolSettings(BaseSettings):

@@ -21,6 +21,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from normalize.schema import InboundMessage
+from switchboard.blobs import PackBlobStore
 from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.databases import current_revisions, head_revisions
 from switchboard.db import make_engine
@@ -231,8 +232,15 @@ def test_run_accepts_email_over_smtp_and_publishes_it(
     assert message.subject == f"e2e {unique}"
     assert message.text == "Hello!"
     assert message.raw is not None
-    blob = tmp_path / "var" / "blobs" / message.raw.sha256[:2] / message.raw.sha256[2:4]
-    assert (blob / message.raw.sha256).read_bytes() == raw
+    # The raw mail, appended to the stopped process's pack and read from another.
+    blobs = tmp_path / "var" / "blobs"
+    assert list((blobs / "packs").glob("*.pack"))
+    assert not (blobs / message.raw.sha256[:2]).exists()
+    store = PackBlobStore(blobs)
+    try:
+        assert store.get(message.raw.sha256) == raw
+    finally:
+        store.close()
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from ingest.handoff import HandOff
 from normalize.content import Blob, Normalized
-from switchboard.blobs import FileBlobStore
+from switchboard.blobs import FileBlobStore, PackBlobStore
 from switchboard.kafka import Publisher
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
@@ -24,10 +24,11 @@ WRITES = "switchboard_blob_group_commit_blobs_count"
 BLOBS = "switchboard_blob_group_commit_blobs_sum"
 
 
+@pytest.mark.parametrize("layout", [FileBlobStore, PackBlobStore])
 def test_sixty_four_concurrent_messages_share_blob_writes(
-    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, layout: type[FileBlobStore]
 ) -> None:
-    store = FileBlobStore(tmp_path / "blobs")
+    store = layout(tmp_path / "blobs")
     raws = [Blob.of(f"raw {unique} {i}".encode(), "application/json") for i in range(64)]
     messages = [
         Normalized(message=inbound_message(raw=raw.ref, subject=f"{unique} {i}"), blobs=(raw,))
@@ -42,7 +43,10 @@ def test_sixty_four_concurrent_messages_share_blob_writes(
         receipt = await handoff.deliver(message)
         assert receipt.ack is not None
         assert receipt.ack.topic == INBOUND
-        on_disk_at_ack.append(all(store.get(b.ref.sha256) == b.data for b in message.blobs))
+        # Read by another store, as another process would.
+        reader = layout(tmp_path / "blobs")
+        on_disk_at_ack.append(all(reader.get(b.ref.sha256) == b.data for b in message.blobs))
+        reader.close()
 
     async def main() -> None:
         await asyncio.gather(*(deliver(m) for m in messages))

@@ -40,6 +40,7 @@ KNOWN: dict[tuple[str, str], str] = {
     ),
     ("switchboard.blobs", "normalize.content"): _SCHEMA,
     ("switchboard.blobs", "normalize.schema"): _SCHEMA,
+    ("switchboard.packs", "normalize.content"): _SCHEMA,
     ("switchboard.consumer", "normalize.schema"): _SCHEMA,
 }
 

@@ -1,0 +1,327 @@
+"""Blob packs (``switchboard.packs``) on the real file system, with real processes:
+what a writer acknowledged is read back by any other process, after a kill, a
+torn record, a failed write or sync, a lost index and a collection."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Collection
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from normalize.content import Blob
+from switchboard.blobs import BIG_BLOB, BlobNotFound, FileBlobStore, PackBlobStore, collect_garbage
+from switchboard.packs import HEADER, INDEX, MAGIC, PACKS
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RETENTION = timedelta(days=30)
+
+
+def _blobs(tag: str, count: int, size: int = 700) -> list[Blob]:
+    return [Blob.of(f"{tag} {i} ".encode() + os.urandom(size), "text/plain") for i in range(count)]
+
+
+def _packs(root: Path) -> list[Path]:
+    return sorted((root / PACKS).glob("*.pack"))
+
+
+def _age(path: Path, days: float = 40) -> None:
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def _nothing(_among: Collection[str]) -> set[str]:
+    return set()
+
+
+def test_a_blob_written_by_one_store_is_read_by_another(tmp_path: Path) -> None:
+    writer, reader = PackBlobStore(tmp_path), PackBlobStore(tmp_path)
+    small, big = _blobs("small", 40), Blob.of(os.urandom(BIG_BLOB), "application/zip")
+    try:
+        writer.put_many([*small[:20], big])
+        writer.put_many(small[20:])
+        writer.put(small[0])  # again: a second record, still one blob
+        assert all(reader.get(b.ref.sha256) == b.data for b in small)
+        assert reader.get(big.ref.sha256) == big.data
+        assert reader.exists(small[5].ref.sha256)
+        assert not reader.exists("0" * 64)
+        assert not reader.exists("not a digest")
+        with pytest.raises(BlobNotFound):
+            reader.get("f" * 64)
+    finally:
+        writer.close()
+        reader.close()
+    [pack] = _packs(tmp_path)  # one writer, one pack; the big blob is a file of its own
+    assert (tmp_path / big.ref.sha256[:2] / big.ref.sha256[2:4] / big.ref.sha256).is_file()
+    assert pack.stat().st_size == sum(HEADER.size + b.ref.size for b in [*small, small[0]])
+
+
+def test_a_store_of_the_file_layout_and_a_pack_store_read_each_others_blobs(
+    tmp_path: Path,
+) -> None:
+    files, packed = _blobs("files", 3), _blobs("packed", 3)
+    FileBlobStore(tmp_path).put_many(files)
+    store = PackBlobStore(tmp_path)
+    store.put_many(packed)
+    assert all(store.get(b.ref.sha256) == b.data for b in files + packed)
+    store.close()
+
+
+def test_what_a_killed_writer_acknowledged_is_read_back(tmp_path: Path) -> None:
+    """A writer process appends groups as fast as it can and prints each group's
+    digests once put_many returns; it is killed with SIGKILL in mid-stream."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from normalize.content import Blob
+        from switchboard.blobs import PackBlobStore
+        store = PackBlobStore(Path({str(tmp_path)!r}), rotate_bytes=200_000)
+        n = 0
+        while True:
+            group = [Blob.of(os.urandom(300 + (n + i) % 5000), "x") for i in range(8)]
+            n += 8
+            store.put_many(group)
+            print(" ".join(b.ref.sha256 for b in group), flush=True)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert child.stdout is not None
+    acknowledged: list[str] = []
+    while len(acknowledged) < 4000:
+        line = child.stdout.readline()
+        assert line, "the writer died"
+        acknowledged.extend(line.split())
+    child.kill()
+    child.wait()
+    acknowledged.extend(child.stdout.read().split())  # printed before the kill
+    reader = PackBlobStore(tmp_path)
+    try:
+        missing = [d for d in acknowledged if not reader.exists(d)]
+    finally:
+        reader.close()
+    assert missing == []
+    assert len(_packs(tmp_path)) > 1  # it moved to new packs on the way
+
+
+def test_a_torn_record_at_a_packs_end_hides_nothing_before_it(tmp_path: Path) -> None:
+    writer = PackBlobStore(tmp_path)
+    whole = _blobs("whole", 10)
+    writer.put_many(whole)
+    writer.close()
+    [pack] = _packs(tmp_path)
+    torn = Blob.of(b"torn " * 100, "text/plain")
+    with pack.open("ab") as f:  # a crash in the middle of an append
+        f.write(HEADER.pack(MAGIC, bytes.fromhex(torn.ref.sha256), torn.ref.size))
+        f.write(torn.data[:100])
+    reader = PackBlobStore(tmp_path)
+    try:
+        assert all(reader.get(b.ref.sha256) == b.data for b in whole)
+        assert not reader.exists(torn.ref.sha256)
+        # Garbage where a header should be: the records before it still count.
+        with pack.open("ab") as f:
+            f.write(b"\0" * 200)
+        assert all(reader.exists(b.ref.sha256) for b in whole)
+    finally:
+        reader.close()
+
+
+def test_a_failed_append_moves_the_writer_to_a_new_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that stops half-way (a full disk) leaves a torn record: nothing may be
+    appended after it, where readers would never look."""
+    store = PackBlobStore(tmp_path)
+    before, failed, after = _blobs("before", 5), _blobs("failed", 5), _blobs("after", 5)
+    store.put_many(before)
+    real_writev = os.writev
+
+    def half_then_full(fd: int, buffers: list[memoryview]) -> int:
+        real_writev(fd, [buffers[0][: len(buffers[0]) // 2]])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        store.put_many(failed)
+    monkeypatch.setattr(os, "writev", real_writev)
+    store.put_many(after)
+    store.close()
+    assert len(_packs(tmp_path)) == 2
+    reader = PackBlobStore(tmp_path)
+    assert all(reader.get(b.ref.sha256) == b.data for b in before + after)
+    assert not any(reader.exists(b.ref.sha256) for b in failed)
+    reader.close()
+
+
+def test_a_failed_sync_is_told_and_the_pack_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PackBlobStore(tmp_path)
+    store.put_many(_blobs("first", 2))
+
+    def eio(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(OSError, match="Input/output"):
+        store.put_many(_blobs("unsynced", 2))
+    monkeypatch.undo()
+    later = _blobs("later", 2)
+    store.put_many(later)
+    store.close()
+    assert len(_packs(tmp_path)) == 2  # after a failed sync, a new pack
+    reader = PackBlobStore(tmp_path)
+    assert all(reader.get(b.ref.sha256) == b.data for b in later)
+    reader.close()
+
+
+def test_a_writer_moves_to_a_new_pack_past_its_size(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path, rotate_bytes=10_000)
+    blobs = _blobs("rotated", 60, size=900)
+    for i in range(0, 60, 3):
+        store.put_many(blobs[i : i + 3])
+    store.close()
+    assert len(_packs(tmp_path)) >= 5
+    assert all(p.stat().st_size <= 10_000 for p in _packs(tmp_path))
+    reader = PackBlobStore(tmp_path)
+    assert all(reader.get(b.ref.sha256) == b.data for b in blobs)
+    reader.close()
+
+
+def test_many_threads_append_at_once(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path)
+    groups = [_blobs(f"thread {t}", 50, size=200) for t in range(8)]
+
+    def write(group: list[Blob]) -> None:
+        for i in range(0, len(group), 5):
+            store.put_many(group[i : i + 5])
+
+    threads = [threading.Thread(target=write, args=(g,)) for g in groups]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    reader = PackBlobStore(tmp_path)
+    assert all(reader.get(b.ref.sha256) == b.data for g in groups for b in g)
+    reader.close()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_the_index_is_a_cache_built_again_from_the_packs(tmp_path: Path, damage: str) -> None:
+    blobs = _blobs("indexed", 20)
+    store = PackBlobStore(tmp_path)
+    store.put_many(blobs)
+    assert store.get(blobs[0].ref.sha256) == blobs[0].data  # indexed now
+    store.close()
+    index = tmp_path / PACKS / INDEX
+    for path in index.parent.glob(INDEX + "*"):
+        path.unlink()
+    if damage == "garbage":
+        index.write_bytes(b"this is not a database" * 100)
+    reader = PackBlobStore(tmp_path)
+    assert all(reader.get(b.ref.sha256) == b.data for b in blobs)
+    reader.close()
+
+
+def test_a_wrong_index_row_is_a_miss_never_wrong_bytes(tmp_path: Path) -> None:
+    a, b = _blobs("a", 1)[0], _blobs("b", 1)[0]
+    store = PackBlobStore(tmp_path)
+    store.put_many([a, b])
+    assert store.get(a.ref.sha256) == a.data
+    db = store.packs.index._connect()  # the cache itself, made wrong
+    db.execute(
+        "UPDATE records SET sha256 = ? WHERE sha256 = ?",
+        (bytes.fromhex(b.ref.sha256), bytes.fromhex(a.ref.sha256)),
+    )
+    assert store.get(b.ref.sha256) == b.data
+    store.close()
+
+
+def test_collection_keeps_what_is_referenced_or_young_and_never_a_live_writers_pack(
+    tmp_path: Path,
+) -> None:
+    old = _blobs("old", 6)
+    retired = PackBlobStore(tmp_path)
+    retired.put_many(old)
+    retired.close()  # its writer let go of it
+    [old_pack] = _packs(tmp_path)
+    _age(old_pack)
+    live = PackBlobStore(tmp_path)
+    live_blobs = _blobs("live", 3)
+    live.put_many(live_blobs)  # a pack a writer still holds
+    live_pack = next(p for p in _packs(tmp_path) if p != old_pack)
+    _age(live_pack)
+    again = old[5]
+    live.put_many([again])  # written again for a new message: a young record
+    _age(live_pack)
+    referenced = {old[0].ref.sha256, old[1].ref.sha256}
+
+    def references(among: Collection[str]) -> set[str]:
+        return referenced & set(among)
+
+    collector = PackBlobStore(tmp_path)
+    dry = collect_garbage(collector, [references], RETENTION, dry_run=True)
+    assert sorted(d for d, _ in dry.deleted) == sorted(b.ref.sha256 for b in old[2:])
+    assert old_pack.exists()
+    report = collect_garbage(collector, [references], RETENTION)
+    collector.close()
+    assert sorted(d for d, _ in report.deleted) == sorted(b.ref.sha256 for b in old[2:])
+    assert report.referenced == 2
+    assert report.young == 4  # the live writer's records, whatever their age
+    assert not old_pack.exists()
+    assert live_pack.exists()
+    reader = PackBlobStore(tmp_path)
+    assert reader.get(old[0].ref.sha256) == old[0].data  # copied to a young pack
+    assert reader.get(old[1].ref.sha256) == old[1].data
+    assert reader.get(again.ref.sha256) == again.data  # its young copy
+    assert not any(reader.exists(b.ref.sha256) for b in old[2:5])
+    assert all(reader.get(b.ref.sha256) == b.data for b in live_blobs)
+    # The copies are young: the next collection keeps them.
+    second = collect_garbage(reader, [_nothing], RETENTION)
+    assert second.deleted == []
+    live.close()
+    reader.close()
+
+
+def test_a_reader_whose_index_points_at_a_collected_pack_finds_the_copy(tmp_path: Path) -> None:
+    kept = _blobs("kept", 2)
+    writer = PackBlobStore(tmp_path)
+    writer.put_many(kept)
+    writer.close()
+    reader = PackBlobStore(tmp_path)
+    assert reader.get(kept[0].ref.sha256) == kept[0].data  # its row: the old pack
+    for pack in _packs(tmp_path):
+        _age(pack)
+    collector = PackBlobStore(tmp_path)
+    report = collect_garbage(
+        collector, [lambda among: {b.ref.sha256 for b in kept} & set(among)], RETENTION
+    )
+    assert report.deleted == []
+    # A pack all referenced is left as it is; one more record makes it collectable.
+    writer = PackBlobStore(tmp_path, rotate_bytes=1)
+    extra = _blobs("extra", 1)
+    writer.put_many(extra)
+    writer.close()
+    for pack in _packs(tmp_path):
+        _age(pack)
+    report = collect_garbage(
+        collector, [lambda among: {b.ref.sha256 for b in kept} & set(among)], RETENTION
+    )
+    collector.close()
+    assert [d for d, _ in report.deleted] == [extra[0].ref.sha256]
+    assert all(reader.get(b.ref.sha256) == b.data for b in kept)
+    reader.close()
