@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-floor bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,10 @@ bench-edges: $(VENV)/.installed-dev
 ## The floor of a durable Twilio hook in Python here (no framework): run beside bench-edges.
 bench-http-floor: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_floor.py --workers 1,2
+
+## A small blob stored durably: a file each against packs (the data directory's disk).
+bench-blobs: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/blob_layouts.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var *.egg-info

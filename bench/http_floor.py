@@ -44,7 +44,7 @@ from kafka import KafkaProducer
 from bench.http_ingest import TOKEN, fresh_script, twilio_request, wrk
 from ingest.groupcommit import GroupCommit
 from normalize.content import Blob
-from switchboard.blobs import FileBlobStore
+from switchboard.blobs import open_blob_store
 from switchboard.broker import EmbeddedBroker, free_port, wait_for_port
 
 TOPIC = "floor.inbound"
@@ -98,13 +98,13 @@ class Floor(asyncio.Protocol):
 
 
 class FloorServer:
-    def __init__(self, port: int, bootstrap: str, blobs: Path) -> None:
+    def __init__(self, port: int, bootstrap: str, blobs: Path, layout: str) -> None:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
         )
-        self.group = GroupCommit(FileBlobStore(blobs), ThreadPoolExecutor(16))
+        self.group = GroupCommit(open_blob_store(blobs, layout), ThreadPoolExecutor(16))
 
     async def take(self, conn: Floor, body: bytes, path: bytes, signature: str) -> None:
         if conn.transport is None:
@@ -147,9 +147,9 @@ def _done(waiter: asyncio.Future[None], error: BaseException | None) -> None:
         waiter.set_exception(error)
 
 
-def serve(port: int, bootstrap: str, blobs: str) -> None:
+def serve(port: int, bootstrap: str, blobs: str, layout: str) -> None:
     async def main() -> None:
-        server = FloorServer(port, bootstrap, Path(blobs))
+        server = FloorServer(port, bootstrap, Path(blobs), layout)
         server.producer.send(TOPIC, b"warm").get(30)  # the topic's metadata, once
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -165,6 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--blob-layout", choices=("packs", "files"), default="packs", help="as [blobs] layout"
+    )
     args = parser.parse_args()
     spawn = multiprocessing.get_context("spawn")
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as data:
@@ -172,7 +175,9 @@ def main() -> None:
             port = free_port()
             procs = [
                 spawn.Process(
-                    target=serve, args=(port, broker.bootstrap, data + "/blobs"), daemon=True
+                    target=serve,
+                    args=(port, broker.bootstrap, data + "/blobs", args.blob_layout),
+                    daemon=True,
                 )
                 for _ in range(workers)
             ]
