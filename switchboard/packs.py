@@ -70,6 +70,8 @@ ROTATE_BYTES = 64 * 1024 * 1024
 #: ... or once its pack is this old: collection takes whole packs, so a pack is
 #: closed well before any retention period can end.
 ROTATE_AGE_S = 3600.0
+#: How packs are opened to be read: never through a symbolic link put in their place.
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 @dataclass(eq=False)
@@ -112,8 +114,8 @@ def read_records(fd: int, start: int, end: int) -> tuple[list[Record], int]:
 def read_blob(path: Path, offset: int, size: int, sha256: str) -> bytes | None:
     """The blob at ``offset`` of ``path`` if it is whole and its bytes are ``sha256``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, _READ)
+    except OSError:  # gone (collected), or not a pack file (a link)
         return None
     try:
         record = os.pread(fd, HEADER.size + size, offset)
@@ -329,8 +331,8 @@ class PackIndex:
                     if size <= start:
                         continue
                     try:
-                        fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
+                        fd = os.open(self.directory / name, _READ)
+                    except OSError:  # gone (collected), or not a pack file (a link)
                         present.discard(name)
                         continue
                     try:
@@ -450,8 +452,8 @@ def collect_packs(
     packs.index.catch_up()
     for name, _size in sorted(_pack_files(packs.directory)):
         try:
-            fd = os.open(packs.directory / name, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(packs.directory / name, _READ)
+        except OSError:  # gone (collected), or not a pack file (a link)
             continue
         try:
             try:

@@ -325,3 +325,19 @@ def test_a_reader_whose_index_points_at_a_collected_pack_finds_the_copy(tmp_path
     assert [d for d, _ in report.deleted] == [extra[0].ref.sha256]
     assert all(reader.get(b.ref.sha256) == b.data for b in kept)
     reader.close()
+
+
+def test_a_link_in_the_packs_directory_is_not_read(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path)
+    store.put_many(_blobs("real", 1))
+    planted = Blob.of(b"planted elsewhere", "text/plain")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.pack"
+    outside.write_bytes(
+        HEADER.pack(MAGIC, bytes.fromhex(planted.ref.sha256), planted.ref.size) + planted.data
+    )
+    (tmp_path / PACKS / "0000000000000-1-planted-0.pack").symlink_to(outside)
+    assert not store.exists(planted.ref.sha256)
+    report = collect_garbage(store, [_nothing], RETENTION)
+    assert report.deleted == []
+    assert outside.exists()
+    store.close()
