@@ -37,18 +37,21 @@ so a message never depends on an old pack's record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
 import logging
 import os
+import re
 import secrets
 import sqlite3
+import stat
 import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +75,7 @@ ROTATE_BYTES = 64 * 1024 * 1024
 ROTATE_AGE_S = 3600.0
 #: How packs are opened to be read: never through a symbolic link put in their place.
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(eq=False)
@@ -82,9 +86,12 @@ class _Pack:
     fd: int
     opened: float  # time.monotonic()
     pid: int  # of the process that opened it
-    size: int = 0
-    syncing: int = 0  # appends whose fdatasync has not returned
+    size: int = 0  # bytes appended (under the writer's lock)
+    synced: int = 0  # bytes a completed fdatasync covers (under ``sync_lock``)
+    failed: BaseException | None = None  # a failed write or sync: every later sync fails
+    syncing: int = 0  # appends not yet answered
     retired: bool = False  # no more appends; closed once ``syncing`` is 0
+    sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ def read_records(fd: int, start: int, end: int) -> tuple[list[Record], int]:
 def read_blob(path: Path, offset: int, size: int, sha256: str) -> bytes | None:
     """The blob at ``offset`` of ``path`` if it is whole and its bytes are ``sha256``."""
     try:
-        fd = os.open(path, _READ)
+        fd = _open_pack(path)
     except OSError:  # gone (collected), or not a pack file (a link)
         return None
     try:
@@ -132,16 +139,29 @@ def read_blob(path: Path, offset: int, size: int, sha256: str) -> bytes | None:
     return data
 
 
+def _iov_max() -> int:
+    try:
+        return max(16, os.sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError):
+        return 1024
+
+
+#: Buffers one ``writev`` takes (Linux: 1,024); a group may carry thousands of blobs.
+IOV_MAX = _iov_max()
+
+
 def _write_all(fd: int, buffers: list[bytes]) -> None:
-    """Every buffer, in order, at the end of ``fd`` (``writev`` may write a part)."""
+    """Every buffer, in order, at the end of ``fd`` (``writev`` may write a part, and
+    takes at most :data:`IOV_MAX` buffers)."""
     views = [memoryview(b) for b in buffers if b]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
         if written:
-            views[0] = views[0][written:]
+            views[first] = views[first][written:]
 
 
 class PackWriter:
@@ -165,6 +185,7 @@ class PackWriter:
         self._pack: _Pack | None = None
         self._token = secrets.token_hex(4)
         self._numbers = itertools.count()
+        self._closed = False
 
     def append(self, blobs: Sequence[Blob]) -> None:
         """Append the blobs and return once they are on disk (raises OSError if not)."""
@@ -174,41 +195,72 @@ class PackWriter:
             buffers.append(blob.data)
         total = sum(len(b) for b in buffers)
         with self._lock:
+            if self._closed:
+                raise OSError("the blob store is closed")
             pack = self._writable(total)
             try:
                 _write_all(pack.fd, buffers)
-            except BaseException:
-                self._retire(pack)  # perhaps a torn record at its end: never appended to again
+            except BaseException as exc:
+                # Perhaps a torn record at its end: never appended to again, and no
+                # sync of it may answer anyone any more.
+                pack.failed = exc
+                self._retire(pack)
                 raise
             pack.size += total
+            end = pack.size
             pack.syncing += 1
         try:
-            # Every append before this one too: concurrent groups share the syncs.
-            os.fdatasync(pack.fd)
-        except BaseException:
-            # After a failed write-back the kernel may call the pages clean: a later
-            # sync of this pack could pass without writing them.
-            with self._lock:
-                self._retire(pack)
-            raise
+            self._sync(pack, end)
         finally:
             with self._lock:
                 pack.syncing -= 1
                 self._close_if_done(pack)
+
+    def _sync(self, pack: _Pack, end: int) -> None:
+        """Return once the pack's first ``end`` bytes are on disk.
+
+        One fdatasync at a time a pack, covering every append finished before it
+        started: concurrent groups share it. A failure is the pack's for good. The
+        kernel reports a write-back error once per open file, so of two threads
+        syncing the same descriptor one may hear 0 for pages that were lost; here
+        every append the failed sync did not cover, and every later one, fails."""
+        with pack.sync_lock:
+            if pack.failed is not None:
+                raise OSError(f"blob pack failed: {pack.failed}") from pack.failed
+            if pack.synced >= end:
+                return  # a sync that started after this append covered it
+            with self._lock:
+                covering = pack.size
+            try:
+                os.fdatasync(pack.fd)
+            except BaseException as exc:
+                # After a failed write-back the kernel may call the pages clean: a
+                # later sync of this pack could pass without writing them.
+                pack.failed = exc
+                with self._lock:
+                    self._retire(pack)
+                raise
+            pack.synced = covering
 
     def current(self) -> Path | None:
         with self._lock:
             return None if self._pack is None else self._pack.path
 
     def close(self) -> None:
+        """No more appends (OSError); the open pack is closed once its syncs return."""
         with self._lock:
+            self._closed = True
             if self._pack is not None:
                 self._retire(self._pack)
 
     def _writable(self, adding: int) -> _Pack:
         pack = self._pack
         if pack is not None and pack.pid != os.getpid():
-            self._pack = pack = None  # inherited across a fork: its writer is the parent
+            # Inherited across a fork: its writer is the parent. This copy of the
+            # descriptor is closed (the parent's own keeps its lock).
+            with contextlib.suppress(OSError):
+                os.close(pack.fd)
+            self._pack = pack = None
         if (
             pack is not None
             and pack.size
@@ -254,34 +306,49 @@ class PackWriter:
             pack.fd = -1
 
 
+#: SQLite's codes for a file that is not (or no longer) a sound database.
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: Rows a transaction of ``catch_up`` writes at most: others wait for it.
+_BATCH = 5000
+#: How long a reader waits for another process's index transaction before it reads
+#: the packs themselves instead.
+BUSY_TIMEOUT_S = 5.0
+
+
+class IndexUnavailable(Exception):
+    """The index cannot answer now (busy, full, read-only, damaged): read the packs."""
+
+
 class PackIndex:
-    """digest -> (pack, offset, size), filled from the packs (a cache; thread-safe)."""
+    """digest -> (pack, offset, size), filled from the packs (a cache; thread-safe).
+
+    Every failure of SQLite is :class:`IndexUnavailable` to the caller, who then
+    reads the packs themselves; a damaged file is also set aside and built again."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._inode: int | None = None  # of the file ``_db`` opened
+        self._pid = os.getpid()
+        self._inherited: list[sqlite3.Connection] = []
 
     def _connect(self) -> sqlite3.Connection:
+        if self._db is not None and self._pid != os.getpid():
+            # Across a fork SQLite's connection must not be used, nor closed.
+            self._inherited.append(self._db)
+            self._db, self._pid = None, os.getpid()
         if self._db is not None:
             return self._db
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / INDEX
         try:
-            db = self._open(path)
-        except sqlite3.DatabaseError as exc:
-            # A cache: an unreadable one is built again from the packs.
-            log.warning("blob pack index unreadable, rebuilt", extra={"error": repr(exc)})
-            for stale in (path, path.with_name(INDEX + "-wal"), path.with_name(INDEX + "-shm")):
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-            db = self._open(path)
-        self._db = db
-        return db
-
-    @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._inode = os.stat(path).st_ino  # what a damaged file is told apart by
+        except FileNotFoundError:
+            self._inode = None
+        db = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -294,94 +361,153 @@ class PackIndex:
                 "offset INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (pack, offset))"
             )
             db.execute("CREATE INDEX IF NOT EXISTS records_sha256 ON records (sha256)")
-            db.execute("SELECT count(*) FROM packs").fetchone()
+            self._inode = os.stat(path).st_ino
+            db.execute("SELECT 1 FROM records LIMIT 1").fetchall()
         except BaseException:
             db.close()
             raise
+        self._db = db
         return db
+
+    def _failed(self, exc: sqlite3.Error) -> IndexUnavailable:
+        """Drop the connection; a damaged file (the one this process opened, not one
+        another process has built since) is deleted, to be built again."""
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        if getattr(exc, "sqlite_errorname", None) in _DAMAGED:
+            path = self.directory / INDEX
+            try:
+                same = self._inode is None or os.stat(path).st_ino == self._inode
+            except OSError:
+                same = False
+            if same:
+                log.warning("blob pack index damaged, built again", extra={"error": repr(exc)})
+                for stale in (path, path.with_name(INDEX + "-wal"), path.with_name(INDEX + "-shm")):
+                    with contextlib.suppress(FileNotFoundError):
+                        stale.unlink()
+        return IndexUnavailable(repr(exc))
 
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
-                self._db.close()
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
                 self._db = None
 
     def lookup(self, sha256: str) -> list[tuple[str, int, int]]:
         """Where ``sha256`` was appended, newest pack first."""
         with self._lock:
-            rows = self._connect().execute(
-                "SELECT pack, offset, size FROM records WHERE sha256 = ? ORDER BY pack DESC",
-                (bytes.fromhex(sha256),),
-            )
-            return [(str(p), int(o), int(s)) for p, o, s in rows]
-
-    def catch_up(self) -> None:
-        """Index what was appended to any pack since the last look; forget packs gone."""
-        with self._lock:
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
             try:
-                known = {
-                    str(n): int(t) for n, t in db.execute("SELECT name, indexed_to FROM packs")
-                }
-                present = set()
-                for name, size in _pack_files(self.directory):
-                    present.add(name)
-                    start = known.get(name, 0)
-                    if size <= start:
-                        continue
-                    try:
-                        fd = os.open(self.directory / name, _READ)
-                    except OSError:  # gone (collected), or not a pack file (a link)
-                        present.discard(name)
-                        continue
-                    try:
-                        records, end = read_records(fd, start, size)
-                    finally:
-                        os.close(fd)
-                    db.executemany(
-                        "INSERT OR IGNORE INTO records (sha256, pack, offset, size) "
-                        "VALUES (?, ?, ?, ?)",
-                        [(bytes.fromhex(r.sha256), name, r.offset, r.size) for r in records],
-                    )
-                    db.execute(
-                        "INSERT INTO packs (name, indexed_to) VALUES (?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET indexed_to = excluded.indexed_to",
-                        (name, end),
-                    )
-                for gone in known.keys() - present:
-                    self._forget(db, gone)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                rows = self._connect().execute(
+                    "SELECT pack, offset, size FROM records WHERE sha256 = ? ORDER BY pack DESC",
+                    (bytes.fromhex(sha256),),
+                )
+                return [(str(p), int(o), int(s)) for p, o, s in rows]
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
 
     def count(self, name: str) -> int:
         """How many distinct blobs the index holds for pack ``name``."""
         with self._lock:
-            row = (
-                self._connect()
-                .execute("SELECT count(DISTINCT sha256) FROM records WHERE pack = ?", (name,))
-                .fetchone()
-            )
+            try:
+                row = (
+                    self._connect()
+                    .execute("SELECT count(DISTINCT sha256) FROM records WHERE pack = ?", (name,))
+                    .fetchone()
+                )
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
             return int(row[0])
 
-    def forget(self, name: str) -> None:
-        """A pack about to be deleted: its rows go first (a reader then looks again)."""
+    def catch_up(self) -> None:
+        """Index what was appended to any pack since the last look; forget packs gone.
+        The packs are read outside any transaction; their rows go in short ones."""
         with self._lock:
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
             try:
-                self._forget(db, name)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                self._catch_up(self._connect())
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
+
+    def _catch_up(self, db: sqlite3.Connection) -> None:
+        known = {str(n): int(t) for n, t in db.execute("SELECT name, indexed_to FROM packs")}
+        present: set[str] = set()
+        for name, size in _pack_files(self.directory):
+            present.add(name)
+            start = known.get(name, 0)
+            if size <= start:
+                continue
+            try:
+                fd = _open_pack(self.directory / name)
+            except OSError:  # gone (collected), or not a pack file (a link)
+                present.discard(name)
+                continue
+            try:
+                records, end = read_records(fd, start, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            for first in range(0, max(len(records), 1), _BATCH):
+                batch = records[first : first + _BATCH]
+                last = batch[-1] if batch else None
+                upto = (
+                    end
+                    if first + _BATCH >= len(records) or last is None
+                    else last.offset + HEADER.size + last.size
+                )
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO records (sha256, pack, offset, size) "
+                        "VALUES (?, ?, ?, ?)",
+                        [(bytes.fromhex(r.sha256), name, r.offset, r.size) for r in batch],
+                    )
+                    db.execute(
+                        "INSERT INTO packs (name, indexed_to) VALUES (?, ?) ON CONFLICT (name) "
+                        "DO UPDATE SET indexed_to = max(indexed_to, excluded.indexed_to)",
+                        (name, upto),
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        for gone in known.keys() - present:
+            self.forget(gone, db)
+
+    def forget(self, name: str, db: sqlite3.Connection | None = None) -> None:
+        """A pack about to be deleted: its rows go first (a reader then looks again)."""
+        if db is None:
+            with self._lock:
+                try:
+                    self._forget(self._connect(), name)
+                except sqlite3.Error as exc:
+                    raise self._failed(exc) from exc
+        else:
+            self._forget(db, name)
 
     @staticmethod
     def _forget(db: sqlite3.Connection, name: str) -> None:
-        db.execute("DELETE FROM records WHERE pack = ?", (name,))
-        db.execute("DELETE FROM packs WHERE name = ?", (name,))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM records WHERE pack = ?", (name,))
+            db.execute("DELETE FROM packs WHERE name = ?", (name,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _open_pack(path: Path) -> int:
+    """A descriptor on the regular file ``path`` (OSError for a link, a FIFO, a
+    directory: nothing but a writer's pack is ever read)."""
+    fd = os.open(path, _READ | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _pack_files(directory: Path) -> Iterator[tuple[str, int]]:
@@ -422,21 +548,91 @@ class Packs:
 
     def get(self, sha256: str) -> bytes | None:
         """The blob from any pack, or None. Looks again after indexing what is new, and
-        after a collection moved it (its old pack gone: its rows are gone first)."""
-        if not self.directory.is_dir():
+        after a collection moved it (its old pack gone: its rows are gone first). When
+        the index cannot answer, the packs are read instead, newest first."""
+        if not _SHA256.match(sha256) or not self.directory.is_dir():
             return None
-        for attempt in range(3):
-            for pack, offset, size in self.index.lookup(sha256):
-                data = read_blob(self.directory / pack, offset, size, sha256)
-                if data is not None:
-                    return data
-            if attempt < 2:
-                self.index.catch_up()
+        try:
+            for attempt in range(3):
+                for pack, offset, size in self.index.lookup(sha256):
+                    data = read_blob(self.directory / pack, offset, size, sha256)
+                    if data is not None:
+                        return data
+                if attempt < 2:
+                    self.index.catch_up()
+        except IndexUnavailable as exc:
+            log.warning("blob pack index unavailable, packs read", extra={"error": str(exc)})
+            return self.scan_for(sha256)
+        return None
+
+    def scan_for(self, sha256: str) -> bytes | None:
+        """``sha256`` from the packs themselves, without the index (slow: every header)."""
+        for name, _size in sorted(_pack_files(self.directory), reverse=True):
+            try:
+                fd = _open_pack(self.directory / name)
+            except OSError:
+                continue
+            try:
+                records, _end = read_records(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            for record in records:
+                if record.sha256 == sha256:
+                    data = read_blob(self.directory / name, record.offset, record.size, sha256)
+                    if data is not None:
+                        return data
         return None
 
     def close(self) -> None:
         self.writer.close()
         self.index.close()
+
+
+def read_all_records(fd: int, size: int) -> tuple[list[Record], int]:
+    """Every record of a pack no one appends to any more, and how many bytes could not
+    be read as records. Past a damaged stretch (a torn append, a bad block) the next
+    record whose bytes match its digest is looked for, and reading goes on from it."""
+    records, end = read_records(fd, 0, size)
+    damaged = 0
+    while end < size:
+        found = _next_record(fd, end + 1, size)
+        if found is None:
+            damaged += size - end
+            break
+        damaged += found - end
+        more, end = read_records(fd, found, size)
+        records.extend(more)
+    return records, damaged
+
+
+def _next_record(fd: int, start: int, size: int) -> int | None:
+    """Where the first whole, verified record at or after ``start`` begins."""
+    chunk = 1024 * 1024
+    position = start
+    while position < size:
+        data = os.pread(fd, min(chunk + HEADER.size, size - position), position)
+        if not data:
+            return None
+        at = data.find(MAGIC)
+        while at >= 0:
+            offset = position + at
+            header = os.pread(fd, HEADER.size, offset)
+            if len(header) == HEADER.size:
+                _magic, digest, length = HEADER.unpack(header)
+                if offset + HEADER.size + length <= size:
+                    body = os.pread(fd, length, offset + HEADER.size)
+                    if hashlib.sha256(body).digest() == digest:
+                        return offset
+            at = data.find(MAGIC, at + 1)
+        position += chunk
+    return None
+
+
+@dataclass
+class _OldPack:
+    name: str
+    records: list[Record]
+    damaged: int
 
 
 def collect_packs(
@@ -448,74 +644,133 @@ def collect_packs(
     *,
     dry_run: bool,
 ) -> None:
-    """Collect the packs untouched since ``cutoff`` (see the module's text)."""
-    packs.index.catch_up()
+    """Collect the packs untouched since ``cutoff`` (see the module's text). Each
+    table is asked once for all of their blobs."""
+    with contextlib.suppress(IndexUnavailable):  # the packs are read either way
+        packs.index.catch_up()
+    old: list[_OldPack] = []
     for name, _size in sorted(_pack_files(packs.directory)):
         try:
-            fd = os.open(packs.directory / name, _READ)
-        except OSError:  # gone (collected), or not a pack file (a link)
+            fd = _open_pack(packs.directory / name)
+        except OSError:  # gone (collected), or not a pack file (a link, a FIFO)
             continue
         try:
-            try:
-                # Not while a writer may append to it (it holds a shared lock), nor
-                # while another collector takes it.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                young = True
-            else:
-                info = os.fstat(fd)
-                if info.st_nlink == 0:
-                    continue  # deleted by another collector meanwhile
-                young = info.st_mtime >= cutoff
+            info = os.fstat(fd)
+            # Young first, without the lock: a pack a writer has just created and
+            # not yet locked is young, and is never held up by a collector.
+            young = info.st_mtime >= cutoff
+            if not young:
+                try:
+                    # Not while a writer may append to it (it holds a shared lock),
+                    # nor while another collector takes it.
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    young = True
             if young:
-                counted = packs.index.count(name)
+                counted = _count(packs, name, fd)
                 report.scanned += counted
                 report.young += counted
                 continue
-            _collect_pack(
-                store, packs, name, fd, references=references, report=report, dry_run=dry_run
-            )
+            if info.st_nlink == 0:
+                continue  # deleted by another collector meanwhile
+            records, damaged = read_all_records(fd, os.fstat(fd).st_size)
+            old.append(_OldPack(name, records, damaged))
         finally:
-            os.close(fd)
+            os.close(fd)  # and its lock: taken again before anything is changed
+    digests = {r.sha256 for pack in old for r in pack.records}
+    referenced: set[str] = set()
+    if digests:
+        for find in references:
+            referenced |= find(digests)
+    doomed: set[str] = set()  # the packs this collection deletes (or, dry, would)
+    for pack in old:
+        _collect_pack(
+            store,
+            packs,
+            pack,
+            referenced=referenced & digests,
+            report=report,
+            doomed=doomed,
+            dry_run=dry_run,
+        )
+
+
+def _count(packs: Packs, name: str, fd: int) -> int:
+    try:
+        return packs.index.count(name)
+    except IndexUnavailable:
+        records, _end = read_records(fd, 0, os.fstat(fd).st_size)
+        return len({r.sha256 for r in records})
 
 
 def _collect_pack(
     store: FileBlobStore,
     packs: Packs,
-    name: str,
-    fd: int,
+    old: _OldPack,
     *,
-    references: Sequence[References],
+    referenced: set[str],
     report: GcReport,
+    doomed: set[str],
     dry_run: bool,
 ) -> None:
-    """One old pack, locked: what is referenced is written again, the pack deleted."""
-    records, _end = read_records(fd, 0, os.fstat(fd).st_size)
-    digests = {r.sha256: r for r in records}
-    report.scanned += len(digests)
-    referenced: set[str] = set()
-    for find in references:
-        referenced |= find(digests.keys())
-    referenced &= digests.keys()
-    report.referenced += len(referenced)
-    dropped = [(d, r.size) for d, r in digests.items() if d not in referenced]
-    if not dropped and len(records) == len(digests):
-        return  # all still needed: left as it is, looked at again next time
-    report.deleted.extend(dropped)
-    if dry_run:
+    """One old pack: what is referenced is written again, the pack deleted."""
+    path = packs.directory / old.name
+    try:
+        fd = _open_pack(path)
+    except OSError:
         return
-    kept: list[Blob] = []
-    for digest in sorted(referenced):
-        record = digests[digest]
-        data = os.pread(fd, record.size, record.offset + HEADER.size)
-        if hashlib.sha256(data).hexdigest() != digest:
-            # Kept as it is, for whoever looks into it: nothing is deleted from it.
-            log.error("blob pack record damaged", extra={"pack": name, "sha256": digest})
-            del report.deleted[len(report.deleted) - len(dropped) :]
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another collector has it
+        info = os.fstat(fd)
+        if info.st_nlink == 0:
             return
-        kept.append(Blob.of(data, "application/octet-stream"))
-    if kept:
-        store.put_many(kept)  # young again, in this process's pack, synced
-    packs.index.forget(name)  # readers look again, and find the copies
-    (packs.directory / name).unlink()
-    fsync_dir(packs.directory)
+        # A pack no one appends to does not change; read again under this lock anyway.
+        records, damaged = read_all_records(fd, info.st_size)
+        digests = {r.sha256: r for r in records}
+        report.scanned += len(digests)
+        live = {d: r for d, r in digests.items() if d in referenced}
+        report.referenced += len(live)
+        dropped = [(d, r.size) for d, r in digests.items() if d not in referenced]
+        if records and not dropped and not damaged and len(records) == len(digests):
+            return  # all still needed: left as it is, looked at again next time
+        kept: list[Blob] = []
+        for digest, record in sorted(live.items()):
+            data = os.pread(fd, record.size, record.offset + HEADER.size)
+            if hashlib.sha256(data).hexdigest() != digest:
+                # Kept as it is, for whoever looks into it: nothing is deleted from it.
+                log.error("blob pack record damaged", extra={"pack": old.name, "sha256": digest})
+                return
+            kept.append(Blob.of(data, "application/octet-stream"))
+        if damaged:
+            log.warning(
+                "blob pack had unreadable bytes",
+                extra={"pack": old.name, "damaged_bytes": damaged, "records": len(records)},
+            )
+        doomed.add(old.name)
+        gone = [(d, size) for d, size in dropped if not _elsewhere(packs, d, doomed)]
+        report.deleted.extend(gone)
+        if dry_run:
+            return
+        if kept:
+            store.put_many(kept)  # young again, in this process's pack, synced
+        with contextlib.suppress(IndexUnavailable):  # readers then find it gone
+            packs.index.forget(old.name)  # readers look again, and find the copies
+        path.unlink()
+        fsync_dir(packs.directory)
+    finally:
+        os.close(fd)
+
+
+def _elsewhere(packs: Packs, sha256: str, doomed: set[str]) -> bool:
+    """Whether a pack this collection keeps holds ``sha256`` too (then dropping this
+    copy deletes nothing: it is not reported deleted)."""
+    try:
+        rows = packs.index.lookup(sha256)
+    except IndexUnavailable:
+        return False
+    return any(
+        pack not in doomed and (packs.directory / pack).exists() for pack, _offset, _size in rows
+    )

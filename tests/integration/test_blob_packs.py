@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from normalize.content import Blob
+from switchboard import packs as packs_module
 from switchboard.blobs import BIG_BLOB, BlobNotFound, FileBlobStore, PackBlobStore, collect_garbage
 from switchboard.packs import HEADER, INDEX, MAGIC, PACKS
 
@@ -135,6 +137,13 @@ def test_a_torn_record_at_a_packs_end_hides_nothing_before_it(tmp_path: Path) ->
         with pack.open("ab") as f:
             f.write(b"\0" * 200)
         assert all(reader.exists(b.ref.sha256) for b in whole)
+        fd = os.open(pack, os.O_RDONLY)
+        try:
+            records, end = packs_module.read_records(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        assert [r.sha256 for r in records] == [b.ref.sha256 for b in whole]
+        assert end == sum(HEADER.size + b.ref.size for b in whole)
     finally:
         reader.close()
 
@@ -274,12 +283,13 @@ def test_collection_keeps_what_is_referenced_or_young_and_never_a_live_writers_p
         return referenced & set(among)
 
     collector = PackBlobStore(tmp_path)
+    # old[5] is not reported deleted: its young copy stays.
     dry = collect_garbage(collector, [references], RETENTION, dry_run=True)
-    assert sorted(d for d, _ in dry.deleted) == sorted(b.ref.sha256 for b in old[2:])
+    assert sorted(d for d, _ in dry.deleted) == sorted(b.ref.sha256 for b in old[2:5])
     assert old_pack.exists()
     report = collect_garbage(collector, [references], RETENTION)
     collector.close()
-    assert sorted(d for d, _ in report.deleted) == sorted(b.ref.sha256 for b in old[2:])
+    assert sorted(d for d, _ in report.deleted) == sorted(b.ref.sha256 for b in old[2:5])
     assert report.referenced == 2
     assert report.young == 4  # the live writer's records, whatever their age
     assert not old_pack.exists()
@@ -341,3 +351,303 @@ def test_a_link_in_the_packs_directory_is_not_read(tmp_path: Path) -> None:
     assert report.deleted == []
     assert outside.exists()
     store.close()
+
+
+def test_a_write_of_more_blobs_than_one_writev_takes(tmp_path: Path) -> None:
+    """A mail may carry a thousand attachments: 2,000 buffers, over Linux's 1,024."""
+    store = PackBlobStore(tmp_path)
+    many = _blobs("many", 1500, size=20)
+    store.put_many(many)
+    store.close()
+    reader = PackBlobStore(tmp_path)
+    assert all(reader.get(b.ref.sha256) == b.data for b in many)
+    reader.close()
+
+
+def test_every_acknowledged_append_was_covered_by_a_finished_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight threads append at once; each put_many may return only after an fdatasync
+    that started once its bytes were written has finished."""
+    real = os.fdatasync
+    covered = [0]
+    guard = threading.Lock()
+
+    def recording(fd: int) -> None:
+        size = os.fstat(fd).st_size  # what this sync covers
+        time.sleep(0.002)  # a disk: others append meanwhile
+        real(fd)
+        with guard:
+            covered[0] = max(covered[0], size)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    store = PackBlobStore(tmp_path)
+    seen: dict[str, int] = {}  # digest -> what was covered when its put_many returned
+
+    def write(t: int) -> None:
+        for g in range(20):
+            group = _blobs(f"t{t} g{g}", 3, size=100)
+            store.put_many(group)
+            with guard:
+                for blob in group:
+                    seen[blob.ref.sha256] = covered[0]
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    [pack] = _packs(tmp_path)
+    fd = os.open(pack, os.O_RDONLY)
+    try:
+        records, _end = packs_module.read_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert len(records) == 8 * 20 * 3
+    late = [r.sha256 for r in records if seen[r.sha256] < r.offset + HEADER.size + r.size]
+    assert late == []
+
+
+def test_a_failed_sync_fails_every_append_it_did_not_cover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's sync fails after C appended behind A's record: the kernel may tell C's own
+    sync 0 (it reports a write-back error once per open file), so C must hear the
+    failure from the pack itself; after a crash, readers would stop at A's record."""
+    real = os.fdatasync
+    c_appended = threading.Event()
+
+    def failing_for_a(fd: int) -> None:
+        if threading.current_thread().name == "A":
+            c_appended.wait(5)
+            time.sleep(0.1)  # C is waiting for the pack's sync now
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_for_a)
+    store = PackBlobStore(tmp_path)
+    results: dict[str, str] = {}
+
+    def put(name: str, blob: Blob) -> None:
+        try:
+            store.put_many([blob])
+            results[name] = "stored"
+        except OSError as exc:
+            results[name] = f"failed: {exc}"
+
+    real_writev = os.writev
+
+    def noting_c(fd: int, buffers: list[memoryview]) -> int:
+        written = real_writev(fd, buffers)
+        if threading.current_thread().name == "C":
+            c_appended.set()
+        return written
+
+    monkeypatch.setattr(os, "writev", noting_c)
+    a = threading.Thread(target=put, args=("A", _blobs("A", 1)[0]), name="A")
+    c = threading.Thread(target=put, args=("C", _blobs("C", 1)[0]), name="C")
+    a.start()
+    time.sleep(0.05)
+    c.start()
+    a.join()
+    c.join()
+    assert results["A"].startswith("failed"), results
+    assert results["C"].startswith("failed"), results
+    monkeypatch.undo()
+    later = _blobs("later", 1)
+    store.put_many(later)  # a new pack
+    store.close()
+    assert len(_packs(tmp_path)) == 2
+
+
+def test_damaged_bytes_are_never_returned(tmp_path: Path) -> None:
+    blob = _blobs("damaged", 1)[0]
+    store = PackBlobStore(tmp_path)
+    store.put_many([blob])
+    store.close()
+    [pack] = _packs(tmp_path)
+    with pack.open("r+b") as f:  # one bit flipped in the blob's bytes
+        f.seek(HEADER.size + 10)
+        byte = f.read(1)
+        f.seek(HEADER.size + 10)
+        f.write(bytes([byte[0] ^ 1]))
+    reader = PackBlobStore(tmp_path)
+    with pytest.raises(BlobNotFound):
+        reader.get(blob.ref.sha256)
+    reader.put_many([blob])  # stored again: the sound copy is read
+    assert reader.get(blob.ref.sha256) == blob.data
+    reader.close()
+
+
+def test_a_writer_moves_to_a_new_pack_after_its_age(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path, rotate_age_s=0.2)
+    store.put_many(_blobs("first", 1))
+    store.put_many(_blobs("soon after", 1))
+    assert len(_packs(tmp_path)) == 1
+    time.sleep(0.3)
+    store.put_many(_blobs("later", 1))
+    store.close()
+    assert len(_packs(tmp_path)) == 2
+
+
+def test_collection_deletes_old_packs_without_a_whole_record(tmp_path: Path) -> None:
+    directory = tmp_path / PACKS
+    directory.mkdir(parents=True)
+    empty = directory / "0000000000001-1-dead-0.pack"
+    empty.write_bytes(b"")  # a failed first write
+    torn = directory / "0000000000002-1-dead-0.pack"
+    blob = _blobs("torn", 1)[0]
+    torn.write_bytes(HEADER.pack(MAGIC, bytes.fromhex(blob.ref.sha256), blob.ref.size) + b"x")
+    for path in (empty, torn):
+        _age(path)
+    store = PackBlobStore(tmp_path)
+    report = collect_garbage(store, [_nothing], RETENTION)
+    store.close()
+    assert report.deleted == []
+    assert _packs(tmp_path) == []
+
+
+def test_collection_salvages_the_records_after_a_damaged_stretch(tmp_path: Path) -> None:
+    first, middle, last = _blobs("first", 1)[0], _blobs("middle", 1)[0], _blobs("last", 1)[0]
+    store = PackBlobStore(tmp_path)
+    store.put_many([first, middle, last])
+    store.close()
+    [pack] = _packs(tmp_path)
+    with pack.open("r+b") as f:  # a bad block over the middle record's header
+        f.seek(HEADER.size + first.ref.size)
+        f.write(b"\0" * 20)
+    _age(pack)
+    keep = {first.ref.sha256, middle.ref.sha256, last.ref.sha256}
+    collector = PackBlobStore(tmp_path)
+    collect_garbage(collector, [lambda among: keep & set(among)], RETENTION)
+    collector.close()
+    assert pack not in _packs(tmp_path)
+    reader = PackBlobStore(tmp_path)
+    assert reader.get(first.ref.sha256) == first.data
+    assert reader.get(last.ref.sha256) == last.data  # found past the damage, and kept
+    assert not reader.exists(middle.ref.sha256)
+    reader.close()
+
+
+def test_collection_asks_each_table_once(tmp_path: Path) -> None:
+    for i in range(5):
+        store = PackBlobStore(tmp_path)
+        store.put_many(_blobs(f"pack {i}", 2))
+        store.close()
+    for pack in _packs(tmp_path):
+        _age(pack)
+    asked: list[int] = []
+
+    def references(among: Collection[str]) -> set[str]:
+        asked.append(len(among))
+        return set()
+
+    collector = PackBlobStore(tmp_path)
+    report = collect_garbage(collector, [references], RETENTION)
+    collector.close()
+    assert asked == [10]
+    assert len(report.deleted) == 10
+
+
+def test_a_busy_index_does_not_stop_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_module, "BUSY_TIMEOUT_S", 0.2)
+    blob = _blobs("busy", 1)[0]
+    writer = PackBlobStore(tmp_path)
+    writer.put_many([blob])
+    writer.close()
+    indexer = PackBlobStore(tmp_path)
+    indexer.packs.index.catch_up()  # the index exists
+    holder = sqlite3.connect(tmp_path / PACKS / INDEX, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process's long transaction
+    try:
+        reader = PackBlobStore(tmp_path)
+        assert reader.get(blob.ref.sha256) == blob.data  # from the pack itself
+        reader.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        indexer.close()
+
+
+def test_a_damaged_index_is_set_aside_and_built_again(tmp_path: Path) -> None:
+    blobs = _blobs("indexed", 2000, size=10)
+    store = PackBlobStore(tmp_path)
+    store.put_many(blobs)
+    assert store.get(blobs[0].ref.sha256) == blobs[0].data  # indexed
+    store.close()
+    index = tmp_path / PACKS / INDEX
+    db = sqlite3.connect(index)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size, pages = (
+        db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count")
+    )
+    db.close()
+    with index.open("r+b") as f:  # every page but the first few: the records' b-trees
+        f.seek(4 * page_size)
+        f.write(os.urandom((pages - 4) * page_size))
+    reader = PackBlobStore(tmp_path)
+    assert reader.get(blobs[7].ref.sha256) == blobs[7].data  # the packs, read
+    assert reader.get(blobs[8].ref.sha256) == blobs[8].data  # the index, built again
+    reader.close()
+    db = sqlite3.connect(index)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 2000
+    db.close()
+
+
+def test_a_fifo_in_the_packs_directory_does_not_hang_a_collection(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path)
+    store.put_many(_blobs("real", 1))
+    store.close()
+    os.mkfifo(tmp_path / PACKS / "0000000000000-1-fifo-0.pack")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from datetime import timedelta
+        from pathlib import Path
+        from switchboard.blobs import PackBlobStore, collect_garbage
+        store = PackBlobStore(Path({str(tmp_path)!r}))
+        collect_garbage(store, [lambda among: set()], timedelta(days=30))
+        print(store.exists("0" * 64), flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_closed_store_refuses_writes_and_a_bad_digest_is_not_found(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path)
+    store.put_many(_blobs("before", 1))
+    store.close()
+    with pytest.raises(OSError, match="closed"):
+        store.put_many(_blobs("after", 1))
+    with pytest.raises(BlobNotFound):
+        store.get("not-a-digest")
+    with pytest.raises(BlobNotFound):
+        store.get("ab" * 31)  # hex, but not 64 digits
+
+
+def test_garbage_where_a_header_should_be_ends_the_records(tmp_path: Path) -> None:
+    whole = _blobs("whole", 3)
+    store = PackBlobStore(tmp_path)
+    store.put_many(whole)
+    store.close()
+    [pack] = _packs(tmp_path)
+    with pack.open("ab") as f:
+        f.write(b"\0" * 200)  # zeros: a record of size 0 if the magic were not checked
+    fd = os.open(pack, os.O_RDONLY)
+    try:
+        records, end = packs_module.read_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert [r.sha256 for r in records] == [b.ref.sha256 for b in whole]
+    assert end == sum(HEADER.size + b.ref.size for b in whole)
