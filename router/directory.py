@@ -43,8 +43,8 @@ from router.tables import (
     owners,
     utcnow,
 )
-from router.writes import Writes, chunks
-from switchboard.consumer import Outage, is_outage
+from router.writes import Conflict, Writes, chunks
+from switchboard.consumer import is_outage
 from switchboard.events import Event
 from switchboard.metrics import ROUTER_LOCK_SECONDS
 
@@ -196,11 +196,6 @@ def _statements(pg: bool) -> _Statements:
 
 
 _SQL = {"postgresql": _statements(pg=True), "sqlite": _statements(pg=False)}
-
-
-class Conflict(Outage):
-    """Another router changed what this batch locked (a contact merged meanwhile):
-    roll back and route the batch again."""
 
 
 class NotLoaded(LookupError):

@@ -4,6 +4,7 @@ and what it says on the contacts topic."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
@@ -20,6 +21,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exc as sa
 
 from normalize.schema import (
     ContactEvent,
@@ -33,6 +35,7 @@ from router.decide import (
 from router.directory import Conflict, aware, lock_contacts, utcnow
 from router.outbox import make_event, new_event_uuid, record
 from router.tables import contacts, conversations, identities, merge_items, merges, messages
+from router.writes import lock_merged_into
 from switchboard.events import (
     Event,
     contact_event_type,
@@ -50,14 +53,29 @@ class MergeRefused(ValueError):
 
 
 def retrying(action: Callable[[], Event]) -> Event:
+    """An agent's action (one transaction), done again when it was rolled back for a
+    reason that says nothing about the action: a contact changed under it
+    (:class:`Conflict`), or PostgreSQL rolled it back (a deadlock or a serialization
+    failure, SQLSTATE class 40); 5 attempts, a short pause growing between them."""
     for attempt in range(1, 6):
         try:
             return action()
-        except Conflict:
-            if attempt == 5:
+        except Exception as exc:
+            if attempt == 5 or not _worth_retrying(exc):
                 raise
-            log.info("a contact changed under an agent's action; retrying")
+            log.info(
+                "an agent's action met a router's or another agent's; retrying",
+                extra={"error": repr(exc)[:200], "attempt": attempt},
+            )
+        time.sleep(0.01 * 2**attempt)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    if isinstance(exc, Conflict):
+        return True
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(exc, sa.DBAPIError) and isinstance(state, str) and state.startswith("40")
 
 
 def current(c: Connection, contact_id: UUID) -> UUID:
@@ -130,6 +148,9 @@ def unmerge(engine: Engine, contact_id: UUID, merged_id: UUID, by: str | None) -
         lock_contacts(c, {survivor, merged_id}, current={survivor})
         if current(c, merged_id) != survivor:
             raise Conflict("the merge changed meanwhile")
+        # The contacts that follow merged_id back are written below: locked now,
+        # without waiting (router.writes.lock_merged_into).
+        lock_merged_into(c, [survivor])
         now = utcnow()  # once the contacts are ours (see merge_by_agent)
         items: dict[str, set[str]] = defaultdict(set)
         for kind, ref in c.execute(

@@ -14,7 +14,11 @@ One batch of inbound messages is routed in one database transaction:
       cursors), ordered by name.
    Every lock is taken before any write, in the same order in every router, so
    two routers cannot deadlock: whoever waits, waits for a transaction that
-   already holds everything it needs.
+   already holds everything it needs. One kind of row comes later: a merge
+   repoints the contacts merged into its loser earlier, rows no lock above
+   covers (one may be held by a router that locked a contact just merged away,
+   or by an agent's unmerge); a merge takes them without waiting and restarts
+   the batch if one is held (:func:`router.writes.lock_merged_into`).
    The same step reads, in bulk, everything the batch's decisions can ask
    (:class:`router.directory.BatchDirectory`).
 2. **Decide** message by message from that memory, kept current after each

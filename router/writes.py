@@ -11,6 +11,11 @@ process, one ``executemany`` each. The batch's merges come last, all of them in 
 few statements (:meth:`Writes._merge`).
 
 Every statement is built once, here; parameters are bound per call.
+
+A merge writes one kind of row it did not lock in the lock phase (module doc of
+:mod:`router.store`): the contacts merged into a loser earlier, which it repoints
+to the survivor. It takes them with ``NOWAIT`` (:func:`lock_merged_into`): a
+transaction that waits for a row out of the lock order can close a cycle.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy import exc as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from router.tables import (
@@ -55,6 +61,7 @@ from router.tables import (
     outbox,
     owners,
 )
+from switchboard.consumer import Outage
 
 _TS = DateTime(timezone=True)
 # Bound parameters of the executemany updates: named apart from the columns they set.
@@ -120,7 +127,38 @@ _MERGED = (
         merged_into=bindparam("b_to"), merged_at=bindparam("b_at"), updated_at=bindparam("b_at")
     )
 )
+# The contacts merged into the given ones, locked by id without waiting (see the
+# module doc); a row held by another transaction fails the statement at once.
+_LOCK_MERGED_INTO = text(
+    "SELECT id FROM contacts WHERE merged_into = ANY(CAST(:ids AS uuid[]))"
+    " ORDER BY id FOR UPDATE NOWAIT"
+)
+_LOCK_NOT_AVAILABLE = "55P03"
 _FORGET_KEYS = delete(dedupe_keys).where(dedupe_keys.c.key.in_(bindparam("keys", expanding=True)))
+
+
+class Conflict(Outage):
+    """Another router or an agent changed what this batch locked (a contact merged
+    meanwhile), or holds a row a merge must write: roll back and route the batch
+    (or do the agent's action) again."""
+
+
+def lock_merged_into(c: Connection, ids: Sequence[UUID]) -> None:
+    """Lock the contacts merged into ``ids`` (which the caller holds), the rows a
+    merge repoints and an unmerge takes back, without waiting: their locks come
+    after the lock phase, out of its order, so waiting for one can deadlock. Who
+    else holds such a row holds it briefly: a router that locked a contact just
+    merged away (it finds it merged and restarts), or an agent's unmerge of that
+    contact waiting for ``ids``; either way :class:`Conflict`, and the caller's
+    transaction starts again. SQLite has a single writer: nothing to do there."""
+    if c.dialect.name != "postgresql" or not ids:
+        return
+    try:
+        c.execute(_LOCK_MERGED_INTO, {"ids": sorted(ids)})
+    except sa.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+            raise Conflict("a contact merged into a merging one is held by another") from exc
+        raise
 
 
 def _touch_sqlite() -> Any:  # noqa: ANN401 - an Update
@@ -494,6 +532,7 @@ class Writes:
         pairs = [{"b_from": loser, "b_to": survivor} for loser, survivor in final.items()]
         at = {m.merged: m.at for m in self.merges}
         if c.dialect.name == "postgresql":
+            lock_merged_into(c, losers)
             arrays = {
                 "froms": [p["b_from"] for p in pairs],
                 "tos": [p["b_to"] for p in pairs],
