@@ -346,12 +346,14 @@ class PackBlobStore(FileBlobStore):
         self.packs = Packs(root, self._dirs, rotate_bytes=rotate_bytes, rotate_age_s=rotate_age_s)
 
     def put(self, blob: Blob) -> BlobRef:
+        self._open()
         if blob.ref.size >= BIG_BLOB:
             return super().put(blob)
         self.put_many([blob])
         return blob.ref
 
     def put_many(self, blobs: Sequence[Blob]) -> None:
+        self._open()
         unique = {b.ref.sha256: b for b in blobs}
         for digest in unique:
             if not _SHA256.match(digest):
@@ -377,6 +379,10 @@ class PackBlobStore(FileBlobStore):
         if not _SHA256.match(sha256):
             return False
         return super().exists(sha256) or self.packs.get(sha256) is not None
+
+    def _open(self) -> None:
+        if self.packs.writer.closed:
+            raise OSError("the blob store is closed")
 
     def close(self) -> None:
         self.packs.close()

@@ -68,6 +68,11 @@ HEADER = struct.Struct(">4s32sQ")
 PACKS = "packs"
 SUFFIX = ".pack"
 INDEX = "index.sqlite3"
+#: A pack holds blobs under this size (bigger ones are files): a header saying more
+#: is damage, not a record.
+MAX_RECORD = 1024 * 1024
+#: A new pack's name while its writer takes its lock: never read nor collected.
+NEW_SUFFIX = ".new"
 #: A writer moves to a new pack past this many bytes ...
 ROTATE_BYTES = 64 * 1024 * 1024
 #: ... or once its pack is this old: collection takes whole packs, so a pack is
@@ -111,7 +116,7 @@ def read_records(fd: int, start: int, end: int) -> tuple[list[Record], int]:
         if len(header) < HEADER.size:
             break
         magic, digest, size = HEADER.unpack(header)
-        if magic != MAGIC or offset + HEADER.size + size > end:
+        if magic != MAGIC or size >= MAX_RECORD or offset + HEADER.size + size > end:
             break
         records.append(Record(digest.hex(), offset, size))
         offset += HEADER.size + size
@@ -120,14 +125,24 @@ def read_records(fd: int, start: int, end: int) -> tuple[list[Record], int]:
 
 def read_blob(path: Path, offset: int, size: int, sha256: str) -> bytes | None:
     """The blob at ``offset`` of ``path`` if it is whole and its bytes are ``sha256``."""
+    if not (0 <= size < MAX_RECORD and offset >= 0):
+        return None  # a wrong index row: a miss
     try:
         fd = _open_pack(path)
     except OSError:  # gone (collected), or not a pack file (a link)
         return None
     try:
         record = os.pread(fd, HEADER.size + size, offset)
+    except OSError as exc:  # a bad block: a miss here, perhaps a copy elsewhere
+        log.warning("blob pack unreadable", extra={"pack": path.name, "error": repr(exc)})
+        return None
     finally:
         os.close(fd)
+    return _verified(record, size, sha256)
+
+
+def _verified(record: bytes, size: int, sha256: str) -> bytes | None:
+    """A record's bytes if its header and their SHA-256 say ``sha256`` and ``size``."""
     if len(record) != HEADER.size + size:
         return None
     magic, digest, length = HEADER.unpack_from(record)
@@ -242,6 +257,10 @@ class PackWriter:
                 raise
             pack.synced = covering
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def current(self) -> Path | None:
         with self._lock:
             return None if self._pack is None else self._pack.path
@@ -261,12 +280,15 @@ class PackWriter:
             with contextlib.suppress(OSError):
                 os.close(pack.fd)
             self._pack = pack = None
-        if (
-            pack is not None
-            and pack.size
-            and (
-                pack.size + adding > self._rotate_bytes
-                or time.monotonic() - pack.opened > self._rotate_age_s
+        if pack is not None and (
+            pack.failed is not None
+            or pack.retired
+            or (
+                pack.size
+                and (
+                    pack.size + adding > self._rotate_bytes
+                    or time.monotonic() - pack.opened > self._rotate_age_s
+                )
             )
         ):
             self._retire(pack)
@@ -279,17 +301,23 @@ class PackWriter:
         make_dirs(self.directory, self._root, self._known_dirs)
         name = f"{int(time.time() * 1000):013d}-{os.getpid()}-{self._token}-{next(self._numbers)}"
         path = self.directory / f"{name}{SUFFIX}"
+        # Created under a dot name, which readers and collectors pass by, and renamed
+        # into place once locked: no collector can take it in between.
+        new = self.directory / f".{name}{SUFFIX}{NEW_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(new, flags, 0o600)
+        placed = False
         try:
             # Held while this process may append: a collector takes packs it can lock
             # exclusively, so never one with a live writer.
             fcntl.flock(fd, fcntl.LOCK_SH)
+            os.rename(new, path)
+            placed = True
             fsync_dir(self.directory)  # its name survives a crash before any blob is told stored
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                (path if placed else new).unlink()
             raise
         return _Pack(path, fd, time.monotonic(), os.getpid())
 
@@ -302,8 +330,8 @@ class PackWriter:
     @staticmethod
     def _close_if_done(pack: _Pack) -> None:
         if pack.retired and pack.syncing == 0 and pack.fd >= 0:
-            os.close(pack.fd)  # releases its flock
-            pack.fd = -1
+            fd, pack.fd = pack.fd, -1
+            os.close(fd)  # releases its flock
 
 
 #: SQLite's codes for a file that is not (or no longer) a sound database.
@@ -369,24 +397,24 @@ class PackIndex:
         self._db = db
         return db
 
-    def _failed(self, exc: sqlite3.Error) -> IndexUnavailable:
+    def _failed(self, exc: sqlite3.Error | OSError) -> IndexUnavailable:
         """Drop the connection; a damaged file (the one this process opened, not one
         another process has built since) is deleted, to be built again."""
+        path = self.directory / INDEX
+        try:
+            # Compared while the connection still holds the file: its inode is ours.
+            same = self._inode is None or os.stat(path).st_ino == self._inode
+        except OSError:
+            same = False
         db, self._db = self._db, None
         if db is not None:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
-        if getattr(exc, "sqlite_errorname", None) in _DAMAGED:
-            path = self.directory / INDEX
-            try:
-                same = self._inode is None or os.stat(path).st_ino == self._inode
-            except OSError:
-                same = False
-            if same:
-                log.warning("blob pack index damaged, built again", extra={"error": repr(exc)})
-                for stale in (path, path.with_name(INDEX + "-wal"), path.with_name(INDEX + "-shm")):
-                    with contextlib.suppress(FileNotFoundError):
-                        stale.unlink()
+        if getattr(exc, "sqlite_errorname", None) in _DAMAGED and same:
+            log.warning("blob pack index damaged, built again", extra={"error": repr(exc)})
+            for stale in (path, path.with_name(INDEX + "-wal"), path.with_name(INDEX + "-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
         return IndexUnavailable(repr(exc))
 
     def close(self) -> None:
@@ -405,7 +433,7 @@ class PackIndex:
                     (bytes.fromhex(sha256),),
                 )
                 return [(str(p), int(o), int(s)) for p, o, s in rows]
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise self._failed(exc) from exc
 
     def count(self, name: str) -> int:
@@ -417,7 +445,7 @@ class PackIndex:
                     .execute("SELECT count(DISTINCT sha256) FROM records WHERE pack = ?", (name,))
                     .fetchone()
                 )
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise self._failed(exc) from exc
             return int(row[0])
 
@@ -427,7 +455,7 @@ class PackIndex:
         with self._lock:
             try:
                 self._catch_up(self._connect())
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise self._failed(exc) from exc
 
     def _catch_up(self, db: sqlite3.Connection) -> None:
@@ -445,6 +473,9 @@ class PackIndex:
                 continue
             try:
                 records, end = read_records(fd, start, os.fstat(fd).st_size)
+            except OSError as exc:  # a bad block: this pack is read again next time
+                log.warning("blob pack unreadable", extra={"pack": name, "error": repr(exc)})
+                continue
             finally:
                 os.close(fd)
             for first in range(0, max(len(records), 1), _BATCH):
@@ -552,9 +583,11 @@ class Packs:
         the index cannot answer, the packs are read instead, newest first."""
         if not _SHA256.match(sha256) or not self.directory.is_dir():
             return None
+        listed = False
         try:
             for attempt in range(3):
                 for pack, offset, size in self.index.lookup(sha256):
+                    listed = True
                     data = read_blob(self.directory / pack, offset, size, sha256)
                     if data is not None:
                         return data
@@ -563,7 +596,8 @@ class Packs:
         except IndexUnavailable as exc:
             log.warning("blob pack index unavailable, packs read", extra={"error": str(exc)})
             return self.scan_for(sha256)
-        return None
+        # Listed, yet no row led to it: the rows are wrong (a cache), the packs are not.
+        return self.scan_for(sha256) if listed else None
 
     def scan_for(self, sha256: str) -> bytes | None:
         """``sha256`` from the packs themselves, without the index (slow: every header)."""
@@ -574,6 +608,8 @@ class Packs:
                 continue
             try:
                 records, _end = read_records(fd, 0, os.fstat(fd).st_size)
+            except OSError:
+                continue
             finally:
                 os.close(fd)
             for record in records:
@@ -588,25 +624,51 @@ class Packs:
         self.index.close()
 
 
-def read_all_records(fd: int, size: int) -> tuple[list[Record], int]:
-    """Every record of a pack no one appends to any more, and how many bytes could not
-    be read as records. Past a damaged stretch (a torn append, a bad block) the next
-    record whose bytes match its digest is looked for, and reading goes on from it."""
-    records, end = read_records(fd, 0, size)
+def read_all_records(fd: int, size: int) -> tuple[list[Record], int, bool]:
+    """Every record of a pack no one appends to any more, each verified against its
+    digest; how many bytes could not be read as records; and whether records follow
+    a damaged stretch (not only a torn end). Past a damaged stretch (a torn append, a
+    bad block, a flipped bit in a size) the next record whose bytes match its digest
+    is looked for, and reading goes on from it."""
+    records: list[Record] = []
     damaged = 0
-    while end < size:
-        found = _next_record(fd, end + 1, size)
+    after_damage = False
+    offset = 0
+    while offset < size:
+        record = _record_at(fd, offset, size)
+        if record is not None:
+            if damaged:
+                after_damage = True
+            records.append(record)
+            offset += HEADER.size + record.size
+            continue
+        found = _next_record(fd, offset + 1, size)
         if found is None:
-            damaged += size - end
+            damaged += size - offset
             break
-        damaged += found - end
-        more, end = read_records(fd, found, size)
-        records.extend(more)
-    return records, damaged
+        damaged += found - offset
+        offset = found
+    return records, damaged, after_damage
+
+
+def _record_at(fd: int, offset: int, size: int) -> Record | None:
+    """The record at ``offset`` if it is whole and its bytes match its digest."""
+    header = os.pread(fd, HEADER.size, offset)
+    if len(header) < HEADER.size:
+        return None
+    magic, digest, length = HEADER.unpack(header)
+    if magic != MAGIC or length >= MAX_RECORD or offset + HEADER.size + length > size:
+        return None
+    body = os.pread(fd, length, offset + HEADER.size)
+    if hashlib.sha256(body).digest() != digest:
+        return None
+    return Record(digest.hex(), offset, length)
 
 
 def _next_record(fd: int, start: int, size: int) -> int | None:
-    """Where the first whole, verified record at or after ``start`` begins."""
+    """Where the first whole, verified record at or after ``start`` begins. A candidate
+    is hashed only when it ends where the pack ends or another header begins, so
+    bytes crafted to look like headers cost little."""
     chunk = 1024 * 1024
     position = start
     while position < size:
@@ -614,15 +676,19 @@ def _next_record(fd: int, start: int, size: int) -> int | None:
         if not data:
             return None
         at = data.find(MAGIC)
-        while at >= 0:
+        while 0 <= at < chunk:
             offset = position + at
             header = os.pread(fd, HEADER.size, offset)
             if len(header) == HEADER.size:
-                _magic, digest, length = HEADER.unpack(header)
-                if offset + HEADER.size + length <= size:
-                    body = os.pread(fd, length, offset + HEADER.size)
-                    if hashlib.sha256(body).digest() == digest:
-                        return offset
+                _magic, _digest, length = HEADER.unpack(header)
+                end = offset + HEADER.size + length
+                if (
+                    length < MAX_RECORD
+                    and end <= size
+                    and (end == size or os.pread(fd, len(MAGIC), end) == MAGIC)
+                    and _record_at(fd, offset, size) is not None
+                ):
+                    return offset
             at = data.find(MAGIC, at + 1)
         position += chunk
     return None
@@ -631,8 +697,13 @@ def _next_record(fd: int, start: int, size: int) -> int | None:
 @dataclass
 class _OldPack:
     name: str
-    records: list[Record]
-    damaged: int
+    digests: set[str]  # from its headers
+    whole: bool  # every byte a record, each digest once
+
+
+#: A new pack's dot name older than this belongs to a writer that died before
+#: renaming it (no blob in it was ever acknowledged).
+STALE_NEW_S = 3600.0
 
 
 def collect_packs(
@@ -645,54 +716,99 @@ def collect_packs(
     dry_run: bool,
 ) -> None:
     """Collect the packs untouched since ``cutoff`` (see the module's text). Each
-    table is asked once for all of their blobs."""
+    table is asked once for the blobs of all of them. A pack that cannot be read (a
+    bad block) is logged and left for the next collection."""
     with contextlib.suppress(IndexUnavailable):  # the packs are read either way
         packs.index.catch_up()
     old: list[_OldPack] = []
     for name, _size in sorted(_pack_files(packs.directory)):
         try:
-            fd = _open_pack(packs.directory / name)
-        except OSError:  # gone (collected), or not a pack file (a link, a FIFO)
+            found = _look_at(packs, name, cutoff, report)
+        except OSError as exc:
+            log.error("blob pack unreadable, left", extra={"pack": name, "error": repr(exc)})
             continue
-        try:
-            info = os.fstat(fd)
-            # Young first, without the lock: a pack a writer has just created and
-            # not yet locked is young, and is never held up by a collector.
-            young = info.st_mtime >= cutoff
-            if not young:
-                try:
-                    # Not while a writer may append to it (it holds a shared lock),
-                    # nor while another collector takes it.
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    young = True
-            if young:
-                counted = _count(packs, name, fd)
-                report.scanned += counted
-                report.young += counted
-                continue
-            if info.st_nlink == 0:
-                continue  # deleted by another collector meanwhile
-            records, damaged = read_all_records(fd, os.fstat(fd).st_size)
-            old.append(_OldPack(name, records, damaged))
-        finally:
-            os.close(fd)  # and its lock: taken again before anything is changed
-    digests = {r.sha256 for pack in old for r in pack.records}
+        if found is not None:
+            old.append(found)
+    digests = set().union(*(pack.digests for pack in old))
     referenced: set[str] = set()
     if digests:
         for find in references:
             referenced |= find(digests)
     doomed: set[str] = set()  # the packs this collection deletes (or, dry, would)
     for pack in old:
-        _collect_pack(
-            store,
-            packs,
-            pack,
-            referenced=referenced & digests,
-            report=report,
-            doomed=doomed,
-            dry_run=dry_run,
-        )
+        if pack.whole and pack.digests and pack.digests <= referenced:
+            # All still needed: left as it is, looked at again next time.
+            report.scanned += len(pack.digests)
+            report.referenced += len(pack.digests)
+            continue
+        try:
+            _collect_pack(
+                store,
+                packs,
+                pack,
+                referenced=referenced,
+                report=report,
+                doomed=doomed,
+                dry_run=dry_run,
+            )
+        except OSError as exc:
+            log.error("blob pack not collected", extra={"pack": pack.name, "error": repr(exc)})
+    if not dry_run:
+        _remove_stale_new(packs.directory)
+
+
+def _look_at(packs: Packs, name: str, cutoff: float, report: GcReport) -> _OldPack | None:
+    """An old pack no writer holds, from its headers; a young one only counted."""
+    try:
+        fd = _open_pack(packs.directory / name)
+    except OSError:  # gone (collected), or not a pack file (a link, a FIFO)
+        return None
+    try:
+        info = os.fstat(fd)
+        young = info.st_mtime >= cutoff
+        if not young:
+            try:
+                # Not while a writer may append to it (it holds a shared lock), nor
+                # while another collector takes it.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                young = True
+        if young:
+            counted = _count(packs, name, fd)
+            report.scanned += counted
+            report.young += counted
+            return None
+        if info.st_nlink == 0:
+            return None  # deleted by another collector meanwhile
+        records, end = read_records(fd, 0, info.st_size)
+        digests = {r.sha256 for r in records}
+        return _OldPack(name, digests, end == info.st_size and len(digests) == len(records))
+    finally:
+        os.close(fd)  # and its lock: taken again before anything is changed
+
+
+def _remove_stale_new(directory: Path) -> None:
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(SUFFIX + NEW_SUFFIX)):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= now - STALE_NEW_S:
+                continue
+            fd = os.open(entry.path, _READ | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+        except OSError:
+            pass  # its writer is alive (it holds the lock), or it is gone
+        finally:
+            os.close(fd)
 
 
 def _count(packs: Packs, name: str, fd: int) -> int:
@@ -713,7 +829,8 @@ def _collect_pack(
     doomed: set[str],
     dry_run: bool,
 ) -> None:
-    """One old pack: what is referenced is written again, the pack deleted."""
+    """One old pack: what is referenced is written again, the pack deleted; or, with
+    records past a damaged stretch, set aside under a dot name (never read again)."""
     path = packs.directory / old.name
     try:
         fd = _open_pack(path)
@@ -727,23 +844,20 @@ def _collect_pack(
         info = os.fstat(fd)
         if info.st_nlink == 0:
             return
-        # A pack no one appends to does not change; read again under this lock anyway.
-        records, damaged = read_all_records(fd, info.st_size)
+        records, damaged, after_damage = read_all_records(fd, info.st_size)
         digests = {r.sha256: r for r in records}
         report.scanned += len(digests)
-        live = {d: r for d, r in digests.items() if d in referenced}
+        # A record the headers hid (behind a damaged size) was not asked about: kept.
+        live = {d: r for d, r in digests.items() if d in referenced or d not in old.digests}
         report.referenced += len(live)
-        dropped = [(d, r.size) for d, r in digests.items() if d not in referenced]
-        if records and not dropped and not damaged and len(records) == len(digests):
-            return  # all still needed: left as it is, looked at again next time
-        kept: list[Blob] = []
-        for digest, record in sorted(live.items()):
-            data = os.pread(fd, record.size, record.offset + HEADER.size)
-            if hashlib.sha256(data).hexdigest() != digest:
-                # Kept as it is, for whoever looks into it: nothing is deleted from it.
-                log.error("blob pack record damaged", extra={"pack": old.name, "sha256": digest})
-                return
-            kept.append(Blob.of(data, "application/octet-stream"))
+        dropped = [(d, r.size) for d, r in digests.items() if d not in live]
+        kept = [
+            Blob.of(os.pread(fd, r.size, r.offset + HEADER.size), "application/octet-stream")
+            for r in live.values()
+        ]
+        if any(b.ref.sha256 not in live for b in kept):  # changed under the lock: a bad disk
+            log.error("blob pack changed while collected, left", extra={"pack": old.name})
+            return
         if damaged:
             log.warning(
                 "blob pack had unreadable bytes",
@@ -758,7 +872,13 @@ def _collect_pack(
             store.put_many(kept)  # young again, in this process's pack, synced
         with contextlib.suppress(IndexUnavailable):  # readers then find it gone
             packs.index.forget(old.name)  # readers look again, and find the copies
-        path.unlink()
+        if after_damage:
+            # Damage with records after it is not a torn append: kept for whoever
+            # looks into the disk, out of readers' and collectors' way.
+            os.rename(path, packs.directory / f".damaged-{old.name}")
+            log.error("blob pack damaged, set aside", extra={"pack": old.name})
+        else:
+            path.unlink()
         fsync_dir(packs.directory)
     finally:
         os.close(fd)

@@ -5,6 +5,7 @@ torn record, a failed write or sync, a lost index and a collection."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sqlite3
 import subprocess
@@ -651,3 +652,119 @@ def test_garbage_where_a_header_should_be_ends_the_records(tmp_path: Path) -> No
         os.close(fd)
     assert [r.sha256 for r in records] == [b.ref.sha256 for b in whole]
     assert end == sum(HEADER.size + b.ref.size for b in whole)
+
+
+def test_a_flipped_bit_in_a_size_loses_no_referenced_blob(tmp_path: Path) -> None:
+    """An unreferenced record's size grows by a bit flip and swallows the records
+    behind it; the collector still finds them by their digests, keeps the referenced
+    one, and sets the damaged pack aside instead of deleting it."""
+    a, b, c = _blobs("a", 1)[0], _blobs("b", 1)[0], _blobs("c", 1)[0]
+    store = PackBlobStore(tmp_path)
+    store.put_many([a, b, c])
+    store.close()
+    [pack] = _packs(tmp_path)
+    with pack.open("r+b") as f:  # a's size: + 2 KiB, still inside the pack
+        f.write(HEADER.pack(MAGIC, bytes.fromhex(a.ref.sha256), a.ref.size + 2048))
+    _age(pack)
+    keep = {b.ref.sha256, c.ref.sha256}
+    collector = PackBlobStore(tmp_path)
+    report = collect_garbage(collector, [lambda among: keep & set(among)], RETENTION)
+    collector.close()
+    assert report.deleted == []  # a could not be read: not deleted, not counted
+    assert not pack.exists()
+    assert (tmp_path / PACKS / f".damaged-{pack.name}").exists()
+    reader = PackBlobStore(tmp_path)
+    assert reader.get(b.ref.sha256) == b.data
+    assert reader.get(c.ref.sha256) == c.data
+    reader.close()
+
+
+def test_a_pack_that_cannot_be_read_stops_neither_collection_nor_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for tag in ("bad", "good 1", "good 2"):
+        store = PackBlobStore(tmp_path)
+        store.put_many(_blobs(tag, 2))
+        store.close()
+    bad = _packs(tmp_path)[0]
+    real = os.pread
+
+    def bad_block(fd: int, n: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(bad):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", bad_block)
+    reader = PackBlobStore(tmp_path)
+    probe = _blobs("late", 1)[0]
+    writer = PackBlobStore(tmp_path)
+    writer.put_many([probe])
+    assert reader.get(probe.ref.sha256) == probe.data  # indexing skipped the bad pack
+    writer.close()
+    for pack in _packs(tmp_path):
+        _age(pack)
+    report = collect_garbage(reader, [_nothing], RETENTION)
+    reader.close()
+    assert _packs(tmp_path) == [bad]  # the others collected, the bad one left
+    assert len(report.deleted) == 5
+
+
+def test_a_wrong_index_row_still_finds_the_blob(tmp_path: Path) -> None:
+    blob = _blobs("row", 1)[0]
+    store = PackBlobStore(tmp_path)
+    store.put_many([blob])
+    assert store.get(blob.ref.sha256) == blob.data
+    db = store.packs.index._connect()
+    for size, offset in ((2**45, 0), (-1, 0), (blob.ref.size, -5)):
+        db.execute("UPDATE records SET size = ?, offset = ?", (size, offset))
+        assert store.get(blob.ref.sha256) == blob.data  # the pack, read
+    store.close()
+
+
+def test_a_new_pack_is_locked_before_anyone_can_see_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    visible_at_lock: list[list[str]] = []
+    real = fcntl.flock
+
+    def watching(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_SH:
+            visible_at_lock.append(
+                sorted(name for name, _ in packs_module._pack_files(tmp_path / PACKS))
+            )
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", watching)
+    store = PackBlobStore(tmp_path)
+    store.put_many(_blobs("new", 1))
+    store.close()
+    assert visible_at_lock == [[]]
+    assert len(_packs(tmp_path)) == 1
+
+
+def test_a_closed_store_refuses_big_blobs_too(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path)
+    store.close()
+    big = Blob.of(os.urandom(BIG_BLOB), "application/zip")
+    with pytest.raises(OSError, match="closed"):
+        store.put(big)
+    with pytest.raises(OSError, match="closed"):
+        store.put_many([big])
+    assert not (tmp_path / big.ref.sha256[:2]).exists()
+
+
+def test_a_dead_writers_unplaced_pack_is_removed_after_an_hour(tmp_path: Path) -> None:
+    store = PackBlobStore(tmp_path)
+    store.put_many(_blobs("real", 1))
+    store.close()
+    stale = tmp_path / PACKS / ".0000000000000-1-dead-0.pack.new"
+    fresh = tmp_path / PACKS / ".0000000000001-1-alive-0.pack.new"
+    stale.write_bytes(b"")
+    fresh.write_bytes(b"")
+    then = time.time() - 2 * 3600
+    os.utime(stale, (then, then))
+    collector = PackBlobStore(tmp_path)
+    collect_garbage(collector, [_nothing], RETENTION)
+    collector.close()
+    assert not stale.exists()
+    assert fresh.exists()
