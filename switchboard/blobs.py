@@ -31,9 +31,9 @@ from normalize.content import Blob
 from normalize.schema import BlobRef
 from switchboard.files import fsync_dir, fsync_file, made_dirs, make_dirs
 from switchboard.metrics import BLOB_TEMPORARIES_REMOVED, BLOBS_COLLECTED
-from switchboard.packs import ROTATE_AGE_S, ROTATE_BYTES, Packs, collect_packs
+from switchboard.packs import ROTATE_AGE_S, ROTATE_BYTES, SHA256_HEX, Packs, collect_packs
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = SHA256_HEX
 #: A blob this large is written and fsynced on its own, not in a group's sync.
 BIG_BLOB = 1024 * 1024
 #: How a blob's temporary file (before its rename) starts: `blobs gc` knows them by it.

@@ -80,7 +80,8 @@ ROTATE_BYTES = 64 * 1024 * 1024
 ROTATE_AGE_S = 3600.0
 #: How packs are opened to be read: never through a symbolic link put in their place.
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A blob's address: its SHA-256 as 64 lower-case hex digits.
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(eq=False)
@@ -106,21 +107,37 @@ class Record:
     size: int  # of the blob's bytes
 
 
+def _header_at(fd: int, offset: int, end: int) -> tuple[bytes, int] | None:
+    """The digest and size a sound header at ``offset`` gives, for a record that ends
+    by ``end``; None where no such header is (its bytes not checked)."""
+    header = os.pread(fd, HEADER.size, offset)
+    if len(header) < HEADER.size:
+        return None
+    magic, digest, size = HEADER.unpack(header)
+    if magic != MAGIC or size >= MAX_RECORD or offset + HEADER.size + size > end:
+        return None
+    return digest, size
+
+
 def read_records(fd: int, start: int, end: int) -> tuple[list[Record], int]:
     """The whole records between ``start`` and ``end`` (a size read before), and where
     the first record that is not whole begins (being appended, or torn by a crash)."""
     records: list[Record] = []
     offset = start
-    while offset + HEADER.size <= end:
-        header = os.pread(fd, HEADER.size, offset)
-        if len(header) < HEADER.size:
-            break
-        magic, digest, size = HEADER.unpack(header)
-        if magic != MAGIC or size >= MAX_RECORD or offset + HEADER.size + size > end:
-            break
+    while (header := _header_at(fd, offset, end)) is not None:
+        digest, size = header
         records.append(Record(digest.hex(), offset, size))
         offset += HEADER.size + size
     return records, offset
+
+
+def records_of(path: Path) -> list[Record]:
+    """The whole records of the pack at ``path`` from its start (OSError if unreadable)."""
+    fd = _open_pack(path)
+    try:
+        return read_records(fd, 0, os.fstat(fd).st_size)[0]
+    finally:
+        os.close(fd)
 
 
 def read_blob(path: Path, offset: int, size: int, sha256: str) -> bytes | None:
@@ -260,10 +277,6 @@ class PackWriter:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def current(self) -> Path | None:
-        with self._lock:
-            return None if self._pack is None else self._pack.path
 
     def close(self) -> None:
         """No more appends (OSError); the open pack is closed once its syncs return."""
@@ -581,7 +594,7 @@ class Packs:
         """The blob from any pack, or None. Looks again after indexing what is new, and
         after a collection moved it (its old pack gone: its rows are gone first). When
         the index cannot answer, the packs are read instead, newest first."""
-        if not _SHA256.match(sha256) or not self.directory.is_dir():
+        if not SHA256_HEX.match(sha256) or not self.directory.is_dir():
             return None
         listed = False
         try:
@@ -603,15 +616,9 @@ class Packs:
         """``sha256`` from the packs themselves, without the index (slow: every header)."""
         for name, _size in sorted(_pack_files(self.directory), reverse=True):
             try:
-                fd = _open_pack(self.directory / name)
-            except OSError:
+                records = records_of(self.directory / name)
+            except OSError:  # gone, not a pack file, or a bad block
                 continue
-            try:
-                records, _end = read_records(fd, 0, os.fstat(fd).st_size)
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
             for record in records:
                 if record.sha256 == sha256:
                     data = read_blob(self.directory / name, record.offset, record.size, sha256)
@@ -653,12 +660,10 @@ def read_all_records(fd: int, size: int) -> tuple[list[Record], int, bool]:
 
 def _record_at(fd: int, offset: int, size: int) -> Record | None:
     """The record at ``offset`` if it is whole and its bytes match its digest."""
-    header = os.pread(fd, HEADER.size, offset)
-    if len(header) < HEADER.size:
+    header = _header_at(fd, offset, size)
+    if header is None:
         return None
-    magic, digest, length = HEADER.unpack(header)
-    if magic != MAGIC or length >= MAX_RECORD or offset + HEADER.size + length > size:
-        return None
+    digest, length = header
     body = os.pread(fd, length, offset + HEADER.size)
     if hashlib.sha256(body).digest() != digest:
         return None
@@ -678,16 +683,12 @@ def _next_record(fd: int, start: int, size: int) -> int | None:
         at = data.find(MAGIC)
         while 0 <= at < chunk:
             offset = position + at
-            header = os.pread(fd, HEADER.size, offset)
-            if len(header) == HEADER.size:
-                _magic, _digest, length = HEADER.unpack(header)
-                end = offset + HEADER.size + length
-                if (
-                    length < MAX_RECORD
-                    and end <= size
-                    and (end == size or os.pread(fd, len(MAGIC), end) == MAGIC)
-                    and _record_at(fd, offset, size) is not None
-                ):
+            header = _header_at(fd, offset, size)
+            if header is not None:
+                end = offset + HEADER.size + header[1]
+                if (end == size or os.pread(fd, len(MAGIC), end) == MAGIC) and _record_at(
+                    fd, offset, size
+                ) is not None:
                     return offset
             at = data.find(MAGIC, at + 1)
         position += chunk

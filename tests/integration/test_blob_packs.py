@@ -38,6 +38,15 @@ def _packs(root: Path) -> list[Path]:
     return sorted((root / PACKS).glob("*.pack"))
 
 
+def _read(pack: Path) -> tuple[list[packs_module.Record], int]:
+    """The pack's whole records, and where they end."""
+    fd = os.open(pack, os.O_RDONLY)
+    try:
+        return packs_module.read_records(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def _age(path: Path, days: float = 40) -> None:
     then = time.time() - days * 86400
     os.utime(path, (then, then))
@@ -138,11 +147,7 @@ def test_a_torn_record_at_a_packs_end_hides_nothing_before_it(tmp_path: Path) ->
         with pack.open("ab") as f:
             f.write(b"\0" * 200)
         assert all(reader.exists(b.ref.sha256) for b in whole)
-        fd = os.open(pack, os.O_RDONLY)
-        try:
-            records, end = packs_module.read_records(fd, 0, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        records, end = _read(pack)
         assert [r.sha256 for r in records] == [b.ref.sha256 for b in whole]
         assert end == sum(HEADER.size + b.ref.size for b in whole)
     finally:
@@ -400,11 +405,7 @@ def test_every_acknowledged_append_was_covered_by_a_finished_sync(
         thread.join()
     store.close()
     [pack] = _packs(tmp_path)
-    fd = os.open(pack, os.O_RDONLY)
-    try:
-        records, _end = packs_module.read_records(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
+    records, _end = _read(pack)
     assert len(records) == 8 * 20 * 3
     late = [r.sha256 for r in records if seen[r.sha256] < r.offset + HEADER.size + r.size]
     assert late == []
@@ -645,11 +646,7 @@ def test_garbage_where_a_header_should_be_ends_the_records(tmp_path: Path) -> No
     [pack] = _packs(tmp_path)
     with pack.open("ab") as f:
         f.write(b"\0" * 200)  # zeros: a record of size 0 if the magic were not checked
-    fd = os.open(pack, os.O_RDONLY)
-    try:
-        records, end = packs_module.read_records(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
+    records, end = _read(pack)
     assert [r.sha256 for r in records] == [b.ref.sha256 for b in whole]
     assert end == sum(HEADER.size + b.ref.size for b in whole)
 
