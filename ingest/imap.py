@@ -25,7 +25,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
-import uuid6
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
@@ -39,6 +38,7 @@ from normalize.content import Blob
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
+from switchboard.ids import uuid7
 from switchboard.metrics import IMAP_CONNECTED, IMAP_LAST_SUCCESS, IMAP_LAST_UID, RECEIVED
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class MailboxPoller(threading.Thread):
 
     def _ingest(self, raw: bytes, folder: str, uid: int, uidvalidity: int) -> None:
         RECEIVED.labels(f"imap:{self.mailbox.name}").inc()
-        message_id = uuid6.uuid7()
+        message_id = uuid7()
         ctx = EmailContext(
             adapter=f"imap:{self.mailbox.name}",
             message_id=message_id,

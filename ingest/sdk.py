@@ -55,7 +55,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Typ
 from urllib.parse import parse_qsl
 from uuid import UUID
 
-import uuid6
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, JsonValue, SecretStr
@@ -69,6 +68,7 @@ from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
 from switchboard.config import adapter_settings
 from switchboard.http import counted, problem, read_body, unavailable
+from switchboard.ids import uuid7
 from switchboard.limits import share
 
 if TYPE_CHECKING:
@@ -524,7 +524,7 @@ class HttpAdapter(Adapter[S]):
             # The client: the socket peer, or what a trusted proxy's
             # X-Forwarded-For names (uvicorn's proxy headers, see HttpServer).
             peer=request.client.host if request.client else None,
-            message_id=uuid6.uuid7(),
+            message_id=uuid7(),
             received_at=datetime.now(UTC),
         )
         # Charged only now: junk refused above costs no real client its turn.

@@ -22,7 +22,6 @@ from email.errors import HeaderParseError
 from typing import Any
 from uuid import UUID
 
-import uuid6
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from ingest.errors import Rejected, RetryLater, Stop
@@ -36,6 +35,7 @@ from normalize.email import EmailContext, EmailVerdict, serialize_email
 from normalize.errors import NormalizeError
 from normalize.identity import IdentityError, canonical_email
 from normalize.schema import AuthCheck, Authentication
+from switchboard.ids import uuid7
 from switchboard.metrics import RECEIVED, REJECTED, SENDER_CHECKS
 from switchboard.runtime import StartupError
 
@@ -646,7 +646,7 @@ class SmtpAdapter(Adapter[SmtpSettings]):
 
     async def _receive(self, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        message_id = uuid6.uuid7()
+        message_id = uuid7()
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         verdict = await self._authenticate(
             raw, AuthEnvelope(peer, session.host_name, envelope.mail_from or "")

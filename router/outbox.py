@@ -5,12 +5,10 @@ actions) wait as pending until published."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 from uuid import UUID
 
-import uuid6
 from pydantic import BaseModel
 from sqlalchemy import (
     Connection,
@@ -28,6 +26,7 @@ from switchboard.events import (
     TYPE_ROUTED,
     Event,
 )
+from switchboard.ids import uuid7
 from switchboard.topics import CONTACTS, DEADLETTER, ROUTED
 
 SOURCE = "switchboard/router"
@@ -38,7 +37,7 @@ def make_event(type_: str, key: str, data: BaseModel, event_id: UUID) -> Event:
 
 
 def new_event_uuid() -> UUID:
-    return uuid.UUID(str(uuid6.uuid7()))
+    return uuid7()
 
 
 def record(

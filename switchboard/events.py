@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-import uuid6
 from pydantic import BaseModel, ValidationError
+
+from switchboard.ids import uuid7
 
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
@@ -48,7 +49,7 @@ class EnvelopeError(ValueError):
 
 def new_event_id() -> str:
     """A fresh UUIDv7: unique and ordered by creation time."""
-    return str(uuid6.uuid7())
+    return str(uuid7())
 
 
 @dataclass(frozen=True)

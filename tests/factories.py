@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import uuid6
-
 from normalize.identity import email_identity, phone_identity
 from normalize.schema import (
     Attachment,
@@ -18,6 +16,7 @@ from normalize.schema import (
     RecipientRole,
     Thread,
 )
+from switchboard.ids import uuid7
 
 SHA = "ab" * 32
 
@@ -25,7 +24,7 @@ SHA = "ab" * 32
 def inbound_message(**overrides: Any) -> InboundMessage:  # noqa: ANN401 - field overrides
     """A fully populated email-like InboundMessage; override any field."""
     fields: dict[str, Any] = {
-        "id": uuid6.uuid7(),
+        "id": uuid7(),
         "channel": "email",
         "adapter": "smtp",
         "received_at": datetime(2026, 11, 22, 10, 0, tzinfo=UTC),

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
 
-import uuid6
 from pydantic import BaseModel
 from sqlalchemy import Engine, func, select
 
@@ -24,6 +23,7 @@ from router.store import RouterStore
 from router.tables import contacts, conversations, identities, messages, outbox
 from switchboard.broker import EmbeddedBroker
 from switchboard.events import TYPE_INBOUND, Event, read_data, read_meta
+from switchboard.ids import uuid7
 from switchboard.kafka import Publisher, make_consumer
 from switchboard.settings import MIN_POLL_TIMEOUT_MS, KafkaSettings
 from switchboard.topics import INBOUND, ensure_topics
@@ -242,7 +242,7 @@ def population(
                 )
     rng.shuffle(messages)
     repeats = [
-        m.model_copy(update={"id": uuid6.uuid7()})
+        m.model_copy(update={"id": uuid7()})
         for m in rng.sample(messages, int(len(messages) * repeat))
     ]
     same_event = rng.sample(messages, int(len(messages) * 0.02))
@@ -259,7 +259,7 @@ def _message(
     extra: tuple[Identity, ...] = (),
 ) -> InboundMessage:
     return InboundMessage(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel=channel,
         adapter={"sms": "twilio", "email": "smtp"}.get(channel, "contact-form"),
         received_at=received,

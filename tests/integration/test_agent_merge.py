@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uuid6
 from sqlalchemy import Engine, select, text
 
 from normalize.identity import email_identity, external_identity, phone_identity, verified
@@ -34,6 +33,7 @@ from switchboard.blobs import FileBlobStore
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.http import Readiness, create_app
+from switchboard.ids import uuid7
 from switchboard.kafka import Publisher
 from tests.integration.test_queue import _serving, _until, running_sink
 from tests.postgres import with_search_path
@@ -58,7 +58,7 @@ HOME = verified(email_identity("carol@home.example"), "hook:portal")
 
 def _message(sender: Identity, minutes: int, *others: Identity) -> InboundMessage:
     return InboundMessage(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel="sms" if sender.kind == "phone" else "email",
         adapter="test",
         received_at=NOW + timedelta(minutes=minutes),

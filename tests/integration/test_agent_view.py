@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uuid6
 from alembic import command
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -48,6 +47,7 @@ from switchboard.databases import upgrade
 from switchboard.db import _alembic_config, make_engine
 from switchboard.events import TYPE_ROUTED
 from switchboard.http import Readiness, create_app
+from switchboard.ids import uuid7
 from switchboard.runtime import HttpServer
 from tests.e2e.test_queue import _chromium
 from tests.factories import inbound_message
@@ -74,7 +74,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueStore
 
 def _route(store: QueueStore, sender: Identity, minutes: int, **fields: object) -> None:
     message = inbound_message(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         sender=sender,
         identities=(),
         received_at=T0 + timedelta(minutes=minutes),

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uuid6
 from sqlalchemy import Engine, text
 
 from normalize.identity import email_identity, phone_identity, verified
@@ -27,6 +26,7 @@ from switchboard.blobs import FileBlobStore
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.http import Readiness, create_app
+from switchboard.ids import uuid7
 from switchboard.kafka import Publisher
 from tests.integration.test_queue import _serving, _until, running_sink
 from tests.postgres import with_search_path
@@ -40,7 +40,7 @@ NOW = datetime.now(UTC) - timedelta(minutes=30)
 
 def _message(sender: Identity, minutes: int, *others: Identity) -> InboundMessage:
     return InboundMessage(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel="webhook" if others else ("sms" if sender.kind == "phone" else "email"),
         adapter="contact-form" if others else "test",
         received_at=NOW + timedelta(minutes=minutes),

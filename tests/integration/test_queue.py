@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uuid6
 from sqlalchemy import Engine, text
 
 from normalize.content import Blob
@@ -40,6 +39,7 @@ from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import TYPE_CONVERSATION_STATUS
 from switchboard.http import Readiness, create_app
+from switchboard.ids import uuid7
 from switchboard.kafka import Publisher
 from switchboard.runtime import HttpServer
 from switchboard.settings import KafkaSettings
@@ -71,7 +71,7 @@ def _message(sender: str, minutes: int, **fields: Any) -> InboundMessage:  # noq
     identity = phone_identity(sender) if sender.startswith("+") else email_identity(sender)
     identity = fields.pop("identity", identity)
     values: dict[str, Any] = {
-        "id": uuid6.uuid7(),
+        "id": uuid7(),
         "channel": "sms" if sender.startswith("+") else "email",
         "adapter": "twilio" if sender.startswith("+") else "smtp",
         "received_at": NOW + timedelta(minutes=minutes),

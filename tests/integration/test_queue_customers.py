@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uuid6
 from argon2 import PasswordHasher
 from fastapi import FastAPI
 
@@ -45,6 +44,7 @@ from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import TYPE_CONVERSATION_STATUS, TYPE_ROUTED, contact_event_type
 from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
+from switchboard.ids import uuid7
 from switchboard.runtime import HttpServer
 from tests.factories import inbound_message
 
@@ -147,7 +147,7 @@ def route(
     **fields: Any,  # noqa: ANN401
 ) -> None:
     message = inbound_message(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         sender=sender,
         identities=fields.pop("identities", ()),
         received_at=T0 + timedelta(minutes=minutes),

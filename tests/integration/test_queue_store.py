@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uuid6
 from pydantic import BaseModel
 from sqlalchemy import Engine, select
 
@@ -36,6 +35,7 @@ from switchboard.events import (
     TYPE_ROUTED,
     contact_event_type,
 )
+from switchboard.ids import uuid7
 from tests.factories import inbound_message
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def routed(
     contact: uuid.UUID, conversation: uuid.UUID, minutes: int, owner: str = "alice", **m: object
 ) -> MessageRouted:
     message = inbound_message(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         received_at=T0 + timedelta(minutes=minutes),
         dedupe_key=f"test:{uuid.uuid4()}",
         **m,
@@ -100,7 +100,7 @@ def second_arrival(original: MessageRouted) -> MessageDuplicate:
     """The original message again, delivered to the sales inbox (IMAP)."""
     return MessageDuplicate(
         event_id=uuid.uuid4(),
-        message_id=uuid6.uuid7(),
+        message_id=uuid7(),
         original_message_id=original.message.id,
         contact_id=original.contact_id,
         conversation_id=original.conversation_id,

@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import uuid6
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, text
 
@@ -39,6 +38,7 @@ from router.decide import RoutingConfig, Rule, Team
 from router.store import RouterStore
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
+from switchboard.ids import uuid7
 from tests.postgres import with_search_path
 from tests.router_helpers import snapshot as directory_snapshot
 
@@ -77,7 +77,7 @@ def tangled(people: int, seed: int) -> list[InboundMessage]:
             roll = rng.random()
             recipients = (rng.choice((SUPPORT, SUPPORT, SALES)),)
             common: dict[str, Any] = {
-                "id": uuid6.uuid7(),
+                "id": uuid7(),
                 "received_at": when,
                 "recipients": recipients,
                 "text": "hello",
@@ -165,7 +165,7 @@ def tangled(people: int, seed: int) -> list[InboundMessage]:
     rng.shuffle(out)
     out.sort(key=lambda m: m.received_at.date())  # roughly in time, shuffled within a day
     again = [
-        m.model_copy(update={"id": uuid6.uuid7(), "recipients": (SALES,)})
+        m.model_copy(update={"id": uuid7(), "recipients": (SALES,)})
         for m in rng.sample(out, len(out) // 10)
     ]
     same = rng.sample(out, len(out) // 50)
@@ -215,7 +215,7 @@ def two_engines(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tuple
         if admin is None:
             url = f"sqlite:///{tmp_path}/router{n}.db"
         else:
-            schema = f"batch_{uuid6.uuid7().hex[-12:]}"
+            schema = f"batch_{uuid7().hex[-12:]}"
             with admin.begin() as c:
                 c.execute(text(f'CREATE SCHEMA "{schema}"'))
             schemas.append(schema)

@@ -18,7 +18,6 @@ from urllib.parse import quote
 from uuid import UUID
 
 import pytest
-import uuid6
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from normalize.identity import email_identity, verified
@@ -32,6 +31,7 @@ from router.writes import Writes
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import TYPE_ROUTED, Event, read_data
+from switchboard.ids import uuid7
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ROUTED
 from tests.router_helpers import (
@@ -373,7 +373,7 @@ def _person(name: str, *more: str) -> InboundMessage:
         return verified(email_identity(f"{local}@example.org"), "test")
 
     return InboundMessage(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel="webhook" if more else "email",
         adapter="contact-form" if more else "smtp",
         received_at=datetime.now(UTC),
@@ -553,7 +553,7 @@ def test_relays_marking_the_same_events_with_two_plans_do_not_deadlock(
     }
     try:
         for _ in range(20):
-            first, second = sorted(UUID(str(uuid6.uuid7())) for _ in range(2))
+            first, second = sorted(UUID(str(uuid7())) for _ in range(2))
             for event_id in (second, first):  # the smaller id further in the table
                 with migrated_postgres.begin() as c:
                     c.execute(

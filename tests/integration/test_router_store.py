@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import uuid6
 from pydantic import BaseModel
 from sqlalchemy import Engine, event, select
 
@@ -37,6 +36,7 @@ from router.tables import inboxes, owners
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import TYPE_DEADLETTER, TYPE_DUPLICATE, TYPE_ROUTED, Event
+from switchboard.ids import uuid7
 from switchboard.topics import CONTACTS, DEADLETTER, ROUTED
 from tests.factories import inbound_message
 from tests.router_helpers import CONFIG, snapshot, store_for
@@ -68,7 +68,7 @@ def inbox(value: str, role: RecipientRole = RecipientRole.TO) -> Recipient:
 def email(sender: str, mid: str | None = None, **fields: object) -> InboundMessage:
     mid = mid or f"{uuid.uuid4().hex}@mail.example.org"
     values: dict[str, object] = {
-        "id": uuid6.uuid7(),
+        "id": uuid7(),
         "sender": email_identity(sender),
         "identities": (),
         "recipients": (inbox("support@example.com"),),
@@ -83,7 +83,7 @@ def email(sender: str, mid: str | None = None, **fields: object) -> InboundMessa
 def sms(number: str, sid: str | None = None) -> InboundMessage:
     sid = sid or f"SM{uuid.uuid4().hex}"
     return inbound_message(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel="sms",
         adapter="twilio",
         sender=verified(phone_identity(number), "twilio-signature"),
@@ -106,7 +106,7 @@ def form(mail: str, number: str, *, vouched: bool = True) -> InboundMessage:
     if vouched:
         sender, phone = verified(sender, "hook:contact-form"), verified(phone, "hook:contact-form")
     return inbound_message(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel="webhook",
         adapter="contact-form",
         sender=sender,

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-import uuid6
 
 from normalize.email import EmailContext, EmailVerdict, normalize_email
 from normalize.schema import AuthCheck, Authentication
+from switchboard.ids import uuid7
 
 VERDICT = EmailVerdict(
     Authentication(
@@ -25,7 +25,7 @@ def _normalize(headers: str, verdict: EmailVerdict | None = VERDICT) -> tuple[st
     raw = f"{headers}To: support@example.com\r\nSubject: hi\r\n\r\nHello\r\n".encode()
     ctx = EmailContext(
         adapter="smtp",
-        message_id=uuid6.uuid7(),
+        message_id=uuid7(),
         received_at=datetime.now(UTC),
         mail_from="carol@customer.example",
         verdict=verdict,

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import pytest
-import uuid6
 
 from normalize.identity import email_identity, external_identity, phone_identity, verified
 from normalize.schema import (
@@ -34,6 +33,7 @@ from router.decide import (
     derived_id,
     route,
 )
+from switchboard.ids import uuid7
 from tests.factories import inbound_message
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -104,7 +104,7 @@ class FakeDirectory:
 
 def email(sender: str | Identity = "ann@example.com", **overrides: object) -> InboundMessage:
     fields: dict[str, object] = {
-        "id": uuid6.uuid7(),
+        "id": uuid7(),
         "sender": email_identity(sender) if isinstance(sender, str) else sender,
         "identities": (),
         "received_at": NOW,
@@ -122,7 +122,7 @@ def email(sender: str | Identity = "ann@example.com", **overrides: object) -> In
 
 def text_message(sid: str, number: str = "+14155550100") -> InboundMessage:
     return inbound_message(
-        id=uuid6.uuid7(),
+        id=uuid7(),
         channel="sms",
         sender=phone_identity(number),
         identities=(),
@@ -161,7 +161,7 @@ def test_duplicates_and_redeliveries() -> None:
     again = route(first, view, CONFIG)
     assert isinstance(again, Duplicate)
     assert again.redelivery is True
-    via_imap = first.model_copy(update={"id": uuid6.uuid7(), "adapter": "imap:support"})
+    via_imap = first.model_copy(update={"id": uuid7(), "adapter": "imap:support"})
     second = route(via_imap, view, CONFIG)
     assert isinstance(second, Duplicate)
     assert second.redelivery is False
