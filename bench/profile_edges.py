@@ -154,6 +154,10 @@ def profile(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--only", choices=("http", "smtp"), help="profile one role")
+    parser.add_argument(
+        "--keep", type=Path, help="copy py-spy's raw (collapsed) stacks into this directory"
+    )
     args = parser.parse_args()
     switchboard = str(Path(sys.executable).with_name("switchboard"))
     with tempfile.TemporaryDirectory() as data:
@@ -169,14 +173,24 @@ def main() -> None:
             bootstrap = broker.stdout.readline().strip()  # type: ignore[union-attr]
             base["SWITCHBOARD_KAFKA_BOOTSTRAP"] = bootstrap
             subprocess.run([switchboard, "topics", "create"], env=base, check=True)
-            _http(switchboard, base, Path(data), args.seconds)
-            _smtp(switchboard, base, args.seconds)
+            if args.only in (None, "http"):
+                _http(switchboard, base, Path(data), args.seconds, args.keep)
+            if args.only in (None, "smtp"):
+                _smtp(switchboard, base, args.seconds, args.keep)
         finally:
             broker.kill()
             broker.wait(10)
 
 
-def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> None:
+def _keep(raw: Path, keep: Path | None) -> None:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw, keep / raw.name)
+
+
+def _http(
+    switchboard: str, base: dict[str, str], data: Path, seconds: int, keep: Path | None
+) -> None:
     port = free_port()
     config = data / "switchboard.toml"
     config.write_text(HOOK_CONFIG)
@@ -213,6 +227,7 @@ def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> N
             finally:
                 for path in (path for pair in made for path in pair):
                     os.unlink(path)
+            _keep(out, keep)
             summarize(
                 out,
                 f"{name} c=64, new messages: {rate:,.0f} req/s, p50 {p50:.1f} ms, "
@@ -223,7 +238,7 @@ def _http(switchboard: str, base: dict[str, str], data: Path, seconds: int) -> N
         server.wait(15)
 
 
-def _smtp(switchboard: str, base: dict[str, str], seconds: int) -> None:
+def _smtp(switchboard: str, base: dict[str, str], seconds: int, keep: Path | None) -> None:
     port = free_port()
     env = {
         **base,
@@ -255,6 +270,7 @@ def _smtp(switchboard: str, base: dict[str, str], seconds: int) -> None:
         spy.wait(seconds + 30)
         stop.set()
         sender.join(30)
+        _keep(out, keep)
         summarize(
             out,
             f"smtp 16 connections: {sent[0] / (time.perf_counter() - started):,.0f} msg/s "
