@@ -41,7 +41,7 @@ from normalize.schema import (
 from switchboard.blobs import BlobStore
 from switchboard.events import TYPE_DEADLETTER, TYPE_INBOUND, Event
 from switchboard.kafka import Ack, Publisher, PublishError
-from switchboard.metrics import ACCEPTED, DEAD_LETTERED, HANDOFF_SECONDS, SPOOLED
+from switchboard.metrics import ACCEPTED, DEAD_LETTERED, HANDOFF_SECONDS, SPOOLED, child
 from switchboard.topics import DEADLETTER, INBOUND
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,8 @@ class HandOff:
                 "offset": receipt.ack.offset if receipt.ack else None,
             },
         )
-        HANDOFF_SECONDS.labels(message.adapter).observe(time.perf_counter() - started)
-        ACCEPTED.labels(message.adapter, "spool" if receipt.spooled else "kafka").inc()
+        child(HANDOFF_SECONDS, message.adapter).observe(time.perf_counter() - started)
+        child(ACCEPTED, message.adapter, "spool" if receipt.spooled else "kafka").inc()
         return receipt
 
     async def refused(

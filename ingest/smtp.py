@@ -36,7 +36,7 @@ from normalize.errors import NormalizeError
 from normalize.identity import IdentityError, canonical_email
 from normalize.schema import AuthCheck, Authentication
 from switchboard.ids import uuid7
-from switchboard.metrics import RECEIVED, REJECTED, SENDER_CHECKS
+from switchboard.metrics import RECEIVED, REJECTED, SENDER_CHECKS, child
 from switchboard.runtime import StartupError
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ class SmtpHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        RECEIVED.labels("smtp").inc()
+        child(RECEIVED, "smtp").inc()
         if isinstance(server, _Protocol):
             server.handing_off = True
         try:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from switchboard.limits import BodyLimitMiddleware, BodyLimits, HttpLimitSettings
-from switchboard.metrics import RECEIVED, exposition, http_rejected
+from switchboard.metrics import RECEIVED, child, exposition, http_rejected
 
 # A readiness check raises (any exception) when its dependency is unavailable.
 Check = Callable[[], None]
@@ -93,7 +93,7 @@ class BodyTooLarge(Exception):
 
 async def counted(adapter: str, answer: Awaitable[Response]) -> Response:
     """An HTTP adapter's answer, counted as received and, if refused, by reason."""
-    RECEIVED.labels(adapter).inc()
+    child(RECEIVED, adapter).inc()
     try:
         response = await answer
     except BodyTooLarge:

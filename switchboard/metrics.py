@@ -10,6 +10,7 @@ intends; defining them connects to nothing. Label values are bounded sets
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
@@ -192,6 +193,20 @@ _HTTP_REASONS = {
     429: "rate-limited",
     503: "retry-later",
 }
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Counter | Histogram, *labels: str) -> Any:  # noqa: ANN401 - a child
+    """``metric.labels(*labels)``, looked up once: the client checks and locks on every
+    ``labels()`` call, and the edges count each message in four metrics. For label
+    values from a bounded set (see above), and for metrics nothing ``remove()``s from."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
 
 
 def http_rejected(adapter: str, status: int) -> None:
