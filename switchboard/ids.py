@@ -51,8 +51,14 @@ class Clock:
             self._last = stamp
         return stamp
 
+    def after_fork(self) -> None:
+        """A forked child gets a lock of its own: one held by another thread of the
+        parent at the fork would never be released in the child."""
+        self._lock = threading.Lock()
+
 
 _clock = Clock()
+os.register_at_fork(after_in_child=_clock.after_fork)
 
 
 def uuid7() -> uuid.UUID:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import signal
 import time
 import uuid
 
+from switchboard import ids
 from switchboard.ids import Clock, from_stamp, unix_ms, uuid7
 
 
@@ -57,3 +60,20 @@ def test_forked_processes_make_different_ids() -> None:
     with multiprocessing.get_context("fork").Pool(2) as pool:
         one, two = pool.map(_child_ids, [0, 1])
     assert not set(one) & set(two)
+
+
+def test_a_child_forked_while_the_clock_was_locked_still_makes_ids() -> None:
+    uuid7()
+    with ids._clock._lock:  # another thread of the parent, mid-id, at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: its first id must not wait for the parent's lock
+            uuid7()
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung on the clock's lock")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
