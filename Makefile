@@ -22,18 +22,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/switchboard run
 
-## Lint, types, schema drift, then the whole test suite: two workers for everything
-## but the fault suite (the tests mostly wait on brokers, servers and group joins),
-## then the fault suite alone (it restarts the shared PostgreSQL and times outages).
+## Lint, types, schema drift, then the whole test suite: three workers for everything
+## but the fault suite (the tests mostly wait on brokers, servers and group joins:
+## three workers kept the two cores 123-126% busy of 200; an idle worker takes tests
+## queued for another, so the slow scenarios do not pile up on one), then the fault
+## suite alone (it restarts the shared PostgreSQL and times outages).
 test: check
-	$(BIN)/pytest -n 2 -m "not faults" $(PYTEST_ARGS)
+	$(BIN)/pytest -n 3 --dist worksteal -m "not faults" $(PYTEST_ARGS)
 	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 ## The edit-test loop: the same checks, then everything but the fault suite and the
-## scenarios marked `slow` (the longest end-to-end and concurrency runs), two workers.
+## scenarios marked `slow` (the longest end-to-end and concurrency runs), three workers.
 ## `make test` stays the whole suite; CI runs that.
 test-quick: check
-	$(BIN)/pytest -n 2 -m "not faults and not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n 3 --dist worksteal -m "not faults and not slow" $(PYTEST_ARGS)
 
 check: lint types schemas
 
