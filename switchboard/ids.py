@@ -15,7 +15,7 @@ The layout, big end first:
 - 12 bits: the fraction of that millisecond, in 1/4096 (RFC 9562 section 6.2,
   method 3: leftmost random bits replaced by clock precision);
 - 2 bits: the variant, ``10``;
-- 62 bits: random (``os.urandom``: safe across ``fork``).
+- 62 bits: random (``os.urandom``, read ahead in 4 KiB: see :class:`Entropy`).
 
 Within a process ids strictly increase: when the clock has not moved past the last
 id's 60-bit time (or went back), the new id takes that time plus one, a 4096th of a
@@ -57,8 +57,37 @@ class Clock:
         self._lock = threading.Lock()
 
 
+class Entropy:
+    """Random bits from ``os.urandom``, read 4 KiB at a time: one ``getrandom`` call
+    for 512 ids instead of one each (it showed in an edge's profile, 2026-11-30). A
+    forked child drops the bytes it inherited, so no two processes use the same."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+
+    def bits64(self) -> int:
+        with self._lock:
+            at = self._at
+            if at + 8 > len(self._pool):
+                self._pool = os.urandom(self.SIZE)
+                at = 0
+            self._at = at + 8
+            return int.from_bytes(self._pool[at : at + 8])
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+
+
 _clock = Clock()
+_entropy = Entropy()
 os.register_at_fork(after_in_child=_clock.after_fork)
+os.register_at_fork(after_in_child=_entropy.after_fork)
 
 
 def uuid7() -> uuid.UUID:
@@ -72,7 +101,7 @@ def from_stamp(stamp: int) -> uuid.UUID:
         ((stamp >> 12) << 80)
         | ((stamp & 0xFFF) << 64)
         | _VERSION_AND_VARIANT
-        | (int.from_bytes(os.urandom(8)) & _RANDOM_MASK)
+        | (_entropy.bits64() & _RANDOM_MASK)
     )
     return uuid.UUID(int=value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import multiprocessing.queues
 import os
 import signal
 import time
@@ -51,14 +52,22 @@ def test_the_stamp_is_where_rfc_9562_puts_it() -> None:
     assert int(made.hex[16], 16) >> 2 == 0b10  # var
 
 
-def _child_ids(_: int) -> list[str]:
-    return [str(uuid7()) for _ in range(1_000)]
+def _child_random_bits(out: multiprocessing.queues.Queue[list[int]]) -> None:
+    out.put([uuid7().int & ((1 << 62) - 1) for _ in range(1_000)])
 
 
-def test_forked_processes_make_different_ids() -> None:
-    uuid7()  # the parent's clock and random source are inherited by the children
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        one, two = pool.map(_child_ids, [0, 1])
+def test_forked_processes_use_different_random_bits() -> None:
+    # The parent's clock and its pool of random bytes are inherited by the children:
+    # each must drop the pool, or both would give the same random bits in turn.
+    uuid7()
+    fork = multiprocessing.get_context("fork")
+    out: multiprocessing.queues.Queue[list[int]] = fork.Queue()
+    children = [fork.Process(target=_child_random_bits, args=(out,)) for _ in range(2)]
+    for child in children:
+        child.start()
+    one, two = out.get(timeout=30), out.get(timeout=30)
+    for child in children:
+        child.join(30)
     assert not set(one) & set(two)
 
 
