@@ -15,7 +15,7 @@ from uuid import UUID
 
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
-from normalize.identity import IdentityError, canonical_phone, phone_identity, verified
+from normalize.identity import IdentityError, canonical_phone, phone_identity
 from normalize.schema import (
     Attachment,
     Authentication,
@@ -68,11 +68,13 @@ def normalize_twilio(form: Mapping[str, str], ctx: SmsContext) -> Normalized:
     raw_from = form.get("From", "")
     whatsapp = raw_from.lower().startswith("whatsapp:")
     try:
-        sender = phone_identity(raw_from, ctx.default_region)
+        sender = phone_identity(
+            raw_from,
+            ctx.default_region,
+            verified_by="twilio-signature" if ctx.signed else None,
+        )
     except IdentityError as exc:
         raise NormalizeError("invalid-sender", f"From {raw_from!r}: {exc}") from exc
-    if ctx.signed:
-        sender = verified(sender, "twilio-signature")
 
     recipients: list[Recipient] = []
     # The company's own number; an odd value there must not lose the message.

@@ -22,7 +22,6 @@ from normalize.identity import (
     email_identity,
     external_identity,
     phone_identity,
-    verified,
 )
 from normalize.schema import (
     Assurance,
@@ -117,19 +116,20 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     def add(kind: str, path: str | None) -> None:
         if path is None:
             return
+        proof = f"hook:{ctx.hook}" if kind in ctx.verified else None
         for value in _texts(lookup(as_sent, path))[:10]:
             try:
                 if kind == "email":
-                    identity = email_identity(value, name)
+                    identity = email_identity(value, name, verified_by=proof)
                 elif kind == "phone":
-                    identity = phone_identity(value, ctx.default_region, name)
+                    identity = phone_identity(value, ctx.default_region, name, verified_by=proof)
                 else:
-                    identity = external_identity(ctx.external_namespace, value, name)
+                    identity = external_identity(
+                        ctx.external_namespace, value, name, verified_by=proof
+                    )
             except IdentityError as exc:
                 problems.append(f"{path}: {exc}")
                 continue
-            if kind in ctx.verified:
-                identity = verified(identity, f"hook:{ctx.hook}")
             identities.append(identity)
 
     add("email", fm.email)

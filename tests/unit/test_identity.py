@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from normalize.identity import (
@@ -9,10 +11,12 @@ from normalize.identity import (
     canonical_external,
     canonical_phone,
     email_identity,
+    external_identity,
     parse_identity_key,
     phone_identity,
+    verified,
 )
-from normalize.schema import IdentityKind
+from normalize.schema import Assurance, Identity, IdentityKind
 
 
 @pytest.mark.parametrize(
@@ -200,3 +204,22 @@ def test_phone_checks_are_cached_with_the_same_answers() -> None:
     with pytest.raises(IdentityError):
         canonical_phone("+1" + "5" * 200)
     assert identity._phone.cache_info().currsize == before
+
+
+@pytest.mark.parametrize(
+    ("build", "evidence"),
+    [
+        (lambda by: email_identity("Ann@Example.com", "Ann", verified_by=by), "hook:crm"),
+        (lambda by: phone_identity("(415) 555-0100", "US", verified_by=by), "twilio-signature"),
+        (lambda by: external_identity("crm", "42", "Ann", verified_by=by), "x" * 300),
+    ],
+)
+def test_verified_at_construction_equals_verified_afterwards(
+    build: Callable[[str | None], Identity], evidence: str
+) -> None:
+    made = build(evidence)
+    assert made == verified(build(None), evidence)
+    assert made.assurance == Assurance.VERIFIED
+    assert made.evidence == evidence[:200]
+    assert build(None).assurance == Assurance.CLAIMED
+    assert build(None).evidence is None
