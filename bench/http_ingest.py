@@ -215,6 +215,12 @@ def main() -> None:
     )
     parser.add_argument("--skip-mailgun", action="store_true")
     parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="Switchboard's (WARNING: no line per message; the default INFO logs each "
+        "accepted message, to /dev/null here)",
+    )
+    parser.add_argument(
         "--fresh",
         type=int,
         default=0,
@@ -277,7 +283,9 @@ def main() -> None:
     for label, command in targets:
         suffix = "" if label == "run" else f" {label}"
         names.append(suffix)
-        switchboard(command, suffix, measure, skip_mailgun=args.skip_mailgun)
+        switchboard(
+            command, suffix, measure, skip_mailgun=args.skip_mailgun, log_level=args.log_level
+        )
     for conns in levels:
         for ceiling in ("bare", "bare-h11"):
             base = results[(ceiling, conns)]
@@ -296,6 +304,7 @@ def switchboard(
     measure: Callable[[str, Request, Fresh | None], None],
     *,
     skip_mailgun: bool,
+    log_level: str = "WARNING",
 ) -> None:
     """Start `switchboard <command>` with the bench's hooks and measure each hook."""
     port = free_port()
@@ -308,7 +317,7 @@ def switchboard(
             "SWITCHBOARD_SMTP_ENABLED": "false",
             "SWITCHBOARD_DATA_DIR": data,
             "SWITCHBOARD_CONFIG": str(config),
-            "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            "SWITCHBOARD_LOG_LEVEL": log_level,
             "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
             "BENCH_SECRET": SECRET,
             "SWITCHBOARD_MAILGUN_SIGNING_KEY": SECRET,
