@@ -88,7 +88,14 @@ class WorkerField(logging.Filter):
         return True
 
 
+#: The standard library's process-wide switches configure_logging turns off.
+PROCESS_WIDE = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Switchboard's logging for this process: the root handler, the levels, and
+    (process-wide, for every logger of the process, not only ours) no caller file,
+    line, thread or process name on records (:data:`PROCESS_WIDE`)."""
     # Our lines carry neither the caller's file and line nor the thread or process
     # name, and the standard library works them out for every record: walking the
     # stack to the caller (findCaller) is a quarter of a line's cost. An edge logs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.logs import CONTENT_LOGGERS, configure_logging
+from switchboard.logs import CONTENT_LOGGERS, PROCESS_WIDE, configure_logging
 from switchboard.settings import KafkaSettings
 from tests.dovecot import Dovecot
 from tests.imap_helpers import imap_adapter, mailbox, wait_for
@@ -42,6 +42,9 @@ def debug_logs() -> Iterator[_Collect]:
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in (*CONTENT_LOGGERS, "kafka")}
+    # configure_logging switches off the records' caller, thread and process fields
+    # for the whole process; pytest's own log sections show file and line.
+    switches = {name: getattr(logging, name) for name in PROCESS_WIDE}
     configure_logging("DEBUG", "json")
     collect = _Collect()
     root.addHandler(collect)
@@ -52,6 +55,8 @@ def debug_logs() -> Iterator[_Collect]:
         root.setLevel(saved_level)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        for name, value in switches.items():
+            setattr(logging, name, value)
 
 
 def test_smtp_bodies_stay_out_of_debug_logs(
