@@ -255,7 +255,7 @@ class Publisher:
             remaining = max(0.0, deadline - time.monotonic())
             try:
                 results.append(_ack(future.get(timeout=remaining)))
-                published(results[-1].topic).inc()
+                child(PUBLISHED, results[-1].topic).inc()
             except KafkaError as exc:
                 # Retriable errors surface only once kafka-python gave up retrying;
                 # after a broker restart that is an UnknownProducerIdError loop it
@@ -328,7 +328,7 @@ class Publisher:
                 if attempt == 2 or time.monotonic() >= deadline:
                     raise PublishError(f"not acknowledged: {exc}") from exc
             else:
-                published(topic).inc()
+                child(PUBLISHED, topic).inc()
                 return ack
             finally:
                 expiry.cancel()
@@ -373,10 +373,6 @@ def _close_quietly(producer: KafkaProducer) -> None:
 
 class _FatalProducerError(Exception):
     """Internal: the producer was discarded; the caller may retry on a new one."""
-
-
-def published(topic: str) -> Any:  # noqa: ANN401 - prometheus_client's child
-    return child(PUBLISHED, topic)
 
 
 def _expire(waiter: asyncio.Future[Ack]) -> None:
