@@ -2,7 +2,7 @@
 
 Usage: PYTHONPATH=. .venv/bin/python bench/e2e.py [--db sqlite,postgres]
        [--rate 40] [--seconds 30] [--saturate-seconds 20] [--only fixed,saturate,broker-10s]
-       [--edge-workers 1] [--fetch-max-wait-ms MS] [--linger-ms MS]
+       [--edge-workers 1] [--fetch-max-wait-ms MS] [--linger-ms MS] [--edge-linger-ms MS]
        [--senders 32] [--generator async|threads]
 
 Every role runs as its own `switchboard` process (ingest smtp, ingest http,
@@ -80,6 +80,7 @@ class BenchCluster(Cluster):
     edge_workers: int | None = None  # None: the roles' default, one per core
     fetch_max_wait_ms: int | None = None  # None: the setting's default
     linger_ms: int | None = None  # None: the setting's default
+    edge_linger_ms: int | None = None  # None: the setting's default
 
     def env(self, role: str) -> dict[str, str]:
         env = super().env(role)
@@ -89,6 +90,8 @@ class BenchCluster(Cluster):
             env["SWITCHBOARD_KAFKA_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
         if self.linger_ms is not None:
             env["SWITCHBOARD_KAFKA_LINGER_MS"] = str(self.linger_ms)
+        if self.edge_linger_ms is not None:
+            env["SWITCHBOARD_KAFKA_EDGE_LINGER_MS"] = str(self.edge_linger_ms)
         if self.edge_workers is not None:
             env["SWITCHBOARD_HTTP_WORKERS"] = env["SWITCHBOARD_SMTP_WORKERS"] = str(
                 self.edge_workers
@@ -429,6 +432,7 @@ def run_mode(mode: str, db: str, args: argparse.Namespace) -> str:
         cluster.edge_workers = args.edge_workers
         cluster.fetch_max_wait_ms = args.fetch_max_wait_ms
         cluster.linger_ms = args.linger_ms
+        cluster.edge_linger_ms = args.edge_linger_ms
         cluster.start_broker()
         try:
             for role in ("smtp", "http", "router", "queue"):
@@ -623,7 +627,12 @@ def main() -> None:
     parser.add_argument(
         "--linger-ms",
         type=int,
-        help="every producer's SWITCHBOARD_KAFKA_LINGER_MS (default: the setting's)",
+        help="the router's and sinks' SWITCHBOARD_KAFKA_LINGER_MS (default: the setting's)",
+    )
+    parser.add_argument(
+        "--edge-linger-ms",
+        type=int,
+        help="the edges' SWITCHBOARD_KAFKA_EDGE_LINGER_MS (default: the setting's)",
     )
     args = parser.parse_args()
     for db in args.db.split(","):

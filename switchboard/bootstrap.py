@@ -48,6 +48,7 @@ from sinks.queue import QueueSink, QueueStore
 from sinks.search import identity_keys
 from switchboard.blobs import BlobCollector, FileBlobStore, References, open_blob_store
 from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
+from switchboard.config import KafkaSettings
 from switchboard.consumer import ConsumerRuntime
 from switchboard.databases import describe, upgrade_databases
 from switchboard.db import make_engine, normalize_url, ping
@@ -498,6 +499,15 @@ def _serve_imap_status(app: FastAPI, settings: Settings, engine: Engine) -> None
         return imap_store.status() if mailboxes else []
 
 
+def producer_settings(kafka: KafkaSettings, roles: frozenset[str]) -> KafkaSettings:
+    """The producer's settings for a process of ``roles``: with an edge among them,
+    its senders wait for each acknowledgement, so it batches for ``edge_linger_ms``
+    (also for the router and sinks sharing the process, as in `switchboard run`)."""
+    if roles & INGEST_ROLES:
+        return kafka.model_copy(update={"linger_ms": kafka.edge_linger_ms})
+    return kafka
+
+
 def build_pipeline(
     settings: Settings,
     roles: frozenset[str] = ROLES,
@@ -520,7 +530,7 @@ def build_pipeline(
         except Exception as exc:  # noqa: BLE001 - best effort; the publish reports the failure
             log.warning("could not re-check topics", extra={"error": repr(exc)})
 
-    publisher = Publisher(kafka, on_new_producer=recreate_topics)
+    publisher = Publisher(producer_settings(kafka, roles), on_new_producer=recreate_topics)
     engine = make_engine(settings.resolved_database_url())
     started = threading.Event()
     components: list[Component] = []

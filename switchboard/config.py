@@ -76,9 +76,28 @@ class KafkaSettings(BaseSettings):
             "answers as soon as records arrive."
         ),
     )
-    # 5 ms, not 20: ingest answers its senders after the acknowledgement, and under
-    # load batches fill anyway (measured: same throughput at 64 connections, 3x at 16).
-    linger_ms: int = Field(default=5, ge=0, le=1000, description="Producer batching delay.")
+    # The router's and the sinks' producers: 5 ms batches a few more records a
+    # produce request than 1 ms (end to end, every role on two cores: 656-765 msg/s at
+    # 5 ms, 572-711 at 1 ms, 2026-11-30), and nobody waits on their acknowledgement.
+    linger_ms: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Producer batching delay (the router and the sinks; see edge_linger_ms).",
+    )
+    # A process that runs an edge answers each sender only after the acknowledgement,
+    # so the linger is every sender's wait: two `ingest http` processes at 64
+    # connections took 5,558-6,031 req/s at 1 ms against 4,311-4,396 at 5 (README
+    # "HTTP ingest", 2026-11-30). 0 sends each record in a request of its own: less.
+    edge_linger_ms: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description=(
+            "Producer batching delay in a process that runs an edge (http, smtp, imap), "
+            "whose senders wait for each acknowledgement."
+        ),
+    )
     batch_size: int = Field(default=262_144, ge=1024, description="Producer batch size in bytes.")
     request_timeout_ms: int = Field(default=5000, ge=500, description="Broker request timeout.")
     max_block_ms: int = Field(
