@@ -54,6 +54,7 @@ from switchboard.databases import describe, upgrade_databases
 from switchboard.db import make_engine, normalize_url, ping
 from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
 from switchboard.kafka import Publisher, probe_broker
+from switchboard.logs import flush_logs
 from switchboard.recovery import JournalKeeper
 from switchboard.runtime import (
     Component,
@@ -724,6 +725,7 @@ def run(
         def force_exit() -> None:
             if broker is not None:
                 broker.stop()
+            flush_logs()  # os._exit skips logging's shutdown: the lines queued so far
             os._exit(130)
 
         beating: list[asyncio.Task[None]] = []

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
+import threading
+import time
+import weakref
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 CONTENT_LOGGERS = ("mail.log", "imapclient")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -49,6 +53,135 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str, ensure_ascii=False)
+
+
+#: Lines a process holds for its log writer thread before it drops new ones.
+LOG_BACKLOG = 10_000
+
+
+class LineWriter(logging.Handler):
+    """The root handler: a record is formatted in the thread that logs it (the line
+    then holds only a string) and written to ``stream`` by a thread of its own.
+
+    Written by the logging thread, one stalled reader of the log pipe (a log shipper
+    that stopped, a paused ``| less``) would block every thread that logs once the
+    pipe's 64 KiB are full: an edge's event loop writes a line per accepted message,
+    so the edge would stop answering. Here a stream that stops draining fills
+    ``backlog`` lines, then new lines are dropped and counted (the metric
+    ``switchboard_log_lines_dropped_total``, and a line saying how many once the
+    stream takes lines again) and the thread that logged goes on. :meth:`flush`
+    waits, at most ``flush_s``, for the lines queued so far: logging's shutdown at
+    exit calls it, and so does :func:`flush_logs` before a hard exit."""
+
+    def __init__(self, stream: TextIO, backlog: int = LOG_BACKLOG, flush_s: float = 2.0) -> None:
+        super().__init__()
+        self.stream = stream
+        self.backlog = backlog
+        self.flush_s = flush_s
+        self.dropped = 0  # lines dropped since the last notice, under _counting
+        self._start()
+        _WRITERS.add(self)
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._counting = threading.Lock()
+        self._lines: queue.Queue[str | None] = queue.Queue(self.backlog)
+        self._thread = threading.Thread(
+            target=self._write, args=(self._lines,), name="log-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _queue(self) -> queue.Queue[str | None]:
+        if self._pid != os.getpid():
+            # A forked child has the queue but not the thread, and maybe a lock the
+            # writer held at the fork: a queue, a lock and a thread of its own, made
+            # when it first logs (not in a fork that only execs, as subprocess's).
+            self.dropped = 0
+            self._start()
+        return self._lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging never raises into its caller
+            self.handleError(record)
+            return
+        try:
+            self._queue().put_nowait(line)
+        except queue.Full:
+            with self._counting:
+                self.dropped += 1
+            from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415 - a cycle
+
+            LOG_LINES_DROPPED.inc()
+
+    def _write(self, lines: queue.Queue[str | None]) -> None:
+        while True:
+            line = lines.get()
+            try:
+                if line is None:
+                    return
+                self._out(line)
+                with self._counting:
+                    dropped, self.dropped = self.dropped, 0
+                if dropped:
+                    self._out(self._notice(dropped))
+            finally:
+                lines.task_done()
+
+    def _out(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # the reader is gone (EPIPE) or the stream closed: nowhere to tell
+
+    def _notice(self, dropped: int) -> str:
+        record = logging.LogRecord(
+            "switchboard.logs",
+            logging.WARNING,
+            __file__,
+            0,
+            "log lines dropped: the log output was not read fast enough",
+            None,
+            None,
+        )
+        record.dropped = dropped
+        return self.format(record)
+
+    def flush(self) -> None:
+        """Wait, at most ``flush_s``, until the lines queued so far are written."""
+        self.wait(self.flush_s)
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once every queued line is written; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        lines = self._queue()
+        done = lines.all_tasks_done
+        with done:
+            while lines.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                done.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        if self._pid == os.getpid() and self._thread.is_alive() and self.wait(self.flush_s):
+            self._lines.put(None)
+            self._thread.join(self.flush_s)
+        _WRITERS.discard(self)
+        super().close()
+
+
+_WRITERS: weakref.WeakSet[LineWriter] = weakref.WeakSet()
+
+
+def flush_logs(timeout_s: float = 0.5) -> None:
+    """Write what the log writers hold, waiting at most ``timeout_s`` each: before an
+    ``os._exit``, which skips logging's own shutdown."""
+    for writer in list(_WRITERS):
+        writer.wait(timeout_s)
 
 
 class NoEnvelopeAddresses(logging.Filter):
@@ -105,7 +238,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineWriter(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

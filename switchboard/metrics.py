@@ -24,6 +24,10 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+LOG_LINES_DROPPED = Counter(
+    "switchboard_log_lines_dropped",
+    "Log lines dropped because the log output was not read fast enough (switchboard.logs)",
+)
 RECEIVED = Counter(
     "switchboard_messages_received",
     "Inputs an adapter received (SMTP DATA, HTTP requests to a hook, fetched IMAP mail).",

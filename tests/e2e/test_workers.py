@@ -198,6 +198,30 @@ def test_worker_files_and_files_of_workers_no_longer_run_are_drained(
         assert [read_depth(spools / name).messages for name in events] == [0, 0]
 
 
+def test_an_edge_whose_log_pipe_nobody_reads_still_answers(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """At INFO an edge writes a line per accepted message to stderr. Here stderr is a
+    pipe nobody reads until the end: 600 lines are more than its 64 KiB, and an edge
+    that wrote them on its event loop stopped answering after about 180 messages."""
+    env = _fleet_env(tmp_path, kafka_settings, SWITCHBOARD_LOG_LEVEL="INFO")
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    with running(env, tmp_path, "ingest", "http", "--workers", "1") as process:
+        _wait_healthy(base, process)
+        ids = _post(base, 600, "unread")
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-3000:]
+    # Nothing was dropped (10,000 lines wait for the writer): every line is there.
+    accepted = [
+        json.loads(line)
+        for line in stderr.splitlines()
+        if line.startswith("{") and '"message accepted"' in line
+    ]
+    assert {uuid.UUID(entry["message_id"]) for entry in accepted} == ids
+
+
 def test_a_second_fleet_on_the_same_port_is_refused(
     tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:

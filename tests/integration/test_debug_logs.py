@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.logs import CONTENT_LOGGERS, PROCESS_WIDE, configure_logging
+from switchboard.logs import CONTENT_LOGGERS, PROCESS_WIDE, LineWriter, configure_logging
 from switchboard.settings import KafkaSettings
 from tests.dovecot import Dovecot
 from tests.imap_helpers import imap_adapter, mailbox, wait_for
@@ -51,6 +51,9 @@ def debug_logs() -> Iterator[_Collect]:
     try:
         yield collect
     finally:
+        for handler in root.handlers:
+            if isinstance(handler, LineWriter):
+                handler.close()  # its thread ended with it
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         for name, level in levels.items():

@@ -1,0 +1,125 @@
+"""The log writer: a log pipe nobody reads never blocks the thread that logs.
+
+On a real OS pipe (64 KiB of buffer) whose reader stops, then reads again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from switchboard.logs import JsonFormatter, LineWriter, flush_logs
+
+TOTAL = 1000
+FILLER = "x" * 1000  # 1,000 lines of 1 KB: far more than the pipe holds
+
+
+@pytest.fixture
+def stalled() -> Iterator[tuple[int, LineWriter, logging.Logger]]:
+    """A logger writing through a LineWriter into a pipe that is not read (yet)."""
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w")
+    writer = LineWriter(stream, backlog=50, flush_s=0.2)
+    writer.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"test.stalled.{id(writer)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(writer)
+    try:
+        yield read_fd, writer, logger
+    finally:
+        logger.removeHandler(writer)
+        os.close(read_fd)  # the writer's next write fails (EPIPE), and is let go
+        writer.close()
+        with contextlib.suppress(OSError):
+            stream.close()  # what it still buffers has nowhere to go
+
+
+def _log_all(logger: logging.Logger) -> bool:
+    """Log TOTAL lines from another thread; True if that thread got through them."""
+    done = threading.Event()
+
+    def run() -> None:
+        for n in range(TOTAL):
+            logger.info("line %d", n, extra={"filler": FILLER})
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    # A hang guard, not a timing claim: 1,000 lines take milliseconds.
+    return done.wait(30)
+
+
+def _read_lines(read_fd: int, until: int, within_s: float = 30) -> list[dict[str, object]]:
+    """Read the pipe until the lines and the dropped lines they report make ``until``."""
+    os.set_blocking(read_fd, False)
+    buffer, entries = b"", []
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(read_fd, 65536)
+        except BlockingIOError:
+            chunk = b""
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        entries += [json.loads(line) for line in complete]
+        if _written(entries) + _told(entries) >= until:
+            return entries
+        if not chunk:
+            time.sleep(0.01)
+    raise AssertionError(f"{len(entries)} lines read, expected {until} with the dropped")
+
+
+def _written(entries: list[dict[str, object]]) -> int:
+    return sum("filler" in e for e in entries)
+
+
+def _told(entries: list[dict[str, object]]) -> int:
+    return sum(int(str(e["dropped"])) for e in entries if "dropped" in e)
+
+
+def test_a_stalled_reader_costs_lines_not_the_logging_thread(
+    stalled: tuple[int, LineWriter, logging.Logger],
+) -> None:
+    read_fd, _writer, logger = stalled
+    # Before the writer thread, this thread blocked on the full pipe after about 60
+    # lines, for as long as nobody read.
+    assert _log_all(logger), "logging blocked on a pipe nobody reads"
+
+    entries = _read_lines(read_fd, TOTAL)
+    written = [e for e in entries if "filler" in e]
+    notices = [e for e in entries if "dropped" in e]
+    assert notices, "the drop was told once the pipe took lines again"
+    assert all(e["level"] == "warning" for e in notices)
+    assert len(written) + _told(entries) == TOTAL
+    # The lines that got through are in order, and each is whole.
+    numbers = [int(str(e["msg"]).split()[1]) for e in written]
+    assert numbers == sorted(numbers)
+    assert all(e["filler"] == FILLER for e in written)
+
+
+def test_flush_writes_what_was_queued(stalled: tuple[int, LineWriter, logging.Logger]) -> None:
+    read_fd, writer, logger = stalled
+    for n in range(20):
+        logger.info("queued %d", n)
+    flush_logs(5)  # 20 short lines fit in the pipe: all written when it returns
+    assert writer.wait(0)
+    os.set_blocking(read_fd, False)
+    lines = os.read(read_fd, 65536).decode().splitlines()
+    assert [json.loads(line)["msg"] for line in lines] == [f"queued {n}" for n in range(20)]
+
+
+def test_a_wait_on_a_stalled_pipe_gives_up_after_its_time(
+    stalled: tuple[int, LineWriter, logging.Logger],
+) -> None:
+    _read_fd, writer, logger = stalled
+    assert _log_all(logger)
+    # The pipe is full and nobody reads: the wait (and so an exit's flush) ends
+    # without the lines instead of hanging.
+    assert writer.wait(0.3) is False
