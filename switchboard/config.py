@@ -86,11 +86,12 @@ class KafkaSettings(BaseSettings):
         description="Producer batching delay (the router and the sinks; see edge_linger_ms).",
     )
     # A process that runs an edge answers each sender only after the acknowledgement,
-    # so the linger is every sender's wait: two `ingest http` processes at 64
-    # connections took 5,558-6,031 req/s at 1 ms against 4,311-4,396 at 5 (README
-    # "HTTP ingest", 2026-11-30). 0 sends each record in a request of its own: less.
+    # so its linger is every sender's wait. 1 ms took two `ingest http` processes from
+    # 4,311-4,622 to 4,581-6,031 req/s at 64 connections, where they waited on the
+    # linger at 62% CPU, but cost 3-43% at 128 and 256 connections, where they were
+    # saturated (README "HTTP ingest", 2026-11-30): the default stays 5.
     edge_linger_ms: int = Field(
-        default=1,
+        default=5,
         ge=0,
         le=1000,
         description=(
