@@ -12,7 +12,6 @@ import os
 import queue
 import sys
 import threading
-import time
 import weakref
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -68,37 +67,34 @@ class LineWriter(logging.Handler):
     pipe's 64 KiB are full: an edge's event loop writes a line per accepted message,
     so the edge would stop answering. Here a stream that stops draining fills
     ``backlog`` lines, then new lines are dropped and counted (the metric
-    ``switchboard_log_lines_dropped_total``, and a line saying how many once the
-    stream takes lines again) and the thread that logged goes on. :meth:`flush`
-    waits, at most ``flush_s``, for the lines queued so far: logging's shutdown at
-    exit calls it, and so does :func:`flush_logs` before a hard exit."""
+    ``switchboard_log_lines_dropped_total``, and a warning line with
+    ``log_lines_dropped`` once the stream takes lines again) and the thread that
+    logged goes on.
 
-    def __init__(self, stream: TextIO, backlog: int = LOG_BACKLOG, flush_s: float = 2.0) -> None:
+    ``emit`` takes no lock of its own: a line may be logged from inside another
+    log call on the same thread (a ``__del__`` or an asyncio task's "exception was
+    never retrieved" run by the garbage collector, a signal handler), and the C
+    ``SimpleQueue.put`` is safe there where ``queue.Queue``'s lock deadlocked.
+    ``flush`` waits at most ``flush_s`` for the lines queued so far (logging's
+    shutdown at exit calls it; :func:`flush_logs` before a hard exit). Once closed,
+    and in a forked child, lines are written by the thread that logs them."""
+
+    def __init__(self, stream: TextIO, backlog: int = LOG_BACKLOG, flush_s: float = 5.0) -> None:
         super().__init__()
         self.stream = stream
         self.backlog = backlog
         self.flush_s = flush_s
-        self.dropped = 0  # lines dropped since the last notice, under _counting
-        self._start()
+        self.dropped = 0  # ever; only this process's emit adds, under the handler's RLock
+        self._told = 0  # of those, reported by a notice and the metric (writer thread)
+        self._pid = os.getpid()
+        self._closed = False
+        self._lines: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._thread.start()
         _WRITERS.add(self)
 
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        self._counting = threading.Lock()
-        self._lines: queue.Queue[str | None] = queue.Queue(self.backlog)
-        self._thread = threading.Thread(
-            target=self._write, args=(self._lines,), name="log-writer", daemon=True
-        )
-        self._thread.start()
-
-    def _queue(self) -> queue.Queue[str | None]:
-        if self._pid != os.getpid():
-            # A forked child has the queue but not the thread, and maybe a lock the
-            # writer held at the fork: a queue, a lock and a thread of its own, made
-            # when it first logs (not in a fork that only execs, as subprocess's).
-            self.dropped = 0
-            self._start()
-        return self._lines
+    def _threaded(self) -> bool:
+        return not self._closed and self._pid == os.getpid() and self._thread.is_alive()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -106,32 +102,55 @@ class LineWriter(logging.Handler):
         except Exception:  # noqa: BLE001 - logging never raises into its caller
             self.handleError(record)
             return
-        try:
-            self._queue().put_nowait(line)
-        except queue.Full:
-            with self._counting:
-                self.dropped += 1
-            from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415 - a cycle
+        if not self._threaded():
+            self._out(line + "\n")  # closed, or a forked child (exits without a flush)
+        elif self._lines.qsize() >= self.backlog:
+            self.dropped += 1  # counted here, told by the writer when it can write
+        else:
+            self._lines.put(line)
 
-            LOG_LINES_DROPPED.inc()
-
-    def _write(self, lines: queue.Queue[str | None]) -> None:
+    def _write(self) -> None:
+        # Everything queued goes out in one write: a busy event loop lets this thread
+        # have the GIL once per switch interval (5 ms), and a line a turn would let
+        # the backlog fill at a few hundred lines a second.
+        lines = self._lines
         while True:
-            line = lines.get()
-            try:
-                if line is None:
+            batch: list[str] = []
+            flushes: list[threading.Event] = []
+            item = lines.get()
+            while True:
+                if item is None:
+                    self._out("".join(batch))
+                    for flush in flushes:
+                        flush.set()
                     return
-                self._out(line)
-                with self._counting:
-                    dropped, self.dropped = self.dropped, 0
-                if dropped:
-                    self._out(self._notice(dropped))
-            finally:
-                lines.task_done()
+                if isinstance(item, threading.Event):
+                    flushes.append(item)
+                else:
+                    batch.append(item + "\n")
+                if len(batch) >= 1000:
+                    break
+                try:
+                    item = lines.get_nowait()
+                except queue.Empty:
+                    break
+            dropped = self.dropped
+            if dropped != self._told:
+                batch.append(self._notice(dropped - self._told) + "\n")
+            self._out("".join(batch))
+            if dropped != self._told:
+                from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415 - a cycle
 
-    def _out(self, line: str) -> None:
+                LOG_LINES_DROPPED.inc(dropped - self._told)
+                self._told = dropped
+            for flush in flushes:
+                flush.set()  # every line queued before it is written
+
+    def _out(self, text: str) -> None:
+        if not text:
+            return
         try:
-            self.stream.write(line + "\n")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
             pass  # the reader is gone (EPIPE) or the stream closed: nowhere to tell
@@ -146,7 +165,8 @@ class LineWriter(logging.Handler):
             None,
             None,
         )
-        record.dropped = dropped
+        record.log_lines_dropped = dropped
+        self.filter(record)  # the worker's field, as on every line
         return self.format(record)
 
     def flush(self) -> None:
@@ -154,22 +174,21 @@ class LineWriter(logging.Handler):
         self.wait(self.flush_s)
 
     def wait(self, timeout_s: float) -> bool:
-        """True once every queued line is written; False after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        lines = self._queue()
-        done = lines.all_tasks_done
-        with done:
-            while lines.unfinished_tasks:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                done.wait(remaining)
-        return True
+        """True once every line queued so far is written; False after ``timeout_s``."""
+        if not self._threaded():
+            return True
+        written = threading.Event()
+        self._lines.put(written)
+        return written.wait(timeout_s)
 
     def close(self) -> None:
-        if self._pid == os.getpid() and self._thread.is_alive() and self.wait(self.flush_s):
+        # logging's shutdown has flushed (at most flush_s): the thread is told to end,
+        # and lines still queued behind a pipe that does not drain are lost with it.
+        if self._threaded():
+            self._closed = True
             self._lines.put(None)
-            self._thread.join(self.flush_s)
+            self._thread.join(0.1)
+        self._closed = True
         _WRITERS.discard(self)
         super().close()
 
@@ -179,9 +198,19 @@ _WRITERS: weakref.WeakSet[LineWriter] = weakref.WeakSet()
 
 def flush_logs(timeout_s: float = 0.5) -> None:
     """Write what the log writers hold, waiting at most ``timeout_s`` each: before an
-    ``os._exit``, which skips logging's own shutdown."""
+    ``os._exit``, which skips logging's own shutdown, and before a line written to
+    stderr directly (:func:`stderr_line`)."""
     for writer in list(_WRITERS):
         writer.wait(timeout_s)
+
+
+def stderr_line(text: str) -> None:
+    """``text`` as one line on stderr, after the log lines queued before it: a
+    ``print`` to stderr writes its text and its newline apart, and a log line written
+    in between would splice into it."""
+    flush_logs()
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class NoEnvelopeAddresses(logging.Filter):
