@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sqlite3
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from switchboard.databases import describe, upgrade_databases
 from switchboard.db import make_engine, normalize_url, ping
 from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
 from switchboard.kafka import Publisher, probe_broker
-from switchboard.logs import flush_logs
+from switchboard.logs import flush_logs, stderr_line
 from switchboard.recovery import JournalKeeper
 from switchboard.runtime import (
     Component,
@@ -85,7 +84,7 @@ def kafka_available(settings: Settings) -> Iterator[EmbeddedBroker | None]:
     address_file = settings.data_dir / BROKER_FILE
     address_file.write_text(broker.bootstrap + "\n")
     log.warning(MEMORY_WARNING, extra={"bootstrap": broker.bootstrap})
-    print(f"WARNING: {MEMORY_WARNING}", file=sys.stderr, flush=True)  # noqa: T201 - for humans
+    stderr_line(f"WARNING: {MEMORY_WARNING}")  # for humans, after the log line above
     try:
         yield broker
     finally:

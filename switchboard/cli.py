@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from switchboard.logs import stderr_line
 from switchboard.settings import ConfigError, Settings, load_settings, masked_dump
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _contact_id(text: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(text)
     except ValueError:
-        print(f"error: {text!r} is not a contact id (a UUID)", file=sys.stderr)
+        stderr_line(f"error: {text!r} is not a contact id (a UUID)")
         return None
 
 
@@ -112,12 +113,10 @@ def _cmd_contacts_assign(settings: Settings, args: argparse.Namespace) -> int:
     try:
         event = store.assign(contact_id, args.owner, by=args.by)
     except UnknownContact:
-        print(f"error: no contact {contact_id}", file=sys.stderr)
+        stderr_line(f"error: no contact {contact_id}")
         return 1
     except UnknownOwner:
-        print(
-            f"error: {args.owner!r} is not an agent or team of the configuration", file=sys.stderr
-        )
+        stderr_line(f"error: {args.owner!r} is not an agent or team of the configuration")
         return 2
     print(f"contact {event.key} now owned by {args.owner} (event {event.id})")
     _publish_recorded(settings, store, event)
@@ -136,10 +135,10 @@ def _cmd_contacts_merge(settings: Settings, args: argparse.Namespace) -> int:
     try:
         event = action(contact_id, other_id, by=args.by)
     except UnknownContact as exc:
-        print(f"error: no contact {exc}", file=sys.stderr)
+        stderr_line(f"error: no contact {exc}")
         return 1
     except MergeRefused as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        stderr_line(f"error: {exc}")
         return 1
     if args.contacts_command == "merge":
         print(f"contact {other_id} merged into {event.key} (event {event.id})")
@@ -171,28 +170,22 @@ def _cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 password = getpass.getpass(f"password for {args.name}: ")
                 if getpass.getpass("again: ") != password:
-                    print("error: the two passwords differ", file=sys.stderr)
+                    stderr_line("error: the two passwords differ")
                     return 1
             store.set_password(args.name, password)
             print(f"password of {args.name} set; their earlier sessions are ended")
         elif args.agents_command == "token":
             token = store.issue_token(args.name)
             print(token)
-            print(
-                f"a personal API token of {args.name}: shown once, kept only as a digest",
-                file=sys.stderr,
-            )
+            stderr_line(f"a personal API token of {args.name}: shown once, kept only as a digest")
         else:
             tokens, sessions = store.revoke(args.name)
             print(f"{args.name}: {tokens} token(s) revoked, {sessions} session(s) ended")
     except UnknownAgent:
-        print(
-            f"error: {args.name!r} is not an agent of the configuration ([[teams]] agents)",
-            file=sys.stderr,
-        )
+        stderr_line(f"error: {args.name!r} is not an agent of the configuration ([[teams]] agents)")
         return 2
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        stderr_line(f"error: {exc}")
         return 1
     return 0
 
@@ -322,17 +315,16 @@ def _cmd_events_tail(settings: Settings, args: argparse.Namespace) -> int:
 
     bootstrap = bootstrap_of(settings)
     if bootstrap is None:
-        print(
+        stderr_line(
             "no broker: set SWITCHBOARD_KAFKA_BOOTSTRAP, or start `switchboard run` "
-            f"with this data dir ({settings.data_dir})",
-            file=sys.stderr,
+            f"with this data dir ({settings.data_dir})"
         )
         return 2
     try:
         topics = topic_names(args.topic)
         start = parse_since(args.since) if args.since else args.start
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        stderr_line(f"error: {exc}")
         return 2
     settings.kafka.bootstrap = bootstrap
     keep = Filter(types=tuple(args.type or ()), contact=args.contact)
@@ -362,7 +354,7 @@ def _cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
 
     with EmbeddedBroker(port=args.port, log_path=settings.data_dir / "tansu.log") as broker:
         print(broker.bootstrap, flush=True)
-        print(f"WARNING: {MEMORY_WARNING}", file=sys.stderr, flush=True)
+        stderr_line(f"WARNING: {MEMORY_WARNING}")
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -374,7 +366,7 @@ def _cmd_topics_create(settings: Settings, args: argparse.Namespace) -> int:
     from switchboard.topics import ensure_topics
 
     if not settings.kafka.bootstrap:
-        print("SWITCHBOARD_KAFKA_BOOTSTRAP is not set: which broker?", file=sys.stderr)
+        stderr_line("SWITCHBOARD_KAFKA_BOOTSTRAP is not set: which broker?")
         return 2
     if args.partitions:
         settings.kafka.partitions = args.partitions
@@ -393,7 +385,7 @@ def _cmd_schema_export(_settings: Settings, args: argparse.Namespace) -> int:
     if args.check:
         stale = drift(directory)
         for name in stale:
-            print(f"out of date: {directory / name}", file=sys.stderr)
+            stderr_line(f"out of date: {directory / name}")
         return 1 if stale else 0
     for name in export(directory):
         print(f"wrote {directory / name}")
@@ -408,10 +400,7 @@ def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             default = send.default_recipient(settings)
             recipients = args.to or ([default] if default else [])
             if not recipients:
-                print(
-                    "error: --to is needed (no SWITCHBOARD_SMTP_DOMAINS to guess from)",
-                    file=sys.stderr,
-                )
+                stderr_line("error: --to is needed (no SWITCHBOARD_SMTP_DOMAINS to guess from)")
                 return 2
             answer = send.send_email(
                 settings,
@@ -430,7 +419,7 @@ def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             if args.form is not None:
                 form = [tuple(item.split("=", 1)) for item in args.form]
                 if any(len(pair) != 2 for pair in form):
-                    print("error: --form takes key=value", file=sys.stderr)
+                    stderr_line("error: --form takes key=value")
                     return 2
             answer = send.send_hook(
                 settings,
@@ -441,7 +430,7 @@ def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
                 base=args.url,
             )
     except send.SendError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        stderr_line(f"error: {exc}")
         return 2
     print(answer.text)
     return 0 if answer.ok else 1
@@ -775,10 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(getattr(args, "file", None))
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        stderr_line(f"invalid settings:\n{exc}")
         return 2
     except ConfigError as exc:
-        print(f"invalid configuration: {exc}", file=sys.stderr)
+        stderr_line(f"invalid configuration: {exc}")
         return 2
     from switchboard.broker import BrokerError
     from switchboard.logs import configure_logging
@@ -791,11 +780,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (StartupError, BrokerError) as exc:
         log.error("switchboard %s could not start: %s", args.command, exc)
-        print(f"error: {exc}", file=sys.stderr)
+        stderr_line(f"error: {exc}")
         return 1
     except Exception as exc:
         log.exception("switchboard %s failed", args.command)
-        print(f"error: {exc}", file=sys.stderr)
+        stderr_line(f"error: {exc}")
         return 1
     return code
 
