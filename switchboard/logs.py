@@ -88,6 +88,7 @@ class LineWriter(logging.Handler):
         self._told = 0  # of those, reported by a notice and the metric (writer thread)
         self._pid = os.getpid()
         self._closed = False
+        self._counting = threading.RLock()
         self._lines: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._thread.start()
@@ -95,6 +96,17 @@ class LineWriter(logging.Handler):
 
     def _threaded(self) -> bool:
         return not self._closed and self._pid == os.getpid() and self._thread.is_alive()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if threading.get_ident() != self._thread.ident:
+            return super().handle(record)
+        # A line logged on the writer thread itself (a __del__ the collector runs
+        # there): without the handler's lock, which logging's shutdown holds while
+        # its flush waits for this thread.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -105,7 +117,8 @@ class LineWriter(logging.Handler):
         if not self._threaded():
             self._out(line + "\n")  # closed, or a forked child (exits without a flush)
         elif self._lines.qsize() >= self.backlog:
-            self.dropped += 1  # counted here, told by the writer when it can write
+            with self._counting:  # reentrant: a line logged inside a log call
+                self.dropped += 1  # told by the writer when it can write
         else:
             self._lines.put(line)
 
@@ -113,38 +126,50 @@ class LineWriter(logging.Handler):
         # Everything queued goes out in one write: a busy event loop lets this thread
         # have the GIL once per switch interval (5 ms), and a line a turn would let
         # the backlog fill at a few hundred lines a second.
-        lines = self._lines
         while True:
-            batch: list[str] = []
-            flushes: list[threading.Event] = []
-            item = lines.get()
-            while True:
-                if item is None:
-                    self._out("".join(batch))
-                    for flush in flushes:
-                        flush.set()
-                    return
-                if isinstance(item, threading.Event):
-                    flushes.append(item)
-                else:
-                    batch.append(item + "\n")
-                if len(batch) >= 1000:
-                    break
-                try:
-                    item = lines.get_nowait()
-                except queue.Empty:
-                    break
-            dropped = self.dropped
-            if dropped != self._told:
-                batch.append(self._notice(dropped - self._told) + "\n")
+            batch, flushes, end = self._take()
+            if not end:
+                self._tell_drops(batch)
             self._out("".join(batch))
-            if dropped != self._told:
-                from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415 - a cycle
-
-                LOG_LINES_DROPPED.inc(dropped - self._told)
-                self._told = dropped
             for flush in flushes:
                 flush.set()  # every line queued before it is written
+            if end:
+                return
+
+    def _take(self) -> tuple[list[str], list[threading.Event], bool]:
+        """What is queued (waiting for the first): lines, flushes, and whether the end
+        was asked (then with the lines the writer thread logged itself after it)."""
+        lines = self._lines
+        batch: list[str] = []
+        flushes: list[threading.Event] = []
+        end = False
+        item = lines.get()
+        while True:
+            if item is None:
+                end = True
+            elif isinstance(item, threading.Event):
+                flushes.append(item)
+            else:
+                batch.append(item + "\n")
+            if len(batch) >= 1000 and not end:
+                return batch, flushes, end
+            try:
+                item = lines.get_nowait()
+            except queue.Empty:
+                return batch, flushes, end
+
+    def _tell_drops(self, batch: list[str]) -> None:
+        dropped = self.dropped
+        if dropped == self._told:
+            return
+        count, self._told = dropped - self._told, dropped
+        try:
+            batch.append(self._notice(count) + "\n")
+            from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415 - a cycle
+
+            LOG_LINES_DROPPED.inc(count)
+        except Exception:  # noqa: BLE001 - the writer must outlive a notice that fails
+            self.handleError(logging.makeLogRecord({"msg": "log lines dropped"}))
 
     def _out(self, text: str) -> None:
         if not text:
@@ -177,6 +202,8 @@ class LineWriter(logging.Handler):
         """True once every line queued so far is written; False after ``timeout_s``."""
         if not self._threaded():
             return True
+        if threading.get_ident() == self._thread.ident:
+            return False  # the writer cannot wait for itself
         written = threading.Event()
         self._lines.put(written)
         return written.wait(timeout_s)
@@ -184,11 +211,16 @@ class LineWriter(logging.Handler):
     def close(self) -> None:
         # logging's shutdown has flushed (at most flush_s): the thread is told to end,
         # and lines still queued behind a pipe that does not drain are lost with it.
-        if self._threaded():
+        self.acquire()  # emit checks and queues under it: no line lands behind the end
+        try:
+            threaded = self._threaded()
             self._closed = True
-            self._lines.put(None)
+            if threaded:
+                self._lines.put(None)
+        finally:
+            self.release()
+        if threaded:
             self._thread.join(0.1)
-        self._closed = True
         _WRITERS.discard(self)
         super().close()
 

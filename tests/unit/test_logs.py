@@ -6,6 +6,7 @@ On a real OS pipe (64 KiB of buffer) whose reader stops, then reads again.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -186,3 +187,38 @@ def test_a_line_logged_inside_a_log_call_does_not_hang_the_process() -> None:
     assert done.stdout.strip() == "finished"
     assert done.stderr.count('"message accepted"') == 40000
     assert "exception was never retrieved" in done.stderr  # the collector did log
+
+
+def test_a_line_the_writer_thread_logs_itself_neither_blocks_a_flush_nor_is_lost() -> None:
+    """A `__del__` the collector runs on the writer thread may log there, while
+    logging's shutdown holds the handler's lock and waits for that thread's flush."""
+    logger = logging.getLogger("test.writer-thread")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    class Stream(io.StringIO):
+        logged = False
+
+        def write(self, text: str) -> int:
+            if not Stream.logged:
+                Stream.logged = True
+                logger.error("logged on the writer thread")
+            return super().write(text)
+
+    stream = Stream()
+    writer = LineWriter(stream, flush_s=5)
+    writer.setFormatter(JsonFormatter())
+    logger.addHandler(writer)
+    try:
+        logger.info("first")
+        writer.acquire()  # as logging.shutdown does around its flush
+        try:
+            assert writer.wait(5), "the flush waited for a writer waiting for the lock"
+        finally:
+            writer.release()
+        writer.close()
+        writer._thread.join(5)  # the end asked: the thread writes what it holds, then ends
+    finally:
+        logger.removeHandler(writer)
+    lines = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
+    assert lines == ["first", "logged on the writer thread"]
