@@ -84,7 +84,7 @@ class LineWriter(logging.Handler):
         self.stream = stream
         self.backlog = backlog
         self.flush_s = flush_s
-        self.dropped = 0  # ever; only this process's emit adds, under the handler's RLock
+        self.dropped = 0  # ever; only this process's emit adds, under _counting
         self._told = 0  # of those, reported by a notice and the metric (writer thread)
         self._pid = os.getpid()
         self._closed = False
@@ -165,7 +165,9 @@ class LineWriter(logging.Handler):
         count, self._told = dropped - self._told, dropped
         try:
             batch.append(self._notice(count) + "\n")
-            from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415 - a cycle
+            # Imported here, when lines are dropped: the metrics module brings kafka-python
+            # and prometheus-client (0.17 s) into every CLI command that logs.
+            from switchboard.metrics import LOG_LINES_DROPPED  # noqa: PLC0415
 
             LOG_LINES_DROPPED.inc(count)
         except Exception:  # noqa: BLE001 - the writer must outlive a notice that fails

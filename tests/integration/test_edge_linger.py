@@ -48,22 +48,21 @@ def _linger_of_the_producer_that_sent(
         pipeline.close()
 
 
-def test_an_edge_process_batches_for_the_edge_linger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kafka_settings: KafkaSettings
+@pytest.mark.parametrize(
+    ("role", "linger"),
+    [("http", 2), ("router", 7)],  # SWITCHBOARD_KAFKA_EDGE_LINGER_MS=2, _LINGER_MS=7
+)
+def test_a_process_batches_for_the_linger_of_its_role(
+    role: str,
+    linger: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kafka_settings: KafkaSettings,
 ) -> None:
-    linger = _linger_of_the_producer_that_sent(
-        frozenset({"http"}), tmp_path, monkeypatch, kafka_settings
+    sent = _linger_of_the_producer_that_sent(
+        frozenset({role}), tmp_path, monkeypatch, kafka_settings
     )
-    assert linger == 2
-
-
-def test_a_router_process_batches_for_the_linger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kafka_settings: KafkaSettings
-) -> None:
-    linger = _linger_of_the_producer_that_sent(
-        frozenset({"router"}), tmp_path, monkeypatch, kafka_settings
-    )
-    assert linger == 7
+    assert sent == linger
 
 
 def test_a_process_of_every_role_answers_senders_so_it_takes_the_edge_linger() -> None:
