@@ -312,3 +312,33 @@ def test_message_data_in_memory_is_bounded_and_released(
         for client in (first, second, third, small, liar):
             client.close()
         wait_for(lambda: server.adapter._data_reserved == 0)
+
+
+def _reply_bomb(message_id: str) -> bytes:
+    """A mail whose text is 60,000 lines of one space under a reply cue: the shape that
+    made the reply heuristics (ours and mail-parser-reply's ``\\s*^``) quadratic, minutes
+    of one core with the GIL held."""
+    head = (
+        "From: mallory@example.net\r\nTo: support@example.com\r\nSubject: hi\r\n"
+        f"Message-ID: <{message_id}@example.net>\r\nContent-Type: text/plain\r\n\r\n"
+        "On Monday Bob wrote:\r\n"
+    )
+    return head.encode() + b" \r\n" * 60_000 + b"> quoted\r\n"
+
+
+def test_a_reply_heuristics_bomb_is_parsed_and_the_next_mail_still_flows(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """Through the parse worker, as in production: the bomb is accepted like any mail
+    and the customer's mail after it gets its reply within the client's 30 s timeout
+    (before the fix the bomb held the worker for minutes and was killed at its timeout)."""
+    with smtp_server(kafka_settings, tmp_path, parse_workers=1) as server:
+        code, bomb_reply = server.send(_reply_bomb(f"bomb-{unique}"), mail_from="mallory@example.net")
+        assert code == 250, bomb_reply
+        code, reply = server.send(email(f"after-{unique}"))
+        assert code == 250, reply
+        ids = {queued_id(bomb_reply), queued_id(reply)}
+        inbound, dead = collect(kafka_settings, f"bomb-{unique}", ids)
+    assert set(inbound) == ids and not dead
+    bomb = inbound[queued_id(bomb_reply)]
+    assert bomb.text is not None and bomb.text.startswith("On Monday Bob wrote:")

@@ -402,3 +402,37 @@ def test_optional_keyword_and_move_after_ingest(
     assert check.select_folder("INBOX", readonly=True)[b"EXISTS"] == 0
     assert check.select_folder("Ingested", readonly=True)[b"EXISTS"] == 1
     check.logout()
+
+
+@pytest.mark.slow
+def test_a_reply_heuristics_bomb_does_not_freeze_the_poller(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """60,000 lines of one space under a reply cue made the reply heuristics quadratic
+    (minutes of CPU with the GIL held, in the poller's own process); the mail after it
+    must arrive as usual."""
+    box = mailbox(dovecot, f"rb{unique}", monkeypatch.setenv)
+    bomb = (
+        "From: mallory@example.net\r\nTo: support@example.com\r\nSubject: hi\r\n"
+        f"Message-ID: <{unique}-bomb@example.net>\r\n\r\nOn Monday Bob wrote:\r\n"
+    ).encode() + b" \r\n" * 60_000 + b"> quoted\r\n"
+    dovecot.deliver(bomb)
+    dovecot.deliver(mail(f"{unique}-after"))
+    with imap_adapter(kafka_settings, tmp_path, [box]) as store:
+        wait_for(lambda: position(store, box.name)[1] >= 2, 30)
+    found = find(
+        kafka_settings,
+        f"rb-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+        count=2,
+    )
+    assert {m.dedupe_key for m in found} == {
+        f"email-mid:{unique}-bomb@example.net",
+        f"email-mid:{unique}-after@example.org",
+    }
