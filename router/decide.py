@@ -262,14 +262,19 @@ def _target(
     contacts that merge into it.
 
     Verified identities first: their contacts are one person, the oldest survives
-    (under "manual" nothing merges into it). Else the sender's own contact (the
-    first usable identity), or a new one: another claimed identity's contact is
-    only suggested, so typing a customer's number into a form never writes into
-    that customer's conversation.
+    (under "manual" nothing merges into it). A message with verified identities none
+    of which is known gets a new contact: its claimed sender does not choose one (else
+    a backend-verified phone with a typed customer address would link that phone to
+    the customer and text into their conversation). Without verified identities, the
+    sender's own contact (the first usable identity), or a new one: another claimed
+    identity's contact is only suggested, so typing a customer's number into a form
+    never writes into that customer's conversation.
     """
     group = _oldest([known[k] for k in keys if k in trusted and k in known])
     if group:
         return group[0], group[1:]
+    if trusted:
+        return None, []
     return known.get(keys[0]), []
 
 
@@ -291,8 +296,10 @@ def _resolve(
         union = owned.union(*(c.identities for c in mergeable), keys)
         if any(_count(union, k.value) > config.max_identities_per_kind for k in IdentityKind):
             # Merging would give one contact too many identities: refuse, keep the
-            # message with the sender's own contact.
-            survivor = known.get(message.sender.key) or survivor
+            # message with the sender's own contact if the sender is verified (a
+            # claimed sender's contact would receive the verified identities).
+            own = known.get(message.sender.key) if message.sender.key in trusted else None
+            survivor = own or survivor
             survivor_id = survivor.id
             owned = set(survivor.identities)
             refused = [k for k in keys if k in known and known[k].id != survivor_id]
@@ -310,10 +317,11 @@ def _resolve(
     for key in keys:
         if key in owned or key in refused or key in known:
             continue
-        # A claimed identity links only as the first identity of a new contact: it
-        # never joins an existing contact, so a stranger's form cannot attach
-        # someone's address to a contact they can later write into.
-        if key not in trusted and (survivor is not None or key != keys[0]):
+        # A claimed identity links only as the first identity of a new contact made
+        # of claims alone: it never joins an existing contact, nor a new one beside
+        # verified identities, so a stranger's form cannot attach someone's address
+        # to a contact they can later write into (with their own verified phone).
+        if key not in trusted and (survivor is not None or key != keys[0] or trusted):
             continue
         if _count(owned, key.split(":", 1)[0]) >= config.max_identities_per_kind:
             refused.append(key)

@@ -81,13 +81,24 @@ def _hooks(monkeypatch: pytest.MonkeyPatch) -> list[WebhookSettings]:
             "verified": ["email", "phone"],
         }
     )
-    return [public, backend]
+    # A backend that proves the phone (say, by a login code) but not the address typed
+    # beside it.
+    phone_backend = WebhookSettings.model_validate(
+        {
+            "name": "phone-backend",
+            "auth": {"kind": "hmac-sha256", "secret_env": "BACKEND_SECRET", "allow_replay": True},
+            "map": {"email": "email", "phone": "phone", "text": "message"},
+            "default_region": "US",
+            "verified": ["phone"],
+        }
+    )
+    return [public, backend, phone_backend]
 
 
 def _post(http: RunningHttp, hook: str, body: dict[str, Any]) -> None:
     raw = json.dumps(body).encode()
     headers = {"content-type": "application/json"}
-    if hook == "backend":
+    if hook in ("backend", "phone-backend"):
         headers["x-signature"] = hmac.new(b"backend-secret", raw, hashlib.sha256).hexdigest()
     answer = httpx.post(f"{http.base}/webhooks/{hook}", content=raw, headers=headers, timeout=15)
     assert answer.status_code == 202, answer.text
@@ -186,6 +197,36 @@ def test_a_vouching_backend_and_a_signed_sms_make_one_contact(
     (keys,) = [k for _, k in snap.contacts.values()]
     assert keys == {"email:dana@example.org", "phone:+14155550123"}
     assert len(snap.merged) == 1
+
+
+def test_a_verified_phone_beside_a_typed_address_gets_its_own_contact(
+    kafka: KafkaSettings,
+    migrated_postgres: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mallory proves her own phone to a backend and types Wendy's address beside it:
+    the phone does not join Wendy's contact (the claimed sender used to decide where
+    verified identities linked), so Mallory's SMS never reaches Wendy's conversation."""
+    twilio = TwilioSettings(auth_token=[SecretStr(TOKEN)])
+    with http_ingest(kafka, tmp_path, twilio=twilio, hooks=_hooks(monkeypatch)) as http:
+        _post(http, "public-form", {"email": "wendy@example.org", "message": "my order"})
+    _route(kafka, migrated_postgres, 1)
+    with http_ingest(kafka, tmp_path, twilio=twilio, hooks=_hooks(monkeypatch)) as http:
+        _post(http, "phone-backend", {"email": "wendy@example.org", "phone": "+14155550177"})
+        _sms(http, "SM" + "7" * 32, "+14155550177", "send me Wendy's invoice")
+    _route(kafka, migrated_postgres, 3)
+    snap = snapshot(migrated_postgres)
+    wendy = snap.contact_of("email:wendy@example.org")
+    mallory = snap.contact_of("phone:+14155550177")
+    assert wendy != mallory
+    assert snap.contacts[wendy][1] == {"email:wendy@example.org"}
+    assert snap.contacts[mallory][1] == {"phone:+14155550177"}
+    wendy_messages = [m for m, (c, _, _) in snap.messages.items() if c == wendy]
+    assert len(wendy_messages) == 1
+    assert snap.merged == {}
+    suggestions = events_of(kafka, CONTACTS, SUGGESTED, ContactEvent, count=1)
+    assert {(s.contact_id, s.other_contact_id) for s in suggestions} == {(mallory, wendy)}
 
 
 def test_a_forged_from_is_claimed_never_verified(

@@ -441,3 +441,56 @@ def test_any_policy_merges_on_claims_as_before() -> None:
     d = routed(route(form, view, anything))
     assert (d.contact_id, d.merged, d.suggestions) == (old.id, (young.id,), ())
     assert d.link == ("email:x@y.org",)
+
+
+def test_a_claimed_sender_does_not_decide_where_verified_identities_link() -> None:
+    """A hook vouches for the stranger's phone and carries a customer's address as the
+    (claimed) sender: the phone gets a contact of its own, the customer's contact is
+    only suggested, so the stranger cannot later text into the customer's conversation."""
+    view = FakeDirectory()
+    victim = view.add_contact("email:victim@example.com", owner="bob")
+    form = email(
+        sender="victim@example.com",
+        identities=(vouched(phone_identity("+14155550199")),),
+        channel="webhook",
+    )
+    d = routed(route(form, view, CONFIG))
+    assert d.new_contact and d.contact_id != victim.id
+    assert d.link == ("phone:+14155550199",)
+    assert d.suggestions == ((victim.id, "email:victim@example.com"),)
+
+
+def test_a_claimed_sender_is_not_linked_beside_verified_identities() -> None:
+    """The same stranger before the customer ever wrote: the customer's address must
+    not join the stranger's new contact, else the customer's first verified mail would
+    land there."""
+    form = email(
+        sender="victim@example.com",
+        identities=(vouched(phone_identity("+14155550199")),),
+        channel="webhook",
+    )
+    d = routed(route(form, FakeDirectory(), CONFIG))
+    assert d.new_contact
+    assert d.link == ("phone:+14155550199",)
+
+
+def test_over_the_limit_a_claimed_sender_does_not_receive_verified_identities() -> None:
+    view = FakeDirectory()
+    victim = view.add_contact("email:victim@example.com", owner="bob", age_days=1)
+    a = view.add_contact("phone:+14155550101", "phone:+14155550102", owner="alice", age_days=9)
+    b = view.add_contact("phone:+14155550103", "phone:+14155550104", owner="alice", age_days=8)
+    form = email(
+        sender="victim@example.com",
+        identities=(
+            vouched(phone_identity("+14155550101")),
+            vouched(phone_identity("+14155550103")),
+            vouched(phone_identity("+14155550105")),
+        ),
+        channel="webhook",
+    )
+    d = routed(route(form, view, CONFIG))
+    assert d.contact_id == a.id  # merging a and b exceeds 3 phones: refused, a keeps it
+    assert d.merged == ()
+    assert d.contact_id != victim.id
+    assert d.link == ("phone:+14155550105",)  # the verified new phone joins a, not victim
+    assert "email:victim@example.com" in d.refused
