@@ -140,7 +140,7 @@ def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
     subject = _clean_line(_header(msg, "Subject"))
     sent_at = _date(msg)
     dedupe_key = (
-        f"email-mid:{thread.message_id}"
+        f"email-mid:{thread.message_id[:990]}#{_content_digest(sender, subject, text, attachments)}"
         if thread.message_id
         else _fingerprint(sender, _header(msg, "Date"), subject, text)
     )
@@ -619,6 +619,20 @@ def _attachments(
         )
         blobs.append(blob)
     return attachments, blobs, bounced_id
+
+
+def _content_digest(
+    sender: Identity, subject: str | None, text: str | None, attachments: list[Attachment]
+) -> str:
+    """What binds a Message-ID key to its mail: a Message-ID is public (everyone on the
+    thread has it) and anyone can send one, so a stranger's mail naming a customer's
+    Message-ID must not make the customer's own mail a duplicate. The same mail read
+    twice (two inboxes, SMTP and IMAP, a provider) has the same sender, subject, text
+    and attachments, so it still shares the key; its headers differ, so they are not in it."""
+    material = "\x1f".join(
+        [sender.key, subject or "", text or "", *sorted(a.sha256 or "" for a in attachments)]
+    )
+    return hashlib.sha256(material.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def _fingerprint(sender: Identity, date: str | None, subject: str | None, text: str | None) -> str:

@@ -155,10 +155,13 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     subject = _first(payload, fm.subject)
     id_value = _first(payload, fm.id)
     id_value = strip_controls(id_value) if id_value else None
+    # A key or id the poster chooses is scoped to the sender: else a stranger at a
+    # public form could post first with the key or id a customer's post will carry,
+    # and the customer's post would be dropped as a duplicate of the stranger's.
     if ctx.idempotency_key:
-        dedupe_key = f"webhook:{ctx.hook}:key:{ctx.idempotency_key[:255]}"
+        dedupe_key = f"webhook:{ctx.hook}:{sender.key}:key:{ctx.idempotency_key[:255]}"
     elif id_value:
-        dedupe_key = f"webhook:{ctx.hook}:id:{id_value[:255]}"
+        dedupe_key = f"webhook:{ctx.hook}:{sender.key}:id:{id_value[:255]}"
     else:
         canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
         digest = hashlib.sha256(canonical.encode("utf-8", "replace")).hexdigest()[:40]

@@ -89,7 +89,7 @@ def test_one_address_holding_its_session_limit_does_not_lock_out_others(
         inbound, dead = collect(kafka_settings, f"hostile-{unique}", {queued_id(reply)})
         assert dead == {}
         [message] = inbound.values()
-        assert message.dedupe_key == f"email-mid:legit-{unique}@example.org"
+        assert message.dedupe_key.startswith(f"email-mid:legit-{unique}@example.org#")
 
         # The attacker's held sessions still work: the limit refuses, it does not punish.
         assert held[0].noop()[0] == 250
@@ -333,12 +333,16 @@ def test_a_reply_heuristics_bomb_is_parsed_and_the_next_mail_still_flows(
     and the customer's mail after it gets its reply within the client's 30 s timeout
     (before the fix the bomb held the worker for minutes and was killed at its timeout)."""
     with smtp_server(kafka_settings, tmp_path, parse_workers=1) as server:
-        code, bomb_reply = server.send(_reply_bomb(f"bomb-{unique}"), mail_from="mallory@example.net")
+        code, bomb_reply = server.send(
+            _reply_bomb(f"bomb-{unique}"), mail_from="mallory@example.net"
+        )
         assert code == 250, bomb_reply
         code, reply = server.send(email(f"after-{unique}"))
         assert code == 250, reply
         ids = {queued_id(bomb_reply), queued_id(reply)}
         inbound, dead = collect(kafka_settings, f"bomb-{unique}", ids)
-    assert set(inbound) == ids and not dead
+    assert set(inbound) == ids
+    assert not dead
     bomb = inbound[queued_id(bomb_reply)]
-    assert bomb.text is not None and bomb.text.startswith("On Monday Bob wrote:")
+    assert bomb.text is not None
+    assert bomb.text.startswith("On Monday Bob wrote:")

@@ -229,6 +229,48 @@ def test_a_verified_phone_beside_a_typed_address_gets_its_own_contact(
     assert {(s.contact_id, s.other_contact_id) for s in suggestions} == {(mallory, wendy)}
 
 
+def test_a_strangers_message_id_or_idempotency_key_does_not_swallow_a_customers_message(
+    kafka: KafkaSettings,
+    migrated_postgres: Engine,
+    tmp_path: Path,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mallory sends first with the Message-ID Ann's mail will carry (it is public to
+    everyone on the thread), and posts the public form first with the Idempotency-Key
+    Wendy's post will carry: both customers' messages still reach their contacts
+    (they were dropped as duplicates of Mallory's)."""
+    mid = f"<order-{unique}@example.org>"
+
+    def mail(sender: str, text: str) -> bytes:
+        return (
+            f"From: {sender}\r\nTo: support@example.com\r\nSubject: order\r\n"
+            f"Message-ID: {mid}\r\n\r\n{text}\r\n"
+        ).encode()
+
+    with smtp_server(kafka, tmp_path / "smtp") as smtp:
+        assert smtp.send(mail("mallory@evil.example", "junk"), mail_from="m@evil.example")[0] == 250
+        assert smtp.send(mail("ann@example.org", "where is my order?"))[0] == 250
+        # The same mail of Ann's once more (a second inbox, or IMAP): still one message.
+        assert smtp.send(mail("ann@example.org", "where is my order?"))[0] == 250
+    with http_ingest(kafka, tmp_path / "http", hooks=_hooks(monkeypatch)) as http:
+        for who in ("mallory@evil.example", "wendy@example.org"):
+            answer = httpx.post(
+                f"{http.base}/webhooks/public-form",
+                json={"email": who, "message": f"from {who}"},
+                headers={"idempotency-key": f"k-{unique}"},
+                timeout=15,
+            )
+            assert answer.status_code == 202, answer.text
+    _route(kafka, migrated_postgres, 5)
+    snap = snapshot(migrated_postgres)
+    ann = snap.contact_of("email:ann@example.org")
+    wendy = snap.contact_of("email:wendy@example.org")
+    assert len([m for m, (c, _, _) in snap.messages.items() if c == ann]) == 1
+    assert len([m for m, (c, _, _) in snap.messages.items() if c == wendy]) == 1
+    assert len(snap.messages) == 4  # Ann's second copy is a duplicate
+
+
 def test_a_forged_from_is_claimed_never_verified(
     kafka: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:

@@ -68,9 +68,10 @@ def test_one_email_through_smtp_and_every_provider_variant_has_one_dedupe_key(
     inbound, dead = collect(kafka_settings, f"providers-{unique}", set(ids.values()))
     assert dead == {}
     messages = {variant: inbound[i] for variant, i in ids.items()}
-    assert {m.dedupe_key for m in messages.values()} == {
-        f"email-mid:same-{unique}@mail.example.org"
-    }
+    assert len({m.dedupe_key for m in messages.values()}) == 1
+    assert next(iter(messages.values())).dedupe_key.startswith(
+        f"email-mid:same-{unique}@mail.example.org#"
+    )
     for variant, message in messages.items():
         assert message.sender.key == "email:ann@example.org", variant
         assert message.sender.display_name == "Ann Example", variant

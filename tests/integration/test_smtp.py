@@ -57,7 +57,7 @@ def test_mail_for_a_local_domain_is_acknowledged_after_kafka(
         assert dead == {}
         message = inbound[message_id]
         assert message.sender.value == "alice@example.org"
-        assert message.dedupe_key == f"email-mid:{unique}@example.org"
+        assert message.dedupe_key.startswith(f"email-mid:{unique}@example.org#")
         envelope = {r.value for r in message.recipients if r.role is RecipientRole.ENVELOPE}
         assert envelope == {"support@example.com", "billing@example.com"}
         assert message.metadata["helo"] == "client.example.org"
@@ -78,7 +78,7 @@ def test_parsing_in_a_worker_process(
     assert code == 250
     inbound, _ = collect(kafka_settings, f"worker-{unique}", {queued_id(reply)})
     [message] = inbound.values()
-    assert message.dedupe_key == f"email-mid:worker-{unique}@example.org"
+    assert message.dedupe_key.startswith(f"email-mid:worker-{unique}@example.org#")
     assert len(message.attachments) == 1
 
 

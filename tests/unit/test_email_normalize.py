@@ -64,7 +64,7 @@ def test_a_plain_message() -> None:
     assert m.subject == "Invoice"
     assert m.text == "Hello,\nmy invoice is wrong."
     assert m.thread.message_id == "m1@example.com"
-    assert m.dedupe_key == "email-mid:m1@example.com"
+    assert m.dedupe_key.startswith("email-mid:m1@example.com#")
     assert m.sent_at == datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
     assert m.raw is not None
     assert result.blobs[0].ref == m.raw
@@ -495,3 +495,20 @@ def test_the_parse_process_sends_back_no_copy_of_the_raw_message() -> None:
         lean.restoring(raw + b"x")
     with pytest.raises(ValueError, match="elided"):
         asyncio.run(HandOff.deliver(object(), lean))  # type: ignore[arg-type]
+
+
+def test_a_message_id_key_is_bound_to_the_mail_it_came_with() -> None:
+    """A Message-ID is public: a stranger's mail naming a customer's must get another
+    key (else the customer's own mail would be dropped as its duplicate), while the
+    same mail read twice, with other transport headers, keeps one key."""
+    ann = simple("Hello,\nmy invoice is wrong.")
+    same_mail_later = simple("Hello,\nmy invoice is wrong.", Received="from mx by imap; today")
+    stranger = simple("Hello,\nmy invoice is wrong.", From="mallory@evil.example")
+    other_text = simple("Pay to this IBAN instead.")
+    keys = [norm(m.as_bytes()).message.dedupe_key for m in (ann, same_mail_later)]
+    assert keys[0] == keys[1]
+    assert norm(stranger.as_bytes()).message.dedupe_key != keys[0]
+    assert norm(other_text.as_bytes()).message.dedupe_key != keys[0]
+    attached = simple("Hello,\nmy invoice is wrong.")
+    attached.add_attachment(b"%PDF-1.4 forged", maintype="application", subtype="pdf")
+    assert norm(attached.as_bytes()).message.dedupe_key != keys[0]

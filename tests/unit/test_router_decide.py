@@ -455,7 +455,8 @@ def test_a_claimed_sender_does_not_decide_where_verified_identities_link() -> No
         channel="webhook",
     )
     d = routed(route(form, view, CONFIG))
-    assert d.new_contact and d.contact_id != victim.id
+    assert d.new_contact
+    assert d.contact_id != victim.id
     assert d.link == ("phone:+14155550199",)
     assert d.suggestions == ((victim.id, "email:victim@example.com"),)
 
@@ -478,7 +479,7 @@ def test_over_the_limit_a_claimed_sender_does_not_receive_verified_identities() 
     view = FakeDirectory()
     victim = view.add_contact("email:victim@example.com", owner="bob", age_days=1)
     a = view.add_contact("phone:+14155550101", "phone:+14155550102", owner="alice", age_days=9)
-    b = view.add_contact("phone:+14155550103", "phone:+14155550104", owner="alice", age_days=8)
+    view.add_contact("phone:+14155550103", "phone:+14155550104", owner="alice", age_days=8)
     form = email(
         sender="victim@example.com",
         identities=(

@@ -144,9 +144,24 @@ def test_no_identity_is_refused_with_the_reason() -> None:
 
 def test_dedupe_key_order() -> None:
     payload = {"contact": {"email": "ann@example.com"}, "submission_id": 42}
-    assert hook(payload, key="K1", id="submission_id").dedupe_key == "webhook:form:key:K1"
-    assert hook(payload, id="submission_id").dedupe_key == "webhook:form:id:42"
+    assert (
+        hook(payload, key="K1", id="submission_id").dedupe_key
+        == "webhook:form:email:ann@example.com:key:K1"
+    )
+    assert (
+        hook(payload, id="submission_id").dedupe_key == "webhook:form:email:ann@example.com:id:42"
+    )
     fp = hook(payload).dedupe_key
     assert fp.startswith("webhook:form:fp:")
     reordered = {"submission_id": 42, "contact": {"email": "ann@example.com"}}
     assert hook(reordered).dedupe_key == fp
+
+
+def test_a_posted_key_or_id_is_scoped_to_the_sender() -> None:
+    """At a public form anyone can send any Idempotency-Key or id: a stranger's post
+    with the key a customer's post carries must not make the customer's a duplicate."""
+    ann = {"contact": {"email": "ann@example.com"}, "submission_id": 42}
+    mallory = {"contact": {"email": "mallory@evil.example"}, "submission_id": 42}
+    assert hook(ann, key="K1").dedupe_key != hook(mallory, key="K1").dedupe_key
+    assert hook(ann, id="submission_id").dedupe_key != hook(mallory, id="submission_id").dedupe_key
+    assert hook(ann, key="K1").dedupe_key == hook(dict(ann), key="K1").dedupe_key
