@@ -219,6 +219,8 @@ def test_a_verified_phone_beside_a_typed_address_gets_its_own_contact(
     snap = snapshot(migrated_postgres)
     wendy = snap.contact_of("email:wendy@example.org")
     mallory = snap.contact_of("phone:+14155550177")
+    assert wendy is not None
+    assert mallory is not None
     assert wendy != mallory
     assert snap.contacts[wendy][1] == {"email:wendy@example.org"}
     assert snap.contacts[mallory][1] == {"phone:+14155550177"}
