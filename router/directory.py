@@ -46,7 +46,7 @@ from router.tables import (
 from router.writes import Conflict, Writes, chunks
 from switchboard.consumer import is_outage
 from switchboard.events import Event
-from switchboard.metrics import ROUTER_LOCK_SECONDS
+from switchboard.metrics import ROUTER_ALL_KEYS_LOCKS, ROUTER_LOCK_SECONDS
 
 __all__ = [
     "BatchDirectory",
@@ -209,6 +209,35 @@ def lock_id(value: str) -> int:
     )
 
 
+# PostgreSQL keeps every lock in one shared table of max_locks_per_transaction x
+# (max_connections + max_prepared_transactions) entries: 6,400 by default, for all
+# sessions together. A poll of 700 form posts carrying 21 identities each wanted
+# 15,000 advisory locks: "out of shared memory" (SQLSTATE 53200), which the consumer
+# rightly retries as an outage, forever, with the partition stalled (attacker
+# review, 2026-11-30). So a batch takes at most LOCK_BUDGET key locks: every batch
+# holds one lock shared by all routers in shared mode, and a batch whose keys need
+# more than the budget takes that one lock exclusively instead of its key locks:
+# it then excludes every other router (and agent merge) for its transaction, which
+# is what its key locks would have done for the keys it touches.
+LOCK_BUDGET = 2048
+ALL_KEYS_LOCK = lock_id("switchboard:router:all-keys")
+_ALL_SHARED = text("SELECT pg_advisory_xact_lock_shared(:k)")
+_ALL_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(:k)")
+
+
+def lock_keys(c: Connection, names: Collection[str], budget: int = LOCK_BUDGET) -> bool:
+    """Advisory locks for ``names`` (PostgreSQL), taken in the one order: the
+    all-keys lock first, then the key locks sorted by id. True when the batch was
+    over ``budget`` and holds the all-keys lock exclusively instead."""
+    ids = sorted({lock_id(n) for n in names})
+    if len(ids) > budget:
+        c.execute(_ALL_EXCLUSIVE, {"k": ALL_KEYS_LOCK})
+        return True
+    c.execute(_ALL_SHARED, {"k": ALL_KEYS_LOCK})
+    c.execute(_SQL[c.dialect.name].advisory, {"ids": ids})
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying the whole batch for (connection lost, deadlock, serialization
     failure, a conflict with another router), as opposed to a failure of one
@@ -224,7 +253,7 @@ def lock_contacts(c: Connection, ids: Collection[UUID], current: Collection[UUID
     wanted = {"ids": sorted(ids)}
     if c.dialect.name == "postgresql":
         keys = {key for key, _ in c.execute(sql.identities_of_contacts, wanted)}
-        c.execute(sql.advisory, {"ids": sorted({lock_id(f"id:{k}") for k in keys})})
+        lock_keys(c, {f"id:{k}" for k in keys})
     rows = c.execute(sql.lock_contacts, wanted).all()
     if any(r.merged_into is not None for r in rows if r.id in current):
         raise Conflict("a contact was merged by a router meanwhile")
@@ -305,9 +334,11 @@ class BatchDirectory:
         bounced = sorted({m.flags.bounced_message_id for m in batch if m.flags.bounced_message_id})
         locking = time.perf_counter()
         if c.dialect.name == "postgresql":
-            # a. advisory locks on every identity and dedupe key, by hash
+            # a. advisory locks on every identity and dedupe key, by hash (or, past
+            # the lock budget, one lock that excludes every other router)
             wanted = {f"id:{k}" for k in keys} | {f"dd:{m.dedupe_key}" for m in batch}
-            c.execute(self.sql.advisory, {"ids": sorted({lock_id(k) for k in wanted})})
+            if lock_keys(c, wanted):
+                ROUTER_ALL_KEYS_LOCKS.inc()
         found: dict[str, UUID] = {}
         for part in chunks(keys):
             found.update(

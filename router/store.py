@@ -5,8 +5,11 @@ One batch of inbound messages is routed in one database transaction:
 1. **Locks, in one fixed order** (PostgreSQL; SQLite has a single writer and
    takes it up front with ``BEGIN IMMEDIATE``):
    a. transaction-scoped advisory locks on every identity key and dedupe key of
-      the batch, sorted by their 64-bit hash: two routers never race on a new
-      contact, a new identity link or a dedupe key;
+      the batch, sorted by their 64-bit hash, after one all-keys lock in shared
+      mode: two routers never race on a new contact, a new identity link or a
+      dedupe key. A batch over the lock budget takes the all-keys lock exclusively
+      instead (:func:`router.directory.lock_keys`: PostgreSQL's lock table is shared
+      and small);
    b. ``SELECT ... FOR UPDATE`` on every contact those identities (and bounced
       messages) lead to, ordered by id: merges and owner changes are serialized;
       a contact found merged meanwhile restarts the batch (:class:`Conflict`);

@@ -141,6 +141,11 @@ ROUTER_LOCK_SECONDS = Histogram(
     "cursors), waits for other routers included.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+ROUTER_ALL_KEYS_LOCKS = Counter(
+    "switchboard_router_all_keys_locks",
+    "Batches whose identity and dedupe keys were more than the lock budget (2,048): "
+    "they locked out every other router for their transaction instead.",
+)
 ROUTER_RESTARTS = Counter(
     "switchboard_router_batch_restarts",
     "Batches routed again because another router merged one of their contacts meanwhile.",
