@@ -512,11 +512,31 @@ def judge_authserv(
         return None
 
 
+def _authserv_id(value: str) -> str | None:
+    """The authserv-id a header names (its first token, after any comment), read
+    without the full grammar: so a header that is the trusted upstream's but does not
+    parse is still known to be the upstream's."""
+    text = value.strip()
+    while text.startswith("("):
+        end = text.find(")")
+        if end < 0:
+            return None
+        text = text[end + 1 :].lstrip()
+    match = re.match(r"[^\s;()]+", text)
+    return match.group(0).lower() if match else None
+
+
 def _judge_authserv(headers: Message, trusted: set[str], source: str) -> EmailVerdict | None:
     for value in headers.get_all("Authentication-Results") or []:  # topmost first
         parsed = _parse_results(str(value))
-        if parsed is None or parsed[0] not in trusted:
+        if _authserv_id(str(value)) not in trusted and (parsed is None or parsed[0] not in trusted):
             continue
+        # The topmost trusted header decides, readable or not: one that does not parse
+        # (the upstream may copy sender-chosen text into it) gives no verdict, never the
+        # next one down, which came with the mail (attacker review, 2026-11-30).
+        if parsed is None or parsed[0] not in trusted:
+            log.warning("the trusted Authentication-Results header does not parse: no verdict")
+            return None
         authserv_id, results = parsed
         name = source or f"authserv:{authserv_id}"
         checks = tuple(

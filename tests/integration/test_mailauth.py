@@ -237,7 +237,7 @@ def test_a_trusted_relays_authentication_results_judge_the_sender(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str, dns: RunningDns
 ) -> None:
     # An upstream MX (rspamd, OpenDMARC) checked DMARC and relays from 127.0.0.2.
-    passed, foreign_id, forged_lower = deliver(
+    passed, foreign_id, forged_lower, unreadable_top = deliver(
         kafka_settings,
         tmp_path,
         unique,
@@ -258,6 +258,16 @@ def test_a_trusted_relays_authentication_results_judge_the_sender(
             ),
             "attacker@evil.example",
         ),
+        # The topmost trusted header does not parse: no verdict, not the forged one below.
+        (
+            _judged(
+                unique,
+                "unreadable-top",
+                "mx.upstream.example; dmarc=fail header.from=customer.example; dkim=",
+                UPSTREAM_PASS,
+            ),
+            "attacker@evil.example",
+        ),
         source="127.0.0.2",
         verify=False,
         **RELAY,
@@ -274,6 +284,8 @@ def test_a_trusted_relays_authentication_results_judge_the_sender(
     assert forged_lower.authentication is not None
     assert checks(forged_lower)["dmarc"] == ("fail", "customer.example")
     assert forged_lower.sender.assurance == "claimed"
+    assert unreadable_top.authentication is None
+    assert unreadable_top.sender.assurance == "claimed"
 
 
 def test_a_trusted_header_from_any_other_client_is_ignored(
