@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.errors import Rejected
+from ingest.jsonbody import load_json
 from ingest.mailauth import mailgun_verdict
 from ingest.sdk import FORM, MULTIPART, AdapterContext, HttpAdapter, HttpRoute, InboundRequest, Part
 from normalize.content import Blob, Normalized
@@ -175,8 +175,10 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
 
 
 def _parsed(form: MailgunForm) -> ParsedEmail:
+    headers = load_json(form.get("message-headers") or "", "message-headers")
     try:
-        headers = json.loads(form.get("message-headers") or "")
+        if not isinstance(headers, list):
+            raise TypeError("not a list")
         pairs = [(str(name), str(value)) for name, value in headers]
     except (ValueError, TypeError) as exc:
         raise NormalizeError("malformed", "message-headers is not a JSON list of pairs") from exc

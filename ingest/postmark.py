@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 from email.utils import formataddr
 from typing import Any
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from ingest.jsonbody import load_json
 from ingest.mailauth import postmark_verdict
 from ingest.sdk import JSON, BasicAuthAdapter, BasicAuthSettings, InboundRequest
 from normalize.content import Blob, Normalized
@@ -145,10 +145,7 @@ class PostmarkAdapter(BasicAuthAdapter[PostmarkSettings]):
         return await asyncio.to_thread(self._normalize, request)
 
     def _normalize(self, request: InboundRequest) -> Normalized:
-        try:
-            document = json.loads(request.body)
-        except ValueError as exc:
-            raise NormalizeError("malformed", f"the body is not JSON: {exc}") from exc
+        document = load_json(request.body)
         if not isinstance(document, dict):
             raise NormalizeError("malformed", "the body is not a JSON object")
         recipient = document.get("OriginalRecipient")

@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import dataclasses
-import json
 from email.parser import HeaderParser
 from email.policy import compat32
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from ingest.jsonbody import load_json
 from ingest.mailauth import from_domain_of, sendgrid_verdict
 from ingest.sdk import MULTIPART, BasicAuthAdapter, BasicAuthSettings, InboundRequest, Part
 from normalize.content import Blob, Normalized
@@ -70,10 +70,7 @@ class SendgridForm:
         part = self.fields.get(name)
         if part is None:
             return None
-        try:
-            value = json.loads(part.data)
-        except ValueError as exc:
-            raise NormalizeError("malformed", f"{name} is not JSON") from exc
+        value = load_json(part.data, name)
         if not isinstance(value, dict):
             raise NormalizeError("malformed", f"{name} is not a JSON object")
         return value

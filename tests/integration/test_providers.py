@@ -4,6 +4,7 @@ store, with payloads in the providers' documented formats (tests/provider_payloa
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -137,3 +138,21 @@ def test_mailgun_refuses_bad_signatures_and_keeps_stale_signed_requests(
     assert mail.tag.encode() in http.blobs.get(letter.raw.sha256)
     # The forged and unsigned requests are refused and not recorded: only what
     # carries Mailgun's valid signature may fill the dead-letter topic.
+
+
+def test_a_postmark_document_nested_too_deeply_is_refused_not_a_500(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """Parsed by json (under its own ~1,000 levels), deeper than any provider nests: a
+    malformed request like any other (200, so Postmark does not retry it, and a dead
+    letter that says why), and the next mail goes through."""
+    mail = Mail(tag=f"deep-{unique}")
+    request = postmark(mail)
+    request["json"]["Headers"] = json.loads("[" * 700 + "]" * 700)
+    with http_ingest(kafka_settings, tmp_path, providers=PROVIDERS) as http:
+        deep = _post(http, "/webhooks/postmark", request)
+        fine = _post(http, "/webhooks/postmark", postmark(mail))
+    inbound, dead = collect(kafka_settings, f"deep-{unique}", {deep, fine})
+    assert set(inbound) == {fine}
+    assert dead[deep].reason == "malformed"
+    assert "nested too deeply" in (dead[deep].detail or "")

@@ -236,9 +236,31 @@ def test_deep_nesting_within_the_size_limit_is_a_400(
             headers={"content-type": "application/json"},
             timeout=30,
         )
+
+        # Deep enough to parse, too deep for what walks the payload after (it was a
+        # 500 with a 170 KB traceback), and a form that nests as deep as allowed.
+        def nested(depth: int) -> bytes:
+            inner = b"[" * (depth - 1) + b"]" * (depth - 1)
+            return b'{"email": "ann@example.com", "x": ' + inner + b"}"
+
+        parsed_but_deep = httpx.post(
+            f"{app.base}/webhooks/open",
+            content=nested(700),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        deepest_allowed = httpx.post(
+            f"{app.base}/webhooks/open",
+            content=nested(64),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
     assert response.status_code == 400
     assert "nested too deeply" in response.json()["detail"]
     assert huge.status_code == 400
+    assert parsed_but_deep.status_code == 400, parsed_but_deep.text
+    assert "nested too deeply" in parsed_but_deep.json()["detail"]
+    assert deepest_allowed.status_code == 202, deepest_allowed.text
 
 
 def test_503_when_the_message_cannot_be_made_durable(
