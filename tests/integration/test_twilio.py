@@ -202,8 +202,13 @@ def test_wrong_content_type_and_size(kafka_settings: KafkaSettings, tmp_path: Pa
     with http_ingest(kafka_settings, tmp_path, twilio=settings()) as app:
         url = app.base + PATH
         assert httpx.post(url, json={"a": 1}, timeout=30).status_code == 415
-        big = httpx.post(url, content=b"Body=" + b"x" * 300_000, headers=FORM, timeout=30)
+        big = httpx.post(url, content=b"Body=" + b"x" * 70_000, headers=FORM, timeout=30)
         assert big.status_code == 413
+        # Many empty fields: refused before a field is built or a signature computed.
+        fields = "&".join(f"k{i}=" for i in range(201)).encode()
+        many = httpx.post(url, content=fields, headers=FORM, timeout=30)
+        assert many.status_code == 413
+        assert "200 form fields" in many.json()["detail"]
 
 
 class _Media(http.server.BaseHTTPRequestHandler):
