@@ -9,9 +9,12 @@ not spend the hook's budget either.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import OrderedDict
+
+from switchboard.limits import client_key
+
+__all__ = ["ClientBuckets", "TokenBucket", "client_key"]
 
 
 class TokenBucket:
@@ -32,22 +35,6 @@ class TokenBucket:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
-
-
-def client_key(host: str | None) -> str:
-    """The address a client is limited by: itself for IPv4, its /64 for IPv6 (one
-    customer's line gets a whole /64; limiting single addresses would be no limit)."""
-    if not host:
-        return ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host[:64]
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class ClientBuckets:

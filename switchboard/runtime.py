@@ -107,6 +107,7 @@ class HttpServer:
             max_per_client=limits.max_connections_per_client,
             header_timeout_s=limits.header_timeout_s,
             trusted=limits.networks(),
+            max_header_bytes=limits.max_header_bytes,
         )
         self._server = _Server(
             uvicorn.Config(

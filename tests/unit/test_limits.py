@@ -65,3 +65,17 @@ def test_trusted_proxies_are_checked_and_exempt_from_the_connection_cap() -> Non
     assert guard.admit("10.1.2.3")
     guard.release("192.0.2.1")
     assert guard.admit("192.0.2.1")
+
+
+def test_the_connection_cap_counts_an_ipv6_client_by_its_64() -> None:
+    """One customer's line has a whole /64: capping single addresses was no cap."""
+    guard = ConnectionGuard(max_per_client=2, header_timeout_s=1)
+    assert guard.admit("2001:db8:1:2::1")
+    assert guard.admit("2001:db8:1:2::2")
+    assert not guard.admit("2001:db8:1:2:ffff::3")
+    assert guard.admit("2001:db8:1:3::1")  # another /64
+    guard.release("2001:db8:1:2::2")
+    assert guard.admit("2001:db8:1:2::9")
+    assert guard.admit("::ffff:192.0.2.1")
+    assert guard.admit("192.0.2.1")
+    assert not guard.admit("192.0.2.1")  # the mapped address is the same client
