@@ -297,7 +297,7 @@ def _part(message: Message) -> Part:
 
 
 def require_basic_auth(
-    request: InboundRequest,
+    request: InboundRequest | Mapping[str, str],
     username: str,
     password: SecretStr | None,
     *,
@@ -307,9 +307,11 @@ def require_basic_auth(
     """HTTP Basic, for providers that cannot sign their requests (SendGrid Inbound
     Parse, Postmark inbound): the credentials go into the URL configured at the
     provider, ``https://user:password@host/webhooks/...``. Compared in constant time;
-    with no password configured nothing is let in."""
+    with no password configured nothing is let in. Takes the request or its headers
+    alone (:meth:`HttpAdapter.authenticate_headers`)."""
+    headers = request.headers if isinstance(request, InboundRequest) else request
     challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
-    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    scheme, _, encoded = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "basic" or not encoded:
         raise Rejected("auth", "HTTP Basic credentials are required", status=401, headers=challenge)
     try:
@@ -346,13 +348,17 @@ class HttpAdapter(Adapter[S]):
     and may override the answers. The cycle, for every request:
 
     1. the media type against the route's ``content_types`` (415);
-    2. the body, refused past ``max_body_bytes`` without buffering it (413; the
+    2. :meth:`authenticate_headers`: whatever of the credentials the headers alone
+       show (HTTP Basic, a bearer token, a signature's presence and timestamp), so
+       a stranger's 50 MB body is refused before it is read;
+    3. the body, refused past ``max_body_bytes`` without buffering it (413; the
        server's :class:`~switchboard.limits.BodyLimitMiddleware` enforces the same
        limit before the route runs);
-    3. rate limits: the route's per-client limit, then :meth:`admit` (429);
-    4. :meth:`authenticate` (raise ``Rejected(status=401 or 403)``; with
+    4. rate limits: the route's per-client limit, then :meth:`admit` (429);
+    5. :meth:`authenticate` (raise ``Rejected(status=401 or 403)``; with
        ``record=True`` the refusal is also kept as a dead letter, bounded by the
-       hand-off's evidence budget);
+       hand-off's evidence budget), then :meth:`admit_authenticated` (429): a budget
+       only authenticated requests spend, so a stranger's junk cannot spend it;
     5. :meth:`normalize` (raise ``NormalizeError`` or ``Rejected``): with
        ``malformed = "reject"`` a NormalizeError answers ``malformed_status``;
        with ``"dead-letter"`` the raw body is kept as a dead letter and the sender
@@ -388,9 +394,16 @@ class HttpAdapter(Adapter[S]):
     async def normalize(self, request: InboundRequest) -> Normalized:
         raise NotImplementedError
 
+    def authenticate_headers(self, route: HttpRoute, headers: Mapping[str, str]) -> None:
+        """Raise :class:`Rejected` for credentials the headers alone prove missing or
+        wrong, before the body is read. Default: nothing to check without the body."""
+
     async def admit(self, route: HttpRoute) -> None:
         """Raise ``Rejected(status=429, headers={"Retry-After": ...})`` to shed load.
         Runs after the content type and size checks and the route's per-client limit."""
+
+    async def admit_authenticated(self, route: HttpRoute) -> None:
+        """Like :meth:`admit`, for a request :meth:`authenticate` let in."""
 
     def admit_client(self, route: HttpRoute, client: str | None) -> None:
         """The route's per-client limit (``route.client_rate``): Rejected(429) past it."""
@@ -513,6 +526,10 @@ class HttpAdapter(Adapter[S]):
             return self.refused(
                 None, Rejected("media-type", f"this endpoint accepts {accepted}", status=415)
             )
+        try:
+            self.authenticate_headers(route, request.headers)
+        except Rejected as exc:
+            return self.refused(None, exc)
         inbound = InboundRequest(
             route=route,
             body=await read_body(request, route.max_body_bytes),
@@ -540,6 +557,10 @@ class HttpAdapter(Adapter[S]):
                 self.authenticate(inbound)
         except Rejected as exc:
             return await self._refuse(inbound, exc)
+        try:
+            await self.admit_authenticated(route)
+        except Rejected as exc:
+            return self.refused(None, exc)
         return await self._take(inbound)
 
     async def _refuse(self, request: InboundRequest, error: Rejected) -> Response:
@@ -679,14 +700,19 @@ class BasicAuthAdapter(HttpAdapter[B]):
             )
         ]
 
-    def authenticate(self, request: InboundRequest) -> None:
+    def authenticate_headers(self, route: HttpRoute, headers: Mapping[str, str]) -> None:
+        # Before the body: a stranger's 50 MB posts were read whole (24 of them:
+        # +1.25 GB) only to be refused for their credentials (attacker review).
         require_basic_auth(
-            request,
+            headers,
             self.settings.username,
             self.settings.password,
             realm=f"switchboard-{self.name}",
             wrong_status=401,
         )
+
+    def authenticate(self, request: InboundRequest) -> None:
+        self.authenticate_headers(request.route, request.headers)
 
 
 def mount_adapters(app: FastAPI, adapters: Sequence[HttpAdapter[Any]]) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Mapping
 
 from ingest.errors import Rejected
 from ingest.jsonbody import load_json
@@ -26,7 +27,7 @@ from ingest.sdk import (
     InboundRequest,
     parse_form,
 )
-from ingest.settings import BearerAuth, HmacAuth, WebhookSettings, WebhooksSettings
+from ingest.settings import BearerAuth, HmacAuth, NoAuth, WebhookSettings, WebhooksSettings
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.webhook import WebhookContext, normalize_webhook
@@ -38,9 +39,33 @@ KINDS = {"json": JSON, "form": FORM}
 
 def check_auth(hook: WebhookSettings, request: InboundRequest) -> None:
     """Raise Rejected(401) for missing credentials, Rejected(403) for wrong ones."""
+    check_auth_headers(hook, request.headers)
+    if isinstance(hook.auth, HmacAuth):
+        _check_hmac(hook.auth, request)
+
+
+def check_auth_headers(hook: WebhookSettings, headers: Mapping[str, str]) -> None:
+    """What of :func:`check_auth` the headers alone decide, before the body is read:
+    a bearer token whole; for HMAC the signature's presence, its timestamp's window
+    and a configured secret."""
     auth = hook.auth
+    if isinstance(auth, HmacAuth):
+        if not headers.get(auth.header):
+            raise Rejected("signature", f"missing signature header {auth.header}", status=401)
+        if auth.timestamp_header:
+            stamp = headers.get(auth.timestamp_header, "")
+            if not stamp.isdigit():
+                raise Rejected(
+                    "signature", f"missing or non-numeric {auth.timestamp_header}", status=401
+                )
+            if abs(time.time() - int(stamp)) > auth.tolerance_s:
+                raise Rejected(
+                    "stale", f"{auth.timestamp_header} is outside the accepted window", status=401
+                )
+        if auth.secret is None:  # resolved from secret_env at load
+            raise Rejected("signature", "this hook has no secret configured", status=403)
     if isinstance(auth, BearerAuth):
-        header = request.headers.get("authorization", "")
+        header = headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not token:
@@ -53,8 +78,6 @@ def check_auth(hook: WebhookSettings, request: InboundRequest) -> None:
             raise Rejected(
                 "auth", "the bearer token is not valid for this hook", status=403, headers=challenge
             )
-    elif isinstance(auth, HmacAuth):
-        _check_hmac(auth, request)
 
 
 def _check_hmac(auth: HmacAuth, request: InboundRequest) -> None:
@@ -174,7 +197,23 @@ class WebhookAdapter(HttpAdapter[WebhooksSettings]):
             "`signed_headers` lists it), else the mapped id, else a fingerprint of the payload."
         )
 
+    def authenticate_headers(self, route: HttpRoute, headers: Mapping[str, str]) -> None:
+        check_auth_headers(route.options, headers)
+
     async def admit(self, route: HttpRoute) -> None:
+        # An open hook's budget is everyone's; an authenticated hook's is spent only
+        # by requests that passed authentication (admit_authenticated): a stranger's
+        # unsigned junk drained a signed hook's budget and its backend got 429
+        # (attacker review, 2026-11-30). Strangers stay bounded by their per-client
+        # limit and, before the body, by authenticate_headers.
+        if isinstance(route.options.auth, NoAuth):
+            self._take_hook_budget(route)
+
+    async def admit_authenticated(self, route: HttpRoute) -> None:
+        if not isinstance(route.options.auth, NoAuth):
+            self._take_hook_budget(route)
+
+    def _take_hook_budget(self, route: HttpRoute) -> None:
         hook: WebhookSettings = route.options
         wait = self._buckets[hook.name].take()
         if wait:

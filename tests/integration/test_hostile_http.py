@@ -5,6 +5,8 @@ else"). Each test names the attack it replays."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import select
 import socket
@@ -21,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 import uvloop
+from pydantic import SecretStr
 
+from ingest.postmark import PostmarkAdapter, PostmarkSettings
 from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
 from sinks.auth import Access
@@ -464,16 +468,11 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(
 ) -> None:
     # Attack: a client rotating X-Forwarded-For to look like many clients and dodge
     # its per-client limit. Only 127.0.0.1 is a trusted proxy here.
-    hook = _hook(
-        monkeypatch,
-        auth={"kind": "bearer", "token_env": "HOSTILE_TOKEN"},
-        client_rate_per_s=0.001,
-        client_burst=2,
-    )
+    # An open hook: accepted (202) while the client is within its limit, 429 after.
+    # (A wrong bearer token is refused before any limit is charged, from the headers.)
+    hook = _hook(monkeypatch, client_rate_per_s=0.001, client_burst=2)
     limits = HttpLimitSettings(trusted_proxies=["127.0.0.1/32"])
-    # A wrong token answers 401 once admitted and 429 once limited: no broker needed.
     form = {"email": "eve@example.org", "text": "x"}
-    wrong = {"authorization": "Bearer wrong"}
     with http_ingest(
         kafka_settings, tmp_path, hooks=[hook], limits=limits, loop_factory=LOOPS[_loop[0]]
     ) as app:
@@ -481,18 +480,70 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(
         stranger = httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER), timeout=30)
         spoofed = [
             stranger.post(
-                url, data=form, headers={**wrong, "x-forwarded-for": f"198.51.100.{n}"}
+                url, data=form, headers={"x-forwarded-for": f"198.51.100.{n}"}
             ).status_code
             for n in range(4)
         ]
         stranger.close()
 
         def via_proxy(client: str) -> int:
-            headers = {**wrong, "x-forwarded-for": f"{client}, 127.0.0.1"}
+            headers = {"x-forwarded-for": f"{client}, 127.0.0.1"}
             return httpx.post(url, data=form, headers=headers, timeout=30).status_code
 
         first = [via_proxy("203.0.113.7") for _ in range(3)]
         second = via_proxy("203.0.113.8")
-    assert spoofed == [403, 403, 429, 429]  # all one client: 127.0.0.2
-    assert first == [403, 403, 429]  # the proxy's client 203.0.113.7 is limited...
-    assert second == 403  # ...and 203.0.113.8 is another client
+    assert spoofed == [202, 202, 429, 429]  # all one client: 127.0.0.2
+    assert first == [202, 202, 429]  # the proxy's client 203.0.113.7 is limited...
+    assert second == 202  # ...and 203.0.113.8 is another client
+
+
+def test_a_provider_refuses_missing_credentials_before_reading_the_body(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    # Attack: 40 MB posts to the Postmark route (50 MB allowed) without credentials:
+    # each was read whole and only then refused (24 at once: +1.25 GB).
+    providers = [(PostmarkAdapter, PostmarkSettings(password=SecretStr("pm-secret")))]
+    with http_ingest(kafka_settings, tmp_path, providers=providers) as app:
+        port = app.server.port
+        answer = _post(port, "/webhooks/postmark", total=40 * MB, chunked=False)
+    assert answer.status == 401
+    assert answer.sent < 20 * MB, answer.sent
+
+
+def test_unsigned_junk_does_not_spend_a_signed_hooks_budget(
+    kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: a stranger posts junk with a made-up signature to a signed hook, at its
+    # rate limit, so the backend's real (signed) requests get 429.
+    hook = _hook(
+        monkeypatch,
+        auth={"kind": "hmac-sha256", "secret_env": "HOSTILE_TOKEN", "allow_replay": True},
+        rate_per_s=0.001,
+        burst=2,
+        client_rate_per_s=0.001,
+        client_burst=10,
+    )
+    with (
+        http_ingest(kafka_settings, tmp_path, hooks=[hook]) as app,
+        httpx.Client(transport=httpx.HTTPTransport(local_address=STRANGER), timeout=30) as stranger,
+    ):
+        url = f"{app.base}/webhooks/form"
+        form = "email=ann%40example.org&text=hello"
+        junk = [
+            stranger.post(
+                url, content=form, headers={**FORM_TYPE, "x-signature": "00" * 32}
+            ).status_code
+            for _ in range(6)
+        ]
+        signature = hmac.new(TOKEN.encode(), form.encode(), hashlib.sha256).hexdigest()
+        signed = [
+            httpx.post(
+                url, content=form, headers={**FORM_TYPE, "x-signature": signature}, timeout=30
+            ).status_code
+            for _ in range(3)
+        ]
+    assert junk == [403] * 6
+    assert signed == [202, 202, 429]  # the hook's own budget, spent by signed requests only
+
+
+FORM_TYPE = {"content-type": "application/x-www-form-urlencoded"}
