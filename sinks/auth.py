@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from sinks.agents import ADMIN, AgentStore, Session, Throttle
 from switchboard.http import problem
+from switchboard.limits import client_key
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,9 @@ class Access:
         session (its cookie value, the session) or :class:`Denied`."""
         if self.agents is None:
             raise Denied(403, "this process has no agent directory")
-        client = request.client.host if request.client else "?"
+        # An IPv6 client by its /64, as every other per-client limit (one customer's
+        # line has all of it; per address was no limit).
+        client = client_key(request.client.host) if request.client else "?"
         account = name.strip().lower()[:128]
         wait = max(
             self.per_client.retry_after(f"client:{client}"),

@@ -9,6 +9,7 @@ state carries the session's CSRF token and must come from our own origin.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -369,17 +370,30 @@ def _action_routes(router: APIRouter, pages: _Pages) -> None:
         return await acted(who, act, f"/queue/contacts/{contact}")
 
 
+# Password checks at once, per page: Argon2 (argon2-cffi's defaults) takes 64 MiB and
+# tens of milliseconds of CPU a check. They run on threads (the C call lets go of the
+# GIL), so the event loop serves everyone else meanwhile: a stranger's failed
+# sign-ins ran on the loop and held every request of the server behind them
+# (attacker review, 2026-11-30). The bound keeps a burst from taking 64 MiB per try.
+SIGN_IN_CONCURRENCY = 2
+
+
 def _session_routes(router: APIRouter, pages: _Pages) -> None:
     access, posted = pages.access, pages.posted
+    checking = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
 
     @router.post("/queue/login")
     async def login(request: Request) -> Response:
         try:
             access.check_origin(request)
             form = await _form(request)
-            session_id, session = access.sign_in(
-                request, _field(form, "name"), _field(form, "password")
-            )
+            name, password = _field(form, "name"), _field(form, "password")
+            # The throttles are read inside sign_in, once a check's turn has come: a
+            # burst waiting here is judged by the failures before it.
+            async with checking:
+                session_id, session = await asyncio.to_thread(
+                    access.sign_in, request, name, password
+                )
         except Denied as exc:
             error = exc.detail if exc.status in (401, 429) else None
             if error is None:

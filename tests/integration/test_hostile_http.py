@@ -547,3 +547,38 @@ def test_unsigned_junk_does_not_spend_a_signed_hooks_budget(
 
 
 FORM_TYPE = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def test_password_checks_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: failed sign-ins in a loop. Each is an Argon2 check (64 MiB, tens of ms);
+    # on the event loop they held every other request of the server behind them.
+    on_loop: list[bool] = []
+    check = AgentStore.check_password
+
+    def recording(self: AgentStore, name: str, password: str) -> bool:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return check(self, name, password)
+
+    monkeypatch.setattr(AgentStore, "check_password", recording)
+    with _queue_api(tmp_path) as server:
+        base = f"http://127.0.0.1:{server.port}/queue/login"
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda n: (
+                        httpx.post(
+                            base, data={"name": "alice", "password": f"guess{n}"}, timeout=30
+                        ).status_code
+                    ),
+                    range(4),
+                )
+            )
+    assert set(answers) <= {401, 429}
+    assert on_loop
+    assert not any(on_loop)

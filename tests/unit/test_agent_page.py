@@ -4,12 +4,18 @@ are shown, the sign-in throttle, host names."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
+from argon2 import PasswordHasher
+from starlette.requests import Request
 from starlette.responses import Response
 
-from sinks.agents import Session, Throttle
-from sinks.auth import Access
+from sinks.agents import AgentStore, Session, Throttle
+from sinks.auth import Access, Denied
 from sinks.pages import address_of, reply_link, when
+from switchboard.databases import upgrade
+from switchboard.db import make_engine
 from switchboard.http import TrustedHosts, _host_name
 
 
@@ -88,3 +94,28 @@ def test_the_session_cookie_is_secure_behind_an_https_public_url() -> None:
         assert "httponly" in cookie
         assert "samesite=lax" in cookie
         assert ("secure" in cookie.split("; ")) is secure
+
+
+def _request_from(host: str) -> Request:
+    return Request({"type": "http", "method": "POST", "headers": [], "client": (host, 5000)})
+
+
+def test_failed_sign_ins_are_throttled_per_ipv6_64(tmp_path: Path) -> None:
+    """One customer's line has a whole /64: counting single addresses was no limit."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'agents.db'}")
+    upgrade(engine)
+    agents = AgentStore(
+        engine, ["alice"], hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    )
+    access = Access("token", agents, login_failures_per_client=2, login_failures_per_account=99)
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2::2"):
+        with pytest.raises(Denied) as failed:
+            access.sign_in(_request_from(host), "alice", "guess")
+        assert failed.value.status == 401
+    with pytest.raises(Denied) as throttled:
+        access.sign_in(_request_from("2001:db8:1:2:ffff::3"), "alice", "guess")
+    assert throttled.value.status == 429
+    with pytest.raises(Denied) as other:  # another /64 is another client
+        access.sign_in(_request_from("2001:db8:1:3::1"), "alice", "guess")
+    assert other.value.status == 401
+    engine.dispose()
