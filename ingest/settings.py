@@ -517,6 +517,17 @@ class ImapSettings(BaseSettings):
         default=25 * 60, gt=0, le=29 * 60, description="Re-issue IDLE before the 29-minute limit."
     )
     batch_size: int = Field(default=50, ge=1, le=1000, description="Messages fetched at once.")
+    max_message_size: int = Field(
+        default=25 * 1024 * 1024,
+        ge=1024,
+        description="Largest message fetched (its RFC822.SIZE, asked first); a larger one "
+        "is dead-lettered as 'too-large' without being downloaded.",
+    )
+    max_fetch_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Most message bytes fetched in one command (a batch is split by size).",
+    )
     backoff_max_s: float = Field(default=300.0, ge=1, description="Cap of the reconnect backoff.")
     timeout_s: float = Field(default=60.0, gt=0, description="Network timeout of one command.")
 

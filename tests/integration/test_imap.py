@@ -441,3 +441,40 @@ def test_a_reply_heuristics_bomb_does_not_freeze_the_poller(
         f"email-mid:{unique}-bomb@example.net",
         f"email-mid:{unique}-after@example.org",
     }
+
+
+@pytest.mark.slow
+def test_a_mail_over_the_size_limit_is_dead_lettered_without_being_fetched(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sizes are asked before bodies: a 100 MiB mail fetched with its neighbours grew
+    the poller by 855 MiB. Over max_message_size a mail is a dead letter naming its
+    UID (it stays on the server), and the mail after it arrives as usual."""
+    box = mailbox(dovecot, f"big{unique}", monkeypatch.setenv)
+    big = mail(f"{unique}-big") + (b"x" * 998 + b"\r\n") * 300
+    dovecot.deliver(big)
+    dovecot.deliver(mail(f"{unique}-small"))
+    with imap_adapter(kafka_settings, tmp_path, [box], max_message_size=4096) as store:
+        wait_for(lambda: position(store, box.name)[1] >= 2, 30)
+    [letter] = find(
+        kafka_settings,
+        f"big-dl-{unique}",
+        DEADLETTER,
+        DeadLetter,
+        lambda d: d.adapter == f"imap:{box.name}",
+    )
+    assert letter.reason == "too-large"
+    assert letter.metadata["uid"] == 1
+    assert letter.raw is None
+    [message] = find(
+        kafka_settings,
+        f"big-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+    )
+    assert message.dedupe_key.startswith(f"email-mid:{unique}-small@example.org#")
