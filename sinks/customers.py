@@ -201,9 +201,15 @@ def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
         .subquery()
     )
     latest = {str(r.contact_id): r for r in c.execute(select(latest_q).where(latest_q.c.rank == 1))}
+    # The name a verified sender gave wins over any claimed one, then the latest: a
+    # stranger's form post naming a customer's address renamed the customer on every
+    # agent's list (attacker review, 2026-11-30).
     named_rank = (
         func.row_number()
-        .over(partition_by=m.contact_id, order_by=(m.received_at.desc(), m.id.desc()))
+        .over(
+            partition_by=m.contact_id,
+            order_by=(m.sender_verified.desc(), m.received_at.desc(), m.id.desc()),
+        )
         .label("rank")
     )
     named_q = (

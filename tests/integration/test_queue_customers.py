@@ -550,3 +550,28 @@ def test_sessions_expire_and_a_new_password_ends_them(served: Served) -> None:
     assert agents.check_password("alice", "another-password")
     assert not agents.check_password("alice", "alice-password")
     assert not agents.check_password("mallory", "another-password")
+
+
+def test_a_claimed_name_does_not_rename_a_customer_a_verified_one_named(served: Served) -> None:
+    """A stranger's form post with Carol's address (claimed) and another name lands in
+    Carol's contact (her usual address); the list still says Carol Jones, the name her
+    DMARC-verified mail gave. It used to show the latest name, whoever gave it."""
+    fill(served.store)
+    route(
+        served.store,
+        email_identity("carol@example.org", "Mallory Was Here"),
+        CAROL,
+        CAROL_MAIL,
+        "alice",
+        60,
+        channel="webhook",
+        adapter="webhook:form",
+        subject=None,
+        text="please call me on my new number",
+        text_new=None,
+        thread=Thread(),
+    )
+    with served.signed_in("alice", "alice-password") as alice:
+        (carol,) = alice.get("/api/queue").json()["items"]
+    assert carol["first_line"] == "please call me on my new number"  # the post is there
+    assert carol["name"] == "Carol Jones"
