@@ -82,6 +82,20 @@ def test_parsing_in_a_worker_process(
     assert len(message.attachments) == 1
 
 
+def test_a_refusal_in_the_worker_process_keeps_its_reason(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """A NormalizeError raised in the parse process crosses back whole: the dead
+    letter says ``no-sender``, not ``normalizer-error``."""
+    nobody = f"To: support@example.com\r\nSubject: {unique}\r\n\r\nwho am I?\r\n".encode()
+    with smtp_server(kafka_settings, tmp_path, parse_workers=1) as server:
+        code, reply = server.send(nobody, mail_from="")
+    assert code == 250, reply
+    _, dead = collect(kafka_settings, f"nosender-{unique}", {queued_id(reply)})
+    [letter] = dead.values()
+    assert letter.reason == "no-sender"
+
+
 def _poisoned_parser(raw: bytes, ctx: EmailContext) -> Serialized:
     """The real parser, except on a marked message: there it dies or hangs (runs in
     the parse process, imported there by name)."""
