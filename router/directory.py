@@ -202,6 +202,20 @@ class NotLoaded(LookupError):
     """A decision asked what the batch's load did not read (a bug in the load)."""
 
 
+# A web hook's post without an Idempotency-Key or an id is deduplicated by a
+# fingerprint of its payload: that catches a sender's retries, which come within
+# minutes. Kept for the whole dedupe retention (30 days), it also swallowed a
+# customer who posted the same words to the same form again days later: the second
+# post became a duplicate and never reached the queue (attacker review, 2026-11-30).
+FINGERPRINT_WINDOW = timedelta(hours=1)
+
+
+def is_content_fingerprint(dedupe_key: str) -> bool:
+    """A hook's payload fingerprint (``webhook:<hook>:fp:<digest>``), as opposed to a
+    key or id the sender chose, a Message-ID, or a provider's message id."""
+    return dedupe_key.startswith("webhook:") and ":fp:" in dedupe_key
+
+
 def lock_id(value: str) -> int:
     """A signed 64-bit advisory lock id for a string."""
     return int.from_bytes(
@@ -291,14 +305,19 @@ class BatchDirectory:
     """One batch's directory in memory; see the module doc."""
 
     def __init__(
-        self, c: Connection, config: RoutingConfig, retention: timedelta, writes: Writes
+        self,
+        c: Connection,
+        config: RoutingConfig,
+        retention: timedelta,
+        writes: Writes,
+        now: datetime | None = None,
     ) -> None:
         self.c = c
         self.sql = _SQL[c.dialect.name]
         self.config = config
         self.retention = retention
         self.writes = writes
-        self.now = utcnow()
+        self.now = now or utcnow()
         self.contacts: dict[UUID, ContactState] = {}  # surviving contacts only
         self.merged_into: dict[UUID, UUID] = {}  # merged away in this batch -> survivor
         self.by_key: dict[str, UUID] = {}
@@ -327,9 +346,11 @@ class BatchDirectory:
         config: RoutingConfig,
         retention: timedelta,
         writes: Writes,
+        now: datetime | None = None,
     ) -> BatchDirectory:
-        """Take the batch's locks, then read what its decisions can ask."""
-        self = cls(c, config, retention, writes)
+        """Take the batch's locks, then read what its decisions can ask (``now``: the
+        time the dedupe retention counts back from; the router's clock)."""
+        self = cls(c, config, retention, writes, now)
         keys = sorted({i.key for m in batch for i in m.all_identities()})
         bounced = sorted({m.flags.bounced_message_id for m in batch if m.flags.bounced_message_id})
         locking = time.perf_counter()
@@ -419,9 +440,11 @@ class BatchDirectory:
     def _read_seen(self, keys: Sequence[str]) -> None:
         self.seen_keys.update(dict.fromkeys(keys))
         cutoff = self.now - self.retention
+        fingerprint_cutoff = self.now - min(self.retention, FINGERPRINT_WINDOW)
         for part in chunks(keys):
             for row in self.c.execute(self.sql.seen, {"keys": list(part)}):
-                if aware(row.seen_at) >= cutoff:
+                limit = fingerprint_cutoff if is_content_fingerprint(row.key) else cutoff
+                if aware(row.seen_at) >= limit:
                     self.seen_keys[row.key] = SeenMessage(
                         row.id, row.contact_id, row.conversation_id
                     )

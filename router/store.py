@@ -116,7 +116,7 @@ class RouterStore:
         max_attempts: int = 3,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.clock = clock  # for purge: tests move time instead of waiting
+        self.clock = clock  # the dedupe retention's and purge's: tests move time instead of waiting
         self.engine = engine
         self.config = config
         self.retention = retention
@@ -188,7 +188,7 @@ class RouterStore:
         with self.engine.begin() as c, _counted(c):
             # Every lock of the batch first, in the one order; each part then takes
             # its own again (already held) in its savepoint.
-            BatchDirectory.load(c, batch, self.config, self.retention, Writes())
+            BatchDirectory.load(c, batch, self.config, self.retention, Writes(), self.clock())
             return self._halves(c, batch)
 
     def _halves(self, c: Connection, batch: Sequence[InboundMessage]) -> list[Outcome]:
@@ -221,9 +221,10 @@ class RouterStore:
         """Load the messages' directory (taking their locks), decide each in order,
         and send the held-back rows."""
         writes = Writes()
-        directory = BatchDirectory.load(c, messages, self.config, self.retention, writes)
+        now = self.clock()
+        directory = BatchDirectory.load(c, messages, self.config, self.retention, writes, now)
         outcomes = [self._route(message, directory) for message in messages]
-        writes.flush(c, utcnow())
+        writes.flush(c, now)
         ROUTER_STATEMENTS.inc(writes.copies)
         return outcomes
 

@@ -492,3 +492,24 @@ def test_contact_events_carry_the_name_the_sender_presented(engine: Engine) -> N
         models(store.route_batch([sms("+14155550123")])[0].events, ContactEvent)[0].display_name
         is None
     )
+
+
+def test_a_payload_fingerprint_dedupes_retries_not_a_repeat_days_later(engine: Engine) -> None:
+    """A hook post without a key or id is deduplicated by its payload's fingerprint
+    for an hour (a sender's retries); the same words posted again later are a new
+    message. A key or id the sender chose dedupes for the whole retention."""
+    now = [datetime.now(UTC)]
+    store = RouterStore(engine, CONFIG, retention=timedelta(days=30), clock=lambda: now[0])
+    store.sync_owners()
+
+    def post(key: str) -> str:
+        message = form("ann@example.org", "+14155550100", vouched=False)
+        return store.route_batch([message.revised(dedupe_key=key)])[0].result
+
+    fingerprint = "webhook:contact-form:fp:" + "ab" * 20
+    chosen = "webhook:contact-form:email:ann@example.org:id:42"
+    assert (post(fingerprint), post(chosen)) == ("routed", "routed")
+    now[0] += timedelta(minutes=59)
+    assert (post(fingerprint), post(chosen)) == ("duplicate", "duplicate")
+    now[0] += timedelta(days=2)
+    assert (post(fingerprint), post(chosen)) == ("routed", "duplicate")
