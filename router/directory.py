@@ -310,6 +310,7 @@ class BatchDirectory:
         config: RoutingConfig,
         retention: timedelta,
         writes: Writes,
+        *,
         now: datetime | None = None,
     ) -> None:
         self.c = c
@@ -346,11 +347,12 @@ class BatchDirectory:
         config: RoutingConfig,
         retention: timedelta,
         writes: Writes,
+        *,
         now: datetime | None = None,
     ) -> BatchDirectory:
         """Take the batch's locks, then read what its decisions can ask (``now``: the
         time the dedupe retention counts back from; the router's clock)."""
-        self = cls(c, config, retention, writes, now)
+        self = cls(c, config, retention, writes, now=now)
         keys = sorted({i.key for m in batch for i in m.all_identities()})
         bounced = sorted({m.flags.bounced_message_id for m in batch if m.flags.bounced_message_id})
         locking = time.perf_counter()

@@ -188,7 +188,7 @@ class RouterStore:
         with self.engine.begin() as c, _counted(c):
             # Every lock of the batch first, in the one order; each part then takes
             # its own again (already held) in its savepoint.
-            BatchDirectory.load(c, batch, self.config, self.retention, Writes(), self.clock())
+            BatchDirectory.load(c, batch, self.config, self.retention, Writes(), now=self.clock())
             return self._halves(c, batch)
 
     def _halves(self, c: Connection, batch: Sequence[InboundMessage]) -> list[Outcome]:
@@ -222,7 +222,7 @@ class RouterStore:
         and send the held-back rows."""
         writes = Writes()
         now = self.clock()
-        directory = BatchDirectory.load(c, messages, self.config, self.retention, writes, now)
+        directory = BatchDirectory.load(c, messages, self.config, self.retention, writes, now=now)
         outcomes = [self._route(message, directory) for message in messages]
         writes.flush(c, now)
         ROUTER_STATEMENTS.inc(writes.copies)
