@@ -330,6 +330,9 @@ HEADERS_TOO_LARGE_RESPONSE = (
 )
 
 
+LINGER_S = 1.0  # how long a refused connection drains before it is closed
+
+
 @dataclass
 class ConnectionGuard:
     """Open connections per client (an IPv4 address, an IPv6 /64: see
@@ -369,6 +372,7 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         _header_timer: asyncio.TimerHandle | None = None
         _header_cycle: object = None
         _header_bytes: int = 0
+        _refused: bool = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -400,6 +404,8 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # answered 431; what the client still sends is dropped unread
             cycle = getattr(self, "cycle", None)
             between = cycle is None or cycle.response_complete
             if between and (self._header_timer is None or self._header_cycle is not cycle):
@@ -423,8 +429,21 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                     "http connection closed: request headers too large",
                     extra={"peer": self._peer, "limit": guard.max_header_bytes},
                 )
-                self.transport.write(HEADERS_TOO_LARGE_RESPONSE)
-                self.transport.close()
+                self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE)
+
+        def _refuse_lingering(self, response: bytes) -> None:
+            """Answer, end our side, and close a second later, reading and dropping
+            what the client still sends meanwhile (nginx's lingering close): closed
+            at once with its bytes unread, the kernel resets the connection, and a
+            client still sending loses the answer it had not read yet."""
+            self._refused = True
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            self.transport.write(response)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
 
         def _arm_header_deadline(self) -> None:
             self._header_bytes = 0
