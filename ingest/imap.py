@@ -11,6 +11,7 @@ others.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import imaplib
 import ipaddress
@@ -34,8 +35,9 @@ from ingest.imap_state import ImapStateStore
 from ingest.mailauth import judge_authserv
 from ingest.sdk import Adapter, AdapterContext, AdapterTables
 from ingest.settings import ImapSettings, MailboxSettings
+from ingest.workers import ParserPool
 from normalize.content import Blob
-from normalize.email import EmailContext, normalize_email
+from normalize.email import EmailContext, serialize_email
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
 from switchboard.ids import uuid7
@@ -74,10 +76,12 @@ class MailboxPoller(threading.Thread):
         store: ImapStateStore,
         *,
         loop: asyncio.AbstractEventLoop,
+        parsers: ParserPool | None = None,
         email_policy: EmailPolicy | None = None,
         on_stop: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name=f"imap-{mailbox.name}", daemon=True)
+        self.parsers = parsers or ParserPool(0)
         self.on_stop = on_stop
         self.mailbox = mailbox
         self.settings = settings
@@ -345,7 +349,20 @@ class MailboxPoller(threading.Thread):
             verdict=judge_authserv(raw, self.mailbox.trusted_authserv_ids),
         )
         try:
-            normalized = normalize_email(raw, ctx)
+            # In a parse process (``parse_workers``), as SMTP does: a mail that keeps the
+            # parser busy is killed at parse_timeout_s instead of freezing this process
+            # (its thread holds the GIL while it parses; attacker review, 2026-11-30).
+            serialized = self._wait(
+                self.parsers.run(serialize_email, raw, ctx),
+                timeout_s=2 * self.settings.parse_timeout_s + self.settings.timeout_s + 30,
+            )
+            normalized = serialized.restoring(raw)
+        except RetryLater:
+            raise  # no parse process could be started: try again later
+        except concurrent.futures.CancelledError as exc:
+            # The pool stopped under the call (shutdown): not this mail's fault. The
+            # checkpoint stays before it; the next start reads it again.
+            raise RetryLater("the parse was cancelled at shutdown") from exc
         except Exception as exc:  # noqa: BLE001 - NormalizeError or a parser bug: keep raw, move on
             reason = exc.reason if isinstance(exc, NormalizeError) else "normalizer-error"
             detail = exc.detail if isinstance(exc, NormalizeError) else _describe(exc)
@@ -362,9 +379,9 @@ class MailboxPoller(threading.Thread):
             return
         self._wait(self.handoff.deliver(normalized))
 
-    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    def _wait(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result(timeout=self.settings.timeout_s + 30)
+        return future.result(timeout=timeout_s or self.settings.timeout_s + 30)
 
 
 def _describe(exc: BaseException) -> str:
@@ -407,9 +424,11 @@ class ImapAdapter(Adapter[ImapSettings]):
         self.store = ImapStateStore(context.engine)
         self.email_policy = context.email_policy
         self.pollers: list[MailboxPoller] = []
+        self.parsers = ParserPool(settings.parse_workers, settings.parse_timeout_s)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await self.parsers.warm_up()
         for mailbox in self.settings.mailboxes:
             poller = MailboxPoller(
                 mailbox,
@@ -417,6 +436,7 @@ class ImapAdapter(Adapter[ImapSettings]):
                 self.handoff,
                 self.store,
                 loop=loop,
+                parsers=self.parsers,
                 email_policy=self.email_policy,
                 on_stop=self.context.on_stop,
             )
@@ -434,3 +454,4 @@ class ImapAdapter(Adapter[ImapSettings]):
                 log.warning(
                     "imap poller still busy at shutdown", extra={"mailbox": poller.mailbox.name}
                 )
+        await self.parsers.stop()

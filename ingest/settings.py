@@ -517,6 +517,24 @@ class ImapSettings(BaseSettings):
         default=25 * 60, gt=0, le=29 * 60, description="Re-issue IDLE before the 29-minute limit."
     )
     batch_size: int = Field(default=50, ge=1, le=1000, description="Messages fetched at once.")
+    parse_workers: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        description=(
+            "Processes that parse the mailboxes' mail (0: the poller's own thread, which "
+            "nothing can stop: a mail that takes the parser minutes freezes the process)."
+        ),
+    )
+    parse_timeout_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description=(
+            "A parse process still busy with one mail after this long is killed and "
+            "replaced; the mail is tried once more, then dead-lettered (normalizer-error)."
+        ),
+    )
     max_message_size: int = Field(
         default=25 * 1024 * 1024,
         ge=1024,

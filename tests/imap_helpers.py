@@ -56,7 +56,13 @@ def imap_adapter(
     on_stop: Callable[[str], None] | None = None,
     **overrides: object,
 ) -> Iterator[ImapStateStore]:
-    fields: dict[str, object] = {"backoff_max_s": 1, "poll_interval_s": 1, **overrides}
+    # In-thread parsing unless a test asks for the parse process (one test does).
+    fields: dict[str, object] = {
+        "backoff_max_s": 1,
+        "poll_interval_s": 1,
+        "parse_workers": 0,
+        **overrides,
+    }
     settings = ImapSettings(mailboxes=boxes, **fields)  # type: ignore[arg-type]
     publisher = Publisher(kafka)
     handoff = handoff_type(publisher, FileBlobStore(data_dir / "blobs"))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,8 @@ import pytest
 from imapclient import IMAPClient
 
 from ingest.imap_state import ImapStateStore
+from normalize.content import Serialized
+from normalize.email import EmailContext, serialize_email
 from normalize.schema import DeadLetter, InboundMessage, RecipientRole
 from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.databases import upgrade
@@ -427,7 +430,7 @@ def test_a_reply_heuristics_bomb_does_not_freeze_the_poller(
     )
     dovecot.deliver(bomb)
     dovecot.deliver(mail(f"{unique}-after"))
-    with imap_adapter(kafka_settings, tmp_path, [box]) as store:
+    with imap_adapter(kafka_settings, tmp_path, [box], parse_workers=1) as store:
         wait_for(lambda: position(store, box.name)[1] >= 2, 30)
     found = find(
         kafka_settings,
@@ -478,3 +481,49 @@ def test_a_mail_over_the_size_limit_is_dead_lettered_without_being_fetched(
         lambda m: m.metadata.get("mailbox") == box.name,
     )
     assert message.dedupe_key.startswith(f"email-mid:{unique}-small@example.org#")
+
+
+def _hanging_parser(raw: bytes, ctx: EmailContext) -> Serialized:
+    """The real parser, except on a marked mail, where it hangs (runs in the parse
+    process, imported there by name)."""
+    if b"X-Poison: hang" in raw:
+        time.sleep(3600)
+    return serialize_email(raw, ctx)
+
+
+@pytest.mark.slow
+def test_a_mail_that_hangs_the_parser_is_dead_lettered_and_the_poller_goes_on(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    dovecot: Dovecot,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parsing runs in a parse process, as for SMTP: a mail that keeps it busy is
+    killed at parse_timeout_s, tried once more, then dead-lettered with its raw bytes;
+    in the poller's own thread it froze the whole process."""
+    monkeypatch.setattr("ingest.imap.serialize_email", _hanging_parser)
+    box = mailbox(dovecot, f"hang{unique}", monkeypatch.setenv)
+    dovecot.deliver(b"X-Poison: hang\r\n" + mail(f"{unique}-hang"))
+    dovecot.deliver(mail(f"{unique}-after"))
+    with imap_adapter(
+        kafka_settings, tmp_path, [box], parse_workers=1, parse_timeout_s=1.0
+    ) as store:
+        wait_for(lambda: position(store, box.name)[1] >= 2, 30)
+    [letter] = find(
+        kafka_settings,
+        f"hang-dl-{unique}",
+        DEADLETTER,
+        DeadLetter,
+        lambda d: d.adapter == f"imap:{box.name}",
+    )
+    assert letter.reason == "normalizer-error"
+    assert letter.raw is not None
+    [message] = find(
+        kafka_settings,
+        f"hang-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == box.name,
+    )
+    assert message.dedupe_key.startswith(f"email-mid:{unique}-after@example.org#")
