@@ -213,7 +213,9 @@ FINGERPRINT_WINDOW = timedelta(hours=1)
 def is_content_fingerprint(dedupe_key: str) -> bool:
     """A hook's payload fingerprint (``webhook:<hook>:fp:<digest>``), as opposed to a
     key or id the sender chose, a Message-ID, or a provider's message id."""
-    return dedupe_key.startswith("webhook:") and ":fp:" in dedupe_key
+    prefix, _, rest = dedupe_key.partition(":")
+    # A hook's name holds no ":": what follows it is the kind of key.
+    return prefix == "webhook" and rest.partition(":")[2].startswith("fp:")
 
 
 def lock_id(value: str) -> int:

@@ -33,6 +33,7 @@ from router.decide import (
     derived_id,
     route,
 )
+from router.directory import is_content_fingerprint
 from switchboard.ids import uuid7
 from tests.factories import inbound_message
 
@@ -495,3 +496,11 @@ def test_over_the_limit_a_claimed_sender_does_not_receive_verified_identities() 
     assert d.contact_id != victim.id
     assert d.link == ("phone:+14155550105",)  # the verified new phone joins a, not victim
     assert "email:victim@example.com" in d.refused
+
+
+def test_only_a_hooks_own_payload_fingerprint_counts_as_one() -> None:
+    assert is_content_fingerprint("webhook:form:fp:" + "ab" * 20)
+    # An Idempotency-Key the sender chose may hold ":fp:" itself.
+    assert not is_content_fingerprint("webhook:form:email:a@example.org:key:x:fp:1")
+    assert not is_content_fingerprint("email-fp:abc")
+    assert not is_content_fingerprint("twilio:SM" + "a" * 32)
