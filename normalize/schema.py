@@ -419,7 +419,7 @@ class InboundMessage(_Frozen):
     dedupe_key: str = Field(
         min_length=1,
         max_length=1024,
-        description="Stable key of this message, e.g. 'email-mid:<id>', 'twilio:SM...'.",
+        description="Stable key of this message, e.g. 'email-mid:<id>#<digest>', 'twilio:SM...'.",
     )
     flags: Flags = Field(default_factory=Flags)
     authentication: Authentication | None = Field(
