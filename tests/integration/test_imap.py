@@ -16,6 +16,7 @@ import pytest
 from imapclient import IMAPClient
 
 from ingest.imap_state import ImapStateStore
+from ingest.settings import MailboxSettings
 from normalize.content import Serialized
 from normalize.email import EmailContext, serialize_email
 from normalize.schema import DeadLetter, InboundMessage, RecipientRole
@@ -41,6 +42,32 @@ def box_status(store: ImapStateStore, name: str) -> dict[str, object]:
     return next(s for s in store.status() if s["mailbox"] == name)
 
 
+def one_letter_and_one_message(
+    kafka: KafkaSettings, box: MailboxSettings, group: str
+) -> tuple[DeadLetter, InboundMessage]:
+    """The one dead letter and the one message this mailbox produced."""
+    [letter] = find(
+        kafka, f"{group}-dl", DEADLETTER, DeadLetter, lambda d: d.adapter == f"imap:{box.name}"
+    )
+    [message] = messages_of(kafka, box.name, group)
+    return letter, message
+
+
+def messages_of(
+    kafka: KafkaSettings, name: str, group: str, count: int = 1, timeout_s: float = 20
+) -> list[InboundMessage]:
+    """The messages read from the mailbox ``name`` (waits for ``count``)."""
+    return find(
+        kafka,
+        group,
+        INBOUND,
+        InboundMessage,
+        lambda m: m.metadata.get("mailbox") == name,
+        count=count,
+        timeout_s=timeout_s,
+    )
+
+
 def client(dovecot: Dovecot) -> IMAPClient:
     imap = IMAPClient("127.0.0.1", port=dovecot.imap_port, ssl=False)
     imap.login(USER, PASSWORD)
@@ -64,14 +91,7 @@ def test_backfill_ingests_everything_including_seen_mail_and_changes_no_flags(
     box = mailbox(dovecot, f"bf{unique}", monkeypatch.setenv)
     with imap_adapter(kafka_settings, tmp_path, [box]) as store:
         wait_for(lambda: position(store, box.name)[1] >= 3, 20)
-    messages = find(
-        kafka_settings,
-        f"imap-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-        count=3,
-    )
+    messages = messages_of(kafka_settings, box.name, f"imap-{unique}", count=3)
     assert sorted(m.dedupe_key.split("#")[0] for m in messages) == [
         f"email-mid:{unique}-{i}@example.org" for i in range(3)
     ]
@@ -105,13 +125,7 @@ def test_new_mail_arrives_through_idle_within_three_seconds(
         took = wait_for(lambda: position(store, box.name)[1] >= 1, 10)
     # Acknowledged by Kafka and checkpointed; polling every 60 s could not do that.
     assert took < 3, f"IDLE pick-up took {took:.2f}s"
-    [message] = find(
-        kafka_settings,
-        f"idle-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-    )
+    [message] = messages_of(kafka_settings, box.name, f"idle-{unique}")
     assert message.dedupe_key.startswith(f"email-mid:{unique}-new@example.org#")
 
 
@@ -163,14 +177,7 @@ def test_uidvalidity_change_rescans_and_keeps_dedupe_keys(
             20,
         )
     assert "UIDVALIDITY changed" in caplog.text
-    messages = find(
-        kafka_settings,
-        f"uv-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-        count=3,
-    )
+    messages = messages_of(kafka_settings, box.name, f"uv-{unique}", count=3)
     assert len({m.dedupe_key for m in messages}) == 2  # whole keys, digest and all
     keys = [m.dedupe_key.split("#")[0] for m in messages]
     assert sorted(set(keys)) == [
@@ -203,22 +210,9 @@ def test_server_restart_and_unparseable_mail(
         wait_for(lambda: box_status(store, box.name)["ingested"] == 2, 10)
         status = box_status(store, box.name)
     assert status["ingested"] == 2
-    [letter] = find(
-        kafka_settings,
-        f"rs-dl-{unique}",
-        DEADLETTER,
-        DeadLetter,
-        lambda d: d.adapter == f"imap:{box.name}",
-    )
+    letter, message = one_letter_and_one_message(kafka_settings, box, f"rs-{unique}")
     assert letter.reason == "no-sender"
     assert letter.raw is not None
-    [message] = find(
-        kafka_settings,
-        f"rs-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-    )
     assert message.dedupe_key.startswith(f"email-mid:{unique}-after@example.org#")
 
 
@@ -353,15 +347,7 @@ def test_poller_killed_mid_batch_loses_nothing(
         if second.poll() is None:
             second.kill()
     kafka = KafkaSettings(bootstrap=kafka_broker.bootstrap)
-    messages = find(
-        kafka,
-        f"kill-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == name,
-        count=total,
-        timeout_s=30,
-    )
+    messages = messages_of(kafka, name, f"kill-{unique}", count=total, timeout_s=30)
     keys = {m.dedupe_key.split("#")[0] for m in messages}
     assert keys == {f"email-mid:{unique}-{i:02d}@example.org" for i in range(total)}
     # At most the message in flight when killed is published twice.
@@ -432,14 +418,7 @@ def test_a_reply_heuristics_bomb_does_not_freeze_the_poller(
     dovecot.deliver(mail(f"{unique}-after"))
     with imap_adapter(kafka_settings, tmp_path, [box], parse_workers=1) as store:
         wait_for(lambda: position(store, box.name)[1] >= 2, 30)
-    found = find(
-        kafka_settings,
-        f"rb-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-        count=2,
-    )
+    found = messages_of(kafka_settings, box.name, f"rb-{unique}", count=2)
     assert {m.dedupe_key.split("#")[0] for m in found} == {
         f"email-mid:{unique}-bomb@example.net",
         f"email-mid:{unique}-after@example.org",
@@ -463,23 +442,10 @@ def test_a_mail_over_the_size_limit_is_dead_lettered_without_being_fetched(
     dovecot.deliver(mail(f"{unique}-small"))
     with imap_adapter(kafka_settings, tmp_path, [box], max_message_size=4096) as store:
         wait_for(lambda: position(store, box.name)[1] >= 2, 30)
-    [letter] = find(
-        kafka_settings,
-        f"big-dl-{unique}",
-        DEADLETTER,
-        DeadLetter,
-        lambda d: d.adapter == f"imap:{box.name}",
-    )
+    letter, message = one_letter_and_one_message(kafka_settings, box, f"big-{unique}")
     assert letter.reason == "too-large"
     assert letter.metadata["uid"] == 1
     assert letter.raw is None
-    [message] = find(
-        kafka_settings,
-        f"big-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-    )
     assert message.dedupe_key.startswith(f"email-mid:{unique}-small@example.org#")
 
 
@@ -510,20 +476,7 @@ def test_a_mail_that_hangs_the_parser_is_dead_lettered_and_the_poller_goes_on(
         kafka_settings, tmp_path, [box], parse_workers=1, parse_timeout_s=1.0
     ) as store:
         wait_for(lambda: position(store, box.name)[1] >= 2, 30)
-    [letter] = find(
-        kafka_settings,
-        f"hang-dl-{unique}",
-        DEADLETTER,
-        DeadLetter,
-        lambda d: d.adapter == f"imap:{box.name}",
-    )
+    letter, message = one_letter_and_one_message(kafka_settings, box, f"hang-{unique}")
     assert letter.reason == "normalizer-error"
     assert letter.raw is not None
-    [message] = find(
-        kafka_settings,
-        f"hang-{unique}",
-        INBOUND,
-        InboundMessage,
-        lambda m: m.metadata.get("mailbox") == box.name,
-    )
     assert message.dedupe_key.startswith(f"email-mid:{unique}-after@example.org#")
