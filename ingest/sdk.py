@@ -264,12 +264,17 @@ class InboundRequest:
         return [_part(p) for p in payload if isinstance(p, Message)]
 
 
-def parse_form(body: bytes, *, max_fields: int, max_field_bytes: int) -> dict[str, str]:
+def parse_form(
+    body: bytes, *, max_fields: int, max_field_bytes: int, errors: str = "strict"
+) -> dict[str, str]:
     """An urlencoded body as a dict (blank values kept), bounded: the standard
     library's ``max_num_fields`` refuses a form of a million empty fields before
-    building it; NormalizeError if not UTF-8."""
+    building it; NormalizeError if not UTF-8 (``errors="replace"`` decodes leniently
+    instead, for a signature computed over what the sender sent)."""
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=max_fields)
+        pairs = parse_qsl(
+            body.decode("utf-8", errors), keep_blank_values=True, max_num_fields=max_fields
+        )
     except UnicodeDecodeError as exc:
         raise NormalizeError("malformed", "the form is not UTF-8") from exc
     except ValueError as exc:  # "Max number of fields exceeded"

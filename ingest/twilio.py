@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import Response
@@ -20,7 +20,15 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
 from ingest.errors import Rejected
-from ingest.sdk import FORM, AdapterContext, AdapterTables, HttpAdapter, HttpRoute, InboundRequest
+from ingest.sdk import (
+    FORM,
+    AdapterContext,
+    AdapterTables,
+    HttpAdapter,
+    HttpRoute,
+    InboundRequest,
+    parse_form,
+)
 from ingest.settings import TwilioSettings
 from normalize.content import Blob, Normalized
 from normalize.schema import Attachment, strip_controls
@@ -50,16 +58,15 @@ class _Form(dict[str, str]):
 
 def _twilio_form(request: InboundRequest) -> dict[str, str]:
     # Twilio signs what it sent; decode leniently so the check sees the same. The
-    # field count is checked before any field is built (parse_qsl's max_num_fields).
-    try:
-        pairs = parse_qsl(
-            request.body.decode("utf-8", "replace"),
-            keep_blank_values=True,
-            max_num_fields=MAX_FIELDS,
+    # field count is checked before any field is built (the route's max_form_fields).
+    return _Form(
+        parse_form(
+            request.body,
+            max_fields=request.route.max_form_fields,
+            max_field_bytes=request.route.max_body_bytes,
+            errors="replace",
         )
-    except ValueError as exc:  # "Max number of fields exceeded"
-        raise Rejected("form-too-large", f"more than {MAX_FIELDS} form fields", status=413) from exc
-    return _Form(pairs)
+    )
 
 
 def signed(validator: RequestValidator, url: str, form: dict[str, str], signature: str) -> bool:
@@ -124,6 +131,7 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
                 ),
                 content_types=(FORM,),
                 max_body_bytes=MAX_BODY,
+                max_form_fields=MAX_FIELDS,
                 responses={
                     200: "Accepted (empty TwiML)",
                     403: "Signature missing or invalid, a malformed SID, or another account",
