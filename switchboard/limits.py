@@ -297,36 +297,32 @@ def _content_length(scope: Scope) -> int | None:
 # -- connections --------------------------------------------------------------
 
 
-_TOO_MANY = json.dumps(
-    {
-        "type": "about:blank",
-        "title": "Too many connections",
-        "status": 429,
-        "detail": "this address holds too many open connections; close some and retry",
-    }
-).encode()
-TOO_MANY_RESPONSE = (
-    b"HTTP/1.1 429 Too Many Requests\r\n"
-    b"content-type: application/problem+json\r\n"
-    b"retry-after: 1\r\n"
-    b"connection: close\r\n"
-    b"content-length: " + str(len(_TOO_MANY)).encode() + b"\r\n\r\n" + _TOO_MANY
+def _raw_problem(status: int, reason: str, title: str, detail: str, *headers: bytes) -> bytes:
+    """A whole HTTP/1.1 problem+json answer that closes the connection, as bytes: for
+    the guard, which answers below uvicorn, before any request object exists."""
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    head = [
+        f"HTTP/1.1 {status} {reason}".encode(),
+        b"content-type: application/problem+json",
+        *headers,
+        b"connection: close",
+        b"content-length: " + str(len(body)).encode(),
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body.encode()
+
+
+TOO_MANY_RESPONSE = _raw_problem(
+    429,
+    "Too Many Requests",
+    "Too many connections",
+    "this address holds too many open connections; close some and retry",
+    b"retry-after: 1",
 )
-
-
-_HEADERS_TOO_LARGE = json.dumps(
-    {
-        "type": "about:blank",
-        "title": "Request header fields too large",
-        "status": 431,
-        "detail": "the request line and headers are over the server's limit",
-    }
-).encode()
-HEADERS_TOO_LARGE_RESPONSE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-type: application/problem+json\r\n"
-    b"connection: close\r\n"
-    b"content-length: " + str(len(_HEADERS_TOO_LARGE)).encode() + b"\r\n\r\n" + _HEADERS_TOO_LARGE
+HEADERS_TOO_LARGE_RESPONSE = _raw_problem(
+    431,
+    "Request Header Fields Too Large",
+    "Request header fields too large",
+    "the request line and headers are over the server's limit",
 )
 
 
