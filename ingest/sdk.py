@@ -392,8 +392,9 @@ class HttpAdapter(Adapter[S]):
 
     def authenticate(self, request: InboundRequest) -> None:
         """Raise :class:`Rejected` (401 missing, 403 wrong) unless the request is
-        the sender's. An adapter without authentication must say so by overriding
-        this with a body that explains why."""
+        the sender's. Runs after :meth:`authenticate_headers` passed, so it checks
+        only what needs the body. An adapter without authentication must say so by
+        overriding this with a body that explains why."""
         raise NotImplementedError
 
     async def normalize(self, request: InboundRequest) -> Normalized:
@@ -717,7 +718,8 @@ class BasicAuthAdapter(HttpAdapter[B]):
         )
 
     def authenticate(self, request: InboundRequest) -> None:
-        self.authenticate_headers(request.route, request.headers)
+        """Nothing left to check: HTTP Basic is all headers, and the cycle checked them
+        (:meth:`authenticate_headers`) before it read the body."""
 
 
 def mount_adapters(app: FastAPI, adapters: Sequence[HttpAdapter[Any]]) -> None:

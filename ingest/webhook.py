@@ -37,17 +37,11 @@ log = logging.getLogger(__name__)
 KINDS = {"json": JSON, "form": FORM}
 
 
-def check_auth(hook: WebhookSettings, request: InboundRequest) -> None:
-    """Raise Rejected(401) for missing credentials, Rejected(403) for wrong ones."""
-    check_auth_headers(hook, request.headers)
-    if isinstance(hook.auth, HmacAuth):
-        _check_hmac(hook.auth, request)
-
-
 def check_auth_headers(hook: WebhookSettings, headers: Mapping[str, str]) -> None:
-    """What of :func:`check_auth` the headers alone decide, before the body is read:
-    a bearer token whole; for HMAC the signature's presence, its timestamp's window
-    and a configured secret."""
+    """Raise Rejected(401) for missing credentials, Rejected(403) for wrong ones, as far
+    as the headers alone decide, before the body is read: a bearer token whole; for
+    HMAC the signature's presence, its timestamp's window and a configured secret (the
+    signature over the body is :func:`_check_hmac`'s, once the body is read)."""
     auth = hook.auth
     if isinstance(auth, HmacAuth):
         if not headers.get(auth.header):
@@ -215,7 +209,11 @@ class WebhookAdapter(HttpAdapter[WebhooksSettings]):
             )
 
     def authenticate(self, request: InboundRequest) -> None:
-        check_auth(request.route.options, request)
+        # The headers passed authenticate_headers before the body was read; what is
+        # left is an HMAC hook's signature over the body.
+        hook: WebhookSettings = request.route.options
+        if isinstance(hook.auth, HmacAuth):
+            _check_hmac(hook.auth, request)
 
     async def normalize(self, request: InboundRequest) -> Normalized:
         hook: WebhookSettings = request.route.options
