@@ -515,9 +515,10 @@ def _has_reply_cues(text: str) -> bool:
 
 
 def _text_new(text: str) -> str | None:
-    if not _has_reply_cues(text[:REPLY_PARSE_LIMIT]):
+    head = text[:REPLY_PARSE_LIMIT]
+    if not _has_reply_cues(head):
         return text
-    bounded = _BLANK_RUN.sub("\n\n", _LONG_SPACE.sub(" " * 64, text[:REPLY_PARSE_LIMIT]))
+    bounded = _BLANK_RUN.sub("\n\n", _LONG_SPACE.sub(" " * 64, head))
     try:
         parsed = _REPLY_PARSER.read(bounded)
         latest = parsed.replies[0].body if parsed.replies else bounded
