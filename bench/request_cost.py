@@ -50,7 +50,7 @@ from switchboard.broker import EmbeddedBroker
 from switchboard.kafka import Ack
 from switchboard.logs import configure_logging
 from switchboard.runtime import HttpServer
-from switchboard.settings import Settings
+from switchboard.settings import load_settings
 from switchboard.topics import ensure_topics
 
 PORT = 8080
@@ -232,7 +232,7 @@ def main() -> None:
                 "BENCH_SECRET": SECRET,
             }
         )
-        settings = Settings()
+        settings = load_settings()
         configure_logging(settings.log_level)
         ensure_topics(settings.kafka)
         pipeline = build_pipeline(settings, frozenset({"http"}))
