@@ -10,6 +10,14 @@ can stop it). It samples the server process's RSS throughout and prints the
 growth over the RSS before the attack (target: under 50 MB), and how much of
 each body the client got out before the server answered.
 
+Then a crowd (``--crowd``, 0 to skip): that many clients, each from an address of
+its own (127.0.0.10 and up, so no per-client cap applies), each declaring a
+``--crowd-mb`` MB body to the Mailgun route (whose signature is inside the body,
+so the body must be read to check it), sending all of it but its last KB and
+then holding it ``--hold-s`` seconds before giving up: what they make the server
+hold at once, against ``SWITCHBOARD_HTTP_MAX_BODY_IN_FLIGHT`` (``--budget-mb``;
+a budget larger than the crowd is the server without one).
+
 Then slowloris: ``--slow`` connections from 127.0.0.2 sending one header byte
 a second for ``--slow-seconds``, while 127.0.0.1 asks for /healthz every
 50 ms; it prints how many of the stranger's connections the server accepted
@@ -181,10 +189,77 @@ def oversized(port: int, pid: int, size_mb: int, parallel: int) -> None:
     print(f"worst RSS growth: {worst:.1f} MB (target < 50 MB): {verdict}")
 
 
+def _hold(port: int, source: str, size: int, hold_s: float) -> tuple[int, int]:
+    """One crowd member: (status, or 0 if it was still being read when it gave up;
+    body bytes sent)."""
+    head = (
+        "POST /webhooks/mailgun HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    )
+    filler = b"a" * 65536
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), 30, (source, 0)) as sock:
+        sock.sendall(head.encode())
+        while sent < size - 1024 and not select.select([sock], [], [], 0)[0]:
+            piece = filler[: size - 1024 - sent]
+            try:
+                sock.sendall(piece)
+            except OSError:
+                break
+            sent += len(piece)
+        if not select.select([sock], [], [], hold_s)[0]:
+            return 0, sent
+        try:
+            answer = sock.recv(65536)
+        except OSError:
+            return 0, sent
+    return (int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0), sent
+
+
+def crowd(port: int, pid: int, count: int, size_mb: int, hold_s: float) -> None:
+    """``count`` clients holding ``size_mb`` MB bodies at once; RSS growth."""
+    before = rss_mb(pid)
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mb(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with ThreadPoolExecutor(count) as pool:
+        futures = [
+            pool.submit(_hold, port, f"127.0.{1 + n // 200}.{10 + n % 200}", size_mb * MB, hold_s)
+            for n in range(count)
+        ]
+        results = [future.result() for future in futures]
+    done.set()
+    sampler.join()
+    statuses: dict[int, int] = {}
+    for status, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    held = sum(sent for status, sent in results if status == 0) / MB
+    print(
+        f"crowd        {count} x {size_mb} MB from {count} addresses, held {hold_s:g} s: "
+        f"answers {dict(sorted(statuses.items()))} (0: still being read), "
+        f"{held:.0f} MB sent by those still being read; RSS {before:.0f} MB, "
+        f"peak +{peak - before:.0f} MB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--crowd", type=int, default=48)
+    parser.add_argument("--crowd-mb", type=int, default=25)
+    parser.add_argument("--hold-s", type=float, default=5)
+    parser.add_argument("--budget-mb", type=int, default=512)
+    parser.add_argument("--skip-oversized", action="store_true")
     parser.add_argument("--slow", type=int, default=4000)
     parser.add_argument("--slow-seconds", type=float, default=20)
     args = parser.parse_args()
@@ -194,6 +269,7 @@ def main() -> None:
         config.write_text(
             '[[webhooks]]\nname = "contact"\nauth = { kind = "none" }\n'
             'map = { email = "email", text = "text" }\ncontent_types = ["form"]\n'
+            "[adapters.mailgun]\nmax_age_s = 3600\n"  # with the signing key: mounted
         )
         env = {
             **os.environ,
@@ -203,6 +279,8 @@ def main() -> None:
             "SWITCHBOARD_CONFIG": str(config),
             "SWITCHBOARD_LOG_LEVEL": "ERROR",
             "SWITCHBOARD_API_TOKEN": "bench-token",
+            "SWITCHBOARD_MAILGUN_SIGNING_KEY": "bench-mailgun-key",
+            "SWITCHBOARD_HTTP_MAX_BODY_IN_FLIGHT": str(args.budget_mb * MB),
         }
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
         server = subprocess.Popen(
@@ -214,7 +292,10 @@ def main() -> None:
             if not wait_for_port("127.0.0.1", port, 60):
                 raise SystemExit("switchboard did not start")
             time.sleep(2)  # let the router and sink settle
-            oversized(port, server.pid, args.size_mb, args.parallel)
+            if not args.skip_oversized:
+                oversized(port, server.pid, args.size_mb, args.parallel)
+            if args.crowd:
+                crowd(port, server.pid, args.crowd, args.crowd_mb, args.hold_s)
             if args.slow:
                 slowloris(port, args.slow, args.slow_seconds)
         finally:

@@ -419,6 +419,7 @@ def per_worker(settings: Settings, worker: WorkerSpec) -> Settings:
     settings.http.max_connections_per_client = worker.share(
         settings.http.max_connections_per_client
     )
+    settings.http.max_body_in_flight = worker.share(settings.http.max_body_in_flight)
     settings.spool.max_bytes = worker.share(settings.spool.max_bytes)
     settings.spool.max_messages = worker.share(settings.spool.max_messages)
     settings.evidence.per_minute = worker.share(settings.evidence.per_minute)

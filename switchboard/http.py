@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from switchboard.limits import BodyLimitMiddleware, BodyLimits, HttpLimitSettings
+from switchboard.limits import BodyBudget, BodyLimitMiddleware, BodyLimits, HttpLimitSettings
 from switchboard.metrics import RECEIVED, child, exposition, http_rejected
 
 # A readiness check raises (any exception) when its dependency is unavailable.
@@ -183,7 +183,8 @@ class DirectPosts:
 
 def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) -> FastAPI:
     """The app shell. ``app.state.body_limits`` is the one table of per-route body
-    limits: HTTP adapters register their routes' limits in it when mounted."""
+    limits: HTTP adapters register their routes' limits in it when mounted;
+    ``app.state.body_budget`` counts the body bytes all requests hold at once."""
     limits = limits or HttpLimitSettings()
     app = FastAPI(
         title="Switchboard",
@@ -192,6 +193,8 @@ def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) ->
     )
     body_limits = BodyLimits(default=limits.max_body_bytes)
     app.state.body_limits = body_limits
+    # The body bytes this process's requests hold at once (BodyLimitMiddleware).
+    app.state.body_budget = BodyBudget(limits.max_body_in_flight)
     # Filled by HTTP adapters when mounted (HttpAdapter.mount); inside the body limits.
     app.state.direct_posts = {}
     app.add_middleware(
@@ -200,7 +203,10 @@ def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) ->
         handlers=app.exception_handlers,
     )
     app.add_middleware(
-        BodyLimitMiddleware, limits=body_limits, body_timeout_s=limits.body_timeout_s
+        BodyLimitMiddleware,
+        limits=body_limits,
+        body_timeout_s=limits.body_timeout_s,
+        budget=app.state.body_budget,
     )
 
     @app.exception_handler(StarletteHTTPException)

@@ -7,6 +7,9 @@ memory or a connection slot may wait for authentication or parsing:
   soon as ``Content-Length`` or the bytes streamed so far pass the route's limit,
   and 408 when the body is not in within ``body_timeout_s``. It never buffers:
   it counts the chunks it passes on.
+- :class:`BodyBudget` bounds the body bytes all requests of a process hold at once
+  (503 past it): per-route limits and per-client connection caps alone let many
+  clients together hold any amount.
 - :class:`BodyLimits` is the one table of per-route limits. HTTP adapters
   register each route's ``max_body_bytes`` when mounted; every other route (the
   queue API and page) gets the default.
@@ -66,6 +69,16 @@ class HttpLimitSettings(BaseSettings):
         ge=1,
         description="Open connections one client address (an IPv6 client: its /64) may "
         "hold; more are answered 429 and closed. Trusted proxies are exempt.",
+    )
+    max_body_in_flight: int = Field(
+        default=512 * 1024 * 1024,
+        ge=64 * 1024,
+        description=(
+            "Body bytes all requests being served may hold at once (divided among "
+            "--workers): a body that would pass it is answered 503 with Retry-After, "
+            "before it is read when its Content-Length says so. One request always fits "
+            "when nothing else is held."
+        ),
     )
     max_header_bytes: int = Field(
         default=64 * 1024,
@@ -149,6 +162,33 @@ def trusted(host: str | None, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
+class BodyBudget:
+    """The body bytes every request of this process holds at once, bounded.
+
+    A request is charged its declared ``Content-Length`` before a byte is read, or,
+    streamed without one, each chunk as it arrives; the charge is given back when
+    the app has answered (the app holds the body until then: Kafka's acknowledgement
+    comes before the answer). Route limits and the connection cap per client bound
+    one client; this bounds all of them together (a provider route takes 50 MB
+    before its signature, which is inside the body, can be checked). One request
+    always fits when nothing else is held, so a route limit above the budget still
+    works, one request at a time.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held and self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 @dataclass
 class BodyLimits:
     """Largest body per route path; ``default`` for every path not registered."""
@@ -188,30 +228,36 @@ class _Refused:
     detail: str
 
 
-_TITLES = {408: "Request timeout", 413: "Payload too large"}
+_TITLES = {408: "Request timeout", 413: "Payload too large", 503: "Service unavailable"}
+#: The body budget is a moment's state: others' bodies finish within the body timeout.
+_BUSY_RETRY_AFTER = b"1"
 
 
 class BodyLimitMiddleware:
     """Body size and body time, enforced while the body streams in (pure ASGI:
     Starlette's BaseHTTPMiddleware would read the body itself)."""
 
-    def __init__(self, app: ASGIApp, limits: BodyLimits, body_timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: BodyLimits,
+        body_timeout_s: float,
+        budget: BodyBudget | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits
         self.body_timeout_s = body_timeout_s
+        self.budget = budget or BodyBudget(HttpLimitSettings().max_body_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        limit = self.limits.for_path(path)
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await self._refuse(
-                scope, send, _Refused(413, "body-too-large", f"the body is over {limit} bytes")
-            )
+        limit = self.limits.for_path(scope["path"])
+        admitted = await self._admit(scope, send, limit)
+        if admitted is None:
             return
+        charged = admitted  # taken from the budget; given back once answered
         deadline = time.monotonic() + self.body_timeout_s
         received = 0
         body_done = False
@@ -229,7 +275,7 @@ class BodyLimitMiddleware:
             return {"type": "http.disconnect"}
 
         async def limited_receive() -> Message:
-            nonlocal received, body_done
+            nonlocal received, body_done, charged
             if body_done:
                 return await receive()
             remaining = deadline - time.monotonic()
@@ -244,8 +290,11 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    detail = f"the body is over {limit} bytes"
-                    return await refuse(_Refused(413, "body-too-large", detail))
+                    return await refuse(_too_large(limit))
+                if received > charged:  # streamed without a length
+                    if not self.budget.take(received - charged):
+                        return await refuse(_busy(self.budget))
+                    charged = received
                 body_done = not message.get("more_body", False)
             else:
                 body_done = True
@@ -266,6 +315,22 @@ class BodyLimitMiddleware:
                 raise
             # The app failed on the body it did not get; the sender has its answer.
             log.debug("app error after a refused body", exc_info=True)
+        finally:
+            self.budget.give(charged)
+
+    async def _admit(self, scope: Scope, send: Send, limit: int) -> int | None:
+        """What a request's declared length takes from the budget, or None when it
+        was refused (413 over the route's limit, 503 over the budget) before a byte
+        of its body was read."""
+        declared = _content_length(scope) or 0
+        if declared > limit:
+            refused = _too_large(limit)
+        elif declared and not self.budget.take(declared):
+            refused = _busy(self.budget)
+        else:
+            return declared
+        await self._refuse(scope, send, refused)
+        return None
 
     async def _refuse(self, scope: Scope, send: Send, refused: _Refused) -> None:
         client = scope.get("client")
@@ -281,9 +346,24 @@ class BodyLimitMiddleware:
             },
         )
         start, body = _problem(refused.status, _TITLES[refused.status], refused.detail)
+        if refused.status == 503:
+            start["headers"].append((b"retry-after", _BUSY_RETRY_AFTER))
         await send(start)
         for message in body:
             await send(message)
+
+
+def _too_large(limit: int) -> _Refused:
+    return _Refused(413, "body-too-large", f"the body is over {limit} bytes")
+
+
+def _busy(budget: BodyBudget) -> _Refused:
+    log.debug("body budget full", extra={"held": budget.held, "limit": budget.limit})
+    return _Refused(
+        503,
+        "body-budget",
+        "the server holds as many request bodies as it takes at once; retry shortly",
+    )
 
 
 def _content_length(scope: Scope) -> int | None:

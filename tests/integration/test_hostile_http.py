@@ -325,6 +325,75 @@ def test_oversized_hook_posts_are_refused_at_the_hooks_own_limit(
     assert "form fields" in fields.json()["detail"]
 
 
+def test_bodies_held_at_once_are_bounded_across_clients(
+    kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: many clients, each within its route's body limit and its address's
+    # connection cap, together holding bodies the process cannot hold (a provider
+    # route takes 50 MB before the signature inside it can be checked). Here the
+    # process takes 128 KiB of bodies at once: one client holds 100 KiB.
+    limits = HttpLimitSettings(max_body_in_flight=128 * 1024, body_timeout_s=20)
+    form = "application/x-www-form-urlencoded"
+    letter = b"email=carol@example.com&text=" + b"x" * 60_000
+    with http_ingest(
+        kafka_settings,
+        tmp_path,
+        hooks=[_hook(monkeypatch)],
+        limits=limits,
+        loop_factory=LOOPS[_loop[0]],
+    ) as app:
+        budget = app.server.app.state.body_budget
+        port = app.server.port
+        holder = _connect(port)
+        holder.sendall(
+            b"POST /webhooks/form HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: " + form.encode() + b"\r\nContent-Length: 102400\r\n\r\nemail="
+        )
+        _until(lambda: budget.held == 102400)
+        # Declared over what is left: refused before a byte of it is read.
+        declared = _post(
+            port,
+            "/webhooks/form",
+            total=len(letter),
+            chunked=False,
+            content_type=form,
+            source=STRANGER,
+            first=letter,
+        )
+        # Streamed without a length: refused once what it sent passes what is left.
+        streamed = _post(
+            port,
+            "/webhooks/form",
+            total=200 * 1024,
+            chunked=True,
+            content_type=form,
+            source=STRANGER,
+        )
+        # A small message still fits beside the holder.
+        small = httpx.post(
+            f"{app.base}/webhooks/form",
+            data={"email": "ann@example.com", "text": "hi"},
+            timeout=15,
+        )
+        held_meanwhile = budget.held
+        holder.close()  # gone mid-body: what it held is given back
+        _until(lambda: budget.held == 0)
+        again = httpx.post(
+            f"{app.base}/webhooks/form",
+            content=letter,
+            headers={"content-type": form},
+            timeout=15,
+        )
+    busy = _problem(declared, 503)
+    assert declared.headers["retry-after"] == "1"
+    assert declared.headers["connection"] == "close"
+    assert "retry shortly" in busy["detail"]
+    _problem(streamed, 503)  # under the hook's own limit (256 KiB): only the budget refuses it
+    assert small.status_code == 202, small.text
+    assert held_meanwhile == 102400  # every answered request gave its bytes back
+    assert again.status_code == 202, again.text
+
+
 def test_a_slow_body_gets_408(tmp_path: Path) -> None:
     # Attack: a body trickled in (10 of 100 declared bytes, then nothing) to hold a
     # request open.

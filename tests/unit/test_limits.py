@@ -13,7 +13,13 @@ from ingest.errors import Rejected
 from ingest.ratelimit import ClientBuckets, client_key
 from ingest.sdk import parse_form
 from normalize.errors import NormalizeError
-from switchboard.limits import BodyLimits, ConnectionGuard, HttpLimitSettings, trusted
+from switchboard.limits import (
+    BodyBudget,
+    BodyLimits,
+    ConnectionGuard,
+    HttpLimitSettings,
+    trusted,
+)
 
 
 def test_an_ipv6_client_is_limited_by_its_64() -> None:
@@ -38,6 +44,21 @@ def test_the_limit_table_falls_back_to_the_default() -> None:
     limits.set("/webhooks/form", 5000)
     assert limits.for_path("/webhooks/form") == 5000
     assert limits.for_path("/api/queue") == 1000
+
+
+def test_the_body_budget_is_shared_and_one_request_always_fits() -> None:
+    budget = BodyBudget(100)
+    assert budget.take(150)  # alone: over the budget, and still served
+    assert not budget.take(1)
+    budget.give(150)
+    assert budget.take(60)
+    assert budget.take(40)
+    assert not budget.take(1)
+    budget.give(60)
+    assert budget.take(60)
+    assert budget.held == 100
+    with pytest.raises(ValidationError):
+        HttpLimitSettings(max_body_in_flight=1000)  # below 64 KiB: a typo, not a budget
 
 
 def test_form_bounds() -> None:

@@ -41,6 +41,7 @@ def test_each_worker_gets_its_part_of_the_process_limits(tmp_path: Path) -> None
     assert per_worker(settings, WorkerSpec(0, 1)) is settings
     half = per_worker(settings, WorkerSpec(1, 2))
     assert half.http.max_connections_per_client == settings.http.max_connections_per_client // 2
+    assert half.http.max_body_in_flight == settings.http.max_body_in_flight // 2
     assert half.spool.max_bytes == settings.spool.max_bytes // 2
     assert half.spool.max_messages == settings.spool.max_messages // 2
     assert half.evidence.per_minute == settings.evidence.per_minute // 2
