@@ -52,7 +52,7 @@ from email import policy
 from email.message import Message
 from email.parser import BytesParser
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 from uuid import UUID
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -272,8 +272,11 @@ def parse_form(
     building it; NormalizeError if not UTF-8 (``errors="replace"`` decodes leniently
     instead, for a signature computed over what the sender sent)."""
     try:
-        pairs = parse_qsl(
-            body.decode("utf-8", errors), keep_blank_values=True, max_num_fields=max_fields
+        text = body.decode("utf-8", errors)
+        pairs = (
+            _ascii_pairs(text, max_fields)
+            if body.isascii()
+            else parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)
         )
     except UnicodeDecodeError as exc:
         raise NormalizeError("malformed", "the form is not UTF-8") from exc
@@ -287,6 +290,32 @@ def parse_form(
                 status=413,
             )
     return dict(pairs)
+
+
+def _ascii_pairs(text: str, max_fields: int) -> list[tuple[str, str]]:
+    """``parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)`` for an
+    all-ASCII form (every form a provider sends: it percent-encodes the rest), in
+    a third of its time (a 20-field Twilio form: 12 against 32 µs here). For ASCII,
+    ``unquote`` is ``unquote_to_bytes`` decoded as UTF-8 with replacement; what
+    parse_qsl adds around it (argument coercion, a regex split per field) is for
+    any input. ``tests/unit/test_forms.py`` checks the two agree."""
+    if text and text.count("&") + 1 > max_fields:
+        raise ValueError("Max number of fields exceeded")  # as parse_qsl says it
+    pairs = []
+    for field_ in text.split("&"):
+        if not field_:
+            continue
+        name, _, value = field_.partition("=")
+        if "+" in name:
+            name = name.replace("+", " ")
+        if "%" in name:
+            name = unquote_to_bytes(name).decode("utf-8", "replace")
+        if "+" in value:
+            value = value.replace("+", " ")
+        if "%" in value:
+            value = unquote_to_bytes(value).decode("utf-8", "replace")
+        pairs.append((name, value))
+    return pairs
 
 
 def _part(message: Message) -> Part:
