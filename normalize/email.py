@@ -128,7 +128,7 @@ def normalize_email(raw: bytes, ctx: EmailContext) -> Normalized:
     text = _clean_text(plain) if plain else None
     if not text and html_raw:
         text = _clean_text(_html_to_text(html_raw))
-    html = _sanitize_html(html_raw) if html_raw else None
+    html = sanitize_html(html_raw) if html_raw else None
 
     attachments, blobs, bounced_id = _attachments(msg, skip=(plain_part, html_part))
     thread = Thread(
@@ -470,7 +470,9 @@ def _img_only_from_message(tag: str, attribute: str, value: str) -> str | None:
     return value
 
 
-def _sanitize_html(html: str) -> str | None:
+def sanitize_html(html: str) -> str | None:
+    """HTML an agent's page may render (in a sandboxed frame): no scripts, styles,
+    forms, media or remote images; None when nothing is left."""
     cleaned = nh3.clean(
         strip_controls(html, body=True),
         tags=_ALLOWED_TAGS,

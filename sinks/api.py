@@ -26,12 +26,15 @@ from sinks.agents import ADMIN
 from sinks.auth import Access, Denied, Principal, Who, denied_response
 from sinks.pages import page_routes
 from sinks.queue import BadCursor, NotFound, QueueStore
+from sinks.queue_read import MESSAGES_PAGE
 from switchboard.blobs import BlobStore
 from switchboard.kafka import Publisher
 
 __all__ = ["Access", "ContactDirectory", "install_denied_handler", "queue_router"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# RFC 6838's type/subtype names (restricted-name), lower case, no parameters.
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 
 class StatusChange(BaseModel):
@@ -104,6 +107,18 @@ def queue_router(
     return router
 
 
+#: How many messages one read of a card or a conversation returns (at most 200).
+Limit = Annotated[int, Query(ge=1, le=200)]
+#: The ``older`` cursor of the page after the one wanted.
+Before = Annotated[str | None, Query(max_length=400)]
+
+
+def _private(response: Response) -> None:
+    """Customer data: kept by no cache, read as the type it says it is."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
 def _keys_as_typed(query: str) -> list[str]:
     query = query.strip()
     return [query] if query.split(":", 1)[0] in ("email", "phone", "external") else []
@@ -116,7 +131,11 @@ def _api_routes(
     access: Access,
     canonical: Canonical,
 ) -> APIRouter:
-    api = APIRouter(prefix="/api", tags=["queue"], dependencies=[Depends(access.authorize)])
+    api = APIRouter(
+        prefix="/api",
+        tags=["queue"],
+        dependencies=[Depends(access.authorize), Depends(_private)],
+    )
 
     @api.get("/me", summary="Who this request acts as, and the owners it may look at")
     def me(who: Who) -> dict[str, Any]:
@@ -155,12 +174,26 @@ def _api_routes(
     def search(_who: Who, q: Annotated[str, Query(min_length=1, max_length=200)]) -> dict[str, Any]:
         return {"q": q, "items": store.search(q, canonical(q))}
 
-    @api.get("/conversations/{conversation_id}", summary="A conversation with all its messages")
-    def get_conversation(_who: Who, conversation_id: UUID) -> dict[str, Any]:
+    @api.get(
+        "/conversations/{conversation_id}",
+        summary="A conversation with its newest messages; `older` pages back",
+    )
+    def get_conversation(
+        _who: Who, conversation_id: UUID, limit: Limit = MESSAGES_PAGE, before: Before = None
+    ) -> dict[str, Any]:
         try:
-            return store.conversation(conversation_id)
+            return store.conversation(conversation_id, limit=limit, before=before)
         except NotFound as exc:
             raise StarletteHTTPException(404, f"no conversation {conversation_id}") from exc
+        except BadCursor as exc:
+            raise StarletteHTTPException(422, str(exc)) from exc
+
+    @api.get("/messages/{message_id}", summary="One message, whole (the card clips long texts)")
+    def get_message(_who: Who, message_id: UUID) -> dict[str, Any]:
+        try:
+            return store.message(message_id)
+        except NotFound as exc:
+            raise StarletteHTTPException(404, f"no message {message_id}") from exc
 
     @api.post(
         "/conversations/{conversation_id}/status",
@@ -193,13 +226,18 @@ def _api_routes(
 
     @api.get(
         "/contacts/{contact_id}/card",
-        summary="The customer card: the contact, every conversation with its messages",
+        summary="The customer card: the contact, its newest messages in their conversations; "
+        "`older` pages back",
     )
-    def get_card(_who: Who, contact_id: UUID) -> dict[str, Any]:
+    def get_card(
+        _who: Who, contact_id: UUID, limit: Limit = MESSAGES_PAGE, before: Before = None
+    ) -> dict[str, Any]:
         try:
-            return store.card(contact_id)
+            return store.card(contact_id, limit=limit, before=before)
         except NotFound as exc:
             raise StarletteHTTPException(404, f"no contact {contact_id}") from exc
+        except BadCursor as exc:
+            raise StarletteHTTPException(422, str(exc)) from exc
 
     @api.post(
         "/merge-suggestions/{suggestion_id}/dismiss",
@@ -209,21 +247,28 @@ def _api_routes(
     async def dismiss(who: Who, suggestion_id: UUID, change: Dismissal) -> dict[str, Any]:
         return await actions.dismiss(suggestion_id, acting(who, change.by))
 
-    @api.get("/attachments/{sha256}", summary="An attachment, as a download")
-    def get_attachment(_who: Who, sha256: str) -> Response:
+    @api.get(
+        "/attachments/{sha256}",
+        summary="An attachment, as a download: named and typed as `message` carried it",
+    )
+    def get_attachment(_who: Who, sha256: str, message: UUID | None = None) -> Response:
         if not _SHA256.match(sha256):
             raise StarletteHTTPException(422, "sha256 must be 64 lower-case hex digits")
-        recorded = store.attachment(sha256)
+        recorded = store.attachment(sha256, message)
         if recorded is None or not blobs.exists(sha256):
             raise StarletteHTTPException(404, f"no attachment {sha256}")
         name = re.sub(r"[^A-Za-z0-9._ -]", "_", recorded.get("filename") or sha256)[:200]
+        declared = str(recorded.get("content_type") or "").lower()
         return Response(
             blobs.get(sha256),
-            media_type=recorded.get("content_type") or "application/octet-stream",
+            # What the sender declared, when it is a media type at all: anything else
+            # (an 8-bit byte, a parameter, a header break) made the answer a 500.
+            media_type=declared if _MEDIA_TYPE.fullmatch(declared) else "application/octet-stream",
             headers={
                 "Content-Disposition": f'attachment; filename="{name}"',
                 "X-Content-Type-Options": "nosniff",
                 "Content-Security-Policy": "default-src 'none'; sandbox",
+                "Cache-Control": "no-store",
             },
         )
 

@@ -13,12 +13,14 @@ from sqlalchemy import Connection, func, select
 from sinks import search
 from sinks.queue_read import (
     _FAR,
+    MESSAGES_PAGE,
     Page,
     QueueReader,
     _after,
     _cursor_of,
     _iso,
     _message,
+    message_page,
 )
 from sinks.queue_tables import (
     PREVIEW,
@@ -77,10 +79,14 @@ class CustomerReader(QueueReader):
             )
         return Page(items, next_cursor)
 
-    def card(self, contact_id: UUID) -> dict[str, Any]:
+    def card(
+        self, contact_id: UUID, *, limit: int = MESSAGES_PAGE, before: str | None = None
+    ) -> dict[str, Any]:
         """The customer card: the contact (as :meth:`contact`), described as in the
-        queue, with every conversation and its messages, newest conversation first,
-        and the contacts merged into it."""
+        queue, with its newest ``limit`` messages (before the cursor ``before``) in
+        their conversations, newest conversation first, and the contacts merged into
+        it. ``older`` is the cursor of the page before (None at the first message);
+        a conversation with no message on this page is not listed on it."""
         found = self.contact(contact_id)
         live = UUID(found["id"])
         with self.engine.connect() as c:
@@ -96,22 +102,20 @@ class CustomerReader(QueueReader):
                 .where(q_contacts.c.merged_into == live)
                 .order_by("at", q_contacts.c.id)
             ).all()
-            messages = c.execute(
-                select(q_messages)
-                .where(q_messages.c.contact_id == live)
-                .order_by(q_messages.c.received_at, q_messages.c.id)
-            ).all()
+            messages, older = message_page(c, q_messages.c.contact_id == live, limit, before)
         by_conversation: dict[str, list[dict[str, Any]]] = {}
         for m in messages:
             by_conversation.setdefault(str(m.conversation_id), []).append(_message(m))
         conversations = [
-            {**conv, "messages": by_conversation.get(conv["id"], [])}
+            {**conv, "messages": by_conversation[conv["id"]]}
             for conv in found["conversations"]
+            if conv["id"] in by_conversation
         ]
         return {
             **found,
             **summary,
             "conversations": conversations,
+            "older": older,
             "merged_contacts": [{"id": str(r.id), "merged_at": _iso(r.at)} for r in merged],
         }
 

@@ -25,6 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
+from normalize.email import sanitize_html
 from sinks.actions import QueueActions
 from sinks.auth import CSRF_FIELD, Access, Denied, Principal
 from sinks.queue import BadCursor, NotFound, QueueStore
@@ -115,6 +116,34 @@ def reply_link(message: dict[str, Any]) -> str | None:
     return None
 
 
+#: What the card shows of one message's text (each of the new text and the quoted
+#: history) and of its HTML: a message may hold 256 KB of each, and thirty of them
+#: rendered whole were tens of megabytes of page. The whole message is one link
+#: away (GET /api/messages/{id}).
+CARD_TEXT = 20_000
+CARD_HTML = 50_000
+
+
+def clip(text: str | None) -> str:
+    return (text or "")[:CARD_TEXT]
+
+
+def clip_html(html: str) -> str:
+    """The message's HTML, or its first CARD_HTML characters sanitized again (so a
+    cut tag or entity cannot leave the markup unbalanced)."""
+    return html if len(html) <= CARD_HTML else sanitize_html(html[:CARD_HTML]) or ""
+
+
+def clipped(message: dict[str, Any]) -> bool:
+    """Whether the card shows less than the whole of the message."""
+    return any(len(message.get(f) or "") > CARD_TEXT for f in ("text", "text_new")) or (
+        len(message.get("html") or "") > CARD_HTML
+    )
+
+
+_templates.filters["clip"] = clip
+_templates.filters["clip_html"] = clip_html
+_templates.tests["clipped"] = clipped
 _templates.filters["visible"] = visible
 _templates.filters["address"] = address_of
 _templates.filters["when"] = when
@@ -266,11 +295,14 @@ def _reading_routes(
         who = signed_in(request)
         if isinstance(who, Response):
             return who
+        before = request.query_params.get("before")
         try:
-            card = store.card(contact_id)
+            card = store.card(contact_id, before=before)
         except NotFound:
             return render("denied.html", who, 404, detail=f"no contact {contact_id}")
-        return render("card.html", who, c=card, owners=actions.owners())
+        except BadCursor:
+            return render("denied.html", who, 422, detail="not a page of this card")
+        return render("card.html", who, c=card, owners=actions.owners(), before=before)
 
     @router.get("/queue/conversations/{conversation_id}")
     def conversation_page(request: Request, conversation_id: UUID) -> Response:

@@ -15,6 +15,8 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
+    ColumnElement,
+    Connection,
     Engine,
     Uuid,
     func,
@@ -36,6 +38,12 @@ from sinks.queue_tables import (
     q_messages,
     survivor,
 )
+
+#: Messages a card or a conversation shows at once: a stranger can send any number
+#: of messages as (or to the contact of) a customer, and a card of 160 large mails
+#: was 174 MB of HTML and 600 MB of the server's memory to render (review of
+#: 2026-12-01). Older ones are a page further (``older``).
+MESSAGES_PAGE = 30
 
 
 class NotFound(LookupError):
@@ -90,19 +98,39 @@ class QueueReader:
         next_cursor = _encode_cursor(page[-1]) if len(rows) > limit and page else None
         return Page([_conversation_summary(r) for r in page], next_cursor)
 
-    def conversation(self, conversation_id: UUID) -> dict[str, Any]:
+    def conversation(
+        self, conversation_id: UUID, *, limit: int = MESSAGES_PAGE, before: str | None = None
+    ) -> dict[str, Any]:
+        """A conversation with its newest ``limit`` messages (oldest first), before
+        ``before`` (the ``older`` cursor of the page after it); ``older`` names the
+        page before this one, None at the first message."""
         with self.engine.connect() as c:
             row = c.execute(
                 select(q_conversations).where(q_conversations.c.id == conversation_id)
             ).first()
             if row is None:
                 raise NotFound(str(conversation_id))
-            found = c.execute(
-                select(q_messages)
-                .where(q_messages.c.conversation_id == conversation_id)
-                .order_by(q_messages.c.received_at, q_messages.c.id)
-            ).all()
-        return {**_conversation_summary(row), "messages": [_message(m) for m in found]}
+            found, older = message_page(
+                c, q_messages.c.conversation_id == conversation_id, limit, before
+            )
+        return {
+            **_conversation_summary(row),
+            "messages": [_message(m) for m in found],
+            "older": older,
+        }
+
+    def message(self, message_id: UUID) -> dict[str, Any]:
+        """One message, whole (the card clips long texts), with its conversation and
+        contact."""
+        with self.engine.connect() as c:
+            row = c.execute(select(q_messages).where(q_messages.c.id == message_id)).first()
+        if row is None:
+            raise NotFound(str(message_id))
+        return {
+            **_message(row),
+            "conversation_id": str(row.conversation_id),
+            "contact_id": str(row.contact_id),
+        }
 
     def contact(self, contact_id: UUID) -> dict[str, Any]:
         with self.engine.connect() as c:
@@ -163,15 +191,16 @@ class QueueReader:
                 )
         return found
 
-    def attachment(self, sha256: str) -> dict[str, Any] | None:
-        """The recorded attachment (filename, content type) with this blob, if any."""
+    def attachment(self, sha256: str, message_id: UUID | None = None) -> dict[str, Any] | None:
+        """The recorded attachment (filename, content type) with this blob, if any: as
+        ``message_id`` carried it when given (the same bytes sent by two people carry
+        two names: a stranger who sent them first must not name the customer's
+        copy), else as the first message that carried it."""
+        query = select(q_attachments.c.attachment).where(q_attachments.c.sha256 == sha256)
+        if message_id is not None:
+            query = query.where(q_attachments.c.message_id == message_id)
         with self.engine.connect() as c:
-            found = c.execute(
-                select(q_attachments.c.attachment)
-                .where(q_attachments.c.sha256 == sha256)
-                .order_by(q_attachments.c.message_id)
-                .limit(1)
-            ).scalar()
+            found = c.execute(query.order_by(q_attachments.c.message_id).limit(1)).scalar()
         return dict(found) if found else None
 
     def suggestion(self, suggestion_id: UUID) -> tuple[UUID, UUID]:
@@ -212,6 +241,40 @@ def _encode_cursor(row: Any) -> str:  # noqa: ANN401 - a Row of queue_conversati
         _aware(row.last_message_at) or _FAR,
         row.id,
     )
+
+
+def message_page(
+    c: Connection,
+    where: ColumnElement[bool],
+    limit: int,
+    before: str | None,
+) -> tuple[list[Any], str | None]:
+    """The newest ``limit`` messages matching ``where`` before the cursor, oldest
+    first, and the cursor of the page before them (None when there is none)."""
+    key = (q_messages.c.received_at, q_messages.c.id)
+    query = select(q_messages).where(where)
+    if before is not None:
+        at, message_id = _decode_message_cursor(before)
+        query = query.where(tuple_(*key) < tuple_(literal(at, _TS), literal(message_id, Uuid)))
+    rows = c.execute(query.order_by(*(k.desc() for k in key)).limit(limit + 1)).all()
+    page = rows[:limit]
+    older = None
+    if len(rows) > limit and page:
+        last = page[-1]
+        older = base64.urlsafe_b64encode(
+            json.dumps([(_aware(last.received_at) or _FAR).isoformat(), str(last.id)]).encode()
+        ).decode()
+    return list(reversed(page)), older
+
+
+def _decode_message_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not (isinstance(value, list) and len(value) == 2):
+            raise ValueError("not a key")
+        return _aware(datetime.fromisoformat(value[0])) or _FAR, UUID(value[1])
+    except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
+        raise BadCursor("cursor is not one this API returned") from exc
 
 
 def _cursor_of(waiting: datetime, last: datetime, row_id: object) -> str:

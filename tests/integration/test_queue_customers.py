@@ -24,8 +24,10 @@ import pytest
 from argon2 import PasswordHasher
 from fastapi import FastAPI
 
+from normalize.content import Blob
 from normalize.identity import email_identity, phone_identity, verified
 from normalize.schema import (
+    Attachment,
     ContactEvent,
     ContactEventKind,
     ConversationStatus,
@@ -152,8 +154,8 @@ def route(
         identities=fields.pop("identities", ()),
         received_at=T0 + timedelta(minutes=minutes),
         dedupe_key=f"test:{uuid.uuid4()}",
-        html=None,
-        attachments=(),
+        html=fields.pop("html", None),
+        attachments=fields.pop("attachments", ()),
         **fields,
     )
     event = MessageRouted(
@@ -575,3 +577,156 @@ def test_a_claimed_name_does_not_rename_a_customer_a_verified_one_named(served: 
         (carol,) = alice.get("/api/queue").json()["items"]
     assert carol["first_line"] == "please call me on my new number"  # the post is there
     assert carol["name"] == "Carol Jones"
+
+
+FLOOD, FLOOD_A, FLOOD_B = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+
+def test_a_flooded_card_is_paged_and_its_long_messages_clipped(
+    served: Served, tmp_path: Path
+) -> None:
+    """A stranger can send any number of large messages as a known customer: the card
+    of 160 such mails was 174 MB of HTML (review of 2026-12-01). The card and a
+    conversation show the newest messages a page at a time, long texts clipped with
+    the whole message one link away."""
+    sender = email_identity("flood@example.org")
+    for n in range(70):
+        route(
+            served.store,
+            sender,
+            FLOOD,
+            FLOOD_A if n % 2 else FLOOD_B,
+            "alice",
+            n,
+            subject=f"mail {n}",
+            text=f"mail {n}",
+            text_new=None,
+        )
+    huge = "x" * 100_000
+    route(
+        served.store,
+        sender,
+        FLOOD,
+        FLOOD_A,
+        "alice",
+        70,
+        subject="mail 70",
+        text=huge + "\n> quoted",
+        text_new=huge,
+        html="<p>" + "<b>y</b>" * 20_000 + "</p>",
+    )
+    with served.signed_in("alice", "alice-password") as alice:
+        first = alice.get(f"/api/contacts/{FLOOD}/card").json()
+        seen: list[str] = []
+        page, pages = first, 0
+        while True:
+            pages += 1
+            texts = [m["subject"] for v in page["conversations"] for m in v["messages"]]
+            assert len(texts) <= 30
+            seen = sorted(texts, key=lambda t: int(t.split()[1])) + seen
+            if page["older"] is None:
+                break
+            page = alice.get(f"/api/contacts/{FLOOD}/card", params={"before": page["older"]}).json()
+        conversation = alice.get(f"/api/conversations/{FLOOD_A}", params={"limit": 10}).json()
+        bad = alice.get(f"/api/contacts/{FLOOD}/card", params={"before": "junk"})
+        card = alice.get(f"/queue/contacts/{FLOOD}")
+        older = re.search(r'href="([^"]+)" id="older"', card.text)
+        assert older is not None
+        second = alice.get(older.group(1).replace("&amp;", "&"))
+        whole = alice.get(f"/api/messages/{first['conversations'][0]['messages'][-1]['id']}")
+    # Every message once, oldest to newest, over three pages of at most 30.
+    assert pages == 3
+    assert seen == [f"mail {n}" for n in range(71)]
+    assert first["conversations"][0]["messages"][-1]["subject"] == "mail 70"
+    assert first["conversations"][0]["message_count"] == 36  # the whole conversation's
+    assert [m["subject"] for m in conversation["messages"]][-1] == "mail 70"
+    assert len(conversation["messages"]) == 10
+    assert conversation["older"] is not None
+    assert bad.status_code == 422
+    assert first.get("older")
+    assert card.headers["cache-control"] == "no-store"
+    # The page: thirty messages, the long one clipped, the next page linked.
+    assert card.text.count('class="message') == 30
+    assert 'href="/api/messages/' in card.text
+    assert card.text.count("x" * 1000) <= 40  # 20,000 of each text, not 100,000
+    assert len(card.content) < 1_000_000
+    assert second.status_code == 200
+    assert second.text.count('class="message') == 30
+    assert 'id="newest"' in second.text
+    assert "mail 40" in second.text
+    assert "mail 70" not in second.text
+    # The whole message, from the API.
+    assert whole.status_code == 200
+    assert whole.json()["text_new"] == huge
+    assert whole.headers["cache-control"] == "no-store"
+
+
+def test_an_attachment_is_named_as_its_own_message_carried_it(
+    served: Served, tmp_path: Path
+) -> None:
+    """The same bytes sent first by a stranger as contract.pdf.exe, then by a
+    customer as contract.pdf: the customer's link downloads contract.pdf. A declared
+    type that is no media type (an 8-bit byte came through as U+FFFD) is served as
+    octet-stream (it was a 500)."""
+    blob = Blob.of(b"%PDF-1.4 the contract", "application/pdf")
+    FileBlobStore(tmp_path / "blobs").put(blob)
+
+    def carrying(name: str, content_type: str) -> tuple[Attachment, ...]:
+        return (
+            Attachment(
+                filename=name,
+                content_type=content_type,
+                size=len(blob.data),
+                sha256=blob.ref.sha256,
+                blob=blob.ref,
+            ),
+        )
+
+    stranger, customer = uuid.uuid4(), uuid.uuid4()
+    odd_contact = uuid.uuid4()
+    route(
+        served.store,
+        email_identity("eve@example.net"),
+        stranger,
+        uuid.uuid4(),
+        "alice",
+        0,
+        attachments=carrying("contract.pdf.exe", "application/x-msdownload"),
+    )
+    route(
+        served.store,
+        email_identity("erin@example.org"),
+        customer,
+        uuid.uuid4(),
+        "alice",
+        1,
+        attachments=carrying("contract.pdf", "application/pdf"),
+    )
+    route(
+        served.store,
+        email_identity("odd@example.org"),
+        odd_contact,
+        uuid.uuid4(),
+        "alice",
+        2,
+        attachments=carrying("odd.pdf", "application/x-\ufffd\ufffd"),
+    )
+    with served.signed_in("alice", "alice-password") as alice:
+        ids = {}
+        for contact in (customer, odd_contact):
+            card = alice.get(f"/api/contacts/{contact}/card").json()
+            ids[contact] = card["conversations"][0]["messages"][0]["id"]
+            page = alice.get(f"/queue/contacts/{contact}").text
+            assert f"/api/attachments/{blob.ref.sha256}?message={ids[contact]}" in page
+        url = f"/api/attachments/{blob.ref.sha256}"
+        erins = alice.get(url, params={"message": ids[customer]})
+        odd = alice.get(url, params={"message": ids[odd_contact]})
+        unnamed = alice.get(url)
+    assert erins.status_code == 200
+    assert erins.headers["content-disposition"] == 'attachment; filename="contract.pdf"'
+    assert erins.headers["content-type"] == "application/pdf"
+    assert erins.headers["cache-control"] == "no-store"
+    assert odd.status_code == 200, odd.text
+    assert odd.headers["content-type"] == "application/octet-stream"
+    assert odd.content == blob.data
+    assert unnamed.status_code == 200  # an old link: the first message's record
