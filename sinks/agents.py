@@ -10,6 +10,7 @@ from the topics, so a rebuild of the read model leaves them alone.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -85,6 +86,11 @@ class Session:
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _bound(key: str, session_id: str) -> str:
+    """An admin session's CSRF value: tied to the token it signed in with."""
+    return hmac.new(key.encode(), b"admin-session:" + session_id.encode(), "sha256").hexdigest()
 
 
 def _now() -> datetime:
@@ -201,11 +207,19 @@ class AgentStore:
             ).scalar()
         return agent if agent in self.names else None
 
-    def start_session(self, agent: str) -> tuple[str, Session]:
-        """A new session: (the id for the cookie, the session). Expired ones go."""
+    def start_session(self, agent: str, *, admin_key: str | None = None) -> tuple[str, Session]:
+        """A new session: (the id for the cookie, the session). Expired ones go. The
+        admin's session is bound to ``admin_key`` (the API token it signed in with):
+        its CSRF value is an HMAC of the session id under the token, so the session
+        ends when the token changes (:meth:`session`)."""
         session_id = secrets.token_urlsafe(32)
         now = self.clock()
-        session = Session(agent, secrets.token_urlsafe(32), now + self.session_ttl)
+        csrf = (
+            _bound(admin_key, session_id)
+            if agent == ADMIN and admin_key
+            else secrets.token_urlsafe(32)
+        )
+        session = Session(agent, csrf, now + self.session_ttl)
         with self.engine.begin() as c:
             c.execute(delete(agent_sessions).where(agent_sessions.c.expires_at < now))
             c.execute(
@@ -219,7 +233,10 @@ class AgentStore:
             )
         return session_id, session
 
-    def session(self, session_id: str) -> Session | None:
+    def session(self, session_id: str, *, admin_key: str | None = None) -> Session | None:
+        """The live session of this cookie value, if any. An admin session lives only
+        while ``admin_key`` is the token it was started with: until 2026-12-01 one
+        outlived a rotated (or removed) SWITCHBOARD_API_TOKEN for its 12 hours."""
         if not session_id:
             return None
         with self.engine.connect() as c:
@@ -228,7 +245,12 @@ class AgentStore:
             ).first()
         if row is None or _aware(row.expires_at) <= self.clock():
             return None
-        if row.agent != ADMIN and row.agent not in self.names:
+        if row.agent == ADMIN:
+            if not admin_key or not hmac.compare_digest(
+                str(row.csrf), _bound(admin_key, session_id)
+            ):
+                return None  # signed in with a token that is no longer the token
+        elif row.agent not in self.names:
             return None  # removed from the configuration since
         return Session(row.agent, row.csrf, _aware(row.expires_at))
 

@@ -118,7 +118,7 @@ class Access:
         cookie = request.cookies.get(SESSION_COOKIE, "")
         if not cookie or self.agents is None:
             return None
-        return self.agents.session(cookie)
+        return self.agents.session(cookie, admin_key=self.token)
 
     def principal(self, request: Request, *, csrf: str | None = None) -> Principal:
         """Who asks; for a state change by cookie, checked for origin and CSRF token
@@ -210,7 +210,7 @@ class Access:
             log.warning("failed sign-in", extra={"agent": account, "client": client})
             raise Denied(401, "That name and password do not match.")
         self.per_account.succeeded(f"account:{account}")
-        return self.agents.start_session(account)
+        return self.agents.start_session(account, admin_key=self.token)
 
     def set_cookie(self, response: Response, session_id: str, session: Session) -> None:
         response.set_cookie(

@@ -96,9 +96,15 @@ def serving(app: FastAPI) -> Iterator[str]:
         thread.join(5)
 
 
-def build_app(store: QueueStore, agents: AgentStore, blobs: Path, **limits: Any) -> FastAPI:  # noqa: ANN401
+def build_app(
+    store: QueueStore,
+    agents: AgentStore,
+    blobs: Path,
+    token: str = TOKEN,
+    **limits: Any,  # noqa: ANN401
+) -> FastAPI:
     """The queue's app as bootstrap builds it: agents, docs behind auth, trusted hosts."""
-    access = Access(TOKEN, agents, **limits)
+    access = Access(token, agents, **limits)
     app = create_app(Readiness())
     app.include_router(
         queue_router(
@@ -552,6 +558,28 @@ def test_sessions_expire_and_a_new_password_ends_them(served: Served) -> None:
     assert agents.check_password("alice", "another-password")
     assert not agents.check_password("alice", "alice-password")
     assert not agents.check_password("mallory", "another-password")
+
+
+def test_an_admin_session_ends_when_the_api_token_changes(served: Served, tmp_path: Path) -> None:
+    """The admin signs in on the page with the API token; the token is rotated (the
+    server restarted with another): the old admin cookie is no longer the admin. It
+    stayed the admin for its 12 hours until 2026-12-01 (review)."""
+    with served.signed_in("admin", TOKEN) as admin:
+        before = admin.get("/api/me").json()
+        cookies = dict(admin.cookies)
+    rotated = build_app(served.store, served.agents, tmp_path / "blobs", token="rotated-token-1")
+    with serving(rotated) as base, httpx.Client(base_url=base, cookies=cookies) as old:
+        after = old.get("/api/me")
+    again = build_app(served.store, served.agents, tmp_path / "blobs")
+    with serving(again) as base, httpx.Client(base_url=base, cookies=cookies) as same:
+        unchanged = same.get("/api/me")
+    assert before["admin"] is True
+    assert before["via"] == "session"
+    assert after.status_code == 401
+    assert unchanged.status_code == 200  # the same token, restarted: still signed in
+    sid, _ = served.agents.start_session("admin", admin_key="k1")
+    assert served.agents.session(sid, admin_key="k1") is not None
+    assert served.agents.session(sid) is None  # no token now: no admin session either
 
 
 def test_a_claimed_name_does_not_rename_a_customer_a_verified_one_named(served: Served) -> None:
