@@ -153,6 +153,15 @@ class AgentStore:
             self._decoy = self.hasher.hash(secrets.token_hex(16))
         return self._decoy
 
+    def password_hash(self, name: str) -> str | None:
+        """The agent's stored Argon2 hash (a key only the server knows, which changes
+        with the password), None without one."""
+        if name not in self.names or name == ADMIN:
+            return None
+        with self.engine.connect() as c:
+            stored = c.execute(select(agents.c.password_hash).where(agents.c.name == name)).scalar()
+        return stored if isinstance(stored, str) else None
+
     def check_password(self, name: str, password: str) -> bool:
         with self.engine.connect() as c:
             stored = c.execute(select(agents.c.password_hash).where(agents.c.name == name)).scalar()
@@ -297,7 +306,3 @@ class Throttle:
             if len(self._failures) > 100_000:  # bounded: forget the quiet keys
                 for stale in [k for k, v in self._failures.items() if not v]:
                     del self._failures[stale]
-
-    def succeeded(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)

@@ -33,6 +33,10 @@ from switchboard.limits import client_key
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "switchboard_session"
+#: Proof that a browser signed in as an account before (:meth:`Access.device_proof`),
+#: sent only to the sign-in form; kept half a year.
+DEVICE_COOKIE = "switchboard_device"
+DEVICE_DAYS = 180
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -183,19 +187,25 @@ class Access:
 
     # -- sign-in ------------------------------------------------------------------
 
-    def sign_in(self, request: Request, name: str, password: str) -> tuple[str, Session]:
-        """Check a name and password (throttled per client and per account); a new
-        session (its cookie value, the session) or :class:`Denied`."""
+    def sign_in(
+        self, request: Request, name: str, password: str
+    ) -> tuple[str, Session, str | None]:
+        """Check a name and password (throttled per client and, for a browser that
+        never signed in as this account, per account); a new session (its cookie
+        value, the session) and the browser's proof that it signed in as the account
+        (:meth:`device_proof`), or :class:`Denied`."""
         if self.agents is None:
             raise Denied(403, "this process has no agent directory")
         # An IPv6 client by its /64, as every other per-client limit (one customer's
         # line has all of it; per address was no limit).
         client = client_key(request.client.host) if request.client else "?"
         account = name.strip().lower()[:128]
-        wait = max(
-            self.per_client.retry_after(f"client:{client}"),
-            self.per_account.retry_after(f"account:{account}"),
-        )
+        wait = self.per_client.retry_after(f"client:{client}")
+        if not self.known_device(request, account):
+            # An account's lock holds browsers that never signed in as it: a stranger
+            # failing five times from five addresses locked the agent out everywhere
+            # (review, 2026-12-01); the agent's own browser carries proof it did.
+            wait = max(wait, self.per_account.retry_after(f"account:{account}"))
         if wait:
             raise Denied(429, "too many failed sign-ins; try again later", retry_after=wait)
         if account == ADMIN:
@@ -209,10 +219,38 @@ class Access:
             self.per_account.failed(f"account:{account}")
             log.warning("failed sign-in", extra={"agent": account, "client": client})
             raise Denied(401, "That name and password do not match.")
-        self.per_account.succeeded(f"account:{account}")
-        return self.agents.start_session(account, admin_key=self.token)
+        # The account's count is not cleared by a success: the agent signing in on
+        # their own browser would hand a stranger guessing elsewhere a fresh budget.
+        session_id, session = self.agents.start_session(account, admin_key=self.token)
+        return session_id, session, self.device_proof(account)
 
-    def set_cookie(self, response: Response, session_id: str, session: Session) -> None:
+    def device_proof(self, account: str) -> str | None:
+        """What a browser that signed in as ``account`` keeps (the cookie
+        ``switchboard_device``): the account and an HMAC of it under a key only the
+        server holds and that changes with the password (the stored Argon2 hash; the
+        admin's: the API token). OWASP's "device cookie": the account's failure lock
+        then stops strangers' browsers, not the agent's own."""
+        if account == ADMIN:
+            key = self.token
+        else:
+            key = self.agents.password_hash(account) if self.agents is not None else None
+        if not key:
+            return None
+        mac = hmac.new(key.encode(), b"device:" + account.encode(), "sha256").hexdigest()
+        return f"{account}:{mac}"
+
+    def known_device(self, request: Request, account: str) -> bool:
+        """Whether this browser signed in as ``account`` before (with its password as
+        it is now)."""
+        supplied = request.cookies.get(DEVICE_COOKIE, "")
+        if supplied.rpartition(":")[0] != account:
+            return False  # no look-up for a stranger's browser
+        expected = self.device_proof(account)
+        return expected is not None and hmac.compare_digest(supplied.encode(), expected.encode())
+
+    def set_cookie(
+        self, response: Response, session_id: str, session: Session, device: str | None = None
+    ) -> None:
         response.set_cookie(
             SESSION_COOKIE,
             session_id,
@@ -222,6 +260,16 @@ class Access:
             secure=self.secure_cookie,
             path="/",
         )
+        if device is not None:
+            response.set_cookie(
+                DEVICE_COOKIE,
+                device,
+                max_age=DEVICE_DAYS * 86400,
+                httponly=True,
+                samesite="lax",
+                secure=self.secure_cookie,
+                path="/queue/login",
+            )
 
     def sign_out(self, request: Request, response: Response) -> None:
         cookie = request.cookies.get(SESSION_COOKIE, "")

@@ -423,7 +423,7 @@ def _session_routes(router: APIRouter, pages: _Pages) -> None:
             # The throttles are read inside sign_in, once a check's turn has come: a
             # burst waiting here is judged by the failures before it.
             async with checking:
-                session_id, session = await asyncio.to_thread(
+                session_id, session, device = await asyncio.to_thread(
                     access.sign_in, request, name, password
                 )
         except Denied as exc:
@@ -435,7 +435,7 @@ def _session_routes(router: APIRouter, pages: _Pages) -> None:
             refused.headers.update(headers)
             return refused
         response = RedirectResponse("/queue", status_code=303)
-        access.set_cookie(response, session_id, session)
+        access.set_cookie(response, session_id, session, device)
         return response
 
     @router.post("/queue/logout")

@@ -407,6 +407,74 @@ def test_sign_in_is_throttled_per_account_and_per_client(served: Served) -> None
         assert refused.status_code == 429
 
 
+def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
+    served: Served,
+) -> None:
+    """Five wrong passwords for bob from five addresses locked bob out everywhere,
+    his right password too (review, 2026-12-01). The account's lock now holds only
+    browsers that never signed in as bob; his own carries the proof (a device cookie)."""
+
+    def from_(address: str) -> dict[str, str]:
+        return {"x-forwarded-for": address}  # loopback is a trusted proxy here
+
+    with served.client() as bobs:
+        first = bobs.post(
+            "/queue/login",
+            data={"name": "bob", "password": "bob-password"},
+            headers=from_("198.51.100.7"),
+        )
+        assert first.status_code == 303
+        device = first.cookies.get("switchboard_device")
+        assert device is not None
+        assert device.startswith("bob:")
+        assert "path=/queue/login" in first.headers["set-cookie"].lower()
+        with served.client() as stranger:
+            for n in range(3):
+                wrong = stranger.post(
+                    "/queue/login",
+                    data={"name": "bob", "password": "guess-1234"},
+                    headers=from_(f"203.0.113.{n + 1}"),
+                )
+                assert wrong.status_code == 401
+            elsewhere = stranger.post(
+                "/queue/login",
+                data={"name": "bob", "password": "bob-password"},
+                headers=from_("203.0.113.99"),
+            )
+            forged = stranger.post(
+                "/queue/login",
+                data={"name": "bob", "password": "bob-password"},
+                headers=from_("203.0.113.98"),
+                cookies={"switchboard_device": "bob:" + "0" * 64},
+            )
+        again = bobs.post(
+            "/queue/login",
+            data={"name": "bob", "password": "bob-password"},
+            headers=from_("198.51.100.7"),
+        )
+        mistyped = bobs.post(
+            "/queue/login",
+            data={"name": "bob", "password": "typo-typo"},
+            headers=from_("198.51.100.7"),
+        )
+    # A browser that never signed in as bob waits, even with the right password...
+    assert elsewhere.status_code == 429
+    assert forged.status_code == 429
+    # ... bob's own does not; a wrong password from it is a plain 401.
+    assert again.status_code == 303
+    assert mistyped.status_code == 401
+    # A new password makes the old proof worthless.
+    served.agents.set_password("bob", "bob-new-password")
+    with served.client() as bobs:
+        stale = bobs.post(
+            "/queue/login",
+            data={"name": "bob", "password": "bob-new-password"},
+            headers=from_("198.51.100.7"),
+            cookies={"switchboard_device": device},
+        )
+    assert stale.status_code == 429
+
+
 def test_docs_need_a_principal_and_other_host_names_are_refused(served: Served) -> None:
     with served.client() as anonymous:
         for path in ("/docs", "/redoc", "/openapi.json"):
