@@ -75,9 +75,9 @@ class HttpLimitSettings(BaseSettings):
         ge=64 * 1024,
         description=(
             "Body bytes all requests being served may hold at once (divided among "
-            "--workers): a body that would pass it is answered 503 with Retry-After, "
-            "before it is read when its Content-Length says so. One request always fits "
-            "when nothing else is held."
+            "--workers), counted as the bytes arrive; a body that would pass it, or pass a "
+            "quarter of it held by one client address, is answered 503 with Retry-After. "
+            "One request always fits when nothing else is held."
         ),
     )
     max_header_bytes: int = Field(
@@ -163,30 +163,51 @@ def trusted(host: str | None, networks: Sequence[Network]) -> bool:
 
 
 class BodyBudget:
-    """The body bytes every request of this process holds at once, bounded.
+    """The body bytes every request of this process holds at once, bounded, and the
+    part of them one client address (an IPv6 client: its /64) may hold.
 
-    A request is charged its declared ``Content-Length`` before a byte is read, or,
-    streamed without one, each chunk as it arrives; the charge is given back when
-    the app has answered (the app holds the body until then: Kafka's acknowledgement
-    comes before the answer). Route limits and the connection cap per client bound
-    one client; this bounds all of them together (a provider route takes 50 MB
-    before its signature, which is inside the body, can be checked). One request
-    always fits when nothing else is held, so a route limit above the budget still
-    works, one request at a time.
+    A request is charged the body bytes it has received, chunk by chunk, and gives
+    them back when the app has answered (the app holds the body until then: Kafka's
+    acknowledgement comes before the answer). Only bytes that arrived count: a
+    declared ``Content-Length`` reserved its size before any byte came until a
+    review on 2026-12-01 found that nineteen connections sending headers alone
+    (``Content-Length: 29000000`` to the Mailgun route) made every other request
+    with a body 503 for free. Route limits and the connection cap bound one request
+    and one client's connections; this bounds all of them together (a provider
+    route takes 50 MB before its signature, which is inside the body, can be
+    checked), and ``per_client`` (a quarter by default) keeps one address from
+    holding all of it. A request always fits when nothing but itself is held (in
+    all, and by its client), so a route limit above the budget still works, one
+    request at a time.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int | None = None) -> None:
         self.limit = limit
+        self.per_client = per_client or max(1, limit // 4)
         self.held = 0
+        self.clients: dict[str, int] = {}
 
-    def take(self, size: int) -> bool:
-        if self.held and self.held + size > self.limit:
+    def take(self, size: int, client: str = "", own: int = 0) -> bool:
+        """Room for ``size`` more bytes of a request from ``client`` that holds
+        ``own`` bytes already; taken when True."""
+        mine = self.clients.get(client, 0)
+        if self.held > own and self.held + size > self.limit:
+            return False
+        if mine > own and mine + size > self.per_client:
             return False
         self.held += size
+        self.clients[client] = mine + size
         return True
 
-    def give(self, size: int) -> None:
+    def give(self, size: int, client: str = "") -> None:
+        if not size:
+            return
         self.held -= size
+        left = self.clients.get(client, 0) - size
+        if left > 0:
+            self.clients[client] = left
+        else:
+            self.clients.pop(client, None)
 
 
 @dataclass
@@ -254,83 +275,20 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limits.for_path(scope["path"])
-        admitted = await self._admit(scope, send, limit)
-        if admitted is None:
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:  # before a byte of it is read
+            await self._refuse(scope, send, _too_large(limit))
             return
-        charged = admitted  # taken from the budget; given back once answered
-        deadline = time.monotonic() + self.body_timeout_s
-        received = 0
-        body_done = False
-        started = False
-        answered = False
-
-        async def refuse(refused: _Refused) -> Message:
-            # Answered from inside receive: the app (FastAPI turns any error while
-            # reading a body into a 400) only learns that the client is gone.
-            nonlocal answered, body_done
-            body_done = True
-            if not started:
-                answered = True
-                await self._refuse(scope, send, refused)
-            return {"type": "http.disconnect"}
-
-        async def limited_receive() -> Message:
-            nonlocal received, body_done, charged
-            if body_done:
-                return await receive()
-            remaining = deadline - time.monotonic()
-            try:
-                # asyncio.timeout, not wait_for: no task wrapped around each receive
-                # (wait_for's was a few % of a hook's time, py-spy 2026-11-29).
-                async with asyncio.timeout(max(remaining, 0.001)):
-                    message = await receive()
-            except TimeoutError:
-                detail = f"the body did not arrive within {self.body_timeout_s:g} s"
-                return await refuse(_Refused(408, "body-timeout", detail))
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    return await refuse(_too_large(limit))
-                if received > charged:  # streamed without a length
-                    if not self.budget.take(received - charged):
-                        return await refuse(_busy(self.budget))
-                    charged = received
-                body_done = not message.get("more_body", False)
-            else:
-                body_done = True
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if answered:
-                return  # the app's answer to a request already refused
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        body = _Body(self, scope, receive, send, limit)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, body.receive, body.send)
         except Exception:
-            if not answered:
+            if not body.answered:
                 raise
             # The app failed on the body it did not get; the sender has its answer.
             log.debug("app error after a refused body", exc_info=True)
         finally:
-            self.budget.give(charged)
-
-    async def _admit(self, scope: Scope, send: Send, limit: int) -> int | None:
-        """What a request's declared length takes from the budget, or None when it
-        was refused (413 over the route's limit, 503 over the budget) before a byte
-        of its body was read."""
-        declared = _content_length(scope) or 0
-        if declared > limit:
-            refused = _too_large(limit)
-        elif declared and not self.budget.take(declared):
-            refused = _busy(self.budget)
-        else:
-            return declared
-        await self._refuse(scope, send, refused)
-        return None
+            self.budget.give(body.charged, body.client)
 
     async def _refuse(self, scope: Scope, send: Send, refused: _Refused) -> None:
         client = scope.get("client")
@@ -351,6 +309,78 @@ class BodyLimitMiddleware:
         await send(start)
         for message in body:
             await send(message)
+
+
+class _Body:
+    """One request's body as it streams in through :class:`BodyLimitMiddleware`: its
+    size against the route's limit, its time against the deadline, its bytes against
+    the budget; a refusal answered from inside ``receive``."""
+
+    def __init__(
+        self,
+        middleware: BodyLimitMiddleware,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        limit: int,
+    ) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.limit = limit
+        self.deadline = time.monotonic() + middleware.body_timeout_s
+        peer = scope.get("client")
+        self.client = client_key(peer[0] if peer else None)
+        self.received = 0
+        self.charged = 0  # received and taken from the budget; given back at the end
+        self.done = False
+        self.started = False
+        self.answered = False
+
+    async def refuse(self, refused: _Refused) -> Message:
+        # Answered from inside receive: the app (FastAPI turns any error while
+        # reading a body into a 400) only learns that the client is gone.
+        self.done = True
+        if not self.started:
+            self.answered = True
+            await self.middleware._refuse(self.scope, self._send, refused)
+        return {"type": "http.disconnect"}
+
+    async def receive(self) -> Message:
+        if self.done:
+            return await self._receive()
+        remaining = self.deadline - time.monotonic()
+        try:
+            # asyncio.timeout, not wait_for: no task wrapped around each receive
+            # (wait_for's was a few % of a hook's time, py-spy 2026-11-29).
+            async with asyncio.timeout(max(remaining, 0.001)):
+                message = await self._receive()
+        except TimeoutError:
+            timeout = self.middleware.body_timeout_s
+            return await self.refuse(
+                _Refused(408, "body-timeout", f"the body did not arrive within {timeout:g} s")
+            )
+        if message["type"] != "http.request":
+            self.done = True
+            return message
+        self.received += len(message.get("body", b""))
+        if self.received > self.limit:
+            return await self.refuse(_too_large(self.limit))
+        budget = self.middleware.budget
+        if self.received > self.charged:
+            if not budget.take(self.received - self.charged, self.client, self.charged):
+                return await self.refuse(_busy(budget))
+            self.charged = self.received
+        self.done = not message.get("more_body", False)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.answered:
+            return  # the app's answer to a request already refused
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 def _too_large(limit: int) -> _Refused:

@@ -331,10 +331,15 @@ def test_bodies_held_at_once_are_bounded_across_clients(
     # Attack: many clients, each within its route's body limit and its address's
     # connection cap, together holding bodies the process cannot hold (a provider
     # route takes 50 MB before the signature inside it can be checked). Here the
-    # process takes 128 KiB of bodies at once: one client holds 100 KiB.
+    # process takes 128 KiB of bodies at once, a client address 32 KiB of it.
     limits = HttpLimitSettings(max_body_in_flight=128 * 1024, body_timeout_s=20)
     form = "application/x-www-form-urlencoded"
+    head = (
+        "POST /webhooks/form HTTP/1.1\r\nHost: t\r\nContent-Type: " + form + "\r\n"
+        "Content-Length: {}\r\n\r\n"
+    )
     letter = b"email=carol@example.com&text=" + b"x" * 60_000
+    held: list[socket.socket] = []
     with http_ingest(
         kafka_settings,
         tmp_path,
@@ -344,13 +349,21 @@ def test_bodies_held_at_once_are_bounded_across_clients(
     ) as app:
         budget = app.server.app.state.body_budget
         port = app.server.port
-        holder = _connect(port)
-        holder.sendall(
-            b"POST /webhooks/form HTTP/1.1\r\nHost: t\r\n"
-            b"Content-Type: " + form.encode() + b"\r\nContent-Length: 102400\r\n\r\nemail="
-        )
-        _until(lambda: budget.held == 102400)
-        # Declared over what is left: refused before a byte of it is read.
+        url = f"{app.base}/webhooks/form"
+        # Headers alone reserve nothing (they did: 19 such connections made every
+        # request with a body 503, review of 2026-12-01).
+        for _ in range(3):
+            idle = _connect(port, "127.0.0.3")
+            idle.sendall(head.format(200_000).encode())
+            held.append(idle)
+        before_bytes = httpx.post(url, data={"email": "ann@example.com", "text": "hi"}, timeout=15)
+        # Four clients hold 30,000 bytes each of 60,000-byte bodies: 120,000 of 131,072.
+        for n in range(4):
+            holder = _connect(port, f"127.0.0.{4 + n}")
+            holder.sendall(head.format(60_000).encode() + b"email=" + b"y" * 29_994)
+            held.append(holder)
+        _until(lambda: budget.held == 120_000)
+        # A whole body, declared or streamed, past what is left: refused as it arrives.
         declared = _post(
             port,
             "/webhooks/form",
@@ -360,7 +373,6 @@ def test_bodies_held_at_once_are_bounded_across_clients(
             source=STRANGER,
             first=letter,
         )
-        # Streamed without a length: refused once what it sent passes what is left.
         streamed = _post(
             port,
             "/webhooks/form",
@@ -369,28 +381,26 @@ def test_bodies_held_at_once_are_bounded_across_clients(
             content_type=form,
             source=STRANGER,
         )
-        # A small message still fits beside the holder.
-        small = httpx.post(
-            f"{app.base}/webhooks/form",
-            data={"email": "ann@example.com", "text": "hi"},
-            timeout=15,
-        )
+        # A small message still fits beside them...
+        small = httpx.post(url, data={"email": "ann@example.com", "text": "hi"}, timeout=15)
+        # ... but not from an address that already holds its quarter.
+        greedy = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"))
+        second = greedy.post(url, data={"email": "bo@example.com", "text": "z" * 3000}, timeout=15)
+        greedy.close()
         held_meanwhile = budget.held
-        holder.close()  # gone mid-body: what it held is given back
-        _until(lambda: budget.held == 0)
-        again = httpx.post(
-            f"{app.base}/webhooks/form",
-            content=letter,
-            headers={"content-type": form},
-            timeout=15,
-        )
+        for sock in held:
+            sock.close()  # gone mid-body: what they held is given back
+        _until(lambda: budget.held == 0 and not budget.clients)
+        again = httpx.post(url, content=letter, headers={"content-type": form}, timeout=15)
+    assert before_bytes.status_code == 202, before_bytes.text
     busy = _problem(declared, 503)
     assert declared.headers["retry-after"] == "1"
     assert declared.headers["connection"] == "close"
     assert "retry shortly" in busy["detail"]
     _problem(streamed, 503)  # under the hook's own limit (256 KiB): only the budget refuses it
     assert small.status_code == 202, small.text
-    assert held_meanwhile == 102400  # every answered request gave its bytes back
+    assert second.status_code == 503, second.text
+    assert held_meanwhile == 120_000  # every answered request gave its bytes back
     assert again.status_code == 202, again.text
 
 

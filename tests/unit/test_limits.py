@@ -47,16 +47,21 @@ def test_the_limit_table_falls_back_to_the_default() -> None:
 
 
 def test_the_body_budget_is_shared_and_one_request_always_fits() -> None:
-    budget = BodyBudget(100)
-    assert budget.take(150)  # alone: over the budget, and still served
-    assert not budget.take(1)
-    budget.give(150)
-    assert budget.take(60)
-    assert budget.take(40)
-    assert not budget.take(1)
-    budget.give(60)
-    assert budget.take(60)
-    assert budget.held == 100
+    budget = BodyBudget(100)  # a client may hold a quarter: 25
+    assert budget.take(60, "a")  # alone: over its client's share, and still served
+    assert budget.take(90, "a", own=60)  # the same request, growing past the budget
+    assert not budget.take(1, "b")  # anyone else waits
+    budget.give(150, "a")
+    assert budget.clients == {}
+    assert budget.take(20, "a")
+    assert not budget.take(10, "a")  # a second request of a's: past its share
+    assert budget.take(25, "b")
+    assert budget.take(25, "c")
+    assert budget.take(25, "d")
+    assert not budget.take(20, "e")  # 95 held: past the budget
+    budget.give(20, "a")
+    assert budget.take(20, "e")
+    assert budget.held == 95
     with pytest.raises(ValidationError):
         HttpLimitSettings(max_body_in_flight=1000)  # below 64 KiB: a typo, not a budget
 
