@@ -15,9 +15,11 @@ sign-in session; and the checks a browser's state-changing request must pass.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import logging
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -81,6 +83,11 @@ def _origin_of(url: str) -> str | None:
     if not parts.scheme or not parts.netloc:
         return None
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _device_mac(key: str, account: str, device: str) -> str:
+    message = f"device:{device}:".encode() + account.encode()
+    return hmac.new(key.encode(), message, "sha256").hexdigest()
 
 
 class Access:
@@ -201,11 +208,13 @@ class Access:
         client = client_key(request.client.host) if request.client else "?"
         account = name.strip().lower()[:128]
         wait = self.per_client.retry_after(f"client:{client}")
-        if not self.known_device(request, account):
-            # An account's lock holds browsers that never signed in as it: a stranger
-            # failing five times from five addresses locked the agent out everywhere
-            # (review, 2026-12-01); the agent's own browser carries proof it did.
-            wait = max(wait, self.per_account.retry_after(f"account:{account}"))
+        # An account's lock holds browsers that never signed in as it: a stranger
+        # failing five times from five addresses locked the agent out everywhere
+        # (review, 2026-12-01). The agent's own browser carries proof it did, and has
+        # a count of its own (a copied device cookie is no unlimited pass).
+        device = self.known_device(request, account)
+        counted = f"account:{account}" if device is None else f"device:{account}:{device}"
+        wait = max(wait, self.per_account.retry_after(counted))
         if wait:
             raise Denied(429, "too many failed sign-ins; try again later", retry_after=wait)
         if account == ADMIN:
@@ -216,37 +225,50 @@ class Access:
             ok = self.agents.check_password(account, password)
         if not ok:
             self.per_client.failed(f"client:{client}")
-            self.per_account.failed(f"account:{account}")
+            self.per_account.failed(counted)
             log.warning("failed sign-in", extra={"agent": account, "client": client})
             raise Denied(401, "That name and password do not match.")
         # The account's count is not cleared by a success: the agent signing in on
         # their own browser would hand a stranger guessing elsewhere a fresh budget.
         session_id, session = self.agents.start_session(account, admin_key=self.token)
-        return session_id, session, self.device_proof(account)
+        return session_id, session, self.device_proof(account, device)
 
-    def device_proof(self, account: str) -> str | None:
-        """What a browser that signed in as ``account`` keeps (the cookie
-        ``switchboard_device``): the account and an HMAC of it under a key only the
-        server holds and that changes with the password (the stored Argon2 hash; the
-        admin's: the API token). OWASP's "device cookie": the account's failure lock
-        then stops strangers' browsers, not the agent's own."""
+    def _device_key(self, account: str) -> str | None:
         if account == ADMIN:
-            key = self.token
-        else:
-            key = self.agents.password_hash(account) if self.agents is not None else None
+            return self.token
+        return self.agents.password_hash(account) if self.agents is not None else None
+
+    def device_proof(self, account: str, device: str | None = None) -> str | None:
+        """What a browser that signed in as ``account`` keeps (the cookie
+        ``switchboard_device``): the account (base64url: a name may hold any
+        character, a header only Latin-1), the browser's own random id (``device``,
+        new unless given), and an HMAC of both under a key only the server holds
+        and that changes with the password (the stored Argon2 hash; the admin's: the
+        API token). OWASP's "device cookie": the account's failure lock then stops
+        strangers' browsers, not the agent's own."""
+        key = self._device_key(account)
         if not key:
             return None
-        mac = hmac.new(key.encode(), b"device:" + account.encode(), "sha256").hexdigest()
-        return f"{account}:{mac}"
+        device = device or secrets.token_urlsafe(12)
+        name = base64.urlsafe_b64encode(account.encode()).decode().rstrip("=")
+        return f"{name}.{device}.{_device_mac(key, account, device)}"
 
-    def known_device(self, request: Request, account: str) -> bool:
-        """Whether this browser signed in as ``account`` before (with its password as
-        it is now)."""
-        supplied = request.cookies.get(DEVICE_COOKIE, "")
-        if supplied.rpartition(":")[0] != account:
-            return False  # no look-up for a stranger's browser
-        expected = self.device_proof(account)
-        return expected is not None and hmac.compare_digest(supplied.encode(), expected.encode())
+    def known_device(self, request: Request, account: str) -> str | None:
+        """The id of this browser when it signed in as ``account`` before (with the
+        password as it is now), else None."""
+        name, _, rest = request.cookies.get(DEVICE_COOKIE, "").partition(".")
+        device, _, mac = rest.partition(".")
+        try:
+            named = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if named != account or not device or not mac:
+            return None  # no look-up for a stranger's browser
+        key = self._device_key(account)
+        expected = _device_mac(key, account, device).encode() if key else b""
+        if not expected or not hmac.compare_digest(mac.encode(), expected):
+            return None
+        return device
 
     def set_cookie(
         self, response: Response, session_id: str, session: Session, device: str | None = None

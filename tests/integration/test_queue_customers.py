@@ -426,7 +426,7 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
         assert first.status_code == 303
         device = first.cookies.get("switchboard_device")
         assert device is not None
-        assert device.startswith("bob:")
+        assert device.startswith("Ym9i.")  # base64url("bob"), the browser's id, the MAC
         assert "path=/queue/login" in first.headers["set-cookie"].lower()
         with served.client() as stranger:
             for n in range(3):
@@ -445,7 +445,7 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
                 "/queue/login",
                 data={"name": "bob", "password": "bob-password"},
                 headers=from_("203.0.113.98"),
-                cookies={"switchboard_device": "bob:" + "0" * 64},
+                cookies={"switchboard_device": device.rpartition(".")[0] + "." + "0" * 64},
             )
         again = bobs.post(
             "/queue/login",
@@ -457,12 +457,22 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
             data={"name": "bob", "password": "typo-typo"},
             headers=from_("198.51.100.7"),
         )
+        # The device has a count of its own: a copy of its cookie is no unlimited pass.
+        copied = [
+            bobs.post(
+                "/queue/login",
+                data={"name": "bob", "password": "guess-1234"},
+                headers=from_(f"192.0.2.{n}"),
+            ).status_code
+            for n in range(3)
+        ]
     # A browser that never signed in as bob waits, even with the right password...
     assert elsewhere.status_code == 429
     assert forged.status_code == 429
     # ... bob's own does not; a wrong password from it is a plain 401.
     assert again.status_code == 303
     assert mistyped.status_code == 401
+    assert copied == [401, 401, 429]  # the fixture's per-account limit is 3
     # A new password makes the old proof worthless.
     served.agents.set_password("bob", "bob-new-password")
     with served.client() as bobs:

@@ -118,3 +118,35 @@ def test_failed_sign_ins_are_throttled_per_ipv6_64(tmp_path: Path) -> None:
         access.sign_in(_request_from("2001:db8:1:3::1"), "alice", "guess")
     assert other.value.status == 401
     engine.dispose()
+
+
+def test_a_device_cookie_carries_any_agent_name(tmp_path: Path) -> None:
+    """An agent named with a character outside Latin-1 got a 500 on a right password
+    (the name went into the Set-Cookie header as is; review, 2026-12-01)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'agents.db'}")
+    upgrade(engine)
+    agents = AgentStore(
+        engine,
+        ["łukasz", "o'neil,x y"],
+        hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1),
+    )
+    access = Access("token", agents)
+    for name in ("łukasz", "o'neil,x y"):
+        agents.set_password(name, "a-password")
+        session_id, session, device = access.sign_in(_request_from("192.0.2.1"), name, "a-password")
+        assert device is not None
+        response = Response()
+        access.set_cookie(response, session_id, session, device)  # raised UnicodeEncodeError
+        cookie = response.headers.getlist("set-cookie")[-1]
+        assert cookie.startswith(f"switchboard_device={device};")
+        back = Request(
+            {
+                "type": "http",
+                "method": "POST",
+                "headers": [(b"cookie", f"switchboard_device={device}".encode())],
+                "client": ("192.0.2.1", 5000),
+            }
+        )
+        assert access.known_device(back, name) == device.split(".")[1]
+        assert access.known_device(back, "alice") is None
+    engine.dispose()
