@@ -19,7 +19,9 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sinks.actions import ContactDirectory, QueueActions
 from sinks.agents import ADMIN
@@ -107,16 +109,12 @@ def queue_router(
     return router
 
 
-#: How many messages one read of a card or a conversation returns (at most 200).
-Limit = Annotated[int, Query(ge=1, le=200)]
+#: How many messages one read of a card or a conversation returns: at most 50, as the
+#: API does not clip texts and a message may hold 576 K characters of them (text,
+#: new text, HTML), so a read stays under about 30 MB whatever strangers sent.
+Limit = Annotated[int, Query(ge=1, le=50)]
 #: The ``older`` cursor of the page after the one wanted.
 Before = Annotated[str | None, Query(max_length=400)]
-
-
-def _private(response: Response) -> None:
-    """Customer data: kept by no cache, read as the type it says it is."""
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def _keys_as_typed(query: str) -> list[str]:
@@ -134,7 +132,7 @@ def _api_routes(
     api = APIRouter(
         prefix="/api",
         tags=["queue"],
-        dependencies=[Depends(access.authorize), Depends(_private)],
+        dependencies=[Depends(access.authorize)],
     )
 
     @api.get("/me", summary="Who this request acts as, and the owners it may look at")
@@ -310,8 +308,31 @@ def _merge_routes(actions: QueueActions, access: Access) -> APIRouter:
     return api
 
 
+class _PrivateApi:
+    """Every answer under /api (errors and the merge routes' own JSONResponse too):
+    customer data, kept by no cache, read as the type it says it is. Pure ASGI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def private(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["cache-control"] = "no-store"
+                headers["x-content-type-options"] = "nosniff"
+            await send(message)
+
+        await self.app(scope, receive, private)
+
+
 def install_denied_handler(app: FastAPI) -> None:
-    """401/403/429 from authorization as problem+json."""
+    """401/403/429 from authorization as problem+json; no-store on every /api answer."""
+    app.add_middleware(_PrivateApi)
 
     @app.exception_handler(Denied)
     async def denied(_request: Request, exc: Denied) -> Response:

@@ -14,6 +14,7 @@ from sinks import search
 from sinks.queue_read import (
     _FAR,
     MESSAGES_PAGE,
+    NotFound,
     Page,
     QueueReader,
     _after,
@@ -80,15 +81,34 @@ class CustomerReader(QueueReader):
         return Page(items, next_cursor)
 
     def card(
-        self, contact_id: UUID, *, limit: int = MESSAGES_PAGE, before: str | None = None
+        self,
+        contact_id: UUID,
+        *,
+        limit: int = MESSAGES_PAGE,
+        before: str | None = None,
+        conversation: UUID | None = None,
     ) -> dict[str, Any]:
         """The customer card: the contact (as :meth:`contact`), described as in the
         queue, with its newest ``limit`` messages (before the cursor ``before``) in
         their conversations, newest conversation first, and the contacts merged into
-        it. ``older`` is the cursor of the page before (None at the first message);
-        a conversation with no message on this page is not listed on it."""
+        it. ``older`` is the cursor of the page before (None at the first message).
+
+        Every conversation that is not closed is listed, with the messages of it
+        the page holds (maybe none: a stranger writing thirty times as the customer
+        must not push the customer's open conversation off the card); a closed one
+        when the page holds some of its messages. With ``conversation``, only that
+        conversation and its own newest messages (NotFound if it is not this
+        customer's)."""
         found = self.contact(contact_id)
         live = UUID(found["id"])
+        wanted = str(conversation) if conversation is not None else None
+        if wanted is not None and all(v["id"] != wanted for v in found["conversations"]):
+            raise NotFound(wanted)
+        where = (
+            q_messages.c.contact_id == live
+            if conversation is None
+            else q_messages.c.conversation_id == conversation
+        )
         with self.engine.connect() as c:
             row = c.execute(select(q_contacts).where(q_contacts.c.id == live)).one()
             (summary,) = _describe(c, [row])
@@ -102,20 +122,29 @@ class CustomerReader(QueueReader):
                 .where(q_contacts.c.merged_into == live)
                 .order_by("at", q_contacts.c.id)
             ).all()
-            messages, older = message_page(c, q_messages.c.contact_id == live, limit, before)
+            messages, older = message_page(c, where, limit, before)
         by_conversation: dict[str, list[dict[str, Any]]] = {}
         for m in messages:
             by_conversation.setdefault(str(m.conversation_id), []).append(_message(m))
+
+        def listed(conv: dict[str, Any]) -> bool:
+            if wanted is not None:
+                return bool(conv["id"] == wanted)
+            if conv["id"] in by_conversation:
+                return True
+            return bool(conv["status"] != "closed" and conv["message_count"] > 0)
+
         conversations = [
-            {**conv, "messages": by_conversation[conv["id"]]}
+            {**conv, "messages": by_conversation.get(conv["id"], [])}
             for conv in found["conversations"]
-            if conv["id"] in by_conversation
+            if listed(conv)
         ]
         return {
             **found,
             **summary,
             "conversations": conversations,
             "older": older,
+            "conversation": wanted,
             "merged_contacts": [{"id": str(r.id), "merged_at": _iso(r.at)} for r in merged],
         }
 

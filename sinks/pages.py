@@ -121,7 +121,7 @@ def reply_link(message: dict[str, Any]) -> str | None:
 #: rendered whole were tens of megabytes of page. The whole message is one link
 #: away (GET /api/messages/{id}).
 CARD_TEXT = 20_000
-CARD_HTML = 50_000
+CARD_HTML = 30_000
 
 
 def clip(text: str | None) -> str:
@@ -296,10 +296,15 @@ def _reading_routes(
         if isinstance(who, Response):
             return who
         before = request.query_params.get("before")
+        raw = request.query_params.get("conversation")
         try:
-            card = store.card(contact_id, before=before)
+            conversation = UUID(raw) if raw else None
+        except ValueError:
+            return render("denied.html", who, 422, detail="not a conversation id")
+        try:
+            card = store.card(contact_id, before=before, conversation=conversation)
         except NotFound:
-            return render("denied.html", who, 404, detail=f"no contact {contact_id}")
+            return render("denied.html", who, 404, detail=f"no such card for {contact_id}")
         except BadCursor:
             return render("denied.html", who, 422, detail="not a page of this card")
         return render("card.html", who, c=card, owners=actions.owners(), before=before)
@@ -314,7 +319,10 @@ def _reading_routes(
             contact = store.conversation_contact(conversation_id)
         except NotFound:
             return render("denied.html", who, 404, detail=f"no conversation {conversation_id}")
-        return RedirectResponse(f"/queue/contacts/{contact}#c-{conversation_id}", status_code=303)
+        return RedirectResponse(
+            f"/queue/contacts/{contact}?conversation={conversation_id}#c-{conversation_id}",
+            status_code=303,
+        )
 
     @router.get("/queue/search")
     def search_page(request: Request, q: str = "") -> Response:

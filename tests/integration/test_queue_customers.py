@@ -735,6 +735,8 @@ def test_a_flooded_card_is_paged_and_its_long_messages_clipped(
             page = alice.get(f"/api/contacts/{FLOOD}/card", params={"before": page["older"]}).json()
         conversation = alice.get(f"/api/conversations/{FLOOD_A}", params={"limit": 10}).json()
         bad = alice.get(f"/api/contacts/{FLOOD}/card", params={"before": "junk"})
+        with served.client() as anonymous:
+            nobody = anonymous.get(f"/api/contacts/{FLOOD}/card")
         card = alice.get(f"/queue/contacts/{FLOOD}")
         older = re.search(r'href="([^"]+)" id="older"', card.text)
         assert older is not None
@@ -749,6 +751,9 @@ def test_a_flooded_card_is_paged_and_its_long_messages_clipped(
     assert len(conversation["messages"]) == 10
     assert conversation["older"] is not None
     assert bad.status_code == 422
+    assert bad.headers["cache-control"] == "no-store"  # errors too, under /api
+    assert nobody.status_code == 401
+    assert nobody.headers["x-content-type-options"] == "nosniff"
     assert first.get("older")
     assert card.headers["cache-control"] == "no-store"
     # The page: thirty messages, the long one clipped, the next page linked.
@@ -836,3 +841,43 @@ def test_an_attachment_is_named_as_its_own_message_carried_it(
     assert odd.headers["content-type"] == "application/octet-stream"
     assert odd.content == blob.data
     assert unnamed.status_code == 200  # an old link: the first message's record
+
+
+PUSHED, PUSHED_REAL, PUSHED_FLOOD, PUSHED_OLD = (uuid.uuid4() for _ in range(4))
+
+
+def test_an_open_conversation_stays_on_the_card_when_newer_messages_fill_the_page(
+    served: Served,
+) -> None:
+    """Thirty later messages (anyone can write as a claimed address) must not push the
+    customer's open conversation off the card, where its status buttons are; a closed
+    one with no message on the page is left to the Older link (review, 2026-12-01)."""
+    sender = email_identity("pushed@example.org")
+    route(served.store, sender, PUSHED, PUSHED_OLD, "alice", -5, subject="old", text="old")
+    close(served.store, PUSHED, PUSHED_OLD)
+    route(served.store, sender, PUSHED, PUSHED_REAL, "alice", 0, subject="real", text="real")
+    for n in range(30):
+        route(served.store, sender, PUSHED, PUSHED_FLOOD, "alice", 1 + n, subject=f"f{n}")
+    with served.signed_in("alice", "alice-password") as alice:
+        api = alice.get(f"/api/contacts/{PUSHED}/card").json()
+        card = alice.get(f"/queue/contacts/{PUSHED}").text
+        link = alice.get(f"/queue/conversations/{PUSHED_REAL}")
+        one = alice.get(link.headers["location"])
+        stranger = alice.get(f"/queue/contacts/{PUSHED}", params={"conversation": str(CAROL_SMS)})
+        junk = alice.get(f"/queue/contacts/{PUSHED}", params={"conversation": "junk"})
+    listed = {v["id"]: len(v["messages"]) for v in api["conversations"]}
+    assert listed == {str(PUSHED_FLOOD): 30, str(PUSHED_REAL): 0}
+    assert f'id="c-{PUSHED_REAL}"' in card
+    assert f"/queue/conversations/{PUSHED_REAL}/status" in card  # its buttons are there
+    assert f"?conversation={PUSHED_REAL}#c-{PUSHED_REAL}" in card
+    assert f'id="c-{PUSHED_OLD}"' not in card
+    assert link.status_code == 303
+    assert link.headers["location"] == (
+        f"/queue/contacts/{PUSHED}?conversation={PUSHED_REAL}#c-{PUSHED_REAL}"
+    )
+    assert one.status_code == 200
+    assert 'id="one-conversation"' in one.text
+    assert "<pre>real</pre>" in one.text  # its text (the factory's new text differs)
+    assert one.text.count('class="conversation-section"') == 1
+    assert stranger.status_code == 404  # another customer's conversation
+    assert junk.status_code == 422
