@@ -414,58 +414,35 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
     his right password too (review, 2026-12-01). The account's lock now holds only
     browsers that never signed in as bob; his own carries the proof (a device cookie)."""
 
-    def from_(address: str) -> dict[str, str]:
-        return {"x-forwarded-for": address}  # loopback is a trusted proxy here
+    def as_bob(
+        client: httpx.Client, password: str, address: str, device: str | None = None
+    ) -> httpx.Response:
+        return client.post(
+            "/queue/login",
+            data={"name": "bob", "password": password},
+            headers={"x-forwarded-for": address},  # loopback is a trusted proxy here
+            cookies={"switchboard_device": device} if device else None,
+        )
 
     with served.client() as bobs:
-        first = bobs.post(
-            "/queue/login",
-            data={"name": "bob", "password": "bob-password"},
-            headers=from_("198.51.100.7"),
-        )
+        first = as_bob(bobs, "bob-password", "198.51.100.7")
         assert first.status_code == 303
         device = first.cookies.get("switchboard_device")
         assert device is not None
         assert device.startswith("Ym9i.")  # base64url("bob"), the browser's id, the MAC
         assert "path=/queue/login" in first.headers["set-cookie"].lower()
         with served.client() as stranger:
-            for n in range(3):
-                wrong = stranger.post(
-                    "/queue/login",
-                    data={"name": "bob", "password": "guess-1234"},
-                    headers=from_(f"203.0.113.{n + 1}"),
-                )
-                assert wrong.status_code == 401
-            elsewhere = stranger.post(
-                "/queue/login",
-                data={"name": "bob", "password": "bob-password"},
-                headers=from_("203.0.113.99"),
-            )
-            forged = stranger.post(
-                "/queue/login",
-                data={"name": "bob", "password": "bob-password"},
-                headers=from_("203.0.113.98"),
-                cookies={"switchboard_device": device.rpartition(".")[0] + "." + "0" * 64},
-            )
-        again = bobs.post(
-            "/queue/login",
-            data={"name": "bob", "password": "bob-password"},
-            headers=from_("198.51.100.7"),
-        )
-        mistyped = bobs.post(
-            "/queue/login",
-            data={"name": "bob", "password": "typo-typo"},
-            headers=from_("198.51.100.7"),
-        )
+            wrong = [
+                as_bob(stranger, "guess-1234", f"203.0.113.{n}").status_code for n in (1, 2, 3)
+            ]
+            elsewhere = as_bob(stranger, "bob-password", "203.0.113.99")
+            made_up = device.rpartition(".")[0] + "." + "0" * 64  # bob's name and id, no MAC
+            forged = as_bob(stranger, "bob-password", "203.0.113.98", made_up)
+        again = as_bob(bobs, "bob-password", "198.51.100.7")
+        mistyped = as_bob(bobs, "typo-typo", "198.51.100.7")
         # The device has a count of its own: a copy of its cookie is no unlimited pass.
-        copied = [
-            bobs.post(
-                "/queue/login",
-                data={"name": "bob", "password": "guess-1234"},
-                headers=from_(f"192.0.2.{n}"),
-            ).status_code
-            for n in range(3)
-        ]
+        copied = [as_bob(bobs, "guess-1234", f"192.0.2.{n}").status_code for n in range(3)]
+    assert wrong == [401, 401, 401]
     # A browser that never signed in as bob waits, even with the right password...
     assert elsewhere.status_code == 429
     assert forged.status_code == 429
@@ -476,12 +453,7 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
     # A new password makes the old proof worthless.
     served.agents.set_password("bob", "bob-new-password")
     with served.client() as bobs:
-        stale = bobs.post(
-            "/queue/login",
-            data={"name": "bob", "password": "bob-new-password"},
-            headers=from_("198.51.100.7"),
-            cookies={"switchboard_device": device},
-        )
+        stale = as_bob(bobs, "bob-new-password", "198.51.100.7", device)
     assert stale.status_code == 429
 
 
