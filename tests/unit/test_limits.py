@@ -62,6 +62,14 @@ def test_the_body_budget_is_shared_and_one_request_always_fits() -> None:
     budget.give(20, "a")
     assert budget.take(20, "e")
     assert budget.held == 95
+    # An address's only request, growing while others hold bytes, is bound by its
+    # share too (waived for it, one address's one request held most of the budget).
+    other = BodyBudget(100)
+    assert other.take(10, "a")
+    assert other.take(20, "f")
+    assert not other.take(10, "f", own=20)
+    other.give(10, "a")
+    assert other.take(60, "f", own=20)  # nobody else holds anything: it fits
     with pytest.raises(ValidationError):
         HttpLimitSettings(max_body_in_flight=1000)  # below 64 KiB: a typo, not a budget
 
