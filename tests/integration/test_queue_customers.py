@@ -417,11 +417,12 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
     def as_bob(
         client: httpx.Client, password: str, address: str, device: str | None = None
     ) -> httpx.Response:
+        if device:  # this browser's cookie, as the client keeps it
+            client.cookies.set("switchboard_device", device, path="/queue/login")
         return client.post(
             "/queue/login",
             data={"name": "bob", "password": password},
             headers={"x-forwarded-for": address},  # loopback is a trusted proxy here
-            cookies={"switchboard_device": device} if device else None,
         )
 
     with served.client() as bobs:
