@@ -254,32 +254,37 @@ def message_page(
     key = (q_messages.c.received_at, q_messages.c.id)
     query = select(q_messages).where(where)
     if before is not None:
-        at, message_id = _decode_message_cursor(before)
+        (at,), message_id = _decode_key(before, 1)
         query = query.where(tuple_(*key) < tuple_(literal(at, _TS), literal(message_id, Uuid)))
     rows = c.execute(query.order_by(*(k.desc() for k in key)).limit(limit + 1)).all()
     page = rows[:limit]
     older = None
     if len(rows) > limit and page:
         last = page[-1]
-        older = base64.urlsafe_b64encode(
-            json.dumps([(_aware(last.received_at) or _FAR).isoformat(), str(last.id)]).encode()
-        ).decode()
+        older = _encode_key((_aware(last.received_at) or _FAR,), last.id)
     return list(reversed(page)), older
 
 
-def _decode_message_cursor(cursor: str) -> tuple[datetime, UUID]:
+def _encode_key(times: Sequence[datetime], row_id: object) -> str:
+    """A keyset cursor: the row's sort times and its id, as base64url JSON."""
+    key = [*(t.isoformat() for t in times), str(row_id)]
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+def _decode_key(cursor: str, times: int) -> tuple[list[datetime], UUID]:
+    """What :func:`_encode_key` made with ``times`` times, or BadCursor."""
     try:
         value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not (isinstance(value, list) and len(value) == 2):
+        if not (isinstance(value, list) and len(value) == times + 1):
             raise ValueError("not a key")
-        return _aware(datetime.fromisoformat(value[0])) or _FAR, UUID(value[1])
+        found = [_aware(datetime.fromisoformat(v)) or _FAR for v in value[:times]]
+        return found, UUID(value[times])
     except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
         raise BadCursor("cursor is not one this API returned") from exc
 
 
 def _cursor_of(waiting: datetime, last: datetime, row_id: object) -> str:
-    key = [waiting.isoformat(), last.isoformat(), str(row_id)]
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+    return _encode_key((waiting, last), row_id)
 
 
 def _after(key: tuple[Any, Any, Any], cursor: str) -> Any:  # noqa: ANN401 - SQL expression
@@ -290,14 +295,8 @@ def _after(key: tuple[Any, Any, Any], cursor: str) -> Any:  # noqa: ANN401 - SQL
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, datetime, UUID]:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not (isinstance(value, list) and len(value) == 3):
-            raise ValueError("not a key")
-        waiting, last = (datetime.fromisoformat(v) for v in value[:2])
-        return _aware(waiting) or _FAR, _aware(last) or _FAR, UUID(value[2])
-    except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
-        raise BadCursor("cursor is not one this API returned") from exc
+    (waiting, last), row_id = _decode_key(cursor, 2)
+    return waiting, last, row_id
 
 
 def _iso(value: datetime | None) -> str | None:
