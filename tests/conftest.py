@@ -64,11 +64,9 @@ def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
     server = postgres.EmbeddedPostgres(
         postgres.run_id(getattr(request.config, "workerinput", None))
     )
-    postgres.started.append(server)
     try:
         yield server.url
     finally:
-        postgres.started.remove(server)
         server.stop()
 
 

@@ -78,11 +78,6 @@ def run_id(workerinput: dict[str, Any] | None) -> str:
     return f"{os.getpid()}"
 
 
-#: The embedded server this process started, if any (the database fault needs to
-#: know that the server it would restart is not the one the tests use).
-started: list[EmbeddedPostgres] = []
-
-
 class PrivatePostgres:
     """A server of one test's own, in its own directory: the database fault restarts
     it in fast mode (every connection dropped), which it must never do to the server
