@@ -122,23 +122,66 @@ def reply_link(message: dict[str, Any]) -> str | None:
 #: away (GET /api/messages/{id}).
 CARD_TEXT = 20_000
 CARD_HTML = 30_000
+#: What each may take of the page, in bytes once escaped and encoded: a character the
+#: page must escape (& < > " ') is an entity of four or five, so 20,000 quotation
+#: marks were 100,000 bytes of page and thirty such messages 13.5 MB (review of
+#: 2026-12-01); an emoji is four bytes of UTF-8.
+CARD_TEXT_PAGE = 2 * CARD_TEXT
+CARD_HTML_PAGE = 2 * CARD_HTML
+
+
+def _escaped_len(text: str) -> int:
+    """How many bytes of page ``text`` is once the template escapes it (markupsafe:
+    ``&amp;``, ``&#34;``, ``&#39;`` add four characters, ``&lt;``, ``&gt;`` three)
+    and the page is encoded (UTF-8)."""
+    return (
+        len(text.encode("utf-8", "surrogatepass"))
+        + 4 * (text.count("&") + text.count('"') + text.count("'"))
+        + 3 * (text.count("<") + text.count(">"))
+    )
+
+
+def _within(text: str, budget: int) -> str:
+    """The longest start of ``text`` whose escaped size is at most ``budget``."""
+    if _escaped_len(text) <= budget:
+        return text
+    low, high = 0, len(text)  # escaped_len(text[:low]) <= budget < escaped_len(text[:high])
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _escaped_len(text[:middle]) <= budget:
+            low = middle
+        else:
+            high = middle
+    return text[:low]
 
 
 def clip(text: str | None) -> str:
-    return (text or "")[:CARD_TEXT]
+    return _within((text or "")[:CARD_TEXT], CARD_TEXT_PAGE)
 
 
 def clip_html(html: str) -> str:
-    """The message's HTML, or its first CARD_HTML characters sanitized again (so a
-    cut tag or entity cannot leave the markup unbalanced)."""
-    return html if len(html) <= CARD_HTML else sanitize_html(html[:CARD_HTML]) or ""
+    """The message's HTML, or a start of it sanitized again (so a cut tag or entity
+    cannot leave the markup unbalanced): at most CARD_HTML characters, and at most
+    CARD_HTML_PAGE once escaped into the frame's ``srcdoc``."""
+    if len(html) <= CARD_HTML and _escaped_len(html) <= CARD_HTML_PAGE:
+        return html
+    cut = html[:CARD_HTML]
+    while cut:
+        shown = sanitize_html(cut) or ""
+        size = _escaped_len(shown)
+        if size <= CARD_HTML_PAGE:
+            return shown
+        # Sanitizing can lengthen what it keeps (a bare < becomes &lt;): cut again
+        # in proportion, a little under, until it fits.
+        cut = cut[: len(cut) * CARD_HTML_PAGE * 9 // (size * 10)]
+    return ""
 
 
 def clipped(message: dict[str, Any]) -> bool:
     """Whether the card shows less than the whole of the message."""
-    return any(len(message.get(f) or "") > CARD_TEXT for f in ("text", "text_new")) or (
-        len(message.get("html") or "") > CARD_HTML
-    )
+    texts = (message.get(f) or "" for f in ("text", "text_new"))
+    html = message.get("html") or ""
+    return any(len(clip(t)) < len(t) for t in texts) or clip_html(html) is not html
 
 
 _templates.filters["clip"] = clip

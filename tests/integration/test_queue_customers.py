@@ -745,6 +745,37 @@ def test_a_flooded_card_is_paged_and_its_long_messages_clipped(
     assert whole.headers["cache-control"] == "no-store"
 
 
+QUOTED = uuid.uuid4()
+
+
+def test_a_card_of_characters_the_page_escapes_stays_small(served: Served) -> None:
+    """Thirty messages made of quotation marks: each is an entity of five characters
+    on the page, so clipping to 20,000 characters still gave 13.5 MB of page (review
+    of 2026-12-01). Each text and the HTML are now clipped by their escaped size."""
+    sender = email_identity("quotes@example.org")
+    quotes = '"' * 100_000
+    for n in range(30):
+        route(
+            served.store,
+            sender,
+            QUOTED,
+            QUOTED,
+            "alice",
+            n,
+            subject=f"mail {n}",
+            text=quotes + "\n> " + quotes,
+            text_new=quotes,
+            html="<p>" + "&quot;&amp;'" * 20_000 + "</p>",
+        )
+    with served.signed_in("alice", "alice-password") as alice:
+        card = alice.get(f"/queue/contacts/{QUOTED}")
+    assert card.status_code == 200
+    assert card.text.count('class="message') == 30
+    assert card.text.count("the whole message</a>") == 30
+    # Per message at most 40,000 characters of each of two texts and 60,000 of HTML.
+    assert len(card.content) < 30 * 140_000 + 100_000, len(card.content)
+
+
 def test_an_attachment_is_named_as_its_own_message_carried_it(
     served: Served, tmp_path: Path
 ) -> None:

@@ -8,12 +8,26 @@ from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markupsafe import escape
 from starlette.requests import Request
 from starlette.responses import Response
 
 from sinks.agents import AgentStore, Session, Throttle
 from sinks.auth import Access, Denied
-from sinks.pages import address_of, reply_link, when
+from sinks.pages import (
+    CARD_HTML_PAGE,
+    CARD_TEXT,
+    CARD_TEXT_PAGE,
+    _escaped_len,
+    _within,
+    address_of,
+    clip,
+    clip_html,
+    reply_link,
+    when,
+)
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.http import TrustedHosts, _host_name
@@ -150,3 +164,35 @@ def test_a_device_cookie_carries_any_agent_name(tmp_path: Path) -> None:
         assert access.known_device(back, name) == device.split(".")[1]
         assert access.known_device(back, "alice") is None
     engine.dispose()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab<>&\"'\u00e9\U0001f600"), max_size=200))
+def test_the_escaped_length_is_what_the_template_writes(text: str) -> None:
+    assert _escaped_len(text) == len(str(escape(text)).encode())
+    for budget in (0, 1, 5, 17, 60):
+        start = _within(text, budget)
+        assert text.startswith(start)
+        assert _escaped_len(start) <= budget
+        if len(start) < len(text):  # the longest such start: one more would not fit
+            assert _escaped_len(text[: len(start) + 1]) > budget
+
+
+def test_a_text_of_characters_the_page_escapes_is_clipped_by_its_escaped_size() -> None:
+    quotes = '"' * CARD_TEXT
+    plain = "x" * CARD_TEXT
+    assert clip(plain) == plain
+    assert len(str(escape(clip(quotes)))) <= CARD_TEXT_PAGE
+    assert len(clip(quotes)) == CARD_TEXT_PAGE // 5
+    emoji = "\U0001f600" * CARD_TEXT
+    assert len(clip(emoji)) == CARD_TEXT_PAGE // 4  # four bytes each
+
+
+def test_html_of_entities_is_clipped_by_its_escaped_size_and_stays_balanced() -> None:
+    html = "<p>" + "&amp;&quot;<b>'</b>" * 10_000 + "</p>"
+    shown = clip_html(html)
+    assert 0 < len(str(escape(shown)).encode()) <= CARD_HTML_PAGE
+    assert shown.count("<b>") == shown.count("</b>")
+    assert shown.endswith("</p>")
+    small = "<p>fine &amp; short</p>"
+    assert clip_html(small) is small
