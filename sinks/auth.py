@@ -85,6 +85,11 @@ def _origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+def account_of(name: str) -> str:
+    """The account a sign-in form's name means."""
+    return name.strip().lower()[:128]
+
+
 def _device_mac(key: str, account: str, device: str) -> str:
     message = f"device:{device}:".encode() + account.encode()
     return hmac.new(key.encode(), message, "sha256").hexdigest()
@@ -206,7 +211,7 @@ class Access:
         # An IPv6 client by its /64, as every other per-client limit (one customer's
         # line has all of it; per address was no limit).
         client = client_key(request.client.host) if request.client else "?"
-        account = name.strip().lower()[:128]
+        account = account_of(name)
         wait = self.per_client.retry_after(f"client:{client}")
         # An account's lock holds browsers that never signed in as it: a stranger
         # failing five times from five addresses locked the agent out everywhere

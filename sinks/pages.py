@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from normalize.email import sanitize_html
 from sinks.actions import QueueActions
-from sinks.auth import CSRF_FIELD, Access, Denied, Principal
+from sinks.auth import CSRF_FIELD, Access, Denied, Principal, account_of
 from sinks.queue import BadCursor, NotFound, QueueStore
 
 # The page's forms have a few short fields (a token, a status, an owner): anything
@@ -458,12 +458,16 @@ def _action_routes(router: APIRouter, pages: _Pages) -> None:
 # GIL), so the event loop serves everyone else meanwhile: a stranger's failed
 # sign-ins ran on the loop and held every request of the server behind them
 # (attacker review, 2026-11-30). The bound keeps a burst from taking 64 MiB per try.
+# Two lanes of that many: one for browsers that prove they signed in as the account
+# before (the device cookie, an HMAC checked without Argon2), one for everyone else,
+# so strangers queueing failed guesses cannot keep an agent's own browser waiting.
 SIGN_IN_CONCURRENCY = 2
 
 
 def _session_routes(router: APIRouter, pages: _Pages) -> None:
     access, posted = pages.access, pages.posted
-    checking = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
+    strangers = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
+    known = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
 
     @router.post("/queue/login")
     async def login(request: Request) -> Response:
@@ -473,7 +477,8 @@ def _session_routes(router: APIRouter, pages: _Pages) -> None:
             name, password = _field(form, "name"), _field(form, "password")
             # The throttles are read inside sign_in, once a check's turn has come: a
             # burst waiting here is judged by the failures before it.
-            async with checking:
+            device = await asyncio.to_thread(access.known_device, request, account_of(name))
+            async with known if device is not None else strangers:
                 session_id, session, device = await asyncio.to_thread(
                     access.sign_in, request, name, password
                 )

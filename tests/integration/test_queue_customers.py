@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -456,6 +457,64 @@ def test_strangers_failing_as_an_agent_do_not_lock_the_agents_own_browser(
     with served.client() as bobs:
         stale = as_bob(bobs, "bob-new-password", "198.51.100.7", device)
     assert stale.status_code == 429
+
+
+def test_strangers_queueing_guesses_do_not_keep_the_agents_own_browser_waiting(
+    served: Served, tmp_path: Path
+) -> None:
+    """Argon2 checks run two at a time: sixteen strangers' failed sign-ins (each from
+    its own address, each for another name, so no limit stops them) queued the
+    agent's own sign-in behind all of them. A browser with the agent's device cookie
+    now has a lane of its own. Real Argon2 (about 0.1 s a check here), real server;
+    what is compared is the order the answers came in, not times."""
+    slow = AgentStore(
+        served.agents.engine,
+        TEAMS["support"],
+        hasher=PasswordHasher(time_cost=8, memory_cost=16384, parallelism=1),
+    )
+    slow.set_password("alice", "alice-password")
+    app = build_app(served.store, slow, tmp_path / "blobs")
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def sign_in(who: str, name: str, password: str, address: str, device: str | None) -> int:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            if device:
+                client.cookies.set("switchboard_device", device, path="/queue/login")
+            status = client.post(
+                "/queue/login",
+                data={"name": name, "password": password},
+                headers={"x-forwarded-for": address},
+            ).status_code
+        with lock:
+            answered.append(who)
+        return status
+
+    with serving(app) as base:
+        with httpx.Client(base_url=base, timeout=60) as alice:
+            first = alice.post("/queue/login", data={"name": "alice", "password": "alice-password"})
+        device = first.cookies.get("switchboard_device")
+        assert first.status_code == 303
+        assert device is not None
+        answered.clear()
+        strangers = [
+            threading.Thread(
+                target=sign_in,
+                args=("stranger", f"guess{n}", "wrong-1234", f"203.0.113.{n}", None),
+            )
+            for n in range(16)
+        ]
+        for thread in strangers:
+            thread.start()
+        while not answered:  # the first stranger was checked: the others are queued
+            time.sleep(0.01)
+        mine = sign_in("alice", "alice", "alice-password", "198.51.100.7", device)
+        for thread in strangers:
+            thread.join(60)
+    assert mine == 303
+    assert len(answered) == 17
+    # In one lane of two, alice came after fifteen or sixteen strangers.
+    assert answered.index("alice") <= 8, answered
 
 
 def test_docs_need_a_principal_and_other_host_names_are_refused(served: Served) -> None:
