@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -77,6 +78,12 @@ PARENT_ENV = "SWITCHBOARD_WORKER_PARENT"
 #: any worker's /metrics serves the sum of all of them.
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+#: How long a fleet starting on a port another process holds waits for it. A fleet
+#: SIGKILLed a moment ago takes its workers along (the parent-death signal), but a
+#: worker inside an fsync dies only once the disk answers: a service manager that
+#: restarts at once saw "Address already in use" (the fault suite, once, on a slow
+#: machine) and spends its restart budget on it (systemd: 5 starts in 10 s).
+PORT_WAIT_S = 10.0
 #: Restart delays after a worker dies soon after its start: 0.5 s, doubling to 30 s.
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
@@ -193,10 +200,12 @@ class Supervisor:
         start_timeout_s: float = 120.0,
         env: Mapping[str, str] | None = None,
         others: Callable[[], Iterable[int | None]] = tuple,
+        port_wait_s: float = PORT_WAIT_S,
     ) -> None:
         """``others``: pids of this process's other children (the embedded broker),
         which the orphan reaper must leave to their own Popen."""
         self.others = others
+        self.port_wait_s = port_wait_s
         self.command = list(command)
         self.env = dict(env or {})
         self.count = count
@@ -434,11 +443,11 @@ class Supervisor:
     def _bind(self) -> None:
         for name, (host, wanted) in self.listen.items():
             try:
-                # A socket without SO_REUSEPORT first: a plain listener already on
-                # the port (anything but a fleet) makes this fail.
-                with listening_socket(host, wanted) as probe:
-                    port = probe.getsockname()[1]  # port 0: the kernel's choice
-                self._lock_port(host, port)
+                if wanted:  # a live fleet on the port: refused at once, no wait
+                    self._lock_port(host, wanted)
+                port = self._probe(host, wanted)
+                if not wanted:  # port 0: the kernel's choice, known only now
+                    self._lock_port(host, port)
                 self.ports[name] = (host, port)
                 for index in range(self.count):
                     self._sockets_of(index)
@@ -446,6 +455,30 @@ class Supervisor:
                 raise StartupError(
                     f"{name} could not listen on {host}:{wanted}: {exc.strerror or exc}"
                 ) from exc
+
+    def _probe(self, host: str, wanted: int) -> int:
+        """Bind the port without SO_REUSEPORT and let it go: a plain listener on it
+        (anything but a fleet) makes this fail. A port held by another process is
+        tried again for ``port_wait_s`` (see PORT_WAIT_S); the port bound."""
+        deadline = time.monotonic() + (self.port_wait_s if wanted else 0.0)
+        said = False
+        while True:
+            try:
+                with listening_socket(host, wanted) as probe:
+                    port: int = probe.getsockname()[1]
+                    return port
+            except OSError as exc:
+                late = time.monotonic() >= deadline
+                if exc.errno != errno.EADDRINUSE or self._signals or late:
+                    raise
+                if not said:
+                    log.warning(
+                        "port in use by another process; waiting for it "
+                        "(a fleet killed a moment ago?)",
+                        extra={"port": f"{host}:{wanted}", "wait_s": self.port_wait_s},
+                    )
+                    said = True
+            time.sleep(0.2)
 
     def _lock_port(self, host: str, port: int) -> None:
         """One fleet per port: an abstract Unix socket named after it, held for the

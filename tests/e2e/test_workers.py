@@ -8,6 +8,7 @@ import os
 import signal
 import smtplib
 import socket
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import pytest
 from ingest.spool import Spool, read_depth
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
-from tests.e2e.test_run import _alive, _children, _env, _wait_healthy, running
+from tests.e2e.test_run import SWITCHBOARD, _alive, _children, _env, _wait_healthy, running
 from tests.factories import inbound_message
 from tests.router_helpers import inbound_event
 from tests.smtp_helpers import collect, queued_id
@@ -242,6 +243,45 @@ def test_a_second_fleet_on_the_same_port_is_refused(
         assert process.returncode == 1
         assert "could not listen" in stderr
         assert first.poll() is None
+
+
+def test_a_fleet_waits_for_a_port_another_process_still_holds(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """A fleet restarted right after a SIGKILL can find the port held by the old
+    workers for a while (one in an fsync dies only when the disk answers): it waits
+    for the port instead of exiting with "Address already in use", which a service
+    manager restarting at once turned into a failed service."""
+    env = _fleet_env(tmp_path, kafka_settings)
+    port = int(env["SWITCHBOARD_HTTP_PORT"])
+    holder = socket.create_server(("127.0.0.1", port))  # as a dying worker holds it
+    log = tmp_path / "fleet.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*SWITCHBOARD, "ingest", "http", "--workers", "2"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=out,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "port in use by another process; waiting for it" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the fleet never said it waits"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert process.poll() is None  # still waiting, not failed
+        holder.close()
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        holder.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 def test_the_port_lock_refuses_a_second_fleet_even_between_the_probe_and_the_bind(
