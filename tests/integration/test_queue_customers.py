@@ -791,7 +791,7 @@ def test_a_flooded_card_is_paged_and_its_long_messages_clipped(
     # The page: thirty messages, the long one clipped, the next page linked.
     assert card.text.count('class="message') == 30
     # A conversation's header says how many of its messages this page shows.
-    assert "36 messages <span class=\"muted on-page\">(16 on this page)</span>" in card.text
+    assert '36 messages <span class="muted on-page">(16 on this page)</span>' in card.text
     assert 'href="/api/messages/' in card.text
     assert card.text.count("x" * 1000) <= 40  # 20,000 of each text, not 100,000
     assert len(card.content) < 1_000_000

@@ -106,6 +106,34 @@ def _poisoned_parser(raw: bytes, ctx: EmailContext) -> Serialized:
     return serialize_email(raw, ctx)
 
 
+def test_a_parameter_with_an_open_quote_and_many_semicolons_is_parsed_in_linear_time(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """The standard library splits MIME parameters in quadratic time (CPython
+    gh-136063): an attachment's Content-Type of 300,000 ';' after an open quote held
+    the parse process past its 60 s timeout, twice, and every mail behind it waited
+    two minutes (attacker review of 2026-12-01). normalize.mimeparams splits them in
+    linear time in every process that parses; here the real parse process, a 5 s
+    timeout, and a mail after it."""
+    folded = "\r\n ".join([";" * 900] * 334)
+    raw = (
+        "From: alice@example.org\r\nTo: support@example.com\r\n"
+        f"Message-ID: <semicolons-{unique}@example.org>\r\nSubject: invoice\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        f'--b\r\nContent-Type: application/octet-stream; name="a.bin"; y="{folded}\r\n'
+        "Content-Disposition: attachment\r\n\r\nAAAA\r\n--b--\r\n"
+    ).encode()
+    assert len(raw) > 300_000
+    with smtp_server(kafka_settings, tmp_path, parse_workers=1, parse_timeout_s=5.0) as server:
+        code, reply = server.send(raw)
+        after = server.send(email(Message_ID=f"<after-{unique}@example.org>"))
+    assert code == 250, reply
+    assert "kept for review" not in reply, reply
+    assert after[0] == 250
+    assert "kept for review" not in after[1]
+
+
 @pytest.mark.parametrize("poison", ["crash", "hang"])
 def test_a_message_that_kills_or_hangs_the_parser_costs_only_itself(
     kafka_settings: KafkaSettings,
