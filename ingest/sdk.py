@@ -57,7 +57,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import Field, JsonValue, SecretStr
+from pydantic import Field, JsonValue, SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 
 from ingest.errors import Rejected, RetryLater, Stop
@@ -655,11 +655,27 @@ class HttpAdapter(Adapter[S]):
             },
         )
 
+    async def _normalized(self, request: InboundRequest) -> Normalized:
+        """``normalize``, with an event the schema refuses (a normalizer that let a
+        value through the schema does not take: a 265-character attachment type
+        did, review of 2026-12-01) made a NormalizeError: the request is then kept
+        or refused as malformed input is, instead of answered 500 with nothing kept."""
+        try:
+            return await self.normalize(request)
+        except ValidationError as exc:
+            errors = exc.errors()
+            where = ".".join(str(part) for part in errors[0]["loc"]) if errors else "?"
+            why = errors[0]["msg"] if errors else exc.title
+            raise NormalizeError(
+                "normalizer-error",
+                f"the normalized message fails the schema at {where}: {why}"[:500],
+            ) from exc
+
     async def _take(self, request: InboundRequest) -> Response:
         started = time.perf_counter()
         try:
             try:
-                normalized = await self.normalize(request)
+                normalized = await self._normalized(request)
             except NormalizeError as exc:
                 if self.malformed == "reject":
                     status = self.malformed_status

@@ -600,7 +600,9 @@ def _attachments(
         bounced_id = bounced_id or _bounced_message_id(part)
         if len(attachments) >= MAX_ATTACHMENTS:
             continue
-        ctype = strip_controls(part.get_content_type())
+        # A declared type over the schema's 255 characters lost the whole mail
+        # (review, 2026-12-01): RFC 6838 names are at most 127 + 1 + 127.
+        ctype = strip_controls(part.get_content_type())[:255]
         blob = Blob.of(_part_bytes(part), ctype)
         content_id = _first_msgid(_header(part, "Content-ID"))
         try:

@@ -23,6 +23,7 @@ from ingest.handoff import HandOff, Receipt
 from ingest.sdk import JSON, HttpAdapter, HttpRoute, InboundRequest
 from normalize.content import Normalized, Serialized
 from normalize.errors import NormalizeError
+from normalize.schema import BlobRef
 from switchboard.settings import KafkaSettings
 from tests.dovecot import Dovecot
 from tests.http_helpers import http_ingest
@@ -57,6 +58,8 @@ class FamilyAdapter(HttpAdapter[FamilySettings]):
             raise Stop("credentials revoked upstream")
         if action == "reject":
             raise Rejected("policy", "this account may not write here", status=422)
+        if action == "invalid":  # a normalizer letting through what the schema refuses
+            BlobRef(sha256="0" * 64, size=1, content_type="x" * 300)
         raise NormalizeError("malformed", f"cannot {action}")
 
 
@@ -86,6 +89,9 @@ def test_http_answers_for_each_family(
         assert rejected.headers["content-type"] == "application/problem+json"
         malformed = send("explode")
         assert (malformed.status_code, malformed.json()["reason"]) == (400, "malformed")
+        invalid = send("invalid")  # was a bare 500, nothing kept
+        assert (invalid.status_code, invalid.json()["reason"]) == (400, "normalizer-error")
+        assert "content_type" in invalid.json()["detail"]
         assert send("reject", key=None).status_code == 401
         wrong = send("reject", key="guess")
         assert wrong.status_code == 403

@@ -134,6 +134,32 @@ def test_a_parameter_with_an_open_quote_and_many_semicolons_is_parsed_in_linear_
     assert "kept for review" not in after[1]
 
 
+def test_an_attachment_type_longer_than_the_schema_allows_does_not_lose_the_mail(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """An attachment declared as application/vnd.xxx... (265 characters) failed the
+    schema's 255 and the whole mail was dead-lettered (review of 2026-12-01)."""
+    long_type = "application/vnd." + "x" * 260
+    raw = (
+        "From: alice@example.org\r\nTo: support@example.com\r\n"
+        f"Message-ID: <long-type-{unique}@example.org>\r\nSubject: invoice\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        f"--b\r\nContent-Type: {long_type}\r\nContent-Disposition: attachment; "
+        'filename="a.bin"\r\n\r\nAAAA\r\n--b--\r\n'
+    ).encode()
+    with smtp_server(kafka_settings, tmp_path) as server:
+        code, reply = server.send(raw)
+    assert code == 250, reply
+    assert "kept for review" not in reply, reply
+    queued = queued_id(reply)
+    inbound, dead = collect(kafka_settings, f"long-type-{unique}", {queued})
+    assert not dead
+    (attachment,) = inbound[queued].attachments
+    assert attachment.content_type == long_type[:255]
+    assert attachment.filename == "a.bin"
+
+
 @pytest.mark.parametrize("poison", ["crash", "hang"])
 def test_a_message_that_kills_or_hangs_the_parser_costs_only_itself(
     kafka_settings: KafkaSettings,
