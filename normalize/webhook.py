@@ -101,6 +101,35 @@ def _first(payload: object, path: str | None) -> str | None:
     return found[0] if found else None
 
 
+def _dedupe_key(
+    ctx: WebhookContext,
+    payload: object,
+    sender: Identity,
+    *,
+    subject: str | None,
+    text: str | None,
+    id_value: str | None,
+) -> str:
+    # A key or id the poster chooses is scoped to the sender: else a stranger at a
+    # public form could post first with the key or id a customer's post will carry,
+    # and the customer's post would be dropped as a duplicate of the stranger's. A
+    # claimed sender is anyone's to type, so there the key is also bound to what was
+    # said (as an email's Message-ID is): a retry of the same post still dedupes, a
+    # stranger's post under the customer's address and a guessable id (an order
+    # number) no longer swallows the customer's own (attacker review, 2026-12-01).
+    bound = ""
+    if sender.assurance != Assurance.VERIFIED:
+        said = "\x1f".join([subject or "", text or ""])
+        bound = "#" + hashlib.sha256(said.encode("utf-8", "replace")).hexdigest()[:16]
+    if ctx.idempotency_key:
+        return f"webhook:{ctx.hook}:{sender.key}:key:{ctx.idempotency_key[:255]}{bound}"
+    if id_value:
+        return f"webhook:{ctx.hook}:{sender.key}:id:{id_value[:255]}{bound}"
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.sha256(canonical.encode("utf-8", "replace")).hexdigest()[:40]
+    return f"webhook:{ctx.hook}:fp:{digest}"
+
+
 def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     # Identities are read as sent: an address with a control character in it is not
     # an address (refused below), not a different address once stripped. Every
@@ -155,17 +184,7 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     subject = _first(payload, fm.subject)
     id_value = _first(payload, fm.id)
     id_value = strip_controls(id_value) if id_value else None
-    # A key or id the poster chooses is scoped to the sender: else a stranger at a
-    # public form could post first with the key or id a customer's post will carry,
-    # and the customer's post would be dropped as a duplicate of the stranger's.
-    if ctx.idempotency_key:
-        dedupe_key = f"webhook:{ctx.hook}:{sender.key}:key:{ctx.idempotency_key[:255]}"
-    elif id_value:
-        dedupe_key = f"webhook:{ctx.hook}:{sender.key}:id:{id_value[:255]}"
-    else:
-        canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
-        digest = hashlib.sha256(canonical.encode("utf-8", "replace")).hexdigest()[:40]
-        dedupe_key = f"webhook:{ctx.hook}:fp:{digest}"
+    dedupe_key = _dedupe_key(ctx, payload, sender, subject=subject, text=text, id_value=id_value)
 
     metadata: dict[str, JsonValue] = {"hook": ctx.hook, **ctx.metadata}
     if problems:

@@ -209,7 +209,7 @@ def test_an_idempotency_key_the_signature_covers_is_the_dedupe_key(
         kept = client.post(url, content=body, headers=headers)
         swapped = client.post(url, content=body, headers={**headers, "idempotency-key": "other"})
     assert kept.status_code == 202, kept.text
-    assert kept.json()["dedupe_key"] == f"webhook:signed:email:ann@example.com:key:{key}"
+    assert kept.json()["dedupe_key"].startswith(f"webhook:signed:email:ann@example.com:key:{key}#")
     assert swapped.status_code == 403
 
 

@@ -264,13 +264,25 @@ def test_a_strangers_message_id_or_idempotency_key_does_not_swallow_a_customers_
                 timeout=15,
             )
             assert answer.status_code == 202, answer.text
-    _route(kafka, migrated_postgres, 5)
+        # Mallory types Wendy's address (a claim) with the key Wendy's next post will
+        # carry (an order number): Wendy's post was swallowed as its duplicate until
+        # the key of a claimed sender was bound to what was said (review, 2026-12-01).
+        # Wendy's retry of her own post is still one message.
+        for text in ("from mallory, as wendy", "from wendy again", "from wendy again"):
+            answer = httpx.post(
+                f"{http.base}/webhooks/public-form",
+                json={"email": "wendy@example.org", "message": text},
+                headers={"idempotency-key": f"order-{unique}"},
+                timeout=15,
+            )
+            assert answer.status_code == 202, answer.text
+    _route(kafka, migrated_postgres, 8)
     snap = snapshot(migrated_postgres)
     ann = snap.contact_of("email:ann@example.org")
     wendy = snap.contact_of("email:wendy@example.org")
     assert len([m for m, (c, _, _) in snap.messages.items() if c == ann]) == 1
-    assert len([m for m, (c, _, _) in snap.messages.items() if c == wendy]) == 1
-    assert len(snap.messages) == 4  # Ann's second copy is a duplicate
+    assert len([m for m, (c, _, _) in snap.messages.items() if c == wendy]) == 3
+    assert len(snap.messages) == 6  # Ann's second copy and Wendy's retry are duplicates
 
 
 def test_a_forged_from_is_claimed_never_verified(

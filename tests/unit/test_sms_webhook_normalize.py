@@ -144,13 +144,12 @@ def test_no_identity_is_refused_with_the_reason() -> None:
 
 def test_dedupe_key_order() -> None:
     payload = {"contact": {"email": "ann@example.com"}, "submission_id": 42}
-    assert (
-        hook(payload, key="K1", id="submission_id").dedupe_key
-        == "webhook:form:email:ann@example.com:key:K1"
-    )
-    assert (
-        hook(payload, id="submission_id").dedupe_key == "webhook:form:email:ann@example.com:id:42"
-    )
+    # The sender is claimed: the key or id is also bound to what was said ("#...").
+    keyed = hook(payload, key="K1", id="submission_id").dedupe_key
+    assert keyed.startswith("webhook:form:email:ann@example.com:key:K1#")
+    assert hook(payload, key="K1", id="submission_id").dedupe_key == keyed  # a retry
+    by_id = hook(payload, id="submission_id").dedupe_key
+    assert by_id.startswith("webhook:form:email:ann@example.com:id:42#")
     fp = hook(payload).dedupe_key
     assert fp.startswith("webhook:form:fp:")
     reordered = {"submission_id": 42, "contact": {"email": "ann@example.com"}}
