@@ -17,6 +17,7 @@ backoff", and Stop to "stop polling and ask the process to stop".
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import JsonValue
 
@@ -59,6 +60,21 @@ class Rejected(Exception):
         self.headers = dict(headers or {})
         self.record = record
         self.metadata = dict(metadata or {})
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Raised in an HTTP parse process and pickled back to the server: the default
+        # round trip calls __init__ with the message alone, and fails.
+        keywords = {
+            "status": self.status,
+            "headers": self.headers,
+            "record": self.record,
+            "metadata": self.metadata,
+        }
+        return (_rejected, (type(self), self.reason, self.detail, keywords))
+
+
+def _rejected(cls: type[Rejected], reason: str, detail: str, keywords: dict[str, Any]) -> Rejected:
+    return cls(reason, detail, **keywords)
 
 
 class Stop(StartupError):

@@ -17,7 +17,6 @@ correctly signed request older than ``max_age_s``, which Mailgun must not retry
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -113,7 +112,9 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
     summary = "Mailgun inbound routes at POST /webhooks/mailgun[/mime], signature checked"
     settings_class = MailgunSettings
     malformed = "dead-letter"  # signed by Mailgun: keep it, and stop its retries
-    offload = True  # up to 25 MB of mail to parse
+    # The signature is inside a multipart form of up to 30 MB, which strangers post.
+    offload = ("authenticate", "parse")
+    unreadable_status = 406  # Mailgun retries any other refusal for hours
 
     def __init__(self, settings: MailgunSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
@@ -150,10 +151,7 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
             raise Rejected("signature", detail, status=403) from exc
         _verify(self.settings, form)
 
-    async def normalize(self, request: InboundRequest) -> Normalized:
-        return await asyncio.to_thread(self._normalize, request)
-
-    def _normalize(self, request: InboundRequest) -> Normalized:
+    def parse(self, request: InboundRequest) -> Normalized:
         form = request.once(MailgunForm)
         ctx = EmailContext(
             adapter=self.name,

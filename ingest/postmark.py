@@ -17,7 +17,6 @@ that cannot be read is kept as a dead letter and answered 200.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from email.utils import formataddr
@@ -141,10 +140,9 @@ class PostmarkAdapter(BasicAuthAdapter[PostmarkSettings]):
     # 401, never 403, for wrong credentials: 403 would stop Postmark's retries.
     on_unauthorized = "Postmark retries"
 
-    async def normalize(self, request: InboundRequest) -> Normalized:
-        return await asyncio.to_thread(self._normalize, request)
+    offload = ("parse",)  # mail, parsed in a parse process
 
-    def _normalize(self, request: InboundRequest) -> Normalized:
+    def parse(self, request: InboundRequest) -> Normalized:
         document = load_json(request.body)
         if not isinstance(document, dict):
             raise NormalizeError("malformed", "the body is not a JSON object")

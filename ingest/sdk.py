@@ -39,6 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
+import dataclasses
 import hmac
 import logging
 import os
@@ -51,7 +54,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 from uuid import UUID
 
@@ -63,6 +66,7 @@ from pydantic_settings import BaseSettings
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
 from ingest.ratelimit import ClientBuckets
+from ingest.workers import ParserPool, WorkerCrashed
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
@@ -115,6 +119,9 @@ class AdapterContext:
     #: Listening sockets inherited from the supervisor, by name (``http``, ``smtp``):
     #: a listener serves the one of its name instead of binding its port.
     sockets: Mapping[str, socket.socket] = field(default_factory=dict, repr=False)
+    #: The HTTP process's parse processes, where an ``offload`` adapter's
+    #: ``authenticate`` and ``parse`` run (None: on a thread of this process).
+    parsers: ParserPool | None = field(default=None, repr=False)
 
     def share(self, limit: int) -> int:
         """This process's part of ``limit`` (switchboard.limits.share)."""
@@ -230,6 +237,10 @@ class InboundRequest:
     message_id: UUID  # the UUIDv7 this arrival gets
     received_at: datetime
     _parsed: dict[object, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def portable(self) -> InboundRequest:
+        """This request as it crosses to a parse process: without what was parsed."""
+        return dataclasses.replace(self, _parsed={})
 
     def once(self, parse: Callable[[InboundRequest], T]) -> T:
         """``parse(self)``, computed once per request: authentication and the
@@ -405,11 +416,20 @@ class HttpAdapter(Adapter[S]):
     edge = False  # the HTTP server is the edge; its stop comes first
     malformed: ClassVar[Literal["reject", "dead-letter"]] = "reject"
     malformed_status: ClassVar[int] = 400
-    #: True when :meth:`authenticate` must read a large body (a signature inside a
-    #: multipart email): it then runs on a worker thread, so one big request does
-    #: not stall the event loop for every other. A ``normalize`` that parses mail
-    #: hands that work to ``asyncio.to_thread`` itself (the providers do).
-    offload: ClassVar[bool] = False
+    #: The steps that read the body with the standard library's MIME parser (an
+    #: email, a multipart form), for an adapter whose input is mail: ``"parse"``
+    #: (the adapter implements :meth:`parse` instead of :meth:`normalize`) and, when
+    #: the credentials are inside the body, ``"authenticate"``. They run in the HTTP
+    #: process's parse processes (``[http] parse_workers``), where a call still
+    #: running after ``parse_timeout_s`` is killed, tried once more on a fresh
+    #: process, then given up: input built to make the parser crawl holds one parse
+    #: process for two time limits, never the server, and never a thread for good.
+    #: They run on an instance made there from the class and the settings alone: they
+    #: may use ``self.settings`` and the class's attributes, not the context.
+    offload: ClassVar[tuple[Literal["authenticate", "parse"], ...]] = ()
+    #: The answer when :meth:`authenticate`'s parse crashed or outlasted its limit
+    #: twice: who sent it is unknown, so it is refused (with bounded evidence).
+    unreadable_status: ClassVar[int] = 400
     retry_status: ClassVar[int] = 503
 
     def __init__(self, settings: S, context: AdapterContext) -> None:
@@ -427,7 +447,50 @@ class HttpAdapter(Adapter[S]):
         raise NotImplementedError
 
     async def normalize(self, request: InboundRequest) -> Normalized:
+        """The message in this request; an ``offload`` adapter implements
+        :meth:`parse` instead, which this runs in a parse process."""
+        if "parse" in self.offload:
+            return cast("Normalized", await self._offloaded("parse", request))
         raise NotImplementedError
+
+    def parse(self, request: InboundRequest) -> Normalized:
+        """An ``offload`` adapter's normalizer: synchronous, run in a parse process."""
+        raise NotImplementedError
+
+    async def _offloaded(
+        self, step: Literal["authenticate", "parse"], request: InboundRequest
+    ) -> object:
+        """``authenticate`` or ``parse`` of this request, in a parse process (on a
+        thread when the process has none): a call given up on (crashed, or over its
+        time limit, twice) is refused unread at ``authenticate`` and a
+        ``normalizer-error`` at ``parse``."""
+        pool = self.context.parsers
+        if pool is None:
+            return await asyncio.to_thread(_run_step, self, step, request)
+        try:
+            result: object = await pool.run(
+                _offloaded_step, type(self), self.settings, step, request.portable()
+            )
+        except WorkerCrashed as exc:
+            log.error(
+                "a request's %s crashed its parse process or outlasted its time, twice",
+                step,
+                extra={"adapter": self.name, "message_id": str(request.message_id)},
+            )
+            limit = f"{pool.timeout_s:g} s"
+            if step == "authenticate":
+                raise Rejected(
+                    "unreadable",
+                    f"reading the request crashed the parser or took it over {limit}, twice",
+                    status=self.unreadable_status,
+                    record=True,
+                ) from exc
+            raise NormalizeError(
+                "normalizer-error",
+                f"parsing the message crashed the parser or took it over {limit}, twice; "
+                "its raw body is kept",
+            ) from exc
+        return result
 
     def authenticate_headers(self, route: HttpRoute, headers: Mapping[str, str]) -> None:
         """Raise :class:`Rejected` for credentials the headers alone prove missing or
@@ -585,18 +648,27 @@ class HttpAdapter(Adapter[S]):
             await self.admit(route)
         except Rejected as exc:
             return self.refused(None, exc)
-        try:
-            if self.offload:
-                await asyncio.to_thread(self.authenticate, inbound)
-            else:
-                self.authenticate(inbound)
-        except Rejected as exc:
-            return await self._refuse(inbound, exc)
+        refusal = await self._authenticated(inbound)
+        if refusal is not None:
+            return refusal
         try:
             await self.admit_authenticated(route)
         except Rejected as exc:
             return self.refused(None, exc)
         return await self._take(inbound)
+
+    async def _authenticated(self, inbound: InboundRequest) -> Response | None:
+        """None when :meth:`authenticate` lets the request in; else the answer."""
+        try:
+            if "authenticate" in self.offload:
+                await self._offloaded("authenticate", inbound)
+            else:
+                self.authenticate(inbound)
+        except Rejected as exc:
+            return await self._refuse(inbound, exc)
+        except RetryLater as exc:  # no parse process could be started
+            return self.unavailable(exc)
+        return None
 
     async def _refuse(self, request: InboundRequest, error: Rejected) -> Response:
         if error.record and not await self._record_refusal(request, error):
@@ -663,13 +735,7 @@ class HttpAdapter(Adapter[S]):
         try:
             return await self.normalize(request)
         except ValidationError as exc:
-            errors = exc.errors()
-            where = ".".join(str(part) for part in errors[0]["loc"]) if errors else "?"
-            why = errors[0]["msg"] if errors else exc.title
-            raise NormalizeError(
-                "normalizer-error",
-                f"the normalized message fails the schema at {where}: {why}"[:500],
-            ) from exc
+            raise _schema_error(exc) from exc
 
     async def _take(self, request: InboundRequest) -> Response:
         started = time.perf_counter()
@@ -695,6 +761,50 @@ class HttpAdapter(Adapter[S]):
             extra={"adapter": self.name, "ms": round((time.perf_counter() - started) * 1000, 1)},
         )
         return self.accepted(request, normalized)
+
+
+def _schema_error(exc: ValidationError) -> NormalizeError:
+    errors = exc.errors()
+    where = ".".join(str(part) for part in errors[0]["loc"]) if errors else "?"
+    why = errors[0]["msg"] if errors else exc.title
+    return NormalizeError(
+        "normalizer-error", f"the normalized message fails the schema at {where}: {why}"[:500]
+    )
+
+
+def _run_step(adapter: HttpAdapter[Any], step: str, request: InboundRequest) -> Any:  # noqa: ANN401
+    try:
+        return getattr(adapter, step)(request)
+    except ValidationError as exc:  # does not cross from a parse process as itself
+        raise _schema_error(exc) from None
+
+
+#: Requests a parse process has seen lately, by message id: the ``parse`` of a
+#: request that process authenticated reuses what ``authenticate`` parsed (a
+#: Mailgun form, up to 30 MB) instead of parsing the body again.
+_RECENT: collections.OrderedDict[UUID, InboundRequest] = collections.OrderedDict()
+_RECENT_MAX = 4
+
+
+def _offloaded_step(
+    cls: type[HttpAdapter[Any]], settings: object, step: str, request: InboundRequest
+) -> Any:  # noqa: ANN401 - the step's own result
+    """In a parse process: run ``step`` of an instance made of the settings alone."""
+    seen = _RECENT.get(request.message_id)
+    if seen is not None and seen.body == request.body:
+        request = seen
+    else:
+        _RECENT[request.message_id] = request
+        with contextlib.suppress(KeyError):  # parse threads (no processes) share it
+            while len(_RECENT) > _RECENT_MAX:
+                _RECENT.popitem(last=False)
+    adapter = cls.__new__(cls)
+    adapter.settings = settings
+    try:
+        return _run_step(adapter, step, request)
+    finally:
+        if step == "parse":
+            _RECENT.pop(request.message_id, None)
 
 
 class BasicAuthSettings(BaseSettings):

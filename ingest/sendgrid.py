@@ -18,7 +18,6 @@ cannot be read is kept as a dead letter and answered 200.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import dataclasses
 from email.parser import HeaderParser
@@ -100,10 +99,9 @@ class SendgridAdapter(BasicAuthAdapter[SendgridSettings]):
     provider = "SendGrid"
     on_unauthorized = "SendGrid does not retry"  # any 4xx drops the mail there
 
-    async def normalize(self, request: InboundRequest) -> Normalized:
-        return await asyncio.to_thread(self._normalize, request)
+    offload = ("parse",)  # mail, parsed in a parse process
 
-    def _normalize(self, request: InboundRequest) -> Normalized:
+    def parse(self, request: InboundRequest) -> Normalized:
         form = SendgridForm(request)
         mail_from, rcpt_tos = form.envelope()
         ctx = EmailContext(

@@ -62,6 +62,7 @@ from pydantic import BaseModel, SecretStr
 from ingest.handoff import HandOff
 from ingest.migrations import CHAIN
 from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
+from ingest.workers import ParserPool
 from normalize.schema import DeadLetter, InboundMessage
 from switchboard.blobs import PackBlobStore
 from switchboard.broker import EmbeddedBroker, free_port
@@ -113,6 +114,7 @@ class Running:
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _server: HttpServer | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _parsers: ParserPool | None = field(default=None, repr=False)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
 
@@ -160,13 +162,20 @@ def _start(
     engine = make_engine(f"sqlite:///{data_dir / 'switchboard.db'}")
     migrate(engine, [CHAIN])  # the IMAP checkpoints
     stops: list[str] = []
-    context = AdapterContext(handoff, engine=engine, on_stop=stops.append)
+    # An adapter that parses mail in a parse process is run with a real one: its
+    # `authenticate` and `parse` must work there (picklable, without the context).
+    offload = issubclass(adapter_class, HttpAdapter) and bool(adapter_class.offload)
+    parsers = ParserPool(1, 30.0) if offload else None
+    context = AdapterContext(handoff, engine=engine, on_stop=stops.append, parsers=parsers)
     adapter = adapter_class(settings, context)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="conformance-loop")
     thread.start()
     running = Running(adapter, kafka, data_dir, loop=loop, _thread=thread)
     running._closers += [engine.dispose, lambda: publisher.close(timeout_s=2), handoff.close]
+    if parsers is not None:
+        asyncio.run_coroutine_threadsafe(parsers.start(), loop).result(60)
+        running._parsers = parsers
     if isinstance(adapter, HttpAdapter):
         app = create_app(Readiness())
         mount_adapters(app, [adapter])
@@ -187,6 +196,8 @@ def _stop(running: Running, timeout_s: float = 15) -> float:
         asyncio.run_coroutine_threadsafe(running._server.stop(), running.loop).result(timeout_s)
     asyncio.run_coroutine_threadsafe(running.adapter.stop(), running.loop).result(timeout_s)
     took = time.monotonic() - started
+    if running._parsers is not None:
+        asyncio.run_coroutine_threadsafe(running._parsers.stop(), running.loop).result(timeout_s)
     asyncio.run_coroutine_threadsafe(running.loop.shutdown_default_executor(), running.loop).result(
         timeout_s
     )

@@ -160,6 +160,11 @@ class _Worker:
 
 
 class ParserPool:
+    #: As a component of the runtime (the HTTP process's pool): started before the
+    #: server, stopped after it.
+    name = "parsers"
+    edge = False
+
     def __init__(self, workers: int = 0, timeout_s: float = 60.0) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
@@ -200,6 +205,13 @@ class ParserPool:
             await self.stop()  # the ones already started do not outlive a failed start
             raise
         self._watchdog = asyncio.create_task(self._watch(), name="parser-watchdog")
+
+    async def start(self) -> None:
+        await self.warm_up()
+
+    def preload(self, *modules: str) -> None:
+        """Modules a process imports while starting, before its first call."""
+        self._modules.update(modules)
 
     async def _spawn(self) -> _Worker:
         ours, theirs = socket.socketpair()

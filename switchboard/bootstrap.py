@@ -34,6 +34,7 @@ from ingest.sdk import Adapter, AdapterContext, HttpAdapter, mount_adapters
 from ingest.smtp import SmtpAdapter
 from ingest.spool import Drainer, Spool, SpoolBusy, read_depth
 from ingest.twilio import TwilioAdapter
+from ingest.workers import ParserPool
 from router.config import routing_config
 from router.service import Router
 from router.store import RouterStore
@@ -509,6 +510,21 @@ def producer_settings(kafka: KafkaSettings, roles: frozenset[str]) -> KafkaSetti
     return kafka
 
 
+def _mount_http(
+    app: FastAPI, roles: frozenset[str], adapters: list[Adapter[Any]], parsers: ParserPool
+) -> list[Component]:
+    """Mount the HTTP adapters; the parse processes, when one of them needs them."""
+    if "http" not in roles:
+        return []
+    http_adapters = [a for a in adapters if isinstance(a, HttpAdapter)]
+    mount_adapters(app, http_adapters)
+    offloading = [a for a in http_adapters if a.offload]
+    if not offloading:
+        return []
+    parsers.preload(HttpAdapter.__module__, *(type(a).__module__ for a in offloading))
+    return [parsers]
+
+
 def build_pipeline(
     settings: Settings,
     roles: frozenset[str] = ROLES,
@@ -552,6 +568,8 @@ def build_pipeline(
         evidence=evidence,
         journal=make_journal(settings, roles, broker),
     )
+    # Started only if an enabled adapter parses mail in it (the providers).
+    parsers = ParserPool(settings.http.parse_workers, settings.http.parse_timeout_s)
     context = AdapterContext(
         handoff,
         bind_host=settings.bind_host,
@@ -559,10 +577,10 @@ def build_pipeline(
         engine=engine,
         workers=worker.count,
         sockets=worker.sockets,
+        parsers=parsers,
     )
     adapters = build_adapters(settings, roles, context)
-    if "http" in roles:
-        mount_adapters(app, [a for a in adapters if isinstance(a, HttpAdapter)])
+    components.extend(_mount_http(app, roles, adapters, parsers))
     _serve_imap_status(app, settings, engine)
     # The HTTP server always runs: it serves /healthz and /readyz for every role.
     components.append(

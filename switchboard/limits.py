@@ -95,6 +95,26 @@ class HttpLimitSettings(BaseSettings):
             "default one per CPU core. `switchboard run` always runs one."
         ),
     )
+    parse_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description=(
+            "Processes beside each HTTP process that parse the providers' mail (Mailgun, "
+            "SendGrid, Postmark), started only when one of them is enabled; 0: a thread "
+            "of the HTTP process, which nothing can stop."
+        ),
+    )
+    parse_timeout_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description=(
+            "A parse process still busy with one request after this long is killed and "
+            "replaced; the request is tried once more, then refused unread (a signature "
+            "inside the body: Mailgun) or kept as a dead letter (normalizer-error)."
+        ),
+    )
     # Loopback by default, as uvicorn's own default: a proxy on the same host must
     # keep working, and the queue API's "loopback only without a token" rule must
     # see the proxy's client, not the proxy.

@@ -20,6 +20,7 @@ from ingest.sdk import AdapterContext, HttpAdapter, mount_adapters
 from ingest.spool import Spool
 from ingest.twilio import TwilioAdapter
 from ingest.webhook import WebhookAdapter
+from ingest.workers import ParserPool
 from switchboard.blobs import FileBlobStore
 from switchboard.events import read_data
 from switchboard.http import Readiness, create_app
@@ -58,16 +59,19 @@ def http_ingest(
     evidence: EvidenceBudget | None = None,
     limits: HttpLimitSettings | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    parse_timeout_s: float = 30.0,
 ) -> Iterator[RunningHttp]:
     """The HTTP ingest app on a real socket: Twilio (if given), the web hooks, and
-    ``providers``: (adapter class, its settings) pairs built on the same hand-off."""
+    ``providers``: (adapter class, its settings) pairs built on the same hand-off.
+    Providers that parse mail get a real parse process, as in production."""
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0, evidence=evidence)
     app = create_app(Readiness(), limits)
-    context = AdapterContext(handoff, public_url=public_url)
+    parsers = ParserPool(1, parse_timeout_s) if any(c.offload for c, _ in providers) else None
+    context = AdapterContext(handoff, public_url=public_url, parsers=parsers)
     if on_stop is not None:  # the default stops this process, as it does in production
-        context = AdapterContext(handoff, public_url=public_url, on_stop=on_stop)
+        context = AdapterContext(handoff, public_url=public_url, on_stop=on_stop, parsers=parsers)
     adapters: list[HttpAdapter[Any]] = [
         WebhookAdapter(WebhooksSettings(hooks=hooks or []), context)
     ]
@@ -79,11 +83,15 @@ def http_ingest(
     loop = loop_factory()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="http-test-loop")
     thread.start()
+    if parsers is not None:
+        asyncio.run_coroutine_threadsafe(parsers.start(), loop).result(60)
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
     try:
         yield RunningHttp(f"http://127.0.0.1:{server.port}", blobs, server)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        if parsers is not None:
+            asyncio.run_coroutine_threadsafe(parsers.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()

@@ -32,6 +32,7 @@ from tests import needs
 from tests.e2e.test_cli import ROOT
 from tests.e2e.test_quickstart import quickstart
 from tests.e2e.test_run import _env, _stop, _wait_healthy, running
+from tests.provider_payloads import Mail, mailgun_parsed
 
 pytestmark = pytest.mark.e2e
 
@@ -155,6 +156,10 @@ def test_the_readme_shell_examples_run_against_switchboard_run(tmp_path: Path) -
 
     with running(env, tmp_path) as process:
         _wait_healthy(base, process, within_s=60)
+        # Mailgun's mail is parsed in `run`'s parse process (settings from the env).
+        signed = mailgun_parsed(Mail("readme-mailgun"), key="readme-mailgun")
+        mailgun = httpx.post(f"{base}/webhooks/mailgun", **signed, timeout=30)
+        assert mailgun.status_code == 200, mailgun.text
         with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
             for who in ("ann@example.org", "ann.b@example.net"):
                 smtp.sendmail(
