@@ -13,7 +13,8 @@ queue, a management thread and a feeder thread, each taking the GIL in turn:
 A worker runs its calls one at a time, in the order they were sent, so when it
 dies the call at the head of its line is the one that killed it; the calls
 queued behind it were not started and go to the fresh worker without counting
-against them. The culprit is retried once on a fresh worker and only then
+against them. The culprit is retried once on a fresh worker, after the calls that were
+waiting (one poison delays them by one time limit, not two), and only then
 reported as :class:`WorkerCrashed`, so the adapter can keep the raw bytes and
 dead-letter it: one poison message never costs another sender its message. A
 call that runs longer than ``timeout_s`` (a message built to make the parser
@@ -174,6 +175,9 @@ class ParserPool:
         self._seq = 0
         #: Calls that arrived while no worker was alive (one being replaced).
         self._backlog: collections.deque[_Call] = collections.deque()
+        #: Calls that crashed (or outlasted) a worker once, to be tried once more after
+        #: the calls waiting (taken with them by _take_waiting, last).
+        self._retries: collections.deque[_Call] = collections.deque()
         #: The modules of the functions called so far: a replacement process imports
         #: them while starting (time that does not count), not on its first message,
         #: whose limit the imports could eat on a loaded machine (a test saw a good
@@ -250,6 +254,7 @@ class ParserPool:
             _cancel(worker.line)
             _cancel(worker.queue)
         _cancel(self._backlog)
+        _cancel(self._retries)
         await asyncio.to_thread(_join_all, [worker.process for worker in slots])
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -354,9 +359,14 @@ class ParserPool:
         if dead.process.is_alive():
             dead.process.kill()  # an unreadable reply: it may still be running
         await asyncio.to_thread(dead.process.join, 5)
-        self._blame(dead)
+        retry = self._blame(dead)
         dead.line.extend(call for call in dead.queue if not call.future.done())
         dead.queue.clear()
+        if retry is not None:
+            # Its second try comes after every call that was waiting, and after those
+            # arriving while the fresh process starts (the backlog, _take_waiting):
+            # one poison message delays the others by one time limit, not two.
+            self._retries.append(retry)
         fresh = await self._start_fresh(dead.line)
         if self.stopping or dead not in self._slots:  # stopped meanwhile: it goes too
             _hang_up(fresh)
@@ -370,13 +380,19 @@ class ParserPool:
     def _take_waiting(self, line: collections.deque[_Call]) -> list[_Call]:
         """The calls of a dead worker's line, then the backlog, that someone still
         awaits; both emptied."""
-        waiting = [call for call in (*line, *self._backlog) if not call.future.done()]
+        waiting = [
+            call for call in (*line, *self._backlog, *self._retries) if not call.future.done()
+        ]
         line.clear()
         self._backlog.clear()
+        self._retries.clear()
         return waiting
 
-    def _blame(self, dead: _Worker) -> None:
-        """Count the death against the call at the head of the dead worker's line."""
+    def _blame(self, dead: _Worker) -> _Call | None:
+        """Count the death against the call at the head of the dead worker's line:
+        given up at its second, else taken out of the line to be tried again (it is
+        returned; the caller puts it last)."""
+        retry = None
         line = dead.line
         if dead.ready is not None and not dead.ready.done():
             dead.ready.set_exception(WorkerCrashed("the parser worker died while starting"))
@@ -386,21 +402,20 @@ class ParserPool:
         # The head is the culprit, unless the watchdog killed the worker for another
         # call that finished just before the kill landed.
         if line and (dead.timed_out is None or dead.timed_out is line[0]):
-            culprit = line[0]
+            culprit = line.popleft()
             culprit.crashes += 1
-            if culprit.crashes >= 2:
-                line.popleft()
-                if not culprit.future.done():
-                    culprit.future.set_exception(
-                        WorkerCrashed(
-                            "the message crashed the parser (or outlasted its time) twice"
-                        )
-                    )
+            if culprit.crashes < 2:
+                retry = culprit
+            elif not culprit.future.done():
+                culprit.future.set_exception(
+                    WorkerCrashed("the message crashed the parser (or outlasted its time) twice")
+                )
         log.error(
             "parser worker %s; starting another",
             "killed after timeout_s" if dead.timed_out is not None else "died",
             extra={"exitcode": dead.process.exitcode, "waiting": len(line)},
         )
+        return retry
 
     async def _start_fresh(self, line: collections.deque[_Call]) -> _Worker:
         """A new worker, however many tries it takes; between tries the waiting calls

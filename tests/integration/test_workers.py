@@ -294,6 +294,31 @@ def _note(path: str, value: int) -> int:
     return value
 
 
+def _note_then_hang(path: str, value: int) -> int:
+    _note(path, value)
+    time.sleep(3600)
+    return value
+
+
+def test_a_message_that_outlasted_its_time_is_tried_again_after_those_waiting(
+    tmp_path: Path,
+) -> None:
+    """Before, the culprit's second try came first on the fresh worker, and every
+    message waiting behind it waited for two time limits instead of one."""
+    notes = tmp_path / "notes.txt"
+
+    async def scenario() -> None:
+        async with _started(workers=1, timeout_s=0.5) as pool:
+            stuck = pool.run(_note_then_hang, str(notes), -1)
+            waiting = [pool.run(_note, str(notes), i) for i in range(3)]
+            results = await asyncio.gather(stuck, *waiting, return_exceptions=True)
+            assert isinstance(results[0], WorkerCrashed)
+            assert results[1:] == [0, 1, 2]
+
+    asyncio.run(scenario())
+    assert notes.read_text().split() == ["-1", "0", "1", "2", "-1"]
+
+
 def test_calls_whose_senders_gave_up_are_dropped_unparsed(tmp_path: Path) -> None:
     """Only the call being parsed and the next are in the worker's socket; the rest
     wait here, and one whose sender hung up (its future cancelled) is never sent."""
