@@ -206,6 +206,14 @@ class Access:
         never signed in as this account, per account); a new session (its cookie
         value, the session) and the browser's proof that it signed in as the account
         (:meth:`device_proof`), or :class:`Denied`."""
+        device = self.known_device(request, account_of(name))
+        return self.sign_in_from(request, name, password, device)
+
+    def sign_in_from(
+        self, request: Request, name: str, password: str, device: str | None
+    ) -> tuple[str, Session, str | None]:
+        """:meth:`sign_in`, for a caller that already read the browser's
+        :meth:`known_device` (the page, to choose the Argon2 lane)."""
         if self.agents is None:
             raise Denied(403, "this process has no agent directory")
         # An IPv6 client by its /64, as every other per-client limit (one customer's
@@ -217,7 +225,6 @@ class Access:
         # failing five times from five addresses locked the agent out everywhere
         # (review, 2026-12-01). The agent's own browser carries proof it did, and has
         # a count of its own (a copied device cookie is no unlimited pass).
-        device = self.known_device(request, account)
         counted = f"account:{account}" if device is None else f"device:{account}:{device}"
         wait = max(wait, self.per_account.retry_after(counted))
         if wait:

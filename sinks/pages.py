@@ -480,7 +480,7 @@ def _session_routes(router: APIRouter, pages: _Pages) -> None:
             device = await asyncio.to_thread(access.known_device, request, account_of(name))
             async with known if device is not None else strangers:
                 session_id, session, device = await asyncio.to_thread(
-                    access.sign_in, request, name, password
+                    access.sign_in_from, request, name, password, device
                 )
         except Denied as exc:
             error = exc.detail if exc.status in (401, 429) else None
