@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -177,16 +178,31 @@ def clip_html(html: str) -> str:
     return ""
 
 
-def clipped(message: dict[str, Any]) -> bool:
-    """Whether the card shows less than the whole of the message."""
-    texts = (message.get(f) or "" for f in ("text", "text_new"))
+@dataclass(frozen=True)
+class Shown:
+    """What the card shows of one message's bodies, each clipped once per render
+    (a long HTML body is sanitized again when clipped: not twice)."""
+
+    text: str  # the new text (or the whole text when there is none)
+    history: str  # the whole text, quoted history included
+    html: str
+    clipped: bool  # less than the whole message
+
+
+def shown(message: dict[str, Any]) -> Shown:
+    text, new = message.get("text") or "", message.get("text_new") or ""
     html = message.get("html") or ""
-    return any(len(clip(t)) < len(t) for t in texts) or clip_html(html) is not html
+    history, new_shown = clip(text), clip(new)
+    html_shown = clip_html(html)
+    return Shown(
+        text=new_shown if new else history,
+        history=history,
+        html=html_shown,
+        clipped=len(history) < len(text) or len(new_shown) < len(new) or html_shown is not html,
+    )
 
 
-_templates.filters["clip"] = clip
-_templates.filters["clip_html"] = clip_html
-_templates.tests["clipped"] = clipped
+_templates.globals["shown"] = shown
 _templates.filters["visible"] = visible
 _templates.filters["address"] = address_of
 _templates.filters["when"] = when
