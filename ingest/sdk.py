@@ -801,10 +801,13 @@ def _offloaded_step(
     adapter = cls.__new__(cls)
     adapter.settings = settings
     try:
-        return _run_step(adapter, step, request)
-    finally:
-        if step == "parse":
-            _RECENT.pop(request.message_id, None)
+        result = _run_step(adapter, step, request)
+    except BaseException:
+        _RECENT.pop(request.message_id, None)  # refused: no parse follows
+        raise
+    if step == "parse":
+        _RECENT.pop(request.message_id, None)
+    return result
 
 
 class BasicAuthSettings(BaseSettings):
