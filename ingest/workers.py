@@ -134,12 +134,31 @@ def _as_exception(value: object) -> Exception:
 @dataclass(eq=False)
 class _Call:
     seq: int
-    payload: bytes
+    fn: Callable[..., Any]
+    args: tuple[object, ...]
     future: asyncio.Future[Any]
     crashes: int = 0
     #: The pool's own "are you up?" call, first in a new worker's line: the time a
     #: process takes to start does not count against the first message's limit.
     internal: bool = False
+    #: The pickled call, made when it is first written to a worker (and kept for a
+    #: second try): a call still waiting holds its arguments, not a copy of them
+    #: (a 30 MB mail waiting was two 30 MB buffers).
+    payload: bytes | None = None
+
+    def encoded(self) -> bytes | None:
+        """The call as written to a worker; None when it cannot be pickled (its
+        future then holds the error)."""
+        if self.payload is None:
+            try:
+                self.payload = pickle.dumps(
+                    (self.seq, self.fn, self.args), protocol=pickle.HIGHEST_PROTOCOL
+                )
+            except Exception as exc:  # noqa: BLE001 - the caller's arguments, its error
+                if not self.future.done():
+                    self.future.set_exception(exc)
+                return None
+        return self.payload
 
 
 @dataclass(eq=False)
@@ -273,9 +292,8 @@ class ParserPool:
         self, fn: Callable[..., Any], args: tuple[object, ...], *, internal: bool = False
     ) -> _Call:
         self._seq += 1
-        payload = pickle.dumps((self._seq, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         future = asyncio.get_running_loop().create_future()
-        return _Call(self._seq, payload, future, internal=internal)
+        return _Call(self._seq, fn, args, future, internal=internal)
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self._slots if not w.dead]
@@ -292,11 +310,14 @@ class ParserPool:
         if len(worker.line) >= _AHEAD:
             worker.queue.append(call)
             return
+        payload = call.encoded()
+        if payload is None:
+            return  # answered with its pickling error; nothing was written
         if not worker.line:
             worker.head_since = asyncio.get_running_loop().time()
         worker.line.append(call)
-        worker.writer.write(_HEADER.pack(len(call.payload)))
-        worker.writer.write(call.payload)
+        worker.writer.write(_HEADER.pack(len(payload)))
+        worker.writer.write(payload)
 
     def _pump(self, worker: _Worker) -> None:
         """Write the next queued calls, dropping those nobody waits for any more."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -334,3 +335,27 @@ def test_calls_whose_senders_gave_up_are_dropped_unparsed(tmp_path: Path) -> Non
 
     asyncio.run(scenario())
     assert notes.read_text().split() == ["0", "1", "9"]
+
+
+def test_waiting_calls_hold_their_arguments_not_a_pickled_copy(tmp_path: Path) -> None:
+    """A call is pickled when it is written to a worker: ten 1 MB messages waiting
+    behind a slow one held ten more megabytes of pickles before. One whose
+    arguments cannot be pickled fails alone, and the pool goes on."""
+    notes = tmp_path / "notes.txt"
+    big = b"x" * 1_000_000
+
+    async def scenario() -> None:
+        async with _started(workers=1) as pool:
+            first = asyncio.ensure_future(pool.run(_note, str(notes), 0))
+            waiting = [asyncio.ensure_future(pool.run(len, big)) for _ in range(10)]
+            await asyncio.sleep(0)  # every call is in the pool now
+            [worker] = pool._slots
+            assert len(worker.queue) >= 8
+            assert all(call.payload is None for call in worker.queue)
+            assert await first == 0
+            assert await asyncio.gather(*waiting) == [1_000_000] * 10
+            with pytest.raises(TypeError):
+                await pool.run(len, threading.Lock())
+            assert await pool.run(len, b"abc") == 3
+
+    asyncio.run(scenario())
