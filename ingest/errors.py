@@ -62,19 +62,20 @@ class Rejected(Exception):
         self.metadata = dict(metadata or {})
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        # Raised in an HTTP parse process and pickled back to the server: the default
-        # round trip calls __init__ with the message alone, and fails.
-        keywords = {
-            "status": self.status,
-            "headers": self.headers,
-            "record": self.record,
-            "metadata": self.metadata,
-        }
-        return (_rejected, (type(self), self.reason, self.detail, keywords))
+        # Raised in a parse process and pickled back to the server: the default round
+        # trip calls __init__ with the message alone, and fails (so would a subclass's
+        # own __init__): rebuilt from its state instead.
+        return (rebuild_exception, (type(self), self.args, self.__dict__))
 
 
-def _rejected(cls: type[Rejected], reason: str, detail: str, keywords: dict[str, Any]) -> Rejected:
-    return cls(reason, detail, **keywords)
+def rebuild_exception(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, Any]
+) -> BaseException:
+    """An exception as it was pickled, without calling its ``__init__``."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class Stop(StartupError):

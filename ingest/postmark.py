@@ -140,7 +140,7 @@ class PostmarkAdapter(BasicAuthAdapter[PostmarkSettings]):
     # 401, never 403, for wrong credentials: 403 would stop Postmark's retries.
     on_unauthorized = "Postmark retries"
 
-    offload = ("parse",)  # mail, parsed in a parse process
+    offload = True  # mail, parsed in a parse process
 
     def parse(self, request: InboundRequest) -> Normalized:
         document = load_json(request.body)

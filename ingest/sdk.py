@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
-import contextlib
 import dataclasses
 import hmac
 import logging
@@ -54,7 +52,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote_to_bytes
 from uuid import UUID
 
@@ -62,6 +60,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, JsonValue, SecretStr, ValidationError
 from pydantic_settings import BaseSettings
+from python_multipart.multipart import parse_options_header
 
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
@@ -82,6 +81,9 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S")
 T = TypeVar("T")
+
+#: Bodies longer than this are authenticated on a thread, off the event loop.
+INLINE_AUTH_BYTES = 256 * 1024
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -119,8 +121,8 @@ class AdapterContext:
     #: Listening sockets inherited from the supervisor, by name (``http``, ``smtp``):
     #: a listener serves the one of its name instead of binding its port.
     sockets: Mapping[str, socket.socket] = field(default_factory=dict, repr=False)
-    #: The HTTP process's parse processes, where an ``offload`` adapter's
-    #: ``authenticate`` and ``parse`` run (None: on a thread of this process).
+    #: The HTTP process's parse processes, where an ``offload`` adapter's ``parse``
+    #: runs (None: on a thread of this process).
     parsers: ParserPool | None = field(default=None, repr=False)
 
     def share(self, limit: int) -> int:
@@ -263,6 +265,12 @@ class InboundRequest:
         """A multipart/form-data body, parsed by the standard library's MIME parser
         (it keeps every part's bytes, so a field in another charset can be decoded
         with the charset the sender names)."""
+        _, options = parse_options_header(self.content_type)
+        boundary = options.get(b"boundary")
+        if boundary and self.body.count(b"--" + boundary) > max_parts + 1:
+            # Counted before the parse: the parser's cost and memory grow with the
+            # parts (10 MB of empty ones: 16 s and 461 MB, review of 2026-12-01).
+            raise NormalizeError("malformed", f"more than {max_parts} parts")
         head = f"Content-Type: {self.content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
         message = BytesParser(policy=policy.compat32).parsebytes(head + self.body)
         if not message.is_multipart() or not message.get_param("boundary"):
@@ -416,25 +424,29 @@ class HttpAdapter(Adapter[S]):
     edge = False  # the HTTP server is the edge; its stop comes first
     malformed: ClassVar[Literal["reject", "dead-letter"]] = "reject"
     malformed_status: ClassVar[int] = 400
-    #: The steps that read the body with the standard library's MIME parser (an
-    #: email, a multipart form), for an adapter whose input is mail: ``"parse"``
-    #: (the adapter implements :meth:`parse` instead of :meth:`normalize`) and, when
-    #: the credentials are inside the body, ``"authenticate"``. They run in the HTTP
-    #: process's parse processes (``[http] parse_workers``), where a call still
-    #: running after ``parse_timeout_s`` is killed, tried once more on a fresh
-    #: process, then given up: input built to make the parser crawl holds one parse
-    #: process for two time limits, never the server, and never a thread for good.
-    #: They run on an instance made there from the class and the settings alone: they
-    #: may use ``self.settings`` and the class's attributes, not the context.
-    offload: ClassVar[tuple[Literal["authenticate", "parse"], ...]] = ()
-    #: The answer when :meth:`authenticate`'s parse crashed or outlasted its limit
-    #: twice: who sent it is unknown, so it is refused (with bounded evidence).
-    unreadable_status: ClassVar[int] = 400
+    #: True for an adapter whose input is mail (a raw email, or parts the standard
+    #: library's MIME parser reads): it implements :meth:`parse` instead of
+    #: :meth:`normalize`, and the cycle runs it in the HTTP process's parse
+    #: processes (``[http] parse_workers``), where a call still running after
+    #: ``parse_timeout_s`` is killed, tried once more on a fresh process, then
+    #: given up (``normalizer-error``): input built to make the parser crawl holds
+    #: one parse process for two time limits, never the server, and never a thread
+    #: for good. ``parse`` runs there on an instance made from the class and the
+    #: settings alone (``__init__`` does not run): it may use ``self.settings`` and
+    #: the class's attributes, not the context. Only authenticated requests reach
+    #: it: keep :meth:`authenticate` cheap (Mailgun's reads three fields of its form
+    #: with a streaming parser, never the whole form).
+    offload: ClassVar[bool] = False
     retry_status: ClassVar[int] = 503
 
     def __init__(self, settings: S, context: AdapterContext) -> None:
         super().__init__(settings, context)
         self._client_buckets: dict[str, ClientBuckets] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:  # noqa: ANN401 - type's own
+        super().__init_subclass__(**kwargs)
+        if cls.offload and cls.parse is HttpAdapter.parse:
+            raise TypeError(f"{cls.__name__}: an adapter with offload = True implements parse()")
 
     def routes(self) -> Sequence[HttpRoute]:
         raise NotImplementedError
@@ -449,48 +461,32 @@ class HttpAdapter(Adapter[S]):
     async def normalize(self, request: InboundRequest) -> Normalized:
         """The message in this request; an ``offload`` adapter implements
         :meth:`parse` instead, which this runs in a parse process."""
-        if "parse" in self.offload:
-            return cast("Normalized", await self._offloaded("parse", request))
+        if self.offload:
+            return await self._parsed_apart(request)
         raise NotImplementedError
 
     def parse(self, request: InboundRequest) -> Normalized:
         """An ``offload`` adapter's normalizer: synchronous, run in a parse process."""
         raise NotImplementedError
 
-    async def _offloaded(
-        self, step: Literal["authenticate", "parse"], request: InboundRequest
-    ) -> object:
-        """``authenticate`` or ``parse`` of this request, in a parse process (on a
-        thread when the process has none): a call given up on (crashed, or over its
-        time limit, twice) is refused unread at ``authenticate`` and a
-        ``normalizer-error`` at ``parse``."""
+    async def _parsed_apart(self, request: InboundRequest) -> Normalized:
+        """:meth:`parse` in a parse process (on a thread when the process has none);
+        given up on (crashed, or over its time limit, twice): ``normalizer-error``."""
         pool = self.context.parsers
         if pool is None:
-            return await asyncio.to_thread(_run_step, self, step, request)
+            return await asyncio.to_thread(_parse_step, self, request)
         try:
-            result: object = await pool.run(
-                _offloaded_step, type(self), self.settings, step, request.portable()
-            )
+            return await pool.run(_parse_apart, type(self), self.settings, request.portable())
         except WorkerCrashed as exc:
             log.error(
-                "a request's %s crashed its parse process or outlasted its time, twice",
-                step,
+                "a message crashed its parse process or outlasted its time, twice",
                 extra={"adapter": self.name, "message_id": str(request.message_id)},
             )
-            limit = f"{pool.timeout_s:g} s"
-            if step == "authenticate":
-                raise Rejected(
-                    "unreadable",
-                    f"reading the request crashed the parser or took it over {limit}, twice",
-                    status=self.unreadable_status,
-                    record=True,
-                ) from exc
             raise NormalizeError(
                 "normalizer-error",
-                f"parsing the message crashed the parser or took it over {limit}, twice; "
-                "its raw body is kept",
+                f"parsing the message crashed the parser or took it over {pool.timeout_s:g} s, "
+                "twice; its raw body is kept",
             ) from exc
-        return result
 
     def authenticate_headers(self, route: HttpRoute, headers: Mapping[str, str]) -> None:
         """Raise :class:`Rejected` for credentials the headers alone prove missing or
@@ -658,16 +654,15 @@ class HttpAdapter(Adapter[S]):
         return await self._take(inbound)
 
     async def _authenticated(self, inbound: InboundRequest) -> Response | None:
-        """None when :meth:`authenticate` lets the request in; else the answer."""
+        """None when :meth:`authenticate` lets the request in; else the answer.
+        A large body is checked on a thread: the event loop serves everyone else."""
         try:
-            if "authenticate" in self.offload:
-                await self._offloaded("authenticate", inbound)
+            if len(inbound.body) > INLINE_AUTH_BYTES:
+                await asyncio.to_thread(self.authenticate, inbound)
             else:
                 self.authenticate(inbound)
         except Rejected as exc:
             return await self._refuse(inbound, exc)
-        except RetryLater as exc:  # no parse process could be started
-            return self.unavailable(exc)
         return None
 
     async def _refuse(self, request: InboundRequest, error: Rejected) -> Response:
@@ -734,8 +729,16 @@ class HttpAdapter(Adapter[S]):
         or refused as malformed input is, instead of answered 500 with nothing kept."""
         try:
             return await self.normalize(request)
+        except (NormalizeError, Rejected, RetryLater, Stop, OSError):
+            raise  # OSError: transient (a disk, a network), the sender retries
         except ValidationError as exc:
             raise _schema_error(exc) from exc
+        except Exception as exc:
+            # A bug or a limit of the normalizer on this input (RecursionError on a
+            # mail nested thousands of parts deep): malformed for the sender, kept or
+            # refused with the reason, instead of a 500 its sender retries for days.
+            log.exception("the normalizer failed on a message", extra={"adapter": self.name})
+            raise _failure(exc) from exc
 
     async def _take(self, request: InboundRequest) -> Response:
         started = time.perf_counter()
@@ -772,42 +775,35 @@ def _schema_error(exc: ValidationError) -> NormalizeError:
     )
 
 
-def _run_step(adapter: HttpAdapter[Any], step: str, request: InboundRequest) -> Any:  # noqa: ANN401
+def _parse_step(adapter: HttpAdapter[Any], request: InboundRequest) -> Normalized:
+    """``adapter.parse(request)``, with whatever else it raises made a
+    ``normalizer-error``: an exception that is not one of the families is a
+    message the parser could not take (a mail nested 2,000 parts deep raised
+    RecursionError), to be kept or refused as malformed, not answered 500 and
+    retried by the provider for days; and it crosses from a parse process as
+    itself, which a ValidationError or a KeyError subclass would not."""
     try:
-        return getattr(adapter, step)(request)
-    except ValidationError as exc:  # does not cross from a parse process as itself
+        return adapter.parse(request)
+    except (NormalizeError, Rejected, RetryLater, OSError):
+        raise
+    except ValidationError as exc:
         raise _schema_error(exc) from None
+    except Exception as exc:
+        log.exception("the parser failed on a message", extra={"adapter": adapter.name})
+        raise _failure(exc) from None
 
 
-#: Requests a parse process has seen lately, by message id: the ``parse`` of a
-#: request that process authenticated reuses what ``authenticate`` parsed (a
-#: Mailgun form, up to 30 MB) instead of parsing the body again.
-_RECENT: collections.OrderedDict[UUID, InboundRequest] = collections.OrderedDict()
-_RECENT_MAX = 4
+def _failure(exc: Exception) -> NormalizeError:
+    return NormalizeError("normalizer-error", f"the normalizer failed: {type(exc).__name__}"[:500])
 
 
-def _offloaded_step(
-    cls: type[HttpAdapter[Any]], settings: object, step: str, request: InboundRequest
-) -> Any:  # noqa: ANN401 - the step's own result
-    """In a parse process: run ``step`` of an instance made of the settings alone."""
-    seen = _RECENT.get(request.message_id)
-    if seen is not None and seen.body == request.body:
-        request = seen
-    else:
-        _RECENT[request.message_id] = request
-        with contextlib.suppress(KeyError):  # parse threads (no processes) share it
-            while len(_RECENT) > _RECENT_MAX:
-                _RECENT.popitem(last=False)
+def _parse_apart(
+    cls: type[HttpAdapter[Any]], settings: object, request: InboundRequest
+) -> Normalized:
+    """In a parse process: ``parse`` of an instance made of the settings alone."""
     adapter = cls.__new__(cls)
     adapter.settings = settings
-    try:
-        result = _run_step(adapter, step, request)
-    except BaseException:
-        _RECENT.pop(request.message_id, None)  # refused: no parse follows
-        raise
-    if step == "parse":
-        _RECENT.pop(request.message_id, None)
-    return result
+    return _parse_step(adapter, request)
 
 
 class BasicAuthSettings(BaseSettings):

@@ -99,7 +99,7 @@ class SendgridAdapter(BasicAuthAdapter[SendgridSettings]):
     provider = "SendGrid"
     on_unauthorized = "SendGrid does not retry"  # any 4xx drops the mail there
 
-    offload = ("parse",)  # mail, parsed in a parse process
+    offload = True  # mail, parsed in a parse process
 
     def parse(self, request: InboundRequest) -> Normalized:
         form = SendgridForm(request)

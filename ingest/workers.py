@@ -141,24 +141,19 @@ class _Call:
     #: The pool's own "are you up?" call, first in a new worker's line: the time a
     #: process takes to start does not count against the first message's limit.
     internal: bool = False
-    #: The pickled call, made when it is first written to a worker (and kept for a
-    #: second try): a call still waiting holds its arguments, not a copy of them
-    #: (a 30 MB mail waiting was two 30 MB buffers).
-    payload: bytes | None = None
 
     def encoded(self) -> bytes | None:
-        """The call as written to a worker; None when it cannot be pickled (its
-        future then holds the error)."""
-        if self.payload is None:
-            try:
-                self.payload = pickle.dumps(
-                    (self.seq, self.fn, self.args), protocol=pickle.HIGHEST_PROTOCOL
-                )
-            except Exception as exc:  # noqa: BLE001 - the caller's arguments, its error
-                if not self.future.done():
-                    self.future.set_exception(exc)
-                return None
-        return self.payload
+        """The call as written to a worker, pickled each time it is written (rarely
+        twice: a second try), never kept: a call waiting or being parsed holds its
+        arguments, not copies of them (a 30 MB mail was held three times: its bytes,
+        its pickle, and the pickle kept for a retry). None when it cannot be
+        pickled (its future then holds the error)."""
+        try:
+            return pickle.dumps((self.seq, self.fn, self.args), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - the caller's arguments, its error
+            if not self.future.done():
+                self.future.set_exception(exc)
+            return None
 
 
 @dataclass(eq=False)
@@ -269,9 +264,16 @@ class ParserPool:
             self._watchdog = None
         slots, self._slots = self._slots, []
         for worker in slots:
+            busy = bool(worker.line)
             _hang_up(worker)
             _cancel(worker.line)
             _cancel(worker.queue)
+            if busy:
+                # Its calls are cancelled: a process in the middle of one would not
+                # see the hang-up before it finished, and stopping would wait for it
+                # (a stranger's slow parse held a shutdown 12 s, past its limit).
+                with contextlib.suppress(Exception):
+                    worker.process.kill()
         _cancel(self._backlog)
         _cancel(self._retries)
         await asyncio.to_thread(_join_all, [worker.process for worker in slots])
@@ -418,11 +420,13 @@ class ParserPool:
         if dead.ready is not None and not dead.ready.done():
             dead.ready.set_exception(WorkerCrashed("the parser worker died while starting"))
             dead.ready.exception()  # retrieved: nobody may be waiting
+        started = not line or not line[0].internal
         while line and line[0].internal:
             line.popleft()  # it died starting: no message is to blame
-        # The head is the culprit, unless the watchdog killed the worker for another
-        # call that finished just before the kill landed.
-        if line and (dead.timed_out is None or dead.timed_out is line[0]):
+        # The head is the culprit, unless the worker died while starting (the next
+        # call never ran: three failed starts once gave an innocent mail up), or the
+        # watchdog killed it for another call that finished just before the kill.
+        if started and line and (dead.timed_out is None or dead.timed_out is line[0]):
             culprit = line.popleft()
             culprit.crashes += 1
             if culprit.crashes < 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class NormalizeError(ValueError):
     """``reason`` is machine-readable (``no-sender``, ``no-identity``); ``detail`` for people."""
@@ -11,8 +13,18 @@ class NormalizeError(ValueError):
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self) -> tuple[type[NormalizeError], tuple[str, str]]:
-        # Pickled from the SMTP parse process back to the server: without this the
-        # round trip called __init__ with one argument, failed, and the dead letter
-        # said "normalizer-error" instead of the reason (attacker review, 2026-11-30).
-        return (type(self), (self.reason, self.detail))
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Pickled from a parse process back to the server: without this the round
+        # trip called __init__ with one argument, failed, and the dead letter said
+        # "normalizer-error" instead of the reason (attacker review, 2026-11-30). Its
+        # state, not __init__, rebuilds it: a subclass may take other arguments.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[NormalizeError], args: tuple[object, ...], state: dict[str, Any]
+) -> NormalizeError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error

@@ -337,10 +337,10 @@ def test_calls_whose_senders_gave_up_are_dropped_unparsed(tmp_path: Path) -> Non
     assert notes.read_text().split() == ["0", "1", "9"]
 
 
-def test_waiting_calls_hold_their_arguments_not_a_pickled_copy(tmp_path: Path) -> None:
-    """A call is pickled when it is written to a worker: ten 1 MB messages waiting
-    behind a slow one held ten more megabytes of pickles before. One whose
-    arguments cannot be pickled fails alone, and the pool goes on."""
+def test_a_call_that_cannot_be_pickled_fails_alone(tmp_path: Path) -> None:
+    """Calls are pickled when written to a worker (a waiting call holds its
+    arguments, not a pickled copy of them): one whose arguments cannot be pickled
+    fails alone, and the calls around it are answered."""
     notes = tmp_path / "notes.txt"
     big = b"x" * 1_000_000
 
@@ -351,11 +351,61 @@ def test_waiting_calls_hold_their_arguments_not_a_pickled_copy(tmp_path: Path) -
             await asyncio.sleep(0)  # every call is in the pool now
             [worker] = pool._slots
             assert len(worker.queue) >= 8
-            assert all(call.payload is None for call in worker.queue)
+            unpicklable = asyncio.ensure_future(pool.run(len, threading.Lock()))
             assert await first == 0
             assert await asyncio.gather(*waiting) == [1_000_000] * 10
             with pytest.raises(TypeError):
-                await pool.run(len, threading.Lock())
+                await unpicklable
             assert await pool.run(len, b"abc") == 3
 
     asyncio.run(scenario())
+
+
+def test_stop_does_not_wait_for_a_call_being_parsed() -> None:
+    """A process busy with a call never sees the hang-up until the call ends: stop
+    killed it only after waiting 5 s for it (a shutdown went 4 s past its limit)."""
+
+    async def scenario() -> None:
+        pool = ParserPool(workers=1, timeout_s=60)
+        await pool.warm_up()
+        [worker] = pool._slots
+        stuck = asyncio.ensure_future(pool.run(_hang, 0))
+        await asyncio.sleep(0.3)  # it is being parsed
+        started = time.monotonic()
+        await pool.stop()
+        assert time.monotonic() - started < 4  # the join waited 5 s before
+        assert not worker.process.is_alive()
+        assert stuck.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_a_process_that_dies_while_starting_blames_no_message(tmp_path: Path) -> None:
+    """Before, the death of a process still starting was counted against the next
+    message in its line, which never ran: three such deaths gave an innocent message
+    up as a poison."""
+    notes = tmp_path / "notes.txt"
+
+    async def kill_next_start(pool: ParserPool, old: object) -> object:
+        while True:
+            worker = pool._slots[0] if pool._slots else None
+            ready = worker.ready if worker is not None and worker is not old else None
+            if worker is not None and ready is not None and not ready.done():
+                worker.process.kill()
+                return worker
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        async with _started(workers=1) as pool:
+            old: object = pool._slots[0]
+            poison = asyncio.ensure_future(pool.run(_crash, 1))
+            await asyncio.sleep(0.05)
+            innocent = asyncio.ensure_future(pool.run(_note, str(notes), 7))
+            for _ in range(3):
+                old = await asyncio.wait_for(kill_next_start(pool, old), 30)
+            results = await asyncio.gather(poison, innocent, return_exceptions=True)
+            assert isinstance(results[0], WorkerCrashed)
+            assert results[1] == 7
+
+    asyncio.run(scenario())
+    assert notes.read_text().split() == ["7"]
