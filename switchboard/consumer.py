@@ -150,6 +150,12 @@ class RecordHandler:
     def idle(self) -> None:
         """A poll returned nothing: time for housekeeping. Errors are logged only."""
 
+    def stopping(self) -> None:
+        """The loop ends (a graceful stop): make durable what ``handle`` left in
+        memory. A file sink writes its buffers: on the embedded broker the records
+        after its commit are not read again, the broker forgets them. Errors are
+        logged only."""
+
     def committable(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """The next offsets the runtime may commit, given those of the handled records.
 
@@ -280,6 +286,7 @@ class ConsumerRuntime(ThreadedComponent):
                     self._process(consumer, records)
                 else:
                     self._idle()
+            self._stopping()
         except BaseException:
             # Only a bug in the runtime itself gets here; /readyz reports the thread.
             log.exception("consumer loop died", extra={"component": self.name})
@@ -298,6 +305,15 @@ class ConsumerRuntime(ThreadedComponent):
             self.handler.idle()
         except Exception as exc:  # noqa: BLE001 - housekeeping is retried at the next idle poll
             log.warning("idle work failed", extra={"error": repr(exc)[:500]})
+
+    def _stopping(self) -> None:
+        try:
+            self.handler.stopping()
+        except Exception as exc:  # noqa: BLE001 - the stop goes on; Kafka still has them
+            log.error(
+                "could not make the buffered records durable at the stop",
+                extra={"component": self.name, "error": repr(exc)[:500]},
+            )
 
     def _wait(self, seconds: float) -> None:
         """Sleep (interruptibly), still counting as alive: waiting out an outage is work."""
