@@ -75,6 +75,9 @@ class HandOff:
         self.max_event_bytes = publisher.max_event_bytes
         # Only on the embedded broker (see ingest.journal): kept until the queue has it.
         self.journal = journal
+        #: Dead letters journaled too, until the archive writes them (set by
+        #: `switchboard run` when its archive runs: the one durable home they have).
+        self.journal_dead_letters = False
         self._source = source
         self.spool = spool
         self._spool_after_s = spool_after_s
@@ -258,16 +261,22 @@ class HandOff:
             raw=raw.ref if raw is not None else stored_raw,
             metadata=cast("dict[str, JsonValue]", strip_controls_deep(metadata or {})),
         )
-        receipt = await self._publish(
-            DEADLETTER,
-            Event(
-                type=TYPE_DEADLETTER,
-                source=f"{self._source}/ingest/{adapter}",
-                key=f"deadletter:{adapter}",
-                data=record,
-                subject=str(id),
-            ),
+        event = Event(
+            type=TYPE_DEADLETTER,
+            source=f"{self._source}/ingest/{adapter}",
+            key=f"deadletter:{adapter}",
+            data=record,
+            subject=str(id),
         )
+        journaled = None
+        if self.journal is not None and self.journal_dead_letters:
+            # "Kept for review" is a promise too: on the embedded broker the record
+            # stays in the journal until the archive has written it to a file.
+            event = replace(event, data=event.value())
+            journaled = self.journal.submit(DEADLETTER, event, str(id))
+        receipt = await self._publish(DEADLETTER, event)
+        if journaled is not None:
+            await self._journaled(journaled)
         DEAD_LETTERED.labels(stage, record.reason).inc()
         log.warning(
             "dead-lettered",

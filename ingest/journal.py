@@ -210,6 +210,30 @@ class Journal:
         if self._execute_many("DELETE FROM journal WHERE seq = ?", seqs):
             self._recount()
 
+    def forget(self, event_ids: Sequence[str]) -> None:
+        """Forget these events (dead letters the archive has written to its files)."""
+        if not event_ids:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "DELETE FROM journal WHERE event_id = ?", [(e,) for e in event_ids]
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self._recount()
+
+    def forget_topic(self, topic: str) -> int:
+        """Forget every entry of ``topic``; how many there were."""
+        with self._lock:
+            removed = self._db.execute("DELETE FROM journal WHERE topic = ?", (topic,)).rowcount
+        if removed:
+            self._recount()
+        return int(removed)
+
     def _execute_many(self, sql: str, seqs: Sequence[int]) -> bool:
         if not seqs:
             return False

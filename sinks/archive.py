@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from switchboard.config import ConsumerSettings, KafkaSettings
 from switchboard.consumer import ConsumerRuntime, Outage, RecordHandler
 from switchboard.events import Event
 from switchboard.kafka import Publisher
-from switchboard.topics import ALL_TOPICS
+from switchboard.topics import ALL_TOPICS, DEADLETTER
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ class ArchiveHandler(RecordHandler):
         self.buffered = 0  # rows ever added to a buffer (bench/archive.py)
         self.skipped = 0
         self.consumer: Any = None  # a KafkaConsumer, set by the sink once connected
+        #: Called with the event ids of the dead letters each file holds, once it is
+        #: written (`switchboard run`: the journal keeps ingest's dead letters until then).
+        self.on_dead_letters_written: Callable[[list[str]], None] | None = None
 
     def _archived_next(self, tp: TopicPartition) -> int:
         """The first offset of ``tp`` the archive does not hold yet (from its files)."""
@@ -180,6 +183,8 @@ class ArchiveHandler(RecordHandler):
                 )
         del self._buffers[tp]
         self._next[tp] = part.last + 1
+        if self.on_dead_letters_written is not None and tp.topic == DEADLETTER:
+            self.on_dead_letters_written([str(r["id"]) for r in buffer.rows if r.get("id")])
         self.files += 1
         self.rows += len(buffer.rows)
         log.info("archive file written", extra={"file": part.relative, "rows": len(buffer.rows)})

@@ -67,7 +67,7 @@ from switchboard.runtime import (
 from switchboard.settings import Settings
 from switchboard.status import BROKER_FILE
 from switchboard.supervisor import Supervisor, WorkerSpec, cores, worker_command
-from switchboard.topics import ensure_topics
+from switchboard.topics import DEADLETTER, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +510,24 @@ def producer_settings(kafka: KafkaSettings, roles: frozenset[str]) -> KafkaSetti
     return kafka
 
 
+def _journal_dead_letters(handoff: HandOff, consumers: list[ConsumerRuntime]) -> None:
+    """On the embedded broker, ingest's dead letters stay in the journal until the
+    archive has them in a file; without an archive they have no durable home here,
+    and what an earlier run journaled is dropped (it would be replayed forever)."""
+    journal = handoff.journal
+    if journal is None:
+        return
+    archives = [c for c in consumers if isinstance(c, ArchiveSink)]
+    if archives:
+        archives[0].archive_handler.on_dead_letters_written = journal.forget
+        handoff.journal_dead_letters = True
+    elif removed := journal.forget_topic(DEADLETTER):
+        log.warning(
+            "the archive is off: dead letters journaled by an earlier run are dropped",
+            extra={"dead_letters": removed},
+        )
+
+
 def _mount_http(
     app: FastAPI, roles: frozenset[str], adapters: list[Adapter[Any]], parsers: ParserPool
 ) -> list[Component]:
@@ -639,6 +657,7 @@ def build_pipeline(
         )
     _guard(app, settings, access)
     consumers.extend(_archive(settings, roles, publisher))
+    _journal_dead_letters(handoff, consumers)
     components.extend(consumers)
     components.extend(
         _journal_keeper(

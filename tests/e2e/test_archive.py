@@ -28,6 +28,7 @@ from kafka import KafkaConsumer, TopicPartition
 from pyiceberg.catalog.sql import SqlCatalog
 from twilio.request_validator import RequestValidator
 
+from ingest.journal import read_journal_depth
 from switchboard.status import BROKER_FILE
 from switchboard.topics import ALL_TOPICS
 from tests.archive_helpers import query
@@ -366,5 +367,51 @@ def test_a_clean_stop_writes_what_the_archive_holds_in_memory(tmp_path: Path) ->
         _wait_healthy(base, process, within_s=30)
         code, _, stderr = _stop(process)
     assert code == 0, stderr[-3000:]
-    inbound = "SELECT count(*) FROM events WHERE topic = 'switchboard.inbound.v1'"
-    assert query(archive, inbound) == [(1,)]  # kept, once
+    count = "SELECT count(*) FROM events WHERE topic = 'switchboard.inbound.v1'"
+    assert query(archive, count) == [(1,)]  # kept, once
+
+
+def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Path) -> None:
+    """'250 ... kept for review' is an answer too. On the embedded broker the dead
+    letter was only in the broker's memory until the archive wrote its file (up to
+    roll_s later): a crash meanwhile lost it, and nothing else referenced its raw
+    blob. It is now journaled until the archive has written it."""
+    (tmp_path / "switchboard.toml").write_text(CONFIG)
+    env = _env(tmp_path, SWITCHBOARD_CONFIG=str(tmp_path / "switchboard.toml"))
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    data_dir = Path(env["SWITCHBOARD_DATA_DIR"])
+    nameless = b"From: nobody\r\nSubject: no sender\r\n\r\nwho sent this?\r\n"
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process, within_s=30)
+        with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
+            smtp.ehlo()
+            smtp.mail("")
+            smtp.rcpt("support@example.com")
+            code, reply = smtp.data(nameless)
+        assert code == 250, reply
+        assert b"kept for review: no-sender" in reply
+        record_id = reply.decode().split("queued as ")[1].split()[0]
+        depths = [read_journal_depth(p) for p in (data_dir / "spool").glob("*.sqlite3")]
+        assert sum(d.messages for d in depths if d is not None) == 1  # the dead letter
+        process.kill()  # the broker dies with it, and the archive's buffer
+        process.wait(10)
+    with running(env, tmp_path) as process:  # replays the journal, then stops cleanly
+        _wait_healthy(base, process, within_s=30)
+        deadline = time.monotonic() + 30
+        while True:  # every partition of the dead-letter topic read to its end
+            lag = {k: v for k, v in _archive_lag(base).items() if "deadletter" in k}
+            if len(lag) == 3 and not any(lag.values()):
+                break
+            assert time.monotonic() < deadline, f"the archive did not read them: {lag}"
+            time.sleep(0.2)
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr[-3000:]
+    archive = data_dir / "archive"
+    letters = query(
+        archive,
+        "SELECT subject, data FROM events WHERE topic = 'switchboard.deadletter.v1'",
+    )
+    assert [subject for subject, _ in letters] == [record_id]
+    assert "no-sender" in letters[0][1]
+    depths = [read_journal_depth(p) for p in (data_dir / "spool").glob("*.sqlite3")]
+    assert sum(d.messages for d in depths if d is not None) == 0  # archived: forgotten

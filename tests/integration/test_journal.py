@@ -29,7 +29,7 @@ from switchboard.kafka import Publisher, make_consumer
 from switchboard.recovery import JournalKeeper, read_recovery
 from switchboard.settings import KafkaSettings, Settings, SpoolSettings
 from switchboard.status import log_ends
-from switchboard.topics import INBOUND, ROUTED
+from switchboard.topics import DEADLETTER, INBOUND, ROUTED
 from tests.factories import inbound_message
 from tests.kafka_helpers import consume_until
 from tests.router_helpers import fresh_kafka, inbound_event
@@ -195,3 +195,29 @@ def test_status_reads_the_real_end_of_a_tansu_log() -> None:
             assert log_ends(consumer, reported) == {tp: 5}
         finally:
             consumer.close()
+
+
+def test_dead_letters_are_forgotten_by_event_id_or_all_at_once(tmp_path: Path) -> None:
+    """Ingest's dead letters stay until the archive has written them (`forget`, by
+    the event ids of the file); with the archive off, a start drops what an earlier
+    run journaled (`forget_topic`), which would otherwise be replayed forever."""
+    journal = Journal(tmp_path / "spool.sqlite3")
+    try:
+        kept = [_event(n) for n in range(3)]
+        for event, message_id in kept:
+            journal.append(DEADLETTER, event, message_id)
+        inbound, message_id = _event(9)
+        journal.append(INBOUND, inbound, message_id)
+        assert journal.messages == 4
+        journal.forget([kept[0][0].id, "not-an-event-id"])
+        assert journal.messages == 3
+        assert {e.event.id for e in journal.entries(10)} == {
+            kept[1][0].id,
+            kept[2][0].id,
+            inbound.id,
+        }
+        assert journal.forget_topic(DEADLETTER) == 2
+        assert [e.event.id for e in journal.entries(10)] == [inbound.id]
+        assert journal.messages == 1
+    finally:
+        journal.close()
