@@ -152,7 +152,7 @@ def test_two_agents_work_their_queues_in_chromium(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     admin = httpx.Client(base_url=base, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
     with running(env, root) as process:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
             smtp.sendmail(
                 "carol@example.org",

@@ -125,7 +125,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
     api = {"authorization": f"Bearer {TOKEN}"}
     with running(env, root) as process:
         try:
-            _wait_healthy(base, process, within_s=30)
+            _wait_healthy(base, process, within_s=60)
             email = (
                 b"From: Erin <erin@example.org>\r\nTo: support@example.com\r\n"
                 b"Subject: Refund\r\nMessage-ID: <erin-1@example.org>\r\n\r\nMy refund?\r\n"
@@ -345,7 +345,7 @@ def test_a_clean_stop_writes_what_the_archive_holds_in_memory(tmp_path: Path) ->
         b"Subject: Stop\r\nMessage-ID: <fay-stop@example.org>\r\n\r\nStill there?\r\n"
     )
     with running(env, tmp_path) as process:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
             smtp.sendmail("fay@example.org", ["support@example.com"], email)
         deadline = time.monotonic() + 30
@@ -364,7 +364,7 @@ def test_a_clean_stop_writes_what_the_archive_holds_in_memory(tmp_path: Path) ->
     [(data,)] = query(archive, "SELECT data FROM events WHERE topic = 'switchboard.inbound.v1'")
     assert "fay-stop@example.org" in data
     with running(env, tmp_path) as process:  # a new broker: its log starts at 0 again
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         code, _, stderr = _stop(process)
     assert code == 0, stderr[-3000:]
     count = "SELECT count(*) FROM events WHERE topic = 'switchboard.inbound.v1'"
@@ -382,7 +382,7 @@ def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Pa
     data_dir = Path(env["SWITCHBOARD_DATA_DIR"])
     nameless = b"From: nobody\r\nSubject: no sender\r\n\r\nwho sent this?\r\n"
     with running(env, tmp_path) as process:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
             smtp.ehlo()
             smtp.mail("")
@@ -396,7 +396,7 @@ def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Pa
         process.kill()  # the broker dies with it, and the archive's buffer
         process.wait(10)
     with running(env, tmp_path) as process:  # replays the journal, then stops cleanly
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         deadline = time.monotonic() + 30
         while True:  # every partition of the dead-letter topic read to its end
             lag = {k: v for k, v in _archive_lag(base).items() if "deadletter" in k}

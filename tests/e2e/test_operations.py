@@ -39,7 +39,7 @@ def test_metrics_status_and_a_graceful_stop(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     smtp_port = int(env["SWITCHBOARD_SMTP_PORT"])
     with running(env, tmp_path) as process:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
             smtp.sendmail("olga@example.org", ["support@example.com"], EMAIL)
             smtp.mail("olga@example.org")

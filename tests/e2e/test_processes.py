@@ -49,7 +49,7 @@ def test_a_sigkilled_smtp_server_takes_its_parse_worker_and_broker_along(tmp_pat
     env = _env(tmp_path, SWITCHBOARD_SMTP_DOMAINS="example.com", SWITCHBOARD_SMTP_PARSE_WORKERS="1")
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     with running(env, tmp_path, "ingest", "smtp") as process:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         children = _descendants(process.pid)
         workers = [p for p in children if "multiprocessing" in _cmdline(p)]
         brokers = [p for p in children if "tansu" in _cmdline(p) or "broker" in _cmdline(p)]
@@ -104,7 +104,7 @@ def test_ctrl_c_in_a_terminal_stops_run_like_sigterm(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         children = _descendants(process.pid)
         os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=30)

@@ -91,7 +91,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     )
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     with running(env, root) as process:
-        _wait_healthy(base, process, within_s=30)
+        _wait_healthy(base, process, within_s=60)
         body = json.dumps(
             {"id": "f-1", "email": "dana@example.org", "phone": "+14155550123", "message": "Hi"}
         ).encode()
