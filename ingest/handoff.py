@@ -231,6 +231,7 @@ class HandOff:
             detail=detail,
             raw=Blob.of(clipped, media_type),
             metadata=facts,
+            promised=False,  # the sender was refused: nothing was promised
         )
 
     async def dead_letter(
@@ -244,6 +245,7 @@ class HandOff:
         stored_raw: BlobRef | None = None,
         stage: Literal["ingest", "normalize", "router", "sink"] = "ingest",
         metadata: dict[str, JsonValue] | None = None,
+        promised: bool = True,
     ) -> Receipt:
         """Record what could not become a message, with the raw bytes kept (``raw``
         is stored here; ``stored_raw`` names a blob already stored)."""
@@ -269,7 +271,7 @@ class HandOff:
             subject=str(id),
         )
         journaled = None
-        if self.journal is not None and self.journal_dead_letters:
+        if promised and self.journal is not None and self.journal_dead_letters:
             # "Kept for review" is a promise too: on the embedded broker the record
             # stays in the journal until the archive has written it to a file.
             event = replace(event, data=event.value())

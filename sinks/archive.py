@@ -87,6 +87,10 @@ class ArchiveHandler(RecordHandler):
         #: Called with the event ids of the dead letters each file holds, once it is
         #: written (`switchboard run`: the journal keeps ingest's dead letters until then).
         self.on_dead_letters_written: Callable[[list[str]], None] | None = None
+        #: `switchboard run`'s embedded broker: the topics' partitions. Its logs are
+        #: new at every start (and after it died): the files of the old logs are set
+        #: aside then (new_log), since the new offsets start at 0 again.
+        self.embedded_partitions: int | None = None
 
     def _archived_next(self, tp: TopicPartition) -> int:
         """The first offset of ``tp`` the archive does not hold yet (from its files)."""
@@ -184,7 +188,10 @@ class ArchiveHandler(RecordHandler):
         del self._buffers[tp]
         self._next[tp] = part.last + 1
         if self.on_dead_letters_written is not None and tp.topic == DEADLETTER:
-            self.on_dead_letters_written([str(r["id"]) for r in buffer.rows if r.get("id")])
+            try:
+                self.on_dead_letters_written([str(r["id"]) for r in buffer.rows if r.get("id")])
+            except Exception as exc:  # noqa: BLE001 - the file is written; they stay journaled
+                log.error("journal not told of archived dead letters", extra={"error": repr(exc)})
         self.files += 1
         self.rows += len(buffer.rows)
         log.info("archive file written", extra={"file": part.relative, "rows": len(buffer.rows)})
@@ -205,6 +212,36 @@ class ArchiveHandler(RecordHandler):
 
     def prepare(self) -> None:
         self.sync_iceberg()  # what a crash left written but not registered
+        if self.embedded_partitions is not None:
+            self.new_log()  # a new embedded broker: its logs start at 0
+
+    def rewound(self) -> None:
+        if self.embedded_partitions is not None:
+            self.new_log()  # the embedded broker died and started again, empty
+
+    def new_log(self) -> None:
+        """Write what is buffered (rows of the old logs), then set every file of the
+        old logs aside under a ``before-<time>-`` name. Without this, a new log's
+        offsets, numbered from 0 again, were taken for archived ones whenever the
+        files already reached them (the old check, a log shorter than the files,
+        missed every new log that had grown as far before its first record was
+        read): the first records after each start were skipped (review, 2026-12-01)."""
+        self.stopping()
+        tag = f"before-{time.time_ns()}"
+        retired = 0
+        for topic in ALL_TOPICS:
+            for partition in range(self.embedded_partitions or 0):
+                while found := self.archive.parts(topic, partition):  # newest day first
+                    for part in found:
+                        self.archive.retire(part, tag)
+                        retired += 1
+        self._next.clear()
+        if retired:
+            log.warning(
+                "new broker logs: earlier archive files kept as %s-part-*",
+                tag,
+                extra={"files": retired},
+            )
 
     def stopping(self) -> None:
         """Write every buffer as a file: on `switchboard run`'s embedded broker a
@@ -214,7 +251,7 @@ class ArchiveHandler(RecordHandler):
         for tp in list(self._buffers):
             try:
                 self._flush(tp)
-            except OSError as exc:  # the others are still written
+            except Exception as exc:  # noqa: BLE001 - the others are still written
                 log.error(
                     "archive file not written at the stop",
                     extra={"topic": tp.topic, "partition": tp.partition, "error": repr(exc)},
@@ -256,10 +293,17 @@ class ArchiveHandler(RecordHandler):
         self._synced_files = self.files
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
-        """Another member reads these now, from the committed offsets: drop what is
-        buffered and what we knew of their files (the other member writes more)."""
+        """Another member reads these now, from the committed offsets: write what is
+        buffered (the new owner skips what the file names hold; on the embedded
+        broker, a rejoin after it died, the records are nowhere else any more: they
+        were dropped here before) and forget what we knew of their files."""
         for tp in partitions:
-            self._buffers.pop(tp, None)
+            if tp in self._buffers:
+                try:
+                    self._flush(tp)
+                except Exception as exc:  # noqa: BLE001 - read again by the new owner
+                    log.warning("buffer not written at a revocation", extra={"error": repr(exc)})
+                    self._buffers.pop(tp, None)
             self._next.pop(tp, None)
 
 

@@ -510,14 +510,23 @@ def producer_settings(kafka: KafkaSettings, roles: frozenset[str]) -> KafkaSetti
     return kafka
 
 
-def _journal_dead_letters(handoff: HandOff, consumers: list[ConsumerRuntime]) -> None:
-    """On the embedded broker, ingest's dead letters stay in the journal until the
-    archive has them in a file; without an archive they have no durable home here,
+def _wire_archive(
+    handoff: HandOff,
+    consumers: list[ConsumerRuntime],
+    settings: Settings,
+    broker: EmbeddedBroker | None,
+) -> None:
+    """On the embedded broker the archive treats the logs as new at every start and
+    after the broker died; ingest's dead letters stay in the journal until the
+    archive has them in a file. Without an archive they have no durable home here,
     and what an earlier run journaled is dropped (it would be replayed forever)."""
+    archives = [c for c in consumers if isinstance(c, ArchiveSink)]
+    if broker is not None:
+        for sink in archives:
+            sink.archive_handler.embedded_partitions = settings.kafka.partitions
     journal = handoff.journal
     if journal is None:
         return
-    archives = [c for c in consumers if isinstance(c, ArchiveSink)]
     if archives:
         archives[0].archive_handler.on_dead_letters_written = journal.forget
         handoff.journal_dead_letters = True
@@ -657,7 +666,7 @@ def build_pipeline(
         )
     _guard(app, settings, access)
     consumers.extend(_archive(settings, roles, publisher))
-    _journal_dead_letters(handoff, consumers)
+    _wire_archive(handoff, consumers, settings, broker)
     components.extend(consumers)
     components.extend(
         _journal_keeper(

@@ -150,6 +150,11 @@ class RecordHandler:
     def idle(self) -> None:
         """A poll returned nothing: time for housekeeping. Errors are logged only."""
 
+    def rewound(self) -> None:
+        """The runtime rewound every partition to its start: the broker is new (the
+        embedded one died and started again, empty). Runs on the consumer's thread
+        before the new log is read."""
+
     def stopping(self) -> None:
         """The loop ends (a graceful stop): make durable what ``handle`` left in
         memory. A file sink writes its buffers: on the embedded broker the records
@@ -209,6 +214,8 @@ class ConsumerRuntime(ThreadedComponent):
         self.retries = 0
         self.dead_lettered = 0
         self._rewind_to_start = threading.Event()
+        #: Set once a rewind asked by :meth:`rewind_to_start` is done (the handler told).
+        self.rewound_to_start = threading.Event()
         # Set once the consumer has left its group and closed (after a stop).
         self.closed = threading.Event()
 
@@ -224,6 +231,7 @@ class ConsumerRuntime(ThreadedComponent):
         """Read every assigned partition again from its earliest offset, from the next
         turn of the loop on: the embedded broker restarted with empty logs, and a
         position from before would be past records the new log has not reached yet."""
+        self.rewound_to_start.clear()
         self._rewind_to_start.set()
 
     def _maybe_rewind_to_start(self, consumer: KafkaConsumer) -> None:
@@ -238,6 +246,11 @@ class ConsumerRuntime(ThreadedComponent):
             log.warning("rewind to the start failed; retrying", extra={"error": repr(exc)[:500]})
             return
         self._rewind_to_start.clear()
+        try:
+            self.handler.rewound()
+        except Exception as exc:  # noqa: BLE001 - logged; the loop goes on
+            log.error("handler failed after the rewind", extra={"error": repr(exc)[:500]})
+        self.rewound_to_start.set()
         log.warning(
             "consumer rewound to the earliest offsets (the broker is new)",
             extra={"component": self.name, "partitions": len(assigned)},

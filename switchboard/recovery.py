@@ -58,6 +58,9 @@ RECOVERY_FILE = "recovery.json"
 SINK_TOPICS = (ROUTED, CONTACTS)
 _PAGE = 1000
 _PUBLISH_BATCH = 500
+#: Longest a recovery waits for the consumers to rewind before it replays (a rejoin
+#: takes about half the session timeout).
+REWIND_WAIT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,15 @@ class JournalKeeper:
                 log.warning("topics not recreated yet", extra={"error": repr(exc)[:300]})
         for consumer in self.consumers:
             consumer.rewind_to_start()
+        # Replayed only once every consumer reads the new log from its start, and the
+        # archive has written what it held of the old one (dead letters among it are
+        # then forgotten, not replayed and archived twice; review of 2026-12-01).
+        deadline = time.monotonic() + REWIND_WAIT_S
+        for consumer in self.consumers:
+            if not consumer.rewound_to_start.wait(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "a consumer has not rewound yet; replaying", extra={"component": consumer.name}
+                )
         try:
             self.replay(
                 "the embedded broker restarted under switchboard (its memory is gone)",

@@ -12,7 +12,9 @@ the answer the scenario implies.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import smtplib
 import subprocess
 import time
@@ -29,6 +31,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 from twilio.request_validator import RequestValidator
 
 from ingest.journal import read_journal_depth
+from switchboard.recovery import read_recovery
 from switchboard.status import BROKER_FILE
 from switchboard.topics import ALL_TOPICS
 from tests.archive_helpers import query
@@ -365,10 +368,34 @@ def test_a_clean_stop_writes_what_the_archive_holds_in_memory(tmp_path: Path) ->
     assert "fay-stop@example.org" in data
     with running(env, tmp_path) as process:  # a new broker: its log starts at 0 again
         _wait_healthy(base, process, within_s=60)
+        with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
+            smtp.sendmail(
+                "fay@example.org", ["support@example.com"], email.replace(b"fay-stop", b"fay-2")
+            )
+        _archive_read(base, "switchboard.inbound.v1")
         code, _, stderr = _stop(process)
     assert code == 0, stderr[-3000:]
+    # Both, once each: the second run's mail has offset 0 of a new log, which the
+    # first run's file also starts at; it was taken for archived before (review).
     count = "SELECT count(*) FROM events WHERE topic = 'switchboard.inbound.v1'"
-    assert query(archive, count) == [(1,)]  # kept, once
+    assert query(archive, count) == [(2,)]
+    texts = "SELECT data FROM events WHERE topic = 'switchboard.inbound.v1'"
+    assert sorted("fay-2@" in data for (data,) in query(archive, texts)) == [False, True]
+
+
+def _archive_read(base: str, topic: str, within_s: float = 30) -> None:
+    """Wait until the archive consumer has read ``topic`` to its end (every partition
+    at lag 0 in /metrics), for a record acknowledged before the call: its gauge is
+    set after each poll, at most every 100 ms here, so a second's wait first keeps a
+    gauge from before the record from passing for one after it."""
+    time.sleep(1.0)
+    deadline = time.monotonic() + within_s
+    while True:
+        lag = {k: v for k, v in _archive_lag(base).items() if f'topic="{topic}"' in k}
+        if lag and not any(lag.values()):
+            return
+        assert time.monotonic() < deadline, f"the archive did not read {topic}: {lag}"
+        time.sleep(0.2)
 
 
 def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Path) -> None:
@@ -415,3 +442,80 @@ def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Pa
     assert "no-sender" in letters[0][1]
     depths = [read_journal_depth(p) for p in (data_dir / "spool").glob("*.sqlite3")]
     assert sum(d.messages for d in depths if d is not None) == 0  # archived: forgotten
+
+
+def _broker_pid(parent: int) -> int:
+    """The embedded broker: the child of `switchboard run` running Tansu's binary."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"broker" in cmdline and b"--storage-engine" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no embedded broker under switchboard run")
+
+
+def test_the_archive_keeps_every_record_across_an_embedded_broker_restart(
+    tmp_path: Path,
+) -> None:
+    """Only the embedded broker dies; `switchboard run` starts it again, empty, and
+    replays its journal. Before (review of 2026-12-01): the archive's buffer was
+    dropped at the rejoin (its records were nowhere else any more), the new log's
+    first offsets were taken for archived ones and skipped, and a dead letter could
+    be archived twice. Now: every mail once, the dead letter once."""
+    (tmp_path / "switchboard.toml").write_text(CONFIG)
+    env = _env(tmp_path, SWITCHBOARD_CONFIG=str(tmp_path / "switchboard.toml"))
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    data_dir = Path(env["SWITCHBOARD_DATA_DIR"])
+
+    def mail(smtp: smtplib.SMTP, tag: str) -> None:
+        smtp.sendmail(
+            "gil@example.org",
+            ["support@example.com"],
+            f"From: Gil <gil@example.org>\r\nTo: support@example.com\r\nSubject: {tag}\r\n"
+            f"Message-ID: <{tag}@example.org>\r\n\r\n{tag}\r\n".encode(),
+        )
+
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process, within_s=60)
+        port = int(env["SWITCHBOARD_SMTP_PORT"])
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            for n in range(3):
+                mail(smtp, f"gil-before-{n}")
+            smtp.ehlo()
+            smtp.mail("")
+            smtp.rcpt("support@example.com")
+            code, _ = smtp.data(b"From: nobody\r\nSubject: who?\r\n\r\nno sender\r\n")
+            assert code == 250
+        _archive_read(base, "switchboard.inbound.v1")
+        _archive_read(base, "switchboard.deadletter.v1")
+        os.kill(_broker_pid(process.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "restarted under switchboard" not in str(read_recovery(data_dir)):
+            assert process.poll() is None, "switchboard run died with its broker"
+            assert time.monotonic() < deadline, "no recovery"
+            time.sleep(0.2)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            for n in range(3):
+                mail(smtp, f"gil-after-{n}")
+        _archive_read(base, "switchboard.inbound.v1")
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr[-3000:]
+    archive = data_dir / "archive"
+    subjects = query(
+        archive,
+        "SELECT data FROM events WHERE topic = 'switchboard.inbound.v1'",
+    )
+    tags = sorted(re.findall(r"gil-(?:before|after)-\d", data)[0] for (data,) in subjects)
+    assert tags == sorted(
+        [f"gil-before-{n}" for n in range(3)] + [f"gil-after-{n}" for n in range(3)]
+    )
+    letters = query(
+        archive, "SELECT count(*) FROM events WHERE topic = 'switchboard.deadletter.v1'"
+    )
+    assert letters == [(1,)]
