@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from switchboard.events import Event
+from switchboard.topics import DEADLETTER
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ class Journaled:
 
 @dataclass(frozen=True)
 class JournalDepth:
-    messages: int
+    messages: int  # every entry, dead letters included
     bytes: int
     oldest_age_s: float | None
+    dead_letters: int = 0  # ingest's, kept until the archive has written them
 
 
 @dataclass
@@ -290,12 +292,14 @@ def read_journal_depth(path: Path) -> JournalDepth | None:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         try:
-            count, size, oldest = db.execute(
-                "SELECT count(*), coalesce(sum(size), 0), min(journaled_at) FROM journal"
+            count, size, oldest, dead = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(journaled_at),"
+                " coalesce(sum(topic = ?), 0) FROM journal",
+                (DEADLETTER,),
             ).fetchone()
         except sqlite3.OperationalError:
             return None  # no journal table: an external Kafka, or a role process
     finally:
         db.close()
     age = None if oldest is None else max(0.0, time.time() - oldest)
-    return JournalDepth(count, size, age)
+    return JournalDepth(count, size, age, dead)

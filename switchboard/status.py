@@ -165,7 +165,8 @@ def _journal(settings: Settings) -> Report | None:
     if not depths and recovery is None:
         return None
     return {
-        "messages": sum(d.messages for _, d in depths),
+        "messages": sum(d.messages - d.dead_letters for _, d in depths),
+        "dead_letters": sum(d.dead_letters for _, d in depths),
         "bytes": sum(d.bytes for _, d in depths),
         "last_recovery": recovery,
     }
@@ -176,9 +177,10 @@ def _render_journal(journal: Report | None) -> list[str]:
         return []
     if "error" in journal:
         return [f"journal: unreadable ({journal['error']})"]
-    lines = [
-        f"journal: {journal['messages']} messages, {journal['bytes']} bytes not yet in the queue"
-    ]
+    line = f"journal: {journal['messages']} messages, {journal['bytes']} bytes not yet in the queue"
+    if journal.get("dead_letters"):
+        line += f"; {journal['dead_letters']} dead letters not yet archived (in those bytes)"
+    lines = [line]
     last = journal["last_recovery"]
     if last:
         lines.append(

@@ -422,6 +422,17 @@ def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Pa
         assert sum(d.messages for d in depths if d is not None) == 1  # the dead letter
         process.kill()  # the broker dies with it, and the archive's buffer
         process.wait(10)
+    status = subprocess.run(
+        [*SWITCHBOARD, "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # no broker running: the exit says so; the journal is read anyway
+    )
+    assert "journal: 0 messages" in status.stdout, status.stdout
+    assert "1 dead letters not yet archived" in status.stdout, status.stdout
     with running(env, tmp_path) as process:  # replays the journal, then stops cleanly
         _wait_healthy(base, process, within_s=60)
         deadline = time.monotonic() + 30

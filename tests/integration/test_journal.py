@@ -216,6 +216,9 @@ def test_dead_letters_are_forgotten_by_event_id_or_all_at_once(tmp_path: Path) -
             kept[2][0].id,
             inbound.id,
         }
+        depth = read_journal_depth(tmp_path / "spool.sqlite3")
+        assert depth is not None
+        assert (depth.messages, depth.dead_letters) == (3, 2)
         assert journal.forget_topic(DEADLETTER) == 2
         assert [e.event.id for e in journal.entries(10)] == [inbound.id]
         assert journal.messages == 1
