@@ -17,10 +17,10 @@ backoff", and Stop to "stop polling and ask the process to stop".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from pydantic import JsonValue
 
+from normalize.errors import rebuilt
 from switchboard.runtime import StartupError
 
 
@@ -65,17 +65,7 @@ class Rejected(Exception):
         # Raised in a parse process and pickled back to the server: the default round
         # trip calls __init__ with the message alone, and fails (so would a subclass's
         # own __init__): rebuilt from its state instead.
-        return (rebuild_exception, (type(self), self.args, self.__dict__))
-
-
-def rebuild_exception(
-    cls: type[BaseException], args: tuple[object, ...], state: dict[str, Any]
-) -> BaseException:
-    """An exception as it was pickled, without calling its ``__init__``."""
-    exc = cls.__new__(cls, *args)
-    exc.args = args
-    exc.__dict__.update(state)
-    return exc
+        return (rebuilt, (type(self), self.args, self.__dict__))
 
 
 class Stop(StartupError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 
 class NormalizeError(ValueError):
@@ -18,12 +18,15 @@ class NormalizeError(ValueError):
         # trip called __init__ with one argument, failed, and the dead letter said
         # "normalizer-error" instead of the reason (attacker review, 2026-11-30). Its
         # state, not __init__, rebuilds it: a subclass may take other arguments.
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        return (rebuilt, (type(self), self.args, self.__dict__))
 
 
-def _rebuild(
-    cls: type[NormalizeError], args: tuple[object, ...], state: dict[str, Any]
-) -> NormalizeError:
+E = TypeVar("E", bound=BaseException)
+
+
+def rebuilt(cls: type[E], args: tuple[object, ...], state: dict[str, Any]) -> E:
+    """An exception as it was pickled, without calling its ``__init__`` (a subclass
+    may take other arguments than its base)."""
     error = cls.__new__(cls, *args)
     error.args = args
     error.__dict__.update(state)

@@ -469,3 +469,20 @@ def settle(cluster: Cluster, senders: Senders, timeout_s: float = 90) -> Summary
         bad_owners=bad,
         missing=sorted(f"{m} ({senders.kinds.get(m)})" for m in lost)[:20],
     )
+
+
+def broker_pid_of(parent: int) -> int:
+    """The embedded broker: the child of `switchboard run` (pid ``parent``) running
+    Tansu's binary."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"broker" in cmdline and b"--storage-engine" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no embedded broker under switchboard run")

@@ -29,7 +29,7 @@ import pytest
 
 from ingest.journal import read_journal_depth
 from switchboard.broker import free_port
-from tests.faults.harness import SWITCHBOARD, TOKEN, Cluster, Senders
+from tests.faults.harness import SWITCHBOARD, TOKEN, Cluster, Senders, broker_pid_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(400)]
 
@@ -88,19 +88,7 @@ class RunCluster(Cluster):
 
     def broker_pid(self) -> int:
         """The embedded broker: the child of `switchboard run` running Tansu's binary."""
-        parent = self.procs["run"].pid
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == parent and b"broker" in cmdline and b"--storage-engine" in cmdline:
-                return int(entry.name)
-        raise AssertionError("no embedded broker under switchboard run")
+        return broker_pid_of(self.procs["run"].pid)
 
     def counts(self) -> tuple[int, int]:
         """(messages in the router's directory, messages in the queue read model)."""
