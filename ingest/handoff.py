@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -45,6 +46,9 @@ from switchboard.metrics import ACCEPTED, DEAD_LETTERED, HANDOFF_SECONDS, SPOOLE
 from switchboard.topics import DEADLETTER, INBOUND
 
 log = logging.getLogger(__name__)
+
+#: Most dead letters the journal keeps waiting for the archive (_room_for_dead_letters).
+MAX_JOURNALED_DEAD_LETTERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class HandOff:
         #: Dead letters journaled too, until the archive writes them (set by
         #: `switchboard run` when its archive runs: the one durable home they have).
         self.journal_dead_letters = False
+        self._cap_logged_at = -math.inf
         self._source = source
         self.spool = spool
         self._spool_after_s = spool_after_s
@@ -234,6 +239,24 @@ class HandOff:
             promised=False,  # the sender was refused: nothing was promised
         )
 
+    async def _room_for_dead_letters(self, journal: Journal) -> bool:
+        """Whether the journal holds fewer than MAX_JOURNALED_DEAD_LETTERS (they leave
+        it once archived: more means the archive cannot write, and each start would
+        replay them all; review of 2026-12-01)."""
+        loop = asyncio.get_running_loop()
+        held = await loop.run_in_executor(self._io, journal.count, DEADLETTER)
+        if held < MAX_JOURNALED_DEAD_LETTERS:
+            return True
+        now = time.monotonic()
+        if now - self._cap_logged_at > 60:
+            self._cap_logged_at = now
+            log.error(
+                "the journal holds %d dead letters the archive has not written: new ones "
+                "go to the broker only; is the archive failing?",
+                held,
+            )
+        return False
+
     async def dead_letter(
         self,
         *,
@@ -271,11 +294,12 @@ class HandOff:
             subject=str(id),
         )
         journaled = None
-        if promised and self.journal is not None and self.journal_dead_letters:
+        journal = self.journal if promised and self.journal_dead_letters else None
+        if journal is not None and await self._room_for_dead_letters(journal):
             # "Kept for review" is a promise too: on the embedded broker the record
             # stays in the journal until the archive has written it to a file.
             event = replace(event, data=event.value())
-            journaled = self.journal.submit(DEADLETTER, event, str(id))
+            journaled = journal.submit(DEADLETTER, event, str(id))
         receipt = await self._publish(DEADLETTER, event)
         if journaled is not None:
             await self._journaled(journaled)

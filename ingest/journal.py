@@ -228,6 +228,14 @@ class Journal:
                 raise
         self._recount()
 
+    def count(self, topic: str) -> int:
+        """Entries of ``topic`` (dead letters: a few, unless the archive cannot write)."""
+        with self._lock:
+            (found,) = self._db.execute(
+                "SELECT count(*) FROM journal WHERE topic = ?", (topic,)
+            ).fetchone()
+        return int(found)
+
     def forget_topic(self, topic: str) -> int:
         """Forget every entry of ``topic``; how many there were."""
         with self._lock:

@@ -13,7 +13,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import insert
 
-from ingest.handoff import HandOff
+from ingest import handoff as handoff_module
+from ingest.handoff import HandOff, Receipt
 from ingest.journal import Journal, read_journal_depth
 from ingest.spool import Spool
 from normalize.content import Normalized
@@ -25,6 +26,7 @@ from switchboard.broker import EmbeddedBroker
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import TYPE_ROUTED, Event, read_meta
+from switchboard.ids import uuid7
 from switchboard.kafka import Publisher, make_consumer
 from switchboard.recovery import JournalKeeper, read_recovery
 from switchboard.settings import KafkaSettings, Settings, SpoolSettings
@@ -223,4 +225,48 @@ def test_dead_letters_are_forgotten_by_event_id_or_all_at_once(tmp_path: Path) -
         assert [e.event.id for e in journal.entries(10)] == [inbound.id]
         assert journal.messages == 1
     finally:
+        journal.close()
+
+
+def test_dead_letters_stop_going_to_the_journal_past_its_cap(
+    tmp_path: Path, kafka_settings: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They leave the journal once the archive has written them; an archive that
+    cannot write would let them pile up and be replayed at every start. Past the cap
+    a dead letter still goes to the broker, acknowledged, without a journal entry."""
+    monkeypatch.setattr(handoff_module, "MAX_JOURNALED_DEAD_LETTERS", 2)
+    journal = Journal(tmp_path / "spool.sqlite3")
+    publisher = Publisher(kafka_settings)
+    handoff = HandOff(publisher, FileBlobStore(tmp_path / "blobs"), journal=journal)
+    handoff.journal_dead_letters = True
+
+    async def letters() -> list[Receipt]:
+        return [
+            await handoff.dead_letter(
+                id=uuid7(), adapter="smtp", reason="no-sender", detail=f"letter {n}"
+            )
+            for n in range(4)
+        ]
+
+    try:
+        receipts = asyncio.run(letters())
+        assert all(r.ack is not None for r in receipts)  # every one on the broker
+        assert journal.count(DEADLETTER) == 2
+        refused = asyncio.run(
+            handoff.refused(
+                id=uuid7(),
+                adapter="smtp",
+                route="smtp",
+                reason="auth",
+                detail="refused",
+                body=b"x",
+                media_type="text/plain",
+            )
+        )
+        assert refused is not None
+        assert refused.ack is not None
+        assert journal.count(DEADLETTER) == 2  # evidence of a refusal: never journaled
+    finally:
+        handoff.close()
+        publisher.close()
         journal.close()
