@@ -33,7 +33,16 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from ingest.errors import Rejected
 from ingest.jsonbody import load_json
 from ingest.mailauth import mailgun_verdict
-from ingest.sdk import FORM, MULTIPART, AdapterContext, HttpAdapter, HttpRoute, InboundRequest, Part
+from ingest.sdk import (
+    FORM,
+    MAX_FORM_PARTS,
+    MULTIPART,
+    AdapterContext,
+    HttpAdapter,
+    HttpRoute,
+    InboundRequest,
+    Part,
+)
 from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
@@ -129,7 +138,7 @@ class _Enough(Exception):
 class _SignatureScan:
     """Callbacks of python-multipart's streaming parser that keep the signed fields."""
 
-    def __init__(self, max_parts: int = 1000) -> None:
+    def __init__(self, max_parts: int = MAX_FORM_PARTS) -> None:
         self.found: dict[str, str] = {}
         self.max_parts = max_parts
         self.parts = 0

@@ -84,6 +84,8 @@ T = TypeVar("T")
 
 #: Bodies longer than this are authenticated on a thread, off the event loop.
 INLINE_AUTH_BYTES = 256 * 1024
+#: Most parts of a multipart/form-data body read (past them: malformed).
+MAX_FORM_PARTS = 1000
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -261,7 +263,7 @@ class InboundRequest:
             max_field_bytes=self.route.max_field_bytes or self.route.max_body_bytes,
         )
 
-    def parts(self, max_parts: int = 1000) -> list[Part]:
+    def parts(self, max_parts: int = MAX_FORM_PARTS) -> list[Part]:
         """A multipart/form-data body, parsed by the standard library's MIME parser
         (it keeps every part's bytes, so a field in another charset can be decoded
         with the charset the sender names)."""
@@ -729,16 +731,13 @@ class HttpAdapter(Adapter[S]):
         or refused as malformed input is, instead of answered 500 with nothing kept."""
         try:
             return await self.normalize(request)
-        except (NormalizeError, Rejected, RetryLater, Stop, OSError):
-            raise  # OSError: transient (a disk, a network), the sender retries
-        except ValidationError as exc:
-            raise _schema_error(exc) from exc
+        except Stop:
+            raise
         except Exception as exc:
-            # A bug or a limit of the normalizer on this input (RecursionError on a
-            # mail nested thousands of parts deep): malformed for the sender, kept or
-            # refused with the reason, instead of a 500 its sender retries for days.
-            log.exception("the normalizer failed on a message", extra={"adapter": self.name})
-            raise _failure(exc) from exc
+            error = _as_malformed(exc, self.name)
+            if error is exc:
+                raise
+            raise error from exc
 
     async def _take(self, request: InboundRequest) -> Response:
         started = time.perf_counter()
@@ -775,26 +774,33 @@ def _schema_error(exc: ValidationError) -> NormalizeError:
     )
 
 
+def _as_malformed(exc: Exception, adapter: str) -> Exception:
+    """What a normalizer's exception is answered as (call it in the ``except``
+    block): the error families and OSError (transient: a disk, a network; the sender
+    retries) as themselves; a message the schema refuses, and anything else (a bug
+    or a limit of the parser on this input: RecursionError on a mail nested
+    thousands of parts deep), as a ``normalizer-error``, kept or refused as
+    malformed input is, instead of a 500 its sender retries for days."""
+    if isinstance(exc, NormalizeError | Rejected | RetryLater | OSError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return _schema_error(exc)
+    log.exception("the normalizer failed on a message", extra={"adapter": adapter})
+    return NormalizeError("normalizer-error", f"the normalizer failed: {type(exc).__name__}")
+
+
 def _parse_step(adapter: HttpAdapter[Any], request: InboundRequest) -> Normalized:
-    """``adapter.parse(request)``, with whatever else it raises made a
-    ``normalizer-error``: an exception that is not one of the families is a
-    message the parser could not take (a mail nested 2,000 parts deep raised
-    RecursionError), to be kept or refused as malformed, not answered 500 and
-    retried by the provider for days; and it crosses from a parse process as
-    itself, which a ValidationError or a KeyError subclass would not."""
+    """``adapter.parse(request)``, its exceptions made what they are answered as
+    (:func:`_as_malformed`) where they are raised: in a parse process, so that they
+    cross back as themselves, which a ValidationError or a KeyError subclass would
+    not."""
     try:
         return adapter.parse(request)
-    except (NormalizeError, Rejected, RetryLater, OSError):
-        raise
-    except ValidationError as exc:
-        raise _schema_error(exc) from None
     except Exception as exc:
-        log.exception("the parser failed on a message", extra={"adapter": adapter.name})
-        raise _failure(exc) from None
-
-
-def _failure(exc: Exception) -> NormalizeError:
-    return NormalizeError("normalizer-error", f"the normalizer failed: {type(exc).__name__}"[:500])
+        error = _as_malformed(exc, adapter.name)
+        if error is exc:
+            raise
+        raise error from None
 
 
 def _parse_apart(
