@@ -214,19 +214,8 @@ class Journal:
 
     def forget(self, event_ids: Sequence[str]) -> None:
         """Forget these events (dead letters the archive has written to its files)."""
-        if not event_ids:
-            return
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "DELETE FROM journal WHERE event_id = ?", [(e,) for e in event_ids]
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        self._recount()
+        if self._execute_many("DELETE FROM journal WHERE event_id = ?", event_ids):
+            self._recount()
 
     def count(self, topic: str) -> int:
         """Entries of ``topic`` (dead letters: a few, unless the archive cannot write)."""
@@ -244,13 +233,13 @@ class Journal:
             self._recount()
         return int(removed)
 
-    def _execute_many(self, sql: str, seqs: Sequence[int]) -> bool:
-        if not seqs:
+    def _execute_many(self, sql: str, keys: Sequence[int] | Sequence[str]) -> bool:
+        if not keys:
             return False
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(sql, [(s,) for s in seqs])
+                self._db.executemany(sql, [(k,) for k in keys])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
