@@ -136,6 +136,20 @@ class HandOff:
         log.info("spooled", extra={"event_id": event.id, "topic": topic, "why": why})
         return Receipt(None)
 
+    async def _publish_kept(
+        self, topic: str, event: Event, message_id: str, journal: Journal | None
+    ) -> Receipt:
+        """Publish ``event``; with a journal, also keep it there, and return once both
+        are durable. Serialized once, then fsynced while the broker acknowledges: in
+        parallel."""
+        if journal is None:
+            return await self._publish(topic, event)
+        event = replace(event, data=event.value())
+        journaled = journal.submit(topic, event, message_id)
+        receipt = await self._publish(topic, event)
+        await self._journaled(journaled)
+        return receipt
+
     @staticmethod
     async def _journaled(done: concurrent.futures.Future[None]) -> None:
         try:
@@ -179,14 +193,7 @@ class HandOff:
                 stored_raw=message.raw,
                 metadata={"dedupe_key": message.dedupe_key, "size": size},
             )
-        journaled = None
-        if self.journal is not None:
-            # Serialized once, then fsynced while the broker acknowledges: in parallel.
-            event = replace(event, data=event.value())
-            journaled = self.journal.submit(INBOUND, event, str(message.id))
-        receipt = await self._publish(INBOUND, event)
-        if journaled is not None:
-            await self._journaled(journaled)
+        receipt = await self._publish_kept(INBOUND, event, str(message.id), self.journal)
         log.info(
             "message accepted",
             extra={
@@ -293,16 +300,12 @@ class HandOff:
             data=record,
             subject=str(id),
         )
-        journaled = None
+        # "Kept for review" is a promise too: on the embedded broker the record stays
+        # in the journal until the archive has written it to a file.
         journal = self.journal if promised and self.journal_dead_letters else None
-        if journal is not None and await self._room_for_dead_letters(journal):
-            # "Kept for review" is a promise too: on the embedded broker the record
-            # stays in the journal until the archive has written it to a file.
-            event = replace(event, data=event.value())
-            journaled = journal.submit(DEADLETTER, event, str(id))
-        receipt = await self._publish(DEADLETTER, event)
-        if journaled is not None:
-            await self._journaled(journaled)
+        if journal is not None and not await self._room_for_dead_letters(journal):
+            journal = None
+        receipt = await self._publish_kept(DEADLETTER, event, str(id), journal)
         DEAD_LETTERED.labels(stage, record.reason).inc()
         log.warning(
             "dead-lettered",
