@@ -249,14 +249,22 @@ class ArchiveHandler(RecordHandler):
         next start reads a new, empty log), up to ``roll_s`` (300 s) of every topic.
         A restarted sink skips what the file names say it holds, so nothing doubles."""
         for tp in list(self._buffers):
-            try:
-                self._flush(tp)
-            except Exception as exc:  # noqa: BLE001 - the others are still written
-                log.error(
-                    "archive file not written at the stop",
-                    extra={"topic": tp.topic, "partition": tp.partition, "error": repr(exc)},
-                )
+            self._write_out(tp, "at the stop")
         self.sync_iceberg()
+
+    def _write_out(self, tp: TopicPartition, when: str) -> bool:
+        """``_flush`` with a failure logged, not raised (the other buffers are still
+        written); False when it failed, the buffer still held."""
+        try:
+            self._flush(tp)
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.error(
+                "archive file not written %s",
+                when,
+                extra={"topic": tp.topic, "partition": tp.partition, "error": repr(exc)},
+            )
+            return False
+        return True
 
     def sync_iceberg(self) -> None:
         """Register new files in the Iceberg table (at start, then when idle after
@@ -298,12 +306,8 @@ class ArchiveHandler(RecordHandler):
         broker, a rejoin after it died, the records are nowhere else any more: they
         were dropped here before) and forget what we knew of their files."""
         for tp in partitions:
-            if tp in self._buffers:
-                try:
-                    self._flush(tp)
-                except Exception as exc:  # noqa: BLE001 - read again by the new owner
-                    log.warning("buffer not written at a revocation", extra={"error": repr(exc)})
-                    self._buffers.pop(tp, None)
+            if tp in self._buffers and not self._write_out(tp, "at a revocation"):
+                self._buffers.pop(tp, None)  # read again by the new owner
             self._next.pop(tp, None)
 
 
