@@ -110,9 +110,9 @@ class HttpLimitSettings(BaseSettings):
         ge=1,
         le=3600,
         description=(
-            "A parse process still busy with one request after this long is killed and "
-            "replaced; the request is tried once more, then refused unread (a signature "
-            "inside the body: Mailgun) or kept as a dead letter (normalizer-error)."
+            "A parse process still busy with one mail after this long is killed and "
+            "replaced; the mail is tried once more (after the mail waiting), then kept as "
+            "a dead letter (normalizer-error)."
         ),
     )
     # Loopback by default, as uvicorn's own default: a proxy on the same host must
