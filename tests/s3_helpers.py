@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from switchboard.broker import free_port
+from tests import local_http
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -63,7 +64,7 @@ def s3_server() -> Iterator[S3Server]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                httpx.get(endpoint, timeout=1)
+                local_http.get(endpoint, timeout=1)
                 break
             except httpx.TransportError:
                 assert process.poll() is None, "moto_server exited"

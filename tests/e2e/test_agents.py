@@ -35,6 +35,7 @@ from twilio.request_validator import RequestValidator
 
 from router.tables import outbox
 from switchboard.db import make_engine
+from tests import local_http
 from tests.e2e.test_queue import _chromium, _wait
 from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
 
@@ -173,7 +174,7 @@ def test_two_agents_work_their_queues_in_chromium(tmp_path: Path) -> None:
         sms["Body"] = "Any news about my refund? Carol"
         signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
         assert (
-            httpx.post(
+            local_http.post(
                 url, data=sms, headers={"x-twilio-signature": signature}, timeout=30
             ).status_code
             == 200

@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from pyiceberg.catalog.sql import SqlCatalog
@@ -34,6 +33,7 @@ from ingest.journal import read_journal_depth
 from switchboard.recovery import read_recovery
 from switchboard.status import BROKER_FILE
 from switchboard.topics import ALL_TOPICS
+from tests import local_http
 from tests.archive_helpers import query
 from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
 from tests.faults.harness import broker_pid_of
@@ -140,7 +140,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
             sms = {"MessageSid": "SM" + "e" * 32, "From": "+14155550177", "To": "+14155550199"}
             sms["Body"] = "Refund please"
             signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
-            answer = httpx.post(
+            answer = local_http.post(
                 url, data=sms, headers={"x-twilio-signature": signature}, timeout=30
             )
             assert answer.status_code == 200, answer.text
@@ -154,7 +154,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
             (email_contact, email_conversation) = by_channel["email"]
             (sms_contact, _) = by_channel["sms"]
             assert email_contact != sms_contact
-            form = httpx.post(
+            form = local_http.post(
                 f"{base}/webhooks/contact",
                 json={
                     "id": "f-1",
@@ -169,14 +169,14 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
                 lambda: query(archive, "SELECT 1 FROM events WHERE kind = 'merge.suggested'"),
                 "the merge suggestion in the archive",
             )
-            merged = httpx.post(
+            merged = local_http.post(
                 f"{base}/api/contacts/{email_contact}/merge",
                 json={"contact_id": sms_contact, "by": "alice"},
                 headers=api,
                 timeout=30,
             )
             assert merged.status_code == 200, merged.text
-            closed = httpx.post(
+            closed = local_http.post(
                 f"{base}/api/conversations/{email_conversation}/status",
                 json={"status": "closed", "changed_by": "alice"},
                 headers=api,
@@ -326,7 +326,7 @@ def test_events_tail_since_a_time_for_one_contact_in_readable_lines(archived: Ar
 def _archive_lag(base: str) -> dict[str, float]:
     """The archive consumer's lag by topic and partition, from /metrics (its own view:
     what it has read, not what it committed)."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+    text = local_http.get(f"{base}/metrics", timeout=10).text
     lines = re.findall(
         r'^switchboard_consumer_lag\{([^}]*group="switchboard-archive"[^}]*)\} (\S+)$',
         text,

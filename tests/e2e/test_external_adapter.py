@@ -16,13 +16,13 @@ import sys
 import tomllib
 from pathlib import Path
 
-import httpx
 import pytest
 
 from normalize.schema import InboundMessage
 from switchboard.broker import EmbeddedBroker
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
+from tests import local_http
 from tests.e2e.test_cli import ROOT, _cli
 from tests.e2e.test_run import _env, _stop, _wait_healthy, running
 from tests.http_helpers import find
@@ -115,9 +115,11 @@ def test_the_installed_adapter_runs_in_the_pipeline(
     with running(env, tmp_path, "ingest", "http") as process:
         _wait_healthy(base, process)
         url = f"{base}/webhooks/widget"
-        refused = httpx.post(url, json=body, headers={"authorization": "Bearer nope"}, timeout=30)
+        refused = local_http.post(
+            url, json=body, headers={"authorization": "Bearer nope"}, timeout=30
+        )
         assert refused.status_code == 403, refused.text
-        accepted = httpx.post(
+        accepted = local_http.post(
             url, json=body, headers={"authorization": "Bearer widget-token"}, timeout=30
         )
         assert accepted.status_code == 202, accepted.text

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import local_http
 from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
 
 # slow: among the longest scenarios, left to `make test` (not `make test-quick`).
@@ -49,7 +50,7 @@ def test_metrics_status_and_a_graceful_stop(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         metrics = ""
         while time.monotonic() < deadline:
-            metrics = httpx.get(f"{base}/metrics", timeout=5).text
+            metrics = local_http.get(f"{base}/metrics", timeout=5).text
             routed = _metric(
                 metrics, "switchboard_router_decisions_total", result="routed", reason="default"
             )
@@ -102,4 +103,4 @@ def test_metrics_status_and_a_graceful_stop(tmp_path: Path) -> None:
     assert took < 10
     assert reply[0] == 421, reply
     with pytest.raises(httpx.TransportError):
-        httpx.get(f"{base}/healthz", timeout=2)
+        local_http.get(f"{base}/healthz", timeout=2)

@@ -37,6 +37,7 @@ from switchboard.events import TYPE_INBOUND, TYPE_ROUTED, Event
 from switchboard.kafka import Publisher
 from switchboard.settings import KafkaSettings
 from switchboard.topics import DEADLETTER, INBOUND, ROUTED, ensure_topics
+from tests import local_http
 from tests.e2e.test_run import _env, _stop, _wait_healthy, running
 from tests.kafka_helpers import consume_until
 
@@ -171,7 +172,7 @@ def test_poison_records_are_dead_lettered_and_everyone_after_them_is_routed(
 
     def send_form(email: str, text: str) -> None:
         body = json.dumps({"id": uuid.uuid4().hex, "email": email, "message": text})
-        answer = httpx.post(
+        answer = local_http.post(
             f"{base}/webhooks/contact",
             content=body.encode(),
             headers={"content-type": "application/json"},
@@ -202,7 +203,7 @@ def test_poison_records_are_dead_lettered_and_everyone_after_them_is_routed(
             assert letters[ce_id]["reason"] == reason, letters[ce_id]
         assert letters["not-a-uuid"]["stage"] == "sink"
         assert letters["not-a-uuid"]["metadata"]["topic"] == ROUTED
-        ready = httpx.get(f"{base}/readyz", timeout=5)
+        ready = local_http.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
         code, _, stderr = _stop(process)
         assert code == 0, stderr

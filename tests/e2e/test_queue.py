@@ -29,7 +29,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from twilio.request_validator import RequestValidator
 
-from tests import needs
+from tests import local_http, needs
 from tests.e2e.test_run import _env, _stop, _wait_healthy, running
 
 # slow: among the longest scenarios, left to `make test` (not `make test-quick`).
@@ -65,7 +65,7 @@ class Pipeline:
     headers: dict[str, str]
 
     def get(self, path: str, **params: Any) -> httpx.Response:  # noqa: ANN401
-        return httpx.get(f"{self.base}{path}", params=params, headers=self.headers, timeout=10)
+        return local_http.get(f"{self.base}{path}", params=params, headers=self.headers, timeout=10)
 
 
 def _wait(check: Any, timeout_s: float = 40) -> Any:  # noqa: ANN401
@@ -96,7 +96,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             {"id": "f-1", "email": "dana@example.org", "phone": "+14155550123", "message": "Hi"}
         ).encode()
         digest = hmac.new(b"form-secret", body, hashlib.sha256).hexdigest()
-        form = httpx.post(
+        form = local_http.post(
             f"{base}/webhooks/contact",
             content=body,
             headers={"content-type": "application/json", "x-signature": digest},
@@ -115,7 +115,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         sms = {"MessageSid": "SM" + "d" * 32, "From": "+14155550123", "To": "+14155550199"}
         sms["Body"] = "Any news?"
         signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
-        answer = httpx.post(url, data=sms, headers={"x-twilio-signature": signature}, timeout=30)
+        answer = local_http.post(
+            url, data=sms, headers={"x-twilio-signature": signature}, timeout=30
+        )
         assert answer.status_code == 200, answer.text
         running_pipeline = Pipeline(base, {"authorization": f"Bearer {TOKEN}"})
         try:
@@ -150,7 +152,9 @@ def test_the_api_shows_one_contact_one_owner_one_conversation_three_messages(
     assert item["open_conversations"] == 1
     assert item["channels"] == ["email", "sms", "webhook"]
     assert (
-        httpx.get(f"{pipeline.base}/api/queue", params={"owner": "alice"}, timeout=30).status_code
+        local_http.get(
+            f"{pipeline.base}/api/queue", params={"owner": "alice"}, timeout=30
+        ).status_code
         == 401
     )
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from tests import local_http
 from tests.e2e.test_cli import ROOT
 from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
 
@@ -83,7 +83,7 @@ def test_the_readme_quick_start_makes_one_contact_of_three_channels(tmp_path: Pa
         assert answers[2].startswith("200 "), answers[2]
 
         def alice() -> dict[str, Any] | None:
-            found = httpx.get(
+            found = local_http.get(
                 f"{base}/api/contacts", params={"identity": "phone:+14155550100"}, timeout=10
             )
             if found.status_code != 200:
@@ -98,14 +98,16 @@ def test_the_readme_quick_start_makes_one_contact_of_three_channels(tmp_path: Pa
         assert contact["identities"] == ["email:alice@example.org", "phone:+14155550100"]
         assert contact["owner"] == "support"
         (summary,) = contact["conversations"]
-        conversation = httpx.get(f"{base}/api/conversations/{summary['id']}", timeout=10).json()
+        conversation = local_http.get(
+            f"{base}/api/conversations/{summary['id']}", timeout=10
+        ).json()
         assert [m["channel"] for m in conversation["messages"]] == ["webhook", "email", "sms"]
         # The page the README points at shows the customer, and her card the
         # conversation with the three messages.
-        queue = httpx.get(f"{base}/queue", params={"owner": "support"}, timeout=10)
+        queue = local_http.get(f"{base}/queue", params={"owner": "support"}, timeout=10)
         assert queue.status_code == 200
         assert contact["id"] in queue.text
-        page = httpx.get(f"{base}/queue/contacts/{contact['id']}", timeout=10)
+        page = local_http.get(f"{base}/queue/contacts/{contact['id']}", timeout=10)
         assert summary["id"] in page.text
         for text in ("where do I start?", "Where is my order?", "Any news on my order?"):
             assert text in page.text

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import needs
+from tests import local_http, needs
 from tests.e2e.test_cli import ROOT
 from tests.e2e.test_quickstart import quickstart
 from tests.e2e.test_run import _env, _stop, _wait_healthy, running
@@ -158,7 +158,7 @@ def test_the_readme_shell_examples_run_against_switchboard_run(tmp_path: Path) -
         _wait_healthy(base, process, within_s=60)
         # Mailgun's mail is parsed in `run`'s parse process (settings from the env).
         signed = mailgun_parsed(Mail("readme-mailgun"), key="readme-mailgun")
-        mailgun = httpx.post(f"{base}/webhooks/mailgun", **signed, timeout=30)
+        mailgun = local_http.post(f"{base}/webhooks/mailgun", **signed, timeout=30)
         assert mailgun.status_code == 200, mailgun.text
         with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
             for who in ("ann@example.org", "ann.b@example.net"):

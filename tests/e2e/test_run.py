@@ -27,6 +27,7 @@ from switchboard.databases import current_revisions, head_revisions
 from switchboard.db import make_engine
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
+from tests import local_http
 from tests.http_helpers import find
 from tests.router_helpers import snapshot
 from tests.smtp_helpers import collect, queued_id
@@ -101,7 +102,7 @@ def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 6
         assert process.poll() is None, f"switchboard run exited early:\n{process.stderr.read()}"  # type: ignore[union-attr]
         try:
             # Ready: every component (SMTP, router, sinks...) serves, not only HTTP.
-            if httpx.get(f"{base}/readyz", timeout=3).status_code == 200:
+            if local_http.get(f"{base}/readyz", timeout=3).status_code == 200:
                 return time.monotonic() - started
         except httpx.TransportError:
             pass
@@ -122,7 +123,7 @@ def test_run_on_the_embedded_broker_serves_health_and_stops_cleanly(tmp_path: Pa
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
     with running(env, tmp_path) as process:
         _wait_healthy(base, process)
-        ready = httpx.get(f"{base}/readyz", timeout=5)
+        ready = local_http.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"] == {"kafka": "ok", "database": "ok", "components": "ok"}
         broker_pids = _children(process.pid)
@@ -163,18 +164,18 @@ def test_run_on_a_configured_broker_and_postgres_reports_readiness(
     try:
         with running(env, tmp_path) as process:
             _wait_healthy(base, process)
-            assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            assert local_http.get(f"{base}/readyz", timeout=5).status_code == 200
             # Children there are: the SMTP parse worker (started with the server).
             commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in _children(process.pid)]
             assert not [c for c in commands if b"tansu" in c], "no embedded broker when configured"
 
             broker.stop()
             time.sleep(1.2)  # readiness results are cached for 1 s
-            unready = httpx.get(f"{base}/readyz", timeout=10)
+            unready = local_http.get(f"{base}/readyz", timeout=10)
             assert unready.status_code == 503
             assert unready.json()["checks"]["kafka"] != "ok"
             assert unready.json()["checks"]["database"] == "ok"
-            assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+            assert local_http.get(f"{base}/healthz", timeout=5).status_code == 200
 
             code, took, stderr = _stop(process)
         assert code == 0, stderr
@@ -274,13 +275,13 @@ def test_ingest_http_role_accepts_a_signed_sms_and_a_form(
             "Body": "hello by SMS",
         }
         signature = RequestValidator("e2e-token").compute_signature(url, form)
-        sms = httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=30)
+        sms = local_http.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=30)
         assert sms.status_code == 200, sms.text
         body = json.dumps(
             {"email": "ann@example.com", "phone": "+14155550100", "message": f"form {unique}"}
         ).encode()
         digest = hmac.new(b"e2e-secret", body, hashlib.sha256).hexdigest()
-        posted = httpx.post(
+        posted = local_http.post(
             f"{base}/webhooks/contact",
             content=body,
             headers={"content-type": "application/json", "x-signature": digest},

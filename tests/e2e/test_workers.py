@@ -21,6 +21,7 @@ import pytest
 from ingest.spool import Spool, read_depth
 from switchboard.settings import KafkaSettings
 from switchboard.topics import INBOUND
+from tests import local_http
 from tests.e2e.test_run import SWITCHBOARD, _alive, _children, _env, _wait_healthy, running
 from tests.factories import inbound_message
 from tests.router_helpers import inbound_event
@@ -68,7 +69,7 @@ def _post(base: str, n: int, tag: str) -> set[uuid.UUID]:
     (one at a time, 600 posts took most of a minute of the suite)."""
 
     def one(i: int) -> uuid.UUID:
-        reply = httpx.post(
+        reply = local_http.post(
             f"{base}/webhooks/contact",
             json={"email": f"p{i}@example.org", "message": "hello", "id": f"{tag}-{i}"},
             timeout=60,
@@ -81,7 +82,7 @@ def _post(base: str, n: int, tag: str) -> set[uuid.UUID]:
 
 
 def _accepted_total(base: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+    text = local_http.get(f"{base}/metrics", timeout=10).text
     prefix = 'switchboard_messages_accepted_total{adapter="webhook:contact",via="kafka"} '
     return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
@@ -214,7 +215,7 @@ def test_an_edge_whose_log_pipe_nobody_reads_still_answers(
     with running(env, tmp_path, "ingest", "http", "--workers", "1") as process:
         _wait_healthy(base, process)
         ids = _post(base, 600, "unread")
-        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        assert local_http.get(f"{base}/healthz", timeout=10).status_code == 200
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr[-3000:]
@@ -309,7 +310,7 @@ def _until_steady(base: str, within_s: float, run: int = 20) -> None:
     while streak < run:
         assert time.monotonic() < deadline, f"no {run} answers in a row in {within_s} s"
         try:
-            reply = httpx.get(f"{base}/healthz", timeout=3)
+            reply = local_http.get(f"{base}/healthz", timeout=3)
             streak = streak + 1 if reply.status_code == 200 else 0
         except httpx.HTTPError:
             streak = 0

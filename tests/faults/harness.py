@@ -32,6 +32,7 @@ from sqlalchemy import create_engine, text
 from twilio.request_validator import RequestValidator
 
 from switchboard.broker import EmbeddedBroker, free_port
+from tests import local_http
 
 SWITCHBOARD = [sys.executable, "-m", "switchboard.cli"]
 TOKEN = "faults-token"
@@ -175,7 +176,7 @@ class Cluster:
             if proc.poll() is not None:
                 raise AssertionError(f"{role} exited with {proc.returncode}: {self.tail(role)}")
             try:
-                if httpx.get(f"{self.url(role)}/readyz", timeout=2).status_code == 200:
+                if local_http.get(f"{self.url(role)}/readyz", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -219,7 +220,7 @@ class Cluster:
     # -- reading the end state ---------------------------------------------------
 
     def api(self, path: str, **params: Any) -> Any:  # noqa: ANN401 - JSON
-        response = httpx.get(
+        response = local_http.get(
             f"{self.url('queue')}{path}",
             params=params,
             headers={"authorization": f"Bearer {TOKEN}"},
@@ -404,7 +405,7 @@ class Senders:
         form = {"MessageSid": sid, "From": person.phone, "To": "+14155550199", "Body": marker}
         signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, form)
         try:
-            response = httpx.post(
+            response = local_http.post(
                 url, data=form, headers={"x-twilio-signature": signature}, timeout=15
             )
         except httpx.TransportError:
@@ -414,7 +415,7 @@ class Senders:
     def _form(self, person: Person, marker: str) -> bool:
         body, headers = signed_form(person, marker)
         try:
-            response = httpx.post(
+            response = local_http.post(
                 f"{self.cluster.url('http')}/webhooks/contact",
                 content=body,
                 headers=headers,

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
@@ -25,6 +24,7 @@ from normalize.schema import InboundMessage
 from normalize.webhook import FieldMap
 from switchboard.settings import KafkaSettings, NoAuth, TwilioSettings, WebhookSettings
 from switchboard.topics import INBOUND
+from tests import local_http
 from tests.dovecot import Dovecot
 from tests.http_helpers import find, http_ingest
 from tests.imap_helpers import imap_adapter, mailbox
@@ -93,7 +93,7 @@ def test_email_providers(
         (PostmarkAdapter, PostmarkSettings(password=SecretStr(POSTMARK_PASSWORD))),
     ]
     with http_ingest(kafka_settings, tmp_path, providers=providers) as http:
-        response = httpx.post(f"{http.base}{path}", timeout=30, **request)
+        response = local_http.post(f"{http.base}{path}", timeout=30, **request)
     assert response.status_code == 200, response.text
     inbound, dead = collect(
         kafka_settings, f"ctl-{variant}-{unique}", {uuid.UUID(response.json()["id"])}
@@ -120,7 +120,9 @@ def test_twilio(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> N
     with http_ingest(kafka_settings, tmp_path, twilio=twilio) as http:
         url = f"{http.base}/webhooks/twilio/sms"
         signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, form)
-        response = httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=30)
+        response = local_http.post(
+            url, data=form, headers={"x-twilio-signature": signature}, timeout=30
+        )
     assert response.status_code == 200, response.text
     (message,) = find(
         kafka_settings,
@@ -147,7 +149,7 @@ def test_web_hook(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) ->
         f"extra\x00{ESC}": [f"x\x00{ESC}"],
     }
     with http_ingest(kafka_settings, tmp_path, hooks=[hook]) as http:
-        response = httpx.post(f"{http.base}/webhooks/form", json=body, timeout=15)
+        response = local_http.post(f"{http.base}/webhooks/form", json=body, timeout=15)
     assert response.status_code == 202, response.text
     inbound, dead = collect(
         kafka_settings, f"ctl-hook-{unique}", {uuid.UUID(response.json()["id"])}

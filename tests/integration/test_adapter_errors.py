@@ -25,6 +25,7 @@ from normalize.content import Normalized, Serialized
 from normalize.errors import NormalizeError
 from normalize.schema import BlobRef
 from switchboard.settings import KafkaSettings
+from tests import local_http
 from tests.dovecot import Dovecot
 from tests.http_helpers import http_ingest
 from tests.imap_helpers import imap_adapter, mailbox, wait_for
@@ -77,7 +78,9 @@ def test_http_answers_for_each_family(
 
         def send(action: str, key: str | None = "family-key") -> httpx.Response:
             headers = {"x-key": key} if key is not None else {}
-            return httpx.post(url, json={"do": action, "t": unique}, headers=headers, timeout=30)
+            return local_http.post(
+                url, json={"do": action, "t": unique}, headers=headers, timeout=30
+            )
 
         stopped = send("stop")
         assert stopped.status_code == 503

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 from alembic import command
 from selenium.webdriver.common.by import By
@@ -49,6 +48,7 @@ from switchboard.events import TYPE_ROUTED
 from switchboard.http import Readiness, create_app
 from switchboard.ids import uuid7
 from switchboard.runtime import HttpServer
+from tests import local_http
 from tests.e2e.test_queue import _chromium
 from tests.factories import inbound_message
 
@@ -196,7 +196,7 @@ def test_the_api_answers_sender_verified_and_authentication_over_http(
 ) -> None:
     _fill(store)
     with _serving(store, tmp_path / "blobs") as base:
-        answer = httpx.get(
+        answer = local_http.get(
             f"{base}/api/conversations/{CONVERSATION}",
             headers={"Authorization": f"Bearer {TOKEN}"},
             timeout=10,

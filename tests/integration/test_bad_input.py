@@ -14,10 +14,10 @@ import zipfile
 from email.message import EmailMessage
 from pathlib import Path
 
-import httpx
 import pytest
 
 from switchboard.settings import KafkaSettings, WebhookSettings
+from tests import local_http
 from tests.http_helpers import http_ingest
 from tests.smtp_helpers import collect, queued_id, smtp_server
 
@@ -166,13 +166,13 @@ def test_the_http_corpus_gets_clear_errors(kafka_settings: KafkaSettings, tmp_pa
     with http_ingest(kafka_settings, tmp_path, hooks=[hook]) as app:
         for name, (body, content_type) in cases.items():
             headers = {"content-type": content_type} if content_type else {}
-            response = httpx.post(
+            response = local_http.post(
                 f"{app.base}/webhooks/open", content=body, headers=headers, timeout=30
             )
             assert response.status_code in {400, 413, 415, 422}, (name, response.status_code)
             assert response.headers["content-type"] == "application/problem+json", name
             assert response.json()["detail"], name
-        fine = httpx.post(
+        fine = local_http.post(
             f"{app.base}/webhooks/open", json={"email": "a@example.org", "text": "ok"}, timeout=30
         )
         assert fine.status_code == 202

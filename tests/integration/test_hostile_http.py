@@ -37,6 +37,7 @@ from switchboard.http import Readiness, create_app
 from switchboard.limits import HttpLimitSettings
 from switchboard.runtime import HttpServer
 from switchboard.settings import KafkaSettings, WebhookSettings
+from tests import local_http
 from tests.http_helpers import http_ingest
 
 pytestmark = pytest.mark.integration
@@ -221,7 +222,7 @@ def test_oversized_unauthenticated_api_posts_are_refused_before_they_are_read(
                 pool.map(lambda _: _post(server.port, path, total=100 * MB, chunked=True), range(8))
             )
         grew = _rss_mb() - before
-        within = httpx.post(
+        within = local_http.post(
             f"http://127.0.0.1:{server.port}{path}",
             json={"status": "closed"},
             headers={"authorization": f"Bearer {TOKEN}"},
@@ -258,15 +259,17 @@ def test_oversized_and_overfull_login_forms_are_refused(tmp_path: Path) -> None:
             first=fields[: 2 * MB],
         )
         base = f"http://127.0.0.1:{server.port}/queue/login"
-        many = httpx.post(
+        many = local_http.post(
             base,
             content=b"&".join(b"a%d=" % n for n in range(5000)),
             headers={"content-type": "application/x-www-form-urlencoded"},
             timeout=30,
         )
-        long_field = httpx.post(base, data={"name": "admin", "password": "x" * 10_000}, timeout=30)
-        wrong = httpx.post(base, data={"name": "admin", "password": "not it"}, timeout=30)
-        right = httpx.post(
+        long_field = local_http.post(
+            base, data={"name": "admin", "password": "x" * 10_000}, timeout=30
+        )
+        wrong = local_http.post(base, data={"name": "admin", "password": "not it"}, timeout=30)
+        right = local_http.post(
             base, data={"name": "admin", "password": TOKEN}, follow_redirects=False, timeout=30
         )
     _problem(declared, 413)
@@ -311,7 +314,7 @@ def test_oversized_hook_posts_are_refused_at_the_hooks_own_limit(
             chunked=True,
             content_type="application/x-www-form-urlencoded",
         )
-        fields = httpx.post(
+        fields = local_http.post(
             f"{app.base}/webhooks/form",
             content=b"&".join(b"a%d=" % n for n in range(500)),
             headers={"content-type": "application/x-www-form-urlencoded"},
@@ -356,7 +359,9 @@ def test_bodies_held_at_once_are_bounded_across_clients(
             idle = _connect(port, "127.0.0.3")
             idle.sendall(head.format(200_000).encode())
             held.append(idle)
-        before_bytes = httpx.post(url, data={"email": "ann@example.com", "text": "hi"}, timeout=15)
+        before_bytes = local_http.post(
+            url, data={"email": "ann@example.com", "text": "hi"}, timeout=15
+        )
         # Four clients hold 30,000 bytes each of 60,000-byte bodies: 120,000 of 131,072.
         for n in range(4):
             holder = _connect(port, f"127.0.0.{4 + n}")
@@ -382,7 +387,7 @@ def test_bodies_held_at_once_are_bounded_across_clients(
             source=STRANGER,
         )
         # A small message still fits beside them...
-        small = httpx.post(url, data={"email": "ann@example.com", "text": "hi"}, timeout=15)
+        small = local_http.post(url, data={"email": "ann@example.com", "text": "hi"}, timeout=15)
         # ... but not from an address that already holds its quarter.
         greedy = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"))
         second = greedy.post(url, data={"email": "bo@example.com", "text": "z" * 3000}, timeout=15)
@@ -391,7 +396,7 @@ def test_bodies_held_at_once_are_bounded_across_clients(
         for sock in held:
             sock.close()  # gone mid-body: what they held is given back
         _until(lambda: budget.held == 0 and not budget.clients)
-        again = httpx.post(url, content=letter, headers={"content-type": form}, timeout=15)
+        again = local_http.post(url, content=letter, headers={"content-type": form}, timeout=15)
     assert before_bytes.status_code == 202, before_bytes.text
     busy = _problem(declared, 503)
     assert declared.headers["retry-after"] == "1"
@@ -430,7 +435,7 @@ def test_one_address_cannot_hold_every_connection(tmp_path: Path) -> None:
             with _connect(server.port, STRANGER) as extra:
                 refused = _read_answer(extra)
                 assert extra.recv(1) == b""
-            health = httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)
+            health = local_http.get(f"http://127.0.0.1:{server.port}/healthz", timeout=30)
             # The stranger's held connections still work (they are within its limit).
             held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             own = _read_answer(held[0])
@@ -532,7 +537,7 @@ def test_junk_from_one_client_does_not_cost_another_its_submissions(
         ]
         stranger.close()
         real = [
-            httpx.post(
+            local_http.post(
                 url, data={"email": f"ann{n}@example.com", "text": "hello"}, timeout=15
             ).status_code
             for n in range(10)
@@ -568,7 +573,7 @@ def test_x_forwarded_for_only_from_a_trusted_proxy(
 
         def via_proxy(client: str) -> int:
             headers = {"x-forwarded-for": f"{client}, 127.0.0.1"}
-            return httpx.post(url, data=form, headers=headers, timeout=30).status_code
+            return local_http.post(url, data=form, headers=headers, timeout=30).status_code
 
         first = [via_proxy("203.0.113.7") for _ in range(3)]
         second = via_proxy("203.0.113.8")
@@ -617,7 +622,7 @@ def test_unsigned_junk_does_not_spend_a_signed_hooks_budget(
         ]
         signature = hmac.new(TOKEN.encode(), form.encode(), hashlib.sha256).hexdigest()
         signed = [
-            httpx.post(
+            local_http.post(
                 url, content=form, headers={**FORM_TYPE, "x-signature": signature}, timeout=30
             ).status_code
             for _ in range(3)
@@ -652,7 +657,7 @@ def test_password_checks_run_off_the_event_loop(
             answers = list(
                 pool.map(
                     lambda n: (
-                        httpx.post(
+                        local_http.post(
                             base, data={"name": "alice", "password": f"guess{n}"}, timeout=30
                         ).status_code
                     ),

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -32,6 +31,7 @@ from normalize.schema import ContactEvent, ContactEventKind, InboundMessage
 from switchboard.events import contact_event_type
 from switchboard.settings import KafkaSettings, TwilioSettings, WebhookSettings
 from switchboard.topics import CONTACTS, INBOUND
+from tests import local_http
 from tests.http_helpers import RunningHttp, find, http_ingest
 from tests.imap_helpers import wait_for
 from tests.router_helpers import (
@@ -100,7 +100,9 @@ def _post(http: RunningHttp, hook: str, body: dict[str, Any]) -> None:
     headers = {"content-type": "application/json"}
     if hook in ("backend", "phone-backend"):
         headers["x-signature"] = hmac.new(b"backend-secret", raw, hashlib.sha256).hexdigest()
-    answer = httpx.post(f"{http.base}/webhooks/{hook}", content=raw, headers=headers, timeout=15)
+    answer = local_http.post(
+        f"{http.base}/webhooks/{hook}", content=raw, headers=headers, timeout=15
+    )
     assert answer.status_code == 202, answer.text
 
 
@@ -108,7 +110,7 @@ def _sms(http: RunningHttp, sid: str, sender: str, text: str = "hi") -> None:
     url = f"{http.base}/webhooks/twilio/sms"
     form = {"MessageSid": sid, "From": sender, "To": "+14155550199", "Body": text}
     signature = RequestValidator(TOKEN).compute_signature(url, form)
-    answer = httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=15)
+    answer = local_http.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=15)
     assert answer.status_code == 200, answer.text
 
 
@@ -257,7 +259,7 @@ def test_a_strangers_message_id_or_idempotency_key_does_not_swallow_a_customers_
         assert smtp.send(mail("ann@example.org", "where is my order?"))[0] == 250
     with http_ingest(kafka, tmp_path / "http", hooks=_hooks(monkeypatch)) as http:
         for who in ("mallory@evil.example", "wendy@example.org"):
-            answer = httpx.post(
+            answer = local_http.post(
                 f"{http.base}/webhooks/public-form",
                 json={"email": who, "message": f"from {who}"},
                 headers={"idempotency-key": f"k-{unique}"},
@@ -269,7 +271,7 @@ def test_a_strangers_message_id_or_idempotency_key_does_not_swallow_a_customers_
         # the key of a claimed sender was bound to what was said (review, 2026-12-01).
         # Wendy's retry of her own post is still one message.
         for text in ("from mallory, as wendy", "from wendy again", "from wendy again"):
-            answer = httpx.post(
+            answer = local_http.post(
                 f"{http.base}/webhooks/public-form",
                 json={"email": "wendy@example.org", "message": text},
                 headers={"idempotency-key": f"order-{unique}"},

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from imapclient import IMAPClient
 
@@ -25,6 +24,7 @@ from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.settings import KafkaSettings
 from switchboard.topics import DEADLETTER, INBOUND
+from tests import local_http
 from tests.dovecot import PASSWORD, USER, Dovecot
 from tests.http_helpers import find
 from tests.imap_helpers import imap_adapter, mail, mailbox, wait_for
@@ -334,7 +334,7 @@ def test_poller_killed_mid_batch_loses_nothing(
     try:
         wait_for(lambda: last_uid() >= total, 60)
         # The role's HTTP server shows the same state as the CLI.
-        status = httpx.get(
+        status = local_http.get(
             f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}/status/imap", timeout=30
         )
         [live] = [r for r in status.json() if r["mailbox"] == name]

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import Engine
 
 from switchboard.settings import KafkaSettings, WebhookSettings
+from tests import local_http
 from tests.http_helpers import http_ingest
 from tests.imap_helpers import wait_for
 from tests.router_helpers import fresh_kafka, processed, running_router, snapshot, store_for
@@ -44,7 +44,7 @@ def test_extensions_are_distinct_contacts_and_never_the_bare_number(
     with http_ingest(kafka, tmp_path, hooks=[hook]) as http:
         ids = []
         for number in numbers:
-            answer = httpx.post(
+            answer = local_http.post(
                 f"{http.base}/webhooks/form",
                 json={"phone": number, "message": f"hello from {number}"},
                 timeout=15,

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 import pytest
 
 from normalize.schema import InboundMessage
 from switchboard.settings import KafkaSettings
+from tests import local_http
 from tests.http_helpers import RunningHttp, http_ingest
 from tests.integration.test_providers import PROVIDERS
 from tests.provider_payloads import Mail, mailgun_mime, mailgun_parsed, postmark, sendgrid
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def _post(http: RunningHttp, path: str, request: dict[str, Any]) -> UUID:
-    response = httpx.post(f"{http.base}{path}", timeout=30, **request)
+    response = local_http.post(f"{http.base}{path}", timeout=30, **request)
     assert response.status_code == 200, response.text
     return UUID(response.json()["id"])
 

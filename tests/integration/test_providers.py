@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -17,6 +16,7 @@ from ingest.mailgun import MailgunAdapter, MailgunSettings
 from ingest.postmark import PostmarkAdapter, PostmarkSettings
 from ingest.sendgrid import SendgridAdapter, SendgridSettings
 from switchboard.settings import KafkaSettings
+from tests import local_http
 from tests.conformance.test_provider_adapters import PNG
 from tests.http_helpers import RunningHttp, http_ingest
 from tests.provider_payloads import (
@@ -41,7 +41,7 @@ PROVIDERS = [
 
 
 def _post(http: RunningHttp, path: str, request: dict[str, Any]) -> UUID:
-    response = httpx.post(f"{http.base}{path}", timeout=30, **request)
+    response = local_http.post(f"{http.base}{path}", timeout=30, **request)
     assert response.status_code == 200, response.text
     return UUID(response.json()["id"])
 
@@ -122,14 +122,14 @@ def test_mailgun_refuses_bad_signatures_and_keeps_stale_signed_requests(
     mail = Mail(f"old-{unique}")
     with http_ingest(kafka_settings, tmp_path, providers=PROVIDERS) as http:
         url = f"{http.base}/webhooks/mailgun"
-        forged = httpx.post(url, **mailgun_parsed(mail, key="not-the-key"), timeout=30)
+        forged = local_http.post(url, **mailgun_parsed(mail, key="not-the-key"), timeout=30)
         assert forged.status_code == 403, forged.text
-        unsigned = httpx.post(url, data={"subject": "hi"}, timeout=30)
+        unsigned = local_http.post(url, data={"subject": "hi"}, timeout=30)
         assert unsigned.status_code == 403, unsigned.text
-        stale = httpx.post(url, **mailgun_parsed(mail, timestamp=1_700_000_000), timeout=30)
+        stale = local_http.post(url, **mailgun_parsed(mail, timestamp=1_700_000_000), timeout=30)
         assert stale.status_code == 406, stale.text
         assert stale.json()["reason"] == "stale"
-        wrong_type = httpx.post(url, json={"a": 1}, timeout=30)
+        wrong_type = local_http.post(url, json={"a": 1}, timeout=30)
         assert wrong_type.status_code == 415
     _, dead = collect(kafka_settings, f"stale-{unique}", {UUID(stale.json()["id"])})
     [letter] = dead.values()

@@ -44,6 +44,7 @@ from switchboard.kafka import Publisher
 from switchboard.runtime import HttpServer
 from switchboard.settings import KafkaSettings
 from switchboard.topics import ROUTED
+from tests import local_http
 from tests.postgres import with_search_path
 from tests.router_helpers import (
     CONFIG,
@@ -99,7 +100,7 @@ class World:
     publish: Callable[[list[InboundMessage]], None]
 
     def get(self, path: str, **params: Any) -> httpx.Response:  # noqa: ANN401
-        return httpx.get(
+        return local_http.get(
             f"{self.base}{path}",
             params=params,
             headers={"authorization": f"Bearer {TOKEN}"},
@@ -107,7 +108,7 @@ class World:
         )
 
     def post(self, path: str, body: object) -> httpx.Response:
-        return httpx.post(
+        return local_http.post(
             f"{self.base}{path}",
             json=body,
             headers={"authorization": f"Bearer {TOKEN}"},
@@ -397,10 +398,10 @@ def test_errors_are_problem_json_with_a_clear_detail(
 
 
 def test_without_the_token_the_api_refuses(world: World) -> None:
-    response = httpx.get(f"{world.base}/api/queue", params={"owner": "alice"}, timeout=10)
+    response = local_http.get(f"{world.base}/api/queue", params={"owner": "alice"}, timeout=10)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
-    wrong = httpx.get(
+    wrong = local_http.get(
         f"{world.base}/api/queue",
         params={"owner": "alice"},
         headers={"authorization": "Bearer nope"},
@@ -498,8 +499,8 @@ def test_the_api_refuses_remote_clients_without_a_token(tmp_path: Path, world: W
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
     try:
-        local = httpx.get(f"http://127.0.0.1:{server.port}/api/queue?owner=alice", timeout=10)
-        remote = httpx.get(f"http://{address}:{server.port}/api/queue?owner=alice", timeout=10)
+        local = local_http.get(f"http://127.0.0.1:{server.port}/api/queue?owner=alice", timeout=10)
+        remote = local_http.get(f"http://{address}:{server.port}/api/queue?owner=alice", timeout=10)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)

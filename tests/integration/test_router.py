@@ -24,6 +24,7 @@ from switchboard.events import TYPE_DUPLICATE, TYPE_ROUTED, contact_event_type
 from switchboard.kafka import Publisher
 from switchboard.settings import KafkaSettings, TwilioSettings, WebhookSettings
 from switchboard.topics import CONTACTS, DEADLETTER, INBOUND, ROUTED
+from tests import local_http
 from tests.dovecot import Dovecot
 from tests.factories import inbound_message
 from tests.http_helpers import find, http_ingest
@@ -77,7 +78,7 @@ def twilio_post(base: str, sid: str, sender: str) -> httpx.Response:
         "NumMedia": "0",
     }
     signature = RequestValidator(TOKEN).compute_signature(url, form)
-    return httpx.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=15)
+    return local_http.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=15)
 
 
 @pytest.mark.slow
@@ -116,7 +117,7 @@ def test_every_channel_one_contact_one_owner_one_conversation(
             {"id": "f-1", "email": "Bob@Example.org", "phone": "(415) 555-0123", "text": "Hi"}
         ).encode()
         signature = hmac.new(b"form-secret", body, hashlib.sha256).hexdigest()
-        answer = httpx.post(
+        answer = local_http.post(
             f"{http.base}/webhooks/contact-form",
             content=body,
             headers={"content-type": "application/json", "x-signature": signature},

@@ -12,7 +12,6 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -23,6 +22,7 @@ from switchboard.events import Event, read_data, read_meta
 from switchboard.kafka import Publisher, make_consumer
 from switchboard.settings import KafkaSettings, WebhookSettings
 from switchboard.topics import INBOUND, ensure_topics
+from tests import local_http
 from tests.factories import inbound_message
 from tests.http_helpers import http_ingest
 from tests.kafka_helpers import consume_until
@@ -251,7 +251,7 @@ def test_a_full_spool_answers_451_and_503(tmp_path: Path) -> None:
         {"name": "open", "auth": {"kind": "none"}, "map": {"email": "email", "text": "text"}}
     )
     with http_ingest(nowhere, tmp_path, hooks=[hook], spool=spool) as app:
-        response = httpx.post(
+        response = local_http.post(
             f"{app.base}/webhooks/open", json={"email": "ann@example.com", "text": "hi"}, timeout=30
         )
     assert response.status_code == 503

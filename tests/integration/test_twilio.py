@@ -17,6 +17,7 @@ from normalize.schema import DeadLetter, InboundMessage
 from switchboard.broker import free_port
 from switchboard.settings import KafkaSettings, TwilioSettings
 from switchboard.topics import DEADLETTER, INBOUND
+from tests import local_http
 from tests.http_helpers import find, find_until_end, http_ingest
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def post(
     headers = dict(FORM)
     if signature is not None:
         headers["x-twilio-signature"] = signature
-    return httpx.post(url, data=form, headers=headers, timeout=15)
+    return local_http.post(url, data=form, headers=headers, timeout=15)
 
 
 def sign(url: str, form: dict[str, str], token: str = TOKEN) -> str:
@@ -201,12 +202,12 @@ def test_not_durable_answers_503_with_retry_after(tmp_path: Path, unique: str) -
 def test_wrong_content_type_and_size(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
     with http_ingest(kafka_settings, tmp_path, twilio=settings()) as app:
         url = app.base + PATH
-        assert httpx.post(url, json={"a": 1}, timeout=30).status_code == 415
-        big = httpx.post(url, content=b"Body=" + b"x" * 70_000, headers=FORM, timeout=30)
+        assert local_http.post(url, json={"a": 1}, timeout=30).status_code == 415
+        big = local_http.post(url, content=b"Body=" + b"x" * 70_000, headers=FORM, timeout=30)
         assert big.status_code == 413
         # Many empty fields: refused before a field is built or a signature computed.
         fields = "&".join(f"k{i}=" for i in range(201)).encode()
-        many = httpx.post(url, content=fields, headers=FORM, timeout=30)
+        many = local_http.post(url, content=fields, headers=FORM, timeout=30)
         assert many.status_code == 413
         assert "200 form fields" in many.json()["detail"]
 

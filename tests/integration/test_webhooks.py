@@ -18,6 +18,7 @@ from normalize.schema import InboundMessage
 from switchboard.broker import free_port
 from switchboard.settings import KafkaSettings, TwilioSettings, WebhookSettings
 from switchboard.topics import INBOUND
+from tests import local_http
 from tests.http_helpers import RunningHttp, find, http_ingest
 
 pytestmark = pytest.mark.integration
@@ -87,7 +88,7 @@ def signed(body: bytes, stamp: int | None = None, secret: str = SECRET) -> dict[
 
 def submit(app: RunningHttp, payload: object, **headers: str) -> httpx.Response:
     body = json.dumps(payload).encode()
-    return httpx.post(
+    return local_http.post(
         f"{app.base}/webhooks/contact-form",
         content=body,
         headers={**signed(body), **headers},
@@ -129,7 +130,7 @@ def test_dedupe_key_sources(
         keyed = submit(app, payload, **{"idempotency-key": f"k-{unique}"}).json()
         first = submit(app, payload).json()
         second = submit(app, payload).json()
-        unsigned = httpx.post(
+        unsigned = local_http.post(
             f"{app.base}/webhooks/open",
             json={"email": "ann@example.com", "text": unique},
             headers={"idempotency-key": f"k-{unique}"},
@@ -148,9 +149,13 @@ def test_form_encoded_hook_with_a_bearer_token(
     with http_ingest(kafka_settings, tmp_path, hooks=hooks(monkeypatch)) as app:
         url = f"{app.base}/webhooks/chat"
         form = {"email": "bob@example.org", "text": f"chat {unique}", "name": "Bob"}
-        ok = httpx.post(url, data=form, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30)
-        missing = httpx.post(url, data=form, timeout=30)
-        wrong = httpx.post(url, data=form, headers={"authorization": "Bearer nope"}, timeout=30)
+        ok = local_http.post(
+            url, data=form, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30
+        )
+        missing = local_http.post(url, data=form, timeout=30)
+        wrong = local_http.post(
+            url, data=form, headers={"authorization": "Bearer nope"}, timeout=30
+        )
     assert ok.status_code == 202, ok.text
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
@@ -169,7 +174,7 @@ def test_every_error_is_a_problem(
         url = f"{app.base}/webhooks/contact-form"
 
         def raw(body: bytes, headers: dict[str, str]) -> httpx.Response:
-            return httpx.post(url, content=body, headers=headers, timeout=15)
+            return local_http.post(url, content=body, headers=headers, timeout=15)
 
         cases = {
             "malformed": raw(b"{not json", signed(b"{not json")),
@@ -189,7 +194,7 @@ def test_every_error_is_a_problem(
             ),
             "too large": raw(b"{" + b" " * 4096 + b"}", signed(b"{}")),
             "content type": raw(b"a=b", {"content-type": "application/x-www-form-urlencoded"}),
-            "unknown hook": httpx.post(f"{app.base}/webhooks/nope", json=good, timeout=30),
+            "unknown hook": local_http.post(f"{app.base}/webhooks/nope", json=good, timeout=30),
         }
         expected = {
             "malformed": 400,
@@ -224,13 +229,13 @@ def test_deep_nesting_within_the_size_limit_is_a_400(
 ) -> None:
     body = b"[" * 200_000 + b"]" * 200_000
     with http_ingest(kafka_settings, tmp_path, hooks=hooks(monkeypatch)) as app:
-        response = httpx.post(
+        response = local_http.post(
             f"{app.base}/webhooks/open",
             content=body,
             headers={"content-type": "application/json"},
             timeout=30,
         )
-        huge = httpx.post(
+        huge = local_http.post(
             f"{app.base}/webhooks/open",
             content=b'{"n": ' + b"9" * 5000 + b"}",
             headers={"content-type": "application/json"},
@@ -243,13 +248,13 @@ def test_deep_nesting_within_the_size_limit_is_a_400(
             inner = b"[" * (depth - 1) + b"]" * (depth - 1)
             return b'{"email": "ann@example.com", "x": ' + inner + b"}"
 
-        parsed_but_deep = httpx.post(
+        parsed_but_deep = local_http.post(
             f"{app.base}/webhooks/open",
             content=nested(700),
             headers={"content-type": "application/json"},
             timeout=30,
         )
-        deepest_allowed = httpx.post(
+        deepest_allowed = local_http.post(
             f"{app.base}/webhooks/open",
             content=nested(64),
             headers={"content-type": "application/json"},
@@ -284,7 +289,7 @@ def test_openapi_describes_every_webhook(
 ) -> None:
     twilio = TwilioSettings(auth_token=[SecretStr("t")])
     with http_ingest(kafka_settings, tmp_path, twilio=twilio, hooks=hooks(monkeypatch)) as app:
-        document = httpx.get(f"{app.base}/openapi.json", timeout=30).json()
+        document = local_http.get(f"{app.base}/openapi.json", timeout=30).json()
     paths = document["paths"]
     for path in (
         "/webhooks/twilio/sms",
