@@ -30,6 +30,7 @@ from kafka.structs import TopicPartition
 from sinks.archive_files import Archive, Part
 from sinks.archive_iceberg import IcebergTable
 from sinks.archive_rows import row_day, to_row, to_table
+from sinks.archive_state import ArchiveState
 from sinks.settings import ArchiveSettings
 from switchboard.config import ConsumerSettings, KafkaSettings
 from switchboard.consumer import ConsumerRuntime, Outage, RecordHandler
@@ -91,6 +92,8 @@ class ArchiveHandler(RecordHandler):
         #: new at every start (and after it died): the files of the old logs are set
         #: aside then (new_log), since the new offsets start at 0 again.
         self.embedded_partitions: int | None = None
+        #: The report `switchboard status` reads (the sink's data dir), when set.
+        self.state: ArchiveState | None = None
 
     def _archived_next(self, tp: TopicPartition) -> int:
         """The first offset of ``tp`` the archive does not hold yet (from its files)."""
@@ -173,7 +176,14 @@ class ArchiveHandler(RecordHandler):
         part = Part(tp.topic, buffer.day, tp.partition, buffer.rows[0]["offset"], buffer.last)
         sink = io.BytesIO()
         pq.write_table(to_table(buffer.rows), sink, compression=self.settings.compression)
-        self.archive.write(part, sink.getvalue())
+        try:
+            self.archive.write(part, sink.getvalue())
+        except Exception as exc:
+            if self.state is not None:
+                self.state.failed(exc)
+            raise
+        if self.state is not None:
+            self.state.written(part)
         for old in self.archive.parts(tp.topic, tp.partition):
             if (
                 old != part
@@ -338,7 +348,7 @@ class ArchiveSink(ConsumerRuntime):
     ) -> None:
         self.archive_handler = ArchiveHandler(archive, settings, iceberg)
         super().__init__(
-            kafka,
+            kafka.model_copy(update={"fetch_max_wait_ms": settings.fetch_max_wait_ms}),
             self.archive_handler,
             name="archive-sink",
             group_id=group_id,

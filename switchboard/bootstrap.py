@@ -43,6 +43,8 @@ from sinks.api import install_denied_handler, queue_router
 from sinks.archive import ArchiveSink
 from sinks.archive_files import open_archive
 from sinks.archive_iceberg import IcebergTable
+from sinks.archive_state import STATE_FILE as ARCHIVE_STATE_FILE
+from sinks.archive_state import ArchiveState
 from sinks.auth import Access, protect
 from sinks.queue import QueueSink, QueueStore
 from sinks.search import identity_keys
@@ -238,7 +240,7 @@ def archive_sink(settings: Settings, publisher: Publisher | None = None) -> Arch
         iceberg = IcebergTable(
             settings.archive_root(), normalize_url(catalog), settings.archive.storage_options
         )
-    return ArchiveSink(
+    sink = ArchiveSink(
         settings.kafka,
         open_archive(settings.archive_root(), settings.archive.storage_options),
         settings.archive,
@@ -247,6 +249,9 @@ def archive_sink(settings: Settings, publisher: Publisher | None = None) -> Arch
         policy=settings.consumers,
         iceberg=iceberg,
     )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    sink.archive_handler.state = ArchiveState(settings.data_dir / ARCHIVE_STATE_FILE)
+    return sink
 
 
 def _archive(settings: Settings, roles: frozenset[str], publisher: Publisher) -> list[ArchiveSink]:

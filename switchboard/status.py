@@ -23,6 +23,7 @@ from ingest.journal import read_journal_depth
 from ingest.spool import read_depth
 from router.service import GROUP as ROUTER_GROUP
 from router.store import figures as router_figures
+from sinks.archive_state import read_archive_state
 from sinks.queue import GROUP as QUEUE_GROUP
 from sinks.queue import q_conversations
 from switchboard.db import make_engine
@@ -228,6 +229,7 @@ def collect(settings: Settings) -> Report:
             "kafka": _part(lambda: _kafka(settings)),
             "spool": _part(lambda: _spools(settings)),
             "journal": _part(lambda: _journal(settings)),
+            "archive": _part(lambda: read_archive_state(settings.data_dir)),
             "router": _part(lambda: _router(engine)),
             "queue": _part(lambda: _queue(settings)),
             "imap": _part(lambda: ImapStateStore(engine).status())
@@ -236,6 +238,25 @@ def collect(settings: Settings) -> Report:
         }
     finally:
         engine.dispose()
+
+
+def _render_archive(state: Report | None) -> list[str]:
+    """The archive sink's own report (this host's data dir), when it ran here."""
+    if state is None:
+        return []
+    if "error" in state:
+        return [f"archive: unreadable ({state['error']})"]
+    last = (
+        f"last file {state['last_file_at']} ({state['last_file']})"
+        if state.get("last_file")
+        else f"no file written since {state.get('started_at')}"
+    )
+    if state.get("failing_since"):
+        return [
+            f"archive: FAILING since {state['failing_since']}, {state['failures']} failed "
+            f"writes, the last: {state['last_error']}; {last}"
+        ]
+    return [f"archive: {last}, {state['files']} files since {state.get('started_at')}"]
 
 
 def _render_spool(spool: list[Report] | Report) -> list[str]:
@@ -264,6 +285,7 @@ def render(report: Report) -> str:
             lines.append(f"  {group}: lag {format_lag(info['lag'])}")
     lines += _render_spool(report["spool"])
     lines += _render_journal(report.get("journal"))
+    lines += _render_archive(report.get("archive"))
     router = report["router"]
     if "error" in router:
         lines.append(f"router: unavailable ({router['error']})")

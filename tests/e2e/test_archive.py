@@ -509,3 +509,78 @@ def test_the_archive_keeps_every_record_across_an_embedded_broker_restart(
         archive, "SELECT count(*) FROM events WHERE topic = 'switchboard.deadletter.v1'"
     )
     assert letters == [(1,)]
+
+
+def _status_saying(texts: tuple[str, ...], env: dict[str, str], tmp_path: Path) -> str | None:
+    """`switchboard status`'s report when it contains every one of ``texts``, else None."""
+    done = subprocess.run(
+        [*SWITCHBOARD, "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout if all(t in done.stdout for t in texts) else None
+
+
+def test_an_archive_that_cannot_write_says_so_and_catches_up(tmp_path: Path) -> None:
+    """A full disk or an expired bucket key: the archive retries for ever and commits
+    nothing past what it wrote, so nothing is lost. It used to say so only in its log;
+    now `switchboard status` says "FAILING since" with the error, `/metrics` counts
+    the failed writes, and both clear when the next file is written."""
+    (tmp_path / "switchboard.toml").write_text(CONFIG)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the archive's parent directory should be\n")
+    env = _env(
+        tmp_path,
+        SWITCHBOARD_CONFIG=str(tmp_path / "switchboard.toml"),
+        SWITCHBOARD_ARCHIVE_ROOT=str(blocked / "archive"),
+        SWITCHBOARD_ARCHIVE_ROLL_S="1",
+    )
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+
+    def failures() -> float:
+        text = local_http.get(f"{base}/metrics", timeout=10).text
+        found = re.search(r"^switchboard_archive_write_failures_total (\S+)$", text, re.MULTILINE)
+        return float(found[1]) if found else 0.0
+
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process, within_s=60)
+        with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
+            smtp.sendmail(
+                "hal@example.org",
+                ["support@example.com"],
+                b"From: Hal <hal@example.org>\r\nTo: support@example.com\r\n"
+                b"Subject: Disk\r\nMessage-ID: <hal-disk@example.org>\r\n\r\nFull?\r\n",
+            )
+        status = _until(
+            lambda: _status_saying(("archive: FAILING since",), env, tmp_path),
+            "the status to say the archive fails",
+        )
+        assert "NotADirectoryError" in status, status
+        assert "no file written since" in status, status
+        assert failures() > 0
+        blocked.unlink()  # the operator frees the disk
+        blocked.mkdir()
+        status = _until(
+            lambda: _status_saying(("archive: last file",), env, tmp_path),
+            "the archive to write again",
+        )
+        assert "FAILING" not in status, status
+        written = float(
+            re.findall(
+                r"^switchboard_archive_files_written_total (\S+)$",
+                local_http.get(f"{base}/metrics", timeout=10).text,
+                re.MULTILINE,
+            )[0]
+        )
+        assert written > 0
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr[-3000:]
+    rows = query(
+        blocked / "archive", "SELECT data FROM events WHERE topic = 'switchboard.inbound.v1'"
+    )
+    assert len(rows) == 1
+    assert "hal-disk@example.org" in rows[0][0]
