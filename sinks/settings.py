@@ -57,6 +57,19 @@ class ArchiveSettings(BaseSettings):
             "SQLAlchemy URL of the Iceberg SQL catalog (default: the project's database)."
         ),
     )
+    # 1000, not the consumers' 100: the archive writes a file every roll_s (300 s), so
+    # a second more to see a record costs nothing, while its fetches, every partition
+    # of every topic at once, were about a third of an idle `switchboard run`'s CPU
+    # (15.6% of a core with the broker at 100 ms; measured 2026-12-01, slow boot).
+    fetch_max_wait_ms: int = Field(
+        default=1000,
+        ge=10,
+        le=5000,
+        description=(
+            "Longest the archive's fetch waits for records (its own; the router and the "
+            "queue use [kafka] fetch_max_wait_ms, 100 ms, for latency)."
+        ),
+    )
     group_id: str = Field(
         default="switchboard-archive",
         min_length=1,

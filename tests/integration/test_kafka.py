@@ -7,14 +7,17 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from normalize.schema import InboundMessage
+from sinks.archive import ArchiveSink
+from sinks.archive_files import LocalArchive
 from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.events import TYPE_INBOUND, Event, read_data, read_meta
 from switchboard.kafka import Publisher, PublishError, make_consumer, probe_broker
-from switchboard.settings import KafkaSettings
+from switchboard.settings import ArchiveSettings, KafkaSettings
 from switchboard.topics import ALL_TOPICS, INBOUND, ensure_topics
 from tests.factories import inbound_message
 from tests.kafka_helpers import consume_until
@@ -330,3 +333,20 @@ def test_consumers_take_the_fetch_wait_from_the_settings(
     finally:
         publisher.close()
         consumer.close()
+
+
+def test_the_archive_waits_longer_per_fetch_than_the_latency_bound_consumers(
+    kafka_broker: EmbeddedBroker, tmp_path: Path, unique: str
+) -> None:
+    """The archive writes a file every roll_s: its fetches (every partition of every
+    topic) wait 1 s, not the router's 100 ms, for a third less idle CPU."""
+    settings = KafkaSettings(bootstrap=kafka_broker.bootstrap)
+    sink = ArchiveSink(settings, LocalArchive(tmp_path), ArchiveSettings())
+    assert settings.fetch_max_wait_ms == 100
+    consumer = make_consumer(sink.kafka, group_id=f"archive-fw-{unique}", topics=[INBOUND])
+    try:
+        assert consumer.config["fetch_max_wait_ms"] == 1000
+    finally:
+        consumer.close()
+    tuned = ArchiveSink(settings, LocalArchive(tmp_path), ArchiveSettings(fetch_max_wait_ms=300))
+    assert tuned.kafka.fetch_max_wait_ms == 300
