@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pydantic import JsonValue
 
 from normalize.errors import rebuilt
-from switchboard.runtime import StartupError
+from switchboard.errors import StartupError
 
 
 class RetryLater(Exception):

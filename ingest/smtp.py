@@ -35,9 +35,9 @@ from normalize.email import EmailContext, EmailVerdict, serialize_email
 from normalize.errors import NormalizeError
 from normalize.identity import IdentityError, canonical_email
 from normalize.schema import AuthCheck, Authentication
+from switchboard.errors import StartupError
 from switchboard.ids import uuid7
 from switchboard.metrics import RECEIVED, REJECTED, SENDER_CHECKS, child
-from switchboard.runtime import StartupError
 
 log = logging.getLogger(__name__)
 

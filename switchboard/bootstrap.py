@@ -54,6 +54,7 @@ from switchboard.config import KafkaSettings
 from switchboard.consumer import ConsumerRuntime
 from switchboard.databases import describe, upgrade_databases
 from switchboard.db import make_engine, normalize_url, ping
+from switchboard.errors import StartupError
 from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
 from switchboard.kafka import Publisher, probe_broker
 from switchboard.logs import flush_logs, stderr_line
@@ -61,7 +62,6 @@ from switchboard.recovery import JournalKeeper
 from switchboard.runtime import (
     Component,
     HttpServer,
-    StartupError,
     ThreadedComponent,
     install_signal_handlers,
     run_components,

@@ -770,8 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr_line(f"invalid configuration: {exc}")
         return 2
     from switchboard.broker import BrokerError
+    from switchboard.errors import StartupError
     from switchboard.logs import configure_logging
-    from switchboard.runtime import StartupError
 
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -21,13 +21,10 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from switchboard.errors import StartupError
 from switchboard.limits import ConnectionGuard, HttpLimitSettings, guarded_protocol
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    """A component could not start (port in use, bad certificate...): say so and exit 1."""
 
 
 class Component(Protocol):

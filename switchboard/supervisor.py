@@ -60,9 +60,10 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from switchboard.broker import die_with_parent
+from switchboard.errors import StartupError
 from switchboard.limits import share
 from switchboard.logs import WORKER_ENV
-from switchboard.runtime import StartupError, listening_socket
+from switchboard.runtime import listening_socket
 
 log = logging.getLogger(__name__)
 
