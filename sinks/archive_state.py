@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from sinks.archive_files import Part
+from switchboard.files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,4 @@ class ArchiveState:
 
 def read_archive_state(data_dir: Path) -> dict[str, Any] | None:
     """The archive sink's last report, for `switchboard status`; None if there is none."""
-    try:
-        found = json.loads((data_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
+    return read_json_object(data_dir / STATE_FILE)

@@ -8,9 +8,11 @@ fresh directory on a crash, after the writer reported them safe.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import MutableSet
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(directory: Path) -> None:
@@ -59,3 +61,13 @@ def made_dirs(directory: Path, base: Path, known: MutableSet[Path]) -> list[Path
     for level in levels:
         level.mkdir(parents=True, exist_ok=True)
     return levels
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A small JSON report a process left for `switchboard status` (the last recovery,
+    the archive's state); None when it is missing, unreadable or not an object."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None

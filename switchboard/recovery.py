@@ -45,6 +45,7 @@ from sinks.queue import applied
 from switchboard.broker import BrokerError, EmbeddedBroker
 from switchboard.consumer import ConsumerRuntime
 from switchboard.events import Event
+from switchboard.files import read_json_object
 from switchboard.kafka import Publisher
 from switchboard.metrics import BROKER_RESTARTS, JOURNAL_BYTES, JOURNAL_MESSAGES, JOURNAL_REPLAYED
 from switchboard.settings import KafkaSettings
@@ -342,8 +343,4 @@ class JournalKeeper:
 
 def read_recovery(data_dir: Path) -> dict[str, Any] | None:
     """The last recovery report, for `switchboard status`; None if there was none."""
-    try:
-        found = json.loads((data_dir / RECOVERY_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
+    return read_json_object(data_dir / RECOVERY_FILE)
