@@ -32,7 +32,11 @@ from tests.archive_helpers import query
 from tests.factories import inbound_message
 from tests.s3_helpers import S3Server, s3_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
+# Hang guards, not timing claims: beside the main suite's start (three workers each
+# starting a broker and servers on two cores) a run took 100 s and its 60 s waits and
+# pytest's 120 s default timed out twice in one `make test` (2026-12-01, slow boot).
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(600)]
+WAIT_S = 180
 
 SWITCHBOARD = [sys.executable, "-m", "switchboard.cli"]
 
@@ -177,7 +181,7 @@ def test_sigkill_repeatedly_leaves_each_offset_exactly_once(
                 stderr=subprocess.DEVNULL,
             )
             try:
-                _wait_for(lambda b=before: len(_files()) > b + 2, 60, "new archive files")
+                _wait_for(lambda b=before: len(_files()) > b + 2, WAIT_S, "new archive files")
                 time.sleep(delay)  # then kill it with records buffered, mid-write or between
             finally:
                 process.send_signal(signal.SIGKILL)
@@ -202,7 +206,7 @@ def test_sigkill_repeatedly_leaves_each_offset_exactly_once(
         return all(highest.get(k, -1) >= end - 1 for k, (begin, end) in ends.items() if end > begin)
 
     try:
-        _wait_for(caught_up, 60, "the archive to catch up")
+        _wait_for(caught_up, WAIT_S, "the archive to catch up")
     finally:
         process.send_signal(signal.SIGTERM)
         stderr = process.communicate(timeout=20)[1].decode(errors="replace")
