@@ -286,6 +286,11 @@ class ParserPool:
         if self._unavailable and not self._alive():
             raise ParserUnavailable("no parse process could be started")
         self._modules.add(fn.__module__)
+        # And the classes passed along (a provider's adapter class, unpickled by the
+        # process): importing one on a fresh process's first call counted against that
+        # call's limit, and on a loaded machine a good mail after a crash was killed
+        # twice for it and dead-lettered (CI, 2026-12-01).
+        self._modules.update(a.__module__ for a in args if isinstance(a, type))
         call = self._call(fn, args)
         self._send(call)
         return cast("T", await call.future)
