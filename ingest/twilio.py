@@ -9,8 +9,10 @@ Twilio is answered with empty TwiML only after the Kafka acknowledgement.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
+import ssl
 from urllib.parse import urlsplit
 
 import httpx
@@ -111,10 +113,6 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
                 "request to %s will be refused with 403 and dead-lettered",
                 PATH,
             )
-        # One TLS context for every media download: a new client builds its own from
-        # the CA bundle, 31 ms of CPU on the event loop for each attachment
-        # (2026-12-01, the 2-core machine), more than the download of a small image.
-        self._media_tls = httpx.create_ssl_context() if settings.download_media else None
         self._accounts = frozenset(settings.account_sids)
         if not self._accounts:
             log.warning(
@@ -235,12 +233,20 @@ class TwilioAdapter(HttpAdapter[TwilioSettings]):
         message = normalized.message.revised(attachments=tuple(attachments), metadata=metadata)
         return Normalized(message=message, blobs=tuple(blobs))
 
+    @functools.cached_property
+    def _media_tls(self) -> ssl.SSLContext:
+        """One TLS context for every media download, built at the first: a new client
+        builds its own from the CA bundle, 31 ms of CPU on the event loop for each
+        attachment (2026-12-01, the 2-core machine), more than fetching a small image."""
+        return httpx.create_ssl_context()
+
     async def _fetch(self, url: str) -> bytes:
         limit = self.settings.media_max_bytes
         allowed = {h.lower() for h in self.settings.media_hosts}
         timeout = httpx.Timeout(self.settings.media_timeout_s)
-        tls = self._media_tls or httpx.create_ssl_context()
-        async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, verify=tls) as client:
+        async with httpx.AsyncClient(
+            follow_redirects=False, timeout=timeout, verify=self._media_tls
+        ) as client:
             for _hop in range(4):  # Twilio answers with one redirect to its CDN
                 parts = urlsplit(url)
                 if parts.scheme not in ("https", "http") or (parts.hostname or "") not in allowed:

@@ -249,7 +249,6 @@ def archive_sink(settings: Settings, publisher: Publisher | None = None) -> Arch
         policy=settings.consumers,
         iceberg=iceberg,
     )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     sink.archive_handler.state = ArchiveState(settings.data_dir / ARCHIVE_STATE_FILE)
     return sink
 

@@ -423,17 +423,10 @@ def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Pa
         assert sum(d.messages for d in depths if d is not None) == 1  # the dead letter
         process.kill()  # the broker dies with it, and the archive's buffer
         process.wait(10)
-    status = subprocess.run(
-        [*SWITCHBOARD, "status"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,  # no broker running: the exit says so; the journal is read anyway
-    )
-    assert "journal: 0 messages" in status.stdout, status.stdout
-    assert "1 dead letters not yet archived" in status.stdout, status.stdout
+    # No broker running: the exit says so; the journal is read anyway.
+    status = _status(env, tmp_path, check=False)
+    assert "journal: 0 messages" in status, status
+    assert "1 dead letters not yet archived" in status, status
     with running(env, tmp_path) as process:  # replays the journal, then stops cleanly
         _wait_healthy(base, process, within_s=60)
         _archive_read(base, "switchboard.deadletter.v1")
@@ -511,8 +504,8 @@ def test_the_archive_keeps_every_record_across_an_embedded_broker_restart(
     assert letters == [(1,)]
 
 
-def _status_saying(texts: tuple[str, ...], env: dict[str, str], tmp_path: Path) -> str | None:
-    """`switchboard status`'s report when it contains every one of ``texts``, else None."""
+def _status(env: dict[str, str], tmp_path: Path, *, check: bool = True) -> str:
+    """What `switchboard status` prints."""
     done = subprocess.run(
         [*SWITCHBOARD, "status"],
         env=env,
@@ -520,9 +513,15 @@ def _status_saying(texts: tuple[str, ...], env: dict[str, str], tmp_path: Path) 
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=check,
     )
-    return done.stdout if all(t in done.stdout for t in texts) else None
+    return done.stdout
+
+
+def _status_saying(texts: tuple[str, ...], env: dict[str, str], tmp_path: Path) -> str | None:
+    """`switchboard status`'s report when it contains every one of ``texts``, else None."""
+    report = _status(env, tmp_path)
+    return report if all(t in report for t in texts) else None
 
 
 def test_an_archive_that_cannot_write_says_so_and_catches_up(tmp_path: Path) -> None:
