@@ -218,6 +218,14 @@ class ConsumerRuntime(ThreadedComponent):
         self.rewound_to_start = threading.Event()
         # Set once the consumer has left its group and closed (after a stop).
         self.closed = threading.Event()
+        # Per assigned partition: the next offset after the last record handled, and
+        # the offset last committed. A handler that holds commits back (the archive,
+        # until a file is written) releases them later, maybe while its partition gets
+        # no record: those are committed at the next batch or idle poll
+        # (:meth:`_commit_released`). Only the consumer's thread touches them; a
+        # revocation or a rewind to the start forgets them.
+        self._handled: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
 
     # -- the loop -------------------------------------------------------------------
 
@@ -246,6 +254,8 @@ class ConsumerRuntime(ThreadedComponent):
             log.warning("rewind to the start failed; retrying", extra={"error": repr(exc)[:500]})
             return
         self._rewind_to_start.clear()
+        self._handled.clear()  # offsets of the old log: past the new one's end
+        self._committed.clear()
         try:
             self.handler.rewound()
         except Exception as exc:  # noqa: BLE001 - logged; the loop goes on
@@ -273,7 +283,7 @@ class ConsumerRuntime(ThreadedComponent):
                 self.kafka,
                 group_id=self.group_id,
                 topics=self.topics,
-                listener=self.listener,
+                listener=_Forgetting(self, self.listener),
                 max_poll_records=self.max_poll_records,
             )
         except BaseException as exc:
@@ -299,6 +309,7 @@ class ConsumerRuntime(ThreadedComponent):
                     self._process(consumer, records)
                 else:
                     self._idle()
+                    self._commit_released(consumer)
             self._stopping()
         except BaseException:
             # Only a bug in the runtime itself gets here; /readyz reports the thread.
@@ -498,19 +509,38 @@ class ConsumerRuntime(ThreadedComponent):
     # -- offsets ------------------------------------------------------------------
 
     def _commit(self, consumer: KafkaConsumer, records: Sequence[Any]) -> None:
-        nexts: dict[TopicPartition, int] = {}
+        batch: set[TopicPartition] = set()
         for record in records:
             tp, offset = _coordinates(record)
-            nexts[tp] = offset + 1
-        offsets = {
-            tp: OffsetAndMetadata(offset, "", -1)
-            for tp, offset in self.handler.committable(nexts).items()
+            self._handled[tp] = offset + 1
+            batch.add(tp)
+        self._commit_handled(consumer, batch)
+
+    def _commit_released(self, consumer: KafkaConsumer) -> None:
+        """Commit what the handler released since the last commit, for partitions that
+        got no record since (an idle poll after the archive wrote a file): before, its
+        committed offsets stayed at the first row of each file until the partition's
+        next record, so a quiet partition looked behind and was read again after a
+        restart."""
+        if self._handled:
+            self._commit_handled(consumer, set())
+
+    def _commit_handled(self, consumer: KafkaConsumer, batch: set[TopicPartition]) -> None:
+        """Commit the handled offsets the handler allows: always the batch's partitions
+        (as before), the others only where that moves their committed offset on."""
+        allowed = self.handler.committable(dict(self._handled))
+        wanted = {
+            tp: offset
+            for tp, offset in allowed.items()
+            if tp in batch or offset > self._committed.get(tp, -1)
         }
-        if not offsets:
+        if not wanted:
             return
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in wanted.items()}
         try:
             consumer.commit(offsets)
             self.last_commit = time.time()
+            self._committed.update(wanted)
         except (CommitFailedError, KafkaError) as exc:
             # The group rebalanced: the new owner re-delivers these records, and the
             # handlers are idempotent. Nothing is lost or doubled.
@@ -530,6 +560,27 @@ class ConsumerRuntime(ThreadedComponent):
             except (AssertionError, KafkaError, ValueError):
                 # Not assigned any more: its new owner starts from the committed offset.
                 continue
+
+
+class _Forgetting(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Forgets a revoked partition's handled and committed offsets (its next owner
+    commits from now on; ours would move its offset back), then calls the runtime's
+    own listener, if any."""
+
+    def __init__(self, runtime: ConsumerRuntime, inner: ConsumerRebalanceListener | None) -> None:
+        self.runtime = runtime
+        self.inner = inner
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        for tp in revoked:
+            self.runtime._handled.pop(tp, None)
+            self.runtime._committed.pop(tp, None)
+        if self.inner is not None:
+            self.inner.on_partitions_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        if self.inner is not None:
+            self.inner.on_partitions_assigned(assigned)
 
 
 def _headers(raw: object) -> dict[str, str]:

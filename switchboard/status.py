@@ -23,13 +23,14 @@ from ingest.journal import read_journal_depth
 from ingest.spool import read_depth
 from router.service import GROUP as ROUTER_GROUP
 from router.store import figures as router_figures
+from sinks.archive_state import GROUP as ARCHIVE_GROUP
 from sinks.archive_state import read_archive_state
 from sinks.queue import GROUP as QUEUE_GROUP
 from sinks.queue import q_conversations
 from switchboard.db import make_engine
 from switchboard.recovery import read_recovery
 from switchboard.settings import Settings
-from switchboard.topics import CONTACTS, INBOUND, ROUTED
+from switchboard.topics import ALL_TOPICS, CONTACTS, INBOUND, ROUTED
 
 #: Where `switchboard run` writes the embedded broker's address for this command.
 BROKER_FILE = "embedded-broker"
@@ -115,15 +116,23 @@ def _kafka(settings: Settings) -> Report:
     admin = KafkaAdminClient(**config, bootstrap_timeout_ms=3000)
     try:
         groups: Report = {}
-        for group, topics in ((ROUTER_GROUP, [INBOUND]), (QUEUE_GROUP, [ROUTED, CONTACTS])):
+        for group, topics in (
+            (ROUTER_GROUP, [INBOUND]),
+            (QUEUE_GROUP, [ROUTED, CONTACTS]),
+            (ARCHIVE_GROUP, list(ALL_TOPICS)),
+        ):
             tps = [
                 TopicPartition(t, p)
                 for t in topics
                 for p in sorted(consumer.partitions_for_topic(t) or ())
             ]
+            committed = admin.list_group_offsets({group: tps}).get(group, {})
+            if group == ARCHIVE_GROUP and not any(
+                getattr(committed.get(tp), "offset", -1) >= 0 for tp in tps
+            ):
+                continue  # no archive has committed on this broker
             ends = consumer.end_offsets(tps)
             ends = log_ends(consumer, ends)
-            committed = admin.list_group_offsets({group: tps}).get(group, {})
             lag = {
                 f"{tp.topic}/{tp.partition}": partition_lag(ends[tp], _committed(committed, tp))
                 for tp in tps
@@ -282,7 +291,10 @@ def render(report: Report) -> str:
     else:
         lines.append(f"kafka: {kafka['bootstrap']}")
         for group, info in kafka["groups"].items():
-            lines.append(f"  {group}: lag {format_lag(info['lag'])}")
+            line = f"  {group}: lag {format_lag(info['lag'])}"
+            if group == ARCHIVE_GROUP:
+                line += " (events not in a file yet: a file rolls every roll_s)"
+            lines.append(line)
     lines += _render_spool(report["spool"])
     lines += _render_journal(report.get("journal"))
     lines += _render_archive(report.get("archive"))

@@ -20,14 +20,18 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import Engine, text
 
+from sinks.archive import ArchiveHandler
+from sinks.archive_files import LocalArchive
+from sinks.settings import ArchiveSettings
 from switchboard.bootstrap import _readiness
-from switchboard.consumer import ConsumerRuntime, RecordHandler
+from switchboard.consumer import ConsumerRuntime, RecordHandler, _Forgetting
 from switchboard.db import make_engine
 from switchboard.events import Event
 from switchboard.settings import ConsumerSettings, KafkaSettings, Settings
@@ -294,3 +298,62 @@ def test_the_collector_pauses_during_a_poll_and_its_cycles_are_collected_after(
     assert gc.isenabled()  # and on again after
     gc.collect()  # what the next automatic collection does, without waiting for it
     assert all(ref() is None for ref in handler.cycles)  # nothing a poll left in a cycle stays
+
+
+def test_offsets_a_handler_releases_later_are_committed_while_the_partition_is_quiet(
+    kafka_settings: KafkaSettings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    """The archive holds its commit back to the first row it has not written yet. Its
+    file is written at an idle poll, once the rows are roll_s old; before, that
+    partition's offset was committed only with its next record, so on a quiet topic
+    it stayed at the file's first row (and a restart read the file's rows again)."""
+    _produce(kafka_settings, topic, [b"one", b"two", b"three"])
+    handler = ArchiveHandler(LocalArchive(tmp_path), ArchiveSettings(roll_s=1.0))
+    group = f"archive-{unique}"
+    runtime = ConsumerRuntime(
+        kafka_settings, handler, name="test-archive", group_id=group, topics=[topic]
+    )
+    check = KafkaConsumer(
+        group_id=group, enable_auto_commit=False, **kafka_settings.client_config()
+    )
+    try:
+        partition = next(
+            TopicPartition(topic, p)
+            for p in check.partitions_for_topic(topic) or set()
+            if check.end_offsets([TopicPartition(topic, p)])[TopicPartition(topic, p)] > 0
+        )
+        with running(runtime):
+            _until(lambda: handler.files == 1)
+            assert [
+                (p.first, p.last) for p in handler.archive.parts(topic, partition.partition)
+            ] == [(0, 2)]
+            # No record arrives after the file: the commit follows it anyway.
+            _until(lambda: check.committed(partition) == 3, timeout_s=15)
+    finally:
+        check.close()
+
+
+def test_a_revoked_partition_is_forgotten_before_the_handlers_listener_runs() -> None:
+    """Its next owner commits it from now on: an offset of ours, handled before the
+    revocation, would move the group's offset back at our next idle poll."""
+    seen: list[tuple[str, list[TopicPartition]]] = []
+
+    class Inner(ConsumerRebalanceListener):  # type: ignore[misc]
+        def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+            seen.append(("revoked", list(revoked)))
+
+        def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+            seen.append(("assigned", list(assigned)))
+
+    runtime = ConsumerRuntime(
+        KafkaSettings(), RecordHandler(), name="t", group_id="g", topics=["t"]
+    )
+    kept, gone = TopicPartition("t", 0), TopicPartition("t", 1)
+    runtime._handled.update({kept: 5, gone: 9})
+    runtime._committed.update({kept: 5, gone: 7})
+    listener = _Forgetting(runtime, Inner())
+    listener.on_partitions_revoked([gone])
+    listener.on_partitions_assigned([gone])
+    assert runtime._handled == {kept: 5}
+    assert runtime._committed == {kept: 5}
+    assert seen == [("revoked", [gone]), ("assigned", [gone])]
