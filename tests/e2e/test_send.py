@@ -61,6 +61,9 @@ def test_every_scheme_is_accepted_and_a_wrong_secret_is_refused(
         SWITCHBOARD_PUBLIC_URL="https://hooks.example.com/",
         SEND_BEARER="send-bearer-token",
         SEND_SECRET="send-hmac-secret",
+        # One process: the default here is a supervisor and two workers
+        # (tests/e2e/test_workers.py covers those), which `send` does not need.
+        SWITCHBOARD_HTTP_WORKERS="1",
     )
     base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
 

@@ -114,6 +114,12 @@ class Cluster:
     # Tansu forgets what it acknowledged when killed, router events included: a
     # contact.merged event can vanish after the router's directory applied it.
     forgetful_broker: bool = False
+    # Processes per edge (`ingest http|smtp --workers`). 1 unless a scenario sets it:
+    # the production default (one per core) is a supervisor and two workers per edge,
+    # each with its own imports (and, for SMTP, its own parse process), which the
+    # scenarios about the router, the sink and the database do not need. The two spool
+    # scenarios run fleets of 2, so per-worker spools are drained under faults.
+    edge_workers: int = 1
 
     def __post_init__(self) -> None:
         (self.root / "switchboard.toml").write_text(CONFIG)
@@ -132,6 +138,8 @@ class Cluster:
             SWITCHBOARD_KAFKA_SESSION_TIMEOUT_MS="2000",
             SWITCHBOARD_KAFKA_HEARTBEAT_INTERVAL_MS="500",
             SWITCHBOARD_HTTP_PORT=str(self.ports[role]),
+            SWITCHBOARD_HTTP_WORKERS=str(self.edge_workers),
+            SWITCHBOARD_SMTP_WORKERS=str(self.edge_workers),
             SWITCHBOARD_SMTP_PORT=str(self.smtp_port),
             SWITCHBOARD_SMTP_VERIFY="false",  # no DNS here (see tests/e2e/test_run.py)
             SWITCHBOARD_TWILIO_AUTH_TOKEN=TWILIO_TOKEN,

@@ -105,6 +105,7 @@ def test_queue_sink_killed_then_rebuilt(cluster: Cluster) -> None:
 
 
 def test_ingest_killed_while_the_spool_holds_messages(cluster: Cluster) -> None:
+    cluster.edge_workers = 2  # the production default here: each worker its own spool
     _start(cluster)
     senders = Senders(cluster)
     senders.run(30)
@@ -140,6 +141,7 @@ def test_broker_killed_and_restarted_mid_load(cluster: Cluster) -> None:
     the new, empty log has not reached, and skip the new records below them (an
     ad-hoc run with both alive through a 10 s outage: 3 of 220 never arrived);
     with Kafka's storage those positions stay valid."""
+    cluster.edge_workers = 2  # the production default here: each worker its own spool
     _start(cluster)
     cluster.forgetful_broker = True
     senders = Senders(cluster)
