@@ -77,7 +77,6 @@ class BenchCluster(Cluster):
 
     queue_url: str = ""
     log_level: str = "WARNING"
-    edge_workers: int | None = None  # None: the roles' default, one per core
     fetch_max_wait_ms: int | None = None  # None: the setting's default
     linger_ms: int | None = None  # None: the setting's default
     edge_linger_ms: int | None = None  # None: the setting's default
@@ -92,10 +91,6 @@ class BenchCluster(Cluster):
             env["SWITCHBOARD_KAFKA_LINGER_MS"] = str(self.linger_ms)
         if self.edge_linger_ms is not None:
             env["SWITCHBOARD_KAFKA_EDGE_LINGER_MS"] = str(self.edge_linger_ms)
-        if self.edge_workers is not None:
-            env["SWITCHBOARD_HTTP_WORKERS"] = env["SWITCHBOARD_SMTP_WORKERS"] = str(
-                self.edge_workers
-            )
         return env
 
 
@@ -392,7 +387,8 @@ class Setup:
 
 def make_setup(db: str, root: Path) -> Setup:
     if db == "sqlite":
-        cluster = BenchCluster(root, f"sqlite:///{root / 'router.sqlite3'}")
+        # edge_workers None: the roles' default, one per core (the harness's is 1).
+        cluster = BenchCluster(root, f"sqlite:///{root / 'router.sqlite3'}", edge_workers=None)
         cluster.queue_url = f"sqlite:///{root / 'queue.sqlite3'}"
         return Setup(db, cluster, create_engine(cluster.queue_url), [])
     schema = f"bench_{uuid.uuid4().hex[:8]}"
@@ -402,7 +398,7 @@ def make_setup(db: str, root: Path) -> Setup:
         c.execute(text(f'CREATE SCHEMA "{schema}_q"'))
     admin.dispose()
     url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    cluster = BenchCluster(root, url)
+    cluster = BenchCluster(root, url, edge_workers=None)
     cluster.queue_url = f"{POSTGRES}?options=-csearch_path%3D{schema}_q"
     engine = create_engine(cluster.queue_url.replace("postgresql://", "postgresql+psycopg://", 1))
     return Setup(db, cluster, engine, [schema, f"{schema}_q"])

@@ -119,7 +119,7 @@ class Cluster:
     # each with its own imports (and, for SMTP, its own parse process), which the
     # scenarios about the router, the sink and the database do not need. The two spool
     # scenarios run fleets of 2, so per-worker spools are drained under faults.
-    edge_workers: int = 1
+    edge_workers: int | None = 1  # None: the roles' default (bench/e2e.py)
 
     def __post_init__(self) -> None:
         (self.root / "switchboard.toml").write_text(CONFIG)
@@ -138,8 +138,6 @@ class Cluster:
             SWITCHBOARD_KAFKA_SESSION_TIMEOUT_MS="2000",
             SWITCHBOARD_KAFKA_HEARTBEAT_INTERVAL_MS="500",
             SWITCHBOARD_HTTP_PORT=str(self.ports[role]),
-            SWITCHBOARD_HTTP_WORKERS=str(self.edge_workers),
-            SWITCHBOARD_SMTP_WORKERS=str(self.edge_workers),
             SWITCHBOARD_SMTP_PORT=str(self.smtp_port),
             SWITCHBOARD_SMTP_VERIFY="false",  # no DNS here (see tests/e2e/test_run.py)
             SWITCHBOARD_TWILIO_AUTH_TOKEN=TWILIO_TOKEN,
@@ -148,6 +146,10 @@ class Cluster:
             SWITCHBOARD_LOG_LEVEL="INFO",  # every hand-off logged: checked for leaks
             FAULTS_FORM_SECRET=FORM_SECRET,
         )
+        if self.edge_workers is not None:
+            env["SWITCHBOARD_HTTP_WORKERS"] = env["SWITCHBOARD_SMTP_WORKERS"] = str(
+                self.edge_workers
+            )
         return env
 
     def start_broker(self) -> None:
