@@ -113,6 +113,15 @@ def _rows(engine: Engine) -> list[str]:
         return [str(v) for v in c.execute(text("SELECT value FROM seen ORDER BY off")).scalars()]
 
 
+def _filled_partition(consumer: KafkaConsumer, topic: str) -> TopicPartition:
+    """The partition of ``topic`` the records went to (one key: one partition)."""
+    return next(
+        TopicPartition(topic, p)
+        for p in consumer.partitions_for_topic(topic) or set()
+        if consumer.end_offsets([TopicPartition(topic, p)])[TopicPartition(topic, p)] > 0
+    )
+
+
 def _letters(kafka: KafkaSettings, group: str, wanted: int) -> list[dict[str, Any]]:
     consumer = KafkaConsumer(
         DEADLETTER, auto_offset_reset="earliest", enable_auto_commit=False, **kafka.client_config()
@@ -162,11 +171,7 @@ def test_a_nul_byte_postgres_refuses_is_dead_lettered_and_the_partition_moves_on
         group_id=group, enable_auto_commit=False, **kafka_settings.client_config()
     )
     try:
-        partition = next(
-            TopicPartition(topic, p)
-            for p in check.partitions_for_topic(topic) or set()
-            if (check.end_offsets([TopicPartition(topic, p)])[TopicPartition(topic, p)]) > 0
-        )
+        partition = _filled_partition(check, topic)
         assert check.committed(partition) == 11
     finally:
         check.close()
@@ -317,11 +322,7 @@ def test_offsets_a_handler_releases_later_are_committed_while_the_partition_is_q
         group_id=group, enable_auto_commit=False, **kafka_settings.client_config()
     )
     try:
-        partition = next(
-            TopicPartition(topic, p)
-            for p in check.partitions_for_topic(topic) or set()
-            if check.end_offsets([TopicPartition(topic, p)])[TopicPartition(topic, p)] > 0
-        )
+        partition = _filled_partition(check, topic)
         with running(runtime):
             _until(lambda: handler.files == 1)
             assert [
