@@ -7,7 +7,9 @@ person one contact, every contact one agent as owner.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -173,14 +175,25 @@ def test_broker_killed_and_restarted_mid_load(cluster: Cluster) -> None:
 
 
 @pytest.fixture
-def private_postgres(tmp_path: Path) -> Iterator[postgres.PrivatePostgres]:
+def private_postgres() -> Iterator[postgres.PrivatePostgres]:
     """A PostgreSQL of this scenario's own: restarting the one the other tests share
-    would fail whatever of theirs runs beside the fault suite."""
-    server = postgres.PrivatePostgres(tmp_path)
+    would fail whatever of theirs runs beside the fault suite.
+
+    Its directory is not under ``tmp_path``: the server runs as another user, who
+    needs to pass through /tmp/pytest-of-root, and any other pytest session started
+    meanwhile (the adapter kit's, run by a test of the main suite beside this one)
+    sets that directory back to 0700. The restart then failed with "could not access
+    directory ...: Permission denied" (CI rehearsal, 2026-12-01)."""
+    directory = Path(tempfile.mkdtemp(prefix="switchboard-faults-pg-"))
+    directory.chmod(0o711)  # the server's user passes through; only root lists it
     try:
-        yield server
+        server = postgres.PrivatePostgres(directory)
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
