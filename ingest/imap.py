@@ -428,6 +428,7 @@ class ImapAdapter(Adapter[ImapSettings]):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.parsers.preload(serialize_email.__module__)  # imported while starting
         await self.parsers.warm_up()
         for mailbox in self.settings.mailboxes:
             poller = MailboxPoller(

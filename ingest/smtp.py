@@ -580,6 +580,9 @@ class SmtpAdapter(Adapter[SmtpSettings]):
         tls = self._tls_context()
         if self._verifier is not None or self.settings.trusted_authserv_ids:
             self._auth_pool = ThreadPoolExecutor(_AUTH_THREADS, thread_name_prefix="smtp-auth")
+        # The parse process imports the email normalizer while starting, not within
+        # the first mail's time limit.
+        self._parsers.preload(serialize_email.__module__)
         await self._parsers.warm_up()
         hostname = self.settings.hostname or await asyncio.to_thread(socket.getfqdn)
         loop = asyncio.get_running_loop()

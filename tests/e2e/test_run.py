@@ -134,8 +134,7 @@ def test_run_on_the_embedded_broker_serves_health_and_stops_cleanly(tmp_path: Pa
     assert code == 0, stderr
     assert took < 10, f"SIGTERM took {took:.1f}s"
     assert "keeps data in memory only" in stderr
-    # multiprocessing's resource tracker (a child since the parse process starts
-    # with spawn) exits by itself when switchboard's end of its pipe closes: a few
+    # The parse process exits when switchboard's end of its socket closes: a few
     # milliseconds after, more on a loaded machine. Lingering is what must not happen.
     deadline = time.monotonic() + 5
     while any(_alive(pid) for pid in broker_pids) and time.monotonic() < deadline:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -409,3 +411,46 @@ def test_a_process_that_dies_while_starting_blames_no_message(tmp_path: Path) ->
 
     asyncio.run(scenario())
     assert notes.read_text().split() == ["7"]
+
+
+MAIN_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+
+if __name__ != "__main__":  # run again in a child, as multiprocessing's spawn did
+    Path(sys.argv[1] if len(sys.argv) > 1 else {marker!r}).write_text("run again")
+
+if __name__ == "__main__":
+    from ingest.workers import ParserPool
+
+    async def main() -> None:
+        pool = ParserPool(1, timeout_s=30)
+        await pool.warm_up()
+        try:
+            print(await pool.run(len, "abc"))
+        finally:
+            await pool.stop()
+
+    asyncio.run(main())
+"""
+
+
+def test_a_parse_process_does_not_run_the_servers_main_script_again(tmp_path: Path) -> None:
+    """multiprocessing's spawn ran the parent's ``__main__`` again in each parse
+    process: for a server, the `switchboard` console script, whose imports (the CLI,
+    the settings, every adapter) cost 0.7-0.8 s of CPU a process for nothing it
+    parses. The pool starts a fresh interpreter on this module instead."""
+    marker = tmp_path / "marker"
+    script = tmp_path / "server_main.py"
+    script.write_text(MAIN_SCRIPT.format(marker=str(marker)))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
+    assert not marker.exists(), "the parse process ran the server's main script again"
