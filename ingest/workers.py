@@ -136,8 +136,12 @@ class _Process:
 
 def _start_process(theirs: socket.socket) -> _Process:
     fd = theirs.fileno()
+    path = json.dumps([os.fspath(p) for p in sys.path if isinstance(p, str | os.PathLike)])
+    # The interpreter's own flags (-X dev, -W error, -O, -I) go along, as multiprocessing
+    # passed them; the helper is the standard library's, used by multiprocessing too.
+    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     popen = subprocess.Popen(  # noqa: S603 - our interpreter, our code, no shell
-        [sys.executable, "-c", _CHILD, json.dumps(sys.path), str(fd), str(os.getpid())],
+        [sys.executable, *flags, "-c", _CHILD, path, str(fd), str(os.getpid())],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
     )
@@ -295,6 +299,7 @@ class ParserPool:
         except BaseException:
             ours.close()
             process.kill()
+            process.join(5)  # reaped, not left a zombie (SIGKILL: at once)
             raise
         worker = _Worker(process, writer)
         worker.reader_task = asyncio.create_task(self._read(worker, reader), name="parser-read")

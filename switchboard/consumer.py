@@ -222,8 +222,10 @@ class ConsumerRuntime(ThreadedComponent):
         # the offset last committed. A handler that holds commits back (the archive,
         # until a file is written) releases them later, maybe while its partition gets
         # no record: those are committed at the next batch or idle poll
-        # (:meth:`_commit_released`). Only the consumer's thread touches them; a
-        # revocation or a rewind to the start forgets them.
+        # (:meth:`_commit_released`). A revocation or a rewind to the start forgets
+        # them. The consumer's thread uses them; kafka-python 3 calls the rebalance
+        # listener (:class:`_Forgetting`) on its network thread, but only while the
+        # consumer's thread waits inside poll() or close(), never at the same time.
         self._handled: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
 
@@ -522,6 +524,10 @@ class ConsumerRuntime(ThreadedComponent):
         committed offsets stayed at the first row of each file until the partition's
         next record, so a quiet partition looked behind and was read again after a
         restart."""
+        if self._rewind_to_start.is_set():
+            # The broker is new: offsets of the old log would be past the new one's
+            # end (a rejoining member would skip what the new log has below them).
+            return
         if self._handled:
             self._commit_handled(consumer, set())
 

@@ -358,3 +358,25 @@ def test_a_revoked_partition_is_forgotten_before_the_handlers_listener_runs() ->
     assert runtime._handled == {kept: 5}
     assert runtime._committed == {kept: 5}
     assert seen == [("revoked", [gone]), ("assigned", [gone])]
+
+
+def test_nothing_released_is_committed_while_a_rewind_to_the_start_is_pending() -> None:
+    """The embedded broker came back empty: an offset of the old log committed to the
+    new one would be past its end, and a rejoining member would skip what the new log
+    holds below it. The rewind clears the offsets; until then nothing is committed."""
+    commits: list[object] = []
+
+    class Consumer:
+        def commit(self, offsets: object) -> None:
+            commits.append(offsets)
+
+    runtime = ConsumerRuntime(
+        KafkaSettings(), RecordHandler(), name="t", group_id="g", topics=["t"]
+    )
+    runtime._handled[TopicPartition("t", 0)] = 5000
+    runtime.rewind_to_start()
+    runtime._commit_released(Consumer())
+    assert commits == []
+    runtime._rewind_to_start.clear()  # as the rewind does, after clearing the offsets
+    runtime._commit_released(Consumer())
+    assert len(commits) == 1  # without a pending rewind, the same call commits
