@@ -30,7 +30,7 @@ from kafka.structs import TopicPartition
 from sinks.archive_files import Archive, Part
 from sinks.archive_iceberg import IcebergTable
 from sinks.archive_rows import row_day, to_row, to_table
-from sinks.archive_state import GROUP, ArchiveState
+from sinks.archive_state import ArchiveState
 from sinks.settings import ArchiveSettings
 from switchboard.config import ConsumerSettings, KafkaSettings
 from switchboard.consumer import ConsumerRuntime, Outage, RecordHandler
@@ -40,6 +40,7 @@ from switchboard.topics import ALL_TOPICS, DEADLETTER
 
 log = logging.getLogger(__name__)
 
+GROUP = "switchboard-archive"
 #: Per-row overhead added to the value's size when estimating a buffer's bytes.
 _ROW_OVERHEAD = 256
 

@@ -29,10 +29,6 @@ from switchboard.files import read_json_object
 
 log = logging.getLogger(__name__)
 
-#: The archive sink's consumer group (here, not in sinks.archive, so that
-#: `switchboard status` reads its offsets without importing pyarrow).
-GROUP = "switchboard-archive"
-
 STATE_FILE = "archive-state.json"
 
 FILES_WRITTEN = Counter(

@@ -23,7 +23,6 @@ from ingest.journal import read_journal_depth
 from ingest.spool import read_depth
 from router.service import GROUP as ROUTER_GROUP
 from router.store import figures as router_figures
-from sinks.archive_state import GROUP as ARCHIVE_GROUP
 from sinks.archive_state import read_archive_state
 from sinks.queue import GROUP as QUEUE_GROUP
 from sinks.queue import q_conversations
@@ -119,7 +118,7 @@ def _kafka(settings: Settings) -> Report:
         for group, topics in (
             (ROUTER_GROUP, [INBOUND]),
             (QUEUE_GROUP, [ROUTED, CONTACTS]),
-            (ARCHIVE_GROUP, list(ALL_TOPICS)),
+            (settings.archive.group_id, list(ALL_TOPICS)),
         ):
             tps = [
                 TopicPartition(t, p)
@@ -127,7 +126,7 @@ def _kafka(settings: Settings) -> Report:
                 for p in sorted(consumer.partitions_for_topic(t) or ())
             ]
             committed = admin.list_group_offsets({group: tps}).get(group, {})
-            if group == ARCHIVE_GROUP and not any(
+            if group == settings.archive.group_id and not any(
                 getattr(committed.get(tp), "offset", -1) >= 0 for tp in tps
             ):
                 continue  # no archive has committed on this broker
@@ -138,6 +137,8 @@ def _kafka(settings: Settings) -> Report:
                 for tp in tps
             }
             groups[group] = {"lag": group_lag(lag), "partitions": lag}
+            if group == settings.archive.group_id:
+                groups[group]["archive"] = True  # its lag: events not in a file yet
         return {"bootstrap": bootstrap, "groups": groups}
     finally:
         consumer.close()
@@ -292,7 +293,7 @@ def render(report: Report) -> str:
         lines.append(f"kafka: {kafka['bootstrap']}")
         for group, info in kafka["groups"].items():
             line = f"  {group}: lag {format_lag(info['lag'])}"
-            if group == ARCHIVE_GROUP:
+            if info.get("archive"):
                 line += " (events not in a file yet: a file rolls every roll_s)"
             lines.append(line)
     lines += _render_spool(report["spool"])
