@@ -35,7 +35,14 @@ from switchboard.status import BROKER_FILE
 from switchboard.topics import ALL_TOPICS
 from tests import local_http
 from tests.archive_helpers import query
-from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
+from tests.e2e.test_run import (
+    SWITCHBOARD,
+    _env,
+    _stop,
+    _wait_healthy,
+    running,
+    switchboard_status,
+)
 from tests.faults.harness import broker_pid_of
 
 # slow: among the longest scenarios, left to `make test` (not `make test-quick`).
@@ -506,15 +513,9 @@ def test_the_archive_keeps_every_record_across_an_embedded_broker_restart(
 
 def _status(env: dict[str, str], tmp_path: Path, *, check: bool = True) -> str:
     """What `switchboard status` prints."""
-    done = subprocess.run(
-        [*SWITCHBOARD, "status"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=check,
-    )
+    done = switchboard_status(env, tmp_path)
+    if check:
+        done.check_returncode()
     return done.stdout
 
 

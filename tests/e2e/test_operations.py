@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +10,13 @@ import httpx
 import pytest
 
 from tests import local_http
-from tests.e2e.test_run import SWITCHBOARD, _env, _stop, _wait_healthy, running
+from tests.e2e.test_run import (
+    _env,
+    _stop,
+    _wait_healthy,
+    running,
+    switchboard_status,
+)
 
 # slow: among the longest scenarios, left to `make test` (not `make test-quick`).
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -83,15 +88,7 @@ def test_metrics_status_and_a_graceful_stop(tmp_path: Path) -> None:
         )
         deadline = time.monotonic() + 30
         while True:
-            status = subprocess.run(
-                [*SWITCHBOARD, "status"],
-                check=False,
-                env=env,
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            status = switchboard_status(env, tmp_path)
             assert status.returncode == 0, status.stderr
             lines = status.stdout.splitlines()
             if archived in lines or time.monotonic() > deadline:

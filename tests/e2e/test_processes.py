@@ -18,7 +18,15 @@ from switchboard.broker import EmbeddedBroker
 from switchboard.settings import KafkaSettings
 from switchboard.status import LAG_UNKNOWN, format_lag, group_lag, partition_lag
 from switchboard.topics import INBOUND, ensure_topics
-from tests.e2e.test_run import SWITCHBOARD, _alive, _children, _env, _wait_healthy, running
+from tests.e2e.test_run import (
+    SWITCHBOARD,
+    _alive,
+    _children,
+    _env,
+    _wait_healthy,
+    running,
+    switchboard_status,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -159,15 +167,7 @@ def test_status_after_the_broker_lost_data_says_unknown_not_a_negative_lag(
         finally:
             consumer.close()
         env = _env(tmp_path, SWITCHBOARD_KAFKA_BOOTSTRAP=broker.bootstrap)
-        status = subprocess.run(
-            [*SWITCHBOARD, "status"],
-            check=False,
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        status = switchboard_status(env, tmp_path)
     assert status.returncode == 0, status.stderr
     assert f"  {ROUTER_GROUP}: lag {LAG_UNKNOWN}" in status.stdout.splitlines(), status.stdout
     assert "lag -" not in status.stdout

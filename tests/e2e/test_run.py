@@ -110,6 +110,19 @@ def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 6
     pytest.fail(f"/readyz did not answer 200 within {within_s}s")
 
 
+def switchboard_status(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`switchboard status` as a user runs it; the exit code and both outputs kept."""
+    return subprocess.run(
+        [*SWITCHBOARD, "status"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _stop(process: subprocess.Popen[str]) -> tuple[int, float, str]:
     process.send_signal(signal.SIGTERM)
     started = time.monotonic()
