@@ -407,8 +407,16 @@ class ParserPool:
             pass  # the worker died (or was killed by the watchdog)
         except Exception:  # whatever it is, this worker cannot be trusted
             log.exception("parser worker's reply unreadable: replacing the worker")
-        if not self._stopping:
-            await self._replace(worker)
+        if self._stopping:
+            return
+        if worker not in self._slots:
+            # A replacement still starting: _start_fresh waits on its first answer and
+            # counts this as a failed start (a pause, then another try).
+            worker.dead = True
+            if worker.ready is not None and not worker.ready.done():
+                worker.ready.set_exception(WorkerCrashed("the parser worker died while starting"))
+            return
+        await self._replace(worker)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -456,6 +464,8 @@ class ParserPool:
         self._unavailable = False
         for call in self._take_waiting(dead.line):
             self._send(call)
+        if fresh.dead:  # it died between its first answer and taking the slot
+            await self._replace(fresh)
 
     def _take_waiting(self, line: collections.deque[_Call]) -> list[_Call]:
         """The calls of a dead worker's line, then the backlog, that someone still
@@ -500,15 +510,29 @@ class ParserPool:
         return retry
 
     async def _start_fresh(self, line: collections.deque[_Call]) -> _Worker:
-        """A new worker, however many tries it takes; between tries the waiting calls
-        go to the workers still alive, or are answered "retry later" when none is."""
+        """A new worker that has answered its first call, however many tries it takes;
+        between tries the waiting calls go to the workers still alive, or are answered
+        "retry later" when none is.
+
+        A process that dies (or hangs) before its first answer is a failed start like
+        one that cannot be created: a broken install (a module that no longer imports
+        after an upgrade under a running server) once made the pool start a process
+        after another without a pause, a core busy and the mail waiting for good."""
         pause = 0.5
         while True:
             try:
                 fresh = await self._spawn()
-                break
             except Exception:  # out of processes or descriptors: retried
                 log.exception("cannot start a parser worker; retrying", extra={"pause_s": pause})
+            else:
+                try:
+                    await self._until_ready(fresh)
+                    break
+                except Exception as exc:  # noqa: BLE001 - any failed start is retried
+                    log.error(  # its traceback, if any, is the child's, on stderr
+                        "parser worker died before its first answer; retrying",
+                        extra={"pause_s": pause, "error": str(exc)},
+                    )
             # Meanwhile the waiting calls go to the workers still alive; with none,
             # they are answered "retry later" rather than kept waiting.
             waiting = self._take_waiting(line)
@@ -524,6 +548,20 @@ class ParserPool:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 30.0)
         return fresh
+
+    async def _until_ready(self, worker: _Worker) -> None:
+        """Wait for a fresh worker's first answer; on failure it is gone for good."""
+        assert worker.ready is not None  # noqa: S101 - _spawn sets it
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), max(self.timeout_s, 120.0))
+        except BaseException:
+            worker.dead = True
+            _hang_up(worker)
+            worker.process.kill()
+            await asyncio.to_thread(worker.process.join, 5)
+            if not worker.ready.done():
+                worker.ready.cancel()
+            raise
 
 
 def _hang_up(worker: _Worker) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ingest.errors import RetryLater
-from ingest.workers import ParserPool, WorkerCrashed
+from ingest.workers import ParserPool, ParserUnavailable, WorkerCrashed
 
 pytestmark = pytest.mark.integration
 
@@ -382,35 +383,85 @@ def test_stop_does_not_wait_for_a_call_being_parsed() -> None:
     asyncio.run(scenario())
 
 
-def test_a_process_that_dies_while_starting_blames_no_message(tmp_path: Path) -> None:
+def test_a_process_that_dies_while_starting_blames_no_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before, the death of a process still starting was counted against the next
     message in its line, which never ran: three such deaths gave an innocent message
-    up as a poison."""
+    up as a poison. Now a death before the first answer is a failed start: the
+    message waiting is told to come back later (retry-later, never a dead letter)."""
     notes = tmp_path / "notes.txt"
-
-    async def kill_next_start(pool: ParserPool, old: object) -> object:
-        while True:
-            worker = pool._slots[0] if pool._slots else None
-            ready = worker.ready if worker is not None and worker is not old else None
-            if worker is not None and ready is not None and not ready.done():
-                worker.process.kill()
-                return worker
-            await asyncio.sleep(0.01)
+    kills = [3]
 
     async def scenario() -> None:
         async with _started(workers=1) as pool:
-            old: object = pool._slots[0]
+            real = ParserPool._spawn
+
+            async def spawn_and_kill(self: ParserPool) -> object:
+                worker = await real(self)
+                if kills[0]:
+                    kills[0] -= 1
+                    worker.process.kill()  # dies before its first answer
+                return worker
+
+            monkeypatch.setattr(ParserPool, "_spawn", spawn_and_kill)
             poison = asyncio.ensure_future(pool.run(_crash, 1))
             await asyncio.sleep(0.05)
             innocent = asyncio.ensure_future(pool.run(_note, str(notes), 7))
-            for _ in range(3):
-                old = await asyncio.wait_for(kill_next_start(pool, old), 30)
-            results = await asyncio.gather(poison, innocent, return_exceptions=True)
-            assert isinstance(results[0], WorkerCrashed)
-            assert results[1] == 7
+            results = await asyncio.wait_for(
+                asyncio.gather(poison, innocent, return_exceptions=True), 30
+            )
+            assert [type(r) for r in results] == [ParserUnavailable, ParserUnavailable]
+            for _ in range(150):  # three failed starts: 0.5 + 1 + 2 s of pauses
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(RetryLater):
+                    assert await pool.run(_note, str(notes), 8) == 8
+                    break
+            else:
+                pytest.fail("the pool did not recover")
+            assert kills == [0]
 
     asyncio.run(scenario())
-    assert notes.read_text().split() == ["7"]
+    assert notes.read_text().split() == ["8"]  # the innocent one never ran
+
+
+def test_a_process_that_cannot_start_is_retried_after_a_growing_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module that stopped importing under a running server (a broken upgrade):
+    every fresh process dies before its first answer. Before, the pool started one
+    after another without a pause, a core busy, and the calls waited for good."""
+    broken = tmp_path / "switchboard_broken_parse.py"
+    broken.write_text("import os\nos._exit(5)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    starts: list[float] = []
+
+    async def note_start() -> None:
+        starts.append(time.monotonic())
+
+    async def scenario() -> None:
+        async with _started(workers=1) as pool:
+            _spawn_after(monkeypatch, note_start)
+            pool.preload("switchboard_broken_parse")  # what every new process imports
+            with pytest.raises(ParserUnavailable):
+                await asyncio.wait_for(pool.run(_crash, 0), 30)
+            with pytest.raises(ParserUnavailable):
+                await pool.run(_pid_and_double, 1)  # at once, not after a wait
+            while len(starts) < 3:
+                await asyncio.sleep(0.1)
+            gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+            assert gaps[0] >= 0.5
+            assert gaps[1] >= 1.0
+            broken.write_text("")  # repaired: the next start succeeds
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(RetryLater):
+                    assert (await pool.run(_pid_and_double, 4))[1] == 8
+                    break
+            else:
+                pytest.fail("the pool did not recover")
+
+    asyncio.run(scenario())
 
 
 MAIN_SCRIPT = """
