@@ -140,8 +140,11 @@ def _start_process(theirs: socket.socket) -> _Process:
     # The interpreter's own flags (-X dev, -W error, -O, -I) go along, as multiprocessing
     # passed them; the helper is the standard library's, used by multiprocessing too.
     flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    # -P: `-c` would put the working directory first on the path, ahead of the
+    # standard library, for the imports before the server's path replaces it: a
+    # json.py in the server's directory stopped every parse process from starting.
     popen = subprocess.Popen(  # noqa: S603 - our interpreter, our code, no shell
-        [sys.executable, *flags, "-c", _CHILD, path, str(fd), str(os.getpid())],
+        [sys.executable, *flags, "-P", "-c", _CHILD, path, str(fd), str(os.getpid())],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
     )

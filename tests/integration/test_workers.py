@@ -464,6 +464,21 @@ def test_a_process_that_cannot_start_is_retried_after_a_growing_pause(
     asyncio.run(scenario())
 
 
+def test_a_parse_process_does_not_import_from_the_servers_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -c` puts the working directory first on the path: a `json.py` there
+    (which the server itself, a console script, never imports) broke every start."""
+    (tmp_path / "json.py").write_text("raise SystemExit('the json.py of the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario() -> None:
+        async with _started(workers=1) as pool:
+            assert (await pool.run(_pid_and_double, 21))[1] == 42
+
+    asyncio.run(scenario())
+
+
 MAIN_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
