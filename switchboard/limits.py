@@ -76,7 +76,8 @@ class HttpLimitSettings(BaseSettings):
         description=(
             "Body bytes all requests being served may hold at once (divided among "
             "--workers), counted as the bytes arrive; a body that would pass it, or pass a "
-            "quarter of it held by one client address, is answered 503 with Retry-After. "
+            "quarter of it held by one client address (an address's only request: its route's "
+            "limit), is answered 503 with Retry-After. "
             "One request always fits when nothing else is held."
         ),
     )
@@ -196,9 +197,9 @@ class BodyBudget:
     and one client's connections; this bounds all of them together (a provider
     route takes 50 MB before its signature, which is inside the body, can be
     checked), and ``per_client`` (a quarter by default) keeps one address from
-    holding all of it. A request always fits when nothing but itself is held (in
-    all, and by its client), so a route limit above the budget still works, one
-    request at a time.
+    holding all of it: an address's only request may grow to its route's limit.
+    A request always fits when nothing but itself is held (in all, and by its
+    client), so a route limit above the budget still works, one request at a time.
     """
 
     def __init__(self, limit: int, per_client: int | None = None) -> None:
@@ -207,14 +208,23 @@ class BodyBudget:
         self.held = 0
         self.clients: dict[str, int] = {}
 
-    def take(self, size: int, client: str = "", own: int = 0) -> bool:
+    def take(self, size: int, client: str = "", own: int = 0, route_limit: int = 0) -> bool:
         """Room for ``size`` more bytes of a request from ``client`` that holds
-        ``own`` bytes already; taken when True."""
+        ``own`` bytes already, on a route that takes ``route_limit`` bytes; taken
+        when True."""
         mine = self.clients.get(client, 0)
-        if self.held > own and (self.held + size > self.limit or mine + size > self.per_client):
-            # Others hold bytes: the budget, and this address's share of it, bound it
-            # (the share was waived for an address's only request: one request,
-            # growing to a route's 30 MB, held most of a worker's budget; review).
+        share = self.per_client
+        if mine == own and route_limit > share:
+            # The address's only request may grow to its route's limit: the route's
+            # limit says one such body is legitimate. Bound by the quarter alone, a
+            # provider's 30-50 MB mail was refused on a worker of a 4-core host (a
+            # 32 MB quarter) whenever any other request held a byte (review,
+            # 2026-12-01). A second request of the same address is bound by the
+            # quarter, with the first (an earlier review: one address's requests
+            # together held most of a worker's budget).
+            share = route_limit
+        if self.held > own and (self.held + size > self.limit or mine + size > share):
+            # Others hold bytes: the budget, and this address's share of it, bound it.
             return False
         self.held += size
         self.clients[client] = mine + size
@@ -391,7 +401,7 @@ class _Body:
         budget = self.middleware.budget
         size = self.received - self.charged
         if size > 0:
-            if not budget.take(size, self.client, self.charged):
+            if not budget.take(size, self.client, self.charged, self.limit):
                 return await self.refuse(_busy(budget, whole=budget.held + size > budget.limit))
             self.charged = self.received
         self.done = not message.get("more_body", False)

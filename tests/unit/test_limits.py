@@ -70,6 +70,15 @@ def test_the_body_budget_is_shared_and_one_request_always_fits() -> None:
     assert not other.take(10, "f", own=20)
     other.give(10, "a")
     assert other.take(60, "f", own=20)  # nobody else holds anything: it fits
+    # ... unless its route takes bodies past the quarter: an address's only request
+    # may grow to its route's limit beside others, within the budget.
+    large = BodyBudget(100)
+    assert large.take(10, "a")
+    assert large.take(20, "f", route_limit=60)
+    assert large.take(40, "f", own=20, route_limit=60)
+    assert not large.take(1, "f", own=60, route_limit=60)  # the route's limit bounds it
+    assert not large.take(10, "f", route_limit=60)  # a second request of f: the quarter
+    assert not large.take(31, "g", route_limit=200)  # and the budget bounds everything
     with pytest.raises(ValidationError):
         HttpLimitSettings(max_body_in_flight=1000)  # below 64 KiB: a typo, not a budget
 
