@@ -228,6 +228,10 @@ class ConsumerRuntime(ThreadedComponent):
         # consumer's thread waits inside poll() or close(), never at the same time.
         self._handled: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        #: Partitions rewound to the start whose earliest offsets are not committed
+        #: yet: the commit is tried again each turn until it is (or until one of ours
+        #: supersedes it), so a failed one does not leave the old log's offset behind.
+        self._starts_to_commit: set[TopicPartition] = set()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -267,17 +271,35 @@ class ConsumerRuntime(ThreadedComponent):
             "consumer rewound to the earliest offsets (the broker is new)",
             extra={"component": self.name, "partitions": len(assigned)},
         )
+        # The batch in hand when the broker died may have committed its old offsets to
+        # the new broker (a commit retries until a coordinator answers): past the new
+        # log's end, where a rejoining member would resume and skip what the new log
+        # holds below them. So the earliest offsets are committed, until that succeeds.
+        self._starts_to_commit = set(assigned)  # committed by the loop, from this turn
+
+    def _commit_starts(self, consumer: KafkaConsumer) -> None:
+        """Commit the earliest offsets of the partitions rewound to the start, except
+        those we no longer own or have committed since (a later offset of the new log);
+        kept for the next turn when the commit fails (a rebalance in progress, the new
+        broker's coordinator not up yet: once only logged, a review found)."""
+        if not self._starts_to_commit:
+            return
+        owned = consumer.assignment()
+        self._starts_to_commit = {
+            tp for tp in self._starts_to_commit if tp in owned and tp not in self._committed
+        }
+        if not self._starts_to_commit:
+            return
         try:
-            # The batch in hand when the broker died may have committed its old offsets
-            # to the new broker (a commit retries until a coordinator answers): past
-            # the new log's end, where a rejoining member would resume and skip.
-            starts = consumer.beginning_offsets(list(assigned))
+            starts = consumer.beginning_offsets(list(self._starts_to_commit))
             consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in starts.items()})
-        except Exception as exc:  # noqa: BLE001 - e.g. not in the group yet: it rejoins
+        except Exception as exc:  # noqa: BLE001 - e.g. not in the group yet: next turn
             log.warning(
-                "earliest offsets not committed after the rewind",
+                "earliest offsets not committed after the rewind; trying again",
                 extra={"component": self.name, "error": repr(exc)[:500]},
             )
+            return
+        self._starts_to_commit = set()
 
     def _run(self) -> None:
         try:
@@ -299,6 +321,7 @@ class ConsumerRuntime(ThreadedComponent):
             while not self._stop.is_set():
                 self.beat()
                 self._maybe_rewind_to_start(consumer)
+                self._commit_starts(consumer)
                 try:
                     polled = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
                 except KafkaError as exc:

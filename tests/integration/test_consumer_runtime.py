@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError
+from kafka.structs import OffsetAndMetadata
 from sqlalchemy import Engine, text
 
 from sinks.archive import ArchiveHandler
@@ -380,3 +382,47 @@ def test_nothing_released_is_committed_while_a_rewind_to_the_start_is_pending() 
     runtime._rewind_to_start.clear()  # as the rewind does, after clearing the offsets
     runtime._commit_released(Consumer())
     assert len(commits) == 1  # without a pending rewind, the same call commits
+
+
+def test_a_failed_commit_of_the_earliest_offsets_after_a_rewind_is_tried_again(
+    kafka_settings: KafkaSettings, topic: str, unique: str
+) -> None:
+    """The embedded broker came back empty, and the group still has an offset of the
+    old log past the new one's end. The rewind commits the earliest offsets; when that
+    commit failed (a rebalance in progress), it was only logged, and a quiet
+    partition kept the old offset: a rejoining member would resume there and skip
+    what the new log holds below it (review, 2026-12-01)."""
+    group = f"rewind-{unique}"
+    check = KafkaConsumer(
+        group_id=group, enable_auto_commit=False, **kafka_settings.client_config()
+    )
+    quiet = TopicPartition(topic, 0)
+    check.commit({quiet: OffsetAndMetadata(50, "", -1)})  # the old log's offset
+    assert check.committed(quiet) == 50
+
+    class FailingOnce(ConsumerRuntime):
+        fail_next = False
+
+        def connected(self, consumer: KafkaConsumer) -> None:
+            real = consumer.commit
+
+            def commit(offsets: Any = None) -> Any:  # noqa: ANN401 - kafka-python's
+                if self.fail_next:
+                    self.fail_next = False
+                    raise CommitFailedError("the group is rebalancing")
+                return real(offsets)
+
+            consumer.commit = commit
+
+    runtime = FailingOnce(
+        kafka_settings, RecordHandler(), name="test-rewind", group_id=group, topics=[topic]
+    )
+    try:
+        with running(runtime):
+            runtime.fail_next = True  # nothing commits before: the topic is empty
+            runtime.rewind_to_start()  # done once the partitions are assigned
+            assert runtime.rewound_to_start.wait(30)
+            _until(lambda: check.committed(quiet) == 0, timeout_s=15)
+            assert not runtime.fail_next  # the first commit did fail
+    finally:
+        check.close()
