@@ -328,6 +328,39 @@ def test_oversized_hook_posts_are_refused_at_the_hooks_own_limit(
     assert "form fields" in fields.json()["detail"]
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def _trickle(port: int, source: str, declared: int, sent: bytes = b"") -> socket.socket:
+    """A connection from ``source`` that declares a form body of ``declared`` bytes to
+    the form hook and sends only ``sent`` of it (then nothing)."""
+    sock = _connect(port, source)
+    sock.sendall(
+        f"POST /webhooks/form HTTP/1.1\r\nHost: t\r\nContent-Type: {FORM}\r\n"
+        f"Content-Length: {declared}\r\n\r\n".encode()
+        + sent
+    )
+    return sock
+
+
+@contextmanager
+def _form_hook(
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limits: HttpLimitSettings,
+) -> Iterator[Any]:
+    """The form hook's HTTP ingest with ``limits``, on the loop of this parametrization."""
+    with http_ingest(
+        kafka_settings,
+        tmp_path,
+        hooks=[_hook(monkeypatch)],
+        limits=limits,
+        loop_factory=LOOPS[_loop[0]],
+    ) as app:
+        yield app
+
+
 def test_bodies_held_at_once_are_bounded_across_clients(
     kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,37 +369,23 @@ def test_bodies_held_at_once_are_bounded_across_clients(
     # route takes 50 MB before the signature inside it can be checked). Here the
     # process takes 128 KiB of bodies at once, a client address 32 KiB of it.
     limits = HttpLimitSettings(max_body_in_flight=128 * 1024, body_timeout_s=20)
-    form = "application/x-www-form-urlencoded"
-    head = (
-        "POST /webhooks/form HTTP/1.1\r\nHost: t\r\nContent-Type: " + form + "\r\n"
-        "Content-Length: {}\r\n\r\n"
-    )
+    form = FORM
     letter = b"email=carol@example.com&text=" + b"x" * 60_000
     held: list[socket.socket] = []
-    with http_ingest(
-        kafka_settings,
-        tmp_path,
-        hooks=[_hook(monkeypatch)],
-        limits=limits,
-        loop_factory=LOOPS[_loop[0]],
-    ) as app:
+    with _form_hook(kafka_settings, tmp_path, monkeypatch, limits) as app:
         budget = app.server.app.state.body_budget
         port = app.server.port
         url = f"{app.base}/webhooks/form"
         # Headers alone reserve nothing (they did: 19 such connections made every
         # request with a body 503, review of 2026-12-01).
-        for _ in range(3):
-            idle = _connect(port, "127.0.0.3")
-            idle.sendall(head.format(200_000).encode())
-            held.append(idle)
+        held += [_trickle(port, "127.0.0.3", 200_000) for _ in range(3)]
         before_bytes = local_http.post(
             url, data={"email": "ann@example.com", "text": "hi"}, timeout=15
         )
         # Four clients hold 30,000 bytes each of 60,000-byte bodies: 120,000 of 131,072.
-        for n in range(4):
-            holder = _connect(port, f"127.0.0.{4 + n}")
-            holder.sendall(head.format(60_000).encode() + b"email=" + b"y" * 29_994)
-            held.append(holder)
+        held += [
+            _trickle(port, f"127.0.0.{4 + n}", 60_000, b"email=" + b"y" * 29_994) for n in range(4)
+        ]
         _until(lambda: budget.held == 120_000)
         # A whole body, declared or streamed, past what is left: refused as it arrives.
         declared = _post(
@@ -418,41 +437,23 @@ def test_an_addresss_only_request_grows_to_its_routes_limit_beside_others(
     # refused for as long as any other request was being read (and one stranger
     # trickling a body kept it so). Here the budget is 256 KiB, a quarter 64 KiB.
     limits = HttpLimitSettings(max_body_in_flight=256 * 1024, body_timeout_s=20)
-    form = "application/x-www-form-urlencoded"
     # 150 KB in fields of at most the form's 64 KiB each.
     letter = b"email=carol@example.com&text=" + b"&".join(
         [b"x" * 50_000, b"a=" + b"x" * 50_000, b"b=" + b"x" * 50_000]
     )
-    with http_ingest(
-        kafka_settings,
-        tmp_path,
-        hooks=[_hook(monkeypatch)],
-        limits=limits,
-        loop_factory=LOOPS[_loop[0]],
-    ) as app:
+    with _form_hook(kafka_settings, tmp_path, monkeypatch, limits) as app:
         budget = app.server.app.state.body_budget
         url = f"{app.base}/webhooks/form"
-        with _connect(app.server.port, "127.0.0.3") as stranger:
-            stranger.sendall(
-                b"POST /webhooks/form HTTP/1.1\r\nHost: t\r\nContent-Type: "
-                + form.encode()
-                + b"\r\nContent-Length: 60000\r\n\r\nemail="
-                + b"y" * 994
-            )
+        port = app.server.port
+        with _trickle(port, "127.0.0.3", 60_000, b"email=" + b"y" * 994):
             _until(lambda: budget.held == 1000)
-            large = local_http.post(url, content=letter, headers={"content-type": form}, timeout=15)
+            large = local_http.post(url, content=letter, headers={"content-type": FORM}, timeout=15)
             # A second request of an address that holds bytes is bound by the quarter.
-            with _connect(app.server.port, "127.0.0.4") as first:
-                first.sendall(
-                    b"POST /webhooks/form HTTP/1.1\r\nHost: t\r\nContent-Type: "
-                    + form.encode()
-                    + b"\r\nContent-Length: 200000\r\n\r\nemail="
-                    + b"z" * 59_994
-                )
+            with _trickle(port, "127.0.0.4", 200_000, b"email=" + b"z" * 59_994):
                 _until(lambda: budget.held == 61_000)
                 greedy = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"))
                 second = greedy.post(
-                    url, content=letter, headers={"content-type": form}, timeout=15
+                    url, content=letter, headers={"content-type": FORM}, timeout=15
                 )
                 greedy.close()
     assert large.status_code == 202, large.text
