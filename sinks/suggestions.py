@@ -76,14 +76,22 @@ def open_for(
     ).all()
     found = []
     for row in rows:
-        mine, other = survivor(row.contact_id), survivor(row.other_contact_id)
-        if mine == other:
+        # The claimant is the contact that got the message naming the identity; the
+        # holder, the contact the identity already belonged to. On each side the card
+        # said "contact <other> also wrote as <identity>, unverified": on the
+        # claimant's card that put the doubt on the holder, and its button merged the
+        # holder (a verified customer) into the claimant (a stranger's form post),
+        # the claimant surviving with the customer's history (review, 2026-12-01).
+        claimant, holder = survivor(row.contact_id), survivor(row.other_contact_id)
+        if claimant == holder:
             continue
         found.append(
             {
                 "id": str(row.id),
                 "contact_id": str(contact_id),
-                "other_contact_id": str(other if mine == contact_id else mine),
+                "other_contact_id": str(holder if claimant == contact_id else claimant),
+                "claimant_contact_id": str(claimant),
+                "holder_contact_id": str(holder),
                 "identity": row.identity,
                 "message_id": str(row.message_id) if row.message_id else None,
                 "suggested_at": _iso(row.suggested_at),
