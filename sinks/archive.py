@@ -252,6 +252,11 @@ class ArchiveHandler(RecordHandler):
                 tag,
                 extra={"files": retired},
             )
+            # The table named the files by their old names: synced now, not after
+            # the next file (a scan failed with FileNotFoundError from every start
+            # of `switchboard run` until a message came; review, 2026-12-01).
+            self._synced_files = -1
+            self.sync_iceberg()
 
     def stopping(self) -> None:
         """Write every buffer as a file: on `switchboard run`'s embedded broker a

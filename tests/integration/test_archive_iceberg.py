@@ -11,8 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sinks.archive import ArchiveHandler
+from sinks.archive_files import LocalArchive
 from sinks.archive_iceberg import IcebergTable, IcebergUnavailable
 from sinks.archive_rows import SCHEMA
+from sinks.settings import ArchiveSettings
 from switchboard.db import normalize_url
 from tests.s3_helpers import CREDENTIALS, s3_server
 
@@ -65,6 +68,29 @@ def test_the_table_follows_the_files(tmp_path: Path, catalog_url: str) -> None:
     again = IcebergTable(str(root), catalog_url)
     assert again.sync() == (0, 0)
     assert len(_offsets(again)) == 8
+
+
+def test_the_table_follows_the_files_set_aside_at_a_new_embedded_log(
+    tmp_path: Path, catalog_url: str
+) -> None:
+    """At each start of `switchboard run` (a new, empty embedded broker) the files of
+    the old logs are renamed `before-<time>-part-*`; the table still named them by
+    their old names, and a scan failed with FileNotFoundError until the next file
+    was written (review, 2026-12-01)."""
+    root = tmp_path / "archive"
+    _part(root, "switchboard.routed.v1", 0, 3)
+    _part(root, "switchboard.inbound.v1", 0, 2)
+    table = IcebergTable(str(root), catalog_url)
+    assert table.sync() == (2, 0)
+    handler = ArchiveHandler(
+        LocalArchive(root), ArchiveSettings(), IcebergTable(str(root), catalog_url)
+    )
+    handler.embedded_partitions = 1
+    handler.prepare()  # a start on a new embedded broker
+    assert not list(root.glob("topic=*/date=*/part-*.parquet"))
+    assert len(list(root.glob("topic=*/date=*/before-*-part-*.parquet"))) == 2
+    reread = IcebergTable(str(root), catalog_url)
+    assert len(_offsets(reread)) == 5  # the same rows, under their new names
 
 
 @pytest.mark.slow
