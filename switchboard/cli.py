@@ -310,8 +310,16 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_events_tail(settings: Settings, args: argparse.Namespace) -> int:
-    from switchboard.status import bootstrap_of
-    from switchboard.tail import Filter, as_json, parse_since, render, tail, topic_names
+    from switchboard.status import bootstrap_of, embedded_bootstrap
+    from switchboard.tail import (
+        Filter,
+        as_json,
+        parse_since,
+        render,
+        tail,
+        topic_names,
+        type_names,
+    )
 
     bootstrap = bootstrap_of(settings)
     if bootstrap is None:
@@ -322,14 +330,25 @@ def _cmd_events_tail(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     try:
         topics = topic_names(args.topic)
+        types = type_names(args.type)
         start = parse_since(args.since) if args.since else args.start
     except ValueError as exc:
         stderr_line(f"error: {exc}")
         return 2
+    # The data dir's embedded broker moves with each `switchboard run`: followed.
+    data_dir = settings.data_dir
+    follow = None if settings.kafka.bootstrap else (lambda: embedded_bootstrap(data_dir))
     settings.kafka.bootstrap = bootstrap
-    keep = Filter(types=tuple(args.type or ()), contact=args.contact)
+    keep = Filter(types=types, contact=args.contact)
     rows = tail(
-        settings.kafka, topics, start=start, keep=keep, limit=args.max, idle_exit_s=args.idle_exit
+        settings.kafka,
+        topics,
+        start=start,
+        keep=keep,
+        limit=args.max,
+        idle_exit_s=args.idle_exit,
+        follow=follow,
+        notice=lambda text: stderr_line(f"events tail: {text}"),
     )
     for row in rows:
         print(as_json(row) if args.json else render(row), flush=True)

@@ -40,8 +40,13 @@ Report = dict[str, Any]
 def bootstrap_of(settings: Settings) -> str | None:
     if settings.kafka.bootstrap:
         return settings.kafka.bootstrap
+    return embedded_bootstrap(settings.data_dir)
+
+
+def embedded_bootstrap(data_dir: Path) -> str | None:
+    """The address of the embedded broker `switchboard run` keeps in ``data_dir``."""
     with contextlib.suppress(OSError):
-        return (settings.data_dir / BROKER_FILE).read_text().strip() or None
+        return (data_dir / BROKER_FILE).read_text().strip() or None
     return None
 
 

@@ -5,6 +5,11 @@ assigned every partition of the chosen topics, starting at the end, the
 beginning, or the first offset at or after a time. Records are read with the
 archive's row reader, so a record that is not a valid event still prints (with
 what is wrong) instead of stopping the tail.
+
+Following `switchboard run`'s embedded broker (found through the data dir), the
+tail moves to the broker of a new `run` when the data dir names another one, and
+reads that new log from its start: it followed the stopped broker's port for
+good, logging connection errors, and never showed an event again.
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
+from normalize.schema import ContactEventKind
 from sinks.archive_rows import to_row
+from switchboard.events import (
+    TYPE_CONVERSATION_STATUS,
+    TYPE_DEADLETTER,
+    TYPE_DUPLICATE,
+    TYPE_INBOUND,
+    TYPE_ROUTED,
+    contact_event_type,
+)
 from switchboard.settings import MIN_POLL_TIMEOUT_MS, KafkaSettings
 from switchboard.topics import ALL_TOPICS
 
@@ -41,6 +55,31 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     except ValueError as exc:
         raise ValueError(f"--since {text!r}: use 10m, 2h, 1d or an ISO 8601 time") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+#: Every event type, by its full name.
+EVENT_TYPES = (
+    TYPE_INBOUND,
+    TYPE_ROUTED,
+    TYPE_DUPLICATE,
+    TYPE_CONVERSATION_STATUS,
+    TYPE_DEADLETTER,
+    *(contact_event_type(kind) for kind in ContactEventKind),
+)
+
+
+def _short(kind: str) -> str:
+    return kind.removeprefix("io.switchboard.").removesuffix(".v1")
+
+
+def type_names(names: Sequence[str] | None) -> tuple[str, ...]:
+    """``--type`` values, each a full or short event type; ValueError names the known
+    ones (``--type merged`` matched nothing, silently)."""
+    for name in names or ():
+        if name not in EVENT_TYPES and name not in {_short(t) for t in EVENT_TYPES}:
+            known = ", ".join(sorted(_short(t) for t in EVENT_TYPES))
+            raise ValueError(f"unknown event type {name!r} (known: {known}, or the full names)")
+    return tuple(names or ())
 
 
 def topic_names(names: Sequence[str] | None) -> list[str]:
@@ -64,8 +103,7 @@ class Filter:
     def matches(self, row: dict[str, Any]) -> bool:
         if self.types:
             kind = str(row.get("type") or "")
-            short = kind.removeprefix("io.switchboard.").removesuffix(".v1")
-            if not any(t in (kind, short) for t in self.types):
+            if not any(t in (kind, _short(kind)) for t in self.types):
                 return False
         if self.contact is not None:
             mentioned = {row.get("key"), row.get("contact_id"), row.get("other_contact_id")}
@@ -128,35 +166,48 @@ def tail(
     limit: int | None = None,
     idle_exit_s: float | None = None,
     stop: Callable[[], bool] = lambda: False,
+    follow: Callable[[], str | None] | None = None,
+    notice: Callable[[str], None] = lambda _: None,
 ) -> Iterator[dict[str, Any]]:
     """Rows of the matching records, in arrival order per partition, until ``stop``,
-    ``limit`` rows, or ``idle_exit_s`` seconds without a record."""
+    ``limit`` rows, or ``idle_exit_s`` seconds without a record.
+
+    ``follow`` (the embedded broker's address, read again from the data dir): while
+    no record comes, asked every ``FOLLOW_EVERY_S``; a new address is a new broker,
+    whose log is read from its start (``notice`` says so)."""
     keep = keep or Filter()
-    consumer = KafkaConsumer(
-        client_id=f"{kafka.client_id}-tail",
-        enable_auto_commit=False,
-        **kafka.client_config(),
-    )
+    bootstrap = kafka.bootstrap
+    consumer = _consumer(kafka, bootstrap)
     try:
-        partitions = [
-            TopicPartition(t, p)
-            for t in topics
-            for p in sorted(consumer.partitions_for_topic(t) or ())
-        ]
-        consumer.assign(partitions)
-        _seek(consumer, partitions, start)
+        _assign(consumer, topics, start)
         shown = 0
-        last = time.monotonic()
+        last = checked = time.monotonic()
         while not stop():
             polled = consumer.poll(timeout_ms=MIN_POLL_TIMEOUT_MS)
             records = sorted(
                 (r for batch in polled.values() for r in batch),
                 key=lambda r: (r.timestamp, r.topic, r.partition, r.offset),
             )
+            now = time.monotonic()
             if records:
-                last = time.monotonic()
-            elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
+                last = now
+            elif idle_exit_s is not None and now - last >= idle_exit_s:
                 return
+            elif follow is not None and now - checked >= FOLLOW_EVERY_S:
+                checked = now
+                moved = follow()
+                if moved and moved != bootstrap:
+                    try:
+                        fresh = _consumer(kafka, moved)
+                    except Exception as exc:  # noqa: BLE001 - not up yet: asked again
+                        notice(f"a new broker is named at {moved}, not answering yet: {exc}")
+                        continue
+                    consumer.close()
+                    consumer, bootstrap = fresh, moved
+                    _assign(consumer, topics, "beginning")
+                    notice(
+                        f"a new broker at {moved} (a new switchboard run): its log from the start"
+                    )
             for record in records:
                 row = to_row(record)
                 if keep.matches(row):
@@ -166,6 +217,27 @@ def tail(
                         return
     finally:
         consumer.close()
+
+
+#: How often a tail that follows the data dir's broker looks for a new one.
+FOLLOW_EVERY_S = 2.0
+
+
+def _consumer(kafka: KafkaSettings, bootstrap: str | None) -> KafkaConsumer:
+    settings = kafka.model_copy(update={"bootstrap": bootstrap})
+    return KafkaConsumer(
+        client_id=f"{kafka.client_id}-tail",
+        enable_auto_commit=False,
+        **settings.client_config(),
+    )
+
+
+def _assign(consumer: KafkaConsumer, topics: Sequence[str], start: str | datetime) -> None:
+    partitions = [
+        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
+    ]
+    consumer.assign(partitions)
+    _seek(consumer, partitions, start)
 
 
 def _seek(consumer: KafkaConsumer, partitions: list[TopicPartition], start: str | datetime) -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from switchboard.tail import Filter, parse_since, topic_names
+from switchboard.tail import Filter, parse_since, topic_names, type_names
 from switchboard.topics import ALL_TOPICS, CONTACTS, ROUTED
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -40,3 +40,14 @@ def test_filters_by_type_and_contact() -> None:
     assert not Filter(types=("message.routed",)).matches(row)
     assert Filter(contact="c2").matches(row)
     assert not Filter(contact="c3").matches(row)
+
+
+def test_event_types_by_short_or_full_name_and_unknown_ones_refused() -> None:
+    assert type_names(None) == ()
+    assert type_names(["contact.merged", "io.switchboard.message.routed.v1"]) == (
+        "contact.merged",
+        "io.switchboard.message.routed.v1",
+    )
+    # It matched nothing, silently (analyst review, 2026-12-01).
+    with pytest.raises(ValueError, match=r"unknown event type 'merged'.*contact\.merged"):
+        type_names(["merged"])
