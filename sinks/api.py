@@ -12,8 +12,10 @@ The page (``/queue``) lives in :mod:`sinks.pages`; what actions do, in
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -255,7 +257,7 @@ def _api_routes(
         recorded = store.attachment(sha256, message)
         if recorded is None or not blobs.exists(sha256):
             raise StarletteHTTPException(404, f"no attachment {sha256}")
-        name = re.sub(r"[^A-Za-z0-9._ -]", "_", recorded.get("filename") or sha256)[:200]
+        disposition = _disposition(recorded.get("filename") or sha256)
         declared = str(recorded.get("content_type") or "").lower()
         return Response(
             blobs.get(sha256),
@@ -263,7 +265,7 @@ def _api_routes(
             # (an 8-bit byte, a parameter, a header break) made the answer a 500.
             media_type=declared if _MEDIA_TYPE.fullmatch(declared) else "application/octet-stream",
             headers={
-                "Content-Disposition": f'attachment; filename="{name}"',
+                "Content-Disposition": disposition,
                 "X-Content-Type-Options": "nosniff",
                 "Content-Security-Policy": "default-src 'none'; sandbox",
                 "Cache-Control": "no-store",
@@ -271,6 +273,21 @@ def _api_routes(
         )
 
     return api
+
+
+def _disposition(filename: str) -> str:
+    """``attachment`` with the sender's file name: an ASCII ``filename`` (anything
+    else an underscore) and, when the name is not ASCII, its UTF-8 form in
+    ``filename*`` (RFC 6266), as browsers prefer: "Überweisung.pdf" downloaded as
+    "_berweisung.pdf" (review, 2026-12-01). Controls, format characters (a bidi
+    override turns "\u202etxt.exe" into "exe.txt" on screen) and path or quoting
+    characters are dropped or replaced in both."""
+    shown = "".join(ch for ch in filename if unicodedata.category(ch)[0] != "C")
+    shown = re.sub(r'[\\/:*?"<>|]', "_", shown).strip()[:200] or "attachment"
+    plain = re.sub(r"[^A-Za-z0-9._ -]", "_", shown)
+    if shown.isascii():
+        return f'attachment; filename="{plain}"'
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(shown, safe='')}"
 
 
 def _merge_routes(actions: QueueActions, access: Access) -> APIRouter:

@@ -892,7 +892,7 @@ def test_an_attachment_is_named_as_its_own_message_carried_it(
         uuid.uuid4(),
         "alice",
         2,
-        attachments=carrying("odd.pdf", "application/x-\ufffd\ufffd"),
+        attachments=carrying("\u00dcberweisung\u202e.pdf", "application/x-\ufffd\ufffd"),
     )
     with served.signed_in("alice", "alice-password") as alice:
         ids = {}
@@ -911,6 +911,11 @@ def test_an_attachment_is_named_as_its_own_message_carried_it(
     assert erins.headers["cache-control"] == "no-store"
     assert odd.status_code == 200, odd.text
     assert odd.headers["content-type"] == "application/octet-stream"
+    # A name that is not ASCII keeps its letters (RFC 6266 filename*), not its bidi
+    # override (it was "_berweisung_.pdf").
+    assert odd.headers["content-disposition"] == (
+        "attachment; filename=\"_berweisung.pdf\"; filename*=UTF-8''%C3%9Cberweisung.pdf"
+    )
     assert odd.content == blob.data
     assert unnamed.status_code == 200  # an old link: the first message's record
 
