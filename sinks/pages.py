@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from uuid import UUID
 
 import phonenumbers
@@ -271,7 +271,10 @@ class _Pages:
             return self.access.principal(request)
         except Denied as exc:
             if exc.status == 401:
-                return _page("login.html", error=None, me=None, csrf="")
+                # Back to this page once signed in: the sign-in led to /queue, and a
+                # card's link sent by a colleague was lost (review, 2026-12-01).
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return _page("login.html", error=None, me=None, csrf="", next=safe_next(here))
             return _page("denied.html", exc.status, detail=exc.detail, me=None, csrf="")
 
     async def posted(self, request: Request) -> tuple[Principal, FormData] | Response:
@@ -480,16 +483,40 @@ def _action_routes(router: APIRouter, pages: _Pages) -> None:
 SIGN_IN_CONCURRENCY = 2
 
 
+def safe_next(value: object) -> str:
+    """Where a sign-in goes back to: a page of the queue on this site, else /queue.
+    Anything else (another site, ``//host``, a backslash, a scheme) would make the
+    sign-in form an open redirect."""
+    if not isinstance(value, str) or len(value) > 2000 or not value.isprintable():
+        return "/queue"
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc or "\\" in value or value.startswith("//"):
+        return "/queue"
+    if parts.path != "/queue" and not parts.path.startswith("/queue/"):
+        return "/queue"
+    if parts.path == "/queue/login" or ".." in parts.path.split("/"):
+        return "/queue"
+    return value
+
+
 def _session_routes(router: APIRouter, pages: _Pages) -> None:
     access, posted = pages.access, pages.posted
     strangers = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
     known = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
 
+    @router.get("/queue/login")
+    def login_page() -> Response:
+        """The sign-in form is shown on any page of the queue to a stranger; its own
+        address (where a failed sign-in leaves the browser) was a 405 in JSON."""
+        return RedirectResponse("/queue", status_code=303)
+
     @router.post("/queue/login")
     async def login(request: Request) -> Response:
+        back = "/queue"
         try:
             access.check_origin(request)
             form = await _form(request)
+            back = safe_next(form.get("next"))
             name, password = _field(form, "name"), _field(form, "password")
             # The throttles are read inside sign_in, once a check's turn has come: a
             # burst waiting here is judged by the failures before it.
@@ -503,10 +530,10 @@ def _session_routes(router: APIRouter, pages: _Pages) -> None:
             if error is None:
                 return _page("denied.html", exc.status, detail=exc.detail, me=None, csrf="")
             headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else {}
-            refused = _page("login.html", exc.status, error=error, me=None, csrf="")
+            refused = _page("login.html", exc.status, error=error, me=None, csrf="", next=back)
             refused.headers.update(headers)
             return refused
-        response = RedirectResponse("/queue", status_code=303)
+        response = RedirectResponse(back, status_code=303)
         access.set_cookie(response, session_id, session, device)
         return response
 

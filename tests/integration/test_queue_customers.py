@@ -386,6 +386,39 @@ def test_state_changes_by_cookie_need_the_csrf_token_and_our_origin(served: Serv
         assert carol["open_conversations"] == 2
 
 
+def test_signing_in_goes_back_to_the_page_asked_for_and_only_to_the_queue(
+    served: Served,
+) -> None:
+    """A card's link opened while signed out showed the sign-in form, which then led
+    to /queue, and the form's own address answered 405 in JSON (review, 2026-12-01)."""
+    fill(served.store)
+    card = f"/queue/contacts/{CAROL}?conversation={CAROL_SMS}"
+    with served.client() as stranger:
+        form = stranger.get(card).text
+        assert 'id="sign-in"' in form
+        assert f'name="next" value="{card.replace("&", "&amp;")}"' in form
+        assert stranger.get("/queue/login").headers["location"] == "/queue"
+    login = {"name": "alice", "password": "alice-password"}
+    for asked, landed in (
+        (card, card),
+        ("/queue?owner=support&status=all", "/queue?owner=support&status=all"),
+        ("//evil.example/queue", "/queue"),
+        ("https://evil.example/queue", "/queue"),
+        ("/\\evil.example/queue", "/queue"),
+        ("/api/queue", "/queue"),
+        ("/queue/../api/queue", "/queue"),
+        ("/queue/login", "/queue"),
+    ):
+        with served.client() as client:
+            answer = client.post("/queue/login", data={**login, "next": asked})
+            assert answer.status_code == 303, asked
+            assert answer.headers["location"] == landed, asked
+    with served.client() as client:
+        wrong = client.post("/queue/login", data={**login, "password": "no", "next": card})
+        assert wrong.status_code == 401
+        assert 'name="next" value="/queue/contacts/' in wrong.text  # kept for the next try
+
+
 def test_sign_in_is_throttled_per_account_and_per_client(served: Served) -> None:
     with served.client() as client:
         for _ in range(3):
