@@ -229,7 +229,9 @@ def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
         .label("rank")
     )
     latest_q = (
-        select(m.contact_id, m.subject, m.text_new, m.text, m.sender, latest_rank)
+        select(
+            m.contact_id, m.subject, m.text_new, m.text, m.sender, m.sender_verified, latest_rank
+        )
         .where(m.contact_id.in_(ids), m.bounce.is_(False), m.auto_reply.is_(False))
         .subquery()
     )
@@ -278,6 +280,16 @@ def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
                 "identities": identities,
                 "subject": last.subject if last is not None else None,
                 "first_line": first_line[:PREVIEW],
+                # The latest message's sender was only claimed, while the channels
+                # proved some identity of this customer: a stranger's form post
+                # naming a customer's address was the row's preview, unmarked
+                # (review, 2026-12-01). Null without a message.
+                "latest_claimed": (
+                    None
+                    if last is None
+                    else not last.sender_verified
+                    and any(i["assurance"] == "verified" for i in identities)
+                ),
                 "channels": sorted(channels.get(cid, set())),
                 "open_conversations": r.open_count,
                 "work": r.work,

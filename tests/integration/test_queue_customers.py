@@ -419,6 +419,29 @@ def test_signing_in_goes_back_to_the_page_asked_for_and_only_to_the_queue(
         assert 'name="next" value="/queue/contacts/' in wrong.text  # kept for the next try
 
 
+def test_a_claimed_latest_message_is_marked_on_a_verified_customers_row(
+    served: Served,
+) -> None:
+    """A stranger's form post naming a customer's address became the customer's row's
+    preview with no mark; only the card said it was a claim (review, 2026-12-01)."""
+    proven, unproven = uuid.uuid4(), uuid.uuid4()
+    phone = verified(phone_identity("+14155550188"), "twilio-signature")
+    hello = {"text": "Hello from my phone", "text_new": "Hello from my phone"}
+    route(served.store, phone, proven, uuid.uuid4(), "alice", 0, **hello)
+    claim = email_identity("gwen@example.org")
+    evil = {"text": "Ship to 1 Evil St", "text_new": "Ship to 1 Evil St"}
+    route(served.store, claim, proven, uuid.uuid4(), "alice", 1, **evil)
+    route(served.store, email_identity("hal@example.org"), unproven, uuid.uuid4(), "alice", 2)
+    with served.signed_in("alice", "alice-password") as alice:
+        items = {i["contact_id"]: i for i in alice.get("/api/queue").json()["items"]}
+        page = alice.get("/queue").text
+    assert items[str(proven)]["first_line"] == "Ship to 1 Evil St"
+    assert items[str(proven)]["latest_claimed"] is True
+    # Nothing of this customer is proven: every message is a claim, none stands out.
+    assert items[str(unproven)]["latest_claimed"] is False
+    assert page.count('class="claimed latest-claimed"') == 1
+
+
 def test_sign_in_is_throttled_per_account_and_per_client(served: Served) -> None:
     with served.client() as client:
         for _ in range(3):
