@@ -137,7 +137,7 @@ def _api_routes(
         dependencies=[Depends(access.authorize)],
     )
 
-    @api.get("/me", summary="Who this request acts as, and the owners it may look at")
+    @api.get("/me", summary="Who this request acts as, and the teams the agent is in")
     def me(who: Who) -> dict[str, Any]:
         return {
             "agent": who.agent,
