@@ -226,16 +226,22 @@ def _api_routes(
 
     @api.get(
         "/contacts/{contact_id}/card",
-        summary="The customer card: the contact, its newest messages in their conversations; "
-        "`older` pages back",
+        summary="The customer card: the contact, its newest messages in their conversations "
+        "(or in one, `conversation`); `older` pages back",
     )
     def get_card(
-        _who: Who, contact_id: UUID, limit: Limit = MESSAGES_PAGE, before: Before = None
+        _who: Who,
+        contact_id: UUID,
+        limit: Limit = MESSAGES_PAGE,
+        before: Before = None,
+        conversation: UUID | None = None,
     ) -> dict[str, Any]:
+        # ``conversation``: only that conversation of the customer, as the page's
+        # card shows it (the page took it, the API ignored it; review, 2026-12-01).
         try:
-            return store.card(contact_id, limit=limit, before=before)
+            return store.card(contact_id, limit=limit, before=before, conversation=conversation)
         except NotFound as exc:
-            raise StarletteHTTPException(404, f"no contact {contact_id}") from exc
+            raise _no_card(contact_id, conversation) from exc
         except BadCursor as exc:
             raise StarletteHTTPException(422, str(exc)) from exc
 
@@ -273,6 +279,14 @@ def _api_routes(
         )
 
     return api
+
+
+def _no_card(contact_id: UUID, conversation: UUID | None) -> StarletteHTTPException:
+    if conversation is not None:
+        return StarletteHTTPException(
+            404, f"no conversation {conversation} of contact {contact_id}"
+        )
+    return StarletteHTTPException(404, f"no contact {contact_id}")
 
 
 def _disposition(filename: str) -> str:

@@ -686,6 +686,18 @@ def test_the_card_offers_replies_where_the_customer_wrote(served: Served) -> Non
     assert html.count('value="open">Reopen') == 0
 
 
+def test_the_api_card_shows_one_conversation_as_the_page_does(served: Served) -> None:
+    """The page's card took ``conversation``; the API's ignored it (review, 2026-12-01)."""
+    fill(served.store)
+    with served.signed_in("alice", "alice-password") as alice:
+        one = alice.get(f"/api/contacts/{CAROL}/card", params={"conversation": str(CAROL_SMS)})
+        other = alice.get(f"/api/contacts/{DAN}/card", params={"conversation": str(CAROL_SMS)})
+    assert one.status_code == 200, one.text
+    assert [c["id"] for c in one.json()["conversations"]] == [str(CAROL_SMS)]
+    assert other.status_code == 404
+    assert "no conversation" in other.json()["detail"]
+
+
 def test_a_suggestion_is_dismissed_from_the_card_as_the_agent(served: Served) -> None:
     fill(served.store)
     suggested = ContactEvent(
