@@ -369,7 +369,10 @@ def _reading_routes(
             return render("denied.html", who, 404, detail=f"no such card for {contact_id}")
         except BadCursor:
             return render("denied.html", who, 422, detail="not a page of this card")
-        return render("card.html", who, c=card, owners=actions.owners(), before=before)
+        # A merged contact's link shows its survivor's card, and says so (it did not).
+        return render(
+            "card.html", who, c=card, owners=actions.owners(), before=before, asked=str(contact_id)
+        )
 
     @router.get("/queue/conversations/{conversation_id}")
     def conversation_page(request: Request, conversation_id: UUID) -> Response:

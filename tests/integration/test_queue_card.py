@@ -155,6 +155,11 @@ def test_reassign_merge_and_unmerge_from_the_card(databases: Any, tmp_path: Any)
             assert one["open_conversations"] == 2
             assert [m["id"] for m in one["merged_contacts"]] == [b]
             assert 'class="unmerge"' in alice.get(f"/queue/contacts/{a}").text
+            assert 'id="merged-from"' not in alice.get(f"/queue/contacts/{a}").text
+            # The merged contact's old link: the survivor's card, saying so.
+            assert f"Contact {b[:8]}, the one this link names, was merged" in (
+                alice.get(f"/queue/contacts/{b}").text
+            )
             (merge,) = _recorded(engine, "contact.merged")
             assert merge["by"] == "alice"
             owned = alice.post(
