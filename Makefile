@@ -10,11 +10,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The distribution was called "switchboard" until 2026-12-01: a checkout's older
+# .venv still holds it under that name, and the checkout its switchboard.egg-info
+# (found on the path from the repository's directory); their entry points beside
+# the new ones made every adapter "registered twice". So both go first.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip uninstall --quiet --yes switchboard 2>/dev/null || true
+	rm -rf switchboard.egg-info
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip uninstall --quiet --yes switchboard 2>/dev/null || true
+	rm -rf switchboard.egg-info
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed
 

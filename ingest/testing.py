@@ -265,7 +265,9 @@ def _validate_schema(data: dict[str, Any]) -> None:
     try:
         import jsonschema  # noqa: PLC0415 - only the kit needs it: the [testing] extra
     except ImportError:
-        pytest.fail("the conformance kit needs jsonschema: pip install 'switchboard[testing]'")
+        pytest.fail(
+            "the conformance kit needs jsonschema: pip install 'switchboard-inbound[testing]'"
+        )
     jsonschema.validate(data, _inbound_schema())
 
 

@@ -14,7 +14,7 @@ local directory or an ``s3://`` URL (the archive's ``storage_options`` become th
 catalog's S3 settings: endpoint, key, secret, region); other URL schemes are refused
 with a clear error.
 
-pyiceberg is an optional dependency (``switchboard[iceberg]``): the Iceberg project's
+pyiceberg is an optional dependency (``switchboard-inbound[iceberg]``): the Iceberg project's
 own Python library, the one the issue names, rather than hand-written metadata.
 """
 
@@ -77,7 +77,8 @@ class IcebergTable:
             from pyiceberg.catalog.sql import SqlCatalog  # noqa: PLC0415 - optional extra
         except ImportError as exc:
             raise IcebergUnavailable(
-                "[archive] iceberg = true needs pyiceberg: pip install 'switchboard[iceberg]'"
+                "[archive] iceberg = true needs pyiceberg: "
+                "pip install 'switchboard-inbound[iceberg]'"
             ) from exc
         self.catalog = SqlCatalog(NAMESPACE, uri=catalog_url, warehouse=warehouse, **properties)
         self.catalog.create_namespace_if_not_exists(NAMESPACE)

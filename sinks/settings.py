@@ -48,7 +48,7 @@ class ArchiveSettings(BaseSettings):
         default=False,
         description=(
             "Keep the Apache Iceberg table switchboard.events over the files (local or s3:// "
-            "roots; needs switchboard[iceberg])."
+            "roots; needs switchboard-inbound[iceberg])."
         ),
     )
     iceberg_catalog: str | None = Field(

@@ -628,11 +628,15 @@ The README's Configuration section lists every setting and the TOML sections.
 """
 
 
+#: The distribution's name (pyproject.toml); the command and packages are `switchboard`.
+DISTRIBUTION = "switchboard-inbound"
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("switchboard")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
 

@@ -171,6 +171,8 @@ def test_adapters_list_shows_what_is_installed_and_what_the_config_enables(
         "twilio": False,
         "webhook": True,
     }
-    assert all(row["package"] == "switchboard" and row["error"] is None for row in rows.values())
+    assert all(
+        row["package"] == "switchboard-inbound" and row["error"] is None for row in rows.values()
+    )
     text = _cli("adapters", "list", env=env).stdout
-    assert "twilio     disabled  switchboard  ingest.twilio:TwilioAdapter" in text
+    assert "twilio     disabled  switchboard-inbound  ingest.twilio:TwilioAdapter" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from ingest.mailgun import MailgunAdapter
 from ingest.registry import GROUP, AdapterError, discover, get, load
 from ingest.smtp import SmtpAdapter
+from switchboard.cli import DISTRIBUTION
 from switchboard.settings import load_settings
 
 BUILT_IN = {"smtp", "imap", "twilio", "webhook", "mailgun", "sendgrid", "postmark"}
@@ -22,9 +24,22 @@ def test_the_built_in_adapters_are_registered_like_any_other() -> None:
     for name in BUILT_IN:
         info = found[name]
         assert info.error is None, info
-        assert info.package == "switchboard"
+        assert info.package == "switchboard-inbound"
         assert info.adapter.name == name
     assert get("smtp") is SmtpAdapter
+
+
+def test_adapters_depend_on_the_distributions_own_name_not_pypis_switchboard() -> None:
+    """On PyPI "switchboard" is an unrelated project: an adapter package that
+    depended on it, as the guide said, installed that (review, 2026-12-01)."""
+    root = Path(__file__).parents[2]
+    ours = tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"]
+    assert ours == DISTRIBUTION == "switchboard-inbound"
+    example = tomllib.loads((root / "tests/example_adapter/pyproject.toml").read_text())
+    assert example["project"]["dependencies"] == [ours]
+    guide = (root / "docs/adding-a-channel.md").read_text()
+    assert f'dependencies = ["{ours}"]' in guide
+    assert 'dependencies = ["switchboard"]' not in guide
 
 
 def test_an_unknown_adapter_is_a_clear_error_naming_what_is_installed() -> None:
