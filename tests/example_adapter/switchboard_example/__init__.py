@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,13 +60,18 @@ class WidgetAdapter(HttpAdapter[WidgetSettings]):
             )
         ]
 
-    def authenticate(self, request: InboundRequest) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    def authenticate_headers(self, route: HttpRoute, headers: Mapping[str, str]) -> None:
+        # The token travels in a header: checked before the body is read, so a
+        # stranger's large body is refused unread.
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Rejected("auth", "missing 'Authorization: Bearer <token>'", status=401)
         expected = self.settings.token.get_secret_value() if self.settings.token else ""
         if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
             raise Rejected("auth", "the bearer token is not valid", status=403)
+
+    def authenticate(self, request: InboundRequest) -> None:
+        """Nothing left to check once the headers passed: the body carries no credential."""
 
     async def normalize(self, request: InboundRequest) -> Normalized:
         try:
