@@ -36,9 +36,9 @@ them. It checks, in this order:
 
 ``deliver(running, sample)`` sends one sample through the adapter's protocol
 and returns an :class:`Answer`: what the sender was told. :func:`post` does it
-for HTTP adapters. The module is also a pytest plugin (entry point
-``switchboard``, loaded wherever Switchboard is installed): it provides the
-``switchboard_kafka`` fixture the suite runs on.
+for HTTP adapters. Its ``switchboard_kafka`` fixture, the broker the suite runs
+on, is also a pytest plugin (``ingest.pytest_plugin``, entry point ``switchboard``,
+loaded wherever Switchboard is installed).
 """
 
 from __future__ import annotations

@@ -159,7 +159,11 @@ def _api_routes(
     ) -> dict[str, Any]:
         owner = owner or who.agent
         if owner is None:
-            raise StarletteHTTPException(422, "owner: the admin token has no queue of its own")
+            raise StarletteHTTPException(
+                422,
+                "owner: the admin has no queue of its own; name an agent or a team: "
+                f"?owner=<name> (teams: {', '.join(sorted(store.teams)) or 'none'})",
+            )
         if not store.known_owner(owner):
             raise StarletteHTTPException(
                 404, f"no owner {owner!r}: not an agent or team of the configuration"

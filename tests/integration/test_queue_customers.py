@@ -333,7 +333,9 @@ def test_an_unknown_owner_is_404_naming_it(served: Served) -> None:
         missing = admin.get("/api/queue", params={"owner": "nobody"})
         assert missing.status_code == 404
         assert "'nobody'" in missing.json()["detail"]
-        assert admin.get("/api/queue").status_code == 422  # the admin has no queue
+        no_owner = admin.get("/api/queue")
+        assert no_owner.status_code == 422  # the admin has no queue: it says what to add
+        assert "?owner=<name> (teams: support)" in no_owner.json()["detail"]
         assert admin.get("/api/queue", params={"owner": "bob"}).json()["items"][0][
             "contact_id"
         ] == str(DAN)
