@@ -323,6 +323,7 @@ def switchboard(
             "SWITCHBOARD_MAILGUN_SIGNING_KEY": SECRET,
         }
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
+        env["SWITCHBOARD_KAFKA_EMBEDDED"] = "true"  # `ingest http` alone, its own broker
         sb = subprocess.Popen(
             [str(Path(sys.executable).with_name("switchboard")), *command],
             env=env,

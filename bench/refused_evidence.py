@@ -45,6 +45,7 @@ def main() -> None:
             "SWITCHBOARD_TWILIO_AUTH_TOKEN": "bench-twilio-token",
             "SWITCHBOARD_LOG_LEVEL": "ERROR",
             "SWITCHBOARD_CONFIG": str(Path(data) / "none.toml"),
+            "SWITCHBOARD_KAFKA_EMBEDDED": "true",  # `ingest http` alone, its own broker
         }
         (Path(data) / "none.toml").write_text("")
         server = subprocess.Popen(

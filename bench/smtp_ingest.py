@@ -216,6 +216,7 @@ def main() -> None:
             SWITCHBOARD_SMTP_MAX_SESSIONS_PER_CLIENT="1000",
         )
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
+        env["SWITCHBOARD_KAFKA_EMBEDDED"] = "true"  # `ingest smtp` alone, its own broker
         switchboard = str(Path(sys.executable).with_name("switchboard"))
         targets = (
             [("switchboard", [switchboard, "run"])]

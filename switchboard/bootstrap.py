@@ -75,11 +75,23 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def kafka_available(settings: Settings) -> Iterator[EmbeddedBroker | None]:
-    """Yield with ``settings.kafka.bootstrap`` set: configured, or an embedded broker."""
+def kafka_available(settings: Settings, *, whole: bool) -> Iterator[EmbeddedBroker | None]:
+    """Yield with ``settings.kafka.bootstrap`` set: configured, or an embedded broker.
+
+    ``whole``: `switchboard run` (every role, with its journal). One role alone
+    gets an embedded broker only when ``[kafka] embedded`` says so: an operator
+    whose bootstrap variable was missing or misspelt had an edge answer 2xx into a
+    broker of its own, in memory, and every message gone at its stop, with one
+    warning line as the only sign (operator review, 2026-12-01)."""
     if settings.kafka.bootstrap:
         yield None
         return
+    if not whole and not settings.kafka.embedded:
+        raise StartupError(
+            "no Kafka: set SWITCHBOARD_KAFKA_BOOTSTRAP (or [kafka] bootstrap). A role "
+            "alone on an in-memory broker of its own loses everything it accepts when "
+            "it stops; for a trial, SWITCHBOARD_KAFKA_EMBEDDED=true allows it"
+        )
     broker = EmbeddedBroker(log_path=settings.data_dir / "tansu.log")
     broker.start()
     settings.kafka.bootstrap = broker.bootstrap
@@ -401,7 +413,7 @@ def supervise(settings: Settings, role: str, count: int, config: Path | None) ->
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Without a configured Kafka the supervisor runs the embedded broker, so the
     # workers share one (each would otherwise start its own).
-    with kafka_available(settings) as broker:
+    with kafka_available(settings, whole=False) as broker:
         supervisor = Supervisor(
             worker_command(role, config),
             count=count,
@@ -753,7 +765,8 @@ def run(
     """`switchboard run` (every role) or one role, until SIGTERM or Ctrl-C; as one
     worker of a fleet sharing the role's port when ``worker`` is given."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with kafka_available(settings) as broker:
+    # A worker of a fleet gets its supervisor's broker (SWITCHBOARD_KAFKA_BOOTSTRAP).
+    with kafka_available(settings, whole=roles == ROLES) as broker:
         report = ensure_topics(settings.kafka)
         log.info(
             "topics ready",

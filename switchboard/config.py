@@ -41,6 +41,16 @@ class KafkaSettings(BaseSettings):
             "in-memory broker (development only)."
         ),
     )
+    embedded: bool = Field(
+        default=False,
+        description=(
+            "One role alone (`switchboard ingest`, `router`, `sink`) without `bootstrap` "
+            "starts an in-memory broker of its own only when this is true: everything it "
+            "accepts is gone when it stops (only `switchboard run` keeps a journal). "
+            "Without it such a role refuses to start (a missing or misspelt bootstrap "
+            "variable lost every message an edge answered 2xx)."
+        ),
+    )
     client_id: str = Field(default="switchboard", description="Kafka client id prefix.")
     partitions: int = Field(default=3, ge=1, le=1000, description="Partitions per created topic.")
     replication_factor: int = Field(

@@ -26,6 +26,7 @@ from switchboard.broker import EmbeddedBroker, free_port
 from switchboard.databases import current_revisions, head_revisions
 from switchboard.db import make_engine
 from switchboard.settings import KafkaSettings
+from switchboard.status import BROKER_FILE
 from switchboard.topics import INBOUND
 from tests import local_http
 from tests.http_helpers import find
@@ -48,6 +49,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         # every lookup would wait for its timeout. Tests of verification run their own
         # DNS server on loopback (tests/dns_helpers.py).
         SWITCHBOARD_SMTP_VERIFY="false",
+        # A role alone (`ingest http`) on a broker of its own, as these tests want;
+        # without it the role refuses (test_a_role_alone_without_kafka_refuses_to_start).
+        SWITCHBOARD_KAFKA_EMBEDDED="true",
     )
     env.update(extra)
     return env
@@ -254,6 +258,21 @@ def test_run_accepts_email_over_smtp_and_publishes_it(
         assert store.get(message.raw.sha256) == raw
     finally:
         store.close()
+
+
+def test_a_role_alone_without_kafka_refuses_to_start(tmp_path: Path) -> None:
+    """An operator's missing or misspelt SWITCHBOARD_KAFKA_BOOTSTRAP gave an edge an
+    in-memory broker of its own: it answered 202 and every message was gone at its
+    stop, one warning line the only sign (operator review, 2026-12-01)."""
+    env = _env(tmp_path, SWITCHBOARD_KAFKA_BOOTSTRAPS="127.0.0.1:19092")  # the typo
+    env.pop("SWITCHBOARD_KAFKA_EMBEDDED")
+    for role in (("ingest", "http"), ("router",), ("ingest", "smtp", "--workers", "2")):
+        done = subprocess.run(
+            [*SWITCHBOARD, *role], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode != 0, role
+        assert "no Kafka: set SWITCHBOARD_KAFKA_BOOTSTRAP" in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "var" / BROKER_FILE).exists()
 
 
 @pytest.mark.slow
