@@ -501,8 +501,26 @@ def _add_send(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_send)
 
 
+#: Variables Switchboard reads that no settings class declares.
+OTHER_VARIABLES = frozenset({"SWITCHBOARD_CONFIG", "SWITCHBOARD_TEST_KAFKA_BOOTSTRAP"})
+
+
 def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
     # Loading already validated everything; reaching here means it is valid.
+    import difflib
+    import os
+
+    from switchboard.settings import known_env_vars
+
+    # A misspelt variable is read by nothing: said here, with the likely one (a
+    # misspelt SWITCHBOARD_KAFKA_BOOTSTRAP passed the check; operator review).
+    known = known_env_vars() | OTHER_VARIABLES
+    for name in sorted(n for n in os.environ if n.startswith("SWITCHBOARD_") and n not in known):
+        if name.startswith("SWITCHBOARD_TEST_"):
+            continue  # the test suite's own
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        stderr_line(f"warning: {name} is set but no setting reads it{hint}")
     source = settings.config or "no config file (environment only)"
     print(f"ok: {source}")
     return 0

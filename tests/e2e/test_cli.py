@@ -102,6 +102,22 @@ def test_config_show_masks_secrets_and_names_bad_settings() -> None:
 
 
 @pytest.mark.slow
+def test_config_check_names_a_variable_nothing_reads(tmp_path: Path) -> None:
+    """A misspelt SWITCHBOARD_KAFKA_BOOTSTRAP passed the check (operator review)."""
+    env = {
+        "SWITCHBOARD_KAFKA_BOOTSTRAPS": "127.0.0.1:19092",
+        "SWITCHBOARD_KAFKA_BOOTSTRAP": "127.0.0.1:19092",
+        "SWITCHBOARD_DATA_DIR": str(tmp_path),
+    }
+    result = _cli("config", "check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: SWITCHBOARD_KAFKA_BOOTSTRAPS is set but no setting reads it "
+        "(did you mean SWITCHBOARD_KAFKA_BOOTSTRAP?)" in result.stderr
+    )
+    assert "SWITCHBOARD_DATA_DIR" not in result.stderr
+
+
 def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[smtp]\ndomains = ["example.com"]\n')
