@@ -26,6 +26,35 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from normalize.webhook import FieldMap
 
 
+class _Secrets:
+    """Whether the secrets a config file names by variable must be set in this
+    process. A process that runs no adapter (the router, a sink, `switchboard
+    status`) reads the adapters' tables for what it needs of them (the IMAP
+    mailboxes' names, Twilio's default region) and never their secrets: every such
+    process refused to start without every hook's and mailbox's secret, and a
+    compose stack whose edges alone had them never started (operator review,
+    2026-12-01). Set once at start (:func:`secrets_not_needed`)."""
+
+    required = True
+
+
+SECRETS = _Secrets()
+
+
+def secrets_not_needed() -> None:
+    """This process runs no adapter: an unset secret variable is left unresolved."""
+    SECRETS.required = False
+
+
+def _secret_from(env: str, what: str) -> SecretStr | None:
+    value = os.environ.get(env)
+    if value:
+        return SecretStr(value)
+    if SECRETS.required:
+        raise ValueError(f"environment variable {env} ({what}) is not set")
+    return None
+
+
 def _comma_list(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -401,13 +430,11 @@ class WebhookSettings(BaseModel):
         env = getattr(auth, "secret_env", None) or getattr(auth, "token_env", None)
         if env is None:
             return self
-        value = os.environ.get(env)
-        if not value:
-            raise ValueError(f"environment variable {env} (auth of hook {self.name!r}) is not set")
+        value = _secret_from(env, f"auth of hook {self.name!r}")
         if isinstance(auth, HmacAuth):
-            auth.secret = SecretStr(value)
+            auth.secret = value
         elif isinstance(auth, BearerAuth):
-            auth.token = SecretStr(value)
+            auth.token = value
         return self
 
 
@@ -480,13 +507,7 @@ class MailboxSettings(BaseModel):
 
     @model_validator(mode="after")
     def _resolve_password(self) -> MailboxSettings:
-        value = os.environ.get(self.password_env)
-        if not value:
-            raise ValueError(
-                f"environment variable {self.password_env} (password of mailbox "
-                f"{self.name!r}) is not set"
-            )
-        self.password = SecretStr(value)
+        self.password = _secret_from(self.password_env, f"password of mailbox {self.name!r}")
         return self
 
     def resolved_port(self) -> int:

@@ -799,11 +799,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The commands that run (or check, show, or sign for) adapters: they need every secret
+#: the config file names. The router, the sinks and the operations commands do not.
+NEED_SECRETS = frozenset({"run", "ingest", "config", "send", "adapters"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    secrets = args.command in NEED_SECRETS
+    if not secrets:
+        from ingest.settings import secrets_not_needed
+
+        secrets_not_needed()
     try:
-        settings = load_settings(getattr(args, "file", None))
+        settings = load_settings(getattr(args, "file", None), secrets=secrets)
     except ValidationError as exc:
         stderr_line(f"invalid settings:\n{exc}")
         return 2

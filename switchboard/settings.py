@@ -358,8 +358,9 @@ def config_path(explicit: Path | None = None) -> Path | None:
     return default if default.is_file() else None
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """Parse and shape-check the file; errors name the file and the exact key."""
+def read_config(path: Path, *, secrets: bool = True) -> dict[str, Any]:
+    """Parse and shape-check the file; errors name the file and the exact key.
+    ``secrets``: every ``*_env`` variable the file names must be set."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -368,7 +369,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     # All at once, and named as the file spells them: someone setting up a new
     # deployment fixes them in one go (each table's own check would stop at the first).
-    missing = list(_unset_secrets(data))
+    missing = list(_unset_secrets(data)) if secrets else []
     if missing:
         raise ConfigError(f"{path}: environment variables not set: {', '.join(missing)}")
     sections: dict[str, Any] = {}
@@ -482,10 +483,15 @@ def _unset_secrets(value: object, where: str = "") -> Iterator[str]:
             yield from _unset_secrets(item, f"{where}[{label}]")
 
 
-def load_settings(path: Path | None = None) -> Settings:
-    """Environment variables, then the optional TOML file for what they leave unset."""
+def load_settings(path: Path | None = None, *, secrets: bool = True) -> Settings:
+    """Environment variables, then the optional TOML file for what they leave unset.
+
+    ``secrets=False``: for a process that runs no adapter (the router, a sink,
+    `status`): the adapters' secrets need not be in its environment. Every role
+    checked every hook's and mailbox's secret, so a router, `status` or `topics
+    create` without the edges' secrets refused to start (operator review, 2026-12-01)."""
     file = config_path(path)
-    sections = read_config(file) if file is not None else {}
+    sections = read_config(file, secrets=secrets) if file is not None else {}
     try:
         settings = Settings(
             config=file,

@@ -118,6 +118,28 @@ def test_config_check_names_a_variable_nothing_reads(tmp_path: Path) -> None:
     assert "SWITCHBOARD_DATA_DIR" not in result.stderr
 
 
+def test_only_the_commands_that_run_adapters_need_their_secrets(tmp_path: Path) -> None:
+    """A router, a sink, `status` or `topics create` refused to start without every
+    hook's and mailbox's secret, so a compose stack whose edges alone had them never
+    started (operator review, 2026-12-01)."""
+    config = tmp_path / "switchboard.toml"
+    config.write_text(
+        '[[webhooks]]\nname = "chat"\nauth = { kind = "bearer", token_env = "CHAT_TOKEN" }\n'
+        'map = { email = "email", text = "text" }\n'
+    )
+    env = {"SWITCHBOARD_CONFIG": str(config), "SWITCHBOARD_DATA_DIR": str(tmp_path / "var")}
+    for command in (("config", "check"), ("ingest", "http")):
+        refused = _cli(*command, env=env)
+        assert refused.returncode == 2, command
+        assert "CHAT_TOKEN" in refused.stderr, command
+    status = _cli("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "CHAT_TOKEN" not in status.stderr
+    router = _cli("router", env=env)  # past the configuration, to the missing Kafka
+    assert router.returncode == 1
+    assert "no Kafka: set SWITCHBOARD_KAFKA_BOOTSTRAP" in router.stderr, router.stderr
+
+
 def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[smtp]\ndomains = ["example.com"]\n')

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 
 
-def _rendered() -> dict[str, Any]:
+def _rendered(**extra: str) -> dict[str, Any]:
     """The file as docker-compose resolves it (anchors, merges, interpolation)."""
     docker_compose = needs.program("docker-compose")
     result = subprocess.run(
@@ -34,6 +34,8 @@ def _rendered() -> dict[str, Any]:
             "SWITCHBOARD_SMTP_DOMAINS": "example.com",
             "SWITCHBOARD_PUBLIC_URL": "https://hooks.example.com",
             "SWITCHBOARD_API_TOKEN": "compose-test-token",
+            "SWITCHBOARD_QUEUE_URL": "https://queue.example.com",
+            **extra,
         },
         capture_output=True,
         text=True,
@@ -58,6 +60,28 @@ def test_compose_file_is_valid_and_has_the_production_pieces() -> None:
     assert {"kafka", "postgres"} <= set(config["services"])
     assert "broker,controller" in str(config["services"]["kafka"]["environment"])
     assert _switchboard_services(config), "no switchboard service in docker-compose.yml"
+
+
+def test_the_secrets_the_config_names_reach_every_switchboard_service(tmp_path: Path) -> None:
+    """.env only fills ${...}: a hook's token_env or a mailbox's password_env never
+    reached a container, and a stack with a signed hook could not start (operator
+    review, 2026-12-01). The file SWITCHBOARD_ENV_FILE names is every service's."""
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("CHAT_TOKEN=from-the-env-file\n")
+    services = _switchboard_services(_rendered(SWITCHBOARD_ENV_FILE=str(secrets)))
+    assert services
+    for name, service in services.items():
+        assert service["environment"].get("CHAT_TOKEN") == "from-the-env-file", name
+    # Without one, the committed example: no secret at all.
+    for name, service in _switchboard_services(_rendered()).items():
+        assert "CHAT_TOKEN" not in service["environment"], name
+
+
+def test_the_queue_answers_to_the_host_agents_use() -> None:
+    """Without a public URL the queue refused every Host but its own (400), and its
+    session cookie was never Secure (operator review, 2026-12-01)."""
+    queue = _rendered()["services"]["queue"]
+    assert queue["environment"]["SWITCHBOARD_PUBLIC_URL"] == "https://queue.example.com"
 
 
 def test_compose_refuses_to_start_without_a_database_password() -> None:
