@@ -55,7 +55,7 @@ from switchboard.consumer import ConsumerRuntime
 from switchboard.databases import describe, upgrade_databases
 from switchboard.db import make_engine, normalize_url, ping
 from switchboard.errors import StartupError
-from switchboard.http import LOOPBACK_HOSTS, Readiness, TrustedHosts, create_app
+from switchboard.http import LOOPBACK_HOSTS, Degraded, Readiness, TrustedHosts, create_app
 from switchboard.kafka import Publisher, probe_broker
 from switchboard.logs import flush_logs, stderr_line
 from switchboard.recovery import JournalKeeper
@@ -299,6 +299,35 @@ def _readiness(
 
     readiness.add("components", all_started)
     return readiness
+
+
+def _ready_while_spooling(
+    readiness: Readiness, settings: Settings, roles: frozenset[str], spool: Spool | None
+) -> None:
+    """An edge alone with a spool: its Kafka check is :func:`_kafka_or_spool`."""
+    if spool is not None and roles <= INGEST_ROLES:
+        readiness.add("kafka", _kafka_or_spool(settings.kafka, spool))
+
+
+def _kafka_or_spool(kafka: KafkaSettings, spool: Spool) -> Callable[[], None]:
+    """An edge's Kafka check: while Kafka is away the edge takes messages into its
+    spool (durable, answered 2xx/250), so it stays ready, reported ``degraded``, as
+    long as the spool has room. Its /readyz answered 503 then, and a load balancer
+    or an orchestrator probing it pulled every edge exactly when the spool was there
+    to take the outage (operator review, 2026-12-01)."""
+
+    def check() -> None:
+        try:
+            probe_broker(kafka)
+        except Exception as exc:
+            if spool.messages < spool.max_messages and spool.bytes < spool.max_bytes:
+                raise Degraded(
+                    f"Kafka away ({type(exc).__name__}); accepting into the spool "
+                    f"({spool.messages} messages held)"
+                ) from exc
+            raise
+
+    return check
 
 
 def _spool_base(roles: frozenset[str]) -> str:
@@ -598,6 +627,7 @@ def build_pipeline(
     app = create_app(readiness, settings.http)
     blobs = open_blob_store(settings.data_dir / "blobs", settings.blobs.layout)
     spool = make_spool(settings, roles, worker.index)
+    _ready_while_spooling(readiness, settings, roles, spool)
     evidence = EvidenceBudget(
         settings.evidence.per_minute,
         settings.evidence.max_bytes,

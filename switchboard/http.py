@@ -23,6 +23,11 @@ from switchboard.metrics import RECEIVED, child, exposition, http_rejected
 Check = Callable[[], None]
 
 
+class Degraded(Exception):
+    """Raised by a check whose dependency is away while the process still does its
+    job another way (an edge spooling while Kafka is away): reported, still ready."""
+
+
 @dataclass
 class Readiness:
     """Named blocking checks, run off the event loop, results cached briefly so a
@@ -46,6 +51,8 @@ class Readiness:
                 await asyncio.wait_for(asyncio.to_thread(check), self.timeout_s)
             except TimeoutError:
                 return f"timeout after {self.timeout_s}s"
+            except Degraded as exc:
+                return f"degraded: {exc}"[:300]
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 return f"{type(exc).__name__}: {exc}"[:300]
             return "ok"
@@ -239,7 +246,7 @@ def create_app(readiness: Readiness, limits: HttpLimitSettings | None = None) ->
     @app.get("/readyz", tags=["operations"], summary="Dependencies are reachable")
     async def readyz() -> JSONResponse:
         checks = await readiness.evaluate()
-        ready = all(result == "ok" for result in checks.values())
+        ready = all(result == "ok" or result.startswith("degraded:") for result in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,

@@ -201,6 +201,52 @@ def test_run_on_a_configured_broker_and_postgres_reports_readiness(
         broker.stop()
 
 
+@pytest.mark.slow
+def test_an_edge_spooling_while_kafka_is_away_stays_ready_until_its_spool_is_full(
+    tmp_path: Path,
+) -> None:
+    """Its /readyz answered 503 while it took every message into its spool, so a load
+    balancer pulled every edge exactly when the spool was there for the outage
+    (operator review, 2026-12-01). Ready and "degraded" while the spool has room."""
+    broker = EmbeddedBroker().start()
+    config = tmp_path / "switchboard.toml"
+    config.write_text(
+        '[[webhooks]]\nname = "contact"\nauth = { kind = "none" }\n'
+        'map = { email = "email", text = "text" }\n'
+    )
+    env = _env(
+        tmp_path,
+        SWITCHBOARD_KAFKA_BOOTSTRAP=broker.bootstrap,
+        SWITCHBOARD_CONFIG=str(config),
+        SWITCHBOARD_SPOOL_MAX_MESSAGES="2",
+        SWITCHBOARD_SPOOL_AFTER_S="0.5",
+    )
+    env.pop("SWITCHBOARD_KAFKA_EMBEDDED")
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    try:
+        with running(env, tmp_path, "ingest", "http", "--workers", "1") as process:
+            _wait_healthy(base, process)
+            broker.stop()
+            time.sleep(1.2)  # readiness results are cached for 1 s
+            degraded = local_http.get(f"{base}/readyz", timeout=10)
+            assert degraded.status_code == 200, degraded.text
+            assert degraded.json()["checks"]["kafka"].startswith("degraded: Kafka away")
+            for n in range(2):
+                spooled = local_http.post(
+                    f"{base}/webhooks/contact",
+                    json={"email": f"ann{n}@example.org", "text": "hello", "id": f"s-{n}"},
+                    timeout=30,
+                )
+                assert spooled.status_code == 202, spooled.text
+            time.sleep(1.2)
+            full = local_http.get(f"{base}/readyz", timeout=10)
+            assert full.status_code == 503, full.text  # no room left: not ready
+            code, _, stderr = _stop(process)
+        assert code == 0, stderr
+    finally:
+        broker.stop()
+
+
 def test_a_port_in_use_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     env = _env(tmp_path)
     with (
