@@ -110,6 +110,33 @@ def log_ends(
     return ends
 
 
+def _group(
+    consumer: KafkaConsumer,
+    admin: KafkaAdminClient,
+    group: str,
+    topics: list[str],
+    settings: Settings,
+) -> Report | None:
+    """One group's lag by partition; None for an archive group nothing committed."""
+    tps = [
+        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
+    ]
+    committed = admin.list_group_offsets({group: tps}).get(group, {})
+    if group == settings.archive.group_id and not any(
+        getattr(committed.get(tp), "offset", -1) >= 0 for tp in tps
+    ):
+        return None  # no archive has committed on this broker
+    ends = log_ends(consumer, consumer.end_offsets(tps))
+    lag = {
+        f"{tp.topic}/{tp.partition}": partition_lag(ends[tp], _committed(committed, tp))
+        for tp in tps
+    }
+    found: Report = {"lag": group_lag(lag), "partitions": lag}
+    if group == settings.archive.group_id:
+        found["archive"] = True  # its lag: events not in a file yet
+    return found
+
+
 def _kafka(settings: Settings) -> Report:
     bootstrap = bootstrap_of(settings)
     if bootstrap is None:
@@ -125,25 +152,21 @@ def _kafka(settings: Settings) -> Report:
             (QUEUE_GROUP, [ROUTED, CONTACTS]),
             (settings.archive.group_id, list(ALL_TOPICS)),
         ):
-            tps = [
-                TopicPartition(t, p)
-                for t in topics
-                for p in sorted(consumer.partitions_for_topic(t) or ())
-            ]
-            committed = admin.list_group_offsets({group: tps}).get(group, {})
-            if group == settings.archive.group_id and not any(
-                getattr(committed.get(tp), "offset", -1) >= 0 for tp in tps
-            ):
-                continue  # no archive has committed on this broker
-            ends = consumer.end_offsets(tps)
-            ends = log_ends(consumer, ends)
-            lag = {
-                f"{tp.topic}/{tp.partition}": partition_lag(ends[tp], _committed(committed, tp))
-                for tp in tps
-            }
-            groups[group] = {"lag": group_lag(lag), "partitions": lag}
-            if group == settings.archive.group_id:
-                groups[group]["archive"] = True  # its lag: events not in a file yet
+            # One group's failure is that group's line, tried once more first: an end
+            # offset kafka-python could not place (a KeyError for a partition whose
+            # leader it did not know yet, seen right after a consumer died) made the
+            # whole report "kafka: unavailable" and hid the router's lag (operator
+            # review, 2026-12-01).
+            for attempt in (1, 2):
+                try:
+                    found = _group(consumer, admin, group, topics, settings)
+                    break
+                except Exception as exc:  # noqa: BLE001 - reported on the group's line
+                    found = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    if attempt == 1:
+                        time.sleep(0.5)
+            if found is not None:
+                groups[group] = found
         return {"bootstrap": bootstrap, "groups": groups}
     finally:
         consumer.close()
@@ -297,6 +320,9 @@ def render(report: Report) -> str:
     else:
         lines.append(f"kafka: {kafka['bootstrap']}")
         for group, info in kafka["groups"].items():
+            if "error" in info:
+                lines.append(f"  {group}: lag not read ({info['error']})")
+                continue
             line = f"  {group}: lag {format_lag(info['lag'])}"
             if info.get("archive"):
                 line += " (events not in a file yet: a file rolls every roll_s)"

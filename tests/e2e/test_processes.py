@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -15,8 +16,8 @@ from kafka.structs import OffsetAndMetadata
 
 from router.service import GROUP as ROUTER_GROUP
 from switchboard.broker import EmbeddedBroker
-from switchboard.settings import KafkaSettings
-from switchboard.status import LAG_UNKNOWN, format_lag, group_lag, partition_lag
+from switchboard.settings import KafkaSettings, Settings
+from switchboard.status import LAG_UNKNOWN, collect, format_lag, group_lag, partition_lag, render
 from switchboard.topics import INBOUND, ensure_topics
 from tests.e2e.test_run import (
     SWITCHBOARD,
@@ -148,6 +149,34 @@ def test_lag_formatting_never_goes_negative() -> None:
     assert format_lag(5) == "5"
     assert format_lag(None) == LAG_UNKNOWN
     assert LAG_UNKNOWN == "unknown (committed offset ahead of the log: the broker lost data?)"
+
+
+def test_status_reports_a_group_it_cannot_read_on_that_groups_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kafka-python's end offsets raised a KeyError for a partition whose leader it
+    did not know yet (right after a consumer died), and the whole report said
+    "kafka: unavailable", hiding the router's lag (operator review, 2026-12-01)."""
+    with EmbeddedBroker() as broker:
+        kafka = KafkaSettings(bootstrap=broker.bootstrap)
+        ensure_topics(kafka)
+        real = KafkaConsumer.end_offsets
+
+        def end_offsets(self: KafkaConsumer, tps: list[TopicPartition]) -> Any:  # noqa: ANN401
+            if any(tp.topic == INBOUND for tp in tps):
+                raise KeyError(TopicPartition(INBOUND, 0))
+            return real(self, tps)
+
+        monkeypatch.setattr(KafkaConsumer, "end_offsets", end_offsets)
+        settings = Settings(kafka=kafka, data_dir=tmp_path)
+        report = collect(settings)
+    groups = report["kafka"]["groups"]
+    assert report["kafka"]["bootstrap"] == broker.bootstrap
+    assert groups[ROUTER_GROUP]["error"].startswith("KeyError")
+    assert groups["switchboard-queue"]["lag"] == 0
+    text = render(report)
+    assert "kafka: unavailable" not in text
+    assert f"  {ROUTER_GROUP}: lag not read (KeyError" in text
 
 
 def test_status_after_the_broker_lost_data_says_unknown_not_a_negative_lag(
