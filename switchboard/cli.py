@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -508,7 +509,6 @@ OTHER_VARIABLES = frozenset({"SWITCHBOARD_CONFIG", "SWITCHBOARD_TEST_KAFKA_BOOTS
 def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
     # Loading already validated everything; reaching here means it is valid.
     import difflib
-    import os
 
     from switchboard.settings import known_env_vars
 
@@ -820,15 +820,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         stderr_line(f"invalid configuration: {exc}")
         return 2
-    from switchboard.broker import BrokerError
-    from switchboard.errors import StartupError
     from switchboard.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    return _execute(settings, args)
+
+
+def _execute(settings: Settings, args: argparse.Namespace) -> int:
+    """The command, its failures answered with an exit status and one line."""
+    from switchboard.broker import BrokerError
+    from switchboard.errors import StartupError
+
     try:
         code: int = args.func(settings, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `switchboard status | head`: the reader left; what it did not read is not
+        # an error (it was logged as one, with a traceback: operator review).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (StartupError, BrokerError) as exc:
         log.error("switchboard %s could not start: %s", args.command, exc)
         stderr_line(f"error: {exc}")

@@ -327,5 +327,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     for name in CONTENT_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
     smtp_log = logging.getLogger("mail.log")
+    # aiosmtpd logs about ten INFO lines a session (connect, EHLO, MAIL, RCPT, DATA,
+    # QUIT), the peer inside free text: 4,527 lines for 450 mails (operator review,
+    # 2026-12-01). At INFO our own line a message says what happened; the session's
+    # lines show at DEBUG (still at INFO themselves, as above).
+    if logging.getLevelName(level) > logging.DEBUG:
+        smtp_log.setLevel(max(logging.getLevelName(level), logging.WARNING))
     if not any(isinstance(f, NoEnvelopeAddresses) for f in smtp_log.filters):
         smtp_log.addFilter(NoEnvelopeAddresses())

@@ -214,3 +214,28 @@ def test_adapters_list_shows_what_is_installed_and_what_the_config_enables(
     )
     text = _cli("adapters", "list", env=env).stdout
     assert "twilio     disabled  switchboard-inbound  ingest.twilio:TwilioAdapter" in text
+
+
+def test_a_reader_that_leaves_the_pipe_early_is_no_error(tmp_path: Path) -> None:
+    """`switchboard status | head` logged a BrokenPipeError traceback at error level
+    (operator review, 2026-12-01)."""
+    script = (
+        "import sys\n"
+        "from switchboard import cli\n"
+        "def leaves(settings, args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli._cmd_status = leaves\n"
+        "sys.exit(cli.main(['status']))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**base, "SWITCHBOARD_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "failed" not in done.stderr

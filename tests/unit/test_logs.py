@@ -222,3 +222,23 @@ def test_a_line_the_writer_thread_logs_itself_neither_blocks_a_flush_nor_is_lost
         logger.removeHandler(writer)
     lines = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
     assert lines == ["first", "logged on the writer thread"]
+
+
+def test_the_smtp_servers_session_lines_show_only_at_debug() -> None:
+    """aiosmtpd logs about ten INFO lines a session: 4,527 lines for 450 mails at
+    INFO (operator review, 2026-12-01)."""
+    levels = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import logging; from switchboard.logs import configure_logging\n"
+            "for level in ('INFO', 'DEBUG', 'ERROR'):\n"
+            "    configure_logging(level, 'json')\n"
+            "    print(logging.getLevelName(logging.getLogger('mail.log').level))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert levels == ["WARNING", "INFO", "ERROR"]
