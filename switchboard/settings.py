@@ -289,6 +289,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"rules[{rule.name or index}].team {rule.team!r} is not a team")
         return self
 
+    @field_validator("database_url", "queue_database_url")
+    @classmethod
+    def _known_database(cls, value: SecretStr | None) -> SecretStr | None:
+        """A URL SQLAlchemy has a dialect for, checked here and not named (it holds
+        the password): `postgresq://...` passed `config check` and failed at start
+        with a traceback (operator review, 2026-12-01)."""
+        if value is None:
+            return value
+        try:
+            make_url(value.get_secret_value()).get_dialect()
+        except Exception as exc:  # noqa: BLE001 - any refusal: not a usable URL
+            raise ValueError(
+                f"not a database URL SQLAlchemy knows ({type(exc).__name__}): use "
+                "sqlite:///path/to/file.db or postgresql://user:password@host:5432/db"
+            ) from None
+        return value
+
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _host_list(cls, value: object) -> object:

@@ -140,6 +140,16 @@ def test_only_the_commands_that_run_adapters_need_their_secrets(tmp_path: Path) 
     assert "no Kafka: set SWITCHBOARD_KAFKA_BOOTSTRAP" in router.stderr, router.stderr
 
 
+def test_config_check_refuses_a_database_url_without_a_dialect(tmp_path: Path) -> None:
+    """`postgresq://...` passed the check and failed at start with a traceback
+    (operator review, 2026-12-01); the URL holds a password, never printed."""
+    env = {"SWITCHBOARD_DATABASE_URL": "postgresq://agent:hunter2@db.example.com/switchboard"}
+    result = _cli("config", "check", env=env)
+    assert result.returncode == 2
+    assert "database_url: not a database URL SQLAlchemy knows" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
 def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[smtp]\ndomains = ["example.com"]\n')
