@@ -510,7 +510,7 @@ def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
     # Loading already validated everything; reaching here means it is valid.
     import difflib
 
-    from switchboard.settings import known_env_vars
+    from switchboard.settings import known_env_vars, secrets_in_file
 
     # A misspelt variable is read by nothing: said here, with the likely one (a
     # misspelt SWITCHBOARD_KAFKA_BOOTSTRAP passed the check; operator review).
@@ -521,6 +521,8 @@ def _cmd_config_check(settings: Settings, _args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         stderr_line(f"warning: {name} is set but no setting reads it{hint}")
+    for where in secrets_in_file(settings):
+        stderr_line(f"warning: a credential written in the config file: {where}")
     source = settings.config or "no config file (environment only)"
     print(f"ok: {source}")
     return 0

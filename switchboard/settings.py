@@ -18,7 +18,7 @@ import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -544,6 +544,32 @@ def _settings_classes() -> Iterator[type[BaseSettings]]:
         cls = getattr(info.adapter, "settings_class", None)
         if isinstance(cls, type) and issubclass(cls, BaseSettings) and cls not in SECTIONS.values():
             yield cls
+
+
+def _holds_secret(annotation: Any) -> bool:  # noqa: ANN401 - any annotation
+    if annotation is SecretStr:
+        return True
+    return any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+def secrets_in_file(settings: Settings) -> list[str]:
+    """``[adapters.<name>] <key>`` for every credential (a ``SecretStr`` setting) the
+    config file writes itself instead of leaving to the environment: the file is read
+    by every process and often kept in version control. A third-party adapter's
+    token written there passed `config check` silently (adapter engineer's review,
+    2026-12-01)."""
+    found = []
+    for name, table in sorted(settings.adapters.items()):
+        try:
+            fields = get(name).settings_class.model_fields
+        except (AdapterError, AttributeError):
+            continue  # reported by the loader already
+        prefix = str(get(name).settings_class.model_config.get("env_prefix", ""))
+        for key in sorted(table):
+            info = fields.get(key)
+            if info is not None and _holds_secret(info.annotation):
+                found.append(f"[adapters.{name}] {key} (set {(prefix + key).upper()} instead)")
+    return found
 
 
 def known_env_vars() -> set[str]:

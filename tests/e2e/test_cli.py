@@ -150,6 +150,20 @@ def test_config_check_refuses_a_database_url_without_a_dialect(tmp_path: Path) -
     assert "hunter2" not in result.stderr
 
 
+def test_config_check_warns_of_a_credential_written_in_the_file(tmp_path: Path) -> None:
+    """Secrets belong in the environment; one written in the file passed silently
+    (adapter engineer's review, 2026-12-01)."""
+    config = tmp_path / "switchboard.toml"
+    config.write_text('[adapters.mailgun]\nsigning_key = "in-the-file"\n')
+    result = _cli("config", "check", str(config))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: a credential written in the config file: [adapters.mailgun] signing_key "
+        "(set SWITCHBOARD_MAILGUN_SIGNING_KEY instead)" in result.stderr
+    )
+    assert "in-the-file" not in result.stderr
+
+
 def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[smtp]\ndomains = ["example.com"]\n')
