@@ -12,6 +12,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import weakref
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -284,6 +285,38 @@ class WorkerField(logging.Filter):
         return True
 
 
+class RepeatedLibraryLines(logging.Filter):
+    """At most one line of a library's logger (kafka-python's) with the same message
+    every ``window_s``; the next one says how many were left out (``repeated``).
+
+    kafka-python logs each failed connection attempt at ERROR: 128 lines in a
+    25-second broker outage, enough to page whoever alerts on error lines (operator
+    review, 2026-12-01). Ours say what the outage means (spooling, retrying)."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("kafka",), window_s: float = 30.0) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        #: (logger, message template) -> (when last shown, lines left out since)
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            shown, left_out = self._seen.get(key, (None, 0))
+            if shown is not None and now - shown < self.window_s:
+                self._seen[key] = (shown, left_out + 1)
+                return False
+            self._seen[key] = (now, 0)
+        if left_out:
+            record.repeated = left_out
+        return True
+
+
 #: The standard library's process-wide switches configure_logging turns off.
 PROCESS_WIDE = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
 
@@ -306,6 +339,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
+    handler.addFilter(RepeatedLibraryLines())
     worker = os.environ.get(WORKER_ENV)
     if worker:
         handler.addFilter(WorkerField(worker.split("/")[0]))

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from switchboard.logs import JsonFormatter, LineWriter, flush_logs
+from switchboard.logs import JsonFormatter, LineWriter, RepeatedLibraryLines, flush_logs
 
 TOTAL = 1000
 FILLER = "x" * 1000  # 1,000 lines of 1 KB: far more than the pipe holds
@@ -242,3 +242,37 @@ def test_the_smtp_servers_session_lines_show_only_at_debug() -> None:
         check=True,
     ).stdout.split()
     assert levels == ["WARNING", "INFO", "ERROR"]
+
+
+def test_a_librarys_repeated_lines_are_shown_once_a_window_with_the_count() -> None:
+    """kafka-python logged 128 ERROR lines in a 25-second broker outage, one a failed
+    connection attempt (operator review, 2026-12-01)."""
+    seen: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = Collect()
+    handler.addFilter(RepeatedLibraryLines(window_s=0.3))
+    kafka_log, ours = logging.getLogger("kafka.net.manager"), logging.getLogger("ingest.sdk")
+    for logger in (kafka_log, ours):
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        for n in range(50):
+            kafka_log.error("Connection failed: %s", n)
+            ours.error("spooling: %s", n)  # ours are never left out
+        time.sleep(0.35)
+        kafka_log.error("Connection failed: %s", 50)
+    finally:
+        for logger in (kafka_log, ours):
+            logger.removeHandler(handler)
+            logger.propagate = True
+    from_kafka = [r for r in seen if r.name == "kafka.net.manager"]
+    assert [r.getMessage() for r in from_kafka] == [
+        "Connection failed: 0",
+        "Connection failed: 50",
+    ]
+    assert getattr(from_kafka[1], "repeated", None) == 49
+    assert len([r for r in seen if r.name == "ingest.sdk"]) == 50
