@@ -203,12 +203,21 @@ def _where(prefix: str, loc: Sequence[int | str], data: object) -> str:
     return where
 
 
-def validation_errors(exc: ValidationError, prefix: str, data: object = None) -> str:
+def validation_errors(
+    exc: ValidationError, prefix: str, data: object = None, env_prefix: str = ""
+) -> str:
     """One line naming every wrong key of ``data`` under ``prefix``; an error of a
-    check over the whole model (no key) is its message alone."""
+    check over the whole model (no key) is its message alone. A value that came from
+    an environment variable (``env_prefix`` + the field) is named by that variable
+    first: `SWITCHBOARD_SMTP_PORT=abc` was reported as the file's
+    `adapters.smtp.port`, a key the file did not have (operator review, 2026-12-01)."""
     lines = []
     for error in exc.errors():
         where = _where(prefix, error["loc"], data)
+        loc = error["loc"]
+        variable = f"{env_prefix}{loc[0]}".upper() if env_prefix and loc else ""
+        if variable and variable in os.environ:
+            where = f"{variable} ({where})" if where else variable
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {message}" if where else message)
     return "; ".join(lines)
@@ -229,11 +238,14 @@ def section_settings(
     if issubclass(cls, BaseSettings):
         prefix = str(cls.model_config.get("env_prefix", ""))
         from_file = {k: v for k, v in from_file.items() if f"{prefix}{k}".upper() not in os.environ}
+    env_prefix = (
+        str(cls.model_config.get("env_prefix", "")) if issubclass(cls, BaseSettings) else ""
+    )
     try:
         return cls(**from_file)
     except ValidationError as exc:
         if wrapped is None:
-            raise ConfigError(validation_errors(exc, name, from_file)) from exc
+            raise ConfigError(validation_errors(exc, name, from_file, env_prefix)) from exc
         errors = [
             f"{_where(name, e['loc'][1:], from_file.get(wrapped))}: "
             f"{e['msg'].removeprefix('Value error, ')}"

@@ -528,7 +528,7 @@ def load_settings(path: Path | None = None, *, secrets: bool = True) -> Settings
             adapters=sections.get("adapters", {}),
         )
     except ValidationError as exc:
-        raise ConfigError(validation_errors(exc, "")) from exc
+        raise ConfigError(validation_errors(exc, "", env_prefix="SWITCHBOARD_")) from exc
     # The environment alone configures the built-in channels (SWITCHBOARD_SMTP_PORT):
     # build every adapter that will run, so a bad variable stops here, by its name.
     for info in discover().values():

@@ -146,7 +146,10 @@ def test_config_check_refuses_a_database_url_without_a_dialect(tmp_path: Path) -
     env = {"SWITCHBOARD_DATABASE_URL": "postgresq://agent:hunter2@db.example.com/switchboard"}
     result = _cli("config", "check", env=env)
     assert result.returncode == 2
-    assert "database_url: not a database URL SQLAlchemy knows" in result.stderr
+    assert (
+        "SWITCHBOARD_DATABASE_URL (database_url): not a database URL SQLAlchemy knows"
+        in result.stderr
+    )
     assert "hunter2" not in result.stderr
 
 

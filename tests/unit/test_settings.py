@@ -212,7 +212,10 @@ def test_every_unset_secret_is_named_at_once(
 
 def test_errors_name_the_key_as_the_readme_writes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWITCHBOARD_HTTP_PORT", "eighty")
-    with pytest.raises(ConfigError, match=r"^http_port: Input should be a valid integer"):
+    # The variable the value came from first (it was only the setting's name).
+    with pytest.raises(
+        ConfigError, match=r"^SWITCHBOARD_HTTP_PORT \(http_port\): Input should be a valid integer"
+    ):
         load_settings()
 
 
