@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from ingest.registry import AdapterError, discover, get
 from ingest.settings import (
+    SECRETS,
     BearerAuth,
     HmacAuth,
     ImapSettings,
@@ -384,22 +385,34 @@ def read_config(path: Path, *, secrets: bool = True) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    # All at once, and named as the file spells them: someone setting up a new
-    # deployment fixes them in one go (each table's own check would stop at the first).
+    # Every problem at once, named as the file spells it: someone setting up a new
+    # deployment fixes them in one go. (It stopped at the first: a file with a
+    # missing secret and two misspelt keys took three runs; operator review.)
+    problems: list[str] = []
     missing = list(_unset_secrets(data)) if secrets else []
     if missing:
-        raise ConfigError(f"{path}: environment variables not set: {', '.join(missing)}")
+        problems.append(f"{path}: environment variables not set: {', '.join(missing)}")
     sections: dict[str, Any] = {}
     for name, section in data.items():
-        _check_shape(path, name, section)
+        try:
+            _check_shape(path, name, section)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
         if name in LIST_SECTIONS:
             sections[name] = section
         elif name in SECTIONS:
             unknown = [key for key in section if key not in SECTIONS[name].model_fields]
-            if unknown:
-                raise ConfigError(f"{path}: unknown key {name}.{unknown[0]}")
+            problems += [f"{path}: unknown key {name}.{key}" for key in unknown]
             sections[name] = section
-    sections["adapters"] = _adapter_tables(path, data)
+    # The secrets already named missing are not named again by each table's check.
+    required, SECRETS.required = SECRETS.required, SECRETS.required and not missing
+    try:
+        sections["adapters"] = _adapter_tables(path, data, problems)
+    finally:
+        SECRETS.required = required
+    if problems:
+        raise ConfigError("; ".join(problems))
     return sections
 
 
@@ -418,14 +431,22 @@ def _check_shape(path: Path, name: str, section: object) -> None:
         raise ConfigError(f"{path}: {name} must be a table, like [{name}]")
 
 
-def _adapter_tables(path: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _adapter_tables(
+    path: Path, data: dict[str, Any], problems: list[str]
+) -> dict[str, dict[str, Any]]:
     """Every [adapters.<name>] table, the historic sections folded in, each checked
-    against the installed adapter's settings. Errors use the spelling of the file."""
-    tables: dict[str, dict[str, Any]] = {n: dict(t) for n, t in data.get("adapters", {}).items()}
+    against the installed adapter's settings; what is wrong is added to ``problems``,
+    in the spelling of the file."""
+    adapters = data.get("adapters", {})
+    if not isinstance(adapters, dict):
+        adapters = {}  # its shape is reported already
+    tables: dict[str, dict[str, Any]] = {
+        n: dict(t) for n, t in adapters.items() if isinstance(t, dict)
+    }
     spelled = {name: f"adapters.{name}" for name in tables}
     for alias, (name, field) in ALIASES.items():
-        if alias not in data:
-            continue
+        if alias not in data or not isinstance(data[alias], list if field else dict):
+            continue  # absent, or its wrong shape is reported already
         table: dict[str, Any] = {field: data[alias]} if field else dict(data[alias])
         given = tables.get(name)
         if given is not None:
@@ -433,16 +454,20 @@ def _adapter_tables(path: Path, data: dict[str, Any]) -> dict[str, dict[str, Any
             # way to switch a built-in off; anything more is the same table twice.
             twice = sorted((set(given) - {"enabled"}) | (set(given) & set(table)))
             if twice:
-                raise ConfigError(
+                problems.append(
                     f"{path}: {name} is configured twice, in [{alias}] and [adapters.{name}] "
                     f"({', '.join(twice)}): use one ([{alias}] is the historic spelling of "
                     f"[adapters.{name}])"
                 )
+                continue
             table.update(given)
         tables[name] = table
         spelled[name] = alias
     for name, table in tables.items():
-        _check_adapter_table(path, name, table, spelled[name])
+        try:
+            _check_adapter_table(path, name, table, spelled[name])
+        except ConfigError as exc:
+            problems.append(str(exc))
     return tables
 
 

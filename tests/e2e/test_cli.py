@@ -167,6 +167,26 @@ def test_config_check_warns_of_a_credential_written_in_the_file(tmp_path: Path) 
     assert "in-the-file" not in result.stderr
 
 
+def test_config_check_names_every_problem_of_the_file_at_once(tmp_path: Path) -> None:
+    """A file with a missing secret and two misspelt keys took three runs to fix, one
+    problem a run (operator review, 2026-12-01)."""
+    config = tmp_path / "switchboard.toml"
+    config.write_text(
+        '[router]\ndefualt_team = "x"\n\n[smtp]\ndomains = ["example.com"]\nmax_recipents = 5\n'
+        '\n[[webhooks]]\nname = "f"\nmap = { email = "email", text = "text" }\n'
+        'auth = { kind = "bearer", token_env = "FORM_TOKEN" }\n'
+    )
+    result = _cli("config", "check", str(config))
+    assert result.returncode == 2
+    for problem in (
+        "environment variables not set: FORM_TOKEN (webhooks[f].auth.token_env)",
+        "unknown key router.defualt_team",
+        "unknown key smtp.max_recipents",
+    ):
+        assert problem in result.stderr, result.stderr
+    assert result.stderr.count("FORM_TOKEN") == 1  # named once, not by each check
+
+
 def test_config_check_names_the_wrong_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[smtp]\ndomains = ["example.com"]\n')
