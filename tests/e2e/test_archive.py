@@ -118,6 +118,26 @@ def _broker_records(bootstrap: str) -> dict[tuple[str, int, int], str | None]:
         consumer.close()
 
 
+def _mail(env: dict[str, str], name: str, address: str, subject: str, text: str) -> None:
+    """One mail to the run's SMTP server, Message-ID ``<local-1@domain>``."""
+    local, domain = address.split("@")
+    raw = (
+        f"From: {name} <{address}>\r\nTo: support@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{local}-1@{domain}>\r\n\r\n{text}\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
+        smtp.sendmail(address, ["support@example.com"], raw)
+
+
+def _sms(base: str, sid: str, phone: str, text: str) -> None:
+    """One SMS signed as Twilio signs it (MessageSid ``SM`` + 32 times ``sid``)."""
+    url = f"{base}/webhooks/twilio/sms"
+    form = {"MessageSid": "SM" + sid * 32, "From": phone, "To": "+14155550199", "Body": text}
+    signature = RequestValidator("twilio-e2e").compute_signature(url, form)
+    answer = local_http.post(url, data=form, headers={"x-twilio-signature": signature}, timeout=30)
+    assert answer.status_code == 200, answer.text
+
+
 @pytest.fixture(scope="module")
 def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
     root = tmp_path_factory.mktemp("archive-e2e")
@@ -137,20 +157,8 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
     with running(env, root) as process:
         try:
             _wait_healthy(base, process, within_s=60)
-            email = (
-                b"From: Erin <erin@example.org>\r\nTo: support@example.com\r\n"
-                b"Subject: Refund\r\nMessage-ID: <erin-1@example.org>\r\n\r\nMy refund?\r\n"
-            )
-            with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
-                smtp.sendmail("erin@example.org", ["support@example.com"], email)
-            url = f"{base}/webhooks/twilio/sms"
-            sms = {"MessageSid": "SM" + "e" * 32, "From": "+14155550177", "To": "+14155550199"}
-            sms["Body"] = "Refund please"
-            signature = RequestValidator("twilio-e2e").compute_signature(url, sms)
-            answer = local_http.post(
-                url, data=sms, headers={"x-twilio-signature": signature}, timeout=30
-            )
-            assert answer.status_code == 200, answer.text
+            _mail(env, "Erin", "erin@example.org", "Refund", "My refund?")
+            _sms(base, "e", "+14155550177", "Refund please")
 
             def routed() -> dict[str, tuple[str, str]]:
                 sql = "SELECT channel, contact_id, conversation_id FROM events WHERE type = ?"
@@ -200,19 +208,8 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
             )
             # Gina (email) and Hank (SMS): two people an agent merged by mistake, then
             # unmerged; the documented queries must not count them as one customer.
-            gina = (
-                b"From: Gina <gina@example.org>\r\nTo: support@example.com\r\n"
-                b"Subject: Invoice\r\nMessage-ID: <gina-1@example.org>\r\n\r\nMy invoice?\r\n"
-            )
-            with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
-                smtp.sendmail("gina@example.org", ["support@example.com"], gina)
-            hank = {"MessageSid": "SM" + "f" * 32, "From": "+14155550166", "To": "+14155550199"}
-            hank["Body"] = "Where is my parcel"
-            signature = RequestValidator("twilio-e2e").compute_signature(url, hank)
-            answer = local_http.post(
-                url, data=hank, headers={"x-twilio-signature": signature}, timeout=30
-            )
-            assert answer.status_code == 200, answer.text
+            _mail(env, "Gina", "gina@example.org", "Invoice", "My invoice?")
+            _sms(base, "f", "+14155550166", "Where is my parcel")
 
             def contacts_of(*senders: str) -> list[str]:
                 sql = "SELECT data, contact_id FROM events WHERE type = ?"
