@@ -145,7 +145,7 @@ class Spool:
         # Serialize once: the stored bytes are the ones published later.
         record = Spooled(0, topic, replace(event, data=event.value()))
         with self._commit:
-            if self._messages + 1 > self.max_messages or self._bytes + record.size > self.max_bytes:
+            if not self.has_room(record.size):
                 raise SpoolFull(f"spool full ({self._messages} messages, {self._bytes} bytes)")
             # Reserve the room now, so concurrent appends cannot overshoot the bound.
             self._messages += 1
@@ -258,6 +258,10 @@ class Spool:
             self.on_change()
 
     # -- reading -------------------------------------------------------------
+
+    def has_room(self, size: int) -> bool:
+        """Whether one more record of ``size`` bytes is within both bounds."""
+        return self._messages + 1 <= self.max_messages and self._bytes + size <= self.max_bytes
 
     @property
     def messages(self) -> int:

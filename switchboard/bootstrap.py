@@ -320,7 +320,7 @@ def _kafka_or_spool(kafka: KafkaSettings, spool: Spool) -> Callable[[], None]:
         try:
             probe_broker(kafka)
         except Exception as exc:
-            if spool.messages < spool.max_messages and spool.bytes < spool.max_bytes:
+            if spool.has_room(1):
                 raise Degraded(
                     f"Kafka away ({type(exc).__name__}); accepting into the spool "
                     f"({spool.messages} messages held)"
