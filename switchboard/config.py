@@ -235,12 +235,12 @@ def section_settings(
     ``name``; ``wrapped``: the table's one field was spelled as the section itself (an
     array of tables at the top, [[webhooks]] for ``hooks``), so errors leave it out."""
     from_file = dict(section)
+    env_prefix = ""
     if issubclass(cls, BaseSettings):
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        from_file = {k: v for k, v in from_file.items() if f"{prefix}{k}".upper() not in os.environ}
-    env_prefix = (
-        str(cls.model_config.get("env_prefix", "")) if issubclass(cls, BaseSettings) else ""
-    )
+        env_prefix = str(cls.model_config.get("env_prefix", ""))
+        from_file = {
+            k: v for k, v in from_file.items() if f"{env_prefix}{k}".upper() not in os.environ
+        }
     try:
         return cls(**from_file)
     except ValidationError as exc:

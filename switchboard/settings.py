@@ -586,12 +586,12 @@ def secrets_in_file(settings: Settings) -> list[str]:
     found = []
     for name, table in sorted(settings.adapters.items()):
         try:
-            fields = get(name).settings_class.model_fields
+            cls = get(name).settings_class
         except (AdapterError, AttributeError):
             continue  # reported by the loader already
-        prefix = str(get(name).settings_class.model_config.get("env_prefix", ""))
+        prefix = str(cls.model_config.get("env_prefix", ""))
         for key in sorted(table):
-            info = fields.get(key)
+            info = cls.model_fields.get(key)
             if info is not None and _holds_secret(info.annotation):
                 found.append(f"[adapters.{name}] {key} (set {(prefix + key).upper()} instead)")
     return found
