@@ -114,10 +114,12 @@ def _wait_healthy(base: str, process: subprocess.Popen[str], within_s: float = 6
     pytest.fail(f"/readyz did not answer 200 within {within_s}s")
 
 
-def switchboard_status(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`switchboard status` as a user runs it; the exit code and both outputs kept."""
+def switchboard_command(
+    env: dict[str, str], cwd: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`switchboard <args>` as a user runs it; the exit code and both outputs kept."""
     return subprocess.run(
-        [*SWITCHBOARD, "status"],
+        [*SWITCHBOARD, *args],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -125,6 +127,11 @@ def switchboard_status(env: dict[str, str], cwd: Path) -> subprocess.CompletedPr
         timeout=60,
         check=False,
     )
+
+
+def switchboard_status(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`switchboard status` as a user runs it."""
+    return switchboard_command(env, cwd, "status")
 
 
 def _stop(process: subprocess.Popen[str]) -> tuple[int, float, str]:
@@ -313,9 +320,7 @@ def test_a_role_alone_without_kafka_refuses_to_start(tmp_path: Path) -> None:
     env = _env(tmp_path, SWITCHBOARD_KAFKA_BOOTSTRAPS="127.0.0.1:19092")  # the typo
     env.pop("SWITCHBOARD_KAFKA_EMBEDDED")
     for role in (("ingest", "http"), ("router",), ("ingest", "smtp", "--workers", "2")):
-        done = subprocess.run(
-            [*SWITCHBOARD, *role], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
+        done = switchboard_command(env, tmp_path, *role)
         assert done.returncode != 0, role
         assert "no Kafka: set SWITCHBOARD_KAFKA_BOOTSTRAP" in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "var" / BROKER_FILE).exists()
