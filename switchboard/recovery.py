@@ -298,10 +298,49 @@ class JournalKeeper:
         done.result(timeout=30)
 
     def _broker_died(self) -> None:
+        """Start the broker again and replay, until a replay completes on a broker
+        that stayed up. A broker that dies again during the recovery (while it
+        starts, while the consumers rewind, mid-replay) is started again and the
+        recovery begins over; a replay that fails otherwise (a database busy) is
+        retried. Before 2026-12-01 a second death during the replay left the replay
+        retrying a dead broker forever, with nothing to start it again."""
         assert self.broker is not None  # noqa: S101 - checked by the caller
+        broker = self.broker
+        backoff = 0.5
+        while not self._stop.is_set():
+            if not broker.running:
+                if not self._restart_broker():
+                    return  # stopping
+                continue  # it may have died again while the consumers rewound
+            try:
+                self.replay(
+                    "the embedded broker restarted under switchboard (its memory is gone)",
+                    keep_trying=lambda: not self._stop.is_set() and broker.running,
+                )
+                return
+            except Exception as exc:  # noqa: BLE001 - retried below, or the next start replays
+                if self._stop.is_set():
+                    log.warning("replay interrupted", extra={"error": repr(exc)[:300]})
+                    return
+                log.warning(
+                    "replay failed; recovering again",
+                    extra={
+                        "error": repr(exc)[:300],
+                        "broker_running": broker.running,
+                        "retry_in_s": backoff,
+                    },
+                )
+                self._stop.wait(backoff)
+                backoff = min(10.0, backoff * 2)
+
+    def _restart_broker(self) -> bool:
+        """Start the dead broker, recreate its topics and rewind the consumers to the
+        new log's start; False when switchboard stops meanwhile."""
+        assert self.broker is not None  # noqa: S101 - checked by the caller
+        broker = self.broker
         log.error(
             "the embedded broker died and lost everything it held; starting it again",
-            extra={"bootstrap": self.broker.bootstrap},
+            extra={"bootstrap": broker.bootstrap},
         )
         backoff = 0.5
         while not self._stop.is_set():
@@ -313,7 +352,7 @@ class JournalKeeper:
                 self._stop.wait(backoff)
                 backoff = min(10.0, backoff * 2)
         if self._stop.is_set():
-            return
+            return False
         self.broker_restarts += 1
         BROKER_RESTARTS.inc()
         if self.kafka is not None:
@@ -326,19 +365,19 @@ class JournalKeeper:
         # Replayed only once every consumer reads the new log from its start, and the
         # archive has written what it held of the old one (dead letters among it are
         # then forgotten, not replayed and archived twice; review of 2026-12-01).
+        # The wait ends early if the broker died again: the caller starts it again.
         deadline = time.monotonic() + REWIND_WAIT_S
         for consumer in self.consumers:
-            if not consumer.rewound_to_start.wait(max(0.0, deadline - time.monotonic())):
-                log.warning(
-                    "a consumer has not rewound yet; replaying", extra={"component": consumer.name}
-                )
-        try:
-            self.replay(
-                "the embedded broker restarted under switchboard (its memory is gone)",
-                keep_trying=lambda: not self._stop.is_set(),
-            )
-        except Exception as exc:  # noqa: BLE001 - stopping; the next start replays
-            log.warning("replay interrupted", extra={"error": repr(exc)[:300]})
+            while not consumer.rewound_to_start.wait(0.1):
+                if not broker.running or self._stop.is_set():
+                    return not self._stop.is_set()
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "a consumer has not rewound yet; replaying",
+                        extra={"component": consumer.name},
+                    )
+                    break
+        return True
 
 
 def read_recovery(data_dir: Path) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ import pytest
 
 from ingest.journal import read_journal_depth
 from switchboard.broker import free_port
+from switchboard.recovery import read_recovery
 from tests.faults.harness import SWITCHBOARD, TOKEN, Cluster, Senders, broker_pid_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(400)]
@@ -159,6 +160,17 @@ def _visible_once(cluster: RunCluster, markers: set[str], within_s: float = 90) 
     return found
 
 
+def _recovered(cluster: RunCluster, count: int, within_s: float = 60) -> None:
+    """Wait until `switchboard run` reports ``count`` completed recoveries."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        report = read_recovery(cluster.root / "var") or {}
+        if int(report.get("recoveries", 0)) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"recovery {count} not reported in {within_s}s: {report}")
+
+
 def _wait_acked(senders: Senders, count: int, load: threading.Thread) -> bool:
     """Until ``count`` messages are acknowledged; False if the load ended first."""
     while len(senders.acked) < count:
@@ -227,6 +239,10 @@ def test_embedded_broker_killed_twice_under_load(run: RunCluster) -> None:
             before = set(senders.acked)
             kills += 1
             _visible_once(run, before)
+            # The next kill finds a recovered broker: a kill while the last one
+            # starts or replays is the recovery's own test (tests/integration/
+            # test_journal.py), and would make one recovery of two kills here.
+            _recovered(run, kills)
     finally:
         load.join()
     assert kills == 2, f"the load ended after {kills} kills"

@@ -5,8 +5,13 @@ of a real broker, pruned and replayed against the real router and queue tables, 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -27,11 +32,11 @@ from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.events import TYPE_ROUTED, Event, read_meta
 from switchboard.ids import uuid7
-from switchboard.kafka import Publisher, make_consumer
+from switchboard.kafka import Ack, Publisher, PublishError, make_consumer
 from switchboard.recovery import JournalKeeper, read_recovery
 from switchboard.settings import KafkaSettings, Settings, SpoolSettings
 from switchboard.status import log_ends
-from switchboard.topics import DEADLETTER, INBOUND, ROUTED
+from switchboard.topics import DEADLETTER, INBOUND, ROUTED, ensure_topics
 from tests.factories import inbound_message
 from tests.kafka_helpers import consume_until
 from tests.router_helpers import fresh_kafka, inbound_event
@@ -182,6 +187,74 @@ def test_prune_and_replay_follow_the_router_and_the_queue(tmp_path: Path) -> Non
     assert report is not None
     assert report["replayed_messages"] == 1
     assert report["broker_lost_memory"] is True
+
+
+def test_a_broker_that_dies_again_mid_replay_is_started_again_and_the_replay_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch restarts a dead broker and replays; the restarted broker dies again
+    while the replay publishes. The keeper must start it once more and replay on
+    it: before, the replay retried the dead broker forever and nothing restarted it
+    (CI of 2026-12-01: the fault test's second kill landed inside the recovery)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'sb.db'}")
+    upgrade(engine)
+    journal = Journal(tmp_path / "spool.sqlite3")
+    lost, lost_id = _event(0)  # acknowledged, then forgotten by the broker
+    journal.append(INBOUND, lost, lost_id)
+    broker = EmbeddedBroker().start()  # from this (the main) thread: it outlives the test
+    kafka = KafkaSettings(bootstrap=broker.bootstrap, partitions=1)
+    ensure_topics(kafka)
+    publisher = Publisher(kafka)
+    keeper = JournalKeeper(
+        journal, publisher, engine, engine, data_dir=tmp_path, broker=broker, kafka=kafka
+    )
+    publish_many = publisher.publish_many
+    replays = 0
+
+    def kill_broker() -> None:
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGKILL)
+        while broker.running:
+            time.sleep(0.01)
+
+    def dies_during_the_first_replay(
+        items: Sequence[tuple[str, Event]], timeout_s: float | None = None
+    ) -> list[Ack]:
+        nonlocal replays
+        replays += 1
+        if replays == 1:
+            kill_broker()
+            raise PublishError("not acknowledged: the broker died")
+        return publish_many(items, timeout_s)
+
+    monkeypatch.setattr(publisher, "publish_many", dies_during_the_first_replay)
+
+    async def scenario() -> dict[str, Any] | None:
+        await keeper.start()  # the watch: starts the broker again on this loop's thread
+        try:
+            kill_broker()
+            deadline = time.monotonic() + 60
+            while (report := read_recovery(tmp_path)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return report
+        finally:
+            await keeper.stop()
+
+    try:
+        report = asyncio.run(scenario())
+        assert report is not None, "no recovery completed: the replay kept trying a dead broker"
+        assert (report["recoveries"], report["replayed_messages"]) == (1, 1)
+        assert (keeper.broker_restarts, replays) == (2, 2)
+        assert broker.running
+        consumer = make_consumer(kafka, group_id="journal-test", topics=[INBOUND])
+        records = consume_until(consumer, lambda rs: len(rs) >= 1)
+        consumer.close()
+        assert [read_meta(r.headers).id for r in records] == [lost.id]
+    finally:
+        publisher.close()
+        broker.stop()
+        journal.close()
+        engine.dispose()
 
 
 def test_status_reads_the_real_end_of_a_tansu_log() -> None:
