@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from kafka import ConsumerRebalanceListener
 from kafka.structs import TopicPartition
 
+from sinks.archive_buffer import BufferLog
 from sinks.archive_files import Archive, Part
 from sinks.archive_iceberg import IcebergTable
 from sinks.archive_rows import row_day, to_row, to_table
@@ -94,6 +96,9 @@ class ArchiveHandler(RecordHandler):
         self.embedded_partitions: int | None = None
         #: The report `switchboard status` reads (the sink's data dir), when set.
         self.state: ArchiveState | None = None
+        #: On the embedded broker: what is buffered, on disk until its file is
+        #: written, so that a crash does not lose it (:mod:`sinks.archive_buffer`).
+        self.buffer_log: BufferLog | None = None
 
     def _archived_next(self, tp: TopicPartition) -> int:
         """The first offset of ``tp`` the archive does not hold yet (from its files)."""
@@ -126,6 +131,11 @@ class ArchiveHandler(RecordHandler):
         return int(end) if end is not None else None
 
     def handle(self, records: Sequence[Any]) -> list[tuple[str, Event]]:
+        if self.buffer_log is not None:
+            try:
+                self.buffer_log.add(records)
+            except sqlite3.Error as exc:  # a full disk: read again later
+                raise Outage(f"archive buffer not writable: {exc}") from exc
         try:
             for record in records:
                 self._add(record)
@@ -197,6 +207,11 @@ class ArchiveHandler(RecordHandler):
                 )
         del self._buffers[tp]
         self._next[tp] = part.last + 1
+        if self.buffer_log is not None:
+            try:
+                self.buffer_log.written(tp.topic, tp.partition, part.last)
+            except sqlite3.Error as exc:  # the rows stay; a start skips what files hold
+                log.error("archive buffer not trimmed", extra={"error": repr(exc)})
         if self.on_dead_letters_written is not None and tp.topic == DEADLETTER:
             try:
                 self.on_dead_letters_written([str(r["id"]) for r in buffer.rows if r.get("id")])
@@ -223,7 +238,41 @@ class ArchiveHandler(RecordHandler):
     def prepare(self) -> None:
         self.sync_iceberg()  # what a crash left written but not registered
         if self.embedded_partitions is not None:
+            self.recover_buffered()  # `switchboard run` did so already, before its replay
             self.new_log()  # a new embedded broker: its logs start at 0
+
+    def recover_buffered(self) -> int:
+        """Write what an earlier run had buffered and not written (it crashed) into
+        files of its old log, then set them aside with the rest of that log's files.
+        Returns the rows read back. The most recent log first: its files are still
+        the current ones, so rows a file already holds are skipped; an older log's
+        files were set aside when it ended, and its rows are written as they are.
+        A log whose rows cannot be written stays in the buffer for the next start."""
+        if self.buffer_log is None:
+            return 0
+        recovered = 0
+        for generation in reversed(self.buffer_log.earlier_generations()):
+            records = self.buffer_log.records(generation)
+            try:
+                for record in records:
+                    self._add(record)
+            except OSError as exc:
+                log.error("archive buffer not recovered", extra={"error": repr(exc)})
+                self._buffers.clear()
+                break
+            self.new_log()
+            if self._buffers:  # a file was not written: kept for the next start
+                self._buffers.clear()
+                break
+            self.buffer_log.forget(generation)
+            recovered += len(records)
+        if recovered:
+            log.warning(
+                "archive: rows buffered when switchboard last stopped without writing "
+                "them are in files now",
+                extra={"rows": recovered},
+            )
+        return recovered
 
     def rewound(self) -> None:
         if self.embedded_partitions is not None:
@@ -237,6 +286,8 @@ class ArchiveHandler(RecordHandler):
         missed every new log that had grown as far before its first record was
         read): the first records after each start were skipped (review, 2026-12-01)."""
         self.stopping()
+        if self.buffer_log is not None:
+            self.buffer_log.next_generation()
         tag = f"before-{time.time_ns()}"
         retired = 0
         for topic in ALL_TOPICS:

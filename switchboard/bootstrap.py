@@ -41,6 +41,8 @@ from router.store import RouterStore
 from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
 from sinks.archive import ArchiveSink
+from sinks.archive_buffer import BUFFER_FILE as ARCHIVE_BUFFER_FILE
+from sinks.archive_buffer import BufferLog
 from sinks.archive_files import open_archive
 from sinks.archive_iceberg import IcebergTable
 from sinks.archive_state import STATE_FILE as ARCHIVE_STATE_FILE
@@ -121,6 +123,10 @@ class Pipeline:
     router_engine: Engine | None = None
     queue_engine: Engine | None = None
     started: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def archives(self) -> list[ArchiveSink]:
+        return [c for c in self.components if isinstance(c, ArchiveSink)]
 
     @property
     def keeper(self) -> JournalKeeper | None:
@@ -569,6 +575,7 @@ def _wire_archive(
     if broker is not None:
         for sink in archives:
             sink.archive_handler.embedded_partitions = settings.kafka.partitions
+            sink.archive_handler.buffer_log = BufferLog(settings.data_dir / ARCHIVE_BUFFER_FILE)
     journal = handoff.journal
     if journal is None:
         return
@@ -811,6 +818,10 @@ def run(
         revisions = upgrade_databases(settings, pipeline.engine, pipeline.queue_engine)
         log.info("database ready", extra={"revision": describe(revisions)})
         quiet_garbage_collector()
+        for sink in pipeline.archives:
+            # Before the journal's replay: the dead letters the archive had buffered
+            # are then in files, and forgotten by the journal, not published again.
+            sink.archive_handler.recover_buffered()
         if pipeline.keeper is not None:
             # Before the edges listen: what the last run's broker forgot goes out again.
             pipeline.keeper.recover_at_start()

@@ -23,6 +23,7 @@ from ingest.journal import read_journal_depth
 from ingest.spool import read_depth
 from router.service import GROUP as ROUTER_GROUP
 from router.store import figures as router_figures
+from sinks.archive_buffer import read_buffer_depth
 from sinks.archive_state import read_archive_state
 from sinks.queue import GROUP as QUEUE_GROUP
 from sinks.queue import q_conversations
@@ -267,7 +268,7 @@ def collect(settings: Settings) -> Report:
             "kafka": _part(lambda: _kafka(settings)),
             "spool": _part(lambda: _spools(settings)),
             "journal": _part(lambda: _journal(settings)),
-            "archive": _part(lambda: read_archive_state(settings.data_dir)),
+            "archive": _part(lambda: _archive(settings)),
             "router": _part(lambda: _router(engine)),
             "queue": _part(lambda: _queue(settings)),
             "imap": _part(lambda: ImapStateStore(engine).status())
@@ -276,6 +277,15 @@ def collect(settings: Settings) -> Report:
         }
     finally:
         engine.dispose()
+
+
+def _archive(settings: Settings) -> Report | None:
+    """The archive sink's report and, on the embedded broker, its rows on disk."""
+    state = read_archive_state(settings.data_dir)
+    buffered = read_buffer_depth(settings.data_dir)
+    if state is None or buffered is None:
+        return state
+    return {**state, "buffered_rows": buffered}
 
 
 def _render_archive(state: Report | None) -> list[str]:
@@ -294,7 +304,10 @@ def _render_archive(state: Report | None) -> list[str]:
             f"archive: FAILING since {state['failing_since']}, {state['failures']} failed "
             f"writes, the last: {state['last_error']}; {last}"
         ]
-    return [f"archive: {last}, {state['files']} files since {state.get('started_at')}"]
+    line = f"archive: {last}, {state['files']} files since {state.get('started_at')}"
+    if state.get("buffered_rows"):
+        line += f"; {state['buffered_rows']} rows buffered on disk, not in a file yet"
+    return [line]
 
 
 def _render_spool(spool: list[Report] | Report) -> list[str]:

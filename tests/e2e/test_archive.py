@@ -487,6 +487,60 @@ def test_a_mail_kept_for_review_survives_a_crash_of_switchboard_run(tmp_path: Pa
     assert sum(d.messages for d in depths if d is not None) == 0  # archived: forgotten
 
 
+def test_a_crash_of_switchboard_run_loses_nothing_the_archive_had_read(tmp_path: Path) -> None:
+    """Files roll every 300 s. On the embedded broker a crash (SIGKILL here) lost every
+    row the archive held in memory: the broker's log is gone with the process, and the
+    journal only brings back what the queue had not applied (an analyst's review,
+    2026-12-01). The rows are now also on disk until their file is written, and the
+    next start writes them: each event of every topic once."""
+    (tmp_path / "switchboard.toml").write_text(CONFIG)
+    env = _env(tmp_path, SWITCHBOARD_CONFIG=str(tmp_path / "switchboard.toml"))
+    base = f"http://127.0.0.1:{env['SWITCHBOARD_HTTP_PORT']}"
+    data_dir = Path(env["SWITCHBOARD_DATA_DIR"])
+    archive = data_dir / "archive"
+    with running(env, tmp_path) as process:
+        _wait_healthy(base, process, within_s=60)
+        with smtplib.SMTP("127.0.0.1", int(env["SWITCHBOARD_SMTP_PORT"]), timeout=30) as smtp:
+            for n in range(3):
+                smtp.sendmail(
+                    "hal@example.org",
+                    ["support@example.com"],
+                    f"From: Hal <hal@example.org>\r\nTo: support@example.com\r\n"
+                    f"Subject: crash {n}\r\nMessage-ID: <hal-crash-{n}@example.org>\r\n\r\n"
+                    f"hal-crash-{n}\r\n".encode(),
+                )
+        for topic in ("inbound", "routed", "contacts"):
+            _archive_read(base, f"switchboard.{topic}.v1")
+        depths = [read_journal_depth(p) for p in (data_dir / "spool").glob("*.sqlite3")]
+        deadline = time.monotonic() + 30
+        while sum(d.messages for d in depths if d is not None):  # the queue has them all
+            assert time.monotonic() < deadline, "the journal kept the mails"
+            time.sleep(0.2)
+            depths = [read_journal_depth(p) for p in (data_dir / "spool").glob("*.sqlite3")]
+        assert not list(archive.rglob("*.parquet"))  # nothing rolled yet: all buffered
+        process.kill()  # the broker dies with it
+        process.wait(10)
+    status = _status(env, tmp_path, check=False)  # no broker: the files are read anyway
+    assert "rows buffered on disk, not in a file yet" in status, status
+    with running(env, tmp_path) as process:  # writes what was buffered, then runs
+        _wait_healthy(base, process, within_s=60)
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr[-3000:]
+    by_topic = dict(
+        query(archive, "SELECT topic, count(*) FROM events GROUP BY topic ORDER BY topic")
+    )
+    assert by_topic.get("switchboard.inbound.v1") == 3, by_topic
+    assert by_topic.get("switchboard.routed.v1") == 3, by_topic
+    assert by_topic.get("switchboard.contacts.v1", 0) >= 1, by_topic  # Hal's contact
+    doubled = query(archive, "SELECT id, count(*) FROM events GROUP BY id HAVING count(*) > 1")
+    assert doubled == [], doubled
+    texts = query(archive, "SELECT data FROM events WHERE topic = 'switchboard.inbound.v1'")
+    assert sorted(re.findall(r"hal-crash-\d", data)[0] for (data,) in texts) == [
+        f"hal-crash-{n}" for n in range(3)
+    ]
+    assert not list(archive.rglob("part-*.parquet")), "the crashed log's files are set aside"
+
+
 def test_the_archive_keeps_every_record_across_an_embedded_broker_restart(
     tmp_path: Path,
 ) -> None:
