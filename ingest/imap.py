@@ -424,7 +424,9 @@ class ImapAdapter(Adapter[ImapSettings]):
         self.store = ImapStateStore(context.engine)
         self.email_policy = context.email_policy
         self.pollers: list[MailboxPoller] = []
-        self.parsers = ParserPool(settings.parse_workers, settings.parse_timeout_s)
+        self.parsers = ParserPool(
+            settings.parse_workers, settings.parse_timeout_s, settings.parse_memory_mb
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -65,7 +65,7 @@ from python_multipart.multipart import parse_options_header
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
 from ingest.ratelimit import ClientBuckets
-from ingest.workers import ParserPool, WorkerCrashed
+from ingest.workers import OverMemory, ParserPool, WorkerCrashed
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
 from normalize.identity import EmailPolicy
@@ -479,6 +479,12 @@ class HttpAdapter(Adapter[S]):
             return await asyncio.to_thread(_parse_step, self, request)
         try:
             return await pool.run(_parse_apart, type(self), self.settings, request.portable())
+        except OverMemory as exc:
+            log.error(
+                "a message needed more memory than its parse process may take",
+                extra={"adapter": self.name, "message_id": str(request.message_id)},
+            )
+            raise NormalizeError("normalizer-error", f"{exc}; its raw body is kept") from exc
         except WorkerCrashed as exc:
             log.error(
                 "a message crashed its parse process or outlasted its time, twice",

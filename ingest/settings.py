@@ -155,6 +155,17 @@ class SmtpSettings(BaseSettings):
             "(`normalizer-error`). Only with parse_workers >= 1: a thread cannot be stopped."
         ),
     )
+    parse_memory_mb: int = Field(
+        default=1024,
+        ge=0,
+        le=1048576,
+        description=(
+            "Address space each parse process may take, in MiB (0: unbounded). A message "
+            "that needs more is kept as a dead letter (normalizer-error) and the process "
+            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
+            "header lines or HTML 855-923."
+        ),
+    )
 
     # -- sender authentication (issue 17; ingest/mailauth.py) --
     verify: bool = Field(
@@ -554,6 +565,17 @@ class ImapSettings(BaseSettings):
         description=(
             "A parse process still busy with one mail after this long is killed and "
             "replaced; the mail is tried once more, then dead-lettered (normalizer-error)."
+        ),
+    )
+    parse_memory_mb: int = Field(
+        default=1024,
+        ge=0,
+        le=1048576,
+        description=(
+            "Address space each parse process may take, in MiB (0: unbounded). A mail "
+            "that needs more is kept as a dead letter (normalizer-error) and the process "
+            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
+            "header lines or HTML 855-923."
         ),
     )
     max_message_size: int = Field(

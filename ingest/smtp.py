@@ -498,7 +498,9 @@ class SmtpAdapter(Adapter[SmtpSettings]):
                 self._addresses.add(canonical_email(address, email_policy))
             except IdentityError as exc:
                 raise StartupError(f"smtp.addresses: {exc}") from exc
-        self._parsers = ParserPool(settings.parse_workers, settings.parse_timeout_s)
+        self._parsers = ParserPool(
+            settings.parse_workers, settings.parse_timeout_s, settings.parse_memory_mb
+        )
         self._verifier: Verifier | None = None
         if settings.verify:
             try:

@@ -30,6 +30,14 @@ worker cannot be started, the waiting calls go to the workers still alive and
 the start is retried with a growing pause; with no worker at all, calls fail
 with :class:`ParserUnavailable` (a retry-later answer, not a dead letter).
 
+A worker may be bounded in memory (``memory_mb``: its address space, ``RLIMIT_AS``).
+What a stranger's message makes the parser allocate is then the parse process's
+problem, not the host's: a 25 MB mail of header lines or HTML took 855-923 MB here
+(2026-12-01), and on a small host the kernel's OOM killer picks whichever process
+it likes, the server or the broker among them. A call that runs out of it fails
+with :class:`OverMemory` (a :class:`WorkerCrashed`: the adapters keep the raw bytes
+and dead-letter it, ``normalizer-error``); the process goes on with the next.
+
 A worker belongs to the server that started it: it leaves the terminal's
 process group (Ctrl-C is for the server, which then stops the pool itself) and
 dies with the server (Linux's parent-death signal), so a SIGKILLed server does
@@ -46,6 +54,7 @@ import json
 import logging
 import os
 import pickle
+import resource
 import signal
 import socket
 import struct
@@ -69,6 +78,10 @@ _AHEAD = 2
 
 class WorkerCrashed(RuntimeError):
     """The input crashed (or outlasted the time limit of) a worker process twice."""
+
+
+class OverMemory(WorkerCrashed):
+    """The input needed more memory than a parse process may take (``memory_mb``)."""
 
 
 class ParserUnavailable(RetryLater):
@@ -104,7 +117,7 @@ def _failure(seq: int, exc: BaseException) -> bytes:
 _CHILD = (
     "import json, socket, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from ingest.workers import _serve; "
-    "_serve(socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3]))"
+    "_serve(socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3]), int(sys.argv[4]))"
 )
 
 
@@ -134,7 +147,7 @@ class _Process:
             self._popen.wait(timeout)
 
 
-def _start_process(theirs: socket.socket) -> _Process:
+def _start_process(theirs: socket.socket, memory_mb: int = 0) -> _Process:
     fd = theirs.fileno()
     path = json.dumps([os.fspath(p) for p in sys.path if isinstance(p, str | os.PathLike)])
     # The interpreter's own flags (-X dev, -W error, -O, -I) go along, as multiprocessing
@@ -144,15 +157,31 @@ def _start_process(theirs: socket.socket) -> _Process:
     # standard library, for the imports before the server's path replaces it: a
     # json.py in the server's directory stopped every parse process from starting.
     popen = subprocess.Popen(  # noqa: S603 - our interpreter, our code, no shell
-        [sys.executable, *flags, "-P", "-c", _CHILD, path, str(fd), str(os.getpid())],
+        [
+            sys.executable,
+            *flags,
+            "-P",
+            "-c",
+            _CHILD,
+            path,
+            str(fd),
+            str(os.getpid()),
+            str(memory_mb),
+        ],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
     )
     return _Process(popen)
 
 
-def _serve(sock: socket.socket, parent: int) -> None:  # pragma: no cover - runs in the worker
+def _serve(  # pragma: no cover - runs in the worker
+    sock: socket.socket, parent: int, memory_mb: int = 0
+) -> None:
     """The worker's loop: one call at a time, in order, until the server hangs up."""
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        with contextlib.suppress(ValueError, OSError):  # a platform without RLIMIT_AS
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # Its own session: the terminal's SIGINT reaches only the server, which shuts
     # the pool down in order, instead of a KeyboardInterrupt traceback here.
     with contextlib.suppress(OSError):
@@ -237,9 +266,10 @@ class ParserPool:
     name = "parsers"
     edge = False
 
-    def __init__(self, workers: int = 0, timeout_s: float = 60.0) -> None:
+    def __init__(self, workers: int = 0, timeout_s: float = 60.0, memory_mb: int = 0) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
+        self.memory_mb = memory_mb  # each process's address space; 0: unbounded
         self._slots: list[_Worker] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
@@ -291,7 +321,7 @@ class ParserPool:
     async def _spawn(self) -> _Worker:
         ours, theirs = socket.socketpair()
         try:
-            process = _start_process(theirs)
+            process = _start_process(theirs, self.memory_mb)
         except BaseException:
             ours.close()
             raise
@@ -404,6 +434,10 @@ class ParserPool:
                     continue  # its sender gave up (cancelled)
                 if ok:
                     call.future.set_result(value)
+                elif isinstance(value, MemoryError) and self.memory_mb > 0:
+                    call.future.set_exception(
+                        OverMemory(f"the message needed more than the parser's {self.memory_mb} MB")
+                    )
                 else:
                     call.future.set_exception(_as_exception(value))
         except (asyncio.IncompleteReadError, ConnectionError):

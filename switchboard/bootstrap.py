@@ -649,7 +649,11 @@ def build_pipeline(
         journal=make_journal(settings, roles, broker),
     )
     # Started only if an enabled adapter parses mail in it (the providers).
-    parsers = ParserPool(settings.http.parse_workers, settings.http.parse_timeout_s)
+    parsers = ParserPool(
+        settings.http.parse_workers,
+        settings.http.parse_timeout_s,
+        settings.http.parse_memory_mb,
+    )
     context = AdapterContext(
         handoff,
         bind_host=settings.bind_host,

@@ -116,6 +116,17 @@ class HttpLimitSettings(BaseSettings):
             "a dead letter (normalizer-error)."
         ),
     )
+    parse_memory_mb: int = Field(
+        default=1024,
+        ge=0,
+        le=1048576,
+        description=(
+            "Address space each parse process may take, in MiB (0: unbounded). A mail "
+            "that needs more is kept as a dead letter (normalizer-error) and the process "
+            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
+            "header lines or HTML 855-923."
+        ),
+    )
     # Loopback by default, as uvicorn's own default: a proxy on the same host must
     # keep working, and the queue API's "loopback only without a token" rule must
     # see the proxy's client, not the proxy.

@@ -191,6 +191,35 @@ def test_a_message_that_kills_or_hangs_the_parser_costs_only_itself(
     assert len(dead) == 1
 
 
+def test_a_mail_that_would_take_the_parser_s_memory_is_kept_for_review(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """12 MB of header lines (under the size limit) make the standard library's
+    parser take 30 times that. With the parse process bounded (256 MiB here, 1 GiB by
+    default) that mail is kept raw as a dead letter at once, and the same process
+    takes the next mail: the host's memory is not the stranger's to take."""
+    bomb = (
+        f"From: Mallory <mallory@example.org>\r\nTo: support@example.com\r\n"
+        f"Subject: bomb\r\nMessage-ID: <bomb-{unique}@example.org>\r\n".encode()
+        + b"X-A: b\r\n" * (12 * 1024 * 1024 // 8)
+        + b"\r\nbody\r\n"
+    )
+    with smtp_server(kafka_settings, tmp_path, parse_workers=1, parse_memory_mb=256) as server:
+        bombed = server.send(bomb)
+        after = server.send(email(Message_ID=f"<after-bomb-{unique}@example.org>"))
+    assert bombed[0] == 250, bombed
+    assert "kept for review: normalizer-error" in bombed[1], bombed
+    assert after[0] == 250, after
+    assert "kept for review" not in after[1], after
+    ids = {queued_id(bombed[1]), queued_id(after[1])}
+    inbound, dead = collect(kafka_settings, f"bomb-{unique}", ids)
+    letter = dead[queued_id(bombed[1])]
+    assert "256 MB" in letter.detail, letter.detail
+    assert letter.raw is not None
+    assert server.blobs.get(letter.raw.sha256) == bomb
+    assert list(inbound) == [queued_id(after[1])]
+
+
 def test_the_same_email_twice_has_one_dedupe_key(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:

@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 
 from ingest.errors import RetryLater
-from ingest.workers import ParserPool, ParserUnavailable, WorkerCrashed
+from ingest.workers import OverMemory, ParserPool, ParserUnavailable, WorkerCrashed
 
 pytestmark = pytest.mark.integration
 
 
 @contextlib.asynccontextmanager
-async def _started(workers: int, timeout_s: float = 60.0) -> AsyncIterator[ParserPool]:
-    pool = ParserPool(workers=workers, timeout_s=timeout_s)
+async def _started(
+    workers: int, timeout_s: float = 60.0, memory_mb: int = 0
+) -> AsyncIterator[ParserPool]:
+    pool = ParserPool(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
     await pool.warm_up()
     try:
         yield pool
@@ -46,6 +48,13 @@ def _hang(_: int) -> int:
 
 def _refuse(value: int) -> int:
     raise ValueError(f"refused {value}")
+
+
+def _pid_and_allocate(mb: int) -> tuple[int, int]:
+    """What a parser does with a bomb: ask for ``mb`` MiB and touch them."""
+    block = bytearray(mb * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])
+    return os.getpid(), len(block) // (1024 * 1024)
 
 
 def _slow_pid(value: int) -> tuple[int, int]:
@@ -520,3 +529,21 @@ def test_a_parse_process_does_not_run_the_servers_main_script_again(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "3"
     assert not marker.exists(), "the parse process ran the server's main script again"
+
+
+def test_a_call_over_the_memory_limit_fails_alone_and_the_process_goes_on() -> None:
+    """Bounded at 256 MiB of address space: a call asking for 400 fails with
+    OverMemory (a WorkerCrashed: the adapters dead-letter it), and the same process
+    then serves a call of 100 MiB, twice over (the memory came back)."""
+
+    async def scenario() -> None:
+        async with _started(workers=1, memory_mb=256) as pool:
+            pid, _ = await pool.run(_pid_and_allocate, 1)
+            with pytest.raises(OverMemory, match="256 MB"):
+                await pool.run(_pid_and_allocate, 400)
+            for _ in range(2):
+                assert await pool.run(_pid_and_allocate, 100) == (pid, 100)
+        async with _started(workers=1) as unbounded:  # the default: no limit
+            assert (await unbounded.run(_pid_and_allocate, 400))[1] == 400
+
+    asyncio.run(scenario())
