@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from normalize.webhook import FieldMap
+from switchboard.limits import parse_memory_field
 
 
 class _Secrets:
@@ -155,17 +156,7 @@ class SmtpSettings(BaseSettings):
             "(`normalizer-error`). Only with parse_workers >= 1: a thread cannot be stopped."
         ),
     )
-    parse_memory_mb: int = Field(
-        default=1024,
-        ge=0,
-        le=1048576,
-        description=(
-            "Address space each parse process may take, in MiB (0: unbounded). A message "
-            "that needs more is kept as a dead letter (normalizer-error) and the process "
-            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
-            "header lines or HTML 855-923."
-        ),
-    )
+    parse_memory_mb: int = parse_memory_field("message")
 
     # -- sender authentication (issue 17; ingest/mailauth.py) --
     verify: bool = Field(
@@ -567,17 +558,7 @@ class ImapSettings(BaseSettings):
             "replaced; the mail is tried once more, then dead-lettered (normalizer-error)."
         ),
     )
-    parse_memory_mb: int = Field(
-        default=1024,
-        ge=0,
-        le=1048576,
-        description=(
-            "Address space each parse process may take, in MiB (0: unbounded). A mail "
-            "that needs more is kept as a dead letter (normalizer-error) and the process "
-            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
-            "header lines or HTML 855-923."
-        ),
-    )
+    parse_memory_mb: int = parse_memory_field("mail")
     max_message_size: int = Field(
         default=25 * 1024 * 1024,
         ge=1024,

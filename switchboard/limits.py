@@ -42,6 +42,22 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def parse_memory_field(what: str) -> Any:  # noqa: ANN401 - a pydantic FieldInfo
+    """The ``parse_memory_mb`` setting of every section with parse processes (SMTP,
+    IMAP, the HTTP providers' mail; ``what`` their word for one input)."""
+    return Field(
+        default=1024,
+        ge=0,
+        le=1048576,
+        description=(
+            f"Address space each parse process may take, in MiB (0: unbounded). A {what} "
+            "that needs more is kept as a dead letter (normalizer-error) and the process "
+            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
+            "header lines or HTML 855-923."
+        ),
+    )
+
+
 class HttpLimitSettings(BaseSettings):
     """Limits of the HTTP server that hold for every route ([http] in the file)."""
 
@@ -117,17 +133,7 @@ class HttpLimitSettings(BaseSettings):
             "a dead letter (normalizer-error)."
         ),
     )
-    parse_memory_mb: int = Field(
-        default=1024,
-        ge=0,
-        le=1048576,
-        description=(
-            "Address space each parse process may take, in MiB (0: unbounded). A mail "
-            "that needs more is kept as a dead letter (normalizer-error) and the process "
-            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
-            "header lines or HTML 855-923."
-        ),
-    )
+    parse_memory_mb: int = parse_memory_field("mail")
     # Loopback by default, as uvicorn's own default: a proxy on the same host must
     # keep working, and the queue API's "loopback only without a token" rule must
     # see the proxy's client, not the proxy.
