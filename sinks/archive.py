@@ -242,30 +242,39 @@ class ArchiveHandler(RecordHandler):
             self.new_log()  # a new embedded broker: its logs start at 0
 
     def recover_buffered(self) -> int:
-        """Write what an earlier run had buffered and not written (it crashed) into
-        files of its old log, then set them aside with the rest of that log's files.
-        Returns the rows read back. The most recent log first: its files are still
-        the current ones, so rows a file already holds are skipped; an older log's
-        files were set aside when it ended, and its rows are written as they are.
-        A log whose rows cannot be written stays in the buffer for the next start."""
-        if self.buffer_log is None:
+        """Write what earlier runs had buffered and not written (they crashed) into
+        files of their old logs, then set those aside with the rest of each log's
+        files; returns the rows written. Only the log the current files belong to
+        (the buffer records which) may skip rows those files hold already; before any
+        other log's rows, the current files are set aside first, so that no file of
+        another log is taken for one of its own (review of 2026-12-01: rows of a log
+        two runs back were skipped against the files of the one between, and counted
+        as recovered). A log is forgotten once its rows are in files and before the
+        files are set aside: a crash between the two leaves files a start sets aside,
+        not rows it writes again. A log whose rows cannot be written stays for the
+        next start."""
+        buffer_log = self.buffer_log
+        if buffer_log is None:
             return 0
         recovered = 0
-        for generation in reversed(self.buffer_log.earlier_generations()):
-            records = self.buffer_log.records(generation)
+        for generation in buffer_log.earlier_generations():
+            if generation != buffer_log.files_generation:
+                self.new_log()  # nothing buffered: only sets the other log's files aside
+            rows_before = self.rows
             try:
-                for record in records:
+                for record in buffer_log.records(generation):
                     self._add(record)
             except OSError as exc:
                 log.error("archive buffer not recovered", extra={"error": repr(exc)})
                 self._buffers.clear()
                 break
-            self.new_log()
+            self.stopping()
             if self._buffers:  # a file was not written: kept for the next start
                 self._buffers.clear()
                 break
-            self.buffer_log.forget(generation)
-            recovered += len(records)
+            buffer_log.forget(generation)
+            recovered += self.rows - rows_before
+            self.new_log()
         if recovered:
             log.warning(
                 "archive: rows buffered when switchboard last stopped without writing "
@@ -297,6 +306,8 @@ class ArchiveHandler(RecordHandler):
                         self.archive.retire(part, tag)
                         retired += 1
         self._next.clear()
+        if self.buffer_log is not None:
+            self.buffer_log.own_files()  # the files from now on are the new log's
         if retired:
             log.warning(
                 "new broker logs: earlier archive files kept as %s-part-*",

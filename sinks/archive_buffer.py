@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     records BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_written ON chunks (generation, topic, partition, last);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 #: A record's fixed part: offset, timestamp (-1: none), key and value lengths (-1:
@@ -143,8 +144,15 @@ class BufferLog:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
         (latest,) = self._db.execute("SELECT max(generation) FROM chunks").fetchone()
+        meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
         #: The log being read now; every row of a lower one is from an earlier log.
-        self.generation = int(latest or 0) + 1
+        #: Above every generation ever given, not only those with rows left: a log
+        #: whose rows were all written still owns the current files.
+        self.generation = max(int(latest or 0), int(meta.get("generation", 0))) + 1
+        #: The generation whose log the current (not set aside) files hold; None
+        #: before the first new log.
+        self.files_generation: int | None = meta.get("files")
+        self._set("generation", self.generation)
         #: The highest offset kept per partition of this log: a batch delivered
         #: again (the archive could not write and retries, a rewind) adds nothing.
         self._kept: dict[tuple[str, int], int] = {}
@@ -203,6 +211,16 @@ class BufferLog:
         with self._lock:
             self.generation += 1
             self._kept.clear()
+        self._set("generation", self.generation)
+
+    def own_files(self) -> None:
+        """The files of earlier logs are set aside: the current ones are this log's."""
+        self.files_generation = self.generation
+        self._set("files", self.generation)
+
+    def _set(self, name: str, value: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     def earlier_generations(self) -> list[int]:
         with self._lock:

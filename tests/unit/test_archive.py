@@ -208,11 +208,18 @@ def test_a_failing_iceberg_catalog_is_retried_with_pauses_and_logged_once(
 
 
 def _buffered(root: Path, buffer: BufferLog) -> ArchiveHandler:
-    """A handler on the embedded broker, its buffer on disk."""
+    """A handler on the embedded broker, its buffer on disk, started as a run starts
+    it (``prepare``: what an earlier run left is written, the old files set aside)."""
     handler = _handler(root)
     handler.embedded_partitions = 3
     handler.buffer_log = buffer
+    handler.prepare()
     return handler
+
+
+def _handler_rows(handler: ArchiveHandler) -> int:
+    """Rows a handler wrote to files (at its start: what it recovered)."""
+    return handler.rows
 
 
 def test_rows_buffered_at_a_crash_are_written_by_the_next_start(tmp_path: Path) -> None:
@@ -226,7 +233,7 @@ def test_rows_buffered_at_a_crash_are_written_by_the_next_start(tmp_path: Path) 
     assert crashed.depth() == 4
     assert not list(root.rglob("*.parquet"))
     restarted = BufferLog(path)  # the same file: a new generation
-    assert _buffered(root, restarted).recover_buffered() == 4
+    assert _handler_rows(_buffered(root, restarted)) == 4
     assert restarted.depth() == 0
     files = sorted(f.name for f in root.rglob("*.parquet"))
     assert len(files) == 2, files
@@ -250,7 +257,7 @@ def test_rows_a_file_already_holds_are_not_written_twice(
     crashed._flush(TopicPartition(INBOUND, 0))  # the file of offsets 0-2
     assert buffer.depth() == 3
     crashed.handle([_inbound(3)])
-    _buffered(root, BufferLog(path)).recover_buffered()
+    _buffered(root, BufferLog(path))
     assert _offsets(root) == [(INBOUND, 0, n) for n in range(4)]
 
 
@@ -268,7 +275,7 @@ def test_a_broker_restart_under_the_sink_keeps_both_logs_apart(tmp_path: Path) -
     crashed.rewound()  # writes offsets 0-1 of the old log, sets its files aside
     new = [_inbound(n) for n in range(2)]
     crashed.handle(new)
-    assert _buffered(root, BufferLog(path)).recover_buffered() == 3  # new 0-1, old 5
+    assert _handler_rows(_buffered(root, BufferLog(path))) == 3  # new 0-1, old 5
     ids = sorted(str(i) for (i,) in query(root, "SELECT id FROM events"))
     assert ids == sorted(str(to_row(r)["id"]) for r in [*old, failed, *new])
 
@@ -298,3 +305,60 @@ def test_a_batch_delivered_again_is_kept_once(tmp_path: Path) -> None:
     buffer.next_generation()  # a new broker: offsets from 0 again, other records
     buffer.add(batch[:1])
     assert buffer.depth() == 5
+
+
+def test_a_log_kept_through_a_run_that_could_not_write_is_written_whole_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run 1 crashes with offsets 0-4 buffered. Run 2 starts while the archive cannot
+    write (its recovery keeps them), then writes its own offsets 0-9 and stops. Run
+    3 must write run 1's five rows: before (review of 2026-12-01) they were compared
+    with run 2's files, skipped, and counted as recovered."""
+    root, path = tmp_path / "archive", tmp_path / "buffer.sqlite3"
+    first = [_inbound(n) for n in range(5)]
+    _buffered(root, BufferLog(path)).handle(first)  # then killed
+    failing = _handler(root)
+    failing.embedded_partitions = 3
+    failing.buffer_log = BufferLog(path)
+    write = failing.archive.write
+
+    def unwritable(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(failing.archive, "write", unwritable)
+    failing.prepare()
+    assert failing.rows == 0
+    monkeypatch.setattr(failing.archive, "write", write)
+    second = [_inbound(n) for n in range(10)]
+    failing.handle(second)
+    failing.stopping()  # a clean stop: run 2's files
+    third = _buffered(root, BufferLog(path))
+    assert third.rows == 5
+    ids = sorted(str(i) for (i,) in query(root, "SELECT id FROM events"))
+    assert ids == sorted(str(to_row(r)["id"]) for r in [*first, *second])
+
+
+def test_a_crash_after_recovered_rows_are_written_does_not_write_them_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed as the recovery forgets a log whose rows it wrote: the files are still
+    the current ones (the log is forgotten before they are set aside), so the next
+    start skips the rows they hold. Before (review of 2026-12-01) the files were set
+    aside first, and the next start wrote every row again."""
+    root, path = tmp_path / "archive", tmp_path / "buffer.sqlite3"
+    _buffered(root, BufferLog(path)).handle([_inbound(n) for n in range(3)])  # killed
+    recovering = _handler(root)
+    recovering.embedded_partitions = 3
+    recovering.buffer_log = BufferLog(path)
+
+    def killed(*_: object) -> None:
+        raise RuntimeError("SIGKILL")
+
+    monkeypatch.setattr(recovering.buffer_log, "forget", killed)
+    with pytest.raises(RuntimeError):
+        recovering.recover_buffered()
+    monkeypatch.undo()
+    _buffered(root, BufferLog(path))
+    doubled = query(root, "SELECT id, count(*) FROM events GROUP BY id HAVING count(*) > 1")
+    assert doubled == []
+    assert len(query(root, "SELECT id FROM events")) == 3
