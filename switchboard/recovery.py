@@ -269,7 +269,10 @@ class JournalKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             if self.broker is not None and not self.broker.running:
-                self._broker_died()
+                try:
+                    self._broker_died()
+                except Exception:  # the next turn finds the broker still dead and tries again
+                    log.exception("recovering the embedded broker failed")
             try:
                 self.prune(max_pages=10)
             except Exception as exc:  # noqa: BLE001 - the next turn tries again
@@ -347,7 +350,9 @@ class JournalKeeper:
             try:
                 self._start_broker()
                 break
-            except (BrokerError, TimeoutError, RuntimeError) as exc:  # RuntimeError: loop closed
+            # RuntimeError: the loop closed; OSError: no process (ENOMEM, EAGAIN
+            # after the OOM killer), the log file (review of 2026-12-01).
+            except (BrokerError, TimeoutError, RuntimeError, OSError) as exc:
                 log.error("embedded broker did not start", extra={"error": repr(exc)})
                 self._stop.wait(backoff)
                 backoff = min(10.0, backoff * 2)

@@ -257,6 +257,60 @@ def test_a_broker_that_dies_again_mid_replay_is_started_again_and_the_replay_don
         engine.dispose()
 
 
+def test_a_broker_that_cannot_be_started_once_is_started_at_the_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting the broker again failed with an OSError (no memory for a process
+    after the OOM killer, the log file): the keeper's thread died of it before, and
+    nothing restarted the broker or pruned the journal again (review, 2026-12-01)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'sb.db'}")
+    upgrade(engine)
+    journal = Journal(tmp_path / "spool.sqlite3")
+    lost, lost_id = _event(0)
+    journal.append(INBOUND, lost, lost_id)
+    broker = EmbeddedBroker().start()
+    kafka = KafkaSettings(bootstrap=broker.bootstrap, partitions=1)
+    ensure_topics(kafka)
+    publisher = Publisher(kafka)
+    keeper = JournalKeeper(
+        journal, publisher, engine, engine, data_dir=tmp_path, broker=broker, kafka=kafka
+    )
+    start = broker.start
+    attempts = 0
+
+    def fails_once(timeout_s: float = 10.0) -> EmbeddedBroker:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise OSError(12, "Cannot allocate memory")
+        return start(timeout_s)
+
+    monkeypatch.setattr(broker, "start", fails_once)
+
+    async def scenario() -> dict[str, Any] | None:
+        await keeper.start()
+        try:
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while (report := read_recovery(tmp_path)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return report
+        finally:
+            await keeper.stop()
+
+    try:
+        report = asyncio.run(scenario())
+        assert report is not None, "the broker was not started again"
+        assert attempts == 2
+        assert broker.running
+    finally:
+        publisher.close()
+        broker.stop()
+        journal.close()
+        engine.dispose()
+
+
 def test_status_reads_the_real_end_of_a_tansu_log() -> None:
     with fresh_kafka(partitions=1) as kafka:
         publisher = Publisher(kafka)
