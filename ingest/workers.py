@@ -36,7 +36,10 @@ problem, not the host's: a 25 MB mail of header lines or HTML took 855-923 MB he
 (2026-12-01), and on a small host the kernel's OOM killer picks whichever process
 it likes, the server or the broker among them. A call that runs out of it fails
 with :class:`OverMemory` (a :class:`WorkerCrashed`: the adapters keep the raw bytes
-and dead-letter it, ``normalizer-error``); the process goes on with the next.
+and dead-letter it, ``normalizer-error``); the process goes on with the next. Native
+code that runs out instead aborts the process (the HTML sanitizer, nh3, does): that
+is a crash like any other, the call is tried once more on a fresh process and then
+dead-lettered the same way.
 
 A worker belongs to the server that started it: it leaves the terminal's
 process group (Ctrl-C is for the server, which then stops the pool itself) and
@@ -200,10 +203,19 @@ def _serve(  # pragma: no cover - runs in the worker
             return
         # The server's own pickles over a socket pair only the two ends hold.
         seq, fn, args = pickle.loads(body)  # noqa: S301
+        reply: bytes | None
         try:
             reply = pickle.dumps((seq, True, fn(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+        except MemoryError:
+            # Answered once out of the except block: the exception, its traceback and
+            # the frames holding what the input made the parser allocate are freed by
+            # then. Pickled inside it, the reply itself ran out of memory now and then
+            # (review of 2026-12-01: 1 header bomb in 12 killed the process).
+            reply = None
         except Exception as exc:  # noqa: BLE001 - any failure goes back to the caller
             reply = _failure(seq, exc)
+        if reply is None:
+            reply = _failure(seq, MemoryError("the parse process's memory limit"))
         stream.write(_HEADER.pack(len(reply)))
         stream.write(reply)
         stream.flush()

@@ -52,8 +52,9 @@ def parse_memory_field(what: str) -> Any:  # noqa: ANN401 - a pydantic FieldInfo
         description=(
             f"Address space each parse process may take, in MiB (0: unbounded). A {what} "
             "that needs more is kept as a dead letter (normalizer-error) and the process "
-            "goes on; a 25 MB mail of attachments or text needed 250-320 here, one of "
-            "header lines or HTML 855-923."
+            "goes on (native code that runs out aborts it: a crash, tried once more); a "
+            "25 MB mail of attachments or text needed 250-320 here, one of header lines "
+            "or HTML 855-923."
         ),
     )
 

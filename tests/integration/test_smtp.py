@@ -214,7 +214,9 @@ def test_a_mail_that_would_take_the_parser_s_memory_is_kept_for_review(
     ids = {queued_id(bombed[1]), queued_id(after[1])}
     inbound, dead = collect(kafka_settings, f"bomb-{unique}", ids)
     letter = dead[queued_id(bombed[1])]
-    assert "256 MB" in letter.detail, letter.detail
+    # Out of memory in Python, or (rarely) in the middle of the allocator: a crash,
+    # retried on a fresh process, then kept. Either way a dead letter, not a parse.
+    assert "256 MB" in letter.detail or "twice" in letter.detail, letter.detail
     assert letter.raw is not None
     assert server.blobs.get(letter.raw.sha256) == bomb
     assert list(inbound) == [queued_id(after[1])]
