@@ -9,7 +9,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -189,16 +191,23 @@ def test_prune_and_replay_follow_the_router_and_the_queue(tmp_path: Path) -> Non
     assert report["broker_lost_memory"] is True
 
 
-def test_a_broker_that_dies_again_mid_replay_is_started_again_and_the_replay_done(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The watch restarts a dead broker and replays; the restarted broker dies again
-    while the replay publishes. The keeper must start it once more and replay on
-    it: before, the replay retried the dead broker forever and nothing restarted it
-    (CI of 2026-12-01: the fault test's second kill landed inside the recovery)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'sb.db'}")
+@dataclass
+class _Watched:
+    """A keeper watching a real embedded broker; its journal holds one message the
+    broker is about to forget."""
+
+    keeper: JournalKeeper
+    broker: EmbeddedBroker
+    kafka: KafkaSettings
+    publisher: Publisher
+    lost: Event
+
+
+@contextmanager
+def _watched_broker(data_dir: Path) -> Iterator[_Watched]:
+    engine = make_engine(f"sqlite:///{data_dir / 'sb.db'}")
     upgrade(engine)
-    journal = Journal(tmp_path / "spool.sqlite3")
+    journal = Journal(data_dir / "spool.sqlite3")
     lost, lost_id = _event(0)  # acknowledged, then forgotten by the broker
     journal.append(INBOUND, lost, lost_id)
     broker = EmbeddedBroker().start()  # from this (the main) thread: it outlives the test
@@ -206,55 +215,73 @@ def test_a_broker_that_dies_again_mid_replay_is_started_again_and_the_replay_don
     ensure_topics(kafka)
     publisher = Publisher(kafka)
     keeper = JournalKeeper(
-        journal, publisher, engine, engine, data_dir=tmp_path, broker=broker, kafka=kafka
+        journal, publisher, engine, engine, data_dir=data_dir, broker=broker, kafka=kafka
     )
-    publish_many = publisher.publish_many
-    replays = 0
-
-    def kill_broker() -> None:
-        assert broker.pid is not None
-        os.kill(broker.pid, signal.SIGKILL)
-        while broker.running:
-            time.sleep(0.01)
-
-    def dies_during_the_first_replay(
-        items: Sequence[tuple[str, Event]], timeout_s: float | None = None
-    ) -> list[Ack]:
-        nonlocal replays
-        replays += 1
-        if replays == 1:
-            kill_broker()
-            raise PublishError("not acknowledged: the broker died")
-        return publish_many(items, timeout_s)
-
-    monkeypatch.setattr(publisher, "publish_many", dies_during_the_first_replay)
-
-    async def scenario() -> dict[str, Any] | None:
-        await keeper.start()  # the watch: starts the broker again on this loop's thread
-        try:
-            kill_broker()
-            deadline = time.monotonic() + 60
-            while (report := read_recovery(tmp_path)) is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            return report
-        finally:
-            await keeper.stop()
-
     try:
-        report = asyncio.run(scenario())
-        assert report is not None, "no recovery completed: the replay kept trying a dead broker"
-        assert (report["recoveries"], report["replayed_messages"]) == (1, 1)
-        assert (keeper.broker_restarts, replays) == (2, 2)
-        assert broker.running
-        consumer = make_consumer(kafka, group_id="journal-test", topics=[INBOUND])
-        records = consume_until(consumer, lambda rs: len(rs) >= 1)
-        consumer.close()
-        assert [read_meta(r.headers).id for r in records] == [lost.id]
+        yield _Watched(keeper, broker, kafka, publisher, lost)
     finally:
         publisher.close()
         broker.stop()
         journal.close()
         engine.dispose()
+
+
+def _kill(broker: EmbeddedBroker) -> None:
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGKILL)
+    while broker.running:
+        time.sleep(0.01)
+
+
+def _report_after_a_kill(watched: _Watched, data_dir: Path) -> dict[str, Any] | None:
+    """Kill the broker under the running keeper; the recovery's report, or None if
+    none came within a minute."""
+
+    async def scenario() -> dict[str, Any] | None:
+        await watched.keeper.start()  # the watch: starts the broker on this loop's thread
+        try:
+            _kill(watched.broker)
+            deadline = time.monotonic() + 60
+            while (report := read_recovery(data_dir)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return report
+        finally:
+            await watched.keeper.stop()
+
+    return asyncio.run(scenario())
+
+
+def test_a_broker_that_dies_again_mid_replay_is_started_again_and_the_replay_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch restarts a dead broker and replays; the restarted broker dies again
+    while the replay publishes. The keeper must start it once more and replay on
+    it: before, the replay retried the dead broker forever and nothing restarted it
+    (CI of 2026-12-01: the fault test's second kill landed inside the recovery)."""
+    with _watched_broker(tmp_path) as watched:
+        publish_many = watched.publisher.publish_many
+        replays = 0
+
+        def dies_during_the_first_replay(
+            items: Sequence[tuple[str, Event]], timeout_s: float | None = None
+        ) -> list[Ack]:
+            nonlocal replays
+            replays += 1
+            if replays == 1:
+                _kill(watched.broker)
+                raise PublishError("not acknowledged: the broker died")
+            return publish_many(items, timeout_s)
+
+        monkeypatch.setattr(watched.publisher, "publish_many", dies_during_the_first_replay)
+        report = _report_after_a_kill(watched, tmp_path)
+        assert report is not None, "no recovery completed: the replay kept trying a dead broker"
+        assert (report["recoveries"], report["replayed_messages"]) == (1, 1)
+        assert (watched.keeper.broker_restarts, replays) == (2, 2)
+        assert watched.broker.running
+        consumer = make_consumer(watched.kafka, group_id="journal-test", topics=[INBOUND])
+        records = consume_until(consumer, lambda rs: len(rs) >= 1)
+        consumer.close()
+        assert [read_meta(r.headers).id for r in records] == [watched.lost.id]
 
 
 def test_a_broker_that_cannot_be_started_once_is_started_at_the_next_try(
@@ -263,52 +290,22 @@ def test_a_broker_that_cannot_be_started_once_is_started_at_the_next_try(
     """Starting the broker again failed with an OSError (no memory for a process
     after the OOM killer, the log file): the keeper's thread died of it before, and
     nothing restarted the broker or pruned the journal again (review, 2026-12-01)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'sb.db'}")
-    upgrade(engine)
-    journal = Journal(tmp_path / "spool.sqlite3")
-    lost, lost_id = _event(0)
-    journal.append(INBOUND, lost, lost_id)
-    broker = EmbeddedBroker().start()
-    kafka = KafkaSettings(bootstrap=broker.bootstrap, partitions=1)
-    ensure_topics(kafka)
-    publisher = Publisher(kafka)
-    keeper = JournalKeeper(
-        journal, publisher, engine, engine, data_dir=tmp_path, broker=broker, kafka=kafka
-    )
-    start = broker.start
-    attempts = 0
+    with _watched_broker(tmp_path) as watched:
+        start = watched.broker.start
+        attempts = 0
 
-    def fails_once(timeout_s: float = 10.0) -> EmbeddedBroker:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise OSError(12, "Cannot allocate memory")
-        return start(timeout_s)
+        def fails_once(timeout_s: float = 10.0) -> EmbeddedBroker:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise OSError(12, "Cannot allocate memory")
+            return start(timeout_s)
 
-    monkeypatch.setattr(broker, "start", fails_once)
-
-    async def scenario() -> dict[str, Any] | None:
-        await keeper.start()
-        try:
-            assert broker.pid is not None
-            os.kill(broker.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 60
-            while (report := read_recovery(tmp_path)) is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            return report
-        finally:
-            await keeper.stop()
-
-    try:
-        report = asyncio.run(scenario())
+        monkeypatch.setattr(watched.broker, "start", fails_once)
+        report = _report_after_a_kill(watched, tmp_path)
         assert report is not None, "the broker was not started again"
         assert attempts == 2
-        assert broker.running
-    finally:
-        publisher.close()
-        broker.stop()
-        journal.close()
-        engine.dispose()
+        assert watched.broker.running
 
 
 def test_status_reads_the_real_end_of_a_tansu_log() -> None:
