@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 #: length or -1, name, value).
 _RECORD = struct.Struct(">qqiiH")
 _HEADER = struct.Struct(">Hi")
+#: Records held, every generation (a chunk partly in a file counts whole): for the
+#: sink and for `switchboard status` from another process.
+_DEPTH = "SELECT coalesce(sum(count), 0) FROM chunks"
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ class BufferLog:
     def depth(self) -> int:
         """Records held (every generation; a chunk partly in a file counts whole)."""
         with self._lock:
-            (count,) = self._db.execute("SELECT coalesce(sum(count), 0) FROM chunks").fetchone()
+            (count,) = self._db.execute(_DEPTH).fetchone()
         return int(count)
 
     def close(self) -> None:
@@ -264,7 +267,7 @@ def read_buffer_depth(data_dir: Path) -> int | None:
         return None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        (count,) = db.execute("SELECT coalesce(sum(count), 0) FROM chunks").fetchone()
+        (count,) = db.execute(_DEPTH).fetchone()
     except sqlite3.OperationalError:
         return None  # created, no table yet
     finally:
