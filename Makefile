@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +101,11 @@ bench-edges: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py --workers 1,2
 
 ## The floor of a durable Twilio hook in Python here (no framework): run beside bench-edges.
+# Two edge settings side by side, loaded in alternation: e.g.
+# make bench-http-ab AB='--a SWITCHBOARD_KAFKA_EDGE_LINGER_MS=5 --b SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1'
+bench-http-ab: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/http_ab.py $(AB)
+
 bench-http-floor: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_floor.py --workers 1,2
 
