@@ -96,12 +96,13 @@ class KafkaSettings(BaseSettings):
         description="Producer batching delay (the router and the sinks; see edge_linger_ms).",
     )
     # A process that runs an edge answers each sender only after the acknowledgement,
-    # so its linger is every sender's wait. 1 ms took two `ingest http` processes from
-    # 4,311-4,622 to 4,581-6,031 req/s at 64 connections, where they waited on the
-    # linger at 62% CPU, but cost 3-43% at 128 and 256 connections, where they were
-    # saturated (README "HTTP ingest", 2026-11-30): the default stays 5.
+    # so its linger is every sender's wait, and at 64 connections two `ingest http`
+    # processes sat at 65-75% CPU waiting on it. Measured with both settings running
+    # at once and loaded in alternation (bench/http_ab.py, 2026-12-02, medians of 4-5
+    # rounds, 1 ms against 5): +14-24% req/s at 64 connections, +39-51% at 16, equal
+    # at 256 (1.00), 0.85-1.01 at 128; 0 ms lost 17-19% against 1 (README "HTTP ingest").
     edge_linger_ms: int = Field(
-        default=5,
+        default=1,
         ge=0,
         le=1000,
         description=(
