@@ -171,12 +171,13 @@ class HandOff:
             message, data = normalized, normalized.value
         else:
             message = data = fit_for_event(normalized.message)
+        message_id = str(message.id)
         event = Event(
             type=TYPE_INBOUND,
             source=f"{self._source}/ingest/{message.adapter}",
             key=message.partition_key,
             data=data,
-            subject=str(message.id),
+            subject=message_id,
         )
         size = len(event.value())
         if size > self.max_event_bytes:
@@ -193,11 +194,11 @@ class HandOff:
                 stored_raw=message.raw,
                 metadata={"dedupe_key": message.dedupe_key, "size": size},
             )
-        receipt = await self._publish_kept(INBOUND, event, str(message.id), self.journal)
+        receipt = await self._publish_kept(INBOUND, event, message_id, self.journal)
         log.info(
             "message accepted",
             extra={
-                "message_id": str(message.id),
+                "message_id": message_id,
                 "dedupe_key": message.dedupe_key,
                 "channel": message.channel,
                 "adapter": message.adapter,
