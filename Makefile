@@ -100,12 +100,12 @@ bench-edges: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 1,2 --skip-mailgun --fresh 60000
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py --workers 1,2
 
-## The floor of a durable Twilio hook in Python here (no framework): run beside bench-edges.
-# Two edge settings side by side, loaded in alternation: e.g.
-# make bench-http-ab AB='--a SWITCHBOARD_KAFKA_EDGE_LINGER_MS=5 --b SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1'
+## Two edge settings (or checkouts) side by side, loaded in alternation: e.g.
+## make bench-http-ab AB='--a SWITCHBOARD_KAFKA_EDGE_LINGER_MS=5 --b SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1'
 bench-http-ab: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ab.py $(AB)
 
+## The floor of a durable Twilio hook in Python here (no framework): run beside bench-edges.
 bench-http-floor: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_floor.py --workers 1,2
 

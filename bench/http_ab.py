@@ -9,8 +9,9 @@ One run of ``bench/http_ingest.py`` on this machine varies by a third from the n
 (2026-12-02: the JSON hook, two processes, the same code, 2,842 to 4,056 req/s), so a
 difference between two of its runs says little. Here both configurations run at
 once, each a ``switchboard ingest http --workers N`` with its own embedded broker and
-data directory, and wrk loads one, then the other, round after round (the idle one
-costs nothing): a drift of the machine reaches both. ``--a``/``--b`` are environment
+data directory, and wrk loads one, then the other, round after round, the order
+swapped each round (use an even ``--rounds``); the idle one costs only its memory
+broker's growing log: a drift of the machine reaches both. ``--a``/``--b`` are environment
 settings (``SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1``); ``--a-path``/``--b-path`` put a
 checkout first on the server's ``PYTHONPATH`` (``git worktree add /work/old <sha>``)
 to compare code. Each round sends new messages (wrk's ``--fresh`` script). Prints
@@ -64,7 +65,9 @@ def _edge(env_text: str, path: str | None, workers: int) -> Iterator[int]:
         }
         env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
         for item in env_text.split():
-            name, _, value = item.partition("=")
+            name, equals, value = item.partition("=")
+            if not equals or not name:
+                raise SystemExit(f"not NAME=VALUE: {item!r}")
             env[name] = value
         if path:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
@@ -77,7 +80,11 @@ def _edge(env_text: str, path: str | None, workers: int) -> Iterator[int]:
             yield port
         finally:
             server.terminate()
-            server.wait(15)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 #: A hook's request on a port; with a string, the n-th new message of a run.
@@ -93,7 +100,9 @@ def _run(port: int, make: Hook, args: argparse.Namespace, tag: str) -> float:
         os.unlink(script)
         os.unlink(lines)
     if bad:
-        print(f"  ({bad} non-2xx answers)")
+        print(f"  ({bad} non-2xx answers, counted in the rate: read the run again)")
+    if rate * args.seconds > args.fresh:
+        print(f"  (more than {args.fresh:,} requests: some repeated, raise --fresh)")
     print(f"  {tag:<10} {rate:>8,.0f} req/s   p99 {p99:6.1f} ms", flush=True)
     return rate
 
