@@ -9,7 +9,7 @@ POST does only what durability and the signature need: parse the form, check
 Twilio's HMAC-SHA1 over the URL and the sorted fields (hashlib), write the raw
 body as a blob with Switchboard's own group commit (`ingest.groupcommit`, the
 same fsynced writes as the product), append a small JSON event to kafka-python's
-producer (acks=all, idempotent, 5 ms linger, on the event loop) and answer 200 only
+producer (acks=all, idempotent, the product's edge linger, on the event loop) and answer 200 only
 once the broker acknowledged it. Each process (``--workers N``: N processes on one
 port with SO_REUSEPORT) has its own producer and blob threads, on one embedded
 broker. The same fresh signed requests as `bench/http_ingest.py --fresh`: run it
@@ -46,6 +46,7 @@ from ingest.groupcommit import GroupCommit
 from normalize.content import Blob
 from switchboard.blobs import open_blob_store
 from switchboard.broker import EmbeddedBroker, free_port, wait_for_port
+from switchboard.config import KafkaSettings
 
 TOPIC = "floor.inbound"
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/xml\r\ncontent-length: 0\r\n\r\n"
@@ -102,7 +103,12 @@ class FloorServer:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+            bootstrap_servers=bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            # The product's edge linger (5 ms until 2026-12-02, then 1), so the gap
+            # to Switchboard stays what its layers cost.
+            linger_ms=KafkaSettings().edge_linger_ms,
         )
         self.group = GroupCommit(open_blob_store(blobs, layout), ThreadPoolExecutor(16))
 
