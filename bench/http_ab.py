@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +32,9 @@ from pathlib import Path
 
 from bench.http_ingest import (
     HOOK_CONFIG,
-    SECRET,
-    TOKEN,
+    SWITCHBOARD,
     Request,
+    edge_env,
     fresh_script,
     json_hook_request,
     twilio_request,
@@ -52,18 +51,7 @@ def _edge(env_text: str, path: str | None, workers: int) -> Iterator[int]:
     with tempfile.TemporaryDirectory() as data:
         config = Path(data) / "switchboard.toml"
         config.write_text(HOOK_CONFIG)
-        env = {
-            **os.environ,
-            "SWITCHBOARD_HTTP_PORT": str(port),
-            "SWITCHBOARD_SMTP_ENABLED": "false",
-            "SWITCHBOARD_DATA_DIR": data,
-            "SWITCHBOARD_CONFIG": str(config),
-            "SWITCHBOARD_LOG_LEVEL": "WARNING",
-            "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
-            "BENCH_SECRET": SECRET,
-            "SWITCHBOARD_KAFKA_EMBEDDED": "true",
-        }
-        env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
+        env = edge_env(port, data, config)
         for item in env_text.split():
             name, equals, value = item.partition("=")
             if not equals or not name:
@@ -71,8 +59,7 @@ def _edge(env_text: str, path: str | None, workers: int) -> Iterator[int]:
             env[name] = value
         if path:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
-        switchboard = str(Path(sys.executable).with_name("switchboard"))
-        command = [switchboard, "ingest", "http", "--workers"]
+        command = [SWITCHBOARD, "ingest", "http", "--workers"]
         server = subprocess.Popen([*command, str(workers)], env=env, stderr=subprocess.DEVNULL)
         try:
             wait_http(port)

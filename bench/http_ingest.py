@@ -298,6 +298,29 @@ def main() -> None:
                 print(f"c={conns:<3}{suffix:<4} {ratios}")
 
 
+#: The `switchboard` command of this interpreter's environment.
+SWITCHBOARD = str(Path(sys.executable).with_name("switchboard"))
+
+
+def edge_env(port: int, data: str, config: Path, log_level: str = "WARNING") -> dict[str, str]:
+    """The environment of a bench's `switchboard` edge with the bench's hooks: this
+    process's, with the port, the data directory, the config file, the Twilio token
+    and the hook's secret, and an embedded broker of its own (never a configured one)."""
+    env = {
+        **os.environ,
+        "SWITCHBOARD_HTTP_PORT": str(port),
+        "SWITCHBOARD_SMTP_ENABLED": "false",
+        "SWITCHBOARD_DATA_DIR": data,
+        "SWITCHBOARD_CONFIG": str(config),
+        "SWITCHBOARD_LOG_LEVEL": log_level,
+        "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
+        "BENCH_SECRET": SECRET,
+        "SWITCHBOARD_KAFKA_EMBEDDED": "true",
+    }
+    env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
+    return env
+
+
 def switchboard(
     command: list[str],
     suffix: str,
@@ -311,21 +334,10 @@ def switchboard(
     with tempfile.TemporaryDirectory() as data:
         config = Path(data) / "switchboard.toml"
         config.write_text(HOOK_CONFIG + "\n[adapters.mailgun]\nmax_age_s = 3600\n")
-        env = {
-            **os.environ,
-            "SWITCHBOARD_HTTP_PORT": str(port),
-            "SWITCHBOARD_SMTP_ENABLED": "false",
-            "SWITCHBOARD_DATA_DIR": data,
-            "SWITCHBOARD_CONFIG": str(config),
-            "SWITCHBOARD_LOG_LEVEL": log_level,
-            "SWITCHBOARD_TWILIO_AUTH_TOKEN": TOKEN,
-            "BENCH_SECRET": SECRET,
-            "SWITCHBOARD_MAILGUN_SIGNING_KEY": SECRET,
-        }
-        env.pop("SWITCHBOARD_KAFKA_BOOTSTRAP", None)
-        env["SWITCHBOARD_KAFKA_EMBEDDED"] = "true"  # `ingest http` alone, its own broker
+        env = edge_env(port, data, config, log_level)
+        env["SWITCHBOARD_MAILGUN_SIGNING_KEY"] = SECRET
         sb = subprocess.Popen(
-            [str(Path(sys.executable).with_name("switchboard")), *command],
+            [SWITCHBOARD, *command],
             env=env,
             stderr=subprocess.DEVNULL,
         )
