@@ -99,9 +99,10 @@ class KafkaSettings(BaseSettings):
     # so its linger is every sender's wait, and at 64 connections two `ingest http`
     # processes sat at 65-75% CPU waiting on it. Both served at once and loaded in
     # alternation (bench/http_ab.py, 2026-12-02, medians of 4-5 rounds), 1 ms against
-    # 5: +14-24% req/s at 64 connections and +39-51% at 16 where the edges had CPU to
-    # spare, the same where they were near their CPU's limit, 0.85-1.01 at 128-256
-    # (pairs of 2026-11-30 had 5 ms 3-43% better there); 0 ms lost 17-19% against 1.
+    # 5: +39-51% req/s at 16 connections; +14-24% at 64 where the edges had CPU to
+    # spare, within the bench's ±20% spread (an A/A check); the same where they were
+    # near their CPU's limit; 0.85-1.01 at 128-256 (pairs of 2026-11-30 had 5 ms 3-43%
+    # better there); 0 ms lost 17-19% against 1.
     # README "HTTP ingest", "The edge's linger, measured in alternation".
     edge_linger_ms: int = Field(
         default=1,
