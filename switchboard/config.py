@@ -102,7 +102,7 @@ class KafkaSettings(BaseSettings):
     # 5: +39-51% req/s at 16 connections; +14-24% at 64 where the edges had CPU to
     # spare, within the bench's ±20% spread (an A/A check); the same where they were
     # near their CPU's limit; 0.85-1.01 at 128-256 (pairs of 2026-11-30 had 5 ms 3-43%
-    # better there); 0 ms lost 17-19% against 1.
+    # better there); 0 ms took 17-19% less than 1, within that spread.
     # README "HTTP ingest", "The edge's linger, measured in alternation".
     edge_linger_ms: int = Field(
         default=1,
