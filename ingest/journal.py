@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from switchboard.events import Event
+from switchboard.sqlitefile import open_durable, read_only, write_transaction
 from switchboard.topics import DEADLETTER
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,7 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
-        self._db.execute("PRAGMA busy_timeout=5000")  # the spool writes the same file
+        self._db = open_durable(path)  # its busy wait: the spool writes the same file
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()  # one statement on the connection at a time
         count, size = self._db.execute(
@@ -166,21 +164,15 @@ class Journal:
     def _write(self, batch: list[_Pending]) -> BaseException | None:
         now = time.time()
         try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    before = self._db.total_changes
-                    self._db.executemany(
-                        "INSERT OR IGNORE INTO journal (event_id, message_id, topic, type,"
-                        " source, key, time, subject, value, size, journaled_at)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        [(*p.row, now) for p in batch],
-                    )
-                    added = self._db.total_changes - before
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+            with self._lock, write_transaction(self._db):
+                before = self._db.total_changes
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO journal (event_id, message_id, topic, type,"
+                    " source, key, time, subject, value, size, journaled_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [(*p.row, now) for p in batch],
+                )
+                added = self._db.total_changes - before
         except sqlite3.Error as exc:
             log.error("journal write failed", extra={"path": str(self.path), "error": repr(exc)})
             return OSError(f"journal write failed: {exc}")
@@ -236,14 +228,8 @@ class Journal:
     def _execute_many(self, sql: str, keys: Sequence[int] | Sequence[str]) -> bool:
         if not keys:
             return False
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(sql, [(k,) for k in keys])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db):
+            self._db.executemany(sql, [(k,) for k in keys])
         return True
 
     def _recount(self) -> None:
@@ -286,8 +272,7 @@ def _entry(row: tuple[Any, ...]) -> Journaled:
 
 def read_journal_depth(path: Path) -> JournalDepth | None:
     """Depth of the journal in a spool file, from any process; None if it has none."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
+    with read_only(path) as db:
         try:
             count, size, oldest, dead = db.execute(
                 "SELECT count(*), coalesce(sum(size), 0), min(journaled_at),"
@@ -296,7 +281,5 @@ def read_journal_depth(path: Path) -> JournalDepth | None:
             ).fetchone()
         except sqlite3.OperationalError:
             return None  # no journal table: an external Kafka, or a role process
-    finally:
-        db.close()
     age = None if oldest is None else max(0.0, time.time() - oldest)
     return JournalDepth(count, size, age, dead)

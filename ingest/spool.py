@@ -43,6 +43,7 @@ from switchboard.metrics import (
     SPOOL_DRAINED,
     SPOOL_MESSAGES,
 )
+from switchboard.sqlitefile import open_durable, read_only, write_transaction
 from switchboard.topics import DEADLETTER
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,8 @@ class Spool:
         with contextlib.ExitStack() as undo:  # a failed set-up releases what it took
             self._owner = _own(path, wait_s)
             undo.callback(os.close, self._owner)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = open_durable(path)
             undo.callback(self._db.close)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
-            self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(_SCHEMA)
             undo.pop_all()
         self._lock = threading.Lock()  # one statement on the connection at a time
@@ -195,18 +193,12 @@ class Spool:
             for _, r in batch
         ]
         try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany(
-                        "INSERT INTO spool (topic, event_id, type, source, key, time, subject,"
-                        " value, size, spooled_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        rows,
-                    )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+            with self._lock, write_transaction(self._db):
+                self._db.executemany(
+                    "INSERT INTO spool (topic, event_id, type, source, key, time, subject,"
+                    " value, size, spooled_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
         except sqlite3.Error as exc:
             log.error("spool write failed", extra={"path": str(self.path), "error": repr(exc)})
             return OSError(f"spool write failed: {exc}")
@@ -243,14 +235,8 @@ class Spool:
         """Delete events the broker acknowledged."""
         if not records:
             return
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("DELETE FROM spool WHERE seq = ?", [(r.seq,) for r in records])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db):
+            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(r.seq,) for r in records])
         with self._commit:
             self._messages -= len(records)
             self._bytes -= sum(r.size for r in records)
@@ -299,13 +285,10 @@ def _own(path: Path, wait_s: float) -> int:
 
 def read_depth(path: Path) -> SpoolDepth:
     """Depth of a spool file, from any process (``switchboard status``)."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
+    with read_only(path) as db:
         count, size, oldest = db.execute(
             "SELECT count(*), coalesce(sum(size), 0), min(spooled_at) FROM spool"
         ).fetchone()
-    finally:
-        db.close()
     age = None if oldest is None else max(0.0, time.time() - oldest)
     return SpoolDepth(count, size, age)
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from switchboard.sqlitefile import open_durable, read_only, write_transaction
+
 #: The buffer's file in the data directory.
 BUFFER_FILE = "archive-buffer.sqlite3"
 
@@ -141,10 +143,7 @@ class BufferLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_durable(path)
         self._db.executescript(_SCHEMA)
         (latest,) = self._db.execute("SELECT max(generation) FROM chunks").fetchone()
         meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
@@ -185,17 +184,12 @@ class BufferLog:
         if not rows:
             return
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self._db):
                 self._db.executemany(
                     "INSERT INTO chunks (generation, topic, partition, first, last, count,"
                     " records) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
             for _, topic, partition, _, last, *_ in rows:
                 self._kept[(topic, partition)] = max(last, self._kept.get((topic, partition), -1))
 
@@ -265,11 +259,9 @@ def read_buffer_depth(data_dir: Path) -> int | None:
     path = data_dir / BUFFER_FILE
     if not path.exists():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        (count,) = db.execute(_DEPTH).fetchone()
-    except sqlite3.OperationalError:
-        return None  # created, no table yet
-    finally:
-        db.close()
+    with read_only(path) as db:
+        try:
+            (count,) = db.execute(_DEPTH).fetchone()
+        except sqlite3.OperationalError:
+            return None  # created, no table yet
     return int(count)

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 
 from normalize.content import Blob
 from switchboard.files import fsync_dir, make_dirs
+from switchboard.sqlitefile import write_transaction
 
 if TYPE_CHECKING:
     from switchboard.blobs import FileBlobStore, GcReport, References
@@ -499,8 +500,7 @@ class PackIndex:
                     if first + _BATCH >= len(records) or last is None
                     else last.offset + HEADER.size + last.size
                 )
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with write_transaction(db):
                     db.executemany(
                         "INSERT OR IGNORE INTO records (sha256, pack, offset, size) "
                         "VALUES (?, ?, ?, ?)",
@@ -511,10 +511,6 @@ class PackIndex:
                         "DO UPDATE SET indexed_to = max(indexed_to, excluded.indexed_to)",
                         (name, upto),
                     )
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
         for gone in known.keys() - present:
             self.forget(gone, db)
 
@@ -531,14 +527,9 @@ class PackIndex:
 
     @staticmethod
     def _forget(db: sqlite3.Connection, name: str) -> None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(db):
             db.execute("DELETE FROM records WHERE pack = ?", (name,))
             db.execute("DELETE FROM packs WHERE name = ?", (name,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
 
 def _open_pack(path: Path) -> int:
