@@ -208,7 +208,14 @@ def test_a_failed_start_sends_the_waiting_calls_to_the_workers_left(
             )
             assert isinstance(results[0], WorkerCrashed)  # after its retry, not before
             assert [r[1] for r in results[1:]] == list(range(6))  # type: ignore[index]
-            await asyncio.sleep(1.0)  # the retried start succeeds: two workers again
+            # The retried start succeeds: two workers again. Waited for, not slept:
+            # under CI's load a fresh process took longer than a fixed second.
+            for _ in range(300):
+                if len(pool._alive()) == 2 and all(w.ready and w.ready.done() for w in pool._slots):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the failed start was not retried")
             pids = {
                 pid for pid, _ in await asyncio.gather(*(pool.run(_slow_pid, i) for i in range(4)))
             }
