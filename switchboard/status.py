@@ -300,11 +300,14 @@ def _render_archive(state: Report | None) -> list[str]:
         else f"no file written since {state.get('started_at')}"
     )
     if state.get("failing_since"):
-        return [
+        line = (
             f"archive: FAILING since {state['failing_since']}, {state['failures']} failed "
             f"writes, the last: {state['last_error']}; {last}"
-        ]
-    line = f"archive: {last}, {state['files']} files since {state.get('started_at')}"
+        )
+    else:
+        line = f"archive: {last}, {state['files']} files since {state.get('started_at')}"
+    # While the archive fails is when the rows held on disk matter most: what a
+    # repaired archive will write, and what the disk is filling with.
     if state.get("buffered_rows"):
         line += f"; {state['buffered_rows']} rows buffered on disk, not in a file yet"
     return [line]

@@ -646,9 +646,13 @@ def test_an_archive_that_cannot_write_says_so_and_catches_up(tmp_path: Path) -> 
                 b"From: Hal <hal@example.org>\r\nTo: support@example.com\r\n"
                 b"Subject: Disk\r\nMessage-ID: <hal-disk@example.org>\r\n\r\nFull?\r\n",
             )
+        # ...and, on the same line, the rows it holds on disk meanwhile (the count was
+        # shown only while the archive wrote, not when an operator needs it).
         status = _until(
-            lambda: _status_saying(("archive: FAILING since",), env, tmp_path),
-            "the status to say the archive fails",
+            lambda: _status_saying(
+                ("archive: FAILING since", "rows buffered on disk"), env, tmp_path
+            ),
+            "the status to say the archive fails, with the rows it holds",
         )
         assert "NotADirectoryError" in status, status
         assert "no file written since" in status, status
