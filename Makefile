@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory
+.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ bench-smtp-auth: $(VENV)/.installed-dev
 ## What the SMTP data budget costs in memory: concurrent 8 MiB messages against a 64 MiB budget.
 bench-smtp-memory: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/smtp_memory.py
+
+## How long small mail waits behind a long parse, with and without the spare parse process.
+bench-parse-spare: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/parse_spare.py
 
 ## Legitimate mail latency while one client floods NOOPs and another holds its session limit.
 bench-hostile-smtp: $(VENV)/.installed-dev

@@ -30,6 +30,16 @@ worker cannot be started, the waiting calls go to the workers still alive and
 the start is retried with a growing pause; with no worker at all, calls fail
 with :class:`ParserUnavailable` (a retry-later answer, not a dead letter).
 
+A long parse holds only itself up: when a worker has spent ``spare_after_s`` on one
+call with others waiting behind it (a 25 MB mail, or a stranger's mail built to make
+the parser crawl until ``timeout_s``), the pool starts a spare process, up to one per
+worker, and gives it the waiting calls: those not yet written to the busy worker move,
+and those already in its socket are sent again (whichever answer comes first is
+taken; a parse has no side effects, and a crash's retry already runs a call twice).
+A spare that has been idle for ``spare_idle_s`` while nothing is stuck is stopped.
+Before 2026-12-02 one such mail held every other mail of its server for up to the
+whole ``timeout_s`` (60 s by default for SMTP).
+
 A worker may be bounded in memory (``memory_mb``: its address space, ``RLIMIT_AS``).
 What a stranger's message makes the parser allocate is then the parse process's
 problem, not the host's: a 25 MB mail of header lines or HTML took 855-923 MB here
@@ -270,6 +280,10 @@ class _Worker:
     timed_out: _Call | None = None
     #: Answered when the process has started and answered its first call.
     ready: asyncio.Future[Any] | None = None
+    #: Started beside a stuck worker, and stopped once idle (not replaced in a slot).
+    spare: bool = False
+    #: When the watchdog last saw it with work (a spare is stopped when idle long).
+    busy_at: float = 0.0
 
 
 class ParserPool:
@@ -278,10 +292,25 @@ class ParserPool:
     name = "parsers"
     edge = False
 
-    def __init__(self, workers: int = 0, timeout_s: float = 60.0, memory_mb: int = 0) -> None:
+    def __init__(
+        self,
+        workers: int = 0,
+        timeout_s: float = 60.0,
+        memory_mb: int = 0,
+        *,
+        spare_after_s: float = 2.0,
+        spare_idle_s: float = 30.0,
+        spares: int | None = None,
+    ) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb  # each process's address space; 0: unbounded
+        #: A call running this long with others waiting behind it starts a spare.
+        self.spare_after_s = min(spare_after_s, timeout_s / 2)
+        self.spare_idle_s = spare_idle_s
+        #: At most this many spares at once (default: one per worker; 0: none).
+        self.spares = workers if spares is None else spares
+        self._spare_task: asyncio.Task[None] | None = None
         self._slots: list[_Worker] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
@@ -359,6 +388,11 @@ class ParserPool:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._spare_task  # a spare half started is killed by its start
+            self._spare_task = None
         slots, self._slots = self._slots, []
         for worker in slots:
             busy = bool(worker.line)
@@ -407,7 +441,19 @@ class ParserPool:
         if not alive:
             self._backlog.append(call)  # sent once a replacement is up
             return
-        self._write(min(alive, key=lambda w: len(w.line) + len(w.queue)), call)
+        now = asyncio.get_running_loop().time()
+        self._write(
+            min(alive, key=lambda w: (self._stuck(w, now), len(w.line) + len(w.queue))), call
+        )
+
+    def _stuck(self, worker: _Worker, now: float) -> bool:
+        """On one call (not its own start) for longer than ``spare_after_s``."""
+        return (
+            bool(worker.line)
+            and not worker.line[0].internal
+            and worker.timed_out is None  # being killed: its successor takes the line
+            and now - worker.head_since > self.spare_after_s
+        )
 
     @staticmethod
     def _write(worker: _Worker, call: _Call) -> None:
@@ -484,6 +530,56 @@ class ParserPool:
                     )
                     worker.timed_out = worker.line[0]
                     worker.process.kill()  # its reader sees the hang-up and replaces it
+            self._tend_spares(now)
+
+    def _tend_spares(self, now: float) -> None:
+        """Start a spare when a worker is stuck with calls waiting behind it; stop
+        spares idle for ``spare_idle_s`` while no worker is stuck."""
+        alive = self._alive()
+        stuck = [w for w in alive if self._stuck(w, now)]
+        blocked = [w for w in stuck if len(w.line) > 1 or w.queue]
+        spares = [w for w in self._slots if w.spare]
+        starting = self._spare_task is not None and not self._spare_task.done()
+        if blocked and not starting and len(spares) < self.spares:
+            self._spare_task = asyncio.create_task(self._add_spare(), name="parser-spare")
+        for worker in alive:
+            if worker.line or worker.queue:
+                worker.busy_at = now
+            elif worker.spare and not stuck and now - worker.busy_at > self.spare_idle_s:
+                log.info("stopping an idle spare parser process", extra={"pid": worker.process.pid})
+                self._slots.remove(worker)  # its reader's hang-up then replaces nothing
+                _hang_up(worker)
+                asyncio.get_running_loop().run_in_executor(None, _join_all, [worker.process])
+
+    async def _add_spare(self) -> None:
+        """A spare process for the calls waiting behind stuck workers: the unwritten
+        ones move to it, those already in a stuck worker's socket are sent again."""
+        log.warning(
+            "a parse has run for over spare_after_s with mail waiting: starting a spare "
+            "parser process",
+            extra={"spare_after_s": self.spare_after_s},
+        )
+        try:
+            fresh = await self._spawn()
+            await self._until_ready(fresh)
+        except Exception:  # out of processes, or it died starting: the stuck one goes on
+            log.exception("cannot start a spare parser process")
+            return
+        if self._stopping:
+            _hang_up(fresh)
+            await asyncio.to_thread(_join_all, [fresh.process])
+            return
+        fresh.spare = True
+        fresh.busy_at = asyncio.get_running_loop().time()
+        self._slots.append(fresh)
+        now = asyncio.get_running_loop().time()
+        for worker in self._alive():
+            if worker is fresh or not self._stuck(worker, now):
+                continue
+            waiting = [c for c in (*list(worker.line)[1:], *worker.queue) if not c.future.done()]
+            worker.queue.clear()
+            for call in waiting:
+                self._write(fresh, call)
 
     async def _replace(self, dead: _Worker) -> None:
         """Put a fresh worker in the dead one's slot and hand it the dead one's line.
@@ -510,6 +606,9 @@ class ParserPool:
             await asyncio.to_thread(_join_all, [fresh.process])
             return
         self._slots[self._slots.index(dead)] = fresh
+        # A spare's successor is a spare too: stopped once idle, not kept for good.
+        fresh.spare = dead.spare
+        fresh.busy_at = asyncio.get_running_loop().time()
         self._unavailable = False
         for call in self._take_waiting(dead.line):
             self._send(call)
