@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, make_url, select
 
 from ingest.imap import ImapAdapter
 from ingest.imap_state import ImapStateStore
@@ -54,6 +54,8 @@ def embedded_bootstrap(data_dir: Path) -> str | None:
 def _part(fn: Callable[[], Any]) -> Any:  # noqa: ANN401 - JSON-ready data
     try:
         return fn()
+    except NoDatabase as exc:
+        return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one unreadable part must not hide the others
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
@@ -242,8 +244,27 @@ def _router(engine: Engine) -> Report:
     }
 
 
+class NoDatabase(Exception):
+    """A SQLite file that is not there: `status` reads, it never creates one."""
+
+
+def _existing(url: str) -> str:
+    """``url``, unless it names a SQLite file that does not exist: status run with
+    another data dir than `switchboard run` created an empty database in the
+    working directory and printed SQL errors about missing tables (newcomer review,
+    2026-12-02)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database or "")
+        if not path.is_file():
+            raise NoDatabase(
+                f"no database at {path} (is SWITCHBOARD_DATA_DIR the one `switchboard run` uses?)"
+            )
+    return url
+
+
 def _queue(settings: Settings) -> Report:
-    engine = make_engine(settings.resolved_queue_database_url())
+    engine = make_engine(_existing(settings.resolved_queue_database_url()))
     try:
         with engine.connect() as c:
             rows = c.execute(
@@ -262,21 +283,30 @@ def _queue(settings: Settings) -> Report:
 def collect(settings: Settings) -> Report:
     """Everything `switchboard status` prints, as JSON-ready data."""
     # One engine for the router's tables and the mailbox state (the same database).
-    engine = make_engine(settings.resolved_database_url())
+    try:
+        engine: Engine | None = make_engine(_existing(settings.resolved_database_url()))
+        missing: Report | None = None
+    except NoDatabase as exc:
+        engine, missing = None, {"error": str(exc)}
+
+    def on_router_db(read: Callable[[Engine], Any]) -> Any:  # noqa: ANN401 - JSON-ready
+        return missing if engine is None else _part(lambda: read(engine))
+
     try:
         return {
             "kafka": _part(lambda: _kafka(settings)),
             "spool": _part(lambda: _spools(settings)),
             "journal": _part(lambda: _journal(settings)),
             "archive": _part(lambda: _archive(settings)),
-            "router": _part(lambda: _router(engine)),
+            "router": on_router_db(_router),
             "queue": _part(lambda: _queue(settings)),
-            "imap": _part(lambda: ImapStateStore(engine).status())
+            "imap": on_router_db(lambda e: ImapStateStore(e).status())
             if ImapAdapter.settings_from(settings).mailboxes
             else [],
         }
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
 
 
 def _archive(settings: Settings) -> Report | None:
