@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare
+.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	rm -rf switchboard.egg-info
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed
+
+## Each target with the first line of the comment above it.
+help:
+	@awk '/^## /{if (!c) c=substr($$0, 4); next} /^[a-z][a-z-]*:/{if (c) printf "  %-20s %s\n", substr($$1, 1, length($$1)-1), c} {c=""}' $(MAKEFILE_LIST)
 
 ## Start the pipeline: embedded in-memory broker and SQLite unless configured otherwise.
 run: $(VENV)/.installed
