@@ -27,6 +27,13 @@ from tests import postgres
 from tests.dovecot import Dovecot, running_dovecot
 from tests.needs import REASON
 
+# The developer's own set-up stays out of the tests: the quick start exports
+# SWITCHBOARD_* variables (ports, the data dir) in the shell that may run them. Only
+# the tests' own (SWITCHBOARD_TEST_*) pass.
+for _name in [n for n in os.environ if n.startswith("SWITCHBOARD_")]:
+    if not _name.startswith("SWITCHBOARD_TEST_"):
+        del os.environ[_name]
+
 
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[EmbeddedBroker]:

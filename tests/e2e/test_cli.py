@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,22 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+#: Where the CLI runs: not the checkout, whose ./switchboard.toml (the quick start
+#: saves one there) the CLI would read (a newcomer's `make test-quick` failed on it).
+_NOWHERE = Path(tempfile.mkdtemp(prefix="switchboard-cli-test-"))
+
+
+def _cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = _NOWHERE
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     return subprocess.run(
         [sys.executable, "-m", "switchboard.cli", *args],
-        env={**base, **(env or {})},
+        env={**base, "PYTHONPATH": str(ROOT), **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ROOT,
+        cwd=cwd,
         check=False,
     )
 
@@ -82,8 +90,23 @@ def test_topics_create_without_a_broker_says_which_setting() -> None:
     assert "SWITCHBOARD_KAFKA_BOOTSTRAP" in result.stderr
 
 
+def test_status_with_another_data_dir_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    """`status` run with a data dir `switchboard run` never used created an empty
+    SQLite database there and printed SQL errors about missing tables (newcomer
+    review, 2026-12-02); it now says where it looked, and writes nothing."""
+    data = tmp_path / "data"
+    result = _cli("status", env={"SWITCHBOARD_DATA_DIR": str(data)})
+    assert result.returncode == 0, result.stderr
+    expected = f"no database at {data / 'switchboard.db'} (is SWITCHBOARD_DATA_DIR"
+    assert f"router: unavailable ({expected}" in result.stdout, result.stdout
+    assert f"queue: unavailable ({expected}" in result.stdout, result.stdout
+    assert "OperationalError" not in result.stdout
+    assert not data.exists()
+    assert not (_NOWHERE / "var").exists()
+
+
 def test_schema_export_check_passes_on_the_repository() -> None:
-    result = _cli("schema", "export", "--check")
+    result = _cli("schema", "export", "--check", cwd=ROOT)  # the checkout's schemas/
     assert result.returncode == 0, result.stderr
 
 

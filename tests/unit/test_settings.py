@@ -210,7 +210,11 @@ def test_every_unset_secret_is_named_at_once(
     )
 
 
-def test_errors_name_the_key_as_the_readme_writes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_errors_name_the_key_as_the_readme_writes_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # not the checkout's own ./switchboard.toml
+    monkeypatch.delenv("SWITCHBOARD_CONFIG", raising=False)
     monkeypatch.setenv("SWITCHBOARD_HTTP_PORT", "eighty")
     # The variable the value came from first (it was only the setting's name).
     with pytest.raises(
