@@ -51,6 +51,7 @@ from normalize.schema import (
     RecipientRole,
     Thread,
     strip_controls,
+    without_surrogates,
 )
 
 MAX_RECIPIENTS = 1000
@@ -200,7 +201,7 @@ def _decode_words(value: str) -> str:
     if "=?" not in value:
         return value
     try:
-        return str(make_header(decode_header(value)))
+        return without_surrogates(str(make_header(decode_header(value))))
     except Exception:  # noqa: BLE001 - bad charsets, bad base64, ...: keep the raw text
         return value
 
@@ -443,7 +444,7 @@ def _text_of(part: Message) -> str:
     charset = (part.get_content_charset() or "utf-8").strip().lower()
     for candidate in (charset, "utf-8"):
         try:
-            return data.decode(candidate)
+            return without_surrogates(data.decode(candidate))  # UTF-7 can make them
         except (LookupError, UnicodeDecodeError):
             continue
     # cp1252 is what mislabelled 8-bit mail almost always is; latin-1 never fails.
@@ -585,7 +586,7 @@ def _filename(part: Message) -> str | None:
         name = name if isinstance(name, str) else None
     if not name:
         return None
-    name = unicodedata.normalize("NFC", str(name))
+    name = unicodedata.normalize("NFC", without_surrogates(str(name)))
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = _FILENAME_BAD.sub("_", name).strip().lstrip(".").strip()
     while len(name.encode("utf-8")) > 255:

@@ -65,11 +65,23 @@ CONTROLS = re.compile(r"[\x00-\x1f]")
 BODY_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
+# A UTF-16 surrogate alone is not a character: JSON's "\ud83d" (a backend that cut a
+# text mid-emoji) and UTF-7's "+2AA-" decode to one, and no UTF-8 can carry it, so the
+# event could not be serialized (a 500, every retry; or the mail kept for review).
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(value: str) -> str:
+    """``value`` with each lone surrogate replaced by U+FFFD, as a decoder would."""
+    return SURROGATES.sub("\ufffd", value) if SURROGATES.search(value) else value
+
+
 def strip_controls(value: str, *, body: bool = False) -> str:
-    """``value`` without the control characters the schema refuses: what a
-    normalizer calls on every string it takes from outside (``body=True`` for
-    text bodies and metadata values, which keep tab, CR and LF)."""
-    return (BODY_CONTROLS if body else CONTROLS).sub("", value)
+    """``value`` without the control characters the schema refuses, and with lone
+    surrogates replaced by U+FFFD: what a normalizer calls on every string it takes
+    from outside (``body=True`` for text bodies and metadata values, which keep tab,
+    CR and LF)."""
+    return without_surrogates((BODY_CONTROLS if body else CONTROLS).sub("", value))
 
 
 def strip_controls_deep(value: object) -> object:

@@ -81,6 +81,14 @@ def _corpus() -> dict[str, bytes]:
         + b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\nhello\r\n",
         "bad-base64": HEAD % b"b64"
         + b"Content-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!\r\n",
+        # UTF-7's "+2AA-" decodes to a lone surrogate, which no UTF-8 can carry: each
+        # of these was kept for review (normalizer-error) until 2026-12-02.
+        "utf7-surrogates": b"From: =?utf-7?q?Eve_+2AA-?= <eve@example.org>\r\n"
+        b"To: support@example.com\r\nMessage-ID: <utf7@bad.example>\r\n"
+        b"Subject: =?utf-7?q?hi_+2AA-?=\r\nContent-Type: multipart/mixed; boundary=q\r\n\r\n"
+        b"--q\r\nContent-Type: text/plain; charset=utf-7\r\n\r\nhello +2AA- there\r\n"
+        b"--q\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename*=utf-7''a+2AA-.txt\r\n\r\nabc\r\n--q--\r\n",
     }
 
 
@@ -129,6 +137,10 @@ def test_the_smtp_corpus_is_accepted_or_refused_never_crashes(
         assert attachment.content_type == "application/zip"
     assert "nul-bytes" in by_name
     assert "\0" not in (by_name["nul-bytes"].text or "")
+    utf7 = by_name["utf7-surrogates"]
+    assert (utf7.subject, utf7.text) == ("hi \ufffd", "hello \ufffd there")
+    assert utf7.sender.display_name == "Eve \ufffd"
+    assert [a.filename for a in utf7.attachments] == ["a\ufffd.txt"]
     # The zip alone would inflate to 200 MB; nothing near that was ever held.
     assert grew < 150, f"peak RSS grew by {grew:.0f} MB over the corpus"
 
@@ -176,3 +188,12 @@ def test_the_http_corpus_gets_clear_errors(kafka_settings: KafkaSettings, tmp_pa
             f"{app.base}/webhooks/open", json={"email": "a@example.org", "text": "ok"}, timeout=30
         )
         assert fine.status_code == 202
+        # A backend that cut a text mid-emoji sends half a surrogate pair: a 500 for
+        # every retry until 2026-12-02 (attacker review); now the half is U+FFFD.
+        cut = local_http.post(
+            f"{app.base}/webhooks/open",
+            content=b'{"email": "a@example.org", "text": "Thanks! \\ud83d"}',
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert cut.status_code == 202, cut.text
