@@ -7,6 +7,7 @@ import smtplib
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
@@ -153,6 +154,42 @@ def test_a_mail_of_many_tiny_html_tags_is_parsed_in_linear_time(
     with smtp_server(kafka_settings, tmp_path, parse_workers=1, parse_timeout_s=10.0) as server:
         code, reply = server.send(raw)
         after = server.send(email(Message_ID=f"<after-tags-{unique}@example.org>"))
+    assert code == 250, reply
+    assert "kept for review" not in reply, reply
+    assert after[0] == 250
+    assert "kept for review" not in after[1]
+
+
+def _encoded_words_subject(unique: str) -> bytes:
+    folded = "\r\n ".join(["=?utf-8?q?a?= " * 50] * 2600)  # 130,000 encoded words
+    return (
+        f"From: eve@example.org\r\nTo: support@example.com\r\nSubject: {folded}\r\n"
+        f"Message-ID: <words-{unique}@example.org>\r\n\r\nbody\r\n"
+    ).encode()
+
+
+def _nested_divs(unique: str) -> bytes:
+    body = "\r\n".join(["<div>" * 1000] * 130)  # 130,000 elements deep
+    return (
+        "From: eve@example.org\r\nTo: support@example.com\r\nSubject: divs\r\n"
+        f"Message-ID: <divs-{unique}@example.org>\r\nContent-Type: text/html\r\n\r\n"
+        f"{body}\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("bomb", [_encoded_words_subject, _nested_divs])
+def test_mail_built_to_make_the_parser_crawl_is_parsed_in_linear_time(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, bomb: Callable[[str], bytes]
+) -> None:
+    """Two found by the attacker review of 2026-12-02, each held the parse process past
+    its 60 s timeout twice: a 1.8 MB Subject of 130,000 encoded words (the standard
+    library decodes them in quadratic time; now only the first 16 KiB of a header are
+    decoded), and 650 KB of 130,000 nested <div> (the HTML sanitizer is quadratic in
+    depth; HTML deeper than 1,000 is not rendered now). The real parse process with
+    a 10 s timeout: kept for review before, a message now, and the next mail too."""
+    with smtp_server(kafka_settings, tmp_path, parse_workers=1, parse_timeout_s=10.0) as server:
+        code, reply = server.send(bomb(unique))
+        after = server.send(email(Message_ID=f"<after-bomb-{unique}@example.org>"))
     assert code == 250, reply
     assert "kept for review" not in reply, reply
     assert after[0] == 250

@@ -16,8 +16,12 @@ import pytest
 from ingest.handoff import HandOff
 from normalize.content import Blob, Normalized
 from normalize.email import (
+    DECODED_HEADER_MAX,
     LAYOUT_HTML_MAX,
+    MAX_HTML_DEPTH,
     EmailContext,
+    _decode_words,
+    _deeper_than,
     _has_reply_cues,
     _html_to_text_linear,
     normalize_email,
@@ -241,6 +245,38 @@ def test_large_html_gets_its_text_the_linear_way() -> None:
     assert "steal" not in text
     assert "color" not in text
     assert text.count("x word") == LAYOUT_HTML_MAX // 14 + 1
+
+
+@pytest.mark.parametrize(
+    ("html", "deeper"),
+    [
+        ("<div>" * MAX_HTML_DEPTH + "x", False),
+        ("<div>" * (MAX_HTML_DEPTH + 1), True),
+        ("<div><b>x</b></div>" * 5000, False),  # closed: never deep
+        ("<p>x" * 5000 + "<li>y" * 5000 + "<br>" * 5000 + "<span/>" * 5000, False),
+        ("<" * 10_000 + "div>" * 10, False),  # not tags
+    ],
+)
+def test_html_depth_is_counted_on_the_elements_that_nest(html: str, *, deeper: bool) -> None:
+    assert _deeper_than(html, MAX_HTML_DEPTH) is deeper
+
+
+def test_html_too_deep_is_not_rendered_but_its_text_is_kept() -> None:
+    msg = simple()
+    msg.set_content("<p>Help with order 7</p>" + "<span>" * 2000 + "deep", subtype="html")
+    m = norm(msg.as_bytes()).message
+    assert m.html is None
+    assert m.text is not None
+    assert "Help with order 7" in m.text
+
+
+def test_encoded_words_are_decoded_in_a_headers_first_16_kib() -> None:
+    words = "=?utf-8?q?Caf=C3=A9?= " * 2000  # 44 KB
+    decoded = _decode_words(words)
+    assert decoded.startswith("Café" * 10)
+    whole = words[: words.rfind(" ", 0, DECODED_HEADER_MAX)]  # cut between words
+    assert decoded.count("Café") == len(whole.split())
+    assert decoded.endswith("=?utf-8?q?Caf=C3=A9?= ")  # the rest kept as it came
 
 
 @pytest.mark.parametrize(
