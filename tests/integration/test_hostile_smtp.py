@@ -247,9 +247,11 @@ def test_the_limit_handlers_are_not_smtp_commands(
             assert client.docmd(verb)[0] == 500, verb
 
 
-def _open_data(server: RunningSmtp, size: int | None = None) -> tuple[smtplib.SMTP, int, bytes]:
-    """A session past MAIL and RCPT that has sent DATA: (client, code, text)."""
-    client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
+def _open_data(
+    server: RunningSmtp, size: int | None = None, source: str = "127.0.0.1"
+) -> tuple[smtplib.SMTP, int, bytes]:
+    """A session from ``source`` past MAIL and RCPT that has sent DATA: (client, code, text)."""
+    client = smtplib.SMTP("127.0.0.1", server.port, timeout=10, source_address=(source, 0))
     client.ehlo("client.example.org")
     code, text = client.mail("alice@example.org", [f"SIZE={size}"] if size is not None else [])
     assert code == 250, text
@@ -270,26 +272,28 @@ def test_message_data_in_memory_is_bounded_and_released(
     """Senders holding DATA open cannot make the server buffer without end: past the
     budget DATA gets 452 4.3.1 (retry later), at DATA or, for a message that outgrows
     its room, after its final dot; a declared SIZE is the room a message starts
-    with, not a limit; the room comes back when a message ends."""
+    with, not a limit; the room comes back when a message ends. (Each sender from its
+    own address: one address may hold a quarter of the budget, the next test.)"""
     with smtp_server(
         kafka_settings, tmp_path, max_message_size=1024 * 1024, max_data_in_flight=2_500_000
     ) as server:
-        first, code, _ = _open_data(server)  # no SIZE: starts with 1 MiB (the maximum here)
+        # No SIZE: starts with 1 MiB (the maximum here).
+        first, code, _ = _open_data(server, source="127.0.0.11")
         assert code == 354
-        second, code, _ = _open_data(server)
+        second, code, _ = _open_data(server, source="127.0.0.12")
         assert code == 354
-        third, code, text = _open_data(server)
+        third, code, text = _open_data(server, source="127.0.0.13")
         assert (code, text[:5]) == (452, b"4.3.1")
         # A sender that declares its size fits in what is left; dot-stuffed lines
         # count once (RFC 1870's SIZE is the message, not the wire).
         dotted = email(f"small-{unique}") + b".\r\n" * 2_000
-        small, code, _ = _open_data(server, size=len(dotted))
+        small, code, _ = _open_data(server, size=len(dotted), source="127.0.0.14")
         assert code == 354
         code, text = _finish(small, dotted)
         assert code == 250, text
         # One that declares 1 KB and sends 600 KB outgrows the room left: 452 at the end.
         big = email(f"liar-{unique}") + (b"x" * 998 + b"\r\n") * 600
-        liar, code, _ = _open_data(server, size=1_000)
+        liar, code, _ = _open_data(server, size=1_000, source="127.0.0.15")
         assert code == 354
         code, text = _finish(liar, big)
         assert (code, text[:5]) == (452, b"4.3.1")
@@ -310,6 +314,46 @@ def test_message_data_in_memory_is_bounded_and_released(
         code, text = _finish(second, email(f"second-{unique}"))
         assert code == 250, text
         for client in (first, second, third, small, liar):
+            client.close()
+        wait_for(lambda: server.adapter._data_reserved == 0)
+
+
+def test_a_declared_size_holds_no_room_and_one_address_holds_a_quarter(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """41 sessions from 5 addresses declaring SIZE=25 MiB and sending nothing after
+    DATA held the whole 1 GiB: every other sender got 452 for as long as they stayed
+    (attacker review, 2026-12-02). A session now starts with at most 1 MiB whatever it
+    declares, and grows with the bytes it sends; one address's sessions hold at most a
+    quarter of the budget (its first message always fits)."""
+    mib = 1024 * 1024
+    with smtp_server(
+        kafka_settings, tmp_path, max_message_size=26 * mib, max_data_in_flight=32 * mib
+    ) as server:
+        idle = []
+        for n in range(10):  # 10 x 25 MiB declared: 250 MiB against a 32 MiB budget
+            client, code, _ = _open_data(server, size=25 * mib, source=f"127.0.0.{21 + n % 5}")
+            assert code == 354
+            idle.append(client)
+        code, reply = server.send(email(f"meanwhile-{unique}"))
+        assert code == 250, reply
+        # One address sending for real: its 5 MB message holds 8 MiB of room (grown in
+        # doubling steps), its quarter; its second DATA meanwhile does not fit, another
+        # address's message does.
+        body = email(f"big-{unique}") + (b"y" * 998 + b"\r\n") * 5_000
+        one, code, _ = _open_data(server, source="127.0.0.31")
+        assert code == 354
+        one.send(body.replace(b"\n.", b"\n.."))  # held: no final dot yet
+        wait_for(lambda: server.adapter._data_per_client["127.0.0.31"] >= 8 * mib)
+        again, code, text = _open_data(server, source="127.0.0.31")
+        assert (code, text[:5]) == (452, b"4.3.1")
+        other, code, _ = _open_data(server, source="127.0.0.32")
+        assert code == 354
+        code, text = _finish(other, body)
+        assert code == 250, text
+        one.send(b"\r\n.\r\n")
+        assert one.getreply()[0] == 250
+        for client in (*idle, one, again, other):
             client.close()
         wait_for(lambda: server.adapter._data_reserved == 0)
 
