@@ -123,6 +123,14 @@ class _Dispatch(dict[str, Any]):
         return super().get(command, default)
 
 
+def _echo(address: str) -> str:
+    """A client's address as a reply may quote it: ASCII, escaped past that, at most
+    256 characters. Invalid UTF-8 arrives as surrogate escapes, and the reply that
+    quoted it could not be encoded: a 451 (retry) instead of the 553 (attacker review,
+    2026-12-02)."""
+    return address[:256].encode("ascii", "backslashreplace").decode("ascii")
+
+
 class _Protocol(SMTP):
     """aiosmtpd's SMTP session with our limits and reply texts."""
 
@@ -431,11 +439,11 @@ class SmtpHandler:
             canonical = canonical_email(address, self._adapter.email_policy)
         except IdentityError:
             REJECTED.labels("smtp", "bad-address").inc()
-            return f"553 5.1.3 <{address}>: bad recipient address syntax"
+            return f"553 5.1.3 <{_echo(address)}>: bad recipient address syntax"
         if not self._adapter.accepts(canonical):
             REJECTED.labels("smtp", "relay").inc()
             return (
-                f"550 5.1.1 <{address}>: recipient not accepted here "
+                f"550 5.1.1 <{_echo(address)}>: recipient not accepted here "
                 "(not a local domain; this server does not relay)"
             )
         envelope.rcpt_tos.append(address)

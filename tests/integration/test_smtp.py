@@ -368,6 +368,27 @@ def test_recipient_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
         assert (code, text.decode()[:5]) == (452, "4.5.3")
 
 
+def test_a_recipient_of_invalid_utf8_is_refused_for_good(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """The 553 quoted the address, whose invalid UTF-8 could not be encoded: the
+    client got 451 and retried an address that can never work (attacker review,
+    2026-12-02)."""
+    with (
+        smtp_server(kafka_settings, tmp_path) as server,
+        server.client() as client,
+    ):
+        client.ehlo("client.example.org")
+        client.mail("alice@example.org")
+        client.send(b"RCPT TO:<support\xff\xfe@example.com>\r\n")
+        code, text = client.getreply()
+        assert code == 553, text
+        assert b"support\\udcff\\udcfe@example.com" in text
+        client.send(b"RCPT TO:<x@elsewhere.example\xff>\r\n")
+        assert client.getreply()[0] in {550, 553}
+        assert client.rcpt("support@example.com")[0] == 250  # the session goes on
+
+
 def test_a_failed_hand_off_answers_451_never_250(tmp_path: Path) -> None:
     nowhere = KafkaSettings(
         bootstrap=f"127.0.0.1:{free_port()}",
