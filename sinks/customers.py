@@ -223,6 +223,14 @@ def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
             .distinct()
         )
     }
+    # And the other identities a channel proved beside the sender (a vouching hook's
+    # phone): shown as claimed until 2026-12-02 (attacker review).
+    for contact, verified_keys in c.execute(
+        select(m.contact_id, m.verified_keys)
+        .where(m.contact_id.in_(ids), m.verified_keys.is_not(None))
+        .distinct()
+    ):
+        proven.update((str(contact), key) for key in verified_keys.split("\n"))
     latest_rank = (
         func.row_number()
         .over(partition_by=m.contact_id, order_by=(m.received_at.desc(), m.id.desc()))

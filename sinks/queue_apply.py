@@ -814,6 +814,10 @@ class _NewMessages:
                 "inboxes": sorted({r.key for r in m.recipients}),
                 "sender_verified": m.sender.assurance == Assurance.VERIFIED,
                 "sender_evidence": m.sender.evidence,
+                "verified_keys": "\n".join(
+                    sorted({i.key for i in m.identities if i.assurance == Assurance.VERIFIED})
+                )
+                or None,
                 "authentication": (
                     m.authentication.model_dump(mode="json") if m.authentication else None
                 ),

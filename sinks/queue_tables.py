@@ -113,6 +113,9 @@ q_messages = Table(
     # Whether the channel proved the sender (revision 2 of the schema), and how.
     Column("sender_verified", Boolean, nullable=False, server_default=false()),
     Column("sender_evidence", String(200)),
+    # The other identities the channel proved on this message (a vouching hook's
+    # phone beside its email), sorted and one per line; NULL when none.
+    Column("verified_keys", Text),
     Column("authentication", JSON),
     # Email threading, for the agent's reply link (In-Reply-To, References).
     Column("mail_message_id", String(998)),

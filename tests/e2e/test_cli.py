@@ -230,7 +230,7 @@ def test_db_upgrade_reports_the_revision(tmp_path: Path) -> None:
     again = _cli("db", "upgrade", env={"SWITCHBOARD_DATABASE_URL": url})
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == f"database at revision {describe(head_revisions())}"
-    assert "queue queue_0008" in first.stdout  # one database: every stage's tables
+    assert "queue queue_0009" in first.stdout  # one database: every stage's tables
     assert again.stdout == first.stdout
 
 

@@ -429,3 +429,9 @@ def test_queue_0008_goes_down_and_up_again_keeping_the_rows(url: str) -> None:
         "queue_0007",
         {"queue_contacts": "merged_at", "queue_identities": "linked_at"},
     )
+
+
+def test_queue_0009_goes_down_and_up_again_keeping_the_rows(url: str) -> None:
+    """The proved identities beside a message's sender leave in place and come back
+    empty (NULL: none known, as for every message before them)."""
+    _down_and_up(url, QUEUE_CHAIN, "queue_0008", {"queue_messages": "verified_keys"})

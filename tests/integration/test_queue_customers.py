@@ -272,6 +272,49 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
+def test_identities_a_hook_vouched_for_beside_the_sender_show_as_verified(
+    served: Served,
+) -> None:
+    """A hook of the company's own vouching for its user's email and phone proves both;
+    the queue showed the phone, not being the sender, as claimed ("anyone could have
+    typed it"; attacker review, 2026-12-02). A claimed phone beside them stays claimed."""
+    gina, conversation = uuid7(), uuid7()
+    mail = verified(email_identity("gina@example.org", "Gina"), "hook:app")
+    phone = verified(phone_identity("+14155550188"), "hook:app")
+    typed = phone_identity("+14155550199")
+    route(
+        served.store,
+        mail,
+        gina,
+        conversation,
+        "alice",
+        0,
+        channel="webhook",
+        adapter="webhook:app",
+        identities=(phone, typed),
+        subject=None,
+        text="I just signed up",
+        text_new=None,
+    )
+    linked = ContactEvent(
+        event_id=uuid.uuid4(),
+        kind=ContactEventKind.IDENTITY_LINKED,
+        contact_id=gina,
+        identities=(phone.key, typed.key),
+        occurred_at=T0,
+    )
+    kind = contact_event_type(ContactEventKind.IDENTITY_LINKED)
+    assert served.store.apply(kind, str(linked.event_id), linked.model_dump_json().encode())
+    with served.signed_in("alice", "alice-password") as alice:
+        items = alice.get("/api/queue").json()["items"]
+        (item,) = [i for i in items if i["contact_id"] == str(gina)]
+        assert {(i["key"], i["assurance"]) for i in item["identities"]} == {
+            ("email:gina@example.org", "verified"),
+            ("phone:+14155550188", "verified"),
+            ("phone:+14155550199", "claimed"),
+        }
+
+
 def test_an_agent_signs_in_and_sees_their_customers_one_item_each(served: Served) -> None:
     fill(served.store)
     with served.client() as anonymous:
