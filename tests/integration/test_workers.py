@@ -62,6 +62,15 @@ def _slow_pid(value: int) -> tuple[int, int]:
     return os.getpid(), value
 
 
+async def _until(done: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    """Wait (polling) for ``done()``; fail saying ``what`` did not happen."""
+    for _ in range(int(within_s * 10)):
+        if done():
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{what} within {within_s} s")
+
+
 def _pid_once_released(flag: str) -> int:
     """A parse that crawls until the test says so (a 25 MB mail, a crafted one)."""
     while not os.path.exists(flag):
@@ -94,17 +103,9 @@ def test_a_long_parse_holds_up_only_itself_a_spare_takes_the_waiting_calls(
             spare = next(w for w in pool._slots if w.spare)
             flag.touch()
             assert await asyncio.wait_for(slow, 30) == first.process.pid
-            for _ in range(300):  # idle for spare_idle_s: stopped
-                if pool._slots == [first]:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the idle spare was not stopped")
-            for _ in range(100):
-                if not spare.process.is_alive():
-                    break
-                await asyncio.sleep(0.1)
-            assert not spare.process.is_alive()
+            # Idle for spare_idle_s: stopped.
+            await _until(lambda: pool._slots == [first], "the idle spare was not stopped")
+            await _until(lambda: not spare.process.is_alive(), "the spare did not exit")
             pid, doubled = await asyncio.wait_for(pool.run(_pid_and_double, 21), 10)
             assert (pid, doubled) == (first.process.pid, 42)
         finally:
@@ -126,10 +127,7 @@ def test_at_most_one_spare_per_worker_and_none_without_waiting_calls(tmp_path: P
             # Two more that never end: the first goes behind it and starts a spare,
             # the second lands on the spare; then nothing more is started.
             more = [asyncio.ensure_future(pool.run(_pid_once_released, str(flag)))]
-            for _ in range(100):
-                if len(pool._slots) == 2:
-                    break
-                await asyncio.sleep(0.1)
+            await _until(lambda: len(pool._slots) == 2, "no spare was started")
             more.append(asyncio.ensure_future(pool.run(_pid_once_released, str(flag))))
             more.append(asyncio.ensure_future(pool.run(_pid_once_released, str(flag))))
             await asyncio.sleep(2.0)
@@ -292,12 +290,13 @@ def test_a_failed_start_sends_the_waiting_calls_to_the_workers_left(
             assert [r[1] for r in results[1:]] == list(range(6))  # type: ignore[index]
             # The retried start succeeds: two workers again. Waited for, not slept:
             # under CI's load a fresh process took longer than a fixed second.
-            for _ in range(300):
-                if len(pool._alive()) == 2 and all(w.ready and w.ready.done() for w in pool._slots):
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the failed start was not retried")
+            await _until(
+                lambda: (
+                    len(pool._alive()) == 2
+                    and all(w.ready is not None and w.ready.done() for w in pool._slots)
+                ),
+                "the failed start was not retried",
+            )
             pids = {
                 pid for pid, _ in await asyncio.gather(*(pool.run(_slow_pid, i) for i in range(4)))
             }
