@@ -549,6 +549,8 @@ _FLAT = frozenset(
 def _deeper_than(html: str, limit: int) -> bool:
     """Whether the elements nest deeper than ``limit``: counted on the tags in one
     linear pass, stopping as soon as they do."""
+    if html.count("<") - html.count("</") <= limit:
+        return False  # not that many opening tags: nearly every mail, without a scan
     depth = 0
     for tag in _TAGS.finditer(html):
         closing, name, self_closing = tag.groups()
