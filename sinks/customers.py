@@ -21,7 +21,9 @@ from sinks.queue_read import (
     _cursor_of,
     _iso,
     _message,
+    identity_item,
     message_page,
+    proven_identities,
 )
 from sinks.queue_tables import (
     PREVIEW,
@@ -190,16 +192,6 @@ class CustomerReader(QueueReader):
         ]
 
 
-def _identity(key: str, verified: bool) -> dict[str, Any]:
-    kind, _, value = key.partition(":")
-    return {
-        "key": key,
-        "kind": kind,
-        "value": value,
-        "assurance": "verified" if verified else "claimed",
-    }
-
-
 def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
     """Queue items for these queue_contacts rows, in their order: a handful of
     statements for the whole page (identities, the latest message, channels)."""
@@ -214,23 +206,7 @@ def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
     ):
         keys.setdefault(str(contact), []).append(key)
     m = q_messages.c
-    # An identity is verified when a channel proved it on some message of the contact.
-    proven = {
-        (str(contact), sender)
-        for contact, sender in c.execute(
-            select(m.contact_id, m.sender)
-            .where(m.contact_id.in_(ids), m.sender_verified.is_(True))
-            .distinct()
-        )
-    }
-    # And the other identities a channel proved beside the sender (a vouching hook's
-    # phone): shown as claimed until 2026-12-02 (attacker review).
-    for contact, verified_keys in c.execute(
-        select(m.contact_id, m.verified_keys)
-        .where(m.contact_id.in_(ids), m.verified_keys.is_not(None))
-        .distinct()
-    ):
-        proven.update((str(contact), key) for key in verified_keys.split("\n"))
+    proven = proven_identities(c, ids)
     latest_rank = (
         func.row_number()
         .over(partition_by=m.contact_id, order_by=(m.received_at.desc(), m.id.desc()))
@@ -274,7 +250,7 @@ def _describe(c: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
     items = []
     for r in rows:
         cid = str(r.id)
-        identities = [_identity(k, (cid, k) in proven) for k in keys.get(cid, [])]
+        identities = [identity_item(k, (cid, k) in proven) for k in keys.get(cid, [])]
         last = latest.get(cid)
         body = (last.text_new or last.text or "") if last is not None else ""
         first_line = next((line.strip() for line in body.splitlines() if line.strip()), "")

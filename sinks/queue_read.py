@@ -133,6 +133,9 @@ class QueueReader:
         }
 
     def contact(self, contact_id: UUID) -> dict[str, Any]:
+        """The contact's card as JSON. ``identities`` are the keys (as before);
+        ``identity_details`` the same with kind, value and assurance, as the queue's
+        items give them (the card's API had no assurance until 2026-12-02)."""
         with self.engine.connect() as c:
             live = survivor(c, contact_id)
             row = c.execute(select(q_contacts).where(q_contacts.c.id == live)).first()
@@ -156,12 +159,14 @@ class QueueReader:
             suggested = suggestions.open_for(
                 c, live, merged_ids, lambda contact: survivor(c, contact)
             )
+            proven = proven_identities(c, [live])
         return {
             "id": str(live),
             "requested_id": str(contact_id),
             "merged": live != contact_id,
             "owner": row.owner,
             "identities": keys,
+            "identity_details": [identity_item(k, (str(live), k) in proven) for k in keys],
             "conversations": [_conversation_summary(r) for r in convs],
             "merge_suggestions": suggested,
         }
@@ -339,3 +344,36 @@ def _message(row: Any) -> dict[str, Any]:  # noqa: ANN401 - a Row
         "mail_message_id": row.mail_message_id,
         "mail_references": row.mail_references.split() if row.mail_references else [],
     }
+
+
+def identity_item(key: str, verified: bool) -> dict[str, Any]:
+    """An identity as the API shows it: key, kind, value and assurance."""
+    kind, _, value = key.partition(":")
+    return {
+        "key": key,
+        "kind": kind,
+        "value": value,
+        "assurance": "verified" if verified else "claimed",
+    }
+
+
+def proven_identities(c: Connection, contact_ids: Sequence[UUID]) -> set[tuple[str, str]]:
+    """(contact id, identity key) for every identity a channel proved on a message of
+    these contacts: as the sender, or beside it (a vouching hook's phone, shown as
+    claimed until 2026-12-02: attacker review)."""
+    m = q_messages.c
+    proven = {
+        (str(contact), sender)
+        for contact, sender in c.execute(
+            select(m.contact_id, m.sender)
+            .where(m.contact_id.in_(contact_ids), m.sender_verified.is_(True))
+            .distinct()
+        )
+    }
+    for contact, verified_keys in c.execute(
+        select(m.contact_id, m.verified_keys)
+        .where(m.contact_id.in_(contact_ids), m.verified_keys.is_not(None))
+        .distinct()
+    ):
+        proven.update((str(contact), key) for key in verified_keys.split("\n"))
+    return proven

@@ -308,11 +308,16 @@ def test_identities_a_hook_vouched_for_beside_the_sender_show_as_verified(
     with served.signed_in("alice", "alice-password") as alice:
         items = alice.get("/api/queue").json()["items"]
         (item,) = [i for i in items if i["contact_id"] == str(gina)]
-        assert {(i["key"], i["assurance"]) for i in item["identities"]} == {
+        expected = {
             ("email:gina@example.org", "verified"),
             ("phone:+14155550188", "verified"),
             ("phone:+14155550199", "claimed"),
         }
+        assert {(i["key"], i["assurance"]) for i in item["identities"]} == expected
+        # The card's API: the keys as before, and the same assurance beside them.
+        card = alice.get(f"/api/contacts/{gina}").json()
+        assert card["identities"] == sorted(key for key, _ in expected)
+        assert {(i["key"], i["assurance"]) for i in card["identity_details"]} == expected
 
 
 def test_an_agent_signs_in_and_sees_their_customers_one_item_each(served: Served) -> None:
