@@ -92,8 +92,9 @@ class SmtpSettings(BaseSettings):
         ge=1024 * 1024,
         description=(
             "Bytes of message data all sessions together may hold in memory while "
-            "receiving and handing off (each DATA reserves its declared SIZE plus a "
-            "tenth and 64 KiB, else max_message_size); past it DATA gets 452 4.3.1. "
+            "receiving and handing off (each DATA starts with its declared SIZE plus a "
+            "tenth and 64 KiB, at most 1 MiB, and grows as data arrives; one client "
+            "address's other sessions may hold a quarter); past it DATA gets 452 4.3.1. "
             "Divided among the --workers processes."
         ),
     )

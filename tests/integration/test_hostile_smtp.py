@@ -356,6 +356,16 @@ def test_a_declared_size_holds_no_room_and_one_address_holds_a_quarter(
         for client in (*idle, one, again, other):
             client.close()
         wait_for(lambda: server.adapter._data_reserved == 0)
+        # A client's only message grows past the quarter (its own room does not count
+        # against it): 17 MB, the room doubling to 32 MiB, the whole budget, whose
+        # quarter is 8 MiB. Refused with 452 by the first version of the share.
+        large = email(f"large-{unique}") + (b"z" * 998 + b"\r\n") * 17_000
+        alone, code, _ = _open_data(server, source="127.0.0.33")
+        assert code == 354
+        code, text = _finish(alone, large)
+        assert code == 250, text
+        alone.close()
+        wait_for(lambda: server.adapter._data_reserved == 0)
 
 
 def _reply_bomb(message_id: str) -> bytes:
