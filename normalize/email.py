@@ -528,48 +528,28 @@ def _img_only_from_message(tag: str, attribute: str, value: str) -> str | None:
     return value
 
 
-#: Deeper HTML is not rendered (the text is still taken from it). The sanitizer, nh3,
-#: takes quadratic time in the nesting depth: 10,000 nested <div> 0.3 s, 40,000 7.4 s,
-#: and a stranger's 650 KB mail of 130,000 held the parse process for its whole
-#: timeout, twice (attacker review, 2026-12-02). Real mail nests a few dozen deep.
-MAX_HTML_DEPTH = 1000
-_TAGS = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9-]*)[^<>]*?(/?)>")
-# Elements that never hold others (void), or whose end tag may be left out: an
-# unclosed <p> or <li> is closed by the next one, not nested in it.
-_FLAT = frozenset(
-    {
-        *("area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta"),
-        *("source", "track", "wbr", "p", "li", "dt", "dd", "tr", "td", "th", "thead"),
-        *("tbody", "tfoot", "option", "optgroup", "rb", "rt", "rp", "colgroup", "caption"),
-        *("html", "head", "body"),
-    }
-)
+#: HTML with more start tags than this is not rendered (the text is still taken from
+#: it). The sanitizer, nh3, takes quadratic time in the nesting depth: 10,000 nested
+#: <div> 0.24-0.34 s, 40,000 7.4 s, and a stranger's 650 KB mail of 130,000 held the
+#: parse process for its whole timeout, twice (attacker review, 2026-12-02). No count of
+#: the depth by pattern is safe: one that skipped "<div/>" (a <div> to an HTML parser),
+#: lowered it at stray end tags and missed tags with a "<" in an attribute was fooled by
+#: each (review of that fix, the same day). The depth cannot exceed the start tags, and
+#: "<" not followed by "/" counts at least those, whatever the markup. A mail's HTML
+#: with more than 10,000 tags (several hundred KB; clients clip far below) is rare.
+MAX_HTML_START_TAGS = 10_000
 
 
-def _deeper_than(html: str, limit: int) -> bool:
-    """Whether the elements nest deeper than ``limit``: counted on the tags in one
-    linear pass, stopping as soon as they do."""
-    if html.count("<") - html.count("</") <= limit:
-        return False  # not that many opening tags: nearly every mail, without a scan
-    depth = 0
-    for tag in _TAGS.finditer(html):
-        closing, name, self_closing = tag.groups()
-        if self_closing or name.lower() in _FLAT:
-            continue
-        if closing:
-            depth = max(0, depth - 1)
-        else:
-            depth += 1
-            if depth > limit:
-                return True
-    return False
+def _too_many_start_tags(html: str) -> bool:
+    """More possible start tags than MAX_HTML_START_TAGS (two counts, in C)."""
+    return html.count("<") - html.count("</") > MAX_HTML_START_TAGS
 
 
 def sanitize_html(html: str) -> str | None:
     """HTML an agent's page may render (in a sandboxed frame): no scripts, styles,
-    forms, media or remote images; None when nothing is left, or when it nests
-    deeper than ``MAX_HTML_DEPTH``."""
-    if _deeper_than(html, MAX_HTML_DEPTH):
+    forms, media or remote images; None when nothing is left, or when it has more
+    than ``MAX_HTML_START_TAGS`` tags."""
+    if _too_many_start_tags(html):
         return None
     cleaned = nh3.clean(
         strip_controls(html, body=True),

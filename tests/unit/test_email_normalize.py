@@ -18,12 +18,12 @@ from normalize.content import Blob, Normalized
 from normalize.email import (
     DECODED_HEADER_MAX,
     LAYOUT_HTML_MAX,
-    MAX_HTML_DEPTH,
+    MAX_HTML_START_TAGS,
     EmailContext,
     _decode_words,
-    _deeper_than,
     _has_reply_cues,
     _html_to_text_linear,
+    _too_many_start_tags,
     normalize_email,
     serialize_email,
 )
@@ -248,22 +248,28 @@ def test_large_html_gets_its_text_the_linear_way() -> None:
 
 
 @pytest.mark.parametrize(
-    ("html", "deeper"),
+    ("unit", "many"),
     [
-        ("<div>" * MAX_HTML_DEPTH + "x", False),
-        ("<div>" * (MAX_HTML_DEPTH + 1), True),
-        ("<div><b>x</b></div>" * 5000, False),  # closed: never deep
-        ("<p>x" * 5000 + "<li>y" * 5000 + "<br>" * 5000 + "<span/>" * 5000, False),
-        ("<" * 10_000 + "div>" * 10, False),  # not tags
+        ("<div>", True),
+        # Each fooled the first version, a depth counted by pattern (review, 2026-12-02):
+        ("<div/>", True),  # a <div> to an HTML parser
+        ("<div></b>", True),  # the stray end tag closes nothing
+        ('<div title="<">', True),  # a "<" inside an attribute
+        ("<div></div>", True),  # closed or not: a start tag each
+        ("</div>", False),  # end tags alone start nothing
     ],
 )
-def test_html_depth_is_counted_on_the_elements_that_nest(html: str, *, deeper: bool) -> None:
-    assert _deeper_than(html, MAX_HTML_DEPTH) is deeper
+def test_html_start_tags_are_counted_whatever_the_markup(unit: str, *, many: bool) -> None:
+    assert _too_many_start_tags(unit * (MAX_HTML_START_TAGS + 1)) is many
+    assert not _too_many_start_tags(unit * (MAX_HTML_START_TAGS // 2))
 
 
-def test_html_too_deep_is_not_rendered_but_its_text_is_kept() -> None:
+def test_html_of_too_many_tags_is_not_rendered_but_its_text_is_kept() -> None:
     msg = simple()
-    msg.set_content("<p>Help with order 7</p>" + "<span>" * 2000 + "deep", subtype="html")
+    msg.set_content(
+        "<p>Help with order 7</p>" + "<span/>" * (MAX_HTML_START_TAGS + 1) + "deep",
+        subtype="html",
+    )
     m = norm(msg.as_bytes()).message
     assert m.html is None
     assert m.text is not None
