@@ -477,8 +477,9 @@ def _clean_text(text: str) -> str | None:
 #: The HTML inscriptis lays out (tables, lists, line breaks as a mail client shows
 #: them). It merges the text of one block in quadratic time: one <p> of 300,000 tiny
 #: tags (4 MB) took 50-58 s, 1 MB 2.2 s, 2 MB 9.4 s (2026-12-02, loaded machine), so a
-#: stranger's mail held a parse process up to its timeout, twice. 256 KB takes at most
-#: about 0.3 s; anything larger has its text taken in linear time instead.
+#: stranger's mail held a parse process up to its timeout, twice. Just under 256 KB the
+#: worst measured was 1.2-1.5 s (one table row of cells; a review, the same day);
+#: anything larger has its text taken in linear time instead.
 LAYOUT_HTML_MAX = 256 * 1024
 # Elements whose end is a line break in the linear extraction.
 _BLOCKS = frozenset(
@@ -490,6 +491,9 @@ _BLOCKS = frozenset(
     }
 )
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
+# Runs of spaces and tabs, as HTML collapses them (a review found the linear text
+# keeping the source's indentation and every &nbsp;).
+_SPACES = re.compile(r"[ \t]+")
 _UNSEEN = ("script", "style", "head", "template", "noscript")
 # A tag without its closing ">" stops at the next "<": each character is looked at a
 # bounded number of times ("<[^>]*>" rescanned to the end after every lone "<").
@@ -519,7 +523,8 @@ def _html_to_text_linear(html: str) -> str:
         if isinstance(element.tag, str) and element.tag.lower() in _BLOCKS:
             element.text = "\n" + (element.text or "")
             element.tail = "\n" + (element.tail or "")
-    return _BLANK_LINES.sub("\n", str(root.text_content()))
+    text = str(root.text_content()).replace("\xa0", " ")
+    return _BLANK_LINES.sub("\n", _SPACES.sub(" ", text).replace(" \n", "\n").replace("\n ", "\n"))
 
 
 def _img_only_from_message(tag: str, attribute: str, value: str) -> str | None:

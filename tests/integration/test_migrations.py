@@ -435,3 +435,10 @@ def test_queue_0009_goes_down_and_up_again_keeping_the_rows(url: str) -> None:
     """The proved identities beside a message's sender leave in place and come back
     empty (NULL: none known, as for every message before them)."""
     _down_and_up(url, QUEUE_CHAIN, "queue_0008", {"queue_messages": "verified_keys"})
+    engine = make_engine(url)
+    try:
+        columns = {c["name"] for c in inspect(engine).get_columns("queue_messages")}
+    finally:
+        engine.dispose()
+    assert "verified_keys" in columns  # back at the head (a review: without this line
+    # the test passed on the code before the migration existed)

@@ -293,6 +293,11 @@ def test_encoded_words_are_decoded_in_a_headers_first_16_kib() -> None:
         ("<p>a</p>\n \n\n<p>b</p><br>c", "\na\nb\nc"),
         ("<table><tr><td>a</td><td>b</td></tr></table>", "\na\nb\n"),
         ("plain &lt;text&gt;", "plain <text>"),
+        # Spaces collapse as HTML shows them, &nbsp; included (review, 2026-12-02).
+        (
+            "<div>Order&nbsp;#1234</div>\n   <p>Hello   Jane,\n   thanks.</p>",
+            "\nOrder #1234\nHello Jane,\nthanks.\n",
+        ),
     ],
 )
 def test_the_linear_html_text(html: str, text: str) -> None:
