@@ -176,6 +176,14 @@ def test_the_http_corpus_gets_clear_errors(kafka_settings: KafkaSettings, tmp_pa
             + b"]}",
             "application/json",
         ),
+        # 110,000 numbers in one array: one container, over 100,000 values (a review of
+        # the container limit, the same day).
+        "many-values": (
+            b'{"email": "a@example.org", "text": "hi", "x": ['
+            + b",".join([b"1"] * 110_000)
+            + b"]}",
+            "application/json",
+        ),
         "invalid-utf8": (b'{"email": "a@example.org", "text": "\xff\xfe"}', "application/json"),
         "nul-in-json": (b'{"email": "a@exa\\u0000mple.org", "text": "x"}', "application/json"),
         "not-json": (b"\x00\x01\x02", "application/json"),
