@@ -79,17 +79,3 @@ def _shape_refusal(value: object) -> str | None:
         children = item.values() if isinstance(item, dict) else item
         stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
     return None
-
-
-def deeper_than(value: object, limit: int) -> bool:
-    """Whether a parsed JSON value nests more than ``limit`` levels (iteratively)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
-    return False

@@ -569,10 +569,10 @@ class ParserPool:
             _hang_up(fresh)
             await asyncio.to_thread(_join_all, [fresh.process])
             return
-        fresh.spare = True
-        fresh.busy_at = asyncio.get_running_loop().time()
-        self._slots.append(fresh)
         now = asyncio.get_running_loop().time()
+        fresh.spare = True
+        fresh.busy_at = now
+        self._slots.append(fresh)
         for worker in self._alive():
             if worker is fresh or not self._stuck(worker, now):
                 continue
