@@ -1,7 +1,7 @@
 """HTTP ingest throughput: Twilio SMS, JSON web hooks, Mailgun vs a bare FastAPI hook.
 
 Usage: .venv/bin/python bench/http_ingest.py [--seconds S] [--concurrency 1,16,64] [--fresh N]
-                                            [--workers 1,2] [--skip-mailgun]
+                                            [--workers 1,2] [--skip-mailgun] [--rounds R]
 Needs `wrk` (apt-get install wrk) as the load generator.
 
 Each target runs in its own process on loopback and is driven by wrk with a
@@ -29,6 +29,13 @@ With ``--workers 1,2`` the switchboard targets are `switchboard ingest http
 --workers N` instead (the edge alone, N processes on one port, its embedded
 broker beside it), once per N: what more processes give on this machine, where
 wrk shares the two cores with them.
+
+With ``--rounds R`` the whole sequence (the bare hooks, then each target) runs R
+times in turn, and each ratio is printed per round (against that round's bare
+hook) and as the median of the rounds. This machine's speed drifts between runs
+(a bare hook measured 8,482 and then 11,967 req/s a minute apart, 2026-12-02):
+a ratio is only meaningful against a ceiling measured right beside it, and one
+round is one sample of it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import hmac
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,7 +235,22 @@ def main() -> None:
         metavar="N",
         help="every request a new message, N prepared per run (e.g. 60000); see above",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the whole sequence R times in turn; see above"
+    )
     args = parser.parse_args()
+    rounds: list[dict[tuple[str, int], float]] = []
+    for round_ in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {round_} of {args.rounds}, {time.strftime('%H:%M:%S')}", flush=True)
+        rounds.append(one_round(args))
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds (each round's ratio against its own bare hook):")
+        print_ratios(args, rounds)
+
+
+def one_round(args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    """Measure the bare hooks, then every target; print each ratio; the rates."""
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], float] = {}
     targets = (
@@ -258,7 +281,7 @@ def main() -> None:
             if repeated and not name.startswith("bare"):  # the bare hooks store nothing
                 note += f"  (more than {args.fresh:,} requests: some repeated)"
             latency = f"p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
-            print(f"{name:<13} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}")
+            print(f"{name:<13} c={conns:<3} {rate:>8,.0f} req/s   {latency}{note}", flush=True)
 
     for name, http_parser in (("bare", "auto"), ("bare-h11", "h11")):
         port = free_port()
@@ -279,23 +302,34 @@ def main() -> None:
             bare.terminate()
             bare.wait(10)
 
-    names = []
     for label, command in targets:
         suffix = "" if label == "run" else f" {label}"
-        names.append(suffix)
         switchboard(
             command, suffix, measure, skip_mailgun=args.skip_mailgun, log_level=args.log_level
         )
+    print_ratios(args, [results])
+    return results
+
+
+def print_ratios(args: argparse.Namespace, rounds: list[dict[tuple[str, int], float]]) -> None:
+    """Each target's rate over each bare hook's: with several rounds, the median of
+    the rounds' ratios (and their range), each round against its own bare hook."""
+    levels = [int(c) for c in args.concurrency.split(",")]
+    suffixes = [""] if not args.workers else [f" x{n}" for n in args.workers.split(",") if n]
     for conns in levels:
         for ceiling in ("bare", "bare-h11"):
-            base = results[(ceiling, conns)]
-            for suffix in names:
-                ratios = "   ".join(
-                    f"{name}/{ceiling} {results[(name + suffix, conns)] / base:.0%}"
-                    for name in ("twilio", "json-hook", "mailgun")
-                    if (name + suffix, conns) in results
-                )
-                print(f"c={conns:<3}{suffix:<4} {ratios}")
+            for suffix in suffixes:
+                ratios = []
+                for name in ("twilio", "json-hook", "mailgun"):
+                    key = (name + suffix, conns)
+                    found = [r[key] / r[(ceiling, conns)] for r in rounds if key in r]
+                    if not found:
+                        continue
+                    text = f"{name}/{ceiling} {statistics.median(found):.0%}"
+                    if len(found) > 1:
+                        text += f" ({min(found):.0%}-{max(found):.0%})"
+                    ratios.append(text)
+                print(f"c={conns:<3}{suffix:<4} {'   '.join(ratios)}")
 
 
 #: The `switchboard` command of this interpreter's environment.
