@@ -84,8 +84,14 @@ class MailgunForm:
                 else:
                     self.values.setdefault(part.name, []).append(part.data)
         else:
-            for key, value in parse_qsl(request.body, keep_blank_values=True):
-                self.values.setdefault(key.decode("utf-8", "replace"), []).append(value)
+            # Byte for byte: as Latin-1 each percent escape becomes the one byte it
+            # names. parse_qsl on the bytes themselves raised UnicodeEncodeError on
+            # any escaped non-ASCII character (an "é" in the text), which made every
+            # such mail a normalizer-error dead letter until 2026-12-02.
+            text = request.body.decode("latin-1")
+            for key, value in parse_qsl(text, keep_blank_values=True, encoding="latin-1"):
+                name = key.encode("latin-1").decode("utf-8", "replace")
+                self.values.setdefault(name, []).append(value.encode("latin-1"))
 
     def raw(self, name: str) -> bytes | None:
         values = self.values.get(name)
