@@ -12,11 +12,18 @@ Every request is signed: ``signature`` is the hex HMAC-SHA256 of
 200 accepted (or kept as a dead letter); 403 bad or missing signature (Mailgun
 retries for 8 hours, so a mistyped key loses nothing once fixed); 406 a
 correctly signed request older than ``max_age_s``, which Mailgun must not retry
-(kept as a dead letter with reason ``stale``); 503 not durable (retried).
+(kept as a dead letter with reason ``stale``), or whose token already carried
+another message (``replay``, below); 503 not durable (retried).
+
+The signature covers the timestamp and token, not the mail: each token is single
+use (:mod:`ingest.replay`). It is bound to the first message it carried (its
+dedupe key), so Mailgun's retry of the same mail passes and a captured signature
+put on any other mail is refused (406, kept as evidence).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -29,10 +36,12 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.exc import SQLAlchemyError
 
-from ingest.errors import Rejected
+from ingest.errors import Rejected, RetryLater
 from ingest.jsonbody import load_json
 from ingest.mailauth import mailgun_verdict
+from ingest.replay import UsedTokens
 from ingest.sdk import (
     FORM,
     MAX_FORM_PARTS,
@@ -218,6 +227,9 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
 
     def __init__(self, settings: MailgunSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
+        # A timestamp passes up to max_age_s either side of now: its token is kept
+        # for that whole window, and a minute more.
+        self.tokens = UsedTokens(context.engine, keep_s=2 * settings.max_age_s + 60)
         if settings.signing_key is None:
             log.warning(
                 "no Mailgun signing key configured (SWITCHBOARD_MAILGUN_SIGNING_KEY): every "
@@ -249,11 +261,32 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         # by the whole-form parse (a stranger's 10 MB of empty parts held the parser
         # for 16 s and 461 MB; review of 2026-12-01).
         try:
-            fields = signature_fields(request)
+            fields = request.once(signature_fields)
         except NormalizeError as exc:
             detail = f"cannot read the signature: {exc.detail}"
             raise Rejected("signature", detail, status=403) from exc
         _verify(self.settings, fields)
+
+    async def normalize(self, request: InboundRequest) -> Normalized:
+        normalized = await super().normalize(request)
+        token = request.once(signature_fields)["token"]
+        try:
+            fresh = await asyncio.to_thread(
+                self.tokens.claim, self.name, token, normalized.message.dedupe_key
+            )
+        except SQLAlchemyError as exc:
+            # Not checked, not taken: Mailgun retries a 503 for hours.
+            log.error("cannot check the Mailgun token", extra={"error": repr(exc)})
+            raise RetryLater("cannot check the request's token; try again") from exc
+        if not fresh:
+            raise Rejected(
+                "replay",
+                "this signature's token already carried another message: a replayed "
+                "signature on another mail; kept for review",
+                status=406,
+                record=True,
+            )
+        return normalized
 
     def parse(self, request: InboundRequest) -> Normalized:
         form = request.once(MailgunForm)

@@ -66,5 +66,5 @@ def upgrade_databases(
 
 
 def describe(revisions: dict[str, str | None]) -> str:
-    """``ingest ingest_0001, queue queue_0009, router router_0003``."""
+    """``ingest ingest_0002, queue queue_0009, router router_0003``."""
     return ", ".join(f"{stage} {revisions[stage] or 'none'}" for stage in sorted(revisions))

@@ -7,12 +7,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 from pydantic import BaseModel
+from sqlalchemy import Engine
 
 from ingest.evidence import EvidenceBudget
 from ingest.handoff import HandOff
@@ -60,18 +61,20 @@ def http_ingest(
     limits: HttpLimitSettings | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     parse_timeout_s: float = 30.0,
+    engine: Engine | None = None,
 ) -> Iterator[RunningHttp]:
     """The HTTP ingest app on a real socket: Twilio (if given), the web hooks, and
     ``providers``: (adapter class, its settings) pairs built on the same hand-off.
-    Providers that parse mail get a real parse process, as in production."""
+    Providers that parse mail get a real parse process, as in production; ``engine``
+    is the process database the adapters get (none by default)."""
     publisher = Publisher(kafka)
     blobs = FileBlobStore(data_dir / "blobs")
     handoff = HandOff(publisher, blobs, spool=spool, spool_after_s=1.0, evidence=evidence)
     app = create_app(Readiness(), limits)
     parsers = ParserPool(1, parse_timeout_s) if any(c.offload for c, _ in providers) else None
-    context = AdapterContext(handoff, public_url=public_url, parsers=parsers)
+    context = AdapterContext(handoff, public_url=public_url, engine=engine, parsers=parsers)
     if on_stop is not None:  # the default stops this process, as it does in production
-        context = AdapterContext(handoff, public_url=public_url, on_stop=on_stop, parsers=parsers)
+        context = replace(context, on_stop=on_stop)
     adapters: list[HttpAdapter[Any]] = [
         WebhookAdapter(WebhooksSettings(hooks=hooks or []), context)
     ]

@@ -1,4 +1,5 @@
-"""Ingest's tables (IMAP checkpoints and mailbox state): its own Alembic chain."""
+"""Ingest's tables (IMAP checkpoints and mailbox state, used signature tokens): its own
+Alembic chain."""
 
 from __future__ import annotations
 

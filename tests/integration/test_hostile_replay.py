@@ -16,17 +16,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine, delete, select, update
 from twilio.request_validator import RequestValidator
 
 from ingest.evidence import EvidenceBudget
+from ingest.mailgun import MailgunAdapter, MailgunSettings
+from ingest.replay import UsedTokens, webhook_tokens
 from normalize.content import Blob
 from normalize.schema import Attachment, DeadLetter, InboundMessage
 from router.tables import outbox
@@ -40,7 +43,9 @@ from switchboard.settings import KafkaSettings, Settings, TwilioSettings, Webhoo
 from switchboard.topics import DEADLETTER, INBOUND
 from tests.factories import inbound_message
 from tests.http_helpers import find, http_ingest
+from tests.provider_payloads import MAILGUN_KEY, Mail, mailgun_parsed, mailgun_signature
 from tests.router_helpers import store_for
+from tests.smtp_helpers import collect
 
 pytestmark = pytest.mark.integration
 
@@ -306,6 +311,109 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield request.getfixturevalue("postgres_schema_url")
     else:
         yield f"sqlite:///{tmp_path / 'gc.db'}"
+
+
+def test_a_captured_mailgun_signature_carries_no_other_mail(
+    kafka_settings: KafkaSettings, migrated_postgres: Engine, tmp_path: Path, unique: str
+) -> None:
+    # Attack: Mailgun signs timestamp + token, not the mail. With one signed request
+    # seen (a proxy's log), a stranger posts their own mail under its signature,
+    # "from" a customer, with Mailgun's SPF and DKIM verdicts set to Pass: before the
+    # token memory it was taken as that customer's verified mail.
+    genuine = Mail(f"genuine-{unique}")
+    forged = Mail(f"forged-{unique}", sender="victim@example.org", text="Send my refund to …")
+    signature = mailgun_signature()
+    providers = [(MailgunAdapter, MailgunSettings(signing_key=SecretStr(MAILGUN_KEY)))]
+    with (
+        http_ingest(kafka_settings, tmp_path, providers=providers, engine=migrated_postgres) as app,
+        httpx.Client(timeout=30) as client,
+    ):
+        url = f"{app.base}/webhooks/mailgun"
+
+        def post(mail: Mail) -> httpx.Response:
+            request = mailgun_parsed(mail)
+            request["data"].update(signature)
+            return client.post(url, **request)
+
+        first = post(genuine)
+        assert first.status_code == 200, first.text
+        replayed = post(forged)
+        assert replayed.status_code == 406, replayed.text  # Mailgun does not retry a 406
+        assert replayed.json()["reason"] == "replay"
+        # Mailgun's own retry of the same mail under the same signature (after a 503,
+        # or an answer it did not see) is taken, and the router deduplicates it.
+        retried = post(genuine)
+        assert retried.status_code == 200, retried.text
+        # A new signature is a new token: the next genuine mail passes.
+        other = mailgun_parsed(Mail(f"next-{unique}"))
+        assert client.post(url, **other).status_code == 200
+    ids = {UUID(r.json()["id"]) for r in (first, replayed, retried)}
+    inbound, dead = collect(kafka_settings, f"mailgun-replay-{unique}", ids)
+    assert {m.thread.message_id for m in inbound.values()} == {f"genuine-{unique}@mail.example.org"}
+    [letter] = dead.values()
+    assert (letter.adapter, letter.reason) == ("mailgun", "replay")
+    assert letter.raw is not None  # the forged request, kept as evidence
+    assert forged.tag.encode() in app.blobs.get(letter.raw.sha256)
+    with migrated_postgres.connect() as connection:
+        rows = connection.execute(select(webhook_tokens)).all()
+    assert len(rows) == 2  # the captured token and the next one, digests only
+    assert signature["token"] not in {row.token for row in rows}
+
+
+def test_used_tokens_are_one_memory_for_every_process_and_forget_after_their_window(
+    database_url: str,
+) -> None:
+    """Two engines on one database are two `--workers` processes (or two hosts on one
+    PostgreSQL): a token one of them took is refused to the other for another
+    message. Eight threads racing one token with eight messages: exactly one wins."""
+    engines = [make_engine(database_url) for _ in range(2)]
+    upgrade(engines[0], ["ingest"])
+    try:
+        first, second = (UsedTokens(e, keep_s=600, prune_every_s=3600) for e in engines)
+        assert first.claim("mailgun", "t1", "email-mid:a")
+        assert second.claim("mailgun", "t1", "email-mid:a")  # the same mail again
+        assert not second.claim("mailgun", "t1", "email-mid:b")  # another mail
+        assert second.claim("sendgrid", "t1", "email-mid:b")  # tokens are per adapter
+        won: list[str] = []
+        barrier = threading.Barrier(8)
+
+        def race(n: int) -> None:
+            barrier.wait()
+            if (first if n % 2 else second).claim("mailgun", "t2", f"email-mid:{n}"):
+                won.append(f"email-mid:{n}")
+
+        threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(won) == 1, won
+        # Past its window a row is deleted by the next claim that prunes, and the
+        # token is then new again (its timestamp is refused as stale by then).
+        with engines[0].begin() as connection:
+            connection.execute(
+                update(webhook_tokens)
+                .where(webhook_tokens.c.token == hashlib.sha256(b"t1").hexdigest())
+                .values(first_seen=datetime.now(UTC) - timedelta(seconds=601))
+            )
+        pruning = UsedTokens(engines[1], keep_s=600, prune_every_s=0)
+        assert pruning.claim("mailgun", "t3", "email-mid:c")
+        with engines[0].connect() as connection:
+            left = connection.execute(select(webhook_tokens.c.adapter)).scalars().all()
+        assert sorted(left) == ["mailgun", "mailgun"]  # t2 and t3; both t1 rows gone
+        assert first.claim("mailgun", "t1", "email-mid:z")
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_used_tokens_without_a_database_are_the_process_s_own() -> None:
+    tokens = UsedTokens(None, keep_s=0.2, prune_every_s=0.1)
+    assert tokens.claim("mailgun", "t", "a")
+    assert tokens.claim("mailgun", "t", "a")
+    assert not tokens.claim("mailgun", "t", "b")
+    time.sleep(0.35)
+    assert tokens.claim("mailgun", "t", "b")  # forgotten after its window
 
 
 @pytest.mark.slow

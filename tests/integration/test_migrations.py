@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, MetaData, event, inspect
 
 from ingest.imap_state import metadata as imap_metadata
+from ingest.replay import metadata as replay_metadata
 from router.migrations import CHAIN as ROUTER_CHAIN
 from router.tables import metadata as router_metadata
 from sinks.agents import metadata as agents_metadata
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.integration
 LEGACY = Path(__file__).with_name("legacy_migrations")
 VERSION_TABLES = {"alembic_version_ingest", "alembic_version_router", "alembic_version_queue"}
 METADATA = {
-    "ingest": [imap_metadata],
+    "ingest": [imap_metadata, replay_metadata],
     "router": [router_metadata],
     "queue": [queue_metadata, suggestions_metadata, agents_metadata],
 }
@@ -46,6 +47,8 @@ TABLES = {
 }
 #: The queue's revisions after the split (queue_0006) create these on any database.
 AGENTS = {"agents", "agent_tokens", "agent_sessions"}
+#: And ingest's after the split (ingest_0002): the used signature tokens.
+TOKENS = {"webhook_tokens"}
 T0 = datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
 SHA = "ab" * 32
 
@@ -329,7 +332,7 @@ def test_a_database_of_the_single_chain_upgrades_in_place(url: str, legacy: str)
         with _created_tables(engine) as created:
             assert upgrade(engine) == head_revisions()
         new = {"queue_attachments", "queue_unmerges", "contact_merges"}
-        expected = VERSION_TABLES | AGENTS if legacy == "0007" else VERSION_TABLES | AGENTS | new
+        expected = VERSION_TABLES | AGENTS | TOKENS | (set() if legacy == "0007" else new)
         assert set(created) >= VERSION_TABLES
         assert not set(created) & (before - {LEGACY_VERSION_TABLE}), "a table was created twice"
         assert set(created) <= expected | {
@@ -370,7 +373,9 @@ def test_a_queue_database_the_single_chain_built_keeps_what_it_has(url: str) -> 
         assert _tables(engine) == before | {"alembic_version_queue"} | AGENTS
         with _created_tables(engine) as created:
             upgrade(engine, ["router", "ingest"])
-        assert sorted(created) == ["alembic_version_ingest", "alembic_version_router"]
+        assert sorted(created) == sorted(
+            {"alembic_version_ingest", "alembic_version_router"} | TOKENS
+        )
         _kept(engine)
     finally:
         engine.dispose()
