@@ -25,7 +25,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Column, DateTime, Engine, MetaData, String, Table, delete, select
+from sqlalchemy import Column, DateTime, Engine, MetaData, String, Table, delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 metadata = MetaData()
@@ -66,18 +66,21 @@ class UsedTokens:
             return self._claim_in_memory(adapter, key, message)
         now = datetime.now(UTC)
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        insert = (
+        # One statement: a new token is inserted, a known one keeps its row (the
+        # update writes back what is there), and either way the row's message comes
+        # back (SQLite 3.35+ and PostgreSQL both return it). Under concurrency the
+        # second insert of one token waits for the first's commit, then reads it.
+        claim = (
             dialect.insert(webhook_tokens)
             .values(adapter=adapter, token=key, message=message, first_seen=now)
-            .on_conflict_do_nothing(index_elements=["adapter", "token"])
+            .on_conflict_do_update(
+                index_elements=["adapter", "token"],
+                set_={"message": webhook_tokens.c.message},
+            )
+            .returning(webhook_tokens.c.message)
         )
         with self.engine.begin() as connection:
-            connection.execute(insert)
-            first = connection.execute(
-                select(webhook_tokens.c.message).where(
-                    webhook_tokens.c.adapter == adapter, webhook_tokens.c.token == key
-                )
-            ).scalar_one()
+            first = connection.execute(claim).scalar_one()
             if self._prune_due():
                 old = webhook_tokens.c.first_seen < now - timedelta(seconds=self.keep_s)
                 connection.execute(delete(webhook_tokens).where(old))
