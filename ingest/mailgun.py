@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import re
 import time
@@ -98,7 +99,13 @@ class MailgunForm:
             # any escaped non-ASCII character (an "é" in the text), which made every
             # such mail a normalizer-error dead letter until 2026-12-02.
             text = request.body.decode("latin-1")
-            for key, value in parse_qsl(text, keep_blank_values=True, encoding="latin-1"):
+            try:
+                pairs = parse_qsl(
+                    text, keep_blank_values=True, encoding="latin-1", max_num_fields=MAX_FORM_PARTS
+                )
+            except ValueError as exc:  # as many fields as the multipart path takes parts
+                raise NormalizeError("malformed", f"more than {MAX_FORM_PARTS} fields") from exc
+            for key, value in pairs:
                 name = key.encode("latin-1").decode("utf-8", "replace")
                 self.values.setdefault(name, []).append(value.encode("latin-1"))
 
@@ -206,7 +213,9 @@ def _verify(settings: MailgunSettings, fields: dict[str, str]) -> None:
     expected = hmac.new(key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
     if not key or not hmac.compare_digest(signature.encode(), expected.encode()):
         raise Rejected("signature", "the signature does not match the signing key", status=403)
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > settings.max_age_s:
+    # ASCII digits only: "¹⁷" is isdigit() to Python and then not an int() (a 500).
+    numeric = timestamp.isascii() and timestamp.isdigit()
+    if not numeric or abs(time.time() - int(timestamp)) > settings.max_age_s:
         raise Rejected(
             "stale",
             f"signed more than {settings.max_age_s}s ago (or in the future): a replay or a "
@@ -268,25 +277,45 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         _verify(self.settings, fields)
 
     async def normalize(self, request: InboundRequest) -> Normalized:
-        normalized = await super().normalize(request)
+        try:
+            normalized = await super().normalize(request)
+        except NormalizeError:
+            # Kept whole as a dead letter (200) unless its token already carried
+            # something else: else a captured signature could store 30 MB of junk
+            # again and again (review of 2026-12-02).
+            await self._claim(request, "unparsed:" + hashlib.sha256(request.body).hexdigest())
+            raise
+        await self._claim(request, _fingerprint(normalized))
+        return normalized
+
+    async def _claim(self, request: InboundRequest, carried: str) -> None:
+        """Bind the request's token to what it carries; Rejected (406) when the token
+        already carried something else."""
         token = request.once(signature_fields)["token"]
         try:
-            fresh = await asyncio.to_thread(
-                self.tokens.claim, self.name, token, normalized.message.dedupe_key
+            claim = await asyncio.to_thread(
+                self.tokens.claim, self.name, token, carried, str(request.message_id)
             )
         except SQLAlchemyError as exc:
             # Not checked, not taken: Mailgun retries a 503 for hours.
             log.error("cannot check the Mailgun token", extra={"error": repr(exc)})
             raise RetryLater("cannot check the request's token; try again") from exc
-        if not fresh:
-            raise Rejected(
-                "replay",
-                "this signature's token already carried another message: a replayed "
-                "signature on another mail; kept for review",
-                status=406,
-                record=True,
-            )
-        return normalized
+        if claim.fresh:
+            return
+        raise Rejected(
+            "replay",
+            f"this signature's token already carried another message ({claim.first_message_id}): "
+            "a replayed signature on another mail, or that mail's copy came first; kept for "
+            "review",
+            status=406,  # Mailgun does not retry it
+            record=True,
+            # Whoever came first owns the token: should a stranger's copy have come
+            # before the genuine mail, the genuine mail is this first refusal, kept
+            # whole. Once per token, so a captured signature stores one body at most;
+            # later ones are bounded evidence.
+            whole=claim.conflicts == 1,
+            metadata={"first_message_id": claim.first_message_id, "conflicts": claim.conflicts},
+        )
 
     def parse(self, request: InboundRequest) -> Normalized:
         form = request.once(MailgunForm)
@@ -296,7 +325,10 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
             received_at=request.received_at,
             mail_from=form.get("sender"),
             rcpt_tos=tuple(r.strip() for r in (form.get("recipient") or "").split(",") if r),
-            metadata={"mailgun": {"timestamp": form.get("timestamp")}},
+            # The signed timestamp, as authentication read it: the form's own parse
+            # reads escaped field names (``ti%6Destamp=``) that the signature scan
+            # does not, so its copy could differ from what was verified.
+            metadata={"mailgun": {"timestamp": request.once(signature_fields).get("timestamp")}},
             verdict=mailgun_verdict(
                 form.get("X-Mailgun-Spf"),
                 form.get("X-Mailgun-Dkim-Check-Result"),
@@ -307,6 +339,20 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         if mime is not None:
             return normalize_email(mime, ctx)
         return normalize_parsed_email(_parsed(form), Blob.of(request.body, request.media_type), ctx)
+
+
+def _fingerprint(normalized: Normalized) -> str:
+    """What a token is bound to: the whole normalized message (HTML, recipients,
+    thread, verdict, metadata), not its dedupe key alone, which covers only the
+    Message-ID, sender, subject, text and attachments (review of 2026-12-02: the same
+    key with another HTML and other recipients passed). Without what differs per
+    arrival (its id and time, the raw payload with its multipart boundary) and with
+    the attachments in a fixed order, so Mailgun's retry of the same mail, in either
+    encoding and any field order, has the same fingerprint."""
+    data = normalized.message.model_dump(mode="json", exclude={"id", "received_at", "raw"})
+    data["attachments"] = sorted(data["attachments"], key=lambda a: json.dumps(a, sort_keys=True))
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "message:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _parsed(form: MailgunForm) -> ParsedEmail:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -29,7 +30,7 @@ from twilio.request_validator import RequestValidator
 
 from ingest.evidence import EvidenceBudget
 from ingest.mailgun import MailgunAdapter, MailgunSettings
-from ingest.replay import UsedTokens, webhook_tokens
+from ingest.replay import Claim, UsedTokens, webhook_tokens
 from normalize.content import Blob
 from normalize.schema import Attachment, DeadLetter, InboundMessage
 from router.tables import outbox
@@ -43,7 +44,13 @@ from switchboard.settings import KafkaSettings, Settings, TwilioSettings, Webhoo
 from switchboard.topics import DEADLETTER, INBOUND
 from tests.factories import inbound_message
 from tests.http_helpers import find, http_ingest
-from tests.provider_payloads import MAILGUN_KEY, Mail, mailgun_parsed, mailgun_signature
+from tests.provider_payloads import (
+    MAILGUN_KEY,
+    Mail,
+    mailgun_mime,
+    mailgun_parsed,
+    mailgun_signature,
+)
 from tests.router_helpers import store_for
 from tests.smtp_helpers import collect
 
@@ -313,6 +320,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite:///{tmp_path / 'gc.db'}"
 
 
+MAILGUN = [(MailgunAdapter, MailgunSettings(signing_key=SecretStr(MAILGUN_KEY)))]
+
+
+def _signed(request: dict[str, Any], signature: dict[str, str]) -> dict[str, Any]:
+    """httpx arguments ``request`` (mailgun_parsed/_mime) under ``signature``."""
+    return {**request, "data": {**request["data"], **signature}}
+
+
 def test_a_captured_mailgun_signature_carries_no_other_mail(
     kafka_settings: KafkaSettings, migrated_postgres: Engine, tmp_path: Path, unique: str
 ) -> None:
@@ -320,44 +335,170 @@ def test_a_captured_mailgun_signature_carries_no_other_mail(
     # seen (a proxy's log), a stranger posts their own mail under its signature,
     # "from" a customer, with Mailgun's SPF and DKIM verdicts set to Pass: before the
     # token memory it was taken as that customer's verified mail.
-    genuine = Mail(f"genuine-{unique}")
+    genuine = Mail(f"genuine-{unique}", html="<p>Hello, my order has not arrived.</p>")
     forged = Mail(f"forged-{unique}", sender="victim@example.org", text="Send my refund to …")
     signature = mailgun_signature()
-    providers = [(MailgunAdapter, MailgunSettings(signing_key=SecretStr(MAILGUN_KEY)))]
     with (
-        http_ingest(kafka_settings, tmp_path, providers=providers, engine=migrated_postgres) as app,
+        http_ingest(kafka_settings, tmp_path, providers=MAILGUN, engine=migrated_postgres) as app,
         httpx.Client(timeout=30) as client,
     ):
         url = f"{app.base}/webhooks/mailgun"
-
-        def post(mail: Mail) -> httpx.Response:
-            request = mailgun_parsed(mail)
-            request["data"].update(signature)
-            return client.post(url, **request)
-
-        first = post(genuine)
+        first = client.post(url, **_signed(mailgun_parsed(genuine), signature))
         assert first.status_code == 200, first.text
-        replayed = post(forged)
-        assert replayed.status_code == 406, replayed.text  # Mailgun does not retry a 406
-        assert replayed.json()["reason"] == "replay"
+        # The same dedupe key (Message-ID, sender, subject, text) with another HTML,
+        # other recipients, another thread and Pass verdicts: passed while the token
+        # was bound to the dedupe key alone (review of 2026-12-02).
+        same_key = _signed(mailgun_parsed(genuine), signature)
+        headers = [*genuine.headers(), ("Cc", "billing@example.com"), ("In-Reply-To", "<x@y>")]
+        same_key["data"].update(
+            {
+                "body-html": '<p>Pay here: <a href="https://evil.example/pay">pay</a></p>',
+                "recipient": "billing@example.com",
+                "message-headers": json.dumps([[n, v] for n, v in headers]),
+            }
+        )
+        # And on the raw MIME route: the genuine headers, another HTML part.
+        mime = (
+            f"From: {genuine.name} <{genuine.sender}>\r\nTo: {genuine.to}\r\n"
+            f"Subject: {genuine.subject}\r\nMessage-ID: {genuine.message_id}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n"
+            f"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{genuine.text}\r\n"
+            '--b\r\nContent-Type: text/html\r\n\r\n<a href="https://evil.example/">click</a>'
+            "\r\n--b--\r\n"
+        ).encode()
+        other_mime = _signed(mailgun_mime(genuine), signature)
+        other_mime["files"] = {"body-mime": (None, mime, "text/plain")}
+        refused = [
+            client.post(url, **_signed(mailgun_parsed(forged), signature)),
+            client.post(url, **same_key),
+            client.post(f"{url}/mime", **other_mime),
+        ]
+        for response in refused:
+            assert response.status_code == 406, response.text  # Mailgun does not retry it
+            assert response.json()["reason"] == "replay"
         # Mailgun's own retry of the same mail under the same signature (after a 503,
         # or an answer it did not see) is taken, and the router deduplicates it.
-        retried = post(genuine)
+        retried = client.post(url, **_signed(mailgun_parsed(genuine), signature))
         assert retried.status_code == 200, retried.text
         # A new signature is a new token: the next genuine mail passes.
-        other = mailgun_parsed(Mail(f"next-{unique}"))
-        assert client.post(url, **other).status_code == 200
-    ids = {UUID(r.json()["id"]) for r in (first, replayed, retried)}
+        assert client.post(url, **mailgun_parsed(Mail(f"next-{unique}"))).status_code == 200
+    ids = {UUID(r.json()["id"]) for r in (first, retried, *refused)}
     inbound, dead = collect(kafka_settings, f"mailgun-replay-{unique}", ids)
-    assert {m.thread.message_id for m in inbound.values()} == {f"genuine-{unique}@mail.example.org"}
-    [letter] = dead.values()
-    assert (letter.adapter, letter.reason) == ("mailgun", "replay")
-    assert letter.raw is not None  # the forged request, kept as evidence
-    assert forged.tag.encode() in app.blobs.get(letter.raw.sha256)
+    assert set(inbound) == {UUID(first.json()["id"]), UUID(retried.json()["id"])}
+    assert {m.html for m in inbound.values()} == {genuine.html}
+    assert {(d.adapter, d.reason) for d in dead.values()} == {("mailgun", "replay")}
+    for letter in dead.values():
+        assert letter.metadata["first_message_id"] == first.json()["id"]
+    # The first other mail under the token is kept whole, the later ones as bounded
+    # evidence (the first 4 KiB, a few a minute); each names the first message.
+    first_conflict = dead[UUID(refused[0].json()["id"])]
+    assert first_conflict.raw is not None
+    assert forged.tag.encode() in app.blobs.get(first_conflict.raw.sha256)
+    assert first_conflict.metadata["conflicts"] == 1
+    assert [dead[UUID(r.json()["id"])].metadata["conflicts"] for r in refused] == [1, 2, 3]
     with migrated_postgres.connect() as connection:
         rows = connection.execute(select(webhook_tokens)).all()
     assert len(rows) == 2  # the captured token and the next one, digests only
     assert signature["token"] not in {row.token for row in rows}
+
+
+def test_a_genuine_mail_after_a_stranger_s_copy_is_kept_whole(
+    kafka_settings: KafkaSettings, migrated_postgres: Engine, tmp_path: Path, unique: str
+) -> None:
+    """Whoever posts under a token first owns it: a stranger who holds a signature not
+    used yet (its first post was cut off, or they sit on the path) posts junk first,
+    and the genuine mail after it is refused. It is then the first conflict, kept
+    whole (20 KB; the bounded evidence kept its first 4 KiB), naming the junk."""
+    signature = mailgun_signature()
+    genuine = Mail(f"real-{unique}", text="Real text " + "x" * 20_000)
+    with (
+        http_ingest(kafka_settings, tmp_path, providers=MAILGUN, engine=migrated_postgres) as app,
+        httpx.Client(timeout=30) as client,
+    ):
+        url = f"{app.base}/webhooks/mailgun"
+        junk = client.post(url, **_signed(mailgun_parsed(Mail(f"junk-{unique}")), signature))
+        assert junk.status_code == 200, junk.text
+        real = client.post(url, **_signed(mailgun_parsed(genuine), signature))
+        assert real.status_code == 406, real.text
+    _, dead = collect(kafka_settings, f"mailgun-first-{unique}", {UUID(real.json()["id"])})
+    [letter] = dead.values()
+    assert letter.reason == "replay"
+    assert letter.metadata["first_message_id"] == junk.json()["id"]
+    assert letter.raw is not None
+    kept = app.blobs.get(letter.raw.sha256)
+    assert b"x" * 20_000 in kept
+
+
+def test_an_unreadable_body_under_a_used_token_is_a_replay_not_30_mb_kept(
+    kafka_settings: KafkaSettings, migrated_postgres: Engine, tmp_path: Path, unique: str
+) -> None:
+    # Attack: under a used token, a body that fails to parse skipped the token check
+    # and was kept whole as a malformed dead letter, 200 each time: 20 posts of 1 MB
+    # kept 21 MB (review of 2026-12-02).
+    signature = mailgun_signature()
+    junk = "J" * (1024 * 1024)
+    with (
+        http_ingest(kafka_settings, tmp_path, providers=MAILGUN, engine=migrated_postgres) as app,
+        httpx.Client(timeout=60) as client,
+    ):
+        url = f"{app.base}/webhooks/mailgun"
+        first = client.post(url, **_signed(mailgun_parsed(Mail(f"ok-{unique}")), signature))
+        assert first.status_code == 200, first.text
+        answers = [
+            client.post(url, data={**signature, "message-headers": "not json", "body-plain": junk})
+            for _ in range(5)
+        ]
+        # An unreadable mail under a fresh token is still kept whole, as before.
+        fresh = client.post(url, data={**mailgun_signature(), "message-headers": "not json"})
+    assert [a.status_code for a in answers] == [406] * 5
+    assert {a.json()["reason"] for a in answers} == {"replay"}
+    assert fresh.status_code == 200, fresh.text
+    ids = {UUID(a.json()["id"]) for a in answers} | {UUID(fresh.json()["id"])}
+    _, dead = collect(kafka_settings, f"mailgun-junk-{unique}", ids)
+    assert dead[UUID(fresh.json()["id"])].reason == "malformed"
+    sizes = [
+        len(app.blobs.get(d.raw.sha256)) for d in dead.values() if d.raw and d.reason == "replay"
+    ]
+    assert sum(size > 1024 * 1024 for size in sizes) == 1  # the first one whole, once
+    assert max(sorted(sizes)[:-1]) <= 4096
+
+
+@pytest.mark.parametrize("variant", ["multipart", "reordered", "mime-reordered"])
+def test_mailgun_s_retry_of_one_mail_passes_in_any_encoding_and_order(
+    kafka_settings: KafkaSettings,
+    migrated_postgres: Engine,
+    tmp_path: Path,
+    unique: str,
+    variant: str,
+) -> None:
+    """What a token is bound to must not change between Mailgun's first post and its
+    retry: not with the multipart boundary, the field order, urlencoded against
+    multipart, or the order of the attachments."""
+    mail = Mail(
+        f"retry-{unique}",
+        text="Où est ma commande ?\r\nMerci.\r\n",
+        html="<b>Où</b> est",
+        attachments=(("a.txt", "text/plain", b"A"), ("b.txt", "text/plain", b"B")),
+    )
+    signature = mailgun_signature()
+    with (
+        http_ingest(kafka_settings, tmp_path, providers=MAILGUN, engine=migrated_postgres) as app,
+        httpx.Client(timeout=30) as client,
+    ):
+        url = f"{app.base}/webhooks/mailgun"
+        if variant.startswith("mime"):
+            request, url = _signed(mailgun_mime(mail), signature), f"{url}/mime"
+        else:
+            request = _signed(mailgun_parsed(mail), signature)
+        first = client.post(url, **request)
+        data = dict(reversed(list(request["data"].items())))
+        files = dict(reversed(list(request.get("files", {}).items())))
+        if variant == "multipart":  # every field a part, none urlencoded
+            files |= {name: (None, value.encode()) for name, value in data.items()}
+            data = {}
+        retry = client.post(url, data=data, files=files)
+    assert (first.status_code, retry.status_code) == (200, 200), (first.text, retry.text)
+    assert first.json()["dedupe_key"] == retry.json()["dedupe_key"]
 
 
 def test_used_tokens_are_one_memory_for_every_process_and_forget_after_their_window(
@@ -370,16 +511,19 @@ def test_used_tokens_are_one_memory_for_every_process_and_forget_after_their_win
     upgrade(engines[0], ["ingest"])
     try:
         first, second = (UsedTokens(e, keep_s=600, prune_every_s=3600) for e in engines)
-        assert first.claim("mailgun", "t1", "email-mid:a")
-        assert second.claim("mailgun", "t1", "email-mid:a")  # the same mail again
-        assert not second.claim("mailgun", "t1", "email-mid:b")  # another mail
-        assert second.claim("sendgrid", "t1", "email-mid:b")  # tokens are per adapter
+        assert first.claim("mailgun", "t1", "email-mid:a", "id-a") == Claim(True, "id-a", 0)
+        # The same mail again (a retry, its own arrival id): taken, naming the first.
+        assert second.claim("mailgun", "t1", "email-mid:a", "id-a2") == Claim(True, "id-a", 0)
+        # Other mails: refused, counted, each naming the first arrival.
+        assert second.claim("mailgun", "t1", "email-mid:b", "id-b") == Claim(False, "id-a", 1)
+        assert first.claim("mailgun", "t1", "email-mid:c", "id-c") == Claim(False, "id-a", 2)
+        assert second.claim("sendgrid", "t1", "email-mid:b", "id-b").fresh  # per adapter
         won: list[str] = []
         barrier = threading.Barrier(8)
 
         def race(n: int) -> None:
             barrier.wait()
-            if (first if n % 2 else second).claim("mailgun", "t2", f"email-mid:{n}"):
+            if (first if n % 2 else second).claim("mailgun", "t2", f"email-mid:{n}", f"{n}").fresh:
                 won.append(f"email-mid:{n}")
 
         threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
@@ -397,11 +541,11 @@ def test_used_tokens_are_one_memory_for_every_process_and_forget_after_their_win
                 .values(first_seen=datetime.now(UTC) - timedelta(seconds=601))
             )
         pruning = UsedTokens(engines[1], keep_s=600, prune_every_s=0)
-        assert pruning.claim("mailgun", "t3", "email-mid:c")
+        assert pruning.claim("mailgun", "t3", "email-mid:c", "id-t3").fresh
         with engines[0].connect() as connection:
             left = connection.execute(select(webhook_tokens.c.adapter)).scalars().all()
         assert sorted(left) == ["mailgun", "mailgun"]  # t2 and t3; both t1 rows gone
-        assert first.claim("mailgun", "t1", "email-mid:z")
+        assert first.claim("mailgun", "t1", "email-mid:z", "id-z").fresh
     finally:
         for engine in engines:
             engine.dispose()
@@ -409,11 +553,12 @@ def test_used_tokens_are_one_memory_for_every_process_and_forget_after_their_win
 
 def test_used_tokens_without_a_database_are_the_process_s_own() -> None:
     tokens = UsedTokens(None, keep_s=0.2, prune_every_s=0.1)
-    assert tokens.claim("mailgun", "t", "a")
-    assert tokens.claim("mailgun", "t", "a")
-    assert not tokens.claim("mailgun", "t", "b")
+    assert tokens.claim("mailgun", "t", "a", "1") == Claim(True, "1", 0)
+    assert tokens.claim("mailgun", "t", "a", "2") == Claim(True, "1", 0)
+    assert tokens.claim("mailgun", "t", "b", "3") == Claim(False, "1", 1)
+    assert tokens.claim("mailgun", "t", "c", "4") == Claim(False, "1", 2)
     time.sleep(0.35)
-    assert tokens.claim("mailgun", "t", "b")  # forgotten after its window
+    assert tokens.claim("mailgun", "t", "b", "5") == Claim(True, "5", 0)  # forgotten
 
 
 @pytest.mark.slow

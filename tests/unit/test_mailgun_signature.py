@@ -4,6 +4,8 @@ whole-form parse; the mail is parsed only once the signature holds."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import pickle
 from datetime import UTC, datetime
 from typing import Any
@@ -11,12 +13,13 @@ from uuid import uuid4
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from ingest.errors import Rejected
-from ingest.mailgun import MailgunForm, signature_fields
+from ingest.mailgun import MailgunForm, MailgunSettings, _verify, signature_fields
 from ingest.sdk import MULTIPART, HttpRoute, InboundRequest
 from normalize.errors import NormalizeError
-from tests.provider_payloads import Mail, mailgun_mime, mailgun_parsed
+from tests.provider_payloads import MAILGUN_KEY, Mail, mailgun_mime, mailgun_parsed
 
 SIGNED = ("timestamp", "token", "signature")
 
@@ -126,3 +129,25 @@ def test_refusals_and_normalize_errors_cross_pickle_as_themselves() -> None:
         assert type(copy) is type(error)
         assert vars(copy) == vars(error)
         assert str(copy) == str(error)
+
+
+def test_a_signed_timestamp_of_other_digits_is_stale_not_a_500() -> None:
+    """ "¹⁷" is isdigit() to Python and not an int(): a correctly signed one raised
+    ValueError, a 500 (review of 2026-12-02; it needs the signing key)."""
+    settings = MailgunSettings(signing_key=SecretStr(MAILGUN_KEY))
+    stamp, token = "\u00b9\u2077", "t" * 50
+    digest = hmac.new(MAILGUN_KEY.encode(), (stamp + token).encode(), hashlib.sha256).hexdigest()
+    with pytest.raises(Rejected) as refused:
+        _verify(settings, {"timestamp": stamp, "token": token, "signature": digest})
+    assert (refused.value.reason, refused.value.status) == ("stale", 406)
+
+
+def test_urlencoded_escapes_are_read_byte_for_byte_and_fields_are_bounded() -> None:
+    body = b"subject=Caf%C3%A9+cr%C3%A8me&body-plain=a%00b%2Bc&%ff=x&bad=%ff%fe"
+    form = MailgunForm(_request(body, "application/x-www-form-urlencoded"))
+    assert form.get("subject") == "Café crème"
+    assert form.raw("body-plain") == b"a\x00b+c"
+    assert form.raw("bad") == b"\xff\xfe"
+    assert form.get("\ufffd") == "x"
+    with pytest.raises(NormalizeError):
+        MailgunForm(_request(b"a=1&" * 1001, "application/x-www-form-urlencoded"))

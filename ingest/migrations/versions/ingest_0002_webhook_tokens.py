@@ -22,6 +22,8 @@ def upgrade() -> None:
         sa.Column("adapter", sa.String(64), primary_key=True),
         sa.Column("token", sa.String(64), primary_key=True),
         sa.Column("message", sa.String(64), nullable=False),
+        sa.Column("message_id", sa.String(36), nullable=False),
+        sa.Column("conflicts", sa.Integer, nullable=False),
         sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_webhook_tokens_first_seen", "webhook_tokens", ["first_seen"])
