@@ -41,9 +41,6 @@ class Rejected(Exception):
     letter with ``reason`` and ``metadata`` (a refused provider request someone
     should look at): bounded evidence, the first bytes of the body and a few
     records a minute per route (:mod:`ingest.evidence`), since anyone can send one.
-    ``whole=True`` (with ``record``) keeps the whole body instead, outside that
-    budget: only for a request whose signature was verified, and that the adapter
-    bounds itself (Mailgun: the first other mail under a used token, once per token).
     """
 
     def __init__(
@@ -55,7 +52,6 @@ class Rejected(Exception):
         headers: Mapping[str, str] | None = None,
         record: bool = False,
         metadata: Mapping[str, JsonValue] | None = None,
-        whole: bool = False,
     ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
@@ -64,7 +60,6 @@ class Rejected(Exception):
         self.headers = dict(headers or {})
         self.record = record
         self.metadata = dict(metadata or {})
-        self.whole = whole
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         # Raised in a parse process and pickled back to the server: the default round

@@ -12,13 +12,16 @@ Every request is signed: ``signature`` is the hex HMAC-SHA256 of
 200 accepted (or kept as a dead letter); 403 bad or missing signature (Mailgun
 retries for 8 hours, so a mistyped key loses nothing once fixed); 406 a
 correctly signed request older than ``max_age_s``, which Mailgun must not retry
-(kept as a dead letter with reason ``stale``), or whose token already carried
-another message (``replay``, below); 503 not durable (retried).
+(kept as a dead letter with reason ``stale``), or an unreadable one whose token
+already carried another message (``replay``, below); 503 not durable (retried).
 
 The signature covers the timestamp and token, not the mail: each token is single
-use (:mod:`ingest.replay`). It is bound to the first message it carried (its
-dedupe key), so Mailgun's retry of the same mail passes and a captured signature
-put on any other mail is refused (406, kept as evidence).
+use (:mod:`ingest.replay`). It is bound to a digest of the first mail it carried
+(the whole normalized mail, :func:`_fingerprint`), so Mailgun's retry of the same
+mail passes as it is. Another mail under a used token is taken without Mailgun's
+verdict (its sender claimed, as any stranger's mail on port 25, and marked
+``token_reused``), not refused: whoever posts first owns a token, and the genuine
+mail may be the one that comes second.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from pydantic import Field, SecretStr
+from pydantic import Field, JsonValue, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -42,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ingest.errors import Rejected, RetryLater
 from ingest.jsonbody import load_json
 from ingest.mailauth import mailgun_verdict
-from ingest.replay import UsedTokens
+from ingest.replay import Claim, UsedTokens
 from ingest.sdk import (
     FORM,
     MAX_FORM_PARTS,
@@ -57,6 +60,8 @@ from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
+from normalize.schema import Assurance, Identity
+from switchboard.metrics import TOKENS_REUSED
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +255,8 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         responses = {
             200: "Durable, or kept as a dead letter",
             403: "Signature missing or wrong (Mailgun retries)",
-            406: "Signed too long ago: not retried, kept as a dead letter",
+            406: "Signed too long ago, or unreadable under a used token: not retried, kept "
+            "as a dead letter",
             413: "Body too large",
             503: "Not durable; Mailgun retries",
         }
@@ -283,39 +289,51 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
             # Kept whole as a dead letter (200) unless its token already carried
             # something else: else a captured signature could store 30 MB of junk
             # again and again (review of 2026-12-02).
-            await self._claim(request, "unparsed:" + hashlib.sha256(request.body).hexdigest())
+            carried = "unparsed:" + hashlib.sha256(request.body).hexdigest()
+            claim = await self._claim(request, carried)
+            if not claim.fresh:
+                raise Rejected(
+                    "replay",
+                    "an unreadable mail under a signature token that already carried "
+                    f"another message ({claim.first_message_id}); kept for review",
+                    status=406,  # Mailgun does not retry it
+                    record=True,
+                    metadata={
+                        "first_message_id": claim.first_message_id,
+                        "conflicts": claim.conflicts,
+                    },
+                ) from None
             raise
-        await self._claim(request, _fingerprint(normalized))
-        return normalized
+        claim = await self._claim(request, _fingerprint(normalized))
+        if claim.fresh:
+            return normalized
+        # Another mail under a used token: a leaked signature, or (should a stranger
+        # holding an unused one have posted first) the genuine mail itself. Refusing
+        # it would lose the genuine mail in the second case, so it is taken as the
+        # port-25 baseline takes any stranger's mail: without Mailgun's verdict, its
+        # sender claimed, not verified, and marked (review of 2026-12-02).
+        TOKENS_REUSED.labels(self.name).inc()
+        log.warning(
+            "a Mailgun signature token carried another mail: taken without its verdict",
+            extra={
+                "message_id": str(request.message_id),
+                "first_message_id": claim.first_message_id,
+                "conflicts": claim.conflicts,
+            },
+        )
+        return _unvouched(normalized, claim)
 
-    async def _claim(self, request: InboundRequest, carried: str) -> None:
-        """Bind the request's token to what it carries; Rejected (406) when the token
-        already carried something else."""
+    async def _claim(self, request: InboundRequest, carried: str) -> Claim:
+        """Bind the request's token to what it carries (see ingest.replay)."""
         token = request.once(signature_fields)["token"]
         try:
-            claim = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 self.tokens.claim, self.name, token, carried, str(request.message_id)
             )
         except SQLAlchemyError as exc:
             # Not checked, not taken: Mailgun retries a 503 for hours.
             log.error("cannot check the Mailgun token", extra={"error": repr(exc)})
             raise RetryLater("cannot check the request's token; try again") from exc
-        if claim.fresh:
-            return
-        raise Rejected(
-            "replay",
-            f"this signature's token already carried another message ({claim.first_message_id}): "
-            "a replayed signature on another mail, or that mail's copy came first; kept for "
-            "review",
-            status=406,  # Mailgun does not retry it
-            record=True,
-            # Whoever came first owns the token: should a stranger's copy have come
-            # before the genuine mail, the genuine mail is this first refusal, kept
-            # whole. Once per token, so a captured signature stores one body at most;
-            # later ones are bounded evidence.
-            whole=claim.conflicts == 1,
-            metadata={"first_message_id": claim.first_message_id, "conflicts": claim.conflicts},
-        )
 
     def parse(self, request: InboundRequest) -> Normalized:
         form = request.once(MailgunForm)
@@ -341,6 +359,29 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         return normalize_parsed_email(_parsed(form), Blob.of(request.body, request.media_type), ctx)
 
 
+def _unvouched(normalized: Normalized, claim: Claim) -> Normalized:
+    """``normalized`` without what the provider's verdict gave it: every identity
+    claimed, no authentication, and the token's first message named in metadata."""
+    message = normalized.message
+
+    def claimed(identity: Identity) -> Identity:
+        if identity.assurance != Assurance.VERIFIED:
+            return identity
+        return identity.revised(assurance=Assurance.CLAIMED, evidence=None)
+
+    metadata: dict[str, JsonValue] = {
+        **message.metadata,
+        "token_reused": {"first_message_id": claim.first_message_id, "conflicts": claim.conflicts},
+    }
+    revised = message.revised(
+        sender=claimed(message.sender),
+        identities=tuple(claimed(i) for i in message.identities),
+        authentication=None,
+        metadata=metadata,
+    )
+    return Normalized(message=revised, blobs=normalized.blobs)
+
+
 def _fingerprint(normalized: Normalized) -> str:
     """What a token is bound to: the whole normalized message (HTML, recipients,
     thread, verdict, metadata), not its dedupe key alone, which covers only the
@@ -350,6 +391,9 @@ def _fingerprint(normalized: Normalized) -> str:
     the attachments in a fixed order, so Mailgun's retry of the same mail, in either
     encoding and any field order, has the same fingerprint."""
     data = normalized.message.model_dump(mode="json", exclude={"id", "received_at", "raw"})
+    # Nor the signed timestamp: only the key's holder can sign another one for a
+    # token, and a retry that Mailgun signs anew is still the same mail.
+    data["metadata"].pop("mailgun", None)
     data["attachments"] = sorted(data["attachments"], key=lambda a: json.dumps(a, sort_keys=True))
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "message:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()

@@ -688,14 +688,6 @@ class HttpAdapter(Adapter[S]):
 
     async def _record_refusal(self, request: InboundRequest, error: Rejected) -> bool:
         """Keep bounded evidence of a refusal; False when over the budget."""
-        if error.whole:
-            # A signed request the adapter bounds itself (Rejected.whole): its whole
-            # body, as a dead letter of a malformed signed request is kept.
-            try:
-                await self._dead_letter(request, error.reason, error.detail, error.metadata)
-            except RetryLater:
-                log.error("could not keep the refused request", extra={"adapter": self.name})
-            return True
         try:
             kept = await self.handoff.refused(
                 id=request.message_id,

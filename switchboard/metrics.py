@@ -54,6 +54,13 @@ SENDER_CHECKS = Counter(
     "its DMARC result; a rise of temperror means the resolver is failing.",
     ["source", "dmarc"],
 )
+TOKENS_REUSED = Counter(
+    "switchboard_tokens_reused",
+    "Signed provider requests whose single-use token had already carried another "
+    "message: taken without the provider's sender verdict (ingest.replay). Each one is "
+    "a leaked signature or a stranger's copy that came first.",
+    ["adapter"],
+)
 EVIDENCE_DROPPED = Counter(
     "switchboard_evidence_dropped",
     "Refused requests over the per-route evidence budget: counted, body not stored.",

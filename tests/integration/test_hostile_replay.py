@@ -328,13 +328,15 @@ def _signed(request: dict[str, Any], signature: dict[str, str]) -> dict[str, Any
     return {**request, "data": {**request["data"], **signature}}
 
 
-def test_a_captured_mailgun_signature_carries_no_other_mail(
+def test_a_captured_mailgun_signature_vouches_for_no_other_mail(
     kafka_settings: KafkaSettings, migrated_postgres: Engine, tmp_path: Path, unique: str
 ) -> None:
     # Attack: Mailgun signs timestamp + token, not the mail. With one signed request
     # seen (a proxy's log), a stranger posts their own mail under its signature,
-    # "from" a customer, with Mailgun's SPF and DKIM verdicts set to Pass: before the
-    # token memory it was taken as that customer's verified mail.
+    # "from" a customer, with Mailgun's SPF and DKIM results set to Pass: before the
+    # token memory it was taken as Mailgun's, those results recorded as its
+    # authentication for agents to read. Now it is taken as any stranger's mail on
+    # port 25 is: no provider's results, and marked.
     genuine = Mail(f"genuine-{unique}", html="<p>Hello, my order has not arrived.</p>")
     forged = Mail(f"forged-{unique}", sender="victim@example.org", text="Send my refund to …")
     signature = mailgun_signature()
@@ -346,8 +348,8 @@ def test_a_captured_mailgun_signature_carries_no_other_mail(
         first = client.post(url, **_signed(mailgun_parsed(genuine), signature))
         assert first.status_code == 200, first.text
         # The same dedupe key (Message-ID, sender, subject, text) with another HTML,
-        # other recipients, another thread and Pass verdicts: passed while the token
-        # was bound to the dedupe key alone (review of 2026-12-02).
+        # other recipients, another thread: passed as Mailgun's while the token was
+        # bound to the dedupe key alone (review of 2026-12-02).
         same_key = _signed(mailgun_parsed(genuine), signature)
         headers = [*genuine.headers(), ("Cc", "billing@example.com"), ("In-Reply-To", "<x@y>")]
         same_key["data"].update(
@@ -368,65 +370,68 @@ def test_a_captured_mailgun_signature_carries_no_other_mail(
         ).encode()
         other_mime = _signed(mailgun_mime(genuine), signature)
         other_mime["files"] = {"body-mime": (None, mime, "text/plain")}
-        refused = [
+        reused = [
             client.post(url, **_signed(mailgun_parsed(forged), signature)),
             client.post(url, **same_key),
             client.post(f"{url}/mime", **other_mime),
         ]
-        for response in refused:
-            assert response.status_code == 406, response.text  # Mailgun does not retry it
-            assert response.json()["reason"] == "replay"
         # Mailgun's own retry of the same mail under the same signature (after a 503,
-        # or an answer it did not see) is taken, and the router deduplicates it.
+        # or an answer it did not see) is taken as it is; the router deduplicates it.
         retried = client.post(url, **_signed(mailgun_parsed(genuine), signature))
-        assert retried.status_code == 200, retried.text
         # A new signature is a new token: the next genuine mail passes.
         assert client.post(url, **mailgun_parsed(Mail(f"next-{unique}"))).status_code == 200
-    ids = {UUID(r.json()["id"]) for r in (first, retried, *refused)}
-    inbound, dead = collect(kafka_settings, f"mailgun-replay-{unique}", ids)
-    assert set(inbound) == {UUID(first.json()["id"]), UUID(retried.json()["id"])}
-    assert {m.html for m in inbound.values()} == {genuine.html}
-    assert {(d.adapter, d.reason) for d in dead.values()} == {("mailgun", "replay")}
-    for letter in dead.values():
-        assert letter.metadata["first_message_id"] == first.json()["id"]
-    # The first other mail under the token is kept whole, the later ones as bounded
-    # evidence (the first 4 KiB, a few a minute); each names the first message.
-    first_conflict = dead[UUID(refused[0].json()["id"])]
-    assert first_conflict.raw is not None
-    assert forged.tag.encode() in app.blobs.get(first_conflict.raw.sha256)
-    assert first_conflict.metadata["conflicts"] == 1
-    assert [dead[UUID(r.json()["id"])].metadata["conflicts"] for r in refused] == [1, 2, 3]
+    answers = [first, *reused, retried]
+    assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
+    inbound, dead = collect(
+        kafka_settings, f"mailgun-replay-{unique}", {UUID(a.json()["id"]) for a in answers}
+    )
+    assert dead == {}
+    taken = [inbound[UUID(a.json()["id"])] for a in answers]
+    for message in (taken[0], taken[4]):  # the genuine mail and its retry
+        assert message.authentication is not None
+        assert message.authentication.source == "provider:mailgun"
+        assert "token_reused" not in message.metadata
+    for n, message in enumerate(taken[1:4], start=1):
+        assert message.authentication is None
+        assert message.metadata["token_reused"] == {
+            "first_message_id": first.json()["id"],
+            "conflicts": n,
+        }
+    assert taken[1].sender.key == "email:victim@example.org"
     with migrated_postgres.connect() as connection:
         rows = connection.execute(select(webhook_tokens)).all()
     assert len(rows) == 2  # the captured token and the next one, digests only
     assert signature["token"] not in {row.token for row in rows}
 
 
-def test_a_genuine_mail_after_a_stranger_s_copy_is_kept_whole(
+def test_a_genuine_mail_after_a_stranger_s_copy_is_still_taken(
     kafka_settings: KafkaSettings, migrated_postgres: Engine, tmp_path: Path, unique: str
 ) -> None:
-    """Whoever posts under a token first owns it: a stranger who holds a signature not
-    used yet (its first post was cut off, or they sit on the path) posts junk first,
-    and the genuine mail after it is refused. It is then the first conflict, kept
-    whole (20 KB; the bounded evidence kept its first 4 KiB), naming the junk."""
+    """Whoever posts under a token first owns it: should a stranger hold a signature
+    not used yet (its first post was cut off, or they sit on the path) and post
+    twice first, the genuine mail after them is still taken, unvouched and naming
+    the first arrival. Refused (406), it was lost: Mailgun does not retry a 406."""
     signature = mailgun_signature()
-    genuine = Mail(f"real-{unique}", text="Real text " + "x" * 20_000)
+    genuine = Mail(f"real-{unique}", text="Real text")
     with (
         http_ingest(kafka_settings, tmp_path, providers=MAILGUN, engine=migrated_postgres) as app,
         httpx.Client(timeout=30) as client,
     ):
         url = f"{app.base}/webhooks/mailgun"
-        junk = client.post(url, **_signed(mailgun_parsed(Mail(f"junk-{unique}")), signature))
-        assert junk.status_code == 200, junk.text
+        junk = [
+            client.post(url, **_signed(mailgun_parsed(Mail(f"junk{n}-{unique}")), signature))
+            for n in range(2)
+        ]
         real = client.post(url, **_signed(mailgun_parsed(genuine), signature))
-        assert real.status_code == 406, real.text
-    _, dead = collect(kafka_settings, f"mailgun-first-{unique}", {UUID(real.json()["id"])})
-    [letter] = dead.values()
-    assert letter.reason == "replay"
-    assert letter.metadata["first_message_id"] == junk.json()["id"]
-    assert letter.raw is not None
-    kept = app.blobs.get(letter.raw.sha256)
-    assert b"x" * 20_000 in kept
+    assert [r.status_code for r in (*junk, real)] == [200, 200, 200]
+    inbound, _ = collect(kafka_settings, f"mailgun-first-{unique}", {UUID(real.json()["id"])})
+    [message] = inbound.values()
+    assert message.text == "Real text"
+    assert message.authentication is None
+    assert message.metadata["token_reused"] == {
+        "first_message_id": junk[0].json()["id"],
+        "conflicts": 2,
+    }
 
 
 def test_an_unreadable_body_under_a_used_token_is_a_replay_not_30_mb_kept(
@@ -456,15 +461,16 @@ def test_an_unreadable_body_under_a_used_token_is_a_replay_not_30_mb_kept(
     ids = {UUID(a.json()["id"]) for a in answers} | {UUID(fresh.json()["id"])}
     _, dead = collect(kafka_settings, f"mailgun-junk-{unique}", ids)
     assert dead[UUID(fresh.json()["id"])].reason == "malformed"
-    sizes = [
-        len(app.blobs.get(d.raw.sha256)) for d in dead.values() if d.raw and d.reason == "replay"
-    ]
-    assert sum(size > 1024 * 1024 for size in sizes) == 1  # the first one whole, once
-    assert max(sorted(sizes)[:-1]) <= 4096
+    replays = [d for d in dead.values() if d.reason == "replay"]
+    assert len(replays) == 5
+    for letter in replays:  # bounded evidence, naming the token's first message
+        assert letter.raw is not None
+        assert len(app.blobs.get(letter.raw.sha256)) <= 4096
+        assert letter.metadata["first_message_id"] == first.json()["id"]
 
 
-@pytest.mark.parametrize("variant", ["multipart", "reordered", "mime-reordered"])
-def test_mailgun_s_retry_of_one_mail_passes_in_any_encoding_and_order(
+@pytest.mark.parametrize("variant", ["multipart", "reordered", "mime-reordered", "resigned"])
+def test_mailgun_s_retry_of_one_mail_is_the_same_mail_in_any_encoding_and_order(
     kafka_settings: KafkaSettings,
     migrated_postgres: Engine,
     tmp_path: Path,
@@ -473,7 +479,8 @@ def test_mailgun_s_retry_of_one_mail_passes_in_any_encoding_and_order(
 ) -> None:
     """What a token is bound to must not change between Mailgun's first post and its
     retry: not with the multipart boundary, the field order, urlencoded against
-    multipart, or the order of the attachments."""
+    multipart, the order of the attachments, or a timestamp signed anew for the
+    same token (a timestamp is part of the stored metadata, not of the binding)."""
     mail = Mail(
         f"retry-{unique}",
         text="Où est ma commande ?\r\nMerci.\r\n",
@@ -496,9 +503,20 @@ def test_mailgun_s_retry_of_one_mail_passes_in_any_encoding_and_order(
         if variant == "multipart":  # every field a part, none urlencoded
             files |= {name: (None, value.encode()) for name, value in data.items()}
             data = {}
+        if variant == "resigned":
+            stamp = str(int(signature["timestamp"]) + 5)
+            digest = hmac.new(
+                MAILGUN_KEY.encode(), (stamp + signature["token"]).encode(), hashlib.sha256
+            )
+            data |= {"timestamp": stamp, "signature": digest.hexdigest()}
         retry = client.post(url, data=data, files=files)
     assert (first.status_code, retry.status_code) == (200, 200), (first.text, retry.text)
     assert first.json()["dedupe_key"] == retry.json()["dedupe_key"]
+    ids = {UUID(first.json()["id"]), UUID(retry.json()["id"])}
+    inbound, _ = collect(kafka_settings, f"mailgun-retry-{unique}", ids)
+    for message in inbound.values():
+        assert "token_reused" not in message.metadata
+        assert message.authentication is not None
 
 
 def test_used_tokens_are_one_memory_for_every_process_and_forget_after_their_window(
