@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -289,8 +290,7 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
             # Kept whole as a dead letter (200) unless its token already carried
             # something else: else a captured signature could store 30 MB of junk
             # again and again (review of 2026-12-02).
-            carried = "unparsed:" + hashlib.sha256(request.body).hexdigest()
-            claim = await self._claim(request, carried)
+            claim = await self._claim(request, lambda: _unparsed(request.body))
             if not claim.fresh:
                 raise Rejected(
                     "replay",
@@ -304,14 +304,15 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
                     },
                 ) from None
             raise
-        claim = await self._claim(request, _fingerprint(normalized))
+        claim = await self._claim(request, lambda: _fingerprint(normalized))
         if claim.fresh:
             return normalized
         # Another mail under a used token: a leaked signature, or (should a stranger
         # holding an unused one have posted first) the genuine mail itself. Refusing
         # it would lose the genuine mail in the second case, so it is taken as the
-        # port-25 baseline takes any stranger's mail: without Mailgun's verdict, its
-        # sender claimed, not verified, and marked (review of 2026-12-02).
+        # port-25 baseline takes any stranger's mail: without Mailgun's results (its
+        # sender is claimed either way: they never verify one), and marked (review of
+        # 2026-12-02).
         TOKENS_REUSED.labels(self.name).inc()
         log.warning(
             "a Mailgun signature token carried another mail: taken without its verdict",
@@ -323,13 +324,16 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
         )
         return _unvouched(normalized, claim)
 
-    async def _claim(self, request: InboundRequest, carried: str) -> Claim:
-        """Bind the request's token to what it carries (see ingest.replay)."""
+    async def _claim(self, request: InboundRequest, carried: Callable[[], str]) -> Claim:
+        """Bind the request's token to what it carries (see ingest.replay). ``carried``
+        runs on the thread too: digesting up to 30 MB is no work for the event loop."""
         token = request.once(signature_fields)["token"]
+
+        def claim() -> Claim:
+            return self.tokens.claim(self.name, token, carried(), str(request.message_id))
+
         try:
-            return await asyncio.to_thread(
-                self.tokens.claim, self.name, token, carried, str(request.message_id)
-            )
+            return await asyncio.to_thread(claim)
         except SQLAlchemyError as exc:
             # Not checked, not taken: Mailgun retries a 503 for hours.
             log.error("cannot check the Mailgun token", extra={"error": repr(exc)})
@@ -380,6 +384,11 @@ def _unvouched(normalized: Normalized, claim: Claim) -> Normalized:
         metadata=metadata,
     )
     return Normalized(message=revised, blobs=normalized.blobs)
+
+
+def _unparsed(body: bytes) -> str:
+    """What an unreadable mail's token is bound to: its body's digest."""
+    return "unparsed:" + hashlib.sha256(body).hexdigest()
 
 
 def _fingerprint(normalized: Normalized) -> str:
