@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare
+.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -107,6 +107,15 @@ bench-http: $(VENV)/.installed-dev
 bench-edges: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 1,2 --skip-mailgun --fresh 60000
 	PYTHONPATH=. $(BIN)/python bench/smtp_ingest.py --workers 1,2
+
+## The HTTP edges' ratio to the bare hook in five rounds in turn, each against its own
+## bare hook, and the medians (one run's bare hook drifts by a third here).
+bench-http-rounds: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 2 --skip-mailgun --fresh 60000 --rounds 5
+
+## Where an HTTP edge's latency spikes come from: its threads sampled while saturated.
+bench-stalls: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/stalls.py
 
 ## Two edge settings (or checkouts) side by side, loaded in alternation: e.g.
 ## make bench-http-ab AB='--a SWITCHBOARD_KAFKA_EDGE_LINGER_MS=5 --b SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1'
