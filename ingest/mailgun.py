@@ -19,9 +19,9 @@ The signature covers the timestamp and token, not the mail: each token is single
 use (:mod:`ingest.replay`). It is bound to a digest of the first mail it carried
 (the whole normalized mail, :func:`_fingerprint`), so Mailgun's retry of the same
 mail passes as it is. Another mail under a used token is taken without Mailgun's
-verdict (its sender claimed, as any stranger's mail on port 25, and marked
-``token_reused``), not refused: whoever posts first owns a token, and the genuine
-mail may be the one that comes second.
+results, as any stranger's mail on port 25, and marked ``token_reused``; it is not
+refused: whoever posts first owns a token, and the genuine mail may be the one
+that comes second.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from normalize.content import Blob, Normalized
 from normalize.email import EmailContext, normalize_email
 from normalize.errors import NormalizeError
 from normalize.parsed_email import ParsedAttachment, ParsedEmail, normalize_parsed_email
-from normalize.schema import Assurance, Identity
 from switchboard.metrics import TOKENS_REUSED
 
 log = logging.getLogger(__name__)
@@ -364,25 +363,15 @@ class MailgunAdapter(HttpAdapter[MailgunSettings]):
 
 
 def _unvouched(normalized: Normalized, claim: Claim) -> Normalized:
-    """``normalized`` without what the provider's verdict gave it: every identity
-    claimed, no authentication, and the token's first message named in metadata."""
+    """``normalized`` without what Mailgun's results gave it, its authentication,
+    and with the token's first message named in metadata. Its identities stay as
+    they are: Mailgun's results never verify a sender (``mailgun_verdict``)."""
     message = normalized.message
-
-    def claimed(identity: Identity) -> Identity:
-        if identity.assurance != Assurance.VERIFIED:
-            return identity
-        return identity.revised(assurance=Assurance.CLAIMED, evidence=None)
-
     metadata: dict[str, JsonValue] = {
         **message.metadata,
         "token_reused": {"first_message_id": claim.first_message_id, "conflicts": claim.conflicts},
     }
-    revised = message.revised(
-        sender=claimed(message.sender),
-        identities=tuple(claimed(i) for i in message.identities),
-        authentication=None,
-        metadata=metadata,
-    )
+    revised = message.revised(authentication=None, metadata=metadata)
     return Normalized(message=revised, blobs=normalized.blobs)
 
 

@@ -8,10 +8,10 @@ and refuse one that comes again; this is that memory, with one refinement: a
 token is bound to what it first carried (the adapter says what: for Mailgun a
 digest of the whole normalized message), so Mailgun's own retry of the same mail
 (after a 503, or an answer it did not see) passes, and only a token carrying
-*something else* is refused. Each claim also says which arrival the token first
-carried and how many other things were tried under it, so the refusal can name
-the first message and the first conflict can be kept whole: if a stranger's copy
-came first, the genuine mail refused after it is still there for review.
+*something else* is a conflict, which the adapter decides what to do with (Mailgun
+takes the mail without its results, since the genuine mail may be the one that
+came second). Each claim also says which arrival the token first carried and how
+many other things came under it, for the adapter to record.
 
 The tokens live in the process database (``webhook_tokens``, ingest's chain):
 every ``--workers`` process of a host, and every host on one PostgreSQL, sees the
@@ -58,7 +58,7 @@ webhook_tokens = Table(
     Column("token", String(64), primary_key=True),
     Column("message", String(64), nullable=False),
     # The arrival (message id) it first carried, and how many other things came
-    # under it since: the refusal names the first, and the first conflict is kept.
+    # under it since: what a conflict reports.
     Column("message_id", String(36), nullable=False),
     Column("conflicts", Integer, nullable=False),
     Column("first_seen", DateTime(timezone=True), nullable=False, index=True),
@@ -125,9 +125,7 @@ class UsedTokens:
         with self.engine.begin() as connection:
             row = connection.execute(claim).one()
             if self._prune_due():
-                cutoff = (func.now() if postgres else datetime.now(UTC)) - timedelta(
-                    seconds=self.keep_s
-                )
+                cutoff = now - timedelta(seconds=self.keep_s)
                 connection.execute(delete(table).where(table.c.first_seen < cutoff))
         fresh = row.message == message
         return Claim(fresh, row.message_id, 0 if fresh else row.conflicts)
@@ -142,9 +140,9 @@ class UsedTokens:
 
     def _claim_in_memory(self, adapter: str, key: str, message: str, message_id: str) -> Claim:
         now = time.monotonic()
+        prune = self._prune_due()
         with self._lock:
-            if now - self._pruned >= self.prune_every_s:
-                self._pruned = now
+            if prune:
                 self._memory = {k: v for k, v in self._memory.items() if now - v[3] < self.keep_s}
             first, first_id, conflicts, seen = self._memory.setdefault(
                 (adapter, key), (message, message_id, 0, now)
