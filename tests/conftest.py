@@ -60,7 +60,7 @@ def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The URL of the tests' PostgreSQL (see ``tests/postgres.py`` for which one)."""
     chosen = os.environ.get(postgres.ENV)
     if chosen and chosen != postgres.EMBEDDED:
-        why = postgres.unreachable(chosen)
+        why = postgres.unreachable(chosen, patience_s=60)
         if why is not None:
             pytest.fail(f"PostgreSQL at {chosen} ({postgres.ENV}) does not answer: {why}")
         yield chosen

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,29 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 EMBEDDED = "embedded"
 
 
-def unreachable(url: str) -> str | None:
-    """Why ``url`` cannot be used, or None when it answers."""
+def unreachable(url: str, *, patience_s: float = 0.0) -> str | None:
+    """Why ``url`` cannot be used, or None when it answers.
+
+    With ``patience_s`` the server is asked again until it answers or that long has
+    passed. The suite asks once per pytest-xdist worker and the answer is kept for the
+    whole worker (a session fixture), so one connection that was slow to come back
+    would fail every database test of that worker: CI saw 89 tests fail that way, a
+    3 s connect timing out while the two cores ran four pytest processes, brokers and
+    parse workers. A server that is really down still fails the run, after the wait.
+    """
     libpq_url = url.replace("postgresql+psycopg://", "postgresql://", 1)  # SQLAlchemy's form
-    try:
-        with psycopg.connect(libpq_url, connect_timeout=3) as connection:
-            connection.execute("SELECT 1")
-    except psycopg.Error as exc:
-        return str(exc).strip() or type(exc).__name__
-    return None
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            with psycopg.connect(libpq_url, connect_timeout=5) as connection:
+                connection.execute("SELECT 1")
+        except psycopg.Error as exc:
+            why = str(exc).strip() or type(exc).__name__
+            if time.monotonic() >= deadline:
+                return why
+            time.sleep(0.5)
+            continue
+        return None
 
 
 def with_search_path(url: str, schema: str) -> str:
