@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls
+.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,11 @@ bench-http-rounds: $(VENV)/.installed-dev
 ## Where an HTTP edge's latency spikes come from: its threads sampled while saturated.
 bench-stalls: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/stalls.py
+
+## The embedded broker's acknowledgement times, alone and beside busy processes:
+## e.g. make bench-broker-latency ARGS='--hogs 2 --producer-session own'
+bench-broker-latency: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/broker_latency.py $(ARGS)
 
 ## Two edge settings (or checkouts) side by side, loaded in alternation: e.g.
 ## make bench-http-ab AB='--a SWITCHBOARD_KAFKA_EDGE_LINGER_MS=5 --b SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1'

@@ -1,0 +1,140 @@
+"""How long the embedded broker takes to acknowledge, alone and beside busy processes.
+
+Usage: PYTHONPATH=. .venv/bin/python bench/broker_latency.py [--runs 3] [--seconds 25]
+                 [--rate 3000] [--size 1500] [--hogs 0] [--producer-session same|own]
+
+Starts the embedded broker (Tansu, as ``switchboard run`` does), then for each run a
+producer in a child process: kafka-python with the edges' settings (``acks=all``,
+idempotent, 1 ms linger, 3 partitions), sending ``--rate`` records a second of
+``--size`` bytes for ``--seconds``, each timed from ``send()`` to its
+acknowledgement. ``--hogs N`` runs N CPU-bound processes (``while True: pass``)
+beside it for the run, in this script's session; ``--producer-session own`` starts
+the producer in a session of its own (``setsid``), so that Linux's autogroup
+scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) puts it in another group
+than the hogs, as a service manager's cgroups would; ``same`` keeps it with them, as
+processes started from one terminal are (``make run``, the benches' edges and wrk).
+
+Prints per run the acknowledgement's p50, p99, p99.9 and maximum, and the seconds
+of the run in which a record waited over 100 ms. What it tells apart: stalls in
+the edges' p99 (``bench/stalls.py``: the producer's network thread waiting) that
+come from the broker and the producer sharing the cores, with no edge involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from switchboard.broker import EmbeddedBroker
+
+TOPIC = "bench.broker-latency"
+INNER = "--inner"
+HOG = "while True: pass"
+
+
+def produce(bootstrap: str, rate: int, seconds: float, size: int) -> dict[str, object]:
+    """The child's work: paced sends, each acknowledgement's latency."""
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=1,
+    )
+    latencies: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    value = b"x" * size
+    started = time.perf_counter()
+    sent = 0
+    while (now := time.perf_counter()) - started < seconds:
+        future = producer.send(TOPIC, key=str(sent).encode(), value=value)
+
+        def done(_metadata: object, at: float = now) -> None:
+            with lock:
+                latencies.append((at - started, time.perf_counter() - at))
+
+        future.add_callback(done)
+        sent += 1
+        wait = started + sent / rate - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+    producer.flush()
+    producer.close()
+    ordered = sorted(latency for _, latency in latencies)
+
+    def quantile(q: float) -> float:
+        return ordered[int(q * (len(ordered) - 1))] * 1000
+
+    return {
+        "sent": sent,
+        "acknowledged": len(ordered),
+        "p50": quantile(0.5),
+        "p99": quantile(0.99),
+        "p999": quantile(0.999),
+        "max": ordered[-1] * 1000,
+        "slow_seconds": sorted({int(at) for at, latency in latencies if latency > 0.1}),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == INNER:
+        bootstrap, rate, seconds, size = sys.argv[2:]
+        print(json.dumps(produce(bootstrap, int(rate), float(seconds), int(size))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=25.0)
+    parser.add_argument("--rate", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=1500)
+    parser.add_argument("--hogs", type=int, default=0)
+    parser.add_argument("--producer-session", choices=("same", "own"), default="same")
+    args = parser.parse_args()
+    with EmbeddedBroker() as broker:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin.create_topics([NewTopic(TOPIC, 3, 1)])
+        admin.close()
+        print(
+            f"{args.rate} records/s of {args.size} bytes for {args.seconds:.0f} s, "
+            f"{args.hogs} busy processes beside, producer in the "
+            f"{'same session as them' if args.producer_session == 'same' else 'its own session'}"
+        )
+        for run in range(1, args.runs + 1):
+            hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(args.hogs)]
+            try:
+                child = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        INNER,
+                        broker.bootstrap,
+                        str(args.rate),
+                        str(args.seconds),
+                        str(args.size),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    start_new_session=args.producer_session == "own",
+                )
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait()
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            print(
+                f"run {run}: {result['acknowledged']:,} of {result['sent']:,} acknowledged, "
+                f"p50 {result['p50']:.1f} p99 {result['p99']:.1f} p99.9 {result['p999']:.1f} "
+                f"max {result['max']:.1f} ms; seconds with a wait over 100 ms: "
+                f"{result['slow_seconds'] or 'none'}"
+            )
+            time.sleep(3)  # the hogs' cores cool down between runs
+
+
+if __name__ == "__main__":
+    main()
