@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -29,27 +30,47 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 EMBEDDED = "embedded"
 
 
+#: What a server that is there but slow, starting, restarting or busy answers: worth
+#: asking again. Anything else (a wrong database, role or password) is answered at once.
+TRANSIENT = (
+    "refused",
+    "timeout expired",
+    "starting up",
+    "shutting down",
+    "recovery mode",
+    "too many clients",
+    "server closed the connection",
+    "connection reset",
+)
+
+
 def unreachable(url: str, *, patience_s: float = 0.0) -> str | None:
     """Why ``url`` cannot be used, or None when it answers.
 
-    With ``patience_s`` the server is asked again until it answers or that long has
-    passed. The suite asks once per pytest-xdist worker and the answer is kept for the
-    whole worker (a session fixture), so one connection that was slow to come back
-    would fail every database test of that worker: CI saw 89 tests fail that way, a
-    3 s connect timing out while the two cores ran four pytest processes, brokers and
-    parse workers. A server that is really down still fails the run, after the wait.
+    With ``patience_s`` a server that does not answer (refused, timed out, starting,
+    busy: :data:`TRANSIENT`) is asked again until it answers or that long has passed;
+    a wrong database, role or password is reported at once. The suite asks once per
+    pytest-xdist worker and the answer is kept for the whole worker (a session
+    fixture), so one connection that was slow to come back would fail every database
+    test of that worker: CI saw 91 tests fail that way, a 3 s connect timing out while
+    the two cores ran four pytest processes, brokers and parse workers. A server that
+    is really down still fails the run, after the wait.
     """
     libpq_url = url.replace("postgresql+psycopg://", "postgresql://", 1)  # SQLAlchemy's form
     deadline = time.monotonic() + patience_s
     while True:
+        left = deadline - time.monotonic()
+        # libpq counts whole seconds, at least 2; one look without patience stays 3 s.
+        timeout = 3 if patience_s <= 0 else max(2, min(5, math.ceil(left)))
         try:
-            with psycopg.connect(libpq_url, connect_timeout=5) as connection:
+            with psycopg.connect(libpq_url, connect_timeout=timeout) as connection:
                 connection.execute("SELECT 1")
         except psycopg.Error as exc:
             why = str(exc).strip() or type(exc).__name__
-            if time.monotonic() >= deadline:
+            transient = any(marker in why.lower() for marker in TRANSIENT)
+            if not transient or time.monotonic() >= deadline:
                 return why
-            time.sleep(0.5)
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
             continue
         return None
 
