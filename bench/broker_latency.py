@@ -4,11 +4,15 @@ Usage: PYTHONPATH=. .venv/bin/python bench/broker_latency.py [--runs 3] [--secon
                  [--rate 3000] [--size 1500] [--hogs 0] [--producer-session same|own]
 
 Starts the embedded broker (Tansu, as ``switchboard run`` does), then for each run a
-producer in a child process: kafka-python with the edges' settings (``acks=all``,
-idempotent, 1 ms linger, 3 partitions), sending ``--rate`` records a second of
-``--size`` bytes for ``--seconds``, each timed from ``send()`` to its
-acknowledgement. ``--hogs N`` runs N CPU-bound processes (``while True: pass``)
-beside it for the run, in this script's session; ``--producer-session own`` starts
+producer in a child process: a kafka-python ``KafkaProducer`` built as
+``switchboard.kafka.Publisher`` builds an edge's (``acks=all``, idempotent, the edge
+linger, batch size, timeouts and client options of ``KafkaSettings``' defaults), on
+a topic of 3 partitions, without Switchboard's wrapper around it; one record is sent
+and acknowledged first (connection, metadata, producer id), then ``--rate`` records a
+second of ``--size`` bytes for ``--seconds``, each timed from its scheduled send to its
+acknowledgement (a late send counts as waiting). ``--hogs N`` runs N CPU-bound
+processes beside it for the run, in this script's session (each stops by itself
+after the run's time, should this script be killed); ``--producer-session own`` starts
 the producer in a session of its own (``setsid``), so that Linux's autogroup
 scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) puts it in another group
 than the hogs, as a service manager's cgroups would; ``same`` keeps it with them, as
@@ -28,38 +32,60 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from switchboard.broker import EmbeddedBroker
+from switchboard.config import KafkaSettings
 
 TOPIC = "bench.broker-latency"
 INNER = "--inner"
-HOG = "while True: pass"
+#: A busy process that ends by itself at the deadline it is given.
+HOG = (
+    "import sys, time\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end: pass"
+)
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
 def produce(bootstrap: str, rate: int, seconds: float, size: int) -> dict[str, object]:
     """The child's work: paced sends, each acknowledgement's latency."""
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap,
+    s = KafkaSettings(bootstrap=bootstrap)
+    producer = KafkaProducer(  # as Publisher._new_producer, with the edge linger
         acks="all",
         enable_idempotence=True,
-        linger_ms=1,
+        linger_ms=s.edge_linger_ms,
+        batch_size=s.batch_size,
+        max_block_ms=s.max_block_ms,
+        bootstrap_timeout_ms=s.max_block_ms,
+        delivery_timeout_ms=max(s.delivery_timeout_ms, s.request_timeout_ms + s.edge_linger_ms),
+        max_request_size=s.max_request_size,
+        **s.client_config(),
     )
+    producer.send(TOPIC, key=b"warm-up", value=b"x").get(timeout=30)
+    failed = 0
     latencies: list[tuple[float, float]] = []
     lock = threading.Lock()
     value = b"x" * size
     started = time.perf_counter()
     sent = 0
-    while (now := time.perf_counter()) - started < seconds:
+    while (due := started + sent / rate) - started < seconds:
         future = producer.send(TOPIC, key=str(sent).encode(), value=value)
 
-        def done(_metadata: object, at: float = now) -> None:
+        def done(_metadata: object, at: float = due) -> None:
             with lock:
                 latencies.append((at - started, time.perf_counter() - at))
 
+        def lost(_error: object) -> None:
+            nonlocal failed
+            with lock:
+                failed += 1
+
         future.add_callback(done)
+        future.add_errback(lost)
         sent += 1
         wait = started + sent / rate - time.perf_counter()
         if wait > 0:
@@ -71,9 +97,12 @@ def produce(bootstrap: str, rate: int, seconds: float, size: int) -> dict[str, o
     def quantile(q: float) -> float:
         return ordered[int(q * (len(ordered) - 1))] * 1000
 
+    if not ordered:
+        return {"sent": sent, "acknowledged": 0, "failed": failed}
     return {
         "sent": sent,
         "acknowledged": len(ordered),
+        "failed": failed,
         "p50": quantile(0.5),
         "p99": quantile(0.99),
         "p999": quantile(0.999),
@@ -95,6 +124,7 @@ def main() -> None:
     parser.add_argument("--hogs", type=int, default=0)
     parser.add_argument("--producer-session", choices=("same", "own"), default="same")
     args = parser.parse_args()
+    autogroup = AUTOGROUP.read_text().strip() if AUTOGROUP.exists() else "absent"
     with EmbeddedBroker() as broker:
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         admin.create_topics([NewTopic(TOPIC, 3, 1)])
@@ -103,9 +133,13 @@ def main() -> None:
             f"{args.rate} records/s of {args.size} bytes for {args.seconds:.0f} s, "
             f"{args.hogs} busy processes beside, producer in the "
             f"{'same session as them' if args.producer_session == 'same' else 'its own session'}"
+            f" (autogroup scheduling: {autogroup})"
         )
         for run in range(1, args.runs + 1):
-            hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(args.hogs)]
+            lifetime = str(args.seconds + 120)
+            hogs = [
+                subprocess.Popen([sys.executable, "-c", HOG, lifetime]) for _ in range(args.hogs)
+            ]
             try:
                 child = subprocess.run(
                     [
@@ -119,21 +153,29 @@ def main() -> None:
                     ],
                     capture_output=True,
                     text=True,
-                    check=True,
+                    check=False,
                     start_new_session=args.producer_session == "own",
                 )
             finally:
                 for hog in hogs:
                     hog.kill()
                     hog.wait()
+            if child.returncode != 0:
+                print(f"run {run}: the producer failed (exit {child.returncode}):")
+                print(child.stderr[-4000:])
+                continue
             result = json.loads(child.stdout.strip().splitlines()[-1])
+            if not result["acknowledged"]:
+                print(f"run {run}: nothing of {result['sent']:,} acknowledged")
+                continue
             print(
                 f"run {run}: {result['acknowledged']:,} of {result['sent']:,} acknowledged, "
                 f"p50 {result['p50']:.1f} p99 {result['p99']:.1f} p99.9 {result['p999']:.1f} "
                 f"max {result['max']:.1f} ms; seconds with a wait over 100 ms: "
-                f"{result['slow_seconds'] or 'none'}"
+                f"{result['slow_seconds'] or 'none'}; failed {result['failed']}"
             )
-            time.sleep(3)  # the hogs' cores cool down between runs
+            if run < args.runs:
+                time.sleep(3)  # the broker's and the producer's last batches settle
 
 
 if __name__ == "__main__":
