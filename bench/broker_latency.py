@@ -4,10 +4,10 @@ Usage: PYTHONPATH=. .venv/bin/python bench/broker_latency.py [--runs 3] [--secon
                  [--rate 3000] [--size 1500] [--hogs 0] [--producer-session same|own]
 
 Starts the embedded broker (Tansu, as ``switchboard run`` does), then for each run a
-producer in a child process: a kafka-python ``KafkaProducer`` built as
-``switchboard.kafka.Publisher`` builds an edge's (``acks=all``, idempotent, the edge
-linger, batch size, timeouts and client options of ``KafkaSettings``' defaults), on
-a topic of 3 partitions, without Switchboard's wrapper around it; one record is sent
+producer in a child process: a kafka-python producer built as an edge process builds
+its own (``switchboard.kafka.new_producer`` with ``producer_settings``: ``acks=all``,
+idempotent, the edge linger, the batch size and timeouts of ``KafkaSettings``'
+defaults), on a topic of 3 partitions, without the Publisher around it; one record is sent
 and acknowledged first (connection, metadata, producer id), then ``--rate`` records a
 second of ``--size`` bytes for ``--seconds``, each timed from its scheduled send to its
 acknowledgement (a late send counts as waiting). ``--hogs N`` runs N CPU-bound
@@ -34,11 +34,12 @@ import threading
 import time
 from pathlib import Path
 
-from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from switchboard.bootstrap import producer_settings
 from switchboard.broker import EmbeddedBroker
 from switchboard.config import KafkaSettings
+from switchboard.kafka import new_producer
 
 TOPIC = "bench.broker-latency"
 INNER = "--inner"
@@ -53,18 +54,9 @@ AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 def produce(bootstrap: str, rate: int, seconds: float, size: int) -> dict[str, object]:
     """The child's work: paced sends, each acknowledgement's latency."""
-    s = KafkaSettings(bootstrap=bootstrap)
-    producer = KafkaProducer(  # as Publisher._new_producer, with the edge linger
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=s.edge_linger_ms,
-        batch_size=s.batch_size,
-        max_block_ms=s.max_block_ms,
-        bootstrap_timeout_ms=s.max_block_ms,
-        delivery_timeout_ms=max(s.delivery_timeout_ms, s.request_timeout_ms + s.edge_linger_ms),
-        max_request_size=s.max_request_size,
-        **s.client_config(),
-    )
+    # Built as an edge process builds its producer (the edge linger among them).
+    settings = producer_settings(KafkaSettings(bootstrap=bootstrap), frozenset({"http"}))
+    producer = new_producer(settings, "bench-broker-latency")
     producer.send(TOPIC, key=b"warm-up", value=b"x").get(timeout=30)
     failed = 0
     latencies: list[tuple[float, float]] = []

@@ -79,6 +79,23 @@ class _Producer(KafkaProducer):  # type: ignore[misc]
         return super()._wait_on_metadata(topic, max_wait_ms)
 
 
+def new_producer(s: KafkaSettings, client_id: str) -> KafkaProducer:
+    """A kafka-python producer as every Publisher builds one: ``acks=all``,
+    idempotent, batched as ``s`` says (``bench/broker_latency.py`` times one alone)."""
+    return _Producer(
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=s.linger_ms,
+        batch_size=s.batch_size,
+        max_block_ms=s.max_block_ms,
+        bootstrap_timeout_ms=s.max_block_ms,
+        delivery_timeout_ms=max(s.delivery_timeout_ms, s.request_timeout_ms + s.linger_ms),
+        max_request_size=s.max_request_size,
+        **s.client_config(),
+    )
+
+
 class PublishError(Exception):
     """The broker did not acknowledge in time, or refused. Retry later (or spool)."""
 
@@ -120,19 +137,7 @@ class Publisher:
         return self._built
 
     def _new_producer(self) -> KafkaProducer:
-        s = self._settings
-        return _Producer(
-            client_id=self._client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=s.linger_ms,
-            batch_size=s.batch_size,
-            max_block_ms=s.max_block_ms,
-            bootstrap_timeout_ms=s.max_block_ms,
-            delivery_timeout_ms=max(s.delivery_timeout_ms, s.request_timeout_ms + s.linger_ms),
-            max_request_size=s.max_request_size,
-            **s.client_config(),
-        )
+        return new_producer(self._settings, self._client_id)
 
     def _current(self) -> KafkaProducer:
         # Building a producer bootstraps over the network (seconds while the broker
