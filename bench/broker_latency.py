@@ -34,12 +34,11 @@ import threading
 import time
 from pathlib import Path
 
-from kafka.admin import KafkaAdminClient, NewTopic
-
 from switchboard.bootstrap import producer_settings
 from switchboard.broker import EmbeddedBroker
 from switchboard.config import KafkaSettings
 from switchboard.kafka import new_producer
+from switchboard.topics import ensure_topics
 
 TOPIC = "bench.broker-latency"
 INNER = "--inner"
@@ -65,6 +64,8 @@ def produce(bootstrap: str, rate: int, seconds: float, size: int) -> dict[str, o
     started = time.perf_counter()
     sent = 0
     while (due := started + sent / rate) - started < seconds:
+        if (wait := due - time.perf_counter()) > 0:
+            time.sleep(wait)
         future = producer.send(TOPIC, key=str(sent).encode(), value=value)
 
         def done(_metadata: object, at: float = due) -> None:
@@ -79,9 +80,6 @@ def produce(bootstrap: str, rate: int, seconds: float, size: int) -> dict[str, o
         future.add_callback(done)
         future.add_errback(lost)
         sent += 1
-        wait = started + sent / rate - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
     producer.flush()
     producer.close()
     ordered = sorted(latency for _, latency in latencies)
@@ -118,9 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     autogroup = AUTOGROUP.read_text().strip() if AUTOGROUP.exists() else "absent"
     with EmbeddedBroker() as broker:
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics([NewTopic(TOPIC, 3, 1)])
-        admin.close()
+        ensure_topics(KafkaSettings(bootstrap=broker.bootstrap, partitions=3), (TOPIC,))
         print(
             f"{args.rate} records/s of {args.size} bytes for {args.seconds:.0f} s, "
             f"{args.hogs} busy processes beside, producer in the "
