@@ -18,6 +18,12 @@ then holding it ``--hold-s`` seconds before giving up: what they make the server
 hold at once, against ``SWITCHBOARD_HTTP_MAX_BODY_IN_FLIGHT`` (``--budget-mb``;
 a budget larger than the crowd is the server without one).
 
+Then documents (``--documents``, 0 to skip): that many strangers, each from an
+address of its own, posting valid 1 MB JSON documents of 80,000 small keys back to
+back to a public hook (its limits at their defaults) for ``--documents-seconds``,
+while 127.0.0.1 times /healthz and a small form post: what the walks over such a
+document cost everyone else.
+
 Then slowloris: ``--slow`` connections from 127.0.0.2 sending one header byte
 a second for ``--slow-seconds``, while 127.0.0.1 asks for /healthz every
 50 ms; it prints how many of the stranger's connections the server accepted
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import select
 import socket
@@ -146,6 +153,64 @@ def slowloris(port: int, count: int, seconds: float) -> None:
     )
 
 
+def documents(port: int, clients: int, seconds: float) -> None:
+    """``clients`` strangers (127.0.0.10 and up) posting, back to back for ``seconds``,
+    valid 1 MB JSON documents of 80,000 small keys to a public hook (every limit
+    at its default), while 127.0.0.1 times /healthz and a small form post."""
+    doc = json.dumps(
+        {"email": "big@example.org", "text": "hi", **{f"k{n}": 1 for n in range(80_000)}}
+    ).encode()
+    stop = threading.Event()
+    statuses: dict[int, int] = {}
+    timings: dict[str, list[float]] = {"/healthz": [], "form post": []}
+
+    def attack(source: str) -> None:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(local_address=source), timeout=60
+        ) as client:
+            while not stop.is_set():
+                status = client.post(
+                    f"http://127.0.0.1:{port}/webhooks/documents",
+                    content=doc,
+                    headers={"content-type": "application/json"},
+                ).status_code
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 429:
+                    time.sleep(0.05)
+
+    def probe() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            n = 0
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.get("/healthz").raise_for_status()
+                timings["/healthz"].append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                n += 1
+                client.post(
+                    "/webhooks/contact", data={"email": f"p{n}@example.com", "text": "hello"}
+                ).raise_for_status()
+                timings["form post"].append((time.perf_counter() - started) * 1000)
+                time.sleep(0.05)
+
+    workers = [threading.Thread(target=attack, args=(f"127.0.0.{10 + n}",)) for n in range(clients)]
+    prober = threading.Thread(target=probe)
+    for thread in [*workers, prober]:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in [*workers, prober]:
+        thread.join()
+    for name, values in timings.items():
+        values.sort()
+        print(
+            f"documents    {clients} x 1 MB JSON ({len(doc):,} bytes, 80,000 keys) back to back "
+            f"for {seconds:g} s, answers {dict(sorted(statuses.items()))}; {name} from "
+            f"127.0.0.1: {len(values)} requests, p50 {values[len(values) // 2]:.1f} ms, "
+            f"p99 {values[int(len(values) * 0.99)]:.1f} ms, max {values[-1]:.1f} ms"
+        )
+
+
 def oversized(port: int, pid: int, size_mb: int, parallel: int) -> None:
     """``parallel`` posts of ``size_mb`` MB to each target at once; RSS growth."""
     size = size_mb * MB
@@ -260,6 +325,8 @@ def main() -> None:
     parser.add_argument("--hold-s", type=float, default=5)
     parser.add_argument("--budget-mb", type=int, default=512)
     parser.add_argument("--skip-oversized", action="store_true")
+    parser.add_argument("--documents", type=int, default=4)
+    parser.add_argument("--documents-seconds", type=float, default=15)
     parser.add_argument("--slow", type=int, default=4000)
     parser.add_argument("--slow-seconds", type=float, default=20)
     args = parser.parse_args()
@@ -269,6 +336,8 @@ def main() -> None:
         config.write_text(
             '[[webhooks]]\nname = "contact"\nauth = { kind = "none" }\n'
             'map = { email = "email", text = "text" }\ncontent_types = ["form"]\n'
+            '[[webhooks]]\nname = "documents"\nauth = { kind = "none" }\n'
+            'map = { email = "email", text = "text" }\ncontent_types = ["json"]\n'
             "[adapters.mailgun]\nmax_age_s = 3600\n"  # with the signing key: mounted
         )
         env = {
@@ -296,6 +365,8 @@ def main() -> None:
                 oversized(port, server.pid, args.size_mb, args.parallel)
             if args.crowd:
                 crowd(port, server.pid, args.crowd, args.crowd_mb, args.hold_s)
+            if args.documents:
+                documents(port, args.documents, args.documents_seconds)
             if args.slow:
                 slowloris(port, args.slow, args.slow_seconds)
         finally:

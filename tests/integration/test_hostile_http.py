@@ -26,6 +26,7 @@ import uvloop
 from pydantic import SecretStr
 
 from ingest.postmark import PostmarkAdapter, PostmarkSettings
+from normalize.webhook import normalize_webhook
 from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
 from sinks.auth import Access
@@ -718,3 +719,52 @@ def test_password_checks_run_off_the_event_loop(
     assert set(answers) <= {401, 429}
     assert on_loop
     assert not any(on_loop)
+
+
+def test_a_large_json_document_is_mapped_off_the_event_loop(
+    kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: a public JSON hook's 1 MB document of 80,000 small keys, valid and under
+    # every limit; its walks (shape check, stripping controls, mapping) took 0.1-0.3 s
+    # of the event loop each, and every other request of the server waited behind it.
+    small_answered = threading.Event()
+    seen: list[tuple[int, bool]] = []
+    normalize = normalize_webhook
+
+    def watched(payload: Any, ctx: Any) -> Any:  # noqa: ANN401 - the normalizer's own
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((len(payload), on_loop))
+        if len(payload) > 1000:
+            # Held until a small post was answered meanwhile: on the loop this waits
+            # out its 20 s and the small post (the loop blocked) is never answered.
+            small_answered.wait(20)
+        return normalize(payload, ctx)
+
+    monkeypatch.setattr("ingest.webhook.normalize_webhook", watched)
+    hook = _hook(monkeypatch, content_types=["json"], max_body_bytes=MB + 1)
+    large = {"email": "big@example.org", "text": "hi", **{f"k{n}": 1 for n in range(80_000)}}
+    body = json.dumps(large).encode()
+    assert 64 * 1024 < len(body) <= MB
+    with http_ingest(kafka_settings, tmp_path, hooks=[hook], loop_factory=LOOPS[_loop[0]]) as app:
+        url = f"{app.base}/webhooks/form"
+        with ThreadPoolExecutor(1) as pool:
+            big = pool.submit(
+                local_http.post,
+                url,
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=60,
+            )
+            while not any(size > 1000 for size, _ in seen) and not big.done():
+                time.sleep(0.01)
+            small = local_http.post(
+                url, json={"email": "ann@example.com", "text": "hi"}, timeout=10
+            )
+            small_answered.set()
+            assert small.status_code == 202, small.text
+            assert big.result().status_code == 202, big.result().text
+    assert sorted(seen) == [(2, True), (80_002, False)]
