@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency
+.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency bench-edge-start
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -121,6 +121,10 @@ bench-stalls: $(VENV)/.installed-dev
 ## e.g. make bench-broker-latency ARGS='--hogs 2 --producer-session own'
 bench-broker-latency: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/broker_latency.py $(ARGS)
+
+## An edge fleet's start: time to the first /readyz 200, each process's memory (ARGS=--role smtp).
+bench-edge-start: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/edge_start.py $(ARGS)
 
 ## Two edge settings (or checkouts) side by side, loaded in alternation: e.g.
 ## make bench-http-ab AB='--a SWITCHBOARD_KAFKA_EDGE_LINGER_MS=5 --b SWITCHBOARD_KAFKA_EDGE_LINGER_MS=1'

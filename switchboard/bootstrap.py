@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
@@ -35,23 +35,13 @@ from ingest.smtp import SmtpAdapter
 from ingest.spool import Drainer, Spool, SpoolBusy, read_depth
 from ingest.twilio import TwilioAdapter
 from ingest.workers import ParserPool
-from router.config import routing_config
-from router.service import Router
-from router.store import RouterStore
 from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
-from sinks.archive import ArchiveSink
-from sinks.archive_buffer import BUFFER_FILE as ARCHIVE_BUFFER_FILE
-from sinks.archive_buffer import BufferLog
-from sinks.archive_files import open_archive
-from sinks.archive_iceberg import IcebergTable
-from sinks.archive_state import STATE_FILE as ARCHIVE_STATE_FILE
-from sinks.archive_state import ArchiveState
 from sinks.auth import Access, protect
 from sinks.queue import QueueSink, QueueStore
 from sinks.search import identity_keys
 from switchboard.blobs import BlobCollector, FileBlobStore, References, open_blob_store
-from switchboard.broker import MEMORY_WARNING, EmbeddedBroker
+from switchboard.broker import BROKER_FILE, MEMORY_WARNING, EmbeddedBroker
 from switchboard.config import KafkaSettings
 from switchboard.consumer import ConsumerRuntime
 from switchboard.databases import describe, upgrade_databases
@@ -69,9 +59,17 @@ from switchboard.runtime import (
     run_components,
 )
 from switchboard.settings import Settings
-from switchboard.status import BROKER_FILE
 from switchboard.supervisor import Supervisor, WorkerSpec, cores, worker_command
 from switchboard.topics import DEADLETTER, ensure_topics
+
+if TYPE_CHECKING:
+    from router.store import RouterStore
+    from sinks.archive import ArchiveSink
+
+# The router's and the archive's modules (pyarrow, the routing store) are imported by
+# the functions that build them: an edge worker, one of several per port, never
+# loads them (40 MB less a process, and a faster start: README "Several processes
+# per port"). test_an_edge_process_loads_no_router_or_archive keeps it so.
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +121,7 @@ class Pipeline:
     router_engine: Engine | None = None
     queue_engine: Engine | None = None
     started: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def archives(self) -> list[ArchiveSink]:
-        return [c for c in self.components if isinstance(c, ArchiveSink)]
+    archives: list[ArchiveSink] = field(default_factory=list)  # among the components
 
     @property
     def keeper(self) -> JournalKeeper | None:
@@ -154,6 +149,9 @@ INGEST_ROLES = frozenset({"http", "smtp", "imap"})
 
 def router_store(settings: Settings, engine: Engine | None = None) -> RouterStore:
     """The router's directory over its own engine (SQLite: writers BEGIN IMMEDIATE)."""
+    from router.config import routing_config  # noqa: PLC0415 - see the imports
+    from router.store import RouterStore  # noqa: PLC0415
+
     return RouterStore(
         engine or make_engine(settings.resolved_database_url(), sqlite_immediate=True),
         routing_config(settings.router, settings.teams, settings.rules),
@@ -252,6 +250,11 @@ def blob_references(
 def archive_sink(settings: Settings, publisher: Publisher | None = None) -> ArchiveSink:
     """The archive sink on its configured root (a local directory or an fsspec URL),
     keeping the Iceberg table when ``[archive] iceberg`` is on."""
+    from sinks.archive import ArchiveSink  # noqa: PLC0415 - see the imports
+    from sinks.archive_files import open_archive  # noqa: PLC0415
+    from sinks.archive_iceberg import IcebergTable  # noqa: PLC0415
+    from sinks.archive_state import STATE_FILE, ArchiveState  # noqa: PLC0415
+
     iceberg = None
     if settings.archive.iceberg:
         catalog = settings.archive.iceberg_catalog or settings.resolved_database_url()
@@ -267,7 +270,7 @@ def archive_sink(settings: Settings, publisher: Publisher | None = None) -> Arch
         policy=settings.consumers,
         iceberg=iceberg,
     )
-    sink.archive_handler.state = ArchiveState(settings.data_dir / ARCHIVE_STATE_FILE)
+    sink.archive_handler.state = ArchiveState(settings.data_dir / STATE_FILE)
     return sink
 
 
@@ -563,7 +566,7 @@ def producer_settings(kafka: KafkaSettings, roles: frozenset[str]) -> KafkaSetti
 
 def _wire_archive(
     handoff: HandOff,
-    consumers: list[ConsumerRuntime],
+    archives: list[ArchiveSink],
     settings: Settings,
     broker: EmbeddedBroker | None,
 ) -> None:
@@ -571,11 +574,12 @@ def _wire_archive(
     after the broker died; ingest's dead letters stay in the journal until the
     archive has them in a file. Without an archive they have no durable home here,
     and what an earlier run journaled is dropped (it would be replayed forever)."""
-    archives = [c for c in consumers if isinstance(c, ArchiveSink)]
-    if broker is not None:
+    if broker is not None and archives:
+        from sinks.archive_buffer import BUFFER_FILE, BufferLog  # noqa: PLC0415 - see the imports
+
         for sink in archives:
             sink.archive_handler.embedded_partitions = settings.kafka.partitions
-            sink.archive_handler.buffer_log = BufferLog(settings.data_dir / ARCHIVE_BUFFER_FILE)
+            sink.archive_handler.buffer_log = BufferLog(settings.data_dir / BUFFER_FILE)
     journal = handoff.journal
     if journal is None:
         return
@@ -587,6 +591,19 @@ def _wire_archive(
             "the archive is off: dead letters journaled by an earlier run are dropped",
             extra={"dead_letters": removed},
         )
+
+
+def _router(settings: Settings, engine: Engine | None, publisher: Publisher) -> ConsumerRuntime:
+    from router.service import Router  # noqa: PLC0415 - see the imports
+
+    store = router_store(settings, engine)
+    return Router(
+        settings.kafka,
+        store,
+        publisher,
+        policy=settings.consumers,
+        max_batch=settings.router.poll_records(store.engine.dialect.name),
+    )
 
 
 def _mount_http(
@@ -689,16 +706,7 @@ def build_pipeline(
         else None
     )
     if "router" in roles:
-        store = router_store(settings, router_engine)
-        consumers.append(
-            Router(
-                kafka,
-                store,
-                publisher,
-                policy=settings.consumers,
-                max_batch=settings.router.poll_records(store.engine.dialect.name),
-            )
-        )
+        consumers.append(_router(settings, router_engine, publisher))
     queue_engine = None
     access = Access(
         settings.api_token.get_secret_value() if settings.api_token else None,
@@ -722,8 +730,9 @@ def build_pipeline(
             )
         )
     _guard(app, settings, access)
-    consumers.extend(_archive(settings, roles, publisher))
-    _wire_archive(handoff, consumers, settings, broker)
+    archives = _archive(settings, roles, publisher)
+    consumers.extend(archives)
+    _wire_archive(handoff, archives, settings, broker)
     components.extend(consumers)
     components.extend(
         _journal_keeper(
@@ -747,7 +756,9 @@ def build_pipeline(
                 settings.blobs.gc_interval_h * 3600,
             )
         )
-    pipeline = Pipeline(settings, publisher, engine, readiness, components, handoff)
+    pipeline = Pipeline(
+        settings, publisher, engine, readiness, components, handoff, archives=archives
+    )
     pipeline.started = started
     pipeline.router_engine = router_engine
     pipeline.queue_engine = queue_engine

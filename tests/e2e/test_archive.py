@@ -30,8 +30,8 @@ from pyiceberg.catalog.sql import SqlCatalog
 from twilio.request_validator import RequestValidator
 
 from ingest.journal import read_journal_depth
+from switchboard.broker import BROKER_FILE
 from switchboard.recovery import read_recovery
-from switchboard.status import BROKER_FILE
 from switchboard.topics import ALL_TOPICS
 from tests import local_http
 from tests.archive_helpers import query

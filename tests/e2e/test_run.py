@@ -22,11 +22,10 @@ from twilio.request_validator import RequestValidator
 
 from normalize.schema import InboundMessage
 from switchboard.blobs import PackBlobStore
-from switchboard.broker import EmbeddedBroker, free_port
+from switchboard.broker import BROKER_FILE, EmbeddedBroker, free_port
 from switchboard.databases import current_revisions, head_revisions
 from switchboard.db import make_engine
 from switchboard.settings import KafkaSettings
-from switchboard.status import BROKER_FILE
 from switchboard.topics import INBOUND
 from tests import local_http
 from tests.http_helpers import find
