@@ -14,8 +14,9 @@ import hmac
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from ingest.errors import Rejected
+from ingest.errors import Rejected, RetryLater
 from ingest.jsonbody import load_json
 from ingest.ratelimit import TokenBucket
 from ingest.sdk import (
@@ -36,9 +37,24 @@ from normalize.webhook import WebhookContext, normalize_webhook
 log = logging.getLogger(__name__)
 
 #: A hook body longer than this is parsed and mapped on a thread, off the event loop.
-#: Forms and backends' events are a few KB; 64 KB of the costliest shape (small keys)
-#: takes 5-20 ms of walks, 1 MB 0.1-0.3 s.
-INLINE_PARSE_BYTES = 64 * 1024
+#: Forms and backends' events are a few KB. 16 KB of the costliest shape (small keys)
+#: takes 1-5 ms of walks, 1 MB 0.1-0.3 s; the hop to a thread about 0.1 ms.
+INLINE_PARSE_BYTES = 16 * 1024
+#: Bytes of such bodies one hook holds for its parse thread at once (the one being
+#: parsed included); past it, 503 with Retry-After. One body is always taken, however
+#: large the hook allows.
+MAX_LARGE_PARSE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class _LargeParses:
+    """One hook's large bodies: parsed one at a time, at most MAX_LARGE_PARSE_BYTES
+    held. Without the bound, strangers posting faster than the thread parses filled
+    the process's body budget with queued documents (review, 2026-12-02)."""
+
+    turn: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    held: int = 0
+
 
 KINDS = {"json": JSON, "form": FORM}
 
@@ -141,7 +157,8 @@ class WebhookAdapter(HttpAdapter[WebhooksSettings]):
     def __init__(self, settings: WebhooksSettings, context: AdapterContext) -> None:
         super().__init__(settings, context)
         self.hooks = {hook.name: hook for hook in settings.hooks}
-        self._large_parses = asyncio.Semaphore(1)
+        # Per hook: a partner's signed hook never waits behind a public form's strangers.
+        self._large = {hook.name: _LargeParses() for hook in settings.hooks}
         # Each worker of a fleet takes its part of the hook's budget.
         self._buckets = {
             h.name: TokenBucket(context.share_rate(h.rate_per_s), context.share(h.burst))
@@ -223,15 +240,27 @@ class WebhookAdapter(HttpAdapter[WebhooksSettings]):
             _check_hmac(hook.auth, request)
 
     async def normalize(self, request: InboundRequest) -> Normalized:
-        if len(request.body) <= INLINE_PARSE_BYTES:
+        size = len(request.body)
+        if size <= INLINE_PARSE_BYTES:
             return self._normalized_now(request)
         # A large document costs Python walks in proportion to its values (the shape
         # check, stripping controls, the mapping): 80,000 keys in 1 MB took 0.1-0.3 s.
         # On a thread the event loop keeps its turns (the interpreter hands the lock
-        # over every 5 ms); one at a time per process, so a stranger's large posts
-        # queue behind each other instead of taking every thread and the loop's share.
-        async with self._large_parses:
-            return await asyncio.to_thread(self._normalized_now, request)
+        # over every 5 ms); one at a time per hook, so a stranger's large posts queue
+        # behind each other instead of taking every thread and the loop's share, and
+        # a bounded queue: past it the sender retries later.
+        large = self._large[request.route.options.name]
+        if large.held and large.held + size > MAX_LARGE_PARSE_BYTES:
+            raise RetryLater(
+                "this hook holds as many large documents as it parses at once; retry shortly",
+                retry_after_s=1,
+            )
+        large.held += size
+        try:
+            async with large.turn:
+                return await asyncio.to_thread(self._normalized_now, request)
+        finally:
+            large.held -= size
 
     def _normalized_now(self, request: InboundRequest) -> Normalized:
         hook: WebhookSettings = request.route.options

@@ -768,3 +768,49 @@ def test_a_large_json_document_is_mapped_off_the_event_loop(
             assert small.status_code == 202, small.text
             assert big.result().status_code == 202, big.result().text
     assert sorted(seen) == [(2, True), (80_002, False)]
+
+
+def test_large_documents_waiting_for_the_parse_are_bounded(
+    kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: strangers post large documents faster than the parse thread maps them;
+    # queued, they held the process's whole body budget (review, 2026-12-02). A hook
+    # holds at most 4 MB of them at once (the one parsed included); past it, 503.
+    release = threading.Event()
+    normalize = normalize_webhook
+
+    def held(payload: Any, ctx: Any) -> Any:  # noqa: ANN401 - the normalizer's own
+        release.wait(30)
+        return normalize(payload, ctx)
+
+    monkeypatch.setattr("ingest.webhook.normalize_webhook", held)
+    hook = _hook(monkeypatch, content_types=["json"], max_body_bytes=MB + 1)
+    documents = [
+        json.dumps(
+            {"email": f"big{n}@example.org", "text": "hi", **{f"k{i}": n for i in range(80_000)}}
+        ).encode()
+        for n in range(6)
+    ]
+    assert all(MB * 0.9 < len(d) <= MB for d in documents)  # four fit in 4 MB, five not
+    with http_ingest(kafka_settings, tmp_path, hooks=[hook], loop_factory=LOOPS[_loop[0]]) as app:
+        url = f"{app.base}/webhooks/form"
+        with ThreadPoolExecutor(6) as pool:
+            posts = [
+                pool.submit(
+                    local_http.post,
+                    url,
+                    content=d,
+                    headers={"content-type": "application/json"},
+                    timeout=60,
+                )
+                for d in documents
+            ]
+            deadline = time.monotonic() + 30
+            while sum(p.done() for p in posts) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            early = [p.result() for p in posts if p.done()]
+            release.set()
+            answers = [p.result() for p in posts]
+    assert [r.status_code for r in early] == [503, 503]
+    assert all(r.headers["retry-after"] == "1" for r in early)
+    assert sorted(r.status_code for r in answers) == [202, 202, 202, 202, 503, 503]
