@@ -24,15 +24,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.hostile_http import rss_mb
 from bench.http_ingest import HOOK_CONFIG, edge_env
 from switchboard.broker import free_port
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def descendants(pid: int) -> list[int]:

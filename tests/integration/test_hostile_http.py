@@ -26,6 +26,7 @@ import uvloop
 from pydantic import SecretStr
 
 from ingest.postmark import PostmarkAdapter, PostmarkSettings
+from ingest.webhook import INLINE_PARSE_BYTES
 from normalize.webhook import normalize_webhook
 from sinks.agents import AgentStore
 from sinks.api import install_denied_handler, queue_router
@@ -721,6 +722,13 @@ def test_password_checks_run_off_the_event_loop(
     assert not any(on_loop)
 
 
+def _large_document(n: int) -> bytes:
+    """A valid JSON document of about 1 MB under every limit: 80,000 small keys."""
+    return json.dumps(
+        {"email": f"big{n}@example.org", "text": "hi", **{f"k{i}": n for i in range(80_000)}}
+    ).encode()
+
+
 def test_a_large_json_document_is_mapped_off_the_event_loop(
     kafka_settings: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -746,9 +754,8 @@ def test_a_large_json_document_is_mapped_off_the_event_loop(
 
     monkeypatch.setattr("ingest.webhook.normalize_webhook", watched)
     hook = _hook(monkeypatch, content_types=["json"], max_body_bytes=MB + 1)
-    large = {"email": "big@example.org", "text": "hi", **{f"k{n}": 1 for n in range(80_000)}}
-    body = json.dumps(large).encode()
-    assert 64 * 1024 < len(body) <= MB
+    body = _large_document(1)
+    assert INLINE_PARSE_BYTES < len(body) <= MB
     with http_ingest(kafka_settings, tmp_path, hooks=[hook], loop_factory=LOOPS[_loop[0]]) as app:
         url = f"{app.base}/webhooks/form"
         with ThreadPoolExecutor(1) as pool:
@@ -785,12 +792,7 @@ def test_large_documents_waiting_for_the_parse_are_bounded(
 
     monkeypatch.setattr("ingest.webhook.normalize_webhook", held)
     hook = _hook(monkeypatch, content_types=["json"], max_body_bytes=MB + 1)
-    documents = [
-        json.dumps(
-            {"email": f"big{n}@example.org", "text": "hi", **{f"k{i}": n for i in range(80_000)}}
-        ).encode()
-        for n in range(6)
-    ]
+    documents = [_large_document(n) for n in range(6)]
     assert all(MB * 0.9 < len(d) <= MB for d in documents)  # four fit in 4 MB, five not
     with http_ingest(kafka_settings, tmp_path, hooks=[hook], loop_factory=LOOPS[_loop[0]]) as app:
         url = f"{app.base}/webhooks/form"
