@@ -477,6 +477,25 @@ def test_a_slow_body_gets_408(tmp_path: Path) -> None:
     assert "did not arrive within" in _problem(answer, 408)["detail"]
 
 
+def test_a_body_in_pieces_within_the_deadline_is_read_whole(tmp_path: Path) -> None:
+    # The other side of the 408: a body whose second half arrives later, but within
+    # the deadline, is read whole (the receive that waits gets the deadline's timer;
+    # one that finds the body there does not need it).
+    limits = HttpLimitSettings(body_timeout_s=2)
+    with _queue_api(tmp_path, limits) as server, _connect(server.port) as sock:
+        body = b"name=alice&password=" + b"w" * 80  # wrong: the page answers, not a limit
+        sock.sendall(
+            b"POST /queue/login HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
+            + body[:10]
+        )
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        answer = _read_answer(sock)
+    # 401, the password checked: it is in the second piece (422 names a missing field).
+    assert answer.status == 401, (answer.status, answer.body[:300])
+
+
 def test_one_address_cannot_hold_every_connection(tmp_path: Path) -> None:
     # Attack: a stranger opens connections up to (and past) the limit and keeps them
     # open sending nothing, to starve everyone else.

@@ -350,3 +350,33 @@ def test_the_archive_waits_longer_per_fetch_than_the_latency_bound_consumers(
         consumer.close()
     tuned = ArchiveSink(settings, LocalArchive(tmp_path), ArchiveSettings(fetch_max_wait_ms=300))
     assert tuned.kafka.fetch_max_wait_ms == 300
+
+
+def test_records_land_on_the_partition_kafka_python_s_default_picks(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """Against the broker: the partition each acknowledgement names is the one
+    kafka-python's default partitioner gives the key, for many senders."""
+    from kafka.partitioner.default import DefaultPartitioner  # noqa: PLC0415
+
+    publisher = Publisher(kafka_settings)
+    try:
+        publisher.publish(INBOUND, _event(inbound_message()))
+        producer = publisher._ready(INBOUND)
+        assert producer is not None
+        default = DefaultPartitioner()
+        seen = set()
+        for n in range(60):
+            message = inbound_message()
+            event = Event(
+                type=TYPE_INBOUND, source="/test", key=f"phone:+1415555{n:04d}", data=message
+            )
+            ack = asyncio.run(publisher.apublish(INBOUND, event))
+            key = event.key.encode()
+            assert ack.partition == default.partition(
+                INBOUND, None, key, None, None, producer._metadata
+            )
+            seen.add(ack.partition)
+        assert seen == set(range(kafka_settings.partitions))  # the keys did spread
+    finally:
+        publisher.close()

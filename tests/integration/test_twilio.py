@@ -13,6 +13,7 @@ import pytest
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
+from ingest import sdk
 from normalize.schema import DeadLetter, InboundMessage
 from switchboard.broker import free_port
 from switchboard.settings import KafkaSettings, TwilioSettings
@@ -174,6 +175,34 @@ def test_public_url_behind_a_proxy_and_token_rotation(
         response = post(app.base + PATH, form, sign(public + PATH, form))
         assert response.status_code == 200, response.text
         assert post(app.base + PATH, form, sign(app.base + PATH, form)).status_code == 403
+
+
+def test_each_request_is_checked_against_its_own_url(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook remembers the URLs it was called at (ingest.sdk.URLS_KEPT); a
+    signature still only passes for the URL, query and Host the request came with,
+    and past the bound the table starts over without a wrong answer."""
+    monkeypatch.setattr(sdk, "URLS_KEPT", 3)
+    with http_ingest(kafka_settings, tmp_path, twilio=settings()) as app:
+        by_name = app.base.replace("127.0.0.1", "localhost")
+        for n in range(8):  # more URLs than are kept
+            for i, base in enumerate((app.base, by_name)):
+                url = f"{base}{PATH}?n={n}"
+                form = params(f"SM{n:02d}{i}{unique}"[:34].ljust(34, "0"))
+                assert post(url, form, sign(url, form)).status_code == 200
+                # The same signature under the next query, the other Host, no query:
+                for elsewhere in (
+                    f"{base}{PATH}?n={n + 1}",
+                    f"{by_name if base == app.base else app.base}{PATH}?n={n}",
+                    f"{base}{PATH}",
+                ):
+                    assert post(elsewhere, form, sign(url, form)).status_code == 403, elsewhere
+        # A Host and query past what is remembered are read each time, and still right.
+        url = f"{app.base}{PATH}?pad={'x' * sdk.URL_KEPT_BYTES}"
+        form = params(f"SM999{unique}"[:34].ljust(34, "0"))
+        assert post(url, form, sign(url, form)).status_code == 200
+        assert post(url + "y", form, sign(url, form)).status_code == 403
 
 
 def test_enforcement_can_be_switched_off(

@@ -4,7 +4,9 @@ tests/integration/test_hostile_http.py."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -15,9 +17,11 @@ from ingest.sdk import parse_form
 from normalize.errors import NormalizeError
 from switchboard.limits import (
     BodyBudget,
+    BodyLimitMiddleware,
     BodyLimits,
     ConnectionGuard,
     HttpLimitSettings,
+    _Body,
     trusted,
 )
 
@@ -122,3 +126,59 @@ def test_the_connection_cap_counts_an_ipv6_client_by_its_64() -> None:
     assert guard.admit("::ffff:192.0.2.1")
     assert guard.admit("192.0.2.1")
     assert not guard.admit("192.0.2.1")  # the mapped address is the same client
+
+
+def _waiting_body(timeout_s: float) -> tuple[Any, list[Any], list[str]]:
+    """A _Body over a receive that waits until its event is set; what it sent and
+    whether the receive's own cleanup ran."""
+    arrived = asyncio.Event()
+    sent: list[Any] = []
+    cleaned: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        try:
+            await arrived.wait()
+            return {"type": "http.request", "body": b"hello", "more_body": False}
+        finally:
+            cleaned.append("receive")
+
+    async def send(message: Any) -> None:  # noqa: ANN401 - an ASGI message
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # noqa: ANN401 - never called
+        raise AssertionError
+
+    middleware = BodyLimitMiddleware(app, BodyLimits(default=100), body_timeout_s=timeout_s)
+    scope = {"type": "http", "path": "/", "headers": [], "client": ("127.0.0.1", 1)}
+    body = _Body(middleware, scope, receive, send, 100)
+    body.arrived = arrived  # type: ignore[attr-defined]
+    return body, sent, cleaned
+
+
+def test_a_receive_that_waits_is_resumed_cancelled_or_timed_out() -> None:
+    async def main() -> None:
+        # Resumed: the body arrives after the first step waited.
+        body, sent, cleaned = _waiting_body(5)
+        task = asyncio.create_task(body.receive())
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        body.arrived.set()
+        assert (await task)["body"] == b"hello"
+        assert cleaned == ["receive"]
+        assert sent == []
+        # Cancelled: the cancellation reaches the server's receive.
+        body, sent, cleaned = _waiting_body(5)
+        task = asyncio.create_task(body.receive())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned == ["receive"]
+        assert sent == []
+        # Timed out: 408 answered, the receive stopped.
+        body, sent, cleaned = _waiting_body(0.05)
+        assert (await body.receive()) == {"type": "http.disconnect"}
+        assert sent[0]["status"] == 408
+        assert cleaned == ["receive"]
+
+    asyncio.run(main())
