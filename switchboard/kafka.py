@@ -80,20 +80,25 @@ class _Producer(KafkaProducer):  # type: ignore[misc]
         return super()._wait_on_metadata(topic, max_wait_ms)
 
 
-#: Keys whose hash a partitioner keeps; past it, it forgets them all and starts over.
-KEY_HASHES = 65_536
+#: Keys whose hash a partitioner keeps, and the longest it keeps: a sender's key is
+#: chosen by the sender (an address of up to 320 characters), so both are bounded.
+#: Past the count, it forgets them all and starts over.
+KEY_HASHES = 16_384
+KEY_HASHED_BYTES = 96
 
 
 class KeyPartitioner(DefaultPartitioner):  # type: ignore[misc]
-    """kafka-python's default partitioner, each key's hash remembered.
+    """kafka-python's default partitioner, short keys' hashes remembered.
 
     A keyed record goes where the default puts it (Java's murmur2 of the key over
     all the topic's partitions, sorted), so the partition of a contact's records
     does not depend on which Switchboard version or which Kafka client wrote them.
     The default hashes the key in pure Python and builds the topic's partition
     sets twice on every send: 4.7 µs a record here, of a send of about 25
-    (2026-12-02). A sender's key is hashed once while it is remembered (64 Ki keys:
-    about 6 MB); a key not yet seen still costs the hash (3 µs for a phone key).
+    (2026-12-02). A key of at most ``KEY_HASHED_BYTES`` is hashed once while it is
+    remembered (at most ``KEY_HASHES`` of them: 3.2 MB at the longest, measured
+    with tracemalloc); a key not yet seen, or longer, costs the hash (3 µs for a
+    phone number's, 8 for a 50-byte address's).
     """
 
     def __init__(self) -> None:
@@ -119,9 +124,11 @@ class KeyPartitioner(DefaultPartitioner):  # type: ignore[misc]
         hashes = self._hashes
         hashed = hashes.get(serialized_key)
         if hashed is None:
-            if len(hashes) >= KEY_HASHES:
-                hashes.clear()  # a bound, not an LRU: refilling costs 3 µs a key
-            hashed = hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
+            hashed = murmur2(serialized_key) & 0x7FFFFFFF
+            if len(serialized_key) <= KEY_HASHED_BYTES:
+                if len(hashes) >= KEY_HASHES:
+                    hashes.clear()  # a bound, not an LRU: refilling costs 3 µs a key
+                hashes[serialized_key] = hashed
         ordered = sorted(partitions)
         return int(ordered[hashed % len(ordered)])
 

@@ -407,21 +407,24 @@ class _Body:
         if self.done:
             return await self._receive()
         pending = self._receive()
+        waited: Message | None
         try:
             # Nearly always the body is already there: the first step of the server's
             # receive returns it without waiting, and needs no timer (asyncio.timeout
             # cost 5 µs a request, 2026-12-02). Only a receive that has to wait gets one.
             waiting = pending.send(None) if inspect.iscoroutine(pending) else _NOT_STARTED
         except StopIteration as finished:
-            message = cast(Message, finished.value)
+            waited = cast(Message, finished.value)
+        except TimeoutError:  # the server's own: answered as the deadline's
+            waited = None
         else:
             waited = await self._wait(pending, waiting)
-            if waited is None:
-                timeout = self.middleware.body_timeout_s
-                return await self.refuse(
-                    _Refused(408, "body-timeout", f"the body did not arrive within {timeout:g} s")
-                )
-            message = waited
+        if waited is None:
+            timeout = self.middleware.body_timeout_s
+            return await self.refuse(
+                _Refused(408, "body-timeout", f"the body did not arrive within {timeout:g} s")
+            )
+        message = waited
         if message["type"] != "http.request":
             self.done = True
             return message

@@ -59,6 +59,8 @@ class FamilyAdapter(HttpAdapter[FamilySettings]):
             raise Stop("credentials revoked upstream")
         if action == "reject":
             raise Rejected("policy", "this account may not write here", status=422)
+        if action == "query":  # what the adapter sees of the URL's query
+            raise NormalizeError("malformed", f"query {sorted(request.query.items())}")
         if action == "invalid":  # a normalizer letting through what the schema refuses
             BlobRef(sha256="0" * 64, size=1, content_type="x" * 300)
         raise NormalizeError("malformed", f"cannot {action}")
@@ -95,6 +97,12 @@ def test_http_answers_for_each_family(
         invalid = send("invalid")  # was a bare 500, nothing kept
         assert (invalid.status_code, invalid.json()["reason"]) == (400, "normalizer-error")
         assert "content_type" in invalid.json()["detail"]
+        # The query as the adapter reads it: parsed when there is one, empty when not.
+        asked = local_http.post(
+            f"{url}?a=1&b=two%20words", json={"do": "query"}, headers={"x-key": "family-key"}
+        )
+        assert asked.json()["detail"] == "query [('a', '1'), ('b', 'two words')]"
+        assert send("query").json()["detail"] == "query []"
         assert send("reject", key=None).status_code == 401
         wrong = send("reject", key="guess")
         assert wrong.status_code == 403

@@ -31,7 +31,7 @@ class _Cluster:
 def _keys(count: int) -> list[bytes]:
     rng = random.Random(7)
     made = [b"", b"phone:+14155550100", "email:zoë@exämple.org".encode()]
-    made += [rng.randbytes(rng.randint(1, 80)) for _ in range(count)]
+    made += [rng.randbytes(rng.randint(1, 200)) for _ in range(count)]
     return made
 
 
@@ -54,6 +54,9 @@ def test_the_remembered_hashes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> N
             "t", None, key, None, b"v", cluster
         )
         assert len(ours._hashes) <= 50
+        # A stranger's long key (an address of 320 characters) is hashed, not kept.
+        assert all(len(kept) <= sk.KEY_HASHED_BYTES for kept in ours._hashes)
+    assert any(len(key) > sk.KEY_HASHED_BYTES for key in _keys(400))
 
 
 def test_an_unknown_topic_and_an_unkeyed_record_are_the_default_s() -> None:

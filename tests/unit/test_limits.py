@@ -138,9 +138,11 @@ def _waiting_body(timeout_s: float) -> tuple[Any, list[Any], list[str]]:
     async def receive() -> dict[str, Any]:
         try:
             await arrived.wait()
-            return {"type": "http.request", "body": b"hello", "more_body": False}
-        finally:
-            cleaned.append("receive")
+        except BaseException as exc:  # what the server's receive was told
+            cleaned.append(type(exc).__name__)
+            raise
+        cleaned.append("receive")
+        return {"type": "http.request", "body": b"hello", "more_body": False}
 
     async def send(message: Any) -> None:  # noqa: ANN401 - an ASGI message
         sent.append(message)
@@ -173,12 +175,18 @@ def test_a_receive_that_waits_is_resumed_cancelled_or_timed_out() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert cleaned == ["receive"]
+        assert cleaned == ["CancelledError"]
         assert sent == []
-        # Timed out: 408 answered, the receive stopped.
+        # Timed out: 408 answered, the receive stopped (asyncio.timeout cancels it).
         body, sent, cleaned = _waiting_body(0.05)
         assert (await body.receive()) == {"type": "http.disconnect"}
         assert sent[0]["status"] == 408
-        assert cleaned == ["receive"]
+        assert cleaned == ["CancelledError"]
+        # Closed while waiting (a request's task dropped): the server's receive closed too.
+        body, sent, cleaned = _waiting_body(5)
+        receiving = body.receive()
+        receiving.send(None)
+        receiving.close()
+        assert cleaned == ["GeneratorExit"]
 
     asyncio.run(main())
