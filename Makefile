@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency bench-edge-start
+.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency bench-edge-start bench-producer-batches
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -121,6 +121,10 @@ bench-stalls: $(VENV)/.installed-dev
 ## e.g. make bench-broker-latency ARGS='--hogs 2 --producer-session own'
 bench-broker-latency: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/broker_latency.py $(ARGS)
+
+## What a produce request costs kafka-python's network thread, by records a request.
+bench-producer-batches: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/producer_batches.py $(ARGS)
 
 ## An edge fleet's start: time to the first /readyz 200, each process's memory (ARGS=--role smtp).
 bench-edge-start: $(VENV)/.installed-dev

@@ -137,8 +137,8 @@ def new_producer(s: KafkaSettings, client_id: str) -> KafkaProducer:
     """A kafka-python producer as every Publisher builds one: ``acks=all``,
     idempotent, batched as ``s`` says (``bench/broker_latency.py`` times one alone).
     kafka-python's own metrics are off: nothing reads them (Switchboard counts in
-    Prometheus), and recording them cost its network thread about a tenth of its
-    time a produce request (2026-12-02)."""
+    Prometheus), and recording them cost its network thread a fifth of its time a
+    produce request of up to 16 records (``bench/producer_batches.py``, 2026-12-02)."""
     return _Producer(
         client_id=client_id,
         acks="all",
