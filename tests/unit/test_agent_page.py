@@ -3,8 +3,11 @@ are shown, the sign-in throttle, host names."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -28,6 +31,7 @@ from sinks.pages import (
     reply_link,
     when,
 )
+from switchboard import http as http_module
 from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.http import TrustedHosts, _host_name
@@ -96,6 +100,39 @@ def test_host_names_with_ports_and_ipv6_literals() -> None:
     assert hosts.allowed("queue.example.com")
     assert not hosts.allowed("example.com.evil.net")
     assert not hosts.allowed("")
+
+
+def test_each_host_header_is_answered_by_its_own_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TrustedHosts remembers verdicts by the header's bytes; the app is reached only
+    for an allowed name, the second time as the first, past the table's bound too."""
+    monkeypatch.setattr(http_module, "HOSTS_KEPT", 4)
+    reached: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # noqa: ANN401
+        reached.append(dict(scope["headers"]).get(b"host", b""))
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    hosts = TrustedHosts(app, ["localhost", "*.example.com"])
+
+    def call(host: bytes | None) -> None:
+        headers = [] if host is None else [(b"host", host)]
+        scope = {"type": "http", "path": "/queue", "headers": headers, "method": "GET"}
+        asyncio.run(hosts(scope, None, send))
+
+    allowed = [b"localhost:8080", b"a.example.com", b"LOCALHOST"]
+    refused = [b"evil.net", b"example.com.evil.net", b"", None, b"x" * 300 + b".example.org"]
+    for _ in range(3):
+        for i in range(10):  # more names than are kept
+            for host in [*allowed, *refused, f"q{i}.example.com".encode(), f"q{i}.net".encode()]:
+                call(host)
+    # Three rounds of ten: each allowed name 30 times, each q<i>.example.com 3 times.
+    expected = Counter(dict.fromkeys(allowed, 30))
+    expected.update({f"q{i}.example.com".encode(): 3 for i in range(10)})
+    assert Counter(reached) == expected
+    assert len(hosts._verdicts) <= 4
+    assert all(len(kept) <= 255 for kept in hosts._verdicts)
 
 
 def test_the_session_cookie_is_secure_behind_an_https_public_url() -> None:
