@@ -7,8 +7,10 @@ self-signed certificate. `doveadm save` delivers mail without IMAP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -94,6 +96,7 @@ class Dovecot:
             ["dovecot", "-F", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # its children in a group of their own: see stop()
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -120,14 +123,24 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
-        # Children (imap, auth) go with the master; make sure the port is free.
-        deadline = time.monotonic() + 10
+        # Children (imap, auth) go with the master; make sure both ports are free.
+        if self._ports_close(10) or process is None:
+            return
+        # A child (imap-login, a client's imap session) outlived the master with the
+        # listeners it inherited: a restart failed to bind ("Address already in use",
+        # CI 2026-12-02). Its group goes (Dovecot runs in a session of its own).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if not self._ports_close(5):
+            raise RuntimeError(f"dovecot's ports {self.imap_port}, {self.imaps_port} still answer")
+
+    def _ports_close(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.imap_port), 0.2).close()
-                time.sleep(0.1)
-            except OSError:
-                return
+            if not any(_accepts(port) for port in (self.imap_port, self.imaps_port)):
+                return True
+            time.sleep(0.1)
+        return False
 
     def doveadm(self, *args: str, stdin: bytes | None = None) -> str:
         result = subprocess.run(
@@ -145,6 +158,14 @@ class Dovecot:
 
     def set_uidvalidity(self, value: int, folder: str = "INBOX") -> None:
         self.doveadm("mailbox", "update", "-u", USER, "--uid-validity", str(value), folder)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
