@@ -73,7 +73,7 @@ from normalize.identity import EmailPolicy
 from switchboard.config import adapter_settings
 from switchboard.http import counted, problem, read_body, unavailable
 from switchboard.ids import uuid7
-from switchboard.limits import share
+from switchboard.limits import scope_header, share
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -628,11 +628,7 @@ class HttpAdapter(Adapter[S]):
         ``URL_KEPT_BYTES`` (a stranger's long ones are read each time); past it the
         table starts over."""
         scope = request.scope
-        host = b""
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-                break
+        host = scope_header(scope, b"host") or b""
         query = scope.get("query_string", b"")
         if len(host) + len(query) > URL_KEPT_BYTES:
             return self._url_of(request)

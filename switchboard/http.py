@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from switchboard.limits import BodyBudget, BodyLimitMiddleware, BodyLimits, HttpLimitSettings
+from switchboard.limits import (
+    BodyBudget,
+    BodyLimitMiddleware,
+    BodyLimits,
+    HttpLimitSettings,
+    scope_header,
+)
 from switchboard.metrics import RECEIVED, child, exposition, http_rejected
 
 # A readiness check raises (any exception) when its dependency is unavailable.
@@ -340,12 +346,7 @@ class TrustedHosts:
         if scope["type"] not in ("http", "websocket") or scope["path"] in _ANY_HOST_PATHS:
             await self.app(scope, receive, send)
             return
-        host = b""
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-                break
-        if not self._allowed_raw(host):
+        if not self._allowed_raw(scope_header(scope, b"host") or b""):
             response = problem(400, "Bad Request", "this server does not answer to that host name")
             await response(scope, receive, send)
             return

@@ -511,12 +511,20 @@ def _busy(budget: BodyBudget, *, whole: bool) -> _Refused:
     return _Refused(503, "body-budget", f"{detail}; retry shortly")
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            text = value.decode("latin-1").strip()
-            return int(text) if text.isdigit() else None
+def scope_header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) in an ASGI scope, as sent."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = scope_header(scope, b"content-length")
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    return int(text) if text.isdigit() else None
 
 
 # -- connections --------------------------------------------------------------

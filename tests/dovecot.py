@@ -107,11 +107,9 @@ class Dovecot:
                     else ""
                 )
                 raise RuntimeError(f"dovecot exited: {self._process.stderr.read()!r} {log}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.imap_port), 0.2).close()
+            if _accepts(self.imap_port):
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise RuntimeError("dovecot did not start")
 
     def stop(self) -> None:
