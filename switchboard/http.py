@@ -199,9 +199,9 @@ def _telemetry() -> dict[str, Any]:
     """FastAPI's OpenTelemetry (0.16x) off unless a provider is set up when the app is
     built (``opentelemetry-instrument switchboard ...``) or FastAPI is to set them up
     (``FASTAPI_OTEL_AUTO_CONFIGURE=true``); a provider set up later is not seen.
-    Switchboard counts in
-    Prometheus; FastAPI asks OpenTelemetry on every request whether a provider has
-    appeared since, by reading the environment: 3 µs a request (2026-12-02)."""
+    Switchboard counts in Prometheus; FastAPI asks OpenTelemetry on every request
+    whether a provider has appeared since, by reading the environment: 3 µs a
+    request (2026-12-02)."""
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}  # an older FastAPI: no telemetry of its own
     probe = FastAPI()
