@@ -32,6 +32,7 @@ from ingest.sdk import (
 from ingest.settings import BearerAuth, HmacAuth, NoAuth, WebhookSettings, WebhooksSettings
 from normalize.content import Blob, Normalized
 from normalize.errors import NormalizeError
+from normalize.schema import json_needs_no_stripping
 from normalize.webhook import WebhookContext, normalize_webhook
 
 log = logging.getLogger(__name__)
@@ -283,5 +284,6 @@ class WebhookAdapter(HttpAdapter[WebhooksSettings]):
                 default_region=hook.default_region,
                 idempotency_key=trusted_idempotency_key(hook, request),
                 verified=frozenset(hook.verified),
+                clean=kind == "json" and json_needs_no_stripping(request.body),
             ),
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import types
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
@@ -102,6 +103,28 @@ def strip_controls_deep(value: object) -> object:
     return value
 
 
+def json_needs_no_stripping(data: bytes) -> bool:
+    """True when every string of the JSON document in ``data`` (as ``json.loads``
+    reads bytes) is already what :func:`strip_controls_deep` would make of it, so a
+    caller may skip that walk (5 of a small hook's µs, 2026-12-02).
+
+    A JSON string holds a control character only as an escape (a raw one is not
+    JSON), and every escape has a backslash; a lone surrogate comes either from an
+    escape or from bytes that are not UTF-8 (``json.loads`` lets encoded surrogates
+    through), which strict UTF-8 refuses. Without NUL bytes the document is UTF-8,
+    not UTF-16 or 32, whose bytes could pass as UTF-8 with a surrogate in them.
+    """
+    if b"\\" in data or b"\x00" in data:
+        return False
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 # Field values that hold no string: the control-character check skips them.
 _PLAIN = frozenset({type(None), bool, int, float, datetime, UUID})
 _TIMES = AwareDatetime  # pydantic's marker type: a datetime once validated
@@ -132,11 +155,25 @@ def _refuse_controls(value: object, pattern: re.Pattern[str], field: str) -> Non
                 "normalizers strip control characters (normalize.schema.strip_controls)"
             )
     elif isinstance(value, tuple | list | set | frozenset):
-        for item in value:
-            _refuse_controls(item, pattern, field)
+        _refuse_in_items(value, pattern, field)
     elif isinstance(value, dict):
-        for key, item in value.items():
-            _refuse_controls(key, CONTROLS, field)
+        _refuse_in_items(value.keys(), CONTROLS, field)
+        _refuse_in_items(value.values(), pattern, field)
+
+
+def _refuse_in_items(items: Iterable[object], pattern: re.Pattern[str], field: str) -> None:
+    """:func:`_refuse_controls` for each item. Strings only (the common case: a flat
+    mapping of a form's fields) are searched as one text, since none holds a control
+    if their concatenation holds none, and one by one only to name the one that does:
+    a Twilio form's 20 metadata fields took 7 µs one by one, 3 joined (2026-12-02)."""
+    text = None
+    if isinstance(next(iter(items), ""), str):  # else not all strings: no join tried
+        try:
+            text = "".join(items)  # type: ignore[arg-type]
+        except TypeError:  # a later item is not a string
+            text = None
+    if text is None or pattern.search(text) is not None:
+        for item in items:
             _refuse_controls(item, pattern, field)
 
 
@@ -202,7 +239,9 @@ class _Frozen(BaseModel):
             if type(value) is str:
                 if pattern.search(value) is not None:
                     _refuse_controls(value, pattern, field)
-            elif value is not None:  # containers, str subclasses, anything new
+            elif value is not None and type(value) not in _PLAIN:
+                # Containers, str subclasses, anything new; not the times a
+                # field validator of ours returns (received_at).
                 _refuse_controls(value, pattern, field)
         return self
 

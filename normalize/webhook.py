@@ -65,6 +65,9 @@ class WebhookContext:
     # Identity kinds the hook vouches for (a signed backend of the company's own,
     # after its user logged in); every other identity it carries is claimed.
     verified: frozenset[str] = frozenset()
+    # True when the payload's strings need no stripping (a JSON body that
+    # normalize.schema.json_needs_no_stripping passed): the walk is skipped.
+    clean: bool = False
 
 
 def lookup(payload: object, path: str) -> object:
@@ -135,7 +138,8 @@ def normalize_webhook(payload: object, ctx: WebhookContext) -> Normalized:
     # an address (refused below), not a different address once stripped. Every
     # other string loses its controls, so the message still arrives.
     as_sent = payload
-    payload = strip_controls_deep(payload)
+    if not ctx.clean:
+        payload = strip_controls_deep(payload)
     fm = ctx.fields
     name = _first(payload, fm.name)
     name = name[:256] if name else None

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from switchboard.ids import uuid7
+from switchboard.ids import uuid7_text
 
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
@@ -33,6 +33,9 @@ def contact_event_type(kind: str) -> str:
     return f"io.switchboard.{kind}.v1"
 
 
+_SPECVERSION_HEADER = ("ce_specversion", SPECVERSION.encode())
+_CONTENT_TYPE_HEADER = ("content-type", CONTENT_TYPE.encode())
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 Headers = list[tuple[str, bytes]]
@@ -49,7 +52,7 @@ class EnvelopeError(ValueError):
 
 def new_event_id() -> str:
     """A fresh UUIDv7: unique and ordered by creation time."""
-    return str(uuid7())
+    return uuid7_text()
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,12 @@ class Event:
 
     def headers(self) -> Headers:
         headers: Headers = [
-            ("ce_specversion", SPECVERSION.encode()),
+            _SPECVERSION_HEADER,
             ("ce_id", self.id.encode()),
             ("ce_type", self.type.encode()),
             ("ce_source", self.source.encode()),
             ("ce_time", self.time.astimezone(UTC).isoformat().encode()),
-            ("content-type", CONTENT_TYPE.encode()),
+            _CONTENT_TYPE_HEADER,
         ]
         if self.subject is not None:
             headers.append(("ce_subject", self.subject.encode()))
@@ -88,7 +91,9 @@ class Event:
             return self.data
         cached: bytes | None = self.__dict__.get("_value")
         if cached is None:
-            cached = self.data.model_dump_json().encode()
+            # model_dump_json() without its text: the same bytes, not decoded to be
+            # encoded again, nor its fifteen keywords passed (1 µs, 2026-12-02).
+            cached = self.data.__pydantic_serializer__.to_json(self.data)
             self.__dict__["_value"] = cached  # frozen dataclass: not a field, not compared
         return cached
 

@@ -95,15 +95,25 @@ def uuid7() -> uuid.UUID:
     return from_stamp(_clock.stamp(time.time_ns()))
 
 
+def uuid7_text() -> str:
+    """``str(uuid7())`` without the ``UUID`` object: an event's id is text, and the
+    object and its ``str()`` were 2 of the 4 µs (2026-12-02)."""
+    hexed = f"{_value(_clock.stamp(time.time_ns())):032x}"
+    return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
 def from_stamp(stamp: int) -> uuid.UUID:
     """A UUIDv7 with this 60-bit time and fresh random bits."""
-    value = (
+    return uuid.UUID(int=_value(stamp))
+
+
+def _value(stamp: int) -> int:
+    return (
         ((stamp >> 12) << 80)
         | ((stamp & 0xFFF) << 64)
         | _VERSION_AND_VARIANT
         | (_entropy.bits64() & _RANDOM_MASK)
     )
-    return uuid.UUID(int=value)
 
 
 def unix_ms(value: uuid.UUID) -> int:

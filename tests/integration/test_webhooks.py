@@ -121,6 +121,58 @@ def test_a_form_with_email_and_phone_is_one_message_with_both_identities(
     assert message.adapter == "webhook:contact-form"
 
 
+def test_bodies_with_and_without_controls_arrive_clean(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON body whose bytes cannot hold a control character or a lone surrogate
+    skips the stripping walk (normalize.schema.json_needs_no_stripping); every other
+    body still gets it. Each kind, through the real server to the real broker."""
+
+    def document(text: str) -> str:
+        return json.dumps({"email": f"{unique}@example.org", "text": text}, ensure_ascii=False)
+
+    bodies = {
+        # No backslash, valid UTF-8: no walk, the text as sent.
+        "clean": (document(f"Grüße € {unique}").encode(), f"Grüße € {unique}"),
+        # Escaped controls: walked, stripped (the body keeps tab and LF).
+        "escaped": (
+            json.dumps({"email": f"{unique}@example.org", "text": "a\x07b\x00c\td\ne"}).encode(),
+            "abc\td\ne",
+        ),
+        # A surrogate encoded in the UTF-8 bytes, which json reads through.
+        "encoded-surrogate": (
+            document("x\ud83dy").encode("utf-8", "surrogatepass"),
+            "x\ufffdy",
+        ),
+        # UTF-16 whose bytes would pass as UTF-8, a lone surrogate among them.
+        "utf-16": (
+            document("\ud800\u0080").encode("utf-16-le", "surrogatepass"),
+            "\ufffd\u0080",
+        ),
+    }
+    with http_ingest(kafka_settings, tmp_path, hooks=hooks(monkeypatch)) as app:
+        ids = {}
+        for name, (body, _) in bodies.items():
+            response = local_http.post(
+                f"{app.base}/webhooks/open",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=15,
+            )
+            assert response.status_code == 202, (name, response.text)
+            ids[response.json()["id"]] = name
+    found = find(
+        kafka_settings,
+        f"wh-clean-{unique}",
+        INBOUND,
+        InboundMessage,
+        lambda m: str(m.id) in ids,
+        count=len(ids),
+    )
+    texts = {ids[str(m.id)]: m.text for m in found}
+    assert texts == {name: text for name, (_, text) in bodies.items()}
+
+
 def test_dedupe_key_sources(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

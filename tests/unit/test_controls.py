@@ -309,6 +309,30 @@ def test_a_nul_in_an_inbound_events_headers_body_and_sender_is_refused() -> None
         InboundMessage.model_validate_json(json.dumps(bad))
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"a": "x", "b": {"c": "y\x00"}},  # a string first, a nested value after
+        {"a": {"c": "y"}, "b": "x\x1b"},  # a container first, a string after
+        {"a": ["x", {"k\x00": "v"}]},  # a nested key, after a string in a list
+        {"a": ["x", "y", 1, "z\x07"]},  # a string after a number in a list
+        {"a": "x", "b\x01": "y"},  # a key of a flat mapping
+        {"a": "x", "b": "y\x0b"},  # vertical tab: refused even in a body field
+    ],
+)
+def test_a_control_anywhere_in_metadata_is_refused(metadata: dict[str, object]) -> None:
+    """Metadata strings are searched as one joined text where they are all strings,
+    one by one otherwise: a control is refused wherever it sits."""
+    message = json.loads(_email(b"Subject: hi\r\n\r\nbody\r\n").model_dump_json())
+    with pytest.raises(ValidationError, match="metadata contains the control character"):
+        InboundMessage.model_validate_json(json.dumps({**message, "metadata": metadata}))
+    fine = {"a": "x\ty\r\n", "b": {"c": ["d", 1, None, {"e": "f"}]}}
+    assert (
+        InboundMessage.model_validate_json(json.dumps({**message, "metadata": fine})).metadata
+        == fine
+    )
+
+
 def test_a_field_with_a_validator_of_its_own_is_checked_whatever_its_annotation() -> None:
     """The check skips fields whose annotation holds no string, but a validator can
     leave any value there (found by a review): those fields are always checked."""
