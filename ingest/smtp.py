@@ -29,6 +29,7 @@ from ingest.mailauth import Envelope as AuthEnvelope
 from ingest.mailauth import Resolver, Verifier, in_networks, judge_authserv
 from ingest.sdk import Adapter, AdapterContext, AdapterTables
 from ingest.settings import SmtpSettings
+from ingest.smtpdata import MessageData, read_message
 from ingest.workers import ParserPool
 from normalize.content import Blob
 from normalize.email import EmailContext, EmailVerdict, serialize_email
@@ -310,52 +311,31 @@ class _Protocol(SMTP):
             self._deadline_reached()
 
     async def _receive_data(self) -> str | None:
-        """Read the message to its final dot and hand it off; the reply to send, or
-        None when the connection went away first."""
-        body = bytearray()
-        on_wire = 0
-        limit = self.data_size_limit
-        failed: str | None = None  # the reply, once the message cannot be taken
-        inside_long_line = False
-        while self.transport is not None:
-            try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.CancelledError:
-                log.info("connection lost during DATA")
-                self._writer.close()
-                raise
-            except asyncio.LimitOverrunError as exc:
-                failed = failed or "500 Line too long (see RFC5321 4.5.3.1.6)"
-                body = bytearray()
-                on_wire += len(await self._reader.read(exc.consumed))
-                inside_long_line = True
-                continue
-            if inside_long_line:  # the end of a line too long: not the final dot
-                inside_long_line = False
-                on_wire += len(line)
-                continue
-            if line == b".\r\n":
-                break
-            on_wire += len(line)
-            if failed is None and limit and on_wire > limit:
-                failed = "552 Error: Too much mail data"
-                body = bytearray()
-            if failed is not None:
-                continue  # read to the final dot, keep nothing
-            start = 1 if line.startswith(b".") else 0  # RFC 5321 4.5.2 transparency
-            needed = len(body) + len(line) - start
-            if needed > self._reserved and not self._grow(needed):
-                failed = STORAGE_FULL
-                body = bytearray()
-                continue
-            body += memoryview(line)[start:]
-        else:
+        """Read the message to its final dot (in runs of lines: ingest/smtpdata.py) and
+        hand it off; the reply to send, or None when the connection went away first."""
+
+        def room(needed: int) -> bool:
+            return needed <= self._reserved or self._grow(needed)
+
+        data = MessageData(
+            size_limit=self.data_size_limit,
+            line_limit=self.line_length_limit,
+            room=room,
+            full=STORAGE_FULL,
+        )
+        try:
+            ended = await read_message(self._reader, data, lambda: self.transport is not None)
+        except asyncio.CancelledError:
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        if not ended:
             return None
-        if failed is not None or self.envelope is None:
+        if data.failed is not None or self.envelope is None:
             self._clear_envelope()
-            return failed
-        self.envelope.original_content = self.envelope.content = bytes(body)
-        del body
+            return data.failed
+        self.envelope.original_content = self.envelope.content = bytes(data.body)
+        del data
         status = await self._call_handler_hook("DATA")
         self._clear_envelope()  # the message is dropped before the reply
         return "250 OK" if status is MISSING else str(status)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -13,6 +15,7 @@ from email.message import EmailMessage
 from email.policy import SMTPUTF8
 from pathlib import Path
 from sysconfig import get_paths
+from typing import BinaryIO
 
 import pytest
 
@@ -356,6 +359,118 @@ def test_a_large_message_is_accepted_whole(
         assert server.blobs.get(attachment.blob.sha256) == video
         # The event carries references, not the bytes.
         assert len(message.model_dump_json()) < 10_000
+
+
+def _message_with_dots(unique: str, *, bare: bool = True) -> bytes:
+    """A mail whose lines try the DATA reader: dots to unstuff, sentences that end
+    with a dot, a bare LF and a bare CR inside lines, a line over 998 octets, and
+    base64 lines (no dot in them: one run)."""
+    attachment = base64.encodebytes(os.urandom(200_000)).replace(b"\n", b"\r\n")
+    return (
+        b"From: alice@example.org\r\nTo: support@example.com\r\n"
+        + f"Subject: dots {unique}\r\nMessage-ID: <dots-{unique}@example.org>\r\n".encode()
+        + b"MIME-Version: 1.0\r\n"
+        + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        + b"--b\r\nContent-Type: text/plain\r\n\r\n"
+        + b".starts with a dot\r\nends with a dot.\r\n.\r\n..\r\n...\r\n"
+        + (b"bare\nLF and bare\rCR.\r\n" if bare else b"no bare LF or CR.\r\n")
+        + b"x" * 2000
+        + b".\r\n"
+        + b"--b\r\nContent-Type: application/octet-stream\r\n"
+        + b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + attachment
+        + b"--b--\r\n"
+    )
+
+
+def _stuffed(message: bytes) -> bytes:
+    """RFC 5321 section 4.5.2: a dot more before each line that starts with one."""
+    return message[:1].replace(b".", b"..") + message[1:].replace(b"\r\n.", b"\r\n..")
+
+
+def test_data_arrives_byte_exact_in_any_pieces_and_pipelined_quit_is_answered(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """The DATA reader takes runs of lines (ingest/smtpdata.py). Over a real socket,
+    sent in pieces that cut CRLFs and the final dot apart, with QUIT pipelined right
+    after the dot: the stored raw message is the one sent, unstuffed, and QUIT gets
+    its 221 (the reader never reads past the final dot)."""
+    message = _message_with_dots(unique)
+    dialog = _stuffed(message) + b".\r\nQUIT\r\n"
+    ids = []
+    with smtp_server(kafka_settings, tmp_path) as server:
+        for pieces in (1, 7, 1001):  # whole; 7 bytes at a time; 1001
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                reader = sock.makefile("rb")
+
+                def reply(sock_reader: BinaryIO = reader) -> bytes:
+                    lines = [sock_reader.readline()]
+                    while lines[-1][3:4] == b"-":
+                        lines.append(sock_reader.readline())
+                    return b"".join(lines)
+
+                assert reply().startswith(b"220")
+                for command in (
+                    b"EHLO client.example.org\r\n",
+                    b"MAIL FROM:<alice@example.org>\r\n",
+                    b"RCPT TO:<support@example.com>\r\n",
+                    b"DATA\r\n",
+                ):
+                    sock.sendall(command)
+                    assert reply()[:1] in b"23", command
+                size = len(dialog) if pieces == 1 else pieces
+                for at in range(0, len(dialog), size):
+                    sock.sendall(dialog[at : at + size])
+                    if pieces != 1 and at % (size * 50) == 0:
+                        time.sleep(0.001)  # let the server read some pieces alone
+                done = reply().decode()
+                assert done.startswith("250"), done
+                assert reply().startswith(b"221")
+                ids.append(queued_id(done))
+        inbound, _ = collect(kafka_settings, f"dots-{unique}", set(ids))
+        assert len(inbound) == len(ids)
+        for sent in inbound.values():
+            assert sent.raw is not None
+            assert server.blobs.get(sent.raw.sha256) == message
+            [attachment] = sent.attachments
+            assert attachment.size == 200_000
+
+
+def test_swaks_pipelining_a_message_with_dots(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str
+) -> None:
+    """The same message through a third-party client, which stuffs the dots itself,
+    with its commands pipelined (swaks makes a bare LF a CRLF, and ends the data with
+    one more: the message has no bare LF, and the end is compared without it)."""
+    needs.program("swaks")
+    message = _message_with_dots(unique, bare=False)
+    path = tmp_path / "message.eml"
+    path.write_bytes(message)
+    with smtp_server(kafka_settings, tmp_path) as server:
+        result = subprocess.run(
+            [
+                "swaks",
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--pipeline",
+                "--from",
+                "alice@example.org",
+                "--to",
+                "support@example.com",
+                "--data",
+                f"@{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        [reply] = [line for line in result.stdout.splitlines() if "queued as" in line]
+        inbound, _ = collect(kafka_settings, f"swaks-dots-{unique}", {queued_id(reply)})
+        [sent] = inbound.values()
+        assert sent.raw is not None
+        assert server.blobs.get(sent.raw.sha256) in (message, message + b"\r\n")
 
 
 def test_recipient_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
