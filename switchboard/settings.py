@@ -224,9 +224,8 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "asyncio"] = Field(
         default="auto",
         description=(
-            "auto: uvloop for a process without the SMTP edge (`ingest http`, `ingest imap`, "
-            "the router, the sinks), asyncio's own loop where aiosmtpd runs (its STARTTLS "
-            "reaches into asyncio's SSL protocol); asyncio: asyncio's loop everywhere."
+            "auto: uvloop in every process (the SMTP edge's too since 2026-12-02); "
+            "asyncio: asyncio's own loop everywhere."
         ),
     )
     public_url: str | None = Field(

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
 
+import uvloop
+
 from ingest.handoff import HandOff
 from ingest.sdk import AdapterContext
 from ingest.smtp import SmtpAdapter
@@ -67,8 +69,11 @@ def smtp_server(
     spool_after_s: float = 1.0,
     handoff_type: type[HandOff] = HandOff,
     on_stop: Callable[[str], None] | None = None,
+    event_loop: str = "uvloop",
     **overrides: object,
 ) -> Iterator[RunningSmtp]:
+    """An SMTP edge on its own thread, on uvloop as `switchboard` runs it, or on
+    asyncio's loop (``event_loop="asyncio"``, `SWITCHBOARD_EVENT_LOOP=asyncio`)."""
     settings = SmtpSettings(
         **{  # type: ignore[arg-type]
             "port": 0,
@@ -95,7 +100,7 @@ def smtp_server(
     )
     if drainer is not None:
         drainer.begin()
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop() if event_loop == "uvloop" else asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="smtp-test-loop")
     thread.start()
     asyncio.run_coroutine_threadsafe(adapter.start(), loop).result(10)

@@ -578,10 +578,28 @@ def test_session_limit(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
         assert refused.value.smtp_code == 421
 
 
-def test_starttls(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_starttls(
+    kafka_settings: KafkaSettings, tmp_path: Path, unique: str, event_loop: str
+) -> None:
+    """On both loops: aiosmtpd puts asyncio's SSL protocol on the connection with the
+    transport's set_protocol(), which uvloop's transports have too. A 6 MB message
+    over TLS makes both sides wait for each other's buffers (flow control)."""
     cert, key = self_signed(tmp_path, "mx.test.local")
+    video = os.urandom(6 * 1024 * 1024)
+    big = EmailMessage()
+    big["From"] = "alice@example.org"
+    big["To"] = "support@example.com"
+    big["Message-ID"] = f"<tls-big-{unique}@example.org>"
+    big.set_content("the recording, over TLS")
+    big.add_attachment(video, maintype="video", subtype="mp4", filename="bug.mp4")
     with smtp_server(
-        kafka_settings, tmp_path, tls_cert=cert, tls_key=key, require_tls=True
+        kafka_settings,
+        tmp_path,
+        tls_cert=cert,
+        tls_key=key,
+        require_tls=True,
+        event_loop=event_loop,
     ) as server:
         with server.client() as client:
             client.ehlo("client.example.org")
@@ -598,8 +616,19 @@ def test_starttls(kafka_settings: KafkaSettings, tmp_path: Path, unique: str) ->
             client.rcpt("support@example.com")
             code, reply = client.data(email(Message_ID=f"<tls-{unique}@example.org>"))
             assert code == 250
-    inbound, _ = collect(kafka_settings, f"tls-{unique}", {queued_id(reply.decode())})
-    assert next(iter(inbound.values())).metadata["tls"] is True
+            client.mail("alice@example.org")
+            client.rcpt("support@example.com")
+            code, big_reply = client.data(big.as_bytes(policy=big.policy.clone(linesep="\r\n")))
+            assert code == 250, big_reply
+        inbound, _ = collect(
+            kafka_settings,
+            f"tls-{unique}-{event_loop}",
+            {queued_id(reply.decode()), queued_id(big_reply.decode())},
+        )
+        assert [m.metadata["tls"] for m in inbound.values()] == [True, True]
+        [attachment] = inbound[queued_id(big_reply.decode())].attachments
+        assert attachment.blob is not None
+        assert server.blobs.get(attachment.blob.sha256) == video
 
 
 def test_swaks_as_a_third_party_client(
