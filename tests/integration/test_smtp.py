@@ -447,26 +447,16 @@ def test_swaks_pipelining_a_message_with_dots(
     path = tmp_path / "message.eml"
     path.write_bytes(message)
     with smtp_server(kafka_settings, tmp_path) as server:
-        result = subprocess.run(
-            [
-                "swaks",
-                "--server",
-                f"127.0.0.1:{server.port}",
-                "--pipeline",
-                "--from",
-                "alice@example.org",
-                "--to",
-                "support@example.com",
-                "--data",
-                f"@{path}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        reply = _swaks(
+            server.port,
+            "--pipeline",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "support@example.com",
+            "--data",
+            f"@{path}",
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        [reply] = [line for line in result.stdout.splitlines() if "queued as" in line]
         inbound, _ = collect(kafka_settings, f"swaks-dots-{unique}", {queued_id(reply)})
         [sent] = inbound.values()
         assert sent.raw is not None
@@ -631,34 +621,38 @@ def test_starttls(
         assert server.blobs.get(attachment.blob.sha256) == video
 
 
+def _swaks(port: int, *arguments: str) -> str:
+    """swaks's "queued as" line, sending to the server on ``port`` as ``arguments`` say."""
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{port}", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [reply] = [line for line in result.stdout.splitlines() if "queued as" in line]
+    return reply
+
+
 def test_swaks_as_a_third_party_client(
     kafka_settings: KafkaSettings, tmp_path: Path, unique: str
 ) -> None:
     needs.program("swaks")
     with smtp_server(kafka_settings, tmp_path) as server:
-        result = subprocess.run(
-            [
-                "swaks",
-                "--server",
-                f"127.0.0.1:{server.port}",
-                "--helo",
-                "swaks.example.org",
-                "--from",
-                "bob@example.org",
-                "--to",
-                "support@example.com",
-                "--header",
-                f"Subject: swaks {unique}",
-                "--body",
-                "Sent by swaks.",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        reply = _swaks(
+            server.port,
+            "--helo",
+            "swaks.example.org",
+            "--from",
+            "bob@example.org",
+            "--to",
+            "support@example.com",
+            "--header",
+            f"Subject: swaks {unique}",
+            "--body",
+            "Sent by swaks.",
         )
-    assert result.returncode == 0, result.stdout + result.stderr
-    [reply] = [line for line in result.stdout.splitlines() if "queued as" in line]
     inbound, _ = collect(kafka_settings, f"swaks-{unique}", {queued_id(reply)})
     [message] = inbound.values()
     assert message.sender.value == "bob@example.org"
