@@ -190,3 +190,32 @@ def test_a_line_that_never_ends_is_not_kept() -> None:
     assert not data.feed(b"x.\r\n")  # the long line's end: not the final dot
     assert data.feed(b".\r\n")
     assert data.on_wire == 4 + 900 + 100 * 128 * 1024 + 4
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"x" * 20],  # a line over the limit (16) just before the final dot
+        [b"x" * 10, b"y" * 10, b"z" * 10],  # lines within it, runs cut by it
+        [b"x" * 15 + b"\r", b"y" * 16],  # a CR at the limit, then a line at it
+    ],
+)
+def test_the_final_dot_is_found_wherever_a_cut_falls(lines: list[bytes]) -> None:
+    """The reader's limit cuts a run anywhere, the CRLF before the final dot too
+    (found by a review: a part ending in the CR, the next run "\\n.\\r\\n"). At every
+    cut, the same as the line loop, and the pipelined commands left unread."""
+    stream = b"".join(line + b"\r\n" for line in lines) + b".\r\n" + AFTER
+    for cut in range(len(stream)):
+        old = _read(_line_loop, stream, [cut], 16, None, 10**9)
+        new = _read(_runs, stream, [cut], 16, None, 10**9)
+        assert new == old, cut
+        assert new[1] == AFTER, cut
+
+
+def test_the_size_limit_counts_to_the_byte() -> None:
+    """Exactly the size limit on the wire is taken; one byte more is 552."""
+    message = b"a" * 98 + b"\r\n"  # 100 bytes on the wire
+    (body, failed, wire), _ = _read(_runs, message + b".\r\n", [], 1000, 100, 10**9)
+    assert (body, failed, wire) == (message, None, 100)
+    (body, failed, wire), _ = _read(_runs, b"a" + message + b".\r\n", [], 1000, 100, 10**9)
+    assert (body, failed, wire) == (b"", TOO_MUCH_DATA, 101)
