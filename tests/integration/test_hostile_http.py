@@ -77,6 +77,10 @@ def _read_answer(sock: socket.socket, sent: int = 0) -> Answer:
         if not chunk:
             break
         body += chunk
+    # The first answer only: what follows it in the same read is another one (after an
+    # early answer to a body still streaming in, the guard answers 431 to the rest).
+    if "content-length" in headers:
+        body = body[:length]
     return Answer(int(status_line.split()[1]), headers, body, sent)
 
 
@@ -536,7 +540,10 @@ def test_slowloris_headers_are_cut_off(tmp_path: Path) -> None:
                     closed = True
                     break
                 if select.select([sock], [], [], 0.05)[0]:
-                    closed = sock.recv(1) == b""
+                    try:
+                        closed = sock.recv(1) == b""
+                    except ConnectionResetError:  # closed with our bytes unread
+                        closed = True
                     break
                 assert time.monotonic() < deadline, "still open after 10 s"
         assert closed
