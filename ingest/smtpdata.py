@@ -100,22 +100,17 @@ class MessageData:
             self._fail(LINE_TOO_LONG)
         if self.failed is None and self._size_limit and self.on_wire > self._size_limit:
             self._fail(TOO_MUCH_DATA)
-        if self.failed is not None:
-            self._open = rest[-1:]
-            return
-        self._open = rest
-        if not whole:
-            return
-        # Runs begin at a line start while the message is kept (the open line is
-        # kept whole), so the first line's dot is the run's first byte.
-        unstuffed = whole.replace(_STUFFED, _CRLF)
-        if whole.startswith(b"."):
-            unstuffed = unstuffed[1:]
-        if not self._room(len(self.body) + len(unstuffed)):
-            self._fail(self._full)
-            self._open = rest[-1:]
-            return
-        self.body += unstuffed
+        if self.failed is None and whole:
+            # Runs begin at a line start while the message is kept (the open line is
+            # kept whole), so the first line's dot is the run's first byte.
+            unstuffed = whole.replace(_STUFFED, _CRLF)
+            if whole.startswith(b"."):
+                unstuffed = unstuffed[1:]
+            if self._room(len(self.body) + len(unstuffed)):
+                self.body += unstuffed
+            else:
+                self._fail(self._full)
+        self._open = rest if self.failed is None else rest[-1:]
 
     def _fail(self, reply: str) -> None:
         if self.failed is None:
