@@ -788,9 +788,7 @@ def quiet_garbage_collector() -> None:
     gc.freeze()
 
 
-def event_loop_factory(
-    settings: Settings, roles: frozenset[str]
-) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop (libuv, in C) unless ``event_loop = "asyncio"``, else None: asyncio's.
 
     An HTTP edge spends about a sixth of its time in the event loop and its transports
@@ -799,9 +797,7 @@ def event_loop_factory(
     protocol on the connection with the transport's public ``set_protocol()``, which
     uvloop's transports have (the SMTP tests, STARTTLS and a large message over TLS
     included, run on both loops); the asyncio loop was 12% of an SMTP edge's samples.
-    ``roles`` is kept for a role that would need asyncio's loop again.
     """
-    del roles
     if settings.event_loop != "auto":
         return None
     try:
@@ -874,7 +870,7 @@ def run(
             )
 
         try:
-            with asyncio.Runner(loop_factory=event_loop_factory(settings, roles)) as runner:
+            with asyncio.Runner(loop_factory=event_loop_factory(settings)) as runner:
                 runner.run(main())
         finally:
             pipeline.close()
