@@ -57,6 +57,8 @@ TOO_MUCH_JUNK = b"421 4.7.0 Too many commands without a message, closing connect
 DEADLINE_REACHED = b"421 4.4.2 Session time limit exceeded, closing connection\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 STORAGE_FULL = "452 4.3.1 Insufficient system storage, try again later"
+#: aiosmtpd's reply to STARTTLS, after which it starts the TLS layer.
+_TLS_READY = "220 Ready to start TLS"
 
 #: The commands of a mail transaction. Everything else (NOOP, RSET, VRFY, EXPN,
 #: HELP and unknown verbs) is a "junk" command as Postfix counts them: a client
@@ -386,6 +388,13 @@ class _Protocol(SMTP):
             if status.startswith("552 5.3.4"):
                 REJECTED.labels("smtp", "size").inc()
         await super().push(status)
+        if status == _TLS_READY:
+            # aiosmtpd puts the TLS layer on the connection right after this reply.
+            # A loop turn here would let the client's ClientHello, sent as soon as it
+            # reads the 220, reach the SMTP reader instead, and the handshake would
+            # wait for it forever (test_starttls[uvloop] timed out so once in CI
+            # under load, 2026-12-02).
+            return
         # With pipelined commands in its buffer, aiosmtpd reads and answers without
         # ever awaiting anything that blocks: one client would hold the event loop
         # (and every other session and the HTTP server on it) until its buffer is
