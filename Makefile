@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency bench-edge-start bench-producer-batches
+.PHONY: help run test test-quick check lint types schemas format clean bench-kafka bench-smtp bench-http bench-edges bench-http-ab bench-http-floor bench-blobs bench-router bench-open-load bench-e2e bench-hostile-smtp bench-hostile-http bench-smtp-auth bench-journal bench-archive bench-queue bench-sink bench-smtp-memory bench-parse-spare bench-http-rounds bench-stalls bench-broker-latency bench-edge-start bench-producer-batches bench-cpu-split
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +112,10 @@ bench-edges: $(VENV)/.installed-dev
 ## bare hook, and the medians (one run's bare hook drifts by a third here).
 bench-http-rounds: $(VENV)/.installed-dev
 	PYTHONPATH=. $(BIN)/python bench/http_ingest.py --concurrency 64 --workers 2 --skip-mailgun --fresh 60000 --rounds 5
+
+## Where the two cores go per HTTP hook request: edge threads, broker, wrk (from /proc).
+bench-cpu-split: $(VENV)/.installed-dev
+	PYTHONPATH=. $(BIN)/python bench/cpu_split.py --workers 2
 
 ## Where an HTTP edge's latency spikes come from: its threads sampled while saturated.
 bench-stalls: $(VENV)/.installed-dev
