@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.http_ingest import Fresh, Request, fresh_script, switchboard, wrk
+from bench.machine import describe
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=8)
     args = parser.parse_args()
+    print(describe(), flush=True)
     run = f"split-{time.time_ns()}"
 
     def each_hook(name: str, request: Request, make: Fresh | None) -> None:

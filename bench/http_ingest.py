@@ -57,6 +57,7 @@ from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator
 
+from bench.machine import describe
 from switchboard.broker import free_port, wait_for_port
 
 BARE = """
@@ -239,6 +240,7 @@ def main() -> None:
         "--rounds", type=int, default=1, help="run the whole sequence R times in turn; see above"
     )
     args = parser.parse_args()
+    print(describe(), flush=True)
     rounds: list[dict[tuple[str, int], float]] = []
     for round_ in range(1, args.rounds + 1):
         if args.rounds > 1:

@@ -29,6 +29,7 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
+from bench.machine import describe
 from switchboard.broker import free_port, wait_for_port
 
 BARE = """
@@ -177,6 +178,7 @@ def main() -> None:
         "--workers", help="e.g. 1,2: measure `switchboard ingest smtp --workers N` for each N"
     )
     args = parser.parse_args()
+    print(describe(), flush=True)
     messages = corpus(args.messages)
     print(
         f"smtp ingest, {len(messages)} messages over {args.connections} connections "
