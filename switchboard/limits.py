@@ -561,6 +561,13 @@ HEADERS_TOO_LARGE_RESPONSE = _raw_problem(
 
 LINGER_S = 1.0  # how long a refused connection drains before it is closed
 
+#: Body bytes of a request already answered (a 401, 404 or 429 sent before its body
+#: was read) that a connection may still drop before it is closed: within it, the
+#: rest of a small body passes and the connection serves the next request; past it
+#: the sender is told nothing more and the connection closes. Go's net/http keeps
+#: the same amount to reuse a connection whose handler left its body unread.
+DISCARD_AFTER_ANSWER_BYTES = 256 * 1024
+
 
 @dataclass
 class ConnectionGuard:
@@ -592,9 +599,19 @@ class ConnectionGuard:
 
 
 def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> type[Any]:
-    """``base`` (uvicorn's H11Protocol or HttpToolsProtocol) with the per-client cap
-    and the header deadline. Both keep the request in flight in ``self.cycle``:
-    a new cycle object means a request's headers were complete."""
+    """``base`` (uvicorn's HttpToolsProtocol, or its H11Protocol) with the per-client
+    cap, the header deadline and the header size. Both keep the request in flight in
+    ``self.cycle``: a new cycle object means a request's headers were complete.
+
+    httptools calls the protocol's ``on_message_begin`` and ``on_message_complete``,
+    which tell when a request's body has ended. After an early answer (a 401 before
+    the body was read) uvicorn drops the rest of the body as it arrives, and the
+    guard must not take those bytes for the next request's headers: it did, and
+    answered 431 after the 401 once 64 KB had followed. Those bytes are bounded
+    instead by ``DISCARD_AFTER_ANSWER_BYTES`` and by the header deadline, which
+    runs from the first of them to the next request's headers. (On h11, which
+    has no such callbacks and is not used here, every byte after an answer
+    counts as header bytes, as before.)"""
 
     class GuardedProtocol(base):  # type: ignore[valid-type,misc]
         _peer: str | None = None
@@ -602,6 +619,21 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         _header_cycle: object = None
         _header_bytes: int = 0
         _refused: bool = False
+        _body_open: bool = False  # between a request's headers' end and its body's end
+        _discarded: int = 0  # body bytes dropped after the request was answered
+
+        def on_message_begin(self) -> None:
+            self._body_open = False  # headers first: they count as header bytes
+            self._discarded = 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()  # uvicorn's new cycle for this request
+            self._body_open = True
+
+        def on_message_complete(self) -> None:
+            self._body_open = False
+            super().on_message_complete()
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -636,7 +668,11 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if self._refused:
                 return  # answered 431; what the client still sends is dropped unread
             cycle = getattr(self, "cycle", None)
-            between = cycle is None or cycle.response_complete
+            answered = cycle is not None and cycle.response_complete
+            # The rest of a body whose request was answered before reading it.
+            if answered and self._body_open and not self._discarding_within(cycle, len(data)):
+                return
+            between = cycle is None or (answered and not self._body_open)
             if between and (self._header_timer is None or self._header_cycle is not cycle):
                 # The first bytes of a next request on a kept-alive connection.
                 self._arm_header_deadline()
@@ -660,6 +696,26 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 )
                 self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE)
 
+        def _discarding_within(self, cycle: object, size: int) -> bool:
+            """Count ``size`` more bytes of an answered request's body; False (and the
+            connection closing) once they pass the bound. The header deadline runs
+            from the first of them: the body's rest and the next request's headers
+            must come within it."""
+            if self._discarded == 0 and (
+                self._header_timer is None or self._header_cycle is not cycle
+            ):
+                self._arm_header_deadline()
+            self._discarded += size
+            if self._discarded <= DISCARD_AFTER_ANSWER_BYTES:
+                return True
+            HTTP_REFUSED.labels("body-after-answer").inc()
+            log.warning(
+                "http connection closed: the body of an answered request went on",
+                extra={"peer": self._peer, "limit": DISCARD_AFTER_ANSWER_BYTES},
+            )
+            self._refuse_lingering(b"")  # the request has its answer already
+            return False
+
         def _refuse_lingering(self, response: bytes) -> None:
             """Answer, end our side, and close a second later, reading and dropping
             what the client still sends meanwhile (nginx's lingering close): closed
@@ -669,7 +725,8 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            self.transport.write(response)
+            if response:
+                self.transport.write(response)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
@@ -687,6 +744,20 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if getattr(self, "cycle", None) is not self._header_cycle:
                 return  # the headers arrived: a request is (or was) in flight
             if self.transport.is_closing():
+                return
+            if self._body_open:
+                HTTP_REFUSED.labels("body-after-answer").inc()
+                log.warning(
+                    "http connection closed: the body of an answered request did not end in time",
+                    extra={"peer": self._peer, "timeout_s": guard.header_timeout_s},
+                )
+                self.transport.close()
+                return
+            if self._header_bytes == 0 and self._header_cycle is not None:
+                # Idle after an answered request's body ended (the deadline ran from
+                # its first dropped byte): uvicorn's keep-alive timer, which each
+                # read cancels, would have closed it too.
+                self.transport.close()
                 return
             HTTP_REFUSED.labels("header-timeout").inc()
             log.warning(

@@ -195,7 +195,8 @@ IMAP_LAST_SUCCESS = Gauge(
 HTTP_REFUSED = Counter(
     "switchboard_http_refused",
     "HTTP requests or connections refused by the server's limits before any route ran "
-    "(body-too-large, body-timeout, connections, header-timeout, header-size).",
+    "(body-too-large, body-timeout, connections, header-timeout, header-size, "
+    "body-after-answer).",
     ["reason"],
 )
 

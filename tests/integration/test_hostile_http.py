@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import select
 import socket
 import threading
@@ -37,6 +38,7 @@ from switchboard.databases import upgrade
 from switchboard.db import make_engine
 from switchboard.http import Readiness, create_app
 from switchboard.limits import HttpLimitSettings
+from switchboard.metrics import HTTP_REFUSED
 from switchboard.runtime import HttpServer
 from switchboard.settings import KafkaSettings, WebhookSettings
 from tests import local_http
@@ -77,8 +79,7 @@ def _read_answer(sock: socket.socket, sent: int = 0) -> Answer:
         if not chunk:
             break
         body += chunk
-    # The first answer only: what follows it in the same read is another one (after an
-    # early answer to a body still streaming in, the guard answers 431 to the rest).
+    # The first answer only: what follows it in the same read is the next request's.
     if "content-length" in headers:
         body = body[:length]
     return Answer(int(status_line.split()[1]), headers, body, sent)
@@ -595,6 +596,114 @@ def test_a_header_flood_is_cut_off_at_the_header_limit(tmp_path: Path) -> None:
     assert refused.status == 431
     assert fine.status == 200
     assert with_body.status != 431
+
+
+def _refused(reason: str) -> float:
+    return HTTP_REFUSED.labels(reason)._value.get()  # type: ignore[no-any-return]
+
+
+def _until_closed(sock: socket.socket, seconds: float) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    got = b""
+    sock.settimeout(seconds)
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def _chunk(piece: bytes) -> bytes:
+    return f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+
+def test_an_early_answer_is_the_only_one_while_its_body_streams_on(tmp_path: Path) -> None:
+    # Attack (and any client that sends its body before reading the answer): a
+    # request answered before its body was read (here a 404) while megabytes of body
+    # follow. The guard took those bytes for the next request's headers and, 64 KB
+    # later, sent a second answer, 431, that no request had asked for.
+    before = _refused("body-after-answer")
+    with _queue_api(tmp_path) as server, _connect(server.port, STRANGER) as sock:
+        sock.sendall(b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        started = time.monotonic()
+        closed = False
+        got = b""
+        while not closed and time.monotonic() - started < 20:
+            try:
+                sock.sendall(_chunk(b" " * 16384))
+                # Read as it comes: bytes unread when the reset arrives are lost.
+                while not closed and select.select([sock], [], [], 0)[0]:
+                    chunk = sock.recv(65536)
+                    got += chunk
+                    closed = not chunk
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True  # by the server, a second after the bound was passed
+        got += _until_closed(sock, 10) if not closed else b""
+    assert closed, "the server still read an answered request's body after 20 s"
+    answers = re.findall(rb"HTTP/1\.1 \d{3}", got)  # a second one follows a body directly
+    assert answers == [b"HTTP/1.1 404"], got[:400]
+    assert _refused("body-after-answer") == before + 1
+
+
+def test_after_an_early_answer_the_rest_of_a_small_body_passes(tmp_path: Path) -> None:
+    # What the bound must not break: a client that sends a whole modest body before
+    # reading its answer, then its next request on the same connection; and a
+    # header flood on that kept-alive connection is still cut off at the header limit.
+    limits = HttpLimitSettings(max_header_bytes=8192)
+    # Over the header limit, under the route's body limit (64 KB: a longer one is
+    # refused by its length, and closed) and the bound on dropped bytes.
+    body = b" " * (48 * 1024)
+    with _queue_api(tmp_path, limits) as server, _connect(server.port) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body[:1024]
+        )
+        answered = _read_answer(sock)
+        for start in range(1024, len(body), 16384):  # the rest, after the answer
+            sock.sendall(body[start : start + 16384])
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        next_request = _read_answer(sock)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
+        sent = 0
+        while sent < 16 * MB:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the answer is in: stop sending
+            sock.sendall(b"a" * 16384)
+            sent += 16384
+        flood = _read_answer(sock)
+    assert answered.status == 404
+    assert next_request.status == 200
+    assert flood.status == 431
+    assert sent < 16 * MB
+
+
+def test_the_rest_of_an_answered_body_must_come_in_time(tmp_path: Path) -> None:
+    # Attack: after an early answer, the body's rest a byte at a time, which the
+    # dropped-bytes bound would take hours to reach; the header deadline runs from
+    # its first byte instead.
+    limits = HttpLimitSettings(header_timeout_s=0.5)
+    before = _refused("body-after-answer")
+    with _queue_api(tmp_path, limits) as server, _connect(server.port, STRANGER) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
+        )
+        answered = _read_answer(sock)
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 10:
+            try:
+                sock.sendall(_chunk(b"x"))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if select.select([sock], [], [], 0.05)[0]:
+                closed = _until_closed(sock, 1) == b""
+        took = time.monotonic() - started
+    assert answered.status == 404
+    assert took < 5, f"still open after {took:.1f} s"
+    assert _refused("body-after-answer") == before + 1
 
 
 def test_junk_from_one_client_does_not_cost_another_its_submissions(
