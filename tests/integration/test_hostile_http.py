@@ -561,22 +561,27 @@ def test_slowloris_headers_are_cut_off(tmp_path: Path) -> None:
     assert second.status == 200
 
 
+def _header_flood(sock: socket.socket) -> tuple[Answer, int]:
+    """A header without end, until the server answers; the answer and the bytes sent.
+    16 MB offered: more than the loopback buffers hold, so the client cannot be done
+    before the server has read past its limit and answered."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
+    sent = 0
+    while sent < 16 * MB:
+        if select.select([sock], [], [], 0)[0]:
+            break  # the answer is in: stop sending
+        sock.sendall(b"a" * 16384)
+        sent += 16384
+    return _read_answer(sock), sent
+
+
 def test_a_header_flood_is_cut_off_at_the_header_limit(tmp_path: Path) -> None:
     # Attack: headers without end, megabytes and counting, on one connection (httptools
     # kept every byte: 8 such connections of 50 MB took the server from 217 to 626 MB).
     limits = HttpLimitSettings(max_header_bytes=64 * 1024)
     with _queue_api(tmp_path, limits) as server:
         with _connect(server.port, STRANGER) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
-            sent = 0
-            # 16 MB offered: more than the loopback buffers hold, so the client cannot
-            # be done before the server has read the first 64 KB and answered.
-            while sent < 16 * MB:
-                if select.select([sock], [], [], 0)[0]:
-                    break  # the answer is in: stop sending
-                sock.sendall(b"a" * 16384)
-                sent += 16384
-            refused = _read_answer(sock)
+            refused, sent = _header_flood(sock)
             assert sock.recv(1) == b""  # the server ended its side after the answer
         assert sent < 16 * MB  # answered on the way, not after the client was done
         # Headers under the limit, and a body far over it sent in the same write as
@@ -666,14 +671,7 @@ def test_after_an_early_answer_the_rest_of_a_small_body_passes(tmp_path: Path) -
             sock.sendall(body[start : start + 16384])
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         next_request = _read_answer(sock)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
-        sent = 0
-        while sent < 16 * MB:
-            if select.select([sock], [], [], 0)[0]:
-                break  # the answer is in: stop sending
-            sock.sendall(b"a" * 16384)
-            sent += 16384
-        flood = _read_answer(sock)
+        flood, sent = _header_flood(sock)
     assert answered.status == 404
     assert next_request.status == 200
     assert flood.status == 431
