@@ -599,19 +599,21 @@ class ConnectionGuard:
 
 
 def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> type[Any]:
-    """``base`` (uvicorn's HttpToolsProtocol, or its H11Protocol) with the per-client
-    cap, the header deadline and the header size. Both keep the request in flight in
-    ``self.cycle``: a new cycle object means a request's headers were complete.
+    """uvicorn's HttpToolsProtocol with the per-client cap, the header deadline and
+    the header size. It keeps the request in flight in ``self.cycle``: a new cycle
+    object means a request's headers were complete.
 
-    httptools calls the protocol's ``on_message_begin`` and ``on_message_complete``,
-    which tell when a request's body has ended. After an early answer (a 401 before
-    the body was read) uvicorn drops the rest of the body as it arrives, and the
-    guard must not take those bytes for the next request's headers: it did, and
-    answered 431 after the 401 once 64 KB had followed. Those bytes are bounded
-    instead by ``DISCARD_AFTER_ANSWER_BYTES`` and by the header deadline, which
-    runs from the first of them to the next request's headers. (On h11, which
-    has no such callbacks and is not used here, every byte after an answer
-    counts as header bytes, as before.)"""
+    httptools calls the protocol's ``on_headers_complete``, ``on_body`` and
+    ``on_message_complete``; between the first and the last a request's body is
+    open. Bytes read outside a body are request lines and headers, counted against
+    ``max_header_bytes`` and the header deadline, also while an earlier request is
+    still being answered (pipelined). Bytes read inside a body that carry none of
+    it (trailers, chunk framing) are counted too, and reset by each read that does:
+    uvicorn keeps every trailer. After an early answer (a 401 before the body was
+    read) uvicorn drops the rest of the body; that rest is bounded by
+    ``DISCARD_AFTER_ANSWER_BYTES`` and by the header deadline, which runs from its
+    first byte to the next request's headers. (uvicorn's h11 protocol has none of
+    these callbacks; httptools is a dependency, so it is never the base here.)"""
 
     class GuardedProtocol(base):  # type: ignore[valid-type,misc]
         _peer: str | None = None
@@ -620,20 +622,54 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         _header_bytes: int = 0
         _refused: bool = False
         _body_open: bool = False  # between a request's headers' end and its body's end
+        _expects_100: bool = False  # that request said "Expect: 100-continue"
+        _payload: int = 0  # body bytes httptools has delivered on this connection
         _discarded: int = 0  # body bytes dropped after the request was answered
+        _framing: int = 0  # bytes read in a row inside a body that carried none of it
 
         def on_message_begin(self) -> None:
             self._body_open = False  # headers first: they count as header bytes
             self._discarded = 0
+            self._framing = 0
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()  # uvicorn's new cycle for this request
             self._body_open = True
+            self._expects_100 = bool(getattr(self, "expect_100_continue", False))
+
+        def on_body(self, body: bytes) -> None:
+            self._payload += len(body)
+            super().on_body(body)
 
         def on_message_complete(self) -> None:
             self._body_open = False
             super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            cycle = getattr(self, "cycle", None)
+            if (
+                self._body_open
+                and self._expects_100
+                and cycle is not None
+                and cycle.response_complete
+                and not self._refused
+                and not self.transport.is_closing()
+            ):
+                # Answered without asking for the body (no 100 Continue): the client
+                # may never send it, and what it sends next would be read as that
+                # body. Closing is the only way to stay in step with it.
+                self._refuse_lingering(b"")
+
+        def send_400_response(self, msg: str) -> None:
+            cycle = getattr(self, "cycle", None)
+            if self._body_open and cycle is not None and cycle.response_complete:
+                # The framing of a body whose request has its answer broke: close
+                # rather than send that one request a second answer.
+                self.transport.close()
+                return
+            super().send_400_response(msg)
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -666,55 +702,70 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
-                return  # answered 431; what the client still sends is dropped unread
+                return  # refused; what the client still sends is dropped unread
             cycle = getattr(self, "cycle", None)
-            answered = cycle is not None and cycle.response_complete
-            # The rest of a body whose request was answered before reading it.
-            if answered and self._body_open and not self._discarding_within(cycle, len(data)):
+            if self._body_open:
+                self._body_received(cycle, data)
                 return
-            between = cycle is None or (answered and not self._body_open)
-            if between and (self._header_timer is None or self._header_cycle is not cycle):
+            if self._header_timer is None or self._header_cycle is not cycle:
                 # The first bytes of a next request on a kept-alive connection.
                 self._arm_header_deadline()
-            if between:
-                self._header_bytes += len(data)
+            self._header_bytes += len(data)
             super().data_received(data)
             # Still no new request after all these bytes: they are all request line
             # and headers. httptools keeps every header byte it is sent (h11 stops at
             # 16 KB): 8 connections sending 50 MB of headers each took the server
             # from 217 to 626 MB (attacker review, 2026-11-30).
             if (
-                between
-                and self._header_bytes > guard.max_header_bytes
+                self._header_bytes > guard.max_header_bytes
                 and getattr(self, "cycle", None) is self._header_cycle
                 and not self.transport.is_closing()
             ):
-                HTTP_REFUSED.labels("header-size").inc()
-                log.warning(
-                    "http connection closed: request headers too large",
-                    extra={"peer": self._peer, "limit": guard.max_header_bytes},
-                )
-                self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE)
+                self._headers_too_large(cycle, "request headers too large")
 
-        def _discarding_within(self, cycle: object, size: int) -> bool:
-            """Count ``size`` more bytes of an answered request's body; False (and the
-            connection closing) once they pass the bound. The header deadline runs
-            from the first of them: the body's rest and the next request's headers
-            must come within it."""
-            if self._discarded == 0 and (
-                self._header_timer is None or self._header_cycle is not cycle
-            ):
+        def _body_received(self, cycle: Any, data: bytes) -> None:  # noqa: ANN401 - uvicorn's cycle
+            answered = cycle is not None and cycle.response_complete
+            if answered and (self._header_timer is None or self._header_cycle is not cycle):
+                # The first bytes after an early answer: the body's rest and the next
+                # request's headers must come within the header deadline.
                 self._arm_header_deadline()
-            self._discarded += size
-            if self._discarded <= DISCARD_AFTER_ANSWER_BYTES:
-                return True
-            HTTP_REFUSED.labels("body-after-answer").inc()
+            before = self._payload
+            super().data_received(data)
+            delivered = self._payload - before
+            if self.transport.is_closing():
+                return
+            if answered:
+                self._discarded += delivered
+                if self._discarded > DISCARD_AFTER_ANSWER_BYTES:
+                    HTTP_REFUSED.labels("body-after-answer").inc()
+                    log.warning(
+                        "http connection closed: the body of an answered request went on",
+                        extra={"peer": self._peer, "limit": DISCARD_AFTER_ANSWER_BYTES},
+                    )
+                    self._refuse_lingering(b"")  # the request has its answer already
+                    return
+            # Trailers (uvicorn appends each to the request's headers) or chunk
+            # framing without end: one connection took a server from 234 MB to 1.9 GB
+            # in 5 s with trailers (attacker review, 2026-12-03).
+            self._framing = 0 if delivered else self._framing + len(data)
+            if self._body_open and self._framing > guard.max_header_bytes:
+                self._headers_too_large(cycle, "request trailers or chunk framing too large")
+
+        def _headers_too_large(self, cycle: Any, why: str) -> None:  # noqa: ANN401
+            HTTP_REFUSED.labels("header-size").inc()
             log.warning(
-                "http connection closed: the body of an answered request went on",
-                extra={"peer": self._peer, "limit": DISCARD_AFTER_ANSWER_BYTES},
+                f"http connection closed: {why}",
+                extra={"peer": self._peer, "limit": guard.max_header_bytes},
             )
-            self._refuse_lingering(b"")  # the request has its answer already
-            return False
+            # 431 when no answer is on its way: a second one written into an earlier
+            # request's (pipelined) would garble both, and a request answered early
+            # has its answer.
+            quiet = (
+                cycle is None
+                or not cycle.response_started
+                or (cycle.response_complete and not self._body_open)
+            )
+            self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE if quiet else b"")
 
         def _refuse_lingering(self, response: bytes) -> None:
             """Answer, end our side, and close a second later, reading and dropping

@@ -116,6 +116,12 @@ class HttpServer:
                 lifespan="off",
                 timeout_graceful_shutdown=3,
                 http=guarded_protocol(AutoHTTPProtocol, self.guard),
+                # No route is a websocket, and an upgraded connection leaves the
+                # guard's protocol without its connection_lost: its slot under
+                # max_connections_per_client was never given back, and 64 upgrade
+                # requests locked an address out until a restart (attacker review,
+                # 2026-12-03).
+                ws="none",
                 # uvicorn's own X-Forwarded-For handling (walks the list from the
                 # right past trusted proxies), with our list, not FORWARDED_ALLOW_IPS.
                 proxy_headers=bool(limits.trusted_proxies),

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -629,7 +629,8 @@ def test_an_early_answer_is_the_only_one_while_its_body_streams_on(tmp_path: Pat
     # follow. The guard took those bytes for the next request's headers and, 64 KB
     # later, sent a second answer, 431, that no request had asked for.
     before = _refused("body-after-answer")
-    with _queue_api(tmp_path) as server, _connect(server.port, STRANGER) as sock:
+    limits = HttpLimitSettings(header_timeout_s=60)  # the bound on bytes must do it
+    with _queue_api(tmp_path, limits) as server, _connect(server.port, STRANGER) as sock:
         sock.sendall(b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
         started = time.monotonic()
         closed = False
@@ -646,6 +647,7 @@ def test_an_early_answer_is_the_only_one_while_its_body_streams_on(tmp_path: Pat
                 closed = True  # by the server, a second after the bound was passed
         got += _until_closed(sock, 10) if not closed else b""
     assert closed, "the server still read an answered request's body after 20 s"
+    assert time.monotonic() - started < 10  # closed by the bound, not a deadline
     answers = re.findall(rb"HTTP/1\.1 \d{3}", got)  # a second one follows a body directly
     assert answers == [b"HTTP/1.1 404"], got[:400]
     assert _refused("body-after-answer") == before + 1
@@ -702,6 +704,127 @@ def test_the_rest_of_an_answered_body_must_come_in_time(tmp_path: Path) -> None:
     assert answered.status == 404
     assert took < 5, f"still open after {took:.1f} s"
     assert _refused("body-after-answer") == before + 1
+
+
+def test_the_rest_of_an_answered_body_counts_only_its_own_bytes(tmp_path: Path) -> None:
+    # Nearly the whole bound of dropped body, its end and the next request in one
+    # write: the next request is answered (the request's bytes are not the body's).
+    with _queue_api(tmp_path) as server, _connect(server.port) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
+        )
+        answered = _read_answer(sock)
+        # Exactly the bound (256 KB), framing and the next request on top.
+        rest = b"".join(_chunk(b" " * 16384) for _ in range(16))
+        sock.sendall(rest + b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        following = _read_answer(sock)
+    assert answered.status == 404
+    assert following.status == 200
+
+
+def test_an_early_answer_to_expect_100_continue_closes(tmp_path: Path) -> None:
+    # A client that waits for "100 Continue" and gets 404 instead sends no body: its
+    # next request would have been read as that body (and answered 400 as garbage).
+    with _queue_api(tmp_path) as server, _connect(server.port) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
+        answered = _read_answer(sock)
+        with suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        rest = _until_closed(sock, 10)
+    assert answered.status == 404
+    assert rest == b""  # closed; no 400 for a "body" that was the next request
+
+
+def test_broken_framing_after_an_early_answer_gets_no_second_answer(tmp_path: Path) -> None:
+    with _queue_api(tmp_path) as server, _connect(server.port) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
+        )
+        answered = _read_answer(sock)
+        sock.sendall(b"zz\r\n")  # not a chunk size
+        rest = _until_closed(sock, 10)
+    assert answered.status == 404
+    assert rest == b""
+
+
+@pytest.mark.parametrize("trailers", ["many", "one long"])
+def test_trailers_are_bounded_like_headers(tmp_path: Path, trailers: str) -> None:
+    # Attack: a body's last chunk, then trailers without end while the route waits
+    # for the body's end: uvicorn keeps every trailer, and one connection took a
+    # server from 234 MB to 1.9 GB in 5 s (attacker review, 2026-12-03).
+    limits = HttpLimitSettings(max_header_bytes=8192, body_timeout_s=60)
+    path = f"/api/conversations/{uuid.uuid4()}/status"
+    before = _refused("header-size")
+    with _queue_api(tmp_path, limits) as server, _connect(server.port, STRANGER) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + _chunk(b'{"status": "closed"}')
+            + b"0\r\n"
+            + (b"X-T: " if trailers == "one long" else b"")
+        )
+        line = b"X-T: " + b"a" * 90 + b"\r\n" if trailers == "many" else b"a" * 1024
+        sent = 0
+        try:
+            while sent < 16 * MB:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the answer is in: stop sending
+                sock.sendall(line * 16)
+                sent += len(line) * 16
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        refused = _read_answer(sock)
+    assert sent < 16 * MB, "16 MB of trailers read"
+    assert refused.status == 431
+    assert _refused("header-size") == before + 1
+
+
+def test_a_websocket_upgrade_gives_its_connection_slot_back(tmp_path: Path) -> None:
+    # Attack: upgrade requests. uvicorn handed an upgraded connection to its websocket
+    # protocol, the guard never saw it close, and each one kept a slot of its address
+    # for good: a few of them locked the address (a whole NAT) out.
+    limits = HttpLimitSettings(max_connections_per_client=3)
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with _queue_api(tmp_path, limits) as server:
+        answers = []
+        for _ in range(5):
+            with _connect(server.port, STRANGER) as sock:
+                sock.sendall(upgrade)
+                answers.append(_read_answer(sock).status)
+        _until(lambda: STRANGER not in server.guard.open)
+        with _connect(server.port, STRANGER) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            after = _read_answer(sock)
+    assert 101 not in answers
+    assert 429 not in answers
+    assert after.status == 200
+
+
+def test_a_header_flood_behind_a_pipelined_answer_is_cut_off(tmp_path: Path) -> None:
+    # Attack: requests pipelined faster than their answers are read, so an answer is
+    # always on its way, then a header without end: those header bytes were counted
+    # only once no answer was pending, and 150 MB went in (attacker review).
+    limits = HttpLimitSettings(max_header_bytes=8192, header_timeout_s=30)
+    with _queue_api(tmp_path, limits) as server, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        sock.bind((STRANGER, 0))
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" * 5000)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
+        sent = 0
+        sock.settimeout(10)
+        try:
+            while sent < 64 * MB:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # closed, or no longer read: either way the flood stopped going in
+    assert sent < 16 * MB, f"{sent // MB} MB of headers went in"
 
 
 def test_junk_from_one_client_does_not_cost_another_its_submissions(
