@@ -626,6 +626,7 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         _payload: int = 0  # body bytes httptools has delivered on this connection
         _discarded: int = 0  # body bytes dropped after the request was answered
         _framing: int = 0  # bytes read in a row inside a body that carried none of it
+        _running: Any = None  # the request whose app runs (uvicorn's cycle)
 
         def on_message_begin(self) -> None:
             self._body_open = False  # headers first: they count as header bytes
@@ -758,24 +759,51 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 extra={"peer": self._peer, "limit": guard.max_header_bytes},
             )
             # 431 when no answer is on its way: a second one written into an earlier
-            # request's (pipelined) would garble both, and a request answered early
-            # has its answer.
-            quiet = (
+            # request's (pipelined: uvicorn holds the later ones in `pipeline`, and
+            # `cycle` is the newest) would garble both, and a request answered
+            # early has its answer. Otherwise the connection just closes.
+            quiet = not getattr(self, "pipeline", None) and (
                 cycle is None
                 or not cycle.response_started
                 or (cycle.response_complete and not self._body_open)
             )
-            self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE if quiet else b"")
+            if quiet:
+                self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE)
+            else:
+                self._refused = True
+                self._stop_cycle(cycle)
+                self.transport.close()  # what an earlier request still writes is dropped
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:  # noqa: ANN401
+            # uvicorn's (private) start of a request's app: the one request being
+            # answered, which `cycle` (the newest, pipelined) may not be.
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def _stop_cycle(self, cycle: Any) -> None:  # noqa: ANN401 - uvicorn's cycle
+            """What uvicorn's connection_lost does to the request in flight, for every
+            request on the connection (the one being answered and the pipelined
+            ones; uvicorn's marks only the newest): its app's receive() returns a
+            disconnect and its send() does nothing. Written after our end was shut,
+            an answer raised in the app ("Cannot call write() after write_eof()",
+            or "the handler is closed", on uvloop)."""
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            waiting = [pipelined for pipelined, _app in getattr(self, "pipeline", ())]
+            for each in (self._running, cycle, *waiting):
+                if each is not None and not each.response_complete:
+                    each.disconnected = True
+                    each.message_event.set()
 
         def _refuse_lingering(self, response: bytes) -> None:
             """Answer, end our side, and close a second later, reading and dropping
             what the client still sends meanwhile (nginx's lingering close): closed
             at once with its bytes unread, the kernel resets the connection, and a
-            client still sending loses the answer it had not read yet."""
+            client still sending loses the answer it had not read yet. Only with no
+            other answer on its way (see _headers_too_large)."""
             self._refused = True
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            self._stop_cycle(getattr(self, "cycle", None))
             if response:
                 self.transport.write(response)
             if self.transport.can_write_eof():
