@@ -76,6 +76,13 @@ class HttpLimitSettings(BaseSettings):
     body_timeout_s: float = Field(
         default=15.0, gt=0, le=600, description="Longest a request body may take to arrive (408)."
     )
+    send_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Longest a connection may go without taking any of an answer the "
+        "server is writing to it (nginx's send_timeout); then it is closed.",
+    )
     header_timeout_s: float = Field(
         default=10.0,
         gt=0,
@@ -561,6 +568,13 @@ HEADERS_TOO_LARGE_RESPONSE = _raw_problem(
 
 LINGER_S = 1.0  # how long a refused connection drains before it is closed
 
+#: Complete requests one connection may have waiting behind the one being answered
+#: (HTTP/1.1 pipelining). uvicorn parses every request of a read and queues it: one
+#: connection pipelining 1.2 million tiny requests took a server to 3 GB and held
+#: it (attacker review, 2026-12-03). Browsers and providers do not pipeline; a
+#: benchmark that does sends 16 or so.
+MAX_PIPELINED = 32
+
 #: Body bytes of a request already answered (a 401, 404 or 429 sent before its body
 #: was read) that a connection may still drop before it is closed: within it, the
 #: rest of a small body passes and the connection serves the next request; past it
@@ -579,6 +593,7 @@ class ConnectionGuard:
     header_timeout_s: float
     trusted: tuple[Network, ...] = ()
     max_header_bytes: int = 64 * 1024
+    send_timeout_s: float = 60.0
     open: dict[str, int] = field(default_factory=dict)
 
     def admit(self, host: str) -> bool:
@@ -627,8 +642,14 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         _discarded: int = 0  # body bytes dropped after the request was answered
         _framing: int = 0  # bytes read in a row inside a body that carried none of it
         _running: Any = None  # the request whose app runs (uvicorn's cycle)
+        _keep_alive_then: bool | None = None  # its keep-alive, while "close" is forced
+        _send_timer: asyncio.TimerHandle | None = None
 
         def on_message_begin(self) -> None:
+            if self._refused:
+                # Refused: stop httptools in the rest of this read (it raises our
+                # error as HttpParserCallbackError; send_400_response stays silent).
+                raise ConnectionAbortedError("connection refused by the guard")
             self._body_open = False  # headers first: they count as header bytes
             self._discarded = 0
             self._framing = 0
@@ -638,6 +659,25 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             super().on_headers_complete()  # uvicorn's new cycle for this request
             self._body_open = True
             self._expects_100 = bool(getattr(self, "expect_100_continue", False))
+            cycle = getattr(self, "cycle", None)
+            if cycle is None:
+                return
+            if self._expects_100 or self.parser.should_upgrade():
+                # Until its body is in, an answer to it says "Connection: close": an
+                # early one to Expect: 100-continue leaves its client unsure whether
+                # to send the body; after an upgrade request httptools stops
+                # parsing, and what the client sent behind it would go unanswered.
+                self._keep_alive_then = cycle.keep_alive
+                cycle.keep_alive = False
+            if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
+                HTTP_REFUSED.labels("pipelined").inc()
+                log.warning(
+                    "http connection closed: too many pipelined requests",
+                    extra={"peer": self._peer, "limit": MAX_PIPELINED},
+                )
+                self._refused = True
+                self._stop_cycle(cycle)
+                self.transport.abort()  # the queued answers are dropped with it
 
         def on_body(self, body: bytes) -> None:
             self._payload += len(body)
@@ -645,7 +685,39 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
 
         def on_message_complete(self) -> None:
             self._body_open = False
+            cycle = getattr(self, "cycle", None)
+            if self._keep_alive_then is not None and cycle is not None:
+                if not cycle.response_started and not self.parser.should_upgrade():
+                    cycle.keep_alive = self._keep_alive_then  # the body is in after all
+                self._keep_alive_then = None
             super().on_message_complete()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                loop = asyncio.get_running_loop()
+                self._send_timer = loop.call_later(guard.send_timeout_s, self._send_deadline)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_deadline(self) -> None:
+            # uvicorn waits for a client that takes no more of its answer without a
+            # bound (a connection and its queued answers held for good).
+            self._send_timer = None
+            if self.transport.is_closing():
+                return
+            HTTP_REFUSED.labels("send-timeout").inc()
+            log.warning(
+                "http connection closed: the client took none of its answer in time",
+                extra={"peer": self._peer, "timeout_s": guard.send_timeout_s},
+            )
+            self._refused = True
+            self._stop_cycle(getattr(self, "cycle", None))
+            self.transport.abort()  # close() would wait for the buffer the client won't read
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -664,6 +736,8 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 self._refuse_lingering(b"")
 
         def send_400_response(self, msg: str) -> None:
+            if self._refused:
+                return  # the parser stopped on our own error (on_message_begin)
             cycle = getattr(self, "cycle", None)
             if self._body_open and cycle is not None and cycle.response_complete:
                 # The framing of a body whose request has its answer broke: close
@@ -696,9 +770,10 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if self._peer is not None:
                 guard.release(self._peer)
                 self._peer = None
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            for timer in (self._header_timer, self._send_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._header_timer = self._send_timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -736,7 +811,9 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if self.transport.is_closing():
                 return
             if answered:
-                self._discarded += delivered
+                # The body's bytes; while it has not ended, the whole read (chunk
+                # framing without end after an answer cost a core for the deadline).
+                self._discarded += len(data) if self._body_open else delivered
                 if self._discarded > DISCARD_AFTER_ANSWER_BYTES:
                     HTTP_REFUSED.labels("body-after-answer").inc()
                     log.warning(
@@ -758,21 +835,25 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 f"http connection closed: {why}",
                 extra={"peer": self._peer, "limit": guard.max_header_bytes},
             )
-            # 431 when no answer is on its way: a second one written into an earlier
+            # 431 only when no answer is on its way: not while a request is being
+            # handled (its client would take the 431 for its answer, and the real
+            # one raised, written after our end was shut), nor into an earlier
             # request's (pipelined: uvicorn holds the later ones in `pipeline`, and
-            # `cycle` is the newest) would garble both, and a request answered
-            # early has its answer. Otherwise the connection just closes.
-            quiet = not getattr(self, "pipeline", None) and (
-                cycle is None
-                or not cycle.response_started
-                or (cycle.response_complete and not self._body_open)
-            )
+            # `cycle` is the newest), nor to a request answered early. Otherwise the
+            # connection just closes.
+            if self._body_open:  # its trailers: the 431 answers this request
+                quiet = cycle is not None and not cycle.response_started
+            else:  # the next request's headers
+                quiet = cycle is None or cycle.response_complete
+            quiet = quiet and not getattr(self, "pipeline", None)
             if quiet:
                 self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE)
             else:
                 self._refused = True
                 self._stop_cycle(cycle)
-                self.transport.close()  # what an earlier request still writes is dropped
+                # Not close(): it waits for buffered answers a client that floods
+                # instead of reading may never take. Later writes are dropped.
+                self.transport.abort()
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:  # noqa: ANN401
             # uvicorn's (private) start of a request's app: the one request being
@@ -808,7 +889,20 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 self.transport.write(response)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
-            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+            asyncio.get_running_loop().call_later(LINGER_S, self._close_after_linger)
+
+        def _close_after_linger(self) -> None:
+            # close() waits until what is buffered is sent; a client that has read
+            # nothing of it by now would hold the connection (and its slot) for good.
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn's says to install a websocket library; none is wanted here
+            # (`ws="none"`), and a stranger's upgrade request is not worth a warning.
+            log.debug("http upgrade request answered as a plain request")
 
         def _arm_header_deadline(self) -> None:
             self._header_bytes = 0

@@ -105,6 +105,7 @@ class HttpServer:
             header_timeout_s=limits.header_timeout_s,
             trusted=limits.networks(),
             max_header_bytes=limits.max_header_bytes,
+            send_timeout_s=limits.send_timeout_s,
         )
         self._server = _Server(
             uvicorn.Config(

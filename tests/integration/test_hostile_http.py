@@ -735,6 +735,7 @@ def test_an_early_answer_to_expect_100_continue_closes(tmp_path: Path) -> None:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         rest = _until_closed(sock, 10)
     assert answered.status == 404
+    assert answered.headers["connection"] == "close"  # it said so, with the answer
     assert rest == b""  # closed; no 400 for a "body" that was the next request
 
 
@@ -778,7 +779,7 @@ def test_trailers_are_bounded_like_headers(tmp_path: Path, trailers: str) -> Non
             pass
         refused = _read_answer(sock)
     assert sent < 16 * MB, "16 MB of trailers read"
-    assert refused.status == 431
+    assert refused.status == 431  # the request's own answer: it had none yet
     assert _refused("header-size") == before + 1
 
 
@@ -818,7 +819,8 @@ def test_a_header_flood_behind_a_pipelined_answer_is_cut_off(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
         sock.bind((STRANGER, 0))
         sock.connect(("127.0.0.1", server.port))
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" * 5000)
+        # Within MAX_PIPELINED: more are refused at once (the test after this one).
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" * 30)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: ")
         sock.settimeout(20)
         closed = False
@@ -835,6 +837,94 @@ def test_a_header_flood_behind_a_pipelined_answer_is_cut_off(
     # The answers still being written when it closed went nowhere, quietly (one
     # written after our end of the connection was shut raised in the app).
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_pipelined_requests_are_bounded(tmp_path: Path) -> None:
+    # Attack: one write of thousands of tiny requests. uvicorn parsed and queued them
+    # all (one connection: 1.2 million queued, 3 GB, never closed; attacker review).
+    before = _refused("pipelined")
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    with _queue_api(tmp_path) as server:
+        with _connect(server.port) as sock:
+            sock.sendall(request * 20)  # a pipelining client within the bound
+            fine = _until_closed_or(sock, 20 * b"HTTP/1.1 200")
+        with _connect(server.port, STRANGER) as sock:
+            with suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(request * 5000)
+            flood = _until_closed(sock, 10)
+        _until(lambda: STRANGER not in server.guard.open)
+    assert fine.count(b"HTTP/1.1 200") == 20
+    assert flood.count(b"HTTP/1.1 200") < 100
+    assert _refused("pipelined") == before + 1
+
+
+def _until_closed_or(sock: socket.socket, enough: bytes) -> bytes:
+    """What the server sends until it has sent as many status lines as ``enough``
+    holds, or closes."""
+    got = b""
+    sock.settimeout(10)
+    while got.count(b"HTTP/1.1 ") < enough.count(b"HTTP/1.1 "):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_client_that_takes_no_answer_is_closed_at_the_send_timeout(tmp_path: Path) -> None:
+    # Attack: ask for answers and never read them: uvicorn waited for the client to
+    # take them without a bound, holding the connection and its slot.
+    limits = HttpLimitSettings(send_timeout_s=1)
+    before = _refused("send-timeout")
+    with _queue_api(tmp_path, limits) as server, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        sock.bind((STRANGER, 0))
+        sock.connect(("127.0.0.1", server.port))
+        started = time.monotonic()
+        with suppress(BrokenPipeError, ConnectionResetError):
+            # One request at a time, until the kernel's buffers are full and the
+            # answers wait in the server (uvicorn stops reading meanwhile).
+            while _refused("send-timeout") == before and time.monotonic() - started < 15:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                time.sleep(0.02)
+        _until(lambda: STRANGER not in server.guard.open)
+    assert _refused("send-timeout") == before + 1
+
+
+def test_an_upgrade_request_is_answered_and_closed(tmp_path: Path) -> None:
+    # httptools stops parsing after an upgrade request, so a request sent behind it
+    # in the same write went unanswered on a connection that looked alive.
+    with _queue_api(tmp_path) as server, _connect(server.port) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        answered = _read_answer(sock)
+        rest = _until_closed(sock, 10)
+    assert answered.status == 200
+    assert answered.headers["connection"] == "close"  # the client knows to send it again
+    assert rest == b""
+
+
+def test_chunk_framing_after_an_early_answer_counts_against_the_bound(tmp_path: Path) -> None:
+    # Attack: after an early answer, chunk extensions without end and no body byte:
+    # they held no memory, but took a core for the whole header deadline.
+    limits = HttpLimitSettings(header_timeout_s=60)
+    with _queue_api(tmp_path, limits) as server, _connect(server.port, STRANGER) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
+        )
+        answered = _read_answer(sock)
+        started = time.monotonic()
+        closed = False
+        with suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - started < 20:  # 1-byte chunks, 60 KB extensions
+                sock.sendall(b"1;" + b"e" * 60000 + b"\r\n \r\n")
+        closed = True
+        took = time.monotonic() - started
+    assert answered.status == 404
+    assert closed
+    assert took < 10, f"read for {took:.1f} s"
 
 
 def test_junk_from_one_client_does_not_cost_another_its_submissions(
