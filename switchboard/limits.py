@@ -22,11 +22,14 @@ memory or a connection slot may wait for authentication or parsing:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import inspect
 import ipaddress
 import json
 import logging
+import sys
+import termios
 import time
 from collections.abc import Awaitable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
@@ -662,11 +665,13 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             cycle = getattr(self, "cycle", None)
             if cycle is None:
                 return
-            if self._expects_100 or self.parser.should_upgrade():
+            if self._expects_100 or (self.parser.should_upgrade() and self._has_body()):
                 # Until its body is in, an answer to it says "Connection: close": an
                 # early one to Expect: 100-continue leaves its client unsure whether
-                # to send the body; after an upgrade request httptools stops
-                # parsing, and what the client sent behind it would go unanswered.
+                # to send the body; httptools skips the body of an upgrade request
+                # (curl --http2 -d sends one), which would be read as a next
+                # request. (An upgrade probe without a body, curl's h2c, keeps its
+                # connection: later reads are parsed as usual.)
                 self._keep_alive_then = cycle.keep_alive
                 cycle.keep_alive = False
             if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
@@ -678,6 +683,12 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 self._refused = True
                 self._stop_cycle(cycle)
                 self.transport.abort()  # the queued answers are dropped with it
+
+        def _has_body(self) -> bool:
+            for name, value in getattr(self, "headers", ()):
+                if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                    return True
+            return False
 
         def on_body(self, body: bytes) -> None:
             self._payload += len(body)
@@ -694,9 +705,7 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
 
         def pause_writing(self) -> None:
             super().pause_writing()
-            if self._send_timer is None:
-                loop = asyncio.get_running_loop()
-                self._send_timer = loop.call_later(guard.send_timeout_s, self._send_deadline)
+            self._watch_send()
 
         def resume_writing(self) -> None:
             super().resume_writing()
@@ -704,11 +713,50 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 self._send_timer.cancel()
                 self._send_timer = None
 
-        def _send_deadline(self) -> None:
-            # uvicorn waits for a client that takes no more of its answer without a
-            # bound (a connection and its queued answers held for good).
+        def timeout_keep_alive_handler(self) -> None:
+            super().timeout_keep_alive_handler()  # close(), which waits for the buffer
+            self._watch_send()
+
+        def _watch_send(self) -> None:
+            """Bound the wait for the client to take what is buffered for it: uvicorn
+            waits without one (paused writes; close() after an answer or at the
+            keep-alive timeout, with bytes still buffered), holding the connection
+            and its slot for good. Like nginx's send_timeout, the bound is on time
+            without progress: a slow reader that keeps taking bytes is not cut."""
+            if self._send_timer is not None or self._refused:
+                return
+            if self.transport.get_write_buffer_size():
+                buffered = self._unsent()
+                loop = asyncio.get_running_loop()
+                self._send_timer = loop.call_later(
+                    guard.send_timeout_s, self._send_deadline, buffered
+                )
+
+        def _unsent(self) -> int:
+            """Bytes not yet taken by the client: the transport's buffer, and the
+            kernel's send queue (SIOCOUTQ), which can hold megabytes and is written
+            to again only once a third of it is free: counted alone, the buffer of a
+            client reading 500 KB/s did not move for seconds."""
+            unsent = int(self.transport.get_write_buffer_size())
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                    unsent += int.from_bytes(queued, sys.byteorder)
+                except OSError:
+                    pass
+            return unsent
+
+        def _send_deadline(self, buffered_then: int) -> None:
             self._send_timer = None
-            if self.transport.is_closing():
+            buffered = self._unsent()
+            if not self.transport.get_write_buffer_size() or self._refused:
+                return
+            if buffered < buffered_then:  # the client took some: another period
+                loop = asyncio.get_running_loop()
+                self._send_timer = loop.call_later(
+                    guard.send_timeout_s, self._send_deadline, buffered
+                )
                 return
             HTTP_REFUSED.labels("send-timeout").inc()
             log.warning(
@@ -721,6 +769,8 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self.transport.is_closing():
+                self._watch_send()  # closed after its answer (keep-alive off), unread
             cycle = getattr(self, "cycle", None)
             if (
                 self._body_open

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import uvloop
+from fastapi import FastAPI, Response
 from pydantic import SecretStr
 
 from ingest.postmark import PostmarkAdapter, PostmarkSettings
@@ -891,19 +892,72 @@ def test_a_client_that_takes_no_answer_is_closed_at_the_send_timeout(tmp_path: P
     assert _refused("send-timeout") == before + 1
 
 
-def test_an_upgrade_request_is_answered_and_closed(tmp_path: Path) -> None:
-    # httptools stops parsing after an upgrade request, so a request sent behind it
-    # in the same write went unanswered on a connection that looked alive.
-    with _queue_api(tmp_path) as server, _connect(server.port) as sock:
-        sock.sendall(
-            b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
-            b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
-        )
-        answered = _read_answer(sock)
-        rest = _until_closed(sock, 10)
-    assert answered.status == 200
-    assert answered.headers["connection"] == "close"  # the client knows to send it again
-    assert rest == b""
+def test_an_upgrade_request_with_a_body_is_answered_and_closed(tmp_path: Path) -> None:
+    # httptools skips the body of an upgrade request (curl --http2 -d sends one): it
+    # was read as a next request and answered 400; the connection now closes after
+    # the answer. An upgrade probe without a body (curl's h2c) keeps its connection.
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    with _queue_api(tmp_path) as server:
+        with _connect(server.port) as sock:
+            sock.sendall(
+                b"POST /nope HTTP/1.1\r\nHost: t\r\n" + upgrade + b"Content-Length: 5\r\n\r\nhello"
+            )
+            with_body = _read_answer(sock)
+            rest = _until_closed(sock, 10)
+        with _connect(server.port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + upgrade + b"\r\n")
+            probe = _read_answer(sock)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            reused = _read_answer(sock)
+    assert with_body.status == 404
+    assert with_body.headers["connection"] == "close"
+    assert rest == b""  # no 400 for its body taken as a request
+    assert probe.status == 200
+    assert "connection" not in probe.headers
+    assert reused.status == 200
+
+
+def _big_answer_app() -> Any:  # noqa: ANN401
+    app = FastAPI()
+
+    @app.get("/big")
+    def big() -> Response:
+        return Response(b"x" * (8 * MB))  # as the queue API answers an attachment
+
+    return app
+
+
+def test_a_slow_reader_is_not_cut_and_a_gone_one_is(tmp_path: Path) -> None:
+    # The send timeout is on time without progress, as nginx's send_timeout: a client
+    # that takes 8 MB slowly is served for as long as it takes; one that
+    # takes nothing is closed, also when the answer is complete and uvicorn's close()
+    # waits for it (Connection: close), where it held the connection for good.
+    limits = HttpLimitSettings(send_timeout_s=1)
+    before = _refused("send-timeout")
+    with _serving(_big_answer_app(), limits) as server:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            got = 0
+            started = time.monotonic()
+            sock.settimeout(10)
+            while got < 8 * MB and time.monotonic() - started < 60:
+                chunk = sock.recv(16384)  # a few KB each: the receive buffer is small
+                if not chunk:
+                    break
+                got += len(chunk)
+                time.sleep(0.004)  # 8 MB in 10-20 s, ten times the send timeout and more
+        slow = got
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind((STRANGER, 0))
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            _until(lambda: _refused("send-timeout") == before + 1, timeout_s=15)
+            _until(lambda: STRANGER not in server.guard.open)
+    assert slow > 8 * MB  # the whole answer and its head
+    assert _refused("send-timeout") == before + 1  # the gone one only
 
 
 def test_chunk_framing_after_an_early_answer_counts_against_the_bound(tmp_path: Path) -> None:
