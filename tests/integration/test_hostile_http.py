@@ -625,6 +625,15 @@ def _chunk(piece: bytes) -> bytes:
     return f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
 
 
+def _answered_early(sock: socket.socket) -> Answer:
+    """A chunked POST to a path that does not exist, its first chunk sent: the 404
+    comes before the body is read, and the body stays open."""
+    sock.sendall(
+        b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
+    )
+    return _read_answer(sock)
+
+
 def test_an_early_answer_is_the_only_one_while_its_body_streams_on(tmp_path: Path) -> None:
     # Attack (and any client that sends its body before reading the answer): a
     # request answered before its body was read (here a 404) while megabytes of body
@@ -689,10 +698,7 @@ def test_the_rest_of_an_answered_body_must_come_in_time(tmp_path: Path) -> None:
     limits = HttpLimitSettings(header_timeout_s=0.5)
     before = _refused("body-after-answer")
     with _queue_api(tmp_path, limits) as server, _connect(server.port, STRANGER) as sock:
-        sock.sendall(
-            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
-        )
-        answered = _read_answer(sock)
+        answered = _answered_early(sock)
         started = time.monotonic()
         closed = False
         while not closed and time.monotonic() - started < 10:
@@ -712,10 +718,7 @@ def test_the_rest_of_an_answered_body_counts_only_its_own_bytes(tmp_path: Path) 
     # Nearly the whole bound of dropped body, its end and the next request in one
     # write: the next request is answered (the request's bytes are not the body's).
     with _queue_api(tmp_path) as server, _connect(server.port) as sock:
-        sock.sendall(
-            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
-        )
-        answered = _read_answer(sock)
+        answered = _answered_early(sock)
         # Exactly the bound (256 KB), framing and the next request on top.
         rest = b"".join(_chunk(b" " * 16384) for _ in range(16))
         sock.sendall(rest + b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -742,10 +745,7 @@ def test_an_early_answer_to_expect_100_continue_closes(tmp_path: Path) -> None:
 
 def test_broken_framing_after_an_early_answer_gets_no_second_answer(tmp_path: Path) -> None:
     with _queue_api(tmp_path) as server, _connect(server.port) as sock:
-        sock.sendall(
-            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
-        )
-        answered = _read_answer(sock)
+        answered = _answered_early(sock)
         sock.sendall(b"zz\r\n")  # not a chunk size
         rest = _until_closed(sock, 10)
     assert answered.status == 404
@@ -965,10 +965,7 @@ def test_chunk_framing_after_an_early_answer_counts_against_the_bound(tmp_path: 
     # they held no memory, but took a core for the whole header deadline.
     limits = HttpLimitSettings(header_timeout_s=60)
     with _queue_api(tmp_path, limits) as server, _connect(server.port, STRANGER) as sock:
-        sock.sendall(
-            b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunk(b"x")
-        )
-        answered = _read_answer(sock)
+        answered = _answered_early(sock)
         started = time.monotonic()
         closed = False
         with suppress(BrokenPipeError, ConnectionResetError):
