@@ -640,7 +640,6 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         _header_bytes: int = 0
         _refused: bool = False
         _body_open: bool = False  # between a request's headers' end and its body's end
-        _expects_100: bool = False  # that request said "Expect: 100-continue"
         _payload: int = 0  # body bytes httptools has delivered on this connection
         _discarded: int = 0  # body bytes dropped after the request was answered
         _framing: int = 0  # bytes read in a row inside a body that carried none of it
@@ -661,11 +660,11 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
         def on_headers_complete(self) -> None:
             super().on_headers_complete()  # uvicorn's new cycle for this request
             self._body_open = True
-            self._expects_100 = bool(getattr(self, "expect_100_continue", False))
             cycle = getattr(self, "cycle", None)
             if cycle is None:
                 return
-            if self._expects_100 or (self.parser.should_upgrade() and self._has_body()):
+            expects_100 = bool(getattr(self, "expect_100_continue", False))
+            if expects_100 or (self.parser.should_upgrade() and self._has_body()):
                 # Until its body is in, an answer to it says "Connection: close": an
                 # early one to Expect: 100-continue leaves its client unsure whether
                 # to send the body; httptools skips the body of an upgrade request
@@ -680,9 +679,7 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                     "http connection closed: too many pipelined requests",
                     extra={"peer": self._peer, "limit": MAX_PIPELINED},
                 )
-                self._refused = True
-                self._stop_cycle(cycle)
-                self.transport.abort()  # the queued answers are dropped with it
+                self._abort(cycle)  # the queued answers are dropped with it
 
         def _has_body(self) -> bool:
             for name, value in getattr(self, "headers", ()):
@@ -723,14 +720,13 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             keep-alive timeout, with bytes still buffered), holding the connection
             and its slot for good. Like nginx's send_timeout, the bound is on time
             without progress: a slow reader that keeps taking bytes is not cut."""
-            if self._send_timer is not None or self._refused:
-                return
-            if self.transport.get_write_buffer_size():
-                buffered = self._unsent()
-                loop = asyncio.get_running_loop()
-                self._send_timer = loop.call_later(
-                    guard.send_timeout_s, self._send_deadline, buffered
-                )
+            waiting = self._send_timer is None and not self._refused
+            if waiting and self.transport.get_write_buffer_size():
+                self._arm_send(self._unsent())
+
+        def _arm_send(self, unsent: int) -> None:
+            loop = asyncio.get_running_loop()
+            self._send_timer = loop.call_later(guard.send_timeout_s, self._send_deadline, unsent)
 
         def _unsent(self) -> int:
             """Bytes not yet taken by the client: the transport's buffer, and the
@@ -749,41 +745,23 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
 
         def _send_deadline(self, buffered_then: int) -> None:
             self._send_timer = None
-            buffered = self._unsent()
             if not self.transport.get_write_buffer_size() or self._refused:
                 return
-            if buffered < buffered_then:  # the client took some: another period
-                loop = asyncio.get_running_loop()
-                self._send_timer = loop.call_later(
-                    guard.send_timeout_s, self._send_deadline, buffered
-                )
+            unsent = self._unsent()
+            if unsent < buffered_then:  # the client took some: another period
+                self._arm_send(unsent)
                 return
             HTTP_REFUSED.labels("send-timeout").inc()
             log.warning(
                 "http connection closed: the client took none of its answer in time",
                 extra={"peer": self._peer, "timeout_s": guard.send_timeout_s},
             )
-            self._refused = True
-            self._stop_cycle(getattr(self, "cycle", None))
-            self.transport.abort()  # close() would wait for the buffer the client won't read
+            self._abort(getattr(self, "cycle", None))
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self.transport.is_closing():
                 self._watch_send()  # closed after its answer (keep-alive off), unread
-            cycle = getattr(self, "cycle", None)
-            if (
-                self._body_open
-                and self._expects_100
-                and cycle is not None
-                and cycle.response_complete
-                and not self._refused
-                and not self.transport.is_closing()
-            ):
-                # Answered without asking for the body (no 100 Continue): the client
-                # may never send it, and what it sends next would be read as that
-                # body. Closing is the only way to stay in step with it.
-                self._refuse_lingering(b"")
 
         def send_400_response(self, msg: str) -> None:
             if self._refused:
@@ -899,11 +877,7 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if quiet:
                 self._refuse_lingering(HEADERS_TOO_LARGE_RESPONSE)
             else:
-                self._refused = True
-                self._stop_cycle(cycle)
-                # Not close(): it waits for buffered answers a client that floods
-                # instead of reading may never take. Later writes are dropped.
-                self.transport.abort()
+                self._abort(cycle)
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:  # noqa: ANN401
             # uvicorn's (private) start of a request's app: the one request being
@@ -926,6 +900,14 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 if each is not None and not each.response_complete:
                     each.disconnected = True
                     each.message_event.set()
+
+        def _abort(self, cycle: Any) -> None:  # noqa: ANN401 - uvicorn's cycle
+            """Refuse at once, with what is buffered: not close(), which waits for
+            answers a client that floods or never reads may never take. What an
+            earlier request still writes is dropped."""
+            self._refused = True
+            self._stop_cycle(cycle)
+            self.transport.abort()
 
         def _refuse_lingering(self, response: bytes) -> None:
             """Answer, end our side, and close a second later, reading and dropping

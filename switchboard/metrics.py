@@ -196,7 +196,7 @@ HTTP_REFUSED = Counter(
     "switchboard_http_refused",
     "HTTP requests or connections refused by the server's limits before any route ran "
     "(body-too-large, body-timeout, connections, header-timeout, header-size, "
-    "body-after-answer).",
+    "body-after-answer, pipelined, send-timeout, ...).",
     ["reason"],
 )
 
