@@ -770,9 +770,10 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
             if self._body_open and cycle is not None and cycle.response_complete:
                 # The framing of a body whose request has its answer broke: close
                 # rather than send that one request a second answer.
-                self.transport.close()
+                self._close()
                 return
-            super().send_400_response(msg)
+            super().send_400_response(msg)  # uvicorn's: the 400, then close()
+            self._watch_send()
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -923,6 +924,12 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                 self.transport.write_eof()
             asyncio.get_running_loop().call_later(LINGER_S, self._close_after_linger)
 
+        def _close(self) -> None:
+            """close(), which waits for what is still buffered for the client: that
+            wait is bounded by the send timeout, as every close here."""
+            self.transport.close()
+            self._watch_send()
+
         def _close_after_linger(self) -> None:
             # close() waits until what is buffered is sent; a client that has read
             # nothing of it by now would hold the connection (and its slot) for good.
@@ -956,20 +963,20 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
                     "http connection closed: the body of an answered request did not end in time",
                     extra={"peer": self._peer, "timeout_s": guard.header_timeout_s},
                 )
-                self.transport.close()
+                self._close()
                 return
             if self._header_bytes == 0 and self._header_cycle is not None:
                 # Idle after an answered request's body ended (the deadline ran from
                 # its first dropped byte): uvicorn's keep-alive timer, which each
                 # read cancels, would have closed it too.
-                self.transport.close()
+                self._close()
                 return
             HTTP_REFUSED.labels("header-timeout").inc()
             log.warning(
                 "http connection closed: headers not complete in time",
                 extra={"peer": self._peer, "timeout_s": guard.header_timeout_s},
             )
-            self.transport.close()
+            self._close()
 
     GuardedProtocol.__name__ = f"Guarded{base.__name__}"
     return GuardedProtocol
